@@ -1,0 +1,3 @@
+"""postillon: a mail transfer agent."""
+
+__version__ = "0.1.0"

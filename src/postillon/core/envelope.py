@@ -1,0 +1,74 @@
+"""Envelope values: MAIL and RCPT parameters (RFC 1870, 6152, 6531, 3030, 3461).
+
+The protocol core parses ESMTP parameters into these values; intake stores them
+with the message so that outbound delivery can pass DSN parameters on, and
+`dsn/` can honour RET/NOTIFY/ENVID/ORCPT when it writes a notification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class BodyType(str, Enum):
+    SEVEN_BIT = "7BIT"
+    EIGHT_BIT_MIME = "8BITMIME"
+    BINARY_MIME = "BINARYMIME"
+
+
+class DsnRet(str, Enum):
+    FULL = "FULL"
+    HDRS = "HDRS"
+
+
+@dataclass(frozen=True, slots=True)
+class MailParams:
+    size: int | None = None
+    body: BodyType = BodyType.SEVEN_BIT
+    smtputf8: bool = False
+    ret: DsnRet | None = None
+    envid: str | None = None  # xtext-decoded
+    auth: str | None = None  # RFC 4954 AUTH= parameter, decoded; "<>" means unknown
+
+
+@dataclass(frozen=True, slots=True)
+class RcptParams:
+    # RFC 3461 §4.1: NEVER, or any of SUCCESS, FAILURE, DELAY. Empty = not given.
+    notify: frozenset[str] = field(default_factory=frozenset)
+    orcpt: str | None = None  # "addr-type;xtext-decoded address", e.g. "rfc822;a@b"
+
+    @property
+    def notify_never(self) -> bool:
+        return "NEVER" in self.notify
+
+
+def xtext_decode(text: str) -> str:
+    """RFC 3461 §4: '+' followed by two upper-case hex digits encodes one byte."""
+    out = bytearray()
+    i = 0
+    raw = text.encode("ascii")
+    while i < len(raw):
+        b = raw[i]
+        if b == 0x2B:  # '+'
+            hexpart = raw[i + 1 : i + 3]
+            if len(hexpart) != 2 or not all(c in b"0123456789ABCDEF" for c in hexpart):
+                raise ValueError("invalid xtext hexchar")
+            out.append(int(hexpart, 16))
+            i += 3
+            continue
+        if b < 33 or b > 126 or b == 0x3D:  # '=' is not allowed in xtext
+            raise ValueError("invalid xtext character")
+        out.append(b)
+        i += 1
+    return out.decode("utf-8", errors="replace")
+
+
+def xtext_encode(text: str) -> str:
+    out = []
+    for b in text.encode("utf-8"):
+        if 33 <= b <= 126 and b not in (0x2B, 0x3D):
+            out.append(chr(b))
+        else:
+            out.append(f"+{b:02X}")
+    return "".join(out)

@@ -1,0 +1,42 @@
+"""Delivery outcomes as values (DESIGN principle 6).
+
+A transport returns one outcome per recipient; it never raises across the
+module boundary. An error nobody classified counts as temporary: retrying a
+message is recoverable, bouncing it wrongly is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from postillon.core.reply import Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    reply: Reply
+    detail: str = ""  # e.g. the Maildir file name or "mx.example.org[192.0.2.1]"
+
+
+@dataclass(frozen=True, slots=True)
+class TempFail:
+    reply: Reply
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PermFail:
+    reply: Reply
+    detail: str = ""
+
+
+Outcome = Delivered | TempFail | PermFail
+
+
+def outcome_from_reply(reply: Reply, detail: str = "") -> Outcome:
+    """Classify a remote reply: 2xx delivered, 5xx permanent, anything else temporary."""
+    if reply.code < 400:
+        return Delivered(reply, detail)
+    if reply.code >= 500:
+        return PermFail(reply, detail)
+    return TempFail(reply, detail)

@@ -1,0 +1,159 @@
+"""The queue store protocol: durable state only, no scheduling decisions.
+
+Design note (read this before changing a store)
+-----------------------------------------------
+A message is stored once (its body is immutable after commit) and tracked per
+recipient: one ``DeliveryRecord`` per recipient, each with its own state,
+attempts, next try and last reply (OpenSMTPD's envelopes). The store keeps
+state; *when* to retry is decided by ``queue/retry.py`` and *what* to do by
+``queue/runner.py`` (OpenSMTPD's queue_backend vs scheduler_backend split).
+
+Contract, as a transaction:
+
+1. ``commit(NewMessage)`` makes the body and every delivery record durable in
+   one step (an fsync, possibly shared with other commits: group commit). When
+   it returns, the message survives ``kill -9`` and power loss. When it raises,
+   nothing of the message is visible.
+2. ``claim_due(now, limit, lease_seconds, owner)`` moves up to ``limit``
+   records whose state is PENDING or DEFERRED and whose ``next_try <= now``
+   (or LEASED with an expired lease) to LEASED with a fresh ``lease_token``.
+3. ``record_outcomes`` stores each outcome only if the record is still leased
+   with the same token (fencing: a node whose lease expired cannot overwrite a
+   newer result). It returns the ids of messages whose records are now all
+   final, and the store deletes those messages' bodies.
+4. ``release_leases(owner)`` hands an owner's leased records back (shutdown).
+
+Operator commands (hold, release, delete, flush) are store operations too, so
+they work from another process while the server runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import BinaryIO, Protocol
+
+from postillon.core.envelope import MailParams, RcptParams
+from postillon.core.reply import Reply
+
+
+class DeliveryState(str, Enum):
+    PENDING = "pending"
+    LEASED = "leased"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    HELD = "held"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (DeliveryState.DELIVERED, DeliveryState.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecipient:
+    address: str  # the mailbox to deliver to (after alias/catch-all resolution)
+    params: RcptParams = field(default_factory=RcptParams)
+    original: str | None = None  # the address the client gave, if it differs
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """Everything intake hands to the store in one commit.
+
+    ``body`` is a readable binary file positioned at 0 holding the complete
+    message as it will be delivered (with the ``Received:`` header already
+    prepended); the store copies it and does not close it.
+    """
+
+    queue_id: str
+    sender: str  # "" for the null reverse path
+    mail_params: MailParams
+    recipients: Sequence[NewRecipient]
+    body: BinaryIO
+    size: int
+    received_at: float
+    client: str = ""  # "helo (rdns) [ip]" for logs and the queue view
+    source: str = ""  # listener name or "sendmail", "bounce", ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    record_id: int
+    queue_id: str
+    recipient: str
+    original_recipient: str | None
+    rcpt_params: RcptParams
+    state: DeliveryState
+    attempts: int
+    next_try: float
+    last_reply: Reply | None
+    lease_token: str | None
+    lease_owner: str | None
+    lease_expires: float | None
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    queue_id: str
+    sender: str
+    mail_params: MailParams
+    size: int
+    received_at: float
+    client: str
+    source: str
+    records: tuple[DeliveryRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeUpdate:
+    """What the runner learned about one leased record."""
+
+    record_id: int
+    lease_token: str
+    state: DeliveryState  # DELIVERED, DEFERRED or FAILED
+    reply: Reply
+    next_try: float  # meaningful for DEFERRED
+    now: float
+
+
+class QueueStore(Protocol):
+    async def commit(self, message: NewMessage) -> None: ...
+
+    async def claim_due(
+        self, now: float, limit: int, lease_seconds: float, owner: str
+    ) -> list[DeliveryRecord]: ...
+
+    async def record_outcomes(self, updates: Sequence[OutcomeUpdate]) -> list[str]:
+        """Apply fenced updates; return queue ids that are now complete (and removed)."""
+        ...
+
+    async def release_leases(self, owner: str) -> int: ...
+
+    async def next_due(self) -> float | None:
+        """The earliest ``next_try`` of a claimable record, or None if nothing waits."""
+        ...
+
+    def open_body(self, queue_id: str) -> Iterator[bytes]:
+        """The committed body in chunks (blocking; run it in a thread from async code)."""
+        ...
+
+    async def get_message(self, queue_id: str) -> MessageInfo | None: ...
+
+    async def list_messages(
+        self, state: DeliveryState | None = None, limit: int = 1000
+    ) -> list[MessageInfo]: ...
+
+    async def hold(self, queue_id: str, now: float) -> int: ...
+
+    async def release(self, queue_id: str, now: float) -> int: ...
+
+    async def delete(self, queue_id: str) -> bool: ...
+
+    async def flush(self, now: float) -> int:
+        """Make every deferred record due now; return how many."""
+        ...
+
+    async def close(self) -> None: ...
