@@ -1,0 +1,40 @@
+# postillon: `make run` starts the server on its embedded default; `make test`
+# sets everything up and runs the whole suite. Both work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench deps system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+deps: $(STAMP)
+
+system-deps:
+	./scripts/install-system-deps.sh
+	./scripts/ensure-user.sh postillon
+
+run: deps
+	./scripts/ensure-user.sh postillon
+	$(BIN)/postillon --config postillon.dev.toml check-config
+	$(BIN)/postillon --config postillon.dev.toml serve
+
+# Tests run inside a network namespace with only loopback when possible, so
+# nothing can leak to the machine's resolver or the internet.
+test: deps system-deps
+	./scripts/run-tests.sh $(BIN)/pytest $(PYTEST_ARGS)
+
+lint: deps
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+bench: deps system-deps
+	$(BIN)/python bench/accept_bench.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,27 @@
+#!/bin/sh
+# Debian packages the tests and benchmarks use: real peers, not mocks.
+#   swaks            a real SMTP client (STARTTLS, BDAT, pipelining)
+#   postfix          smtp-source / smtp-sink load tools and the benchmark peer
+#   iproute2         `ip` for the loopback-only network namespace tests run in
+# Installs only what is missing; needs root (CI runs as root). Without root it
+# says what is missing and the tests that need it report the missing tool.
+set -eu
+need=""
+command -v swaks >/dev/null 2>&1 || need="$need swaks"
+command -v ip >/dev/null 2>&1 || need="$need iproute2"
+[ -x /usr/sbin/smtp-source ] || need="$need postfix"
+[ -z "$need" ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+    echo "missing Debian packages:$need (run as root or: sudo apt-get install$need)" >&2
+    exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+# Postfix must not configure or start a system instance on port 25.
+echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
+apt-get update -qq >/dev/null || true
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $need >/dev/null

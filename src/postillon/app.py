@@ -1,0 +1,194 @@
+"""The composition root: build every component from one frozen Config.
+
+No other module reads configuration; each gets the values it needs here.
+Start-up order matters: prepare data_dir, bind listeners (as root if need be),
+drop privileges, open the queue, then start serving and delivering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from pathlib import Path
+
+from postillon.checks.relay import RelayPolicy
+from postillon.config.model import Config
+from postillon.core.clock import SystemClock
+from postillon.inbound.limits import ConnectionLimiter
+from postillon.inbound.listener import Listener
+from postillon.inbound.privileges import (
+    chown_tree,
+    drop_privileges,
+    lookup_user,
+    running_as_root,
+)
+from postillon.inbound.session import SessionDeps
+from postillon.inbound.tls import ensure_self_signed, server_context
+from postillon.intake.intake import Intake
+from postillon.local.maildir import MaildirDelivery
+from postillon.local.transport import MaildirTransport
+from postillon.observability.maillog import MailLog, setup_logging
+from postillon.protocol.server import ServerSettings
+from postillon.queue.retry import RetryPolicy
+from postillon.queue.runner import Runner, Transport
+from postillon.queue.sqlite_store import SqliteStore
+from postillon.routing.aliases import load_aliases
+from postillon.routing.local import LocalRecipients
+from postillon.routing.router import Router
+
+log = logging.getLogger("postillon")
+
+
+def queue_path(config: Config) -> Path:
+    return config.data_dir / "queue" / "queue.db"
+
+
+def build_local_recipients(config: Config) -> LocalRecipients:
+    aliases: dict[str, tuple[str, ...]] = {}
+    for file in config.aliases.files:
+        loaded = load_aliases(file)
+        aliases.update(loaded)
+    aliases.update({k.lower(): v for k, v in config.aliases.map.items()})
+    return LocalRecipients(
+        config.domain,
+        aliases,
+        recipient_delimiter=config.aliases.recipient_delimiter,
+        hostname=config.hostname,
+    )
+
+
+class App:
+    def __init__(self, config: Config, maillog: MailLog | None = None) -> None:
+        self.config = config
+        self.maillog = maillog or setup_logging(config.log.format, config.log.file, config.log.level)
+        self.listeners: list[Listener] = []
+        self.store: SqliteStore | None = None
+        self.runner: Runner | None = None
+        self._stopped = asyncio.Event()
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        tls = self.config.tls
+        if tls.certificate is not None and tls.private_key is not None:
+            return server_context(tls.certificate, tls.private_key, tls.min_version)
+        if tls.self_signed:
+            cert, key = ensure_self_signed(self.config.data_dir / "tls", self.config.hostname)
+            return server_context(cert, key, tls.min_version)
+        return None
+
+    async def start(self) -> None:
+        config = self.config
+        data_dir = config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tls_context = self._tls_context()
+        drop_to = config.user if running_as_root() and config.user else None
+        if drop_to is not None:
+            entry = lookup_user(drop_to)
+            for sub in ("queue", "spool", "mail"):
+                (data_dir / sub).mkdir(exist_ok=True)
+            chown_tree(data_dir, entry.pw_uid, entry.pw_gid)
+
+        limiter = ConnectionLimiter(config.limits.connections, config.limits.connections_per_ip)
+        for listen in config.listen:
+            listener = Listener(
+                listen, limiter,
+                implicit_tls=tls_context if listen.kind == "submissions" else None,
+            )
+            await listener.bind()
+            self.listeners.append(listener)
+        if drop_to is not None:
+            drop_privileges(drop_to)
+            log.info("dropped privileges to user %s", drop_to)
+
+        clock = SystemClock()
+        self.store = SqliteStore(queue_path(config))
+        await self.store.open()
+        intake = Intake(self.store, config.hostname, data_dir / "spool", clock=clock,
+                        maillog=self.maillog)
+        local = build_local_recipients(config)
+        relay = RelayPolicy(local, config.relay.trusted_networks)
+        serving: list[tuple[Listener, SessionDeps]] = []
+        for listener in self.listeners:
+            kind = listener.config.kind
+            settings = ServerSettings(
+                hostname=config.hostname,
+                max_message_size=config.limits.message_size,
+                max_recipients=config.limits.recipients,
+                max_errors=config.limits.errors,
+                max_command_line=config.limits.command_line,
+                starttls=tls_context is not None and kind != "submissions",
+                tls_active=kind == "submissions",
+                lmtp=kind == "lmtp",
+            )
+            deps = SessionDeps(
+                settings=settings,
+                intake=intake,
+                relay=relay,
+                maillog=self.maillog,
+                limits=config.limits,
+                listener=listener.config.label,
+                tls_context=tls_context,
+            )
+            serving.append((listener, deps))
+        transports: dict[str, Transport] = {
+            "maildir": MaildirTransport(
+                MaildirDelivery(data_dir / "mail", hostname=config.hostname), local
+            ),
+        }
+        self.runner = Runner(
+            self.store,
+            Router(local),
+            transports,
+            intake,
+            RetryPolicy(
+                first_delay=config.queue.first_retry,
+                max_delay=config.queue.max_retry,
+                max_lifetime=config.queue.lifetime,
+            ),
+            self.maillog,
+            config.hostname,
+            concurrency=config.queue.concurrency,
+            lease_seconds=config.queue.lease,
+            clock=clock,
+        )
+        self.runner.start()
+        for listener, deps in serving:
+            await listener.start(deps)
+        log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting, let sessions finish (bounded), return leases, close the queue."""
+        for listener in self.listeners:
+            listener.stop_accepting()
+        await asyncio.gather(*(lst.wait_sessions(grace) for lst in self.listeners))
+        if self.runner is not None:
+            await self.runner.stop(grace)
+        if self.store is not None:
+            await self.store.close()
+        log.info("postillon stopped")
+        self._stopped.set()
+
+
+async def serve(config: Config) -> None:
+    app = App(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await app.stop()
+
+
+def run(config: Config) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is optional on exotic platforms
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))

@@ -1,0 +1,73 @@
+"""The ``postillon`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from postillon import __version__
+from postillon.cli import queue_cmd
+from postillon.cli.config_path import DEFAULT_CONFIG, find_config
+from postillon.config.loader import ConfigError, load_config
+from postillon.config.model import Config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="postillon",
+        description="postillon, a mail transfer agent. Every command reads its config from "
+        f"--config FILE, else $POSTILLON_CONFIG, else {DEFAULT_CONFIG}.",
+    )
+    parser.add_argument("--version", action="version", version=f"postillon {__version__}")
+    parser.add_argument("-c", "--config", metavar="FILE", help="configuration file (TOML)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("serve", help="run the mail server in the foreground",
+                   description="Bind the listeners, drop privileges, deliver the queue. "
+                   "Stops cleanly on SIGTERM/SIGINT.")
+    check = sub.add_parser("check-config", help="validate a configuration file",
+                           description="Validate a configuration; errors name the file and key.")
+    check.add_argument("file", nargs="?", help="the file to check (default: as for --config)")
+    queue_cmd.add_parser(sub)
+    return parser
+
+
+def _load(path: Path | None) -> Config:
+    if path is None:
+        return Config()
+    return load_config(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check-config":
+            path = Path(args.file) if args.file else find_config(args.config)
+            if path is None:
+                print(f"postillon: no config file given and {DEFAULT_CONFIG} does not exist",
+                      file=sys.stderr)
+                return 2
+            config = load_config(path)
+            print(f"{path}: OK ({len(config.listen)} listener(s), "
+                  f"{len(config.domain)} local domain(s), data_dir {config.data_dir})")
+            return 0
+        config = _load(find_config(args.config))
+        if args.command == "serve":
+            from postillon.app import run
+
+            run(config)
+            return 0
+        if args.command == "queue":
+            return queue_cmd.run(args, config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Load TOML into the frozen model; errors name the file and the key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from postillon.config.model import Config
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``str()`` is a message for the operator."""
+
+
+def _key_path(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
+    parts: list[str] = []
+    node: Any = data
+    for item in loc:
+        if isinstance(item, int):
+            name = ""
+            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict):
+                name = str(node[item].get("name") or node[item].get("address") or "")
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]" + (f" ({name})" if name else "")]
+        else:
+            parts.append(str(item))
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return ".".join(parts) or "(top level)"
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(x for x in err["loc"] if not str(x).startswith("function-"))
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see README 'Configuration')"
+            lines.append(f"{source}: {_key_path(loc, data)}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    return _resolve_relative(config, Path(source).parent if source != "<config>" else None)
+
+
+def _resolve_relative(config: Config, base: Path | None) -> Config:
+    # Paths in a config file are relative to the file's directory, so a config
+    # works the same wherever postillon is started from.
+    if base is None:
+        return config
+
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else (base / p)
+
+    tls = config.tls.model_copy(
+        update={"certificate": fix(config.tls.certificate), "private_key": fix(config.tls.private_key)}
+    )
+    aliases = config.aliases.model_copy(
+        update={"files": tuple(fix(f) or f for f in config.aliases.files)}
+    )
+    log = config.log.model_copy(update={"file": fix(config.log.file)})
+    return config.model_copy(
+        update={"data_dir": fix(config.data_dir), "tls": tls, "aliases": aliases, "log": log}
+    )
+
+
+def load_config(path: Path) -> Config:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, str(path))

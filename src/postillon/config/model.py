@@ -1,0 +1,170 @@
+"""The configuration model: one frozen object, built once, passed to app.py.
+
+Every field has a safe default and, where it limits something a client
+controls, a comment naming the RFC rule or the reason. No module reads global
+configuration; ``app.py`` hands each component the part it needs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+def split_host_port(value: str) -> tuple[str, int]:
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, _, port = value.rpartition(":")
+    try:
+        return host, int(port)
+    except ValueError as exc:
+        raise ValueError(f"address {value!r} must be host:port") from exc
+
+
+ListenerKind = Literal["smtp", "submission", "submissions", "lmtp"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ListenConfig(_Frozen):
+    kind: ListenerKind = "smtp"
+    # "host:port", "[v6]:port", or "unix:/path" (lmtp only).
+    address: str
+    name: str = ""  # shown in logs; defaults to "<kind>:<address>"
+    # PROXY protocol etc. come later; keep listeners minimal and explicit.
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        if value.startswith("unix:"):
+            return value
+        host, port = split_host_port(value)
+        if not 0 < port < 65536:
+            raise ValueError(f"port out of range in {value!r}")
+        if not host:
+            raise ValueError(f"address {value!r} needs a host, e.g. 127.0.0.1:25")
+        return value
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.kind}:{self.address}"
+
+
+class TlsConfig(_Frozen):
+    certificate: Path | None = None
+    private_key: Path | None = None
+    # When no certificate is configured, generate a self-signed one in data_dir
+    # so STARTTLS works out of the box (opportunistic TLS, RFC 7435).
+    self_signed: bool = True
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("tls.certificate and tls.private_key must be set together")
+        return self
+
+
+class RelayConfig(_Frozen):
+    # Clients in these networks may relay to any domain. Default: nobody (no open relay).
+    trusted_networks: tuple[str, ...] = ()
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _check_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not a network: {net!r} (use CIDR, e.g. 192.0.2.0/24)") from exc
+        return value
+
+
+class LimitsConfig(_Frozen):
+    message_size: int = Field(52_428_800, ge=0)  # RFC 1870 SIZE; 0 = unlimited
+    recipients: int = Field(1000, ge=100)  # RFC 5321 4.5.3.1.8: accept at least 100
+    connections: int = Field(1000, ge=1)  # total inbound sessions at once
+    connections_per_ip: int = Field(50, ge=1)
+    errors: int = Field(20, ge=1)  # 4xx/5xx replies before 421 and close
+    command_line: int = Field(2048, ge=512)  # RFC 5321 4.5.3.1.4 says 512; extensions add more
+    # RFC 5321 4.5.3.2: server timeout should be at least 5 minutes.
+    command_timeout: float = Field(300.0, gt=0)
+    data_timeout: float = Field(600.0, gt=0)  # one read during DATA/BDAT (4.5.3.2.7 asks 10 min)
+    session_timeout: float = Field(3600.0, gt=0)  # whole connection, against slow-drip clients
+
+
+class DomainConfig(_Frozen):
+    name: str
+    catch_all: str | None = None  # local part that receives unknown local parts
+    # Existing local parts. postmaster is always accepted (RFC 5321 4.5.1).
+    mailboxes: tuple[str, ...] = ()
+    aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower().rstrip(".")
+
+
+class AliasesConfig(_Frozen):
+    # Files in /etc/aliases format ("name: target, target"); applied to every local domain.
+    files: tuple[Path, ...] = ()
+    # Extra entries, same meaning: {"root" = ["alice"]}.
+    map: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    recipient_delimiter: str = "+"  # sub-addressing: alice+tag@ delivers to alice
+
+
+class QueueConfig(_Frozen):
+    store: Literal["sqlite"] = "sqlite"
+    first_retry: float = Field(300.0, gt=0)
+    max_retry: float = Field(3600.0, gt=0)
+    lifetime: float = Field(5 * 86400.0, gt=0)  # then bounce (Postfix maximal_queue_lifetime)
+    concurrency: int = Field(50, ge=1)  # deliveries in flight at once
+    lease: float = Field(300.0, gt=0)  # claimed work returns to the queue after this
+
+
+class LogConfig(_Frozen):
+    format: Literal["text", "json"] = "text"
+    file: Path | None = None  # None = stderr
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class DnsConfig(_Frozen):
+    nameservers: tuple[str, ...] = ()  # "127.0.0.1:5353"; empty = the system's resolver
+    timeout: float = Field(5.0, gt=0)
+
+
+class Config(_Frozen):
+    hostname: str = "localhost"
+    data_dir: Path = Path("./var")
+    # Drop to this user after binding ports when started as root.
+    user: str = "postillon"
+    listen: tuple[ListenConfig, ...] = (ListenConfig(kind="smtp", address="127.0.0.1:2525"),)
+    tls: TlsConfig = TlsConfig()
+    relay: RelayConfig = RelayConfig()
+    limits: LimitsConfig = LimitsConfig()
+    domain: tuple[DomainConfig, ...] = ()
+    aliases: AliasesConfig = AliasesConfig()
+    queue: QueueConfig = QueueConfig()
+    log: LogConfig = LogConfig()
+    dns: DnsConfig = DnsConfig()
+
+    @model_validator(mode="after")
+    def _unique_domains(self) -> Config:
+        seen: set[str] = set()
+        for d in self.domain:
+            if d.name in seen:
+                raise ValueError(f"domain {d.name!r} is configured twice")
+            seen.add(d.name)
+        return self
+
+    @property
+    def local_domains(self) -> frozenset[str]:
+        return frozenset(d.name for d in self.domain)
+

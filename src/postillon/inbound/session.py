@@ -1,0 +1,233 @@
+"""The session driver: a thin asyncio adapter around ``ServerConnection``.
+
+It moves bytes between the socket and the sans-IO core, applies timeouts, and
+turns the core's decision events into calls on policy (``RelayPolicy``) and
+intake. Connection state (peer, TLS, HELO name) lives here; transaction state
+lives in the ``IntakeTransaction`` (OpenSMTPD's smtp_session vs smtp_tx).
+
+Replies are written whenever the core needs more input, so pipelined commands
+(RFC 2920) get their replies in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from dataclasses import dataclass, replace
+
+from postillon.checks.relay import RelayPolicy
+from postillon.config.model import LimitsConfig
+from postillon.core.reply import TEMP_LOCAL_ERROR, TIMEOUT, Reply
+from postillon.inbound.tls import describe as describe_tls
+from postillon.intake.headers import ClientInfo
+from postillon.intake.intake import Intake, IntakeError, IntakeTransaction
+from postillon.observability.maillog import MailLog
+from postillon.protocol import events as ev
+from postillon.protocol.server import NEED_DATA, ServerConnection, ServerSettings
+from postillon.queue.store import NewRecipient
+from postillon.routing.local import RecipientAccepted
+
+READ_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDeps:
+    """What every session of one listener shares."""
+
+    settings: ServerSettings
+    intake: Intake
+    relay: RelayPolicy
+    maillog: MailLog
+    limits: LimitsConfig
+    listener: str
+    tls_context: ssl.SSLContext | None = None
+
+
+class Session:
+    def __init__(
+        self, deps: SessionDeps, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.deps = deps
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) else ""
+        ssl_obj = writer.get_extra_info("ssl_object")
+        self.client = ClientInfo(
+            ip=ip,
+            listener=deps.listener,
+            tls=describe_tls(ssl_obj) if ssl_obj is not None else "",
+            lmtp=deps.settings.lmtp,
+        )
+        self.conn = ServerConnection(
+            replace(deps.settings, tls_active=ssl_obj is not None or deps.settings.tls_active)
+        )
+        self.tx: IntakeTransaction | None = None
+        self.in_data = False
+
+    # -- I/O ------------------------------------------------------------------
+    async def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out:
+            self.writer.write(out)
+            await self.writer.drain()
+
+    async def _read(self) -> bytes:
+        timeout = self.deps.limits.data_timeout if self.in_data else self.deps.limits.command_timeout
+        async with asyncio.timeout(timeout):
+            return await self.reader.read(READ_SIZE)
+
+    async def run(self, greeting: Reply | None = None) -> None:
+        try:
+            async with asyncio.timeout(self.deps.limits.session_timeout):
+                await self._run(greeting)
+        except TimeoutError:
+            await self._say_and_close(TIMEOUT)
+        except (ConnectionError, ssl.SSLError, OSError):
+            pass
+        finally:
+            self._abort_tx()
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+
+    async def _say_and_close(self, reply: Reply) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write(reply.to_bytes())
+            await asyncio.wait_for(self.writer.drain(), 5)
+
+    async def _run(self, greeting: Reply | None) -> None:
+        conn = self.conn
+        conn.greet(greeting or Reply.of(220, None, f"{self.deps.settings.hostname} ESMTP postillon"))
+        while not conn.closing:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                await self._flush()
+                data = await self._read()
+                conn.receive_data(data)
+                continue
+            await self._handle(event)
+        await self._flush()
+
+    # -- events -------------------------------------------------------------
+    async def _handle(self, event: object) -> None:
+        conn = self.conn
+        match event:
+            case ev.BodyData(data=data):
+                if self.tx is not None:
+                    self.tx.write(data)
+            case ev.Hello(verb=verb, name=name):
+                self.client = replace(self.client, helo=name, esmtp=verb != "HELO")
+                self._abort_tx()
+                conn.accept_hello()
+            case ev.MailFrom(sender=sender, params=params):
+                self._abort_tx()
+                self.client = replace(self.client, smtputf8=params.smtputf8)
+                self.tx = self.deps.intake.begin(
+                    str(sender) if sender is not None else "",
+                    params,
+                    self.client,
+                    self.deps.listener,
+                )
+                conn.reply(Reply.of(250, "2.1.0", "Ok"))
+            case ev.RcptTo(recipient=recipient, params=params):
+                self._rcpt(recipient, params)
+            case ev.DataRequested():
+                if self.tx is None:
+                    conn.reply(TEMP_LOCAL_ERROR)
+                    return
+                self.tx.start_body()
+                self.in_data = True
+                conn.reply(Reply.of(354, None, "End data with <CR><LF>.<CR><LF>"))
+            case ev.MessageComplete():
+                await self._complete(event)
+            case ev.MessageAborted(reply=reply):
+                self.in_data = False
+                if self.tx is not None:
+                    self.deps.maillog.event(
+                        "rejected", self.tx.queue_id, reason=str(reply), client=self.client.describe()
+                    )
+                self._abort_tx()
+            case ev.TransactionReset() | ev.ConnectionClosed():
+                self.in_data = False
+                self._abort_tx()
+            case ev.StartTlsRequested():
+                await self._starttls()
+            case ev.CommandRejected() | ev.QuitRequested() | ev.TooManyErrors():
+                pass
+            case _:
+                pass
+
+    def _rcpt(self, recipient: object, params: object) -> None:
+        from postillon.core.address import Address
+        from postillon.core.envelope import RcptParams
+
+        assert isinstance(recipient, Address) and isinstance(params, RcptParams)
+        conn = self.conn
+        if self.tx is None:
+            conn.reply(Reply.of(503, "5.5.1", "Need MAIL command"))
+            return
+        decision = self.deps.relay.check_recipient(
+            recipient, self.client.ip, self.client.authenticated
+        )
+        if isinstance(decision, RecipientAccepted):
+            given = str(recipient)
+            for target in decision.targets:
+                self.tx.add_recipient(
+                    NewRecipient(target, params, original=given if target != given else None)
+                )
+            conn.reply(Reply.of(250, "2.1.5", "Ok"))
+            return
+        self.deps.maillog.event(
+            "rejected",
+            self.tx.queue_id,
+            **{"from": self.tx.sender, "to": str(recipient)},
+            reason=str(decision.reply),
+            client=self.client.describe(),
+        )
+        conn.reply(decision.reply)
+
+    async def _complete(self, event: ev.MessageComplete) -> None:
+        self.in_data = False
+        tx, self.tx = self.tx, None
+        replies_needed = getattr(event, "recipients", 1) if self.deps.settings.lmtp else 1
+        if tx is None:
+            for _ in range(max(1, replies_needed)):
+                self.conn.reply(TEMP_LOCAL_ERROR)
+            return
+        try:
+            queue_id = await tx.commit()
+            reply = Reply.of(250, "2.0.0", f"Ok: queued as {queue_id}")
+        except IntakeError as exc:
+            reply = exc.reply
+            self.deps.maillog.event(
+                "rejected", tx.queue_id, reason=str(reply), client=self.client.describe()
+            )
+        for _ in range(max(1, replies_needed)):
+            self.conn.reply(reply)
+
+    async def _starttls(self) -> None:
+        ctx = self.deps.tls_context
+        if ctx is None or self.conn.tls_active:
+            self.conn.reply(Reply.of(454, "4.7.0", "TLS not available"))
+            return
+        self.conn.reply(Reply.of(220, "2.0.0", "Ready to start TLS"))
+        await self._flush()
+        # Anything the client sent after STARTTLS and before the handshake is
+        # plaintext injection (CVE-2011-0411): the core dropped what it had,
+        # and the stream reader's own buffer must be dropped too.
+        buffered = getattr(self.reader, "_buffer", None)
+        if isinstance(buffered, bytearray):
+            buffered.clear()
+        async with asyncio.timeout(self.deps.limits.command_timeout):
+            await self.writer.start_tls(ctx)
+        self.client = replace(
+            self.client, tls=describe_tls(self.writer.get_extra_info("ssl_object"))
+        )
+        self.conn.tls_established()
+
+    def _abort_tx(self) -> None:
+        if self.tx is not None:
+            self.tx.abort()
+            self.tx = None

@@ -1,0 +1,77 @@
+"""TLS contexts for listeners, and the self-signed certificate for first runs.
+
+Without a configured certificate postillon still offers STARTTLS with a
+self-signed certificate made once in ``data_dir/tls``: opportunistic TLS
+(RFC 7435) protects against passive observers even when the certificate
+cannot be verified, and SMTP senders do not verify by default.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
+    """Return (certificate, key) paths, creating a self-signed pair if missing."""
+    cert_path = directory / "selfsigned-cert.pem"
+    key_path = directory / "selfsigned-key.pem"
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    tmp_key = key_path.with_suffix(".tmp")
+    fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    os.replace(tmp_key, key_path)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def server_context(certificate: Path, private_key: Path, min_version: str = "TLSv1.2") -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    ctx.load_cert_chain(certificate, private_key)
+    # Session tickets and compression stay at the library's safe defaults.
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    return ctx
+
+
+def describe(obj: ssl.SSLObject | ssl.SSLSocket | None) -> str:
+    """``TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)`` for Received:."""
+    if obj is None:
+        return ""
+    cipher = obj.cipher()
+    version = obj.version() or "TLS"
+    if not cipher:
+        return version
+    return f"{version} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"

@@ -1,0 +1,55 @@
+"""Trace headers that intake adds (RFC 5321 §4.4, RFC 3848 protocol names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email.utils import formatdate
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """Who handed us the message; written into Received: and the mail log."""
+
+    ip: str = ""
+    helo: str = ""
+    rdns: str = ""  # reverse DNS name if known (and forward-confirmed)
+    esmtp: bool = True
+    tls: str = ""  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"; empty when plaintext
+    authenticated: bool = False
+    smtputf8: bool = False
+    lmtp: bool = False
+    listener: str = ""
+    hide_ip: bool = False  # submission may keep the client's IP out of headers
+
+    @property
+    def protocol(self) -> str:
+        """RFC 3848 / RFC 6531 "with" keyword."""
+        if self.lmtp:
+            return "LMTPS" if self.tls else "LMTP"
+        if not self.esmtp:
+            return "SMTP"
+        base = "UTF8SMTP" if self.smtputf8 else "ESMTP"
+        return base + ("S" if self.tls else "") + ("A" if self.authenticated else "")
+
+    def describe(self) -> str:
+        """``helo (rdns [ip])`` as in a Received: from clause and the log."""
+        if self.hide_ip:
+            return self.helo or "unknown"
+        inner = f"{self.rdns or 'unknown'} [{self.ip}]" if self.ip else "local"
+        return f"{self.helo or 'unknown'} ({inner})"
+
+
+def received_header(
+    client: ClientInfo, hostname: str, queue_id: str, recipient: str | None, when: float
+) -> bytes:
+    """The Received: line we prepend, folded, CRLF-terminated."""
+    lines = [f"Received: from {client.describe()}"]
+    if client.tls:
+        lines.append(f"\t(using {client.tls})")
+    by = f"\tby {hostname} (postillon) with {client.protocol} id {queue_id}"
+    if recipient:
+        lines.append(by)
+        lines.append(f"\tfor <{recipient}>; {formatdate(when, localtime=False, usegmt=True)}")
+    else:
+        lines.append(f"{by}; {formatdate(when, localtime=False, usegmt=True)}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")

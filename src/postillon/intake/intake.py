@@ -1,0 +1,238 @@
+"""The intake transaction: begin → add recipients → stream body → commit/abort."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from postillon.core.clock import Clock, SystemClock
+from postillon.core.envelope import MailParams
+from postillon.core.queueid import new_queue_id
+from postillon.core.reply import Reply
+from postillon.intake.headers import ClientInfo, received_header
+from postillon.observability.maillog import MailLog, null_maillog
+from postillon.queue.store import NewMessage, NewRecipient, QueueStore
+
+# Bodies up to this size stay in memory; larger ones spill to a file in the
+# spool directory. 4 KiB mail (the common case) never touches the filesystem
+# before the store's single shared commit.
+SPOOL_MEMORY_LIMIT = 256 * 1024
+# Headers are scanned for loop detection up to this many bytes; a header
+# section larger than this is unusual and is not scanned further.
+HEADER_SCAN_LIMIT = 256 * 1024
+# Postfix's hopcount_limit: more Received: headers than this means a mail loop.
+MAX_HOPS = 50
+
+_RECEIVED = re.compile(rb"(?:^|\r\n)received:", re.IGNORECASE)
+
+_Callback = Callable[[], None]
+
+TOO_MANY_HOPS = Reply.of(554, "5.4.6", "Too many hops: mail loop detected (RFC 5321 6.3)")
+
+
+class IntakeError(Exception):
+    """The message cannot be taken; ``reply`` says what to tell the client."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+class IntakeTransaction:
+    """One message on its way into the queue. Not reusable."""
+
+    def __init__(
+        self,
+        intake: Intake,
+        sender: str,
+        params: MailParams,
+        client: ClientInfo,
+        source: str,
+    ) -> None:
+        self._intake = intake
+        self.queue_id = new_queue_id(intake.clock.now())
+        self.sender = sender
+        self.params = params
+        self.client = client
+        self.source = source
+        self.recipients: list[NewRecipient] = []
+        self._body: BinaryIO | None = None
+        self._size = 0
+        self._header_buf = b""
+        self._header_done = False
+        self._hops = 0
+        self.closed = False
+
+    # -- envelope ---------------------------------------------------------
+    def add_recipient(self, recipient: NewRecipient) -> None:
+        self.recipients.append(recipient)
+
+    # -- body ---------------------------------------------------------------
+    def start_body(self, trace: bool = True) -> None:
+        """Open the spool and write our Received: header first (its timestamp
+        is the start of DATA, which is when the transfer began)."""
+        if self._body is not None:
+            raise RuntimeError("body already started")
+        self._body = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in commit/abort
+            max_size=SPOOL_MEMORY_LIMIT, dir=self._intake.spool_dir
+        )
+        if trace:
+            only = self.recipients[0].original or self.recipients[0].address
+            header = received_header(
+                self.client,
+                self._intake.hostname,
+                self.queue_id,
+                only if len(self.recipients) == 1 else None,
+                self._intake.clock.now(),
+            )
+            self._body.write(header)
+            self._size += len(header)
+
+    def write(self, data: bytes) -> None:
+        if self._body is None:
+            self.start_body()
+        assert self._body is not None
+        self._body.write(data)
+        self._size += len(data)
+        if not self._header_done:
+            self._scan_headers(data)
+
+    def _scan_headers(self, data: bytes) -> None:
+        buf = self._header_buf + data
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0 or buf.startswith(b"\r\n"):
+            buf = buf[: end + 2] if end >= 0 else b""
+            self._header_done = True
+        elif len(buf) > HEADER_SCAN_LIMIT:
+            self._header_done = True
+        if self._header_done:
+            self._hops = len(_RECEIVED.findall(buf))
+            self._header_buf = buf
+        else:
+            self._header_buf = buf
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def header_block(self) -> bytes:
+        """The client's header section (as far as scanned), for checks."""
+        return self._header_buf
+
+    # -- outcome ------------------------------------------------------------
+    async def commit(self) -> str:
+        """Make the message durable; return its queue id. Raises IntakeError."""
+        if self.closed:
+            raise RuntimeError("transaction already closed")
+        if not self.recipients:
+            self.abort()
+            raise IntakeError(Reply.of(554, "5.5.1", "No valid recipients"))
+        if not self._header_done:
+            self._hops = len(_RECEIVED.findall(self._header_buf))
+        if self._hops > MAX_HOPS:
+            self.abort()
+            raise IntakeError(TOO_MANY_HOPS)
+        if self._body is None:
+            self.start_body()
+        assert self._body is not None
+        self._body.seek(0)
+        message = NewMessage(
+            queue_id=self.queue_id,
+            sender=self.sender,
+            mail_params=self.params,
+            recipients=tuple(self.recipients),
+            body=self._body,
+            size=self._size,
+            received_at=self._intake.clock.now(),
+            client=self.client.describe(),
+            source=self.source,
+        )
+        try:
+            await self._intake.store.commit(message)
+        except Exception as exc:
+            self._intake.maillog.event(
+                "error", self.queue_id, reason=f"queue commit failed: {exc!r}"
+            )
+            raise IntakeError(Reply.of(451, "4.3.0", "Queue write failed, try again later")) from exc
+        finally:
+            self._close_body()
+        self._intake.maillog.event(
+            "received",
+            self.queue_id,
+            **{
+                "from": self.sender,
+                "size": self._size,
+                "nrcpt": len(self.recipients),
+                "client": self.client.describe() if not self.client.hide_ip else self.client.helo,
+                "proto": self.client.protocol,
+                "source": self.source,
+            },
+        )
+        self._intake.notify_committed()
+        return self.queue_id
+
+    def abort(self) -> None:
+        self._close_body()
+
+    def _close_body(self) -> None:
+        self.closed = True
+        if self._body is not None:
+            self._body.close()
+            self._body = None
+
+
+class Intake:
+    """Factory for transactions; holds what every transaction shares."""
+
+    def __init__(
+        self,
+        store: QueueStore,
+        hostname: str,
+        spool_dir: Path,
+        *,
+        clock: Clock | None = None,
+        maillog: MailLog | None = None,
+    ) -> None:
+        self.store = store
+        self.hostname = hostname
+        self.spool_dir = spool_dir
+        self.clock: Clock = clock or SystemClock()
+        self.maillog = maillog or null_maillog()
+        self._listeners: list[_Callback] = []
+        spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def begin(
+        self, sender: str, params: MailParams, client: ClientInfo, source: str = "smtp"
+    ) -> IntakeTransaction:
+        return IntakeTransaction(self, sender, params, client, source)
+
+    def on_commit(self, callback: _Callback) -> None:
+        """Register a wake-up (the runner's), called after every commit."""
+        self._listeners.append(callback)
+
+    def notify_committed(self) -> None:
+        for callback in self._listeners:
+            callback()
+
+    async def submit(
+        self,
+        sender: str,
+        recipients: Sequence[NewRecipient],
+        body: bytes,
+        params: MailParams | None = None,
+        client: ClientInfo | None = None,
+        source: str = "local",
+        trace: bool = True,
+    ) -> str:
+        """Queue a message that is already complete in memory (bounces, tests)."""
+        tx = self.begin(sender, params or MailParams(), client or ClientInfo(), source)
+        for rcpt in recipients:
+            tx.add_recipient(rcpt)
+        tx.start_body(trace=trace)
+        tx.write(body)
+        return await tx.commit()
+

@@ -1,0 +1,78 @@
+"""The mail log: one line per event, each with the queue id, so that
+``grep QUEUEID`` tells a message's whole story (Postfix's maillog habit).
+
+Events: ``connect``, ``disconnect``, ``rejected``, ``received``, ``delivered``,
+``deferred``, ``bounced``, ``expired``, ``held``, ``released``, ``deleted``.
+Text lines look like ``QUEUEID: delivered: to=<a@b>, relay=maildir, ...``;
+JSON lines carry the same fields as keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+_LOGGER_NAME = "postillon.mail"
+
+
+class MailLog:
+    def __init__(self, logger: logging.Logger, fmt: Literal["text", "json"] = "text") -> None:
+        self._logger = logger
+        self._json = fmt == "json"
+
+    def event(self, event: str, queue_id: str = "", /, **fields: Any) -> None:
+        if not self._logger.isEnabledFor(logging.INFO):
+            return
+        if self._json:
+            record = {"ts": round(time.time(), 3), "event": event}
+            if queue_id:
+                record["queue_id"] = queue_id
+            record.update({k: v for k, v in fields.items() if v is not None})
+            self._logger.info(json.dumps(record, default=str, ensure_ascii=False))
+            return
+        parts = []
+        for key, value in fields.items():
+            if value is None:
+                continue
+            text = str(value)
+            if key in ("from", "to", "orig_to") or key.endswith("_addr"):
+                text = f"<{text}>"
+            elif any(c in text for c in ", =") and not (key == "status" or text.startswith("(")):
+                text = f"({text})"
+            parts.append(f"{key}={text}")
+        prefix = f"{queue_id}: " if queue_id else ""
+        self._logger.info(f"{prefix}{event}: {', '.join(parts)}")
+
+
+def setup_logging(
+    fmt: Literal["text", "json"], file: Path | None, level: str = "info"
+) -> MailLog:
+    """Configure the process's log handler once (called from the composition root)."""
+    root = logging.getLogger("postillon")
+    root.handlers.clear()
+    handler: logging.Handler
+    if file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(file, encoding="utf-8")
+    if fmt == "json":
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s postillon[%(process)d]: %(message)s", "%b %d %H:%M:%S")
+        )
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    root.propagate = False
+    return MailLog(logging.getLogger(_LOGGER_NAME), fmt)
+
+
+def null_maillog() -> MailLog:
+    logger = logging.getLogger(_LOGGER_NAME + ".null")
+    logger.disabled = True
+    return MailLog(logger)

@@ -1,0 +1,303 @@
+"""The queue runner: claims due work, routes it, hands it to transports, and
+records each outcome.
+
+Design note
+-----------
+The runner keeps a bounded active set (``concurrency`` deliveries in flight).
+It claims due records with a lease, so a crashed process's work returns to
+the queue when the lease expires; on shutdown it hands its leases back.
+Records of one message with the same route travel together (one transport
+call, one body read). Each outcome is recorded with the fenced lease token:
+delivered → done; temporary → deferred with the next try from the pure
+``RetryPolicy``, until the message's lifetime runs out; permanent or
+expired → failed, and a delivery status notification goes to the sender
+through intake (never for a null sender).
+
+The runner wakes when intake commits (same process), and polls the store
+every ``poll_interval`` seconds so that work made due from elsewhere (the
+``postillon queue flush`` command, another node) is seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from postillon.core.clock import Clock, SystemClock
+from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail
+from postillon.core.reply import Reply
+from postillon.dsn.bounce import FailedRecipient, build_dsn, wants_notice
+from postillon.intake.intake import Intake
+from postillon.observability.maillog import MailLog
+from postillon.queue.retry import RetryPolicy
+from postillon.queue.store import (
+    DeliveryRecord,
+    DeliveryState,
+    MessageInfo,
+    NewRecipient,
+    OutcomeUpdate,
+    QueueStore,
+)
+from postillon.routing.router import Route, Router
+
+log = logging.getLogger("postillon.runner")
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryJob:
+    message: MessageInfo
+    records: tuple[DeliveryRecord, ...]
+    route: Route
+    store: QueueStore
+
+    def body(self) -> Iterator[bytes]:
+        """The stored body in chunks; blocking, so call it from a thread."""
+        return self.store.open_body(self.message.queue_id)
+
+
+class Transport(Protocol):
+    async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
+        """Deliver ``job.records``; return one outcome per record, in order.
+
+        Contract: never raises for delivery problems (they are outcomes); an
+        exception that escapes anyway is recorded as a temporary failure.
+        """
+        ...
+
+
+NO_TRANSPORT = Reply.of(451, "4.3.5", "No transport configured for this destination")
+EXPIRED = "message expired in queue"
+
+
+class Runner:
+    def __init__(
+        self,
+        store: QueueStore,
+        router: Router,
+        transports: dict[str, Transport],
+        intake: Intake,
+        retry: RetryPolicy,
+        maillog: MailLog,
+        hostname: str,
+        *,
+        concurrency: int = 50,
+        lease_seconds: float = 300.0,
+        poll_interval: float = 1.0,
+        clock: Clock | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self.store = store
+        self.router = router
+        self.transports = transports
+        self.intake = intake
+        self.retry = retry
+        self.maillog = maillog
+        self.hostname = hostname
+        self.concurrency = concurrency
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self.clock: Clock = clock or SystemClock()
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self._wake = asyncio.Event()
+        self._active: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        intake.on_commit(self.wake)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="queue-runner")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming, let deliveries in flight finish (bounded), hand leases back."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._active:
+            _, pending = await asyncio.wait(self._active, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        await self.store.release_leases(self.owner)
+
+    async def run_once(self) -> int:
+        """Claim and deliver whatever is due now; wait for it. For tests and `queue flush`."""
+        started = await self._claim_and_dispatch()
+        while self._active:
+            await asyncio.wait(set(self._active))
+        return started
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                started = await self._claim_and_dispatch()
+            except Exception:
+                log.exception("queue runner: claiming work failed; retrying in 5 s")
+                started = 0
+                await asyncio.sleep(5)
+            if self._stopping:
+                break
+            if started and self._in_flight < self.concurrency:
+                continue
+            self._wake.clear()
+            timeout = self.poll_interval
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    async def _claim_and_dispatch(self) -> int:
+        free = self.concurrency - self._in_flight
+        if free <= 0:
+            return 0
+        records = await self.store.claim_due(
+            self.clock.now(), free, self.lease_seconds, self.owner
+        )
+        if not records:
+            return 0
+        by_message: dict[str, list[DeliveryRecord]] = defaultdict(list)
+        for record in records:
+            by_message[record.queue_id].append(record)
+        for queue_id, recs in by_message.items():
+            self._in_flight += len(recs)
+            task = asyncio.create_task(self._deliver_message(queue_id, recs))
+            self._active.add(task)
+            task.add_done_callback(self._done)
+        return len(records)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._active.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task failed", exc_info=task.exception())
+        self._wake.set()
+
+    async def _deliver_message(self, queue_id: str, records: list[DeliveryRecord]) -> None:
+        try:
+            message = await self.store.get_message(queue_id)
+            if message is None:
+                return
+            groups: dict[str, tuple[Route, list[DeliveryRecord]]] = {}
+            for record in records:
+                route = self.router.route(record.recipient)
+                groups.setdefault(route.key, (route, []))[1].append(record)
+            results: list[tuple[DeliveryRecord, Outcome, Route]] = []
+            for route, recs in groups.values():
+                outcomes = await self._run_transport(message, route, recs)
+                results.extend((r, o, route) for r, o in zip(recs, outcomes, strict=True))
+            await self._record(message, results)
+        finally:
+            self._in_flight -= len(records)
+
+    async def _run_transport(
+        self, message: MessageInfo, route: Route, records: list[DeliveryRecord]
+    ) -> Sequence[Outcome]:
+        transport = self.transports.get(route.kind)
+        if transport is None:
+            return [TempFail(NO_TRANSPORT, route.kind) for _ in records]
+        job = DeliveryJob(message, tuple(records), route, self.store)
+        try:
+            outcomes = await transport.deliver(job)
+        except Exception as exc:  # unknown errors count as temporary (DESIGN principle 6)
+            log.exception("transport %s raised for %s", route.kind, message.queue_id)
+            reply = Reply.of(451, "4.3.0", f"Local error in {route.kind} transport: {type(exc).__name__}")
+            return [TempFail(reply) for _ in records]
+        if len(outcomes) != len(records):
+            reply = Reply.of(451, "4.3.0", "Transport returned a wrong number of results")
+            return [TempFail(reply) for _ in records]
+        return outcomes
+
+    async def _record(
+        self, message: MessageInfo, results: list[tuple[DeliveryRecord, Outcome, Route]]
+    ) -> None:
+        now = self.clock.now()
+        updates: list[OutcomeUpdate] = []
+        failed: list[FailedRecipient] = []
+        expired = self.retry.expired(message.received_at, now)
+        for record, outcome, route in results:
+            delay = now - message.received_at
+            fields = {
+                "to": record.recipient,
+                "orig_to": record.original_recipient,
+                "relay": outcome.detail or route.kind,
+                "delay": f"{delay:.2f}",
+                "attempts": record.attempts + 1,
+                "status": f"{outcome.reply.code} {outcome.reply.status or ''}".strip(),
+                "reply": outcome.reply.text,
+            }
+            if isinstance(outcome, Delivered):
+                updates.append(
+                    OutcomeUpdate(record.record_id, record.lease_token or "",
+                                  DeliveryState.DELIVERED, outcome.reply, now, now)
+                )
+                self.maillog.event("delivered", message.queue_id, **fields)
+                continue
+            if isinstance(outcome, TempFail) and not expired:
+                next_try = self.retry.next_try(record.attempts + 1, now)
+                updates.append(
+                    OutcomeUpdate(record.record_id, record.lease_token or "",
+                                  DeliveryState.DEFERRED, outcome.reply, next_try, now)
+                )
+                self.maillog.event("deferred", message.queue_id, **fields,
+                                   next_try=f"{next_try - now:.0f}s")
+                continue
+            reply = outcome.reply
+            if isinstance(outcome, TempFail):
+                reply = Reply(
+                    outcome.reply.code + 100 if outcome.reply.code < 500 else outcome.reply.code,
+                    "5" + (outcome.reply.status or "4.4.7")[1:],
+                    (*outcome.reply.lines[:1], EXPIRED),
+                )
+                self.maillog.event("expired", message.queue_id, **fields)
+            updates.append(
+                OutcomeUpdate(record.record_id, record.lease_token or "",
+                              DeliveryState.FAILED, reply, now, now)
+            )
+            self.maillog.event("bounced", message.queue_id, **{**fields, "status": str(reply.code)})
+            if wants_notice(record.rcpt_params, "failed"):
+                failed.append(
+                    FailedRecipient(record.recipient, record.original_recipient,
+                                    record.rcpt_params, reply, remote=outcome.detail
+                                    if isinstance(outcome, PermFail) else "")
+                )
+        if failed and message.sender:
+            # Queue the notification before recording the failure: a crash in
+            # between gives a duplicate notice, never a lost one.
+            await self._send_dsn(message, failed, now)
+        if updates:
+            await self.store.record_outcomes(updates)
+
+    async def _send_dsn(
+        self, message: MessageInfo, failed: list[FailedRecipient], now: float
+    ) -> None:
+        body_chunks = await asyncio.to_thread(lambda: list(self.store.open_body(message.queue_id)))
+        dsn = build_dsn(
+            hostname=self.hostname,
+            queue_id=message.queue_id,
+            sender=message.sender,
+            mail_params=message.mail_params,
+            received_at=message.received_at,
+            recipients=failed,
+            original=body_chunks,
+            original_size=message.size,
+            now=now,
+        )
+        try:
+            bounce_id = await self.intake.submit(
+                "", [NewRecipient(message.sender)], dsn, source="bounce"
+            )
+        except Exception:
+            log.exception("could not queue the bounce for %s", message.queue_id)
+            return
+        self.maillog.event("bounce", message.queue_id, dsn_id=bounce_id, to=message.sender)
