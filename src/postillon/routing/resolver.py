@@ -1,0 +1,583 @@
+"""The resolver protocol, and its dnspython adapter with a small TTL cache.
+
+Design note
+-----------
+Everything in postillon that needs DNS (MX routing, SPF/DKIM/DMARC, DNSBL, DANE, the
+``Received:`` PTR) asks through the :class:`Resolver` protocol, so tests and other rooms can
+inject a fake. :class:`DnsResolver` is the real one: dnspython's asyncio stub resolver, sent
+only to the configured nameservers (``[dns] nameservers``; the system's resolv.conf only when
+none are configured), plus a bounded cache that respects TTLs.
+
+The contract, as one transaction::
+
+    try:
+        answer = await resolver.mx("example.org")     # Answer[MxRecord], >= 1 record
+    except DnsNotFound as exc:                         # permanent: the data does not exist
+        exc.nxdomain                                   #   True: the name does not exist
+                                                       #   False: it exists, no such records
+    except DnsTempError:                               # temporary: SERVFAIL, REFUSED,
+        ...                                            #   timeout, network error, bad reply
+
+Lookups return a value or raise one of exactly those two exceptions (both subclass
+:class:`DnsError`); :class:`DnsResolver` turns every other failure into
+:class:`DnsTempError`. A caller must map ``DnsTempError`` (and, for other implementations,
+any unexpected exception) to a *temporary* delivery failure, never to a bounce: an
+unclassified error is retried, not bounced (DESIGN principle 6).
+
+Why exceptions rather than result values: every call site has the same three-way split,
+the success path stays a plain ``answer.records``, and the rule "anything unexpected is
+temporary" is then an ordinary ``except Exception`` at the module boundary (``mx.py``),
+where outcomes become values.
+
+Caching: answers are cached for their TTL (the smallest along a CNAME chain, capped by
+``max_ttl``), NXDOMAIN/NODATA for the negative TTL of RFC 2308 §5 (capped by
+``max_negative_ttl``); temporary failures are never cached. The cache is an LRU of at most
+``cache_size`` entries keyed by (name, type). Identical lookups in flight at the same time
+share one query. TTLs run on an injected clock (``postillon.core.clock.Clock``, monotonic by
+default) so tests advance time instead of sleeping.
+
+``on_lookup`` receives one :class:`LookupEvent` per record-type lookup (cache hits too,
+flagged) with its latency, for metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, Protocol, TypeVar, cast
+
+import dns.asyncresolver
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rdata
+import dns.rdatatype
+import dns.resolver
+import dns.reversename
+
+from postillon.core.address import AddressError, domain_to_ascii
+from postillon.core.clock import Clock
+
+__all__ = [
+    "Answer",
+    "DnsCache",
+    "DnsError",
+    "DnsNotFound",
+    "DnsResolver",
+    "DnsTempError",
+    "LookupEvent",
+    "LookupResult",
+    "MxRecord",
+    "Resolver",
+    "TlsaRecord",
+    "TxtRecord",
+    "parse_nameserver",
+]
+
+T = TypeVar("T")
+
+DEFAULT_PORT = 53
+# EDNS payload size recommended by DNS flag day 2020: avoids IP fragmentation.
+EDNS_PAYLOAD = 1232
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+class DnsError(Exception):
+    """Base of the two lookup failures. ``name`` and ``rdtype`` say what was asked."""
+
+    def __init__(self, name: str, rdtype: str, reason: str) -> None:
+        super().__init__(f"{name} {rdtype}: {reason}")
+        self.name = name
+        self.rdtype = rdtype
+        self.reason = reason
+
+
+class DnsNotFound(DnsError):
+    """Permanent: NXDOMAIN (``nxdomain=True``) or no records of that type (NODATA)."""
+
+    def __init__(self, name: str, rdtype: str, reason: str, *, nxdomain: bool) -> None:
+        super().__init__(name, rdtype, reason)
+        self.nxdomain = nxdomain
+
+
+class DnsTempError(DnsError):
+    """Temporary: SERVFAIL, REFUSED, timeout, network error, malformed reply. Retry later."""
+
+
+# -- typed results ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(Generic[T]):
+    """A successful lookup: at least one record.
+
+    ``name`` is the name asked for and ``canonical_name`` the one that held the records
+    after CNAMEs (both lower-case A-labels without the final dot). ``ttl`` is the smallest
+    TTL along the chain, as received. ``authenticated`` is the AD bit of the reply: true only
+    when a validating resolver vouches for it (DANE, RFC 7672 §2.1; meaningful only with a
+    trusted, local validating resolver).
+    """
+
+    name: str
+    records: tuple[T, ...]
+    ttl: int
+    canonical_name: str
+    authenticated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MxRecord:
+    preference: int
+    exchange: str  # lower-case, no final dot; "." is the root (null MX, RFC 7505)
+
+    @property
+    def is_null(self) -> bool:
+        return self.exchange == "."
+
+
+@dataclass(frozen=True, slots=True)
+class TxtRecord:
+    """One TXT record: its character-strings as received."""
+
+    strings: tuple[bytes, ...]
+
+    @property
+    def joined(self) -> bytes:
+        """The strings concatenated with nothing between (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""
+        return b"".join(self.strings)
+
+    @property
+    def text(self) -> str:
+        return self.joined.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaRecord:
+    """RFC 6698 §2.1: certificate usage, selector, matching type, association data."""
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+
+class Resolver(Protocol):
+    """What postillon asks of DNS. See the module docstring for the error contract."""
+
+    async def mx(self, domain: str) -> Answer[MxRecord]:
+        """MX records of ``domain`` (CNAMEs followed), in the order received."""
+        ...
+
+    async def addresses(self, host: str) -> Answer[str]:
+        """IPv4 and IPv6 addresses of ``host`` (A then AAAA), as text."""
+        ...
+
+    async def txt(self, name: str) -> Answer[TxtRecord]: ...
+
+    async def tlsa(self, name: str) -> Answer[TlsaRecord]:
+        """TLSA records at ``name`` (e.g. ``_25._tcp.mx.example.org``)."""
+        ...
+
+    async def ptr(self, ip: str) -> Answer[str]:
+        """Host names for ``ip`` (reverse lookup). Raises ValueError for a malformed IP."""
+        ...
+
+
+# -- observability hook ----------------------------------------------------------------------
+
+LookupResult = Literal["answer", "nxdomain", "nodata", "tempfail"]
+
+
+@dataclass(frozen=True, slots=True)
+class LookupEvent:
+    name: str
+    rdtype: str
+    result: LookupResult
+    seconds: float
+    cached: bool  # served from the cache or from an identical query already in flight
+
+
+# -- configuration helpers -------------------------------------------------------------------
+
+
+def parse_nameserver(entry: str) -> tuple[str, int]:
+    """``"127.0.0.1:5353"``, ``"127.0.0.1"``, ``"[::1]:5353"`` or ``"::1"`` -> (ip, port).
+
+    A nameserver is an IP address (port 53 unless given); an IPv6 address with a port is
+    written in brackets.
+    """
+    text = entry.strip()
+    host, port = text, DEFAULT_PORT
+    if text.startswith("["):
+        inner, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"invalid nameserver {entry!r}")
+        host = inner
+        if rest:
+            port = _port(rest[1:], entry)
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = _port(port_text, entry)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"nameserver {entry!r} is not an IP address") from None
+    return str(ip), port
+
+
+def _port(text: str, entry: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"invalid port in nameserver {entry!r}")
+    return int(text)
+
+
+class _MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+
+# -- cache -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Negative:
+    nxdomain: bool
+    reason: str
+
+
+_CacheKey = tuple[dns.name.Name, int]
+_CacheValue = Answer[Any] | _Negative
+
+
+class DnsCache:
+    """A bounded LRU of lookup results, each dropped when its TTL runs out."""
+
+    def __init__(self, max_entries: int, clock: Clock) -> None:
+        self._max = max_entries
+        self._clock = clock
+        self._data: OrderedDict[_CacheKey, tuple[float, _CacheValue]] = OrderedDict()
+
+    def get(self, key: _CacheKey) -> _CacheValue | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        expires, value = item
+        if self._clock.now() >= expires:
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    def put(self, key: _CacheKey, value: _CacheValue, ttl: float) -> None:
+        if ttl <= 0 or self._max <= 0:
+            return
+        self._data[key] = (self._clock.now() + ttl, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self._max:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+# -- the dnspython adapter -------------------------------------------------------------------
+
+
+def _text(name: dns.name.Name) -> str:
+    return name.to_text(omit_final_dot=True).lower()
+
+
+def _negative_ttl(response: object) -> int:
+    """RFC 2308 §5: min(SOA TTL, SOA MINIMUM) of the authority SOA (dnspython computes it)."""
+    if not isinstance(response, dns.message.QueryMessage):
+        return 0
+    try:
+        return int(response.resolve_chaining().minimum_ttl)
+    except Exception:
+        return 0
+
+
+def _mx(rd: dns.rdata.Rdata) -> MxRecord:
+    return MxRecord(int(rd.preference), _text(rd.exchange))  # type: ignore[attr-defined]
+
+
+def _address(rd: dns.rdata.Rdata) -> str:
+    return str(rd.address)  # type: ignore[attr-defined]
+
+
+def _txt(rd: dns.rdata.Rdata) -> TxtRecord:
+    return TxtRecord(tuple(rd.strings))  # type: ignore[attr-defined]
+
+
+def _tlsa(rd: dns.rdata.Rdata) -> TlsaRecord:
+    r = cast(Any, rd)
+    return TlsaRecord(int(r.usage), int(r.selector), int(r.mtype), bytes(r.cert))
+
+
+def _ptr(rd: dns.rdata.Rdata) -> str:
+    return _text(rd.target)  # type: ignore[attr-defined]
+
+
+class DnsResolver:
+    """:class:`Resolver` over dnspython's asyncio stub resolver, with a TTL cache.
+
+    ``nameservers``: entries like ``"127.0.0.1:5353"``, ``"::1"`` or ``"[::1]:5353"``
+    (port 53 by default). ``None`` or empty: the system's, read from ``resolv_conf``.
+    ``timeout`` bounds one try at one server; ``attempts`` is how many rounds over all the
+    servers one lookup may take, so one lookup takes at most about
+    ``timeout * attempts * len(nameservers)`` seconds, plus dnspython's short pause between
+    rounds. A truncated UDP answer is retried over TCP within the same budget.
+    A server that answers SERVFAIL or REFUSED is skipped for the rest of that lookup.
+    ``ipv4``/``ipv6`` choose which address families :meth:`addresses` asks for.
+    """
+
+    def __init__(
+        self,
+        nameservers: Sequence[str] | None = None,
+        *,
+        timeout: float = 5.0,
+        attempts: int = 2,
+        cache_size: int = 10_000,
+        max_ttl: int = 86_400,
+        max_negative_ttl: int = 3_600,  # RFC 2308 §5: one to three hours is common
+        ipv4: bool = True,
+        ipv6: bool = True,
+        clock: Clock | None = None,
+        on_lookup: Callable[[LookupEvent], None] | None = None,
+        resolv_conf: str = "/etc/resolv.conf",
+    ) -> None:
+        if timeout <= 0 or attempts < 1:
+            raise ValueError("timeout must be positive and attempts at least 1")
+        if not (ipv4 or ipv6):
+            raise ValueError("at least one of ipv4 and ipv6 must be enabled")
+        if nameservers:
+            servers = [parse_nameserver(entry) for entry in nameservers]
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in servers]
+        else:
+            try:
+                resolver = dns.asyncresolver.Resolver(filename=resolv_conf, configure=True)
+            except dns.resolver.NoResolverConfiguration as exc:
+                raise ValueError(f"no nameservers configured and none in {resolv_conf}") from exc
+            resolver.search = []
+        resolver.timeout = timeout
+        # dnspython bounds a whole lookup by its lifetime and sleeps between rounds over
+        # the servers (0.1 s, doubling, at most 2 s); leave room for that so every round
+        # gets its full per-server timeout.
+        backoff = sum(min(0.1 * 2**k, 2.0) for k in range(attempts - 1))
+        rounds = timeout * attempts * max(1, len(resolver.nameservers))
+        resolver.lifetime = rounds + backoff
+        resolver.use_edns(0, 0, EDNS_PAYLOAD)
+        # Ask for AD (RFC 6840 §5.7) so a validating resolver tells us what it validated.
+        resolver.flags = dns.flags.RD | dns.flags.AD
+        resolver.cache = None  # ours, below, also caches negative answers and is bounded
+        self._resolver = resolver
+        self._max_ttl = max_ttl
+        self._max_negative_ttl = max_negative_ttl
+        self._families = tuple(
+            t for t, on in ((dns.rdatatype.A, ipv4), (dns.rdatatype.AAAA, ipv6)) if on
+        )
+        self._cache = DnsCache(cache_size, clock or _MonotonicClock())
+        self._on_lookup = on_lookup
+        self._inflight: dict[_CacheKey, asyncio.Future[_CacheValue]] = {}
+
+    @property
+    def nameservers(self) -> list[str]:
+        """The servers asked, as ``ip:port`` / ``[ip]:port`` (for logs and ``dns`` CLI)."""
+        out = []
+        for ns in self._resolver.nameservers:
+            if isinstance(ns, dns.nameserver.AddressAndPortNameserver):
+                host, port = ns.address, ns.port
+            else:
+                host, port = str(ns), DEFAULT_PORT
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return out
+
+    @property
+    def cache(self) -> DnsCache:
+        return self._cache
+
+    # -- the protocol --
+
+    async def mx(self, domain: str) -> Answer[MxRecord]:
+        return await self._lookup(domain, dns.rdatatype.MX, _mx)
+
+    async def txt(self, name: str) -> Answer[TxtRecord]:
+        return await self._lookup(name, dns.rdatatype.TXT, _txt)
+
+    async def tlsa(self, name: str) -> Answer[TlsaRecord]:
+        return await self._lookup(name, dns.rdatatype.TLSA, _tlsa)
+
+    async def ptr(self, ip: str) -> Answer[str]:
+        addr = ipaddress.ip_address(ip)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
+        name = dns.reversename.from_address(str(addr)).to_text()
+        return await self._lookup(name, dns.rdatatype.PTR, _ptr)
+
+    async def addresses(self, host: str) -> Answer[str]:
+        """A and AAAA together. Records from either family make an answer (a temporary
+        failure of the other family is then ignored, as Postfix does); with none, a
+        temporary failure of either family wins over "not found"."""
+        results = await asyncio.gather(
+            *(self._lookup(host, rdtype, _address) for rdtype in self._families),
+            return_exceptions=True,
+        )
+        answers = [r for r in results if isinstance(r, Answer)]
+        if answers:
+            first = answers[0]
+            return Answer(
+                name=first.name,
+                records=tuple(rec for a in answers for rec in a.records),
+                ttl=min(a.ttl for a in answers),
+                canonical_name=first.canonical_name,
+                authenticated=all(a.authenticated for a in answers),
+            )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for err in errors:
+            if not isinstance(err, DnsNotFound):
+                if isinstance(err, DnsTempError):
+                    raise err
+                if not isinstance(err, Exception):
+                    raise err  # cancellation and friends pass through
+                raise DnsTempError(host, "A/AAAA", f"unexpected error: {err!r}") from err
+        nxdomain = all(isinstance(e, DnsNotFound) and e.nxdomain for e in errors)
+        reason = "NXDOMAIN" if nxdomain else "no A or AAAA records"
+        raise DnsNotFound(host, "A/AAAA", reason, nxdomain=nxdomain)
+
+    # -- machinery --
+
+    def _qname(self, name: str, rdtype_text: str) -> dns.name.Name:
+        text = name.strip()
+        try:
+            if not text:
+                raise ValueError("empty name")
+            if not text.isascii():
+                text = domain_to_ascii(text.rstrip("."))
+            return dns.name.from_text(text)
+        except (ValueError, AddressError, dns.exception.DNSException) as exc:
+            # A name that cannot be put on the wire can never exist.
+            raise DnsNotFound(name, rdtype_text, f"invalid name: {exc}", nxdomain=True) from None
+
+    async def _lookup(
+        self,
+        name: str,
+        rdtype: dns.rdatatype.RdataType,
+        convert: Callable[[dns.rdata.Rdata], T],
+    ) -> Answer[T]:
+        rdtype_text = dns.rdatatype.to_text(rdtype)
+        qname = self._qname(name, rdtype_text)
+        key: _CacheKey = (qname, int(rdtype))
+        started = time.perf_counter()
+        value = self._cache.get(key)
+        cached = value is not None
+        if value is None:
+            future = self._inflight.get(key)
+            if future is None:
+                future = asyncio.ensure_future(self._query(qname, rdtype, convert))
+                self._inflight[key] = future
+                future.add_done_callback(lambda f: self._forget(key, f))
+            else:
+                cached = True
+            try:
+                value = await asyncio.shield(future)
+            except DnsTempError as exc:
+                self._emit(qname, rdtype_text, "tempfail", started, cached)
+                raise DnsTempError(name, rdtype_text, exc.reason) from None
+        if isinstance(value, _Negative):
+            result: LookupResult = "nxdomain" if value.nxdomain else "nodata"
+            self._emit(qname, rdtype_text, result, started, cached)
+            raise DnsNotFound(name, rdtype_text, value.reason, nxdomain=value.nxdomain)
+        self._emit(qname, rdtype_text, "answer", started, cached)
+        return cast(Answer[T], value)
+
+    def _forget(self, key: _CacheKey, future: asyncio.Future[_CacheValue]) -> None:
+        if self._inflight.get(key) is future:
+            del self._inflight[key]
+        if not future.cancelled():
+            future.exception()  # retrieved: no "exception never retrieved" noise
+
+    async def _query(
+        self,
+        qname: dns.name.Name,
+        rdtype: dns.rdatatype.RdataType,
+        convert: Callable[[dns.rdata.Rdata], T],
+    ) -> _CacheValue:
+        """One network lookup; caches and returns an Answer or a _Negative, or raises
+        DnsTempError."""
+        rdtype_text = dns.rdatatype.to_text(rdtype)
+        name = _text(qname)
+        key: _CacheKey = (qname, int(rdtype))
+        try:
+            answer = await self._resolver.resolve(qname, rdtype, search=False)
+        except dns.resolver.NXDOMAIN as exc:
+            responses = list(exc.kwargs.get("responses", {}).values())
+            negative = _Negative(True, "NXDOMAIN")
+            ttl = _negative_ttl(responses[0] if responses else None)
+            self._cache.put(key, negative, min(ttl, self._max_negative_ttl))
+            return negative
+        except dns.resolver.NoAnswer as exc:
+            negative = _Negative(False, f"no {rdtype_text} records")
+            ttl = _negative_ttl(exc.kwargs.get("response"))
+            self._cache.put(key, negative, min(ttl, self._max_negative_ttl))
+            return negative
+        except dns.resolver.NoNameservers as exc:
+            raise DnsTempError(name, rdtype_text, _servers_said(exc)) from None
+        except dns.exception.Timeout:
+            raise DnsTempError(name, rdtype_text, "timeout") from None
+        except Exception as exc:  # DNSException, OSError, EOFError, anything else
+            raise DnsTempError(name, rdtype_text, f"{type(exc).__name__}: {exc}") from None
+        rrset = answer.rrset
+        if rrset is None:  # pragma: no cover - resolve() raises NoAnswer instead
+            return _Negative(False, f"no {rdtype_text} records")
+        try:
+            records = tuple(convert(rd) for rd in rrset)
+        except Exception as exc:
+            raise DnsTempError(name, rdtype_text, f"unusable answer: {exc!r}") from None
+        result: Answer[T] = Answer(
+            name=name,
+            records=records,
+            ttl=int(answer.chaining_result.minimum_ttl),
+            canonical_name=_text(answer.canonical_name),
+            authenticated=bool(answer.response.flags & dns.flags.AD),
+        )
+        self._cache.put(key, result, min(result.ttl, self._max_ttl))
+        return result
+
+    def _emit(
+        self,
+        qname: dns.name.Name,
+        rdtype_text: str,
+        result: LookupResult,
+        started: float,
+        cached: bool,
+    ) -> None:
+        if self._on_lookup is None:
+            return
+        event = LookupEvent(
+            _text(qname), rdtype_text, result, time.perf_counter() - started, cached
+        )
+        with contextlib.suppress(Exception):  # metrics must never break a lookup
+            self._on_lookup(event)
+
+
+def _servers_said(exc: dns.resolver.NoNameservers) -> str:
+    """A short reason from dnspython's per-server error list, e.g. "SERVFAIL"."""
+    errors = exc.kwargs.get("errors") or []
+    said = []
+    for err in errors:
+        what = err[3]
+        said.append(what if isinstance(what, str) else type(what).__name__)
+    return "no nameserver answered: " + (", ".join(dict.fromkeys(said)) or "unknown")
