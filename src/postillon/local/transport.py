@@ -35,6 +35,7 @@ class MaildirTransport:
                     job.body(),
                     return_path=job.message.sender,
                     original_recipient=record.original_recipient,
+                    delivery_key=f"{int(job.message.received_at)}.{record.queue_id}R{record.record_id}",
                 )
             )
         return outcomes
