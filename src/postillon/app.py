@@ -103,8 +103,8 @@ class App:
             log.info("dropped privileges to user %s", drop_to)
 
         clock = SystemClock()
+        queue_path(config).parent.mkdir(parents=True, exist_ok=True)
         self.store = SqliteStore(queue_path(config))
-        await self.store.open()
         intake = Intake(self.store, config.hostname, data_dir / "spool", clock=clock,
                         maillog=self.maillog)
         local = build_local_recipients(config)
@@ -153,6 +153,7 @@ class App:
             lease_seconds=config.queue.lease,
             clock=clock,
         )
+        await self.runner.recover_dead_leases()
         self.runner.start()
         for listener, deps in serving:
             await listener.start(deps)

@@ -82,7 +82,6 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
               "has the server run with this config?", file=sys.stderr)
         return 1
     store = SqliteStore(path)
-    await store.open()
     try:
         return await _dispatch(args, store)
     finally:
@@ -90,7 +89,8 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _dispatch(args: argparse.Namespace, store: SqliteStore) -> int:
-    console = Console()
+    # Piped output (scripts, grep) gets wide lines instead of folded cells.
+    console = Console(width=None if sys.stdout.isatty() else 200)
     now = time.time()
     cmd = args.queue_command
     if cmd == "list":
@@ -103,7 +103,8 @@ async def _dispatch(args: argparse.Namespace, store: SqliteStore) -> int:
             console.print("Queue is empty.")
             return 0
         table = Table(title=f"{len(messages)} message(s) in the queue")
-        for col in ("Queue ID", "Received", "Size", "Sender", "Recipient", "State", "Last reply"):
+        table.add_column("Queue ID", no_wrap=True, min_width=17)
+        for col in ("Received", "Size", "Sender", "Recipient", "State", "Last reply"):
             table.add_column(col, overflow="fold")
         for m in messages:
             for i, r in enumerate(m.records):

@@ -74,6 +74,24 @@ class TlsConfig(_Frozen):
 class RelayConfig(_Frozen):
     # Clients in these networks may relay to any domain. Default: nobody (no open relay).
     trusted_networks: tuple[str, ...] = ()
+    # Send all non-local mail through this host instead of looking up MX records:
+    # "smtp://[user:password@]host[:port]" (STARTTLS, required when a password is
+    # given) or "smtps://..." (implicit TLS, RFC 8314).
+    smarthost: str | None = None
+
+    @field_validator("smarthost")
+    @classmethod
+    def _check_smarthost(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+            raise ValueError(
+                f"smarthost {value!r} must look like smtp://user:password@host:587 or smtps://host:465"
+            )
+        return value
 
     @field_validator("trusted_networks")
     @classmethod
@@ -127,6 +145,8 @@ class QueueConfig(_Frozen):
     lifetime: float = Field(5 * 86400.0, gt=0)  # then bounce (Postfix maximal_queue_lifetime)
     concurrency: int = Field(50, ge=1)  # deliveries in flight at once
     lease: float = Field(300.0, gt=0)  # claimed work returns to the queue after this
+    # Tell the sender once when a message has waited this long (0 = never).
+    delay_warning: float = Field(4 * 3600.0, ge=0)
 
 
 class LogConfig(_Frozen):
@@ -137,7 +157,60 @@ class LogConfig(_Frozen):
 
 class DnsConfig(_Frozen):
     nameservers: tuple[str, ...] = ()  # "127.0.0.1:5353"; empty = the system's resolver
-    timeout: float = Field(5.0, gt=0)
+    timeout: float = Field(5.0, gt=0)  # per try and server
+    attempts: int = Field(2, ge=1)
+
+
+class OutboundConfig(_Frozen):
+    concurrency: int = Field(100, ge=1)  # SMTP connections out, in total
+    per_destination: int = Field(10, ge=1)  # connections to one destination at once
+    messages_per_connection: int = Field(100, ge=1)  # then QUIT and reconnect
+    port: int = Field(25, gt=0, lt=65536)  # MX delivery port (tests use others)
+    helo_name: str | None = None  # default: hostname
+    prefer_ipv6: bool = False
+    ipv4: bool = True
+    ipv6: bool = True
+    # "opportunistic": STARTTLS when offered, unverified certificates accepted and
+    # logged (RFC 7435); "none": never; "required": defer rather than send in clear.
+    tls: Literal["opportunistic", "none", "required"] = "opportunistic"
+    # Timeouts, RFC 5321 4.5.3.2.
+    connect_timeout: float = Field(30.0, gt=0)
+    greeting_timeout: float = Field(300.0, gt=0)
+    command_timeout: float = Field(300.0, gt=0)
+    data_block_timeout: float = Field(180.0, gt=0)
+    data_end_timeout: float = Field(600.0, gt=0)
+    idle_reuse: float = Field(10.0, ge=0)  # keep an idle connection this long for reuse
+
+
+class TransportRule(_Frozen):
+    """A per-domain route: ``domain = "example.net"`` (or ``"*"`` for all) and
+    ``route`` one of ``smtp:[host]:port``, ``smtp:host`` (MX lookup of host),
+    ``lmtp:host:port``, ``lmtp:unix:/path``, ``maildir``, ``discard``,
+    ``error:5.x.y text``."""
+
+    domain: str
+    route: str
+
+    @field_validator("domain")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower().rstrip(".")
+
+    @field_validator("route")
+    @classmethod
+    def _check_route(cls, value: str) -> str:
+        kind = value.split(":", 1)[0]
+        if kind not in ("smtp", "lmtp", "maildir", "discard", "error"):
+            raise ValueError(
+                f"route {value!r}: expected smtp:[host]:port, lmtp:host:port, lmtp:unix:/path, "
+                "maildir, discard or error:5.x.y text"
+            )
+        if kind == "error":
+            import re
+
+            if not re.match(r"error:[45]\.\d{1,3}\.\d{1,3}( |$)", value):
+                raise ValueError(f"route {value!r}: write error:5.1.1 Some text (an enhanced status code)")
+        return value
 
 
 class Config(_Frozen):
@@ -154,6 +227,8 @@ class Config(_Frozen):
     queue: QueueConfig = QueueConfig()
     log: LogConfig = LogConfig()
     dns: DnsConfig = DnsConfig()
+    outbound: OutboundConfig = OutboundConfig()
+    transport: tuple[TransportRule, ...] = ()
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:

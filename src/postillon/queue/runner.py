@@ -72,6 +72,16 @@ class Transport(Protocol):
         ...
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 NO_TRANSPORT = Reply.of(451, "4.3.5", "No transport configured for this destination")
 EXPIRED = "message expired in queue"
 
@@ -117,6 +127,30 @@ class Runner:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="queue-runner")
+
+    async def recover_dead_leases(self) -> int:
+        """Hand back leases of earlier processes on this host that no longer run.
+
+        After ``kill -9`` or a power cut the old process's leases would only
+        expire after ``lease_seconds``; a process on the same host can tell
+        that their owner is dead and resume its work at once. Leases of other
+        hosts (a shared queue) are left to expire.
+        """
+        host = self.owner.rpartition(":")[0]
+        owners: set[str] = set()
+        for message in await self.store.list_messages(state=DeliveryState.LEASED, limit=100_000):
+            owners.update(r.lease_owner for r in message.records if r.lease_owner)
+        released = 0
+        for owner in owners:
+            owner_host, _, pid = owner.rpartition(":")
+            if owner == self.owner or owner_host != host or not pid.isdigit():
+                continue
+            if _process_alive(int(pid)):
+                continue
+            released += await self.store.release_leases(owner)
+        if released:
+            log.info("returned %d delivery lease(s) of dead processes to the queue", released)
+        return released
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming, let deliveries in flight finish (bounded), hand leases back."""

@@ -1,0 +1,189 @@
+"""Run the real ``postillon serve`` as a subprocess for integration tests.
+
+Tests talk to it over real sockets on loopback; the helper writes a config
+into a temporary directory, picks free ports, waits until the listeners
+accept, and can kill it (gracefully or with SIGKILL) and start it again on
+the same data directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(type(value))
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Enough TOML writing for test configs (tables and arrays of tables)."""
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            tables.append((key, value))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, value in tables:
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        else:
+            for item in value:
+                lines.append(f"\n[[{key}]]")
+                lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in item.items())
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class ServerProcess:
+    root: Path
+    config: dict[str, Any]
+    ports: dict[str, int] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "postillon.toml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "var"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "mail.log"
+
+    def write_config(self) -> None:
+        self.config_path.write_text(to_toml(self.config))
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        self.write_config()
+        env = dict(os.environ)
+        env.pop("POSTILLON_CONFIG", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "postillon.cli.main", "--config", str(self.config_path), "serve"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "stderr.log", "ab"),  # noqa: SIM115
+            env=env,
+        )
+        deadline = time.monotonic() + timeout
+        for listen in self.config.get("listen", []):
+            host, _, port = listen["address"].rpartition(":")
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"postillon exited early:\n{self.stderr()}")
+                try:
+                    with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"postillon did not listen on {listen['address']}:\n"
+                                           f"{self.stderr()}") from None
+                    time.sleep(0.05)
+        return self
+
+    def stderr(self) -> str:
+        try:
+            return (self.root / "stderr.log").read_text(errors="replace")[-5000:]
+        except OSError:
+            return ""
+
+    def maillog(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "postillon.cli.main", "--config", str(self.config_path), *args],
+            capture_output=True, text=True, check=check, timeout=60,
+        )
+
+    def maildir_messages(self, address: str) -> list[Path]:
+        local, _, domain = address.rpartition("@")
+        new = self.data_dir / "mail" / domain.lower() / local.lower() / "new"
+        if not new.is_dir():
+            return []
+        return sorted(new.iterdir())
+
+    def iter_all_mail(self) -> Iterator[Path]:
+        yield from (self.data_dir / "mail").glob("*/*/new/*")
+
+    def wait_for_mail(self, address: str, count: int = 1, timeout: float = 20.0) -> list[Path]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.maildir_messages(address)
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{address}: {len(found)} of {count} message(s) after {timeout}s\n"
+                    f"log:\n{self.maillog()[-3000:]}\nstderr:\n{self.stderr()}"
+                )
+            time.sleep(0.05)
+
+
+def default_config(root: Path, **overrides: Any) -> dict[str, Any]:
+    smtp = free_port()
+    config: dict[str, Any] = {
+        "hostname": "mx.test.example",
+        "data_dir": "var",
+        "user": "",
+        "listen": [{"kind": "smtp", "address": f"127.0.0.1:{smtp}"}],
+        "relay": {"trusted_networks": []},
+        "domain": [
+            {"name": "example.org", "mailboxes": ["alice", "bob", "postmaster"],
+             "aliases": {"team": ["alice", "bob"]}},
+            {"name": "catchall.test", "mailboxes": ["info"], "catch_all": "info"},
+        ],
+        "log": {"format": "text", "file": "mail.log"},
+        "queue": {"first_retry": 1.0, "max_retry": 2.0},
+    }
+    config.update(overrides)
+    return config
