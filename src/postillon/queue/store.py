@@ -51,6 +51,14 @@ class DeliveryState(str, Enum):
         return self in (DeliveryState.DELIVERED, DeliveryState.FAILED)
 
 
+class StoreError(Exception):
+    """The store could not complete an operation (e.g. a group commit failed).
+
+    Callers treat it like any unexpected error: intake answers ``451 4.3.0``,
+    the runner retries later. Nothing of the failed operation is visible.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class NewRecipient:
     address: str  # the mailbox to deliver to (after alias/catch-all resolution)
@@ -154,6 +162,10 @@ class QueueStore(Protocol):
 
     async def flush(self, now: float) -> int:
         """Make every deferred record due now; return how many."""
+        ...
+
+    async def count_by_state(self) -> dict[str, int]:
+        """Number of delivery records per state (every ``DeliveryState`` value is a key)."""
         ...
 
     async def close(self) -> None: ...

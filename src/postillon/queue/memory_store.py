@@ -1,0 +1,299 @@
+"""An in-memory ``QueueStore`` for tests: the same semantics, no durability.
+
+It follows ``SqliteStore`` rule for rule (the contract tests run against both):
+claims take expired leases first, then due records by ``next_try``; outcomes
+are fenced by the lease token; a held record keeps a running lease so its
+delivery in flight still lands; complete messages are removed with their
+bodies. Every method runs without awaiting, so each is atomic on its event
+loop, as a transaction would be.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
+from postillon.queue.store import (
+    DeliveryRecord,
+    DeliveryState,
+    MessageInfo,
+    NewMessage,
+    OutcomeUpdate,
+    StoreError,
+)
+
+__all__ = ["MemoryStore"]
+
+_CHUNK_SIZE = 256 * 1024
+_CLAIMABLE = (DeliveryState.PENDING, DeliveryState.DEFERRED)
+_OUTCOME_STATES = frozenset({DeliveryState.DELIVERED, DeliveryState.DEFERRED, DeliveryState.FAILED})
+
+
+@dataclass(slots=True)
+class _Message:
+    info: MessageInfo  # records left empty; they live in MemoryStore._records
+    chunks: list[bytes]
+    record_ids: list[int]
+
+
+def _unleased(rec: DeliveryRecord, now: float) -> DeliveryRecord:
+    """Back to PENDING (never tried) or DEFERRED, without a lease."""
+    state = DeliveryState.DEFERRED if rec.attempts > 0 else DeliveryState.PENDING
+    return replace(
+        rec, state=state, lease_token=None, lease_owner=None, lease_expires=None, updated_at=now
+    )
+
+
+def _in_flight(rec: DeliveryRecord, now: float) -> bool:
+    return rec.lease_token is not None and rec.lease_expires is not None and rec.lease_expires > now
+
+
+class MemoryStore:
+    def __init__(self, *, clock_now: Callable[[], float] = time.time) -> None:
+        self._now = clock_now
+        self._messages: dict[str, _Message] = {}
+        self._records: dict[int, DeliveryRecord] = {}
+        self._next_record_id = 1
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("store is closed")
+
+    async def commit(self, message: NewMessage) -> None:
+        self._check_open()
+        if not message.recipients:
+            raise ValueError("a message needs at least one recipient")
+        if message.queue_id in self._messages:
+            raise StoreError(f"duplicate queue id {message.queue_id}")
+        body = message.body
+        if body.seekable():
+            body.seek(0)
+        chunks = []
+        while data := body.read(_CHUNK_SIZE):
+            chunks.append(bytes(data))
+        now = self._now()
+        ids = []
+        for r in message.recipients:
+            rid = self._next_record_id
+            self._next_record_id += 1
+            self._records[rid] = DeliveryRecord(
+                record_id=rid,
+                queue_id=message.queue_id,
+                recipient=r.address,
+                original_recipient=r.original,
+                rcpt_params=r.params,
+                state=DeliveryState.PENDING,
+                attempts=0,
+                next_try=message.received_at,
+                last_reply=None,
+                lease_token=None,
+                lease_owner=None,
+                lease_expires=None,
+                updated_at=now,
+            )
+            ids.append(rid)
+        info = MessageInfo(
+            queue_id=message.queue_id,
+            sender=message.sender,
+            mail_params=message.mail_params,
+            size=message.size,
+            received_at=message.received_at,
+            client=message.client,
+            source=message.source,
+            records=(),
+        )
+        self._messages[message.queue_id] = _Message(info, chunks, ids)
+
+    async def claim_due(
+        self, now: float, limit: int, lease_seconds: float, owner: str
+    ) -> list[DeliveryRecord]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        expired = sorted(
+            (
+                r
+                for r in self._records.values()
+                if r.state is DeliveryState.LEASED
+                and r.lease_expires is not None
+                and r.lease_expires <= now
+            ),
+            key=lambda r: (r.lease_expires, r.record_id),
+        )[:limit]
+        due = sorted(
+            (r for r in self._records.values() if r.state in _CLAIMABLE and r.next_try <= now),
+            key=lambda r: (r.next_try, r.record_id),
+        )[: limit - len(expired)]
+        claimed = []
+        for rec in [*expired, *due]:
+            new = replace(
+                rec,
+                state=DeliveryState.LEASED,
+                lease_token=secrets.token_hex(8),
+                lease_owner=owner,
+                lease_expires=now + lease_seconds,
+                updated_at=now,
+            )
+            self._records[rec.record_id] = new
+            claimed.append(new)
+        return claimed
+
+    async def record_outcomes(self, updates: Sequence[OutcomeUpdate]) -> list[str]:
+        self._check_open()
+        for u in updates:
+            if u.state not in _OUTCOME_STATES:
+                raise ValueError(f"not an outcome state: {u.state}")
+        touched: set[str] = set()
+        for u in updates:
+            rec = self._records.get(u.record_id)
+            if rec is None or rec.lease_token != u.lease_token:
+                continue  # fenced
+            if rec.state is DeliveryState.LEASED or (
+                rec.state is DeliveryState.HELD and u.state.is_final
+            ):
+                state = u.state
+            elif rec.state is DeliveryState.HELD:
+                state = DeliveryState.HELD
+            else:
+                continue
+            self._records[u.record_id] = replace(
+                rec,
+                state=state,
+                attempts=rec.attempts + 1,
+                next_try=u.next_try if u.state is DeliveryState.DEFERRED else u.now,
+                last_reply=u.reply,
+                lease_token=None,
+                lease_owner=None,
+                lease_expires=None,
+                updated_at=u.now,
+            )
+            touched.add(rec.queue_id)
+        completed = []
+        for queue_id in sorted(touched):
+            msg = self._messages[queue_id]
+            if all(self._records[rid].state.is_final for rid in msg.record_ids):
+                self._remove(queue_id)
+                completed.append(queue_id)
+        return completed
+
+    async def release_leases(self, owner: str) -> int:
+        self._check_open()
+        now = self._now()
+        count = 0
+        for rid, rec in list(self._records.items()):
+            if rec.lease_owner != owner:
+                continue
+            if rec.state is DeliveryState.LEASED:
+                self._records[rid] = _unleased(rec, now)
+                count += 1
+            elif rec.state is DeliveryState.HELD:
+                self._records[rid] = replace(
+                    rec, lease_token=None, lease_owner=None, lease_expires=None
+                )
+        return count
+
+    async def next_due(self) -> float | None:
+        self._check_open()
+        times = [
+            r.next_try
+            if r.state in _CLAIMABLE
+            else r.lease_expires
+            if r.state is DeliveryState.LEASED
+            else None
+            for r in self._records.values()
+        ]
+        present = [t for t in times if t is not None]
+        return min(present) if present else None
+
+    def open_body(self, queue_id: str) -> Iterator[bytes]:
+        self._check_open()
+        msg = self._messages.get(queue_id)
+        if msg is None:
+            raise KeyError(queue_id)
+        yield from list(msg.chunks)
+
+    async def get_message(self, queue_id: str) -> MessageInfo | None:
+        self._check_open()
+        msg = self._messages.get(queue_id)
+        return None if msg is None else self._info(msg)
+
+    async def list_messages(
+        self, state: DeliveryState | None = None, limit: int = 1000
+    ) -> list[MessageInfo]:
+        self._check_open()
+        out: list[MessageInfo] = []
+        for queue_id in sorted(self._messages):
+            if len(out) >= limit:
+                break
+            info = self._info(self._messages[queue_id])
+            if state is None or any(r.state is state for r in info.records):
+                out.append(info)
+        return out
+
+    async def hold(self, queue_id: str, now: float) -> int:
+        self._check_open()
+        count = 0
+        for rec in self._records_of(queue_id):
+            if rec.state in (DeliveryState.PENDING, DeliveryState.DEFERRED, DeliveryState.LEASED):
+                self._records[rec.record_id] = replace(
+                    rec, state=DeliveryState.HELD, updated_at=now
+                )
+                count += 1
+        return count
+
+    async def release(self, queue_id: str, now: float) -> int:
+        self._check_open()
+        count = 0
+        for rec in self._records_of(queue_id):
+            if rec.state is not DeliveryState.HELD:
+                continue
+            if _in_flight(rec, now):
+                new = replace(rec, state=DeliveryState.LEASED, updated_at=now)
+            else:
+                new = replace(_unleased(rec, now), next_try=now)
+            self._records[rec.record_id] = new
+            count += 1
+        return count
+
+    async def delete(self, queue_id: str) -> bool:
+        self._check_open()
+        if queue_id not in self._messages:
+            return False
+        self._remove(queue_id)
+        return True
+
+    async def flush(self, now: float) -> int:
+        self._check_open()
+        count = 0
+        for rid, rec in list(self._records.items()):
+            if rec.state is DeliveryState.DEFERRED:
+                self._records[rid] = replace(rec, next_try=min(rec.next_try, now), updated_at=now)
+                count += 1
+        return count
+
+    async def count_by_state(self) -> dict[str, int]:
+        self._check_open()
+        counts = {s.value: 0 for s in DeliveryState}
+        for rec in self._records.values():
+            counts[rec.state.value] += 1
+        return counts
+
+    async def close(self) -> None:
+        self._closed = True
+
+    # ------------------------------------------------------------ helpers
+
+    def _records_of(self, queue_id: str) -> list[DeliveryRecord]:
+        msg = self._messages.get(queue_id)
+        return [] if msg is None else [self._records[rid] for rid in msg.record_ids]
+
+    def _info(self, msg: _Message) -> MessageInfo:
+        return replace(msg.info, records=tuple(self._records[rid] for rid in msg.record_ids))
+
+    def _remove(self, queue_id: str) -> None:
+        msg = self._messages.pop(queue_id)
+        for rid in msg.record_ids:
+            del self._records[rid]
