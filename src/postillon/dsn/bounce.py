@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 
@@ -13,10 +13,14 @@ from postillon.core.reply import Reply
 # Returning the whole message is the default only up to this size; larger
 # messages return their headers (RFC 3461 §4.3 leaves the default to us).
 FULL_RETURN_LIMIT = 256 * 1024
+# Even with RET=FULL, a notification never carries more than this (the
+# sender's mailbox may refuse a huge bounce; the headers identify the message).
+FULL_RETURN_HARD_LIMIT = 10 * 1024 * 1024
+HEADER_LIMIT = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
-class FailedRecipient:
+class DsnRecipient:
     recipient: str
     original: str | None
     params: RcptParams
@@ -35,6 +39,31 @@ def wants_notice(params: RcptParams, action: str) -> bool:
     return wanted[action] in params.notify
 
 
+def returns_full_message(params: MailParams, size: int, action: str) -> bool:
+    """RET=FULL returns the message, RET=HDRS the headers; unspecified: small
+    messages whole (RFC 3461 4.3 leaves it to us); delay notices never."""
+    if action == "delayed":
+        return False
+    if params.ret is DsnRet.FULL:
+        return size <= FULL_RETURN_HARD_LIMIT
+    return params.ret is None and size <= FULL_RETURN_LIMIT
+
+
+def read_for_dsn(chunks: Iterator[bytes], full: bool) -> list[bytes]:
+    """The part of the stored message a notification returns (blocking)."""
+    if full:
+        return list(chunks)
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:
+            return [head[: end + 2]]
+        if len(head) > HEADER_LIMIT:
+            break
+    return [head[:HEADER_LIMIT]]
+
+
 def _status(reply: Reply) -> str:
     if reply.status:
         return reply.status
@@ -48,7 +77,7 @@ def build_dsn(
     sender: str,
     mail_params: MailParams,
     received_at: float,
-    recipients: Sequence[FailedRecipient],
+    recipients: Sequence[DsnRecipient],
     original: Iterable[bytes],
     original_size: int,
     now: float,
@@ -123,9 +152,7 @@ def build_dsn(
             lines.append(f"Remote-MTA: dns; {r.remote}")
         lines.append(f"Diagnostic-Code: smtp; {r.reply.code} {_status(r.reply)} {r.reply.text}")
         lines.append(f"Last-Attempt-Date: {formatdate(now, usegmt=True)}")
-    full = mail_params.ret is DsnRet.FULL or (
-        mail_params.ret is None and original_size <= FULL_RETURN_LIMIT and not delayed
-    )
+    full = returns_full_message(mail_params, original_size, recipients[0].action)
     lines += ["", f"--{boundary}"]
     if full:
         lines += ["Content-Description: Undelivered Message", "Content-Type: message/rfc822", ""]
@@ -136,7 +163,7 @@ def build_dsn(
     body = b"".join(original)
     if not full:
         end = body.find(b"\r\n\r\n")
-        body = body[: end + 2] if end >= 0 else body
+        body = body[: end + 2] if end >= 0 else body[:HEADER_LIMIT]
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
     tail = f"\r\n--{boundary}--\r\n".encode()

@@ -1,0 +1,15 @@
+"""Outbound delivery over SMTP and LMTP.
+
+Design note
+-----------
+``client_session.SmtpClientSession`` is the thin asyncio adapter around the
+sans-IO ``protocol.client.ClientConnection``. ``smtp_transport.SmtpTransport``
+is what the queue runner calls: it finds the next hops (a transport-table
+host, the smarthost, or the domain's MX hosts in RFC 5321 §5.1 order), tries
+each host and each of its addresses until one takes the transaction, reuses
+idle connections to the same destination, and bounds concurrency in total and
+per destination. Every result comes back as one outcome per recipient
+(``Delivered`` / ``TempFail`` / ``PermFail``); nothing is raised across the
+boundary. TLS is opportunistic by default (RFC 7435): used when offered, the
+certificate's verification result logged but not required.
+"""

@@ -33,7 +33,13 @@ from typing import Protocol
 from postillon.core.clock import Clock, SystemClock
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail
 from postillon.core.reply import Reply
-from postillon.dsn.bounce import FailedRecipient, build_dsn, wants_notice
+from postillon.dsn.bounce import (
+    DsnRecipient,
+    build_dsn,
+    read_for_dsn,
+    returns_full_message,
+    wants_notice,
+)
 from postillon.intake.intake import Intake
 from postillon.observability.maillog import MailLog
 from postillon.queue.retry import RetryPolicy
@@ -102,6 +108,7 @@ class Runner:
         poll_interval: float = 1.0,
         clock: Clock | None = None,
         owner: str | None = None,
+        delay_warning: float = 0.0,
     ) -> None:
         self.store = store
         self.router = router
@@ -113,6 +120,7 @@ class Runner:
         self.concurrency = concurrency
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
+        self.delay_warning = delay_warning
         self.clock: Clock = clock or SystemClock()
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self._wake = asyncio.Event()
@@ -257,7 +265,9 @@ class Runner:
     ) -> None:
         now = self.clock.now()
         updates: list[OutcomeUpdate] = []
-        failed: list[FailedRecipient] = []
+        failed: list[DsnRecipient] = []
+        delayed: list[DsnRecipient] = []
+        succeeded: list[DsnRecipient] = []
         expired = self.retry.expired(message.received_at, now)
         for record, outcome, route in results:
             delay = now - message.received_at
@@ -276,6 +286,10 @@ class Runner:
                                   DeliveryState.DELIVERED, outcome.reply, now, now)
                 )
                 self.maillog.event("delivered", message.queue_id, **fields)
+                if route.kind in ("maildir", "lmtp") and wants_notice(record.rcpt_params, "delivered"):
+                    succeeded.append(DsnRecipient(record.recipient, record.original_recipient,
+                                                     record.rcpt_params, outcome.reply,
+                                                     action="delivered"))
                 continue
             if isinstance(outcome, TempFail) and not expired:
                 next_try = self.retry.next_try(record.attempts + 1, now)
@@ -285,6 +299,12 @@ class Runner:
                 )
                 self.maillog.event("deferred", message.queue_id, **fields,
                                    next_try=f"{next_try - now:.0f}s")
+                if self._crosses_delay_warning(message, record, next_try) and wants_notice(
+                    record.rcpt_params, "delayed"
+                ):
+                    delayed.append(DsnRecipient(record.recipient, record.original_recipient,
+                                                   record.rcpt_params, outcome.reply,
+                                                   remote=outcome.detail, action="delayed"))
                 continue
             reply = outcome.reply
             if isinstance(outcome, TempFail):
@@ -301,28 +321,48 @@ class Runner:
             self.maillog.event("bounced", message.queue_id, **{**fields, "status": str(reply.code)})
             if wants_notice(record.rcpt_params, "failed"):
                 failed.append(
-                    FailedRecipient(record.recipient, record.original_recipient,
+                    DsnRecipient(record.recipient, record.original_recipient,
                                     record.rcpt_params, reply, remote=outcome.detail
                                     if isinstance(outcome, PermFail) else "")
                 )
-        if failed and message.sender:
-            # Queue the notification before recording the failure: a crash in
-            # between gives a duplicate notice, never a lost one.
-            await self._send_dsn(message, failed, now)
+        # Queue notifications before recording the outcomes: a crash in between
+        # gives a duplicate notice, never a lost one. Never notify the null sender.
+        if message.sender:
+            for notice in (failed, delayed, succeeded):
+                if notice:
+                    await self._send_dsn(message, notice, now)
         if updates:
             await self.store.record_outcomes(updates)
 
+    def _crosses_delay_warning(
+        self, message: MessageInfo, record: DeliveryRecord, next_try: float
+    ) -> bool:
+        """True for exactly one attempt: the last one due before the warning
+        threshold whose retry falls after it.
+
+        Due times grow with every attempt, so exactly one attempt brackets the
+        threshold; no "already warned" state needs storing. (``queue flush``
+        moves due times and may, rarely, cause a second warning.)
+        """
+        if self.delay_warning <= 0:
+            return False
+        threshold = message.received_at + self.delay_warning
+        return record.next_try <= threshold < next_try
+
     async def _send_dsn(
-        self, message: MessageInfo, failed: list[FailedRecipient], now: float
+        self, message: MessageInfo, notice: list[DsnRecipient], now: float
     ) -> None:
-        body_chunks = await asyncio.to_thread(lambda: list(self.store.open_body(message.queue_id)))
+        full = returns_full_message(message.mail_params, message.size, notice[0].action)
+        body_chunks = await asyncio.to_thread(
+            read_for_dsn, self.store.open_body(message.queue_id), full
+        )
         dsn = build_dsn(
             hostname=self.hostname,
             queue_id=message.queue_id,
             sender=message.sender,
             mail_params=message.mail_params,
             received_at=message.received_at,
-            recipients=failed,
+            recipients=notice,
             original=body_chunks,
             original_size=message.size,
             now=now,

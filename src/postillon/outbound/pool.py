@@ -1,0 +1,85 @@
+"""Idle SMTP connections kept for reuse, and concurrency limits per destination."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Hashable
+
+from postillon.outbound.client_session import SmtpClientSession
+
+
+class ConnectionPool:
+    """Idle sessions by key (address, port, TLS mode); closed after ``idle_seconds``."""
+
+    def __init__(self, idle_seconds: float, max_messages: int) -> None:
+        self.idle_seconds = idle_seconds
+        self.max_messages = max_messages
+        self._idle: dict[Hashable, list[tuple[float, SmtpClientSession]]] = defaultdict(list)
+        self._reaper: asyncio.Task[None] | None = None
+
+    def take(self, key: Hashable) -> SmtpClientSession | None:
+        now = time.monotonic()
+        stack = self._idle.get(key)
+        while stack:
+            since, session = stack.pop()
+            if session.usable and now - since < self.idle_seconds:
+                return session
+            session.close()
+        return None
+
+    async def put(self, key: Hashable, session: SmtpClientSession) -> None:
+        if (
+            self.idle_seconds <= 0
+            or not session.usable
+            or session.messages_sent >= self.max_messages
+        ):
+            await session.quit()
+            return
+        self._idle[key].append((time.monotonic(), session))
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap())
+
+    async def _reap(self) -> None:
+        while any(self._idle.values()):
+            await asyncio.sleep(min(1.0, self.idle_seconds))
+            now = time.monotonic()
+            for key, stack in list(self._idle.items()):
+                keep = []
+                for since, session in stack:
+                    if now - since >= self.idle_seconds or not session.usable:
+                        await session.quit()
+                    else:
+                        keep.append((since, session))
+                if keep:
+                    self._idle[key] = keep
+                else:
+                    del self._idle[key]
+
+    async def close(self) -> None:
+        for stack in self._idle.values():
+            for _, session in stack:
+                await session.quit()
+        self._idle.clear()
+        if self._reaper is not None:
+            self._reaper.cancel()
+
+
+class Limits:
+    """A global cap on outbound connections and a cap per destination."""
+
+    def __init__(self, total: int, per_destination: int) -> None:
+        self._total = asyncio.Semaphore(total)
+        self._per_destination = per_destination
+        self._by_dest: dict[str, asyncio.Semaphore] = {}
+
+    def destination(self, key: str) -> asyncio.Semaphore:
+        sem = self._by_dest.get(key)
+        if sem is None:
+            sem = self._by_dest[key] = asyncio.Semaphore(self._per_destination)
+        return sem
+
+    @property
+    def total(self) -> asyncio.Semaphore:
+        return self._total

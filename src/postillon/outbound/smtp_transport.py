@@ -1,0 +1,217 @@
+"""The SMTP (and LMTP) transport: next hops, host iteration, reuse, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from postillon.core.outcome import Outcome, PermFail, TempFail, outcome_from_reply
+from postillon.core.reply import Reply
+from postillon.outbound.client_session import ClientTimeouts, SessionError, SmtpClientSession
+from postillon.outbound.pool import ConnectionPool, Limits
+from postillon.queue.runner import DeliveryJob
+from postillon.routing.mx import resolve_next_hops
+from postillon.routing.resolver import DnsNotFound, DnsTempError, Resolver
+from postillon.routing.router import NextHop, Route
+
+log = logging.getLogger("postillon.outbound")
+
+# Bodies up to this size are read from the store in one thread hop; larger
+# ones are streamed chunk by chunk so a big message never sits in memory.
+READ_WHOLE_LIMIT = 1024 * 1024
+# Addresses tried per delivery attempt across all hosts (Postfix's
+# smtp_mx_address_limit), so a domain with dozens of MX records cannot keep
+# one delivery busy for hours.
+MAX_ADDRESSES = 10
+
+NO_ADDRESSES = Reply.of(451, "4.4.4", "No usable address for the destination host")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundSettings:
+    helo_name: str
+    port: int = 25
+    tls: Literal["opportunistic", "none", "required"] = "opportunistic"
+    prefer_ipv6: bool = False
+    concurrency: int = 100
+    per_destination: int = 10
+    messages_per_connection: int = 100
+    idle_reuse: float = 10.0
+    timeouts: ClientTimeouts = ClientTimeouts()
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    host: str  # name for logs and SNI
+    address: str  # IP address, or "" for a unix socket
+    port: int
+    hop: NextHop | None
+
+
+async def _body(job: DeliveryJob) -> AsyncIterator[bytes]:
+    if job.message.size <= READ_WHOLE_LIMIT:
+        for chunk in await asyncio.to_thread(lambda: list(job.body())):
+            yield chunk
+        return
+    iterator = job.body()
+    while True:
+        chunk = await asyncio.to_thread(next, iterator, None)
+        if chunk is None:
+            return
+        yield chunk
+
+
+class SmtpTransport:
+    def __init__(
+        self,
+        resolver: Resolver,
+        settings: OutboundSettings,
+        *,
+        lmtp: bool = False,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.resolver = resolver
+        self.settings = settings
+        self.lmtp = lmtp
+        self.rng = rng or random.Random()
+        self.pool = ConnectionPool(settings.idle_reuse, settings.messages_per_connection)
+        self.limits = Limits(settings.concurrency, settings.per_destination)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # -- next hops -----------------------------------------------------------
+    async def _targets(self, route: Route) -> list[_Target] | Outcome:
+        hop = route.hop
+        port = hop.port if hop is not None else self.settings.port
+        if hop is not None and hop.unix_path:
+            return [_Target(hop.unix_path, "", 0, hop)]
+        if hop is not None and not hop.mx_lookup:
+            return await self._host_targets(hop.host, port, hop)
+        domain = hop.host if hop is not None else route.domain
+        result = await resolve_next_hops(
+            domain, self.resolver, prefer_ipv6=self.settings.prefer_ipv6, rng=self.rng
+        )
+        if result.failure is not None:
+            return result.failure
+        targets = [
+            _Target(next_hop.host, address, port, hop)
+            for next_hop in result.hops
+            for address in next_hop.addresses
+        ]
+        return targets[:MAX_ADDRESSES] or TempFail(NO_ADDRESSES, domain)
+
+    async def _host_targets(self, host: str, port: int, hop: NextHop) -> list[_Target] | Outcome:
+        if _is_ip(host):
+            return [_Target(host, host, port, hop)]
+        try:
+            answer = await self.resolver.addresses(host)
+        except DnsTempError as exc:
+            return TempFail(Reply.of(451, "4.4.3", f"DNS lookup of {host} failed: {exc.reason}"))
+        except DnsNotFound:
+            return TempFail(Reply.of(451, "4.4.4", f"Host {host} has no address (check the route)"))
+        return [_Target(host, a, port, hop) for a in answer.records][:MAX_ADDRESSES]
+
+    # -- delivery ------------------------------------------------------------
+    async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
+        count = len(job.records)
+        targets = await self._targets(job.route)
+        if not isinstance(targets, list):
+            return [targets] * count
+        if not targets:
+            return [TempFail(NO_ADDRESSES, job.route.domain)] * count
+        async with self.limits.total, self.limits.destination(job.route.key):
+            return await self._try_targets(job, targets)
+
+    async def _try_targets(self, job: DeliveryJob, targets: list[_Target]) -> list[Outcome]:
+        count = len(job.records)
+        errors: list[SessionError] = []
+        last_detail = ""
+        for target in targets:
+            key = (target.address or target.host, target.port, self.lmtp)
+            session = self.pool.take(key)
+            try:
+                if session is None:
+                    session = await self._connect(target)
+                result = await session.send(
+                    job.message.sender,
+                    job.message.mail_params,
+                    [(r.recipient, r.rcpt_params) for r in job.records],
+                    _body(job),
+                    job.message.size,
+                    needs_smtputf8=job.message.mail_params.smtputf8,
+                    eight_bit=job.message.mail_params.body.value != "7BIT",
+                )
+            except SessionError as exc:
+                if session is not None:
+                    session.close()
+                errors.append(exc)
+                last_detail = _describe(target, session)
+                log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
+                continue
+            detail = _describe(target, session)
+            await self.pool.put(key, session)
+            return [outcome_from_reply(reply, detail) for reply in result.per_recipient]
+        return [_failure(errors, last_detail)] * count
+
+    async def _connect(self, target: _Target) -> SmtpClientSession:
+        hop = target.hop
+        implicit = bool(hop and hop.implicit_tls)
+        starttls: Literal["none", "opportunistic", "required"] = self.settings.tls
+        if hop is not None and hop.username and not implicit:
+            starttls = "required"  # never send a password in clear
+        if target.address == "":
+            starttls = "none"  # LMTP over a local unix socket
+        session = await SmtpClientSession.connect(
+            target.address or target.host,
+            target.port,
+            helo_name=self.settings.helo_name,
+            lmtp=self.lmtp,
+            starttls=starttls,
+            implicit_tls=implicit,
+            server_hostname=target.host if not _is_ip(target.host) else None,
+            unix_path=hop.unix_path if hop is not None else None,
+            timeouts=self.settings.timeouts,
+        )
+        if hop is not None and hop.username:
+            try:
+                await session.authenticate(hop.username, hop.password or "")
+            except SessionError:
+                session.close()
+                raise
+        return session
+
+
+def _failure(errors: list[SessionError], detail: str) -> Outcome:
+    if not errors:
+        return TempFail(NO_ADDRESSES, detail)
+    last = errors[-1]
+    reply = last.reply or Reply.of(451, "4.4.1", f"Connection failed: {last.detail}"[:400])
+    if all(e.permanent for e in errors) and reply.is_permanent:
+        return PermFail(reply, detail)
+    if reply.is_permanent:
+        # Some host failed temporarily: try again later rather than bounce.
+        reply = Reply.of(451, "4.4.1", f"{reply.code} {reply.text}"[:400])
+    return TempFail(reply, detail)
+
+
+def _describe(target: _Target, session: SmtpClientSession | None) -> str:
+    where = target.host if not target.address else f"{target.host}[{target.address}]:{target.port}"
+    if session is not None and session.tls:
+        verified = "verified" if session.tls_verified else "unverified"
+        return f"{where} tls={session.tls.split()[0]}/{verified}"
+    return where
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

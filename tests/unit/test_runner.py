@@ -1,0 +1,184 @@
+"""The queue runner with an in-memory store, a fake clock and scripted
+transports: retries follow the policy, expiry and permanent failures bounce
+(never for a null sender), delay warnings go out once, success notices when
+asked."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from postillon.config.model import DomainConfig
+from postillon.core.clock import FakeClock
+from postillon.core.envelope import MailParams, RcptParams
+from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail
+from postillon.core.reply import Reply
+from postillon.intake.intake import Intake
+from postillon.observability.maillog import null_maillog
+from postillon.queue.memory_store import MemoryStore
+from postillon.queue.retry import RetryPolicy
+from postillon.queue.runner import DeliveryJob, Runner
+from postillon.queue.store import DeliveryState, NewRecipient
+from postillon.routing.local import LocalRecipients
+from postillon.routing.router import Router
+
+OK = Reply.of(250, "2.0.0", "Ok")
+BUSY = Reply.of(451, "4.3.0", "try later")
+GONE = Reply.of(550, "5.1.1", "no such user")
+
+
+class Scripted:
+    """A transport answering from a script: recipient → list of outcomes in order."""
+
+    def __init__(self, script: dict[str, list[Outcome]]) -> None:
+        self.script = script
+        self.calls: list[tuple[str, ...]] = []
+
+    async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
+        self.calls.append(tuple(r.recipient for r in job.records))
+        body = b"".join(job.body())
+        assert body.endswith(b"body\r\n")
+        return [self.script[r.recipient].pop(0) for r in job.records]
+
+
+class Capture:
+    """Maildir stand-in that records what local recipients got (bounces land here)."""
+
+    def __init__(self) -> None:
+        self.delivered: list[tuple[str, bytes]] = []
+
+    async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
+        body = b"".join(job.body())
+        self.delivered.extend((r.recipient, body) for r in job.records)
+        return [Delivered(OK, "capture") for _ in job.records]
+
+
+@pytest.fixture
+def env(tmp_path: Path):  # type: ignore[no-untyped-def]
+    clock = FakeClock()
+    store = MemoryStore(clock_now=clock.now)
+    intake = Intake(store, "mx.test", tmp_path / "spool", clock=clock)
+    local = LocalRecipients([DomainConfig(name="local.test", mailboxes=("alice",))], {},
+                            hostname="mx.test")
+    return clock, store, intake, local
+
+
+def make_runner(env, remote: Scripted, **kw):  # type: ignore[no-untyped-def]
+    clock, store, intake, local = env
+    capture = Capture()
+    runner = Runner(store, Router(local), {"smtp": remote, "maildir": capture}, intake,
+                    RetryPolicy(first_delay=300, max_delay=3600, max_lifetime=86400),
+                    null_maillog(), "mx.test", clock=clock, **kw)
+    return runner, capture
+
+
+async def submit(intake: Intake, rcpts: list[str], sender: str = "alice@local.test",
+                 params: RcptParams | None = None, mail: MailParams | None = None) -> str:
+    return await intake.submit(sender, [NewRecipient(r, params or RcptParams()) for r in rcpts],
+                               b"Subject: t\r\n\r\nbody\r\n", params=mail)
+
+
+async def test_temp_failures_retry_then_deliver(env) -> None:  # type: ignore[no-untyped-def]
+    clock, store, intake, _ = env
+    remote = Scripted({"bob@remote.test": [TempFail(BUSY), TempFail(BUSY), Delivered(OK)]})
+    runner, capture = make_runner(env, remote)
+    qid = await submit(intake, ["bob@remote.test"])
+    assert await runner.run_once() == 1
+    info = await store.get_message(qid)
+    assert info is not None and info.records[0].state is DeliveryState.DEFERRED
+    assert info.records[0].last_reply == BUSY
+    assert 240 <= info.records[0].next_try - clock.now() <= 300  # first retry ~5 min, jittered
+    assert await runner.run_once() == 0  # not due yet
+    clock.advance(300)
+    assert await runner.run_once() == 1
+    clock.advance(600)
+    assert await runner.run_once() == 1
+    assert await store.get_message(qid) is None  # complete → removed
+    assert capture.delivered == []  # no bounce
+    assert len(remote.calls) == 3
+
+
+async def test_permanent_failure_bounces_to_sender(env) -> None:  # type: ignore[no-untyped-def]
+    _, store, intake, _ = env
+    remote = Scripted({"bob@remote.test": [PermFail(GONE, "mx.remote.test[192.0.2.1]:25")]})
+    runner, capture = make_runner(env, remote)
+    qid = await submit(intake, ["bob@remote.test"])
+    await runner.run_once()
+    await runner.run_once()  # delivers the bounce locally
+    assert await store.get_message(qid) is None
+    ((rcpt, dsn),) = capture.delivered
+    assert rcpt == "alice@local.test"
+    assert b"Content-Type: multipart/report; report-type=delivery-status" in dsn
+    assert b"Final-Recipient: rfc822; bob@remote.test" in dsn
+    assert b"Action: failed" in dsn and b"Status: 5.1.1" in dsn
+    assert b"Remote-MTA: dns; mx.remote.test[192.0.2.1]:25" in dsn
+    assert b"Subject: t" in dsn  # the original is returned
+
+
+async def test_no_bounce_for_null_sender_or_notify_never(env) -> None:  # type: ignore[no-untyped-def]
+    _, store, intake, _ = env
+    remote = Scripted({"bob@remote.test": [PermFail(GONE), PermFail(GONE)]})
+    runner, capture = make_runner(env, remote)
+    await submit(intake, ["bob@remote.test"], sender="")
+    await submit(intake, ["bob@remote.test"], params=RcptParams(notify=frozenset({"NEVER"})))
+    await runner.run_once()
+    await runner.run_once()
+    assert capture.delivered == []
+    assert await store.list_messages() == []
+
+
+async def test_expiry_turns_temporary_into_bounce(env) -> None:  # type: ignore[no-untyped-def]
+    clock, store, intake, _ = env
+    remote = Scripted({"bob@remote.test": [TempFail(BUSY)] * 100})
+    runner, capture = make_runner(env, remote)
+    qid = await submit(intake, ["bob@remote.test"])
+    while await store.get_message(qid) is not None:
+        await runner.run_once()
+        clock.advance(3600)
+    assert clock.now() - 1_800_000_000.0 >= 86400  # lifetime of one day ran out
+    await runner.run_once()
+    ((_, dsn),) = capture.delivered
+    assert b"Action: failed" in dsn and b"Status: 5.3.0" in dsn
+    assert b"expired" in dsn
+
+
+async def test_delay_warning_sent_once(env) -> None:  # type: ignore[no-untyped-def]
+    clock, store, intake, _ = env
+    remote = Scripted({"bob@remote.test": [TempFail(BUSY)] * 20 + [Delivered(OK)]})
+    runner, capture = make_runner(env, remote, delay_warning=4 * 3600)
+    qid = await submit(intake, ["bob@remote.test"])
+    while await store.get_message(qid) is not None:
+        await runner.run_once()
+        clock.advance(1800)
+    await runner.run_once()
+    warnings = [b for _, b in capture.delivered if b"Action: delayed" in b]
+    assert len(warnings) == 1
+    assert b"Subject: Delayed Mail (still being retried)" in warnings[0]
+
+
+async def test_success_notice_when_asked(env) -> None:  # type: ignore[no-untyped-def]
+    _, _, intake, _ = env
+    runner, capture = make_runner(env, Scripted({}))
+    await submit(intake, ["alice@local.test"], sender="carol@local.test",
+                 params=RcptParams(notify=frozenset({"SUCCESS"})))
+    await runner.run_once()
+    await runner.run_once()
+    notices = [b for r, b in capture.delivered if r == "carol@local.test"]
+    assert len(notices) == 1 and b"Action: delivered" in notices[0]
+
+
+async def test_transport_exception_is_temporary(env) -> None:  # type: ignore[no-untyped-def]
+    _, store, intake, _ = env
+
+    class Broken:
+        async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
+            raise RuntimeError("bug")
+
+    runner, _ = make_runner(env, Broken())  # type: ignore[arg-type]
+    qid = await submit(intake, ["bob@remote.test"])
+    await runner.run_once()
+    info = await store.get_message(qid)
+    assert info is not None and info.records[0].state is DeliveryState.DEFERRED
+    assert info.records[0].last_reply is not None and info.records[0].last_reply.code == 451
