@@ -3,6 +3,8 @@
 #   swaks            a real SMTP client (STARTTLS, BDAT, pipelining)
 #   postfix          smtp-source / smtp-sink load tools and the benchmark peer
 #   iproute2         `ip` for the loopback-only network namespace tests run in
+#   dovecot-core     a real LMTP server (the MDA postillon hands local mail to),
+#   dovecot-lmtpd      run in the foreground from a temp dir by testing/dovecot.py
 # Installs only what is missing; needs root (CI runs as root). Without root it
 # says what is missing and the tests that need it report the missing tool.
 set -eu
@@ -10,6 +12,8 @@ need=""
 command -v swaks >/dev/null 2>&1 || need="$need swaks"
 command -v ip >/dev/null 2>&1 || need="$need iproute2"
 [ -x /usr/sbin/smtp-source ] || need="$need postfix"
+[ -x /usr/sbin/dovecot ] || need="$need dovecot-core"
+[ -x /usr/lib/dovecot/lmtp ] || need="$need dovecot-lmtpd"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages:$need (run as root or: sudo apt-get install$need)" >&2

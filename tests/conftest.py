@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-pytest_plugins = ["dns_fixtures"]
+pytest_plugins = ["dns_fixtures", "dovecot_fixtures"]
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
