@@ -1,0 +1,112 @@
+"""Replies the protocol core sends by itself.
+
+Short and generic, each with an enhanced status code (RFC 3463); details go to
+the log through ``CommandRejected``, never back to the client. Replies shared
+with other rooms live in ``core/reply.py`` and are re-exported here so tests can
+name every reply the core may send from one module.
+"""
+
+from __future__ import annotations
+
+from postillon.core.reply import (
+    BAD_SEQUENCE,
+    BARE_LINE_ENDING,
+    LINE_TOO_LONG,
+    NUL_NOT_ALLOWED,
+    OK,
+    PARAM_SYNTAX,
+    SERVICE_CLOSING,
+    SYNTAX_ERROR,
+    TOO_MANY_ERRORS,
+    Reply,
+)
+
+__all__ = [
+    "AUTH_UNAVAILABLE",
+    "AUTH_UNKNOWN_MECHANISM",
+    "BAD_PARAM",
+    "BAD_RECIPIENT",
+    "BAD_SENDER",
+    "BAD_SEQUENCE",
+    "BARE_LINE_ENDING",
+    "BDAT_SYNTAX",
+    "BODY_BARE_LINE_ENDING",
+    "BODY_NUL",
+    "DATA_AFTER_BDAT",
+    "EXPN_DISABLED",
+    "HELLO_SYNTAX",
+    "HELP",
+    "INVALID_UTF8",
+    "IN_TRANSACTION",
+    "LINE_TOO_LONG",
+    "MESSAGE_TOO_BIG",
+    "NEEDS_SMTPUTF8",
+    "NEED_HELLO",
+    "NEED_LHLO",
+    "NEED_MAIL",
+    "NEED_RCPT",
+    "NESTED_MAIL",
+    "NOT_IMPLEMENTED",
+    "NO_VALID_RECIPIENTS",
+    "NUL_NOT_ALLOWED",
+    "OK",
+    "PARAM_SYNTAX",
+    "SERVICE_CLOSING",
+    "SYNTAX_ERROR",
+    "TLS_ALREADY_ACTIVE",
+    "TOO_MANY_ERRORS",
+    "TOO_MANY_RECIPIENTS",
+    "USE_LHLO",
+    "VRFY_CANNOT",
+    "chunk_received",
+]
+
+# Sequence (RFC 5321 §4.1.4, §4.3.2).
+NEED_HELLO = Reply.of(503, "5.5.1", "Send EHLO or HELO first")
+NEED_LHLO = Reply.of(503, "5.5.1", "Send LHLO first")
+NESTED_MAIL = Reply.of(503, "5.5.1", "Nested MAIL command")
+NEED_MAIL = Reply.of(503, "5.5.1", "Need MAIL command")
+NEED_RCPT = Reply.of(503, "5.5.1", "Need RCPT command")  # LMTP DATA (RFC 2033 §4.2)
+NO_VALID_RECIPIENTS = Reply.of(554, "5.5.1", "No valid recipients")
+DATA_AFTER_BDAT = Reply.of(503, "5.5.1", "DATA and BDAT cannot be mixed (RFC 3030)")
+IN_TRANSACTION = Reply.of(503, "5.5.1", "Not allowed during a mail transaction")
+TLS_ALREADY_ACTIVE = Reply.of(503, "5.5.1", "TLS already active")
+NOT_IMPLEMENTED = Reply.of(502, "5.5.1", "Command not implemented")
+USE_LHLO = Reply.of(500, "5.5.1", "Use LHLO in LMTP")
+
+# Syntax.
+INVALID_UTF8 = Reply.of(500, "5.5.2", "Invalid UTF-8 in command")
+HELLO_SYNTAX = Reply.of(501, "5.5.4", "Syntax: EHLO hostname")
+BDAT_SYNTAX = Reply.of(501, "5.5.4", "Syntax: BDAT size [LAST]")
+BAD_SENDER = Reply.of(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = Reply.of(501, "5.1.3", "Bad recipient address syntax")
+NEEDS_SMTPUTF8 = Reply.of(553, "5.6.7", "Non-ASCII address requires SMTPUTF8 (RFC 6531)")
+BAD_PARAM = Reply.of(555, "5.5.4", "Unsupported or malformed parameter")
+
+# Limits.
+MESSAGE_TOO_BIG = Reply.of(552, "5.3.4", "Message size exceeds fixed maximum message size")
+TOO_MANY_RECIPIENTS = Reply.of(452, "4.5.3", "Too many recipients")
+
+# Message content (RFC 5321 §2.3.8, §4.1.1.4: lines end with CRLF, nothing else).
+BODY_BARE_LINE_ENDING = Reply.of(
+    550, "5.6.0", "Message refused: bare CR or LF not allowed, lines end with CRLF (RFC 5321 2.3.8)"
+)
+BODY_NUL = Reply.of(550, "5.6.0", "Message refused: NUL character not allowed")
+
+# Informational commands: no user enumeration (RFC 5321 §3.5.3, §7.3).
+VRFY_CANNOT = Reply.of(
+    252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"
+)
+EXPN_DISABLED = Reply.of(502, "5.5.1", "EXPN not available")
+HELP = Reply.of(
+    214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT"
+)
+
+# AUTH (RFC 4954): the SASL exchange comes with the AUTH issue.
+AUTH_UNKNOWN_MECHANISM = Reply.of(504, "5.5.4", "Unrecognized authentication mechanism")
+AUTH_UNAVAILABLE = Reply.of(454, "4.7.0", "Temporary authentication failure")
+
+
+def chunk_received(size: int) -> Reply:
+    """The core's answer to a non-LAST BDAT chunk (RFC 3030 §2)."""
+    return Reply.of(250, "2.0.0", f"{size} octets received")
