@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-pytest_plugins = ["dns_fixtures", "dovecot_fixtures"]
-
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +7,8 @@ from typing import Any
 import pytest
 
 from postillon.testing.server import ServerProcess, default_config
+
+pytest_plugins = ["dns_fixtures", "dovecot_fixtures"]
 
 MakeServer = Callable[..., ServerProcess]
 

@@ -63,7 +63,9 @@ def build_local_recipients(config: Config) -> LocalRecipients:
 class App:
     def __init__(self, config: Config, maillog: MailLog | None = None) -> None:
         self.config = config
-        self.maillog = maillog or setup_logging(config.log.format, config.log.file, config.log.level)
+        self.maillog = maillog or setup_logging(
+            config.log.format, config.log.file, config.log.level
+        )
         self.listeners: list[Listener] = []
         self.store: SqliteStore | None = None
         self.runner: Runner | None = None
@@ -93,7 +95,8 @@ class App:
         limiter = ConnectionLimiter(config.limits.connections, config.limits.connections_per_ip)
         for listen in config.listen:
             listener = Listener(
-                listen, limiter,
+                listen,
+                limiter,
                 implicit_tls=tls_context if listen.kind == "submissions" else None,
             )
             await listener.bind()
@@ -105,8 +108,9 @@ class App:
         clock = SystemClock()
         queue_path(config).parent.mkdir(parents=True, exist_ok=True)
         self.store = SqliteStore(queue_path(config))
-        intake = Intake(self.store, config.hostname, data_dir / "spool", clock=clock,
-                        maillog=self.maillog)
+        intake = Intake(
+            self.store, config.hostname, data_dir / "spool", clock=clock, maillog=self.maillog
+        )
         local = build_local_recipients(config)
         relay = RelayPolicy(local, config.relay.trusted_networks)
         serving: list[tuple[Listener, SessionDeps]] = []

@@ -2,7 +2,7 @@
 delivered exactly once after restart, none is lost.
 
     8 smtplib clients ──▶ postillon serve ──▶ queue ──▶ Maildir
-                              ╳ SIGKILL mid-load, then restart on the same data_dir
+                              X SIGKILL mid-load, then restart on the same data_dir
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ def test_kill_9_loses_nothing(make_server) -> None:  # type: ignore[no-untyped-d
         time.sleep(0.5)
     missing = acked_at_kill - set(tokens)
     duplicates = {t: c for t, c in tokens.items() if c > 1}
-    print(f"acked before kill: {len(acked_at_kill)}, delivered: {len(tokens)}, "
-          f"duplicates: {len(duplicates)}, missing: {len(missing)}")
+    print(
+        f"acked before kill: {len(acked_at_kill)}, delivered: {len(tokens)}, "
+        f"duplicates: {len(duplicates)}, missing: {len(missing)}"
+    )
     assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {sorted(missing)[:5]}"
     assert not duplicates, f"delivered twice: {duplicates}"

@@ -1,6 +1,6 @@
 """`postillon queue ...` against the queue of a running server.
 
-    smtplib ──▶ postillon serve ──▶ queue ◀── postillon queue list/show/hold/release/delete
+smtplib ──▶ postillon serve ──▶ queue ◀── postillon queue list/show/hold/release/delete
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ def _send(server: ServerProcess, rcpt: str) -> str:
 def test_deferred_message_shows_reply_and_can_be_held_released_deleted(make_server) -> None:  # type: ignore[no-untyped-def]
     # A relayed recipient with no outbound route stays deferred: a stable
     # queue entry to inspect from the CLI while the server runs.
-    server = make_server(relay={"trusted_networks": ["127.0.0.0/8"]},
-                         queue={"first_retry": 3600.0, "max_retry": 3600.0}).start()
+    server = make_server(
+        relay={"trusted_networks": ["127.0.0.0/8"]},
+        queue={"first_retry": 3600.0, "max_retry": 3600.0},
+    ).start()
     qid = _send(server, "friend@unreachable.invalid")
     deadline = time.monotonic() + 20
     while True:
@@ -50,7 +52,10 @@ def test_deferred_message_shows_reply_and_can_be_held_released_deleted(make_serv
     assert qid in table and "deferred" in table
 
     assert "1 recipient(s) held" in server.cli("queue", "hold", qid).stdout
-    assert json.loads(server.cli("queue", "show", qid, "--json").stdout)["recipients"][0]["state"] == "held"
+    assert (
+        json.loads(server.cli("queue", "show", qid, "--json").stdout)["recipients"][0]["state"]
+        == "held"
+    )
     assert "1 recipient(s) released" in server.cli("queue", "release", qid).stdout
     assert server.cli("queue", "flush").returncode == 0
     assert "deleted" in server.cli("queue", "delete", qid).stdout

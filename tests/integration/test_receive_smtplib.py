@@ -1,6 +1,6 @@
 """The receiving core end to end, with Python's smtplib as the client.
 
-    smtplib ──SMTP──▶ postillon serve ──▶ SQLite queue ──▶ runner ──▶ Maildir
+smtplib ──SMTP──▶ postillon serve ──▶ SQLite queue ──▶ runner ──▶ Maildir
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def test_message_reaches_maildir_with_trace_headers(server: ServerProcess) -> No
         s.sendmail("carol@sender.test", ["alice@example.org"], MESSAGE)
     (path,) = server.wait_for_mail("alice@example.org")
     content = path.read_bytes()
-    assert content.startswith(b"Return-Path: <carol@sender.test>\nDelivered-To: alice@example.org\n")
+    assert content.startswith(
+        b"Return-Path: <carol@sender.test>\nDelivered-To: alice@example.org\n"
+    )
     assert b"Received: from client.sender.test (unknown [127.0.0.1])" in content
     assert b"by mx.test.example (postillon) with ESMTP id " in content
     assert b"\n.leading dot line\n" in content  # dot-unstuffed, LF line endings in Maildir

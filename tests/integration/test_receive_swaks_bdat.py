@@ -30,13 +30,22 @@ def swaks(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]
     host, port = _addr(server)
     return subprocess.run(
         [SWAKS, "--server", host, "--port", str(port), "--helo", "client.test", *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
 def test_swaks_plain(server: ServerProcess) -> None:
-    result = swaks(server, "--from", "carol@sender.test", "--to", "alice@example.org",
-                   "--header", "Subject: from swaks")
+    result = swaks(
+        server,
+        "--from",
+        "carol@sender.test",
+        "--to",
+        "alice@example.org",
+        "--header",
+        "Subject: from swaks",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "250 2.0.0 Ok: queued as" in result.stdout
     (path,) = server.wait_for_mail("alice@example.org")
@@ -44,8 +53,15 @@ def test_swaks_plain(server: ServerProcess) -> None:
 
 
 def test_swaks_starttls_and_pipelining(server: ServerProcess) -> None:
-    result = swaks(server, "--tls", "--pipeline", "--from", "carol@sender.test",
-                   "--to", "alice@example.org,bob@example.org")
+    result = swaks(
+        server,
+        "--tls",
+        "--pipeline",
+        "--from",
+        "carol@sender.test",
+        "--to",
+        "alice@example.org,bob@example.org",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "220 2.0.0 Ready to start TLS" in result.stdout
     server.wait_for_mail("alice@example.org")
@@ -111,7 +127,10 @@ def test_bdat_chunks(server: ServerProcess) -> None:
 def test_smuggling_attempt_is_not_a_second_message(server: ServerProcess) -> None:
     c = RawClient(server)
     c.reply()
-    c.send(b"EHLO client.test\r\nMAIL FROM:<carol@sender.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+    c.send(
+        b"EHLO client.test\r\nMAIL FROM:<carol@sender.test>\r\n"
+        b"RCPT TO:<alice@example.org>\r\nDATA\r\n"
+    )
     for _ in range(3):
         c.reply()
     assert c.reply().startswith(b"354")

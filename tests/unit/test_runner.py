@@ -60,24 +60,42 @@ def env(tmp_path: Path):  # type: ignore[no-untyped-def]
     clock = FakeClock()
     store = MemoryStore(clock_now=clock.now)
     intake = Intake(store, "mx.test", tmp_path / "spool", clock=clock)
-    local = LocalRecipients([DomainConfig(name="local.test", mailboxes=("alice",))], {},
-                            hostname="mx.test")
+    local = LocalRecipients(
+        [DomainConfig(name="local.test", mailboxes=("alice",))], {}, hostname="mx.test"
+    )
     return clock, store, intake, local
 
 
 def make_runner(env, remote: Scripted, **kw):  # type: ignore[no-untyped-def]
     clock, store, intake, local = env
     capture = Capture()
-    runner = Runner(store, Router(local), {"smtp": remote, "maildir": capture}, intake,
-                    RetryPolicy(first_delay=300, max_delay=3600, max_lifetime=86400),
-                    null_maillog(), "mx.test", clock=clock, **kw)
+    runner = Runner(
+        store,
+        Router(local),
+        {"smtp": remote, "maildir": capture},
+        intake,
+        RetryPolicy(first_delay=300, max_delay=3600, max_lifetime=86400),
+        null_maillog(),
+        "mx.test",
+        clock=clock,
+        **kw,
+    )
     return runner, capture
 
 
-async def submit(intake: Intake, rcpts: list[str], sender: str = "alice@local.test",
-                 params: RcptParams | None = None, mail: MailParams | None = None) -> str:
-    return await intake.submit(sender, [NewRecipient(r, params or RcptParams()) for r in rcpts],
-                               b"Subject: t\r\n\r\nbody\r\n", params=mail)
+async def submit(
+    intake: Intake,
+    rcpts: list[str],
+    sender: str = "alice@local.test",
+    params: RcptParams | None = None,
+    mail: MailParams | None = None,
+) -> str:
+    return await intake.submit(
+        sender,
+        [NewRecipient(r, params or RcptParams()) for r in rcpts],
+        b"Subject: t\r\n\r\nbody\r\n",
+        params=mail,
+    )
 
 
 async def test_temp_failures_retry_then_deliver(env) -> None:  # type: ignore[no-untyped-def]
@@ -161,8 +179,12 @@ async def test_delay_warning_sent_once(env) -> None:  # type: ignore[no-untyped-
 async def test_success_notice_when_asked(env) -> None:  # type: ignore[no-untyped-def]
     _, _, intake, _ = env
     runner, capture = make_runner(env, Scripted({}))
-    await submit(intake, ["alice@local.test"], sender="carol@local.test",
-                 params=RcptParams(notify=frozenset({"SUCCESS"})))
+    await submit(
+        intake,
+        ["alice@local.test"],
+        sender="carol@local.test",
+        params=RcptParams(notify=frozenset({"SUCCESS"})),
+    )
     await runner.run_once()
     await runner.run_once()
     notices = [b for r, b in capture.delivered if r == "carol@local.test"]

@@ -22,11 +22,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"postillon {__version__}")
     parser.add_argument("-c", "--config", metavar="FILE", help="configuration file (TOML)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("serve", help="run the mail server in the foreground",
-                   description="Bind the listeners, drop privileges, deliver the queue. "
-                   "Stops cleanly on SIGTERM/SIGINT.")
-    check = sub.add_parser("check-config", help="validate a configuration file",
-                           description="Validate a configuration; errors name the file and key.")
+    sub.add_parser(
+        "serve",
+        help="run the mail server in the foreground",
+        description="Bind the listeners, drop privileges, deliver the queue. "
+        "Stops cleanly on SIGTERM/SIGINT.",
+    )
+    check = sub.add_parser(
+        "check-config",
+        help="validate a configuration file",
+        description="Validate a configuration; errors name the file and key.",
+    )
     check.add_argument("file", nargs="?", help="the file to check (default: as for --config)")
     queue_cmd.add_parser(sub)
     return parser
@@ -45,12 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-config":
             path = Path(args.file) if args.file else find_config(args.config)
             if path is None:
-                print(f"postillon: no config file given and {DEFAULT_CONFIG} does not exist",
-                      file=sys.stderr)
+                print(
+                    f"postillon: no config file given and {DEFAULT_CONFIG} does not exist",
+                    file=sys.stderr,
+                )
                 return 2
             config = load_config(path)
-            print(f"{path}: OK ({len(config.listen)} listener(s), "
-                  f"{len(config.domain)} local domain(s), data_dir {config.data_dir})")
+            print(
+                f"{path}: OK ({len(config.listen)} listener(s), "
+                f"{len(config.domain)} local domain(s), data_dir {config.data_dir})"
+            )
             return 0
         config = _load(find_config(args.config))
         if args.command == "serve":
@@ -66,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command}")
-    return 2
 
 
 if __name__ == "__main__":

@@ -53,19 +53,27 @@ def _message_json(info: MessageInfo) -> dict[str, Any]:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    q = sub.add_parser("queue", help="list, show and act on queued mail",
-                       description="Inspect and manage the mail queue (works while the server runs).")
+    q = sub.add_parser(
+        "queue",
+        help="list, show and act on queued mail",
+        description="Inspect and manage the mail queue (works while the server runs).",
+    )
     qsub = q.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
     ls = qsub.add_parser("list", help="list queued messages")
-    ls.add_argument("--state", choices=[s.value for s in DeliveryState],
-                    help="only messages with a recipient in this state")
+    ls.add_argument(
+        "--state",
+        choices=[s.value for s in DeliveryState],
+        help="only messages with a recipient in this state",
+    )
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     show = qsub.add_parser("show", help="show one message: envelope and per-recipient state")
     show.add_argument("queue_id")
     show.add_argument("--json", action="store_true")
-    for name, text in (("delete", "remove a message from the queue (no bounce)"),
-                       ("hold", "stop delivery attempts for a message until released"),
-                       ("release", "release a held message; it is tried again now")):
+    for name, text in (
+        ("delete", "remove a message from the queue (no bounce)"),
+        ("hold", "stop delivery attempts for a message until released"),
+        ("release", "release a held message; it is tried again now"),
+    ):
         p = qsub.add_parser(name, help=text)
         p.add_argument("queue_id")
     qsub.add_parser("flush", help="try every deferred message now")
@@ -78,8 +86,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
 async def _run(args: argparse.Namespace, config: Config) -> int:
     path = queue_path(config)
     if not path.exists():
-        print(f"postillon: no queue at {path} (data_dir = {config.data_dir}); "
-              "has the server run with this config?", file=sys.stderr)
+        print(
+            f"postillon: no queue at {path} (data_dir = {config.data_dir}); "
+            "has the server run with this config?",
+            file=sys.stderr,
+        )
         return 1
     store = SqliteStore(path)
     try:
@@ -109,9 +120,13 @@ async def _dispatch(args: argparse.Namespace, store: SqliteStore) -> int:
         for m in messages:
             for i, r in enumerate(m.records):
                 table.add_row(
-                    m.queue_id if i == 0 else "", _iso(m.received_at) if i == 0 else "",
-                    str(m.size) if i == 0 else "", (m.sender or "<>") if i == 0 else "",
-                    r.recipient, r.state.value, str(r.last_reply) if r.last_reply else "",
+                    m.queue_id if i == 0 else "",
+                    _iso(m.received_at) if i == 0 else "",
+                    str(m.size) if i == 0 else "",
+                    (m.sender or "<>") if i == 0 else "",
+                    r.recipient,
+                    r.state.value,
+                    str(r.last_reply) if r.last_reply else "",
                 )
         console.print(table)
         return 0
@@ -131,8 +146,11 @@ async def _dispatch(args: argparse.Namespace, store: SqliteStore) -> int:
         for r in info.records:
             table.add_row(
                 r.recipient + (f"\n(was {r.original_recipient})" if r.original_recipient else ""),
-                r.state.value, str(r.attempts),
-                _iso(r.next_try) if r.state in (DeliveryState.DEFERRED, DeliveryState.PENDING) else "",
+                r.state.value,
+                str(r.attempts),
+                _iso(r.next_try)
+                if r.state in (DeliveryState.DEFERRED, DeliveryState.PENDING)
+                else "",
                 str(r.last_reply) if r.last_reply else "",
             )
         console.print(table)
@@ -143,15 +161,19 @@ async def _dispatch(args: argparse.Namespace, store: SqliteStore) -> int:
         return 0
     if cmd == "delete":
         ok = await store.delete(args.queue_id)
-        print(f"{args.queue_id}: deleted" if ok else f"postillon: no message {args.queue_id}",
-              file=sys.stdout if ok else sys.stderr)
+        print(
+            f"{args.queue_id}: deleted" if ok else f"postillon: no message {args.queue_id}",
+            file=sys.stdout if ok else sys.stderr,
+        )
         return 0 if ok else 1
     if cmd in ("hold", "release"):
         op = store.hold if cmd == "hold" else store.release
         n = await op(args.queue_id, now)
         if n == 0:
-            print(f"postillon: {args.queue_id}: nothing to {cmd} (unknown id or no such recipients)",
-                  file=sys.stderr)
+            print(
+                f"postillon: {args.queue_id}: nothing to {cmd} (unknown id or no such recipients)",
+                file=sys.stderr,
+            )
             return 1
         print(f"{args.queue_id}: {n} recipient(s) {'held' if cmd == 'hold' else 'released'}")
         return 0

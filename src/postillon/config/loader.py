@@ -58,7 +58,10 @@ def _resolve_relative(config: Config, base: Path | None) -> Config:
         return p if p is None or p.is_absolute() else (base / p)
 
     tls = config.tls.model_copy(
-        update={"certificate": fix(config.tls.certificate), "private_key": fix(config.tls.private_key)}
+        update={
+            "certificate": fix(config.tls.certificate),
+            "private_key": fix(config.tls.private_key),
+        }
     )
     aliases = config.aliases.model_copy(
         update={"files": tuple(fix(f) or f for f in config.aliases.files)}

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+
 def split_host_port(value: str) -> tuple[str, int]:
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")
@@ -209,7 +210,9 @@ class TransportRule(_Frozen):
             import re
 
             if not re.match(r"error:[45]\.\d{1,3}\.\d{1,3}( |$)", value):
-                raise ValueError(f"route {value!r}: write error:5.1.1 Some text (an enhanced status code)")
+                raise ValueError(
+                    f"route {value!r}: write error:5.1.1 Some text (an enhanced status code)"
+                )
         return value
 
 
@@ -242,4 +245,3 @@ class Config(_Frozen):
     @property
     def local_domains(self) -> frozenset[str]:
         return frozenset(d.name for d in self.domain)
-

@@ -8,16 +8,16 @@ with the message so that outbound delivery can pass DSN parameters on, and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class BodyType(str, Enum):
+class BodyType(StrEnum):
     SEVEN_BIT = "7BIT"
     EIGHT_BIT_MIME = "8BITMIME"
     BINARY_MIME = "BINARYMIME"
 
 
-class DsnRet(str, Enum):
+class DsnRet(StrEnum):
     FULL = "FULL"
     HDRS = "HDRS"
 

@@ -157,8 +157,11 @@ def build_dsn(
     if full:
         lines += ["Content-Description: Undelivered Message", "Content-Type: message/rfc822", ""]
     else:
-        lines += ["Content-Description: Undelivered Message Headers",
-                  "Content-Type: text/rfc822-headers", ""]
+        lines += [
+            "Content-Description: Undelivered Message Headers",
+            "Content-Type: text/rfc822-headers",
+            "",
+        ]
     head = ("\r\n".join(lines) + "\r\n").encode("utf-8")
     body = b"".join(original)
     if not full:

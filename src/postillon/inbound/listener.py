@@ -41,7 +41,10 @@ class Listener:
         address = self.config.address
         if address.startswith("unix:"):
             self.server = await asyncio.start_unix_server(
-                self._on_client, address[5:], backlog=BACKLOG, ssl=self.implicit_tls,
+                self._on_client,
+                address[5:],
+                backlog=BACKLOG,
+                ssl=self.implicit_tls,
                 start_serving=False,
             )
         else:
@@ -82,7 +85,11 @@ class Listener:
         if refusal is not None:
             deps.maillog.event("rejected", client=ip, reason=f"421 4.7.0 {refusal}")
             with contextlib.suppress(Exception):
-                writer.write(Reply.of(421, "4.7.0", f"{deps.settings.hostname} {refusal}, try later").to_bytes())
+                writer.write(
+                    Reply.of(
+                        421, "4.7.0", f"{deps.settings.hostname} {refusal}, try later"
+                    ).to_bytes()
+                )
                 await asyncio.wait_for(writer.drain(), 5)
             writer.close()
             return

@@ -74,7 +74,9 @@ class Session:
             await self.writer.drain()
 
     async def _read(self) -> bytes:
-        timeout = self.deps.limits.data_timeout if self.in_data else self.deps.limits.command_timeout
+        timeout = (
+            self.deps.limits.data_timeout if self.in_data else self.deps.limits.command_timeout
+        )
         async with asyncio.timeout(timeout):
             return await self.reader.read(READ_SIZE)
 
@@ -99,7 +101,9 @@ class Session:
 
     async def _run(self, greeting: Reply | None) -> None:
         conn = self.conn
-        conn.greet(greeting or Reply.of(220, None, f"{self.deps.settings.hostname} ESMTP postillon"))
+        conn.greet(
+            greeting or Reply.of(220, None, f"{self.deps.settings.hostname} ESMTP postillon")
+        )
         while not conn.closing:
             event = conn.next_event()
             if event is NEED_DATA:
@@ -146,7 +150,10 @@ class Session:
                 self.in_data = False
                 if self.tx is not None:
                     self.deps.maillog.event(
-                        "rejected", self.tx.queue_id, reason=str(reply), client=self.client.describe()
+                        "rejected",
+                        self.tx.queue_id,
+                        reason=str(reply),
+                        client=self.client.describe(),
                     )
                 self._abort_tx()
             case ev.TransactionReset() | ev.ConnectionClosed():

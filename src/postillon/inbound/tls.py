@@ -55,7 +55,9 @@ def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def server_context(certificate: Path, private_key: Path, min_version: str = "TLSv1.2") -> ssl.SSLContext:
+def server_context(
+    certificate: Path, private_key: Path, min_version: str = "TLSv1.2"
+) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2

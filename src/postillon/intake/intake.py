@@ -6,7 +6,7 @@ import re
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from postillon.core.clock import Clock, SystemClock
 from postillon.core.envelope import MailParams
@@ -59,7 +59,7 @@ class IntakeTransaction:
         self.client = client
         self.source = source
         self.recipients: list[NewRecipient] = []
-        self._body: BinaryIO | None = None
+        self._body: IO[bytes] | None = None
         self._size = 0
         self._header_buf = b""
         self._header_done = False
@@ -77,7 +77,7 @@ class IntakeTransaction:
         if self._body is not None:
             raise RuntimeError("body already started")
         self._body = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in commit/abort
-            max_size=SPOOL_MEMORY_LIMIT, dir=self._intake.spool_dir
+            max_size=SPOOL_MEMORY_LIMIT, dir=str(self._intake.spool_dir)
         )
         if trace:
             only = self.recipients[0].original or self.recipients[0].address
@@ -157,7 +157,9 @@ class IntakeTransaction:
             self._intake.maillog.event(
                 "error", self.queue_id, reason=f"queue commit failed: {exc!r}"
             )
-            raise IntakeError(Reply.of(451, "4.3.0", "Queue write failed, try again later")) from exc
+            raise IntakeError(
+                Reply.of(451, "4.3.0", "Queue write failed, try again later")
+            ) from exc
         finally:
             self._close_body()
         self._intake.maillog.event(
@@ -235,4 +237,3 @@ class Intake:
         tx.start_body(trace=trace)
         tx.write(body)
         return await tx.commit()
-

@@ -26,7 +26,9 @@ class MaildirTransport:
         for record in job.records:
             if not self.local.mailbox_exists(record.recipient):
                 outcomes.append(
-                    PermFail(Reply.of(550, "5.1.1", f"<{record.recipient}>: mailbox does not exist"))
+                    PermFail(
+                        Reply.of(550, "5.1.1", f"<{record.recipient}>: mailbox does not exist")
+                    )
                 )
                 continue
             outcomes.append(

@@ -48,9 +48,7 @@ class MailLog:
         self._logger.info(f"{prefix}{event}: {', '.join(parts)}")
 
 
-def setup_logging(
-    fmt: Literal["text", "json"], file: Path | None, level: str = "info"
-) -> MailLog:
+def setup_logging(fmt: Literal["text", "json"], file: Path | None, level: str = "info") -> MailLog:
     """Configure the process's log handler once (called from the composition root)."""
     root = logging.getLogger("postillon")
     root.handlers.clear()

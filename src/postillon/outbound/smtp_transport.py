@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from postillon.core.outcome import Outcome, PermFail, TempFail, outcome_from_reply
@@ -41,7 +41,7 @@ class OutboundSettings:
     per_destination: int = 10
     messages_per_connection: int = 100
     idle_reuse: float = 10.0
-    timeouts: ClientTimeouts = ClientTimeouts()
+    timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +58,15 @@ async def _body(job: DeliveryJob) -> AsyncIterator[bytes]:
             yield chunk
         return
     iterator = job.body()
+
+    def next_chunk() -> bytes | None:
+        return next(iterator, None)
+
     while True:
-        chunk = await asyncio.to_thread(next, iterator, None)
-        if chunk is None:
+        piece = await asyncio.to_thread(next_chunk)
+        if piece is None:
             return
-        yield chunk
+        yield piece
 
 
 class SmtpTransport:

@@ -126,7 +126,7 @@ class Runner:
         self._wake = asyncio.Event()
         self._active: set[asyncio.Task[None]] = set()
         self._in_flight = 0
-        self._stopping = False
+        self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         intake.on_commit(self.wake)
 
@@ -162,7 +162,7 @@ class Runner:
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming, let deliveries in flight finish (bounded), hand leases back."""
-        self._stopping = True
+        self._stop.set()
         self._wake.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -183,14 +183,14 @@ class Runner:
         return started
 
     async def _loop(self) -> None:
-        while not self._stopping:
+        while not self._stop.is_set():
             try:
                 started = await self._claim_and_dispatch()
             except Exception:
                 log.exception("queue runner: claiming work failed; retrying in 5 s")
                 started = 0
                 await asyncio.sleep(5)
-            if self._stopping:
+            if self._stop.is_set():
                 break
             if started and self._in_flight < self.concurrency:
                 continue
@@ -204,9 +204,7 @@ class Runner:
         free = self.concurrency - self._in_flight
         if free <= 0:
             return 0
-        records = await self.store.claim_due(
-            self.clock.now(), free, self.lease_seconds, self.owner
-        )
+        records = await self.store.claim_due(self.clock.now(), free, self.lease_seconds, self.owner)
         if not records:
             return 0
         by_message: dict[str, list[DeliveryRecord]] = defaultdict(list)
@@ -253,7 +251,9 @@ class Runner:
             outcomes = await transport.deliver(job)
         except Exception as exc:  # unknown errors count as temporary (DESIGN principle 6)
             log.exception("transport %s raised for %s", route.kind, message.queue_id)
-            reply = Reply.of(451, "4.3.0", f"Local error in {route.kind} transport: {type(exc).__name__}")
+            reply = Reply.of(
+                451, "4.3.0", f"Local error in {route.kind} transport: {type(exc).__name__}"
+            )
             return [TempFail(reply) for _ in records]
         if len(outcomes) != len(records):
             reply = Reply.of(451, "4.3.0", "Transport returned a wrong number of results")
@@ -282,29 +282,57 @@ class Runner:
             }
             if isinstance(outcome, Delivered):
                 updates.append(
-                    OutcomeUpdate(record.record_id, record.lease_token or "",
-                                  DeliveryState.DELIVERED, outcome.reply, now, now)
+                    OutcomeUpdate(
+                        record.record_id,
+                        record.lease_token or "",
+                        DeliveryState.DELIVERED,
+                        outcome.reply,
+                        now,
+                        now,
+                    )
                 )
                 self.maillog.event("delivered", message.queue_id, **fields)
-                if route.kind in ("maildir", "lmtp") and wants_notice(record.rcpt_params, "delivered"):
-                    succeeded.append(DsnRecipient(record.recipient, record.original_recipient,
-                                                     record.rcpt_params, outcome.reply,
-                                                     action="delivered"))
+                if route.kind in ("maildir", "lmtp") and wants_notice(
+                    record.rcpt_params, "delivered"
+                ):
+                    succeeded.append(
+                        DsnRecipient(
+                            record.recipient,
+                            record.original_recipient,
+                            record.rcpt_params,
+                            outcome.reply,
+                            action="delivered",
+                        )
+                    )
                 continue
             if isinstance(outcome, TempFail) and not expired:
                 next_try = self.retry.next_try(record.attempts + 1, now)
                 updates.append(
-                    OutcomeUpdate(record.record_id, record.lease_token or "",
-                                  DeliveryState.DEFERRED, outcome.reply, next_try, now)
+                    OutcomeUpdate(
+                        record.record_id,
+                        record.lease_token or "",
+                        DeliveryState.DEFERRED,
+                        outcome.reply,
+                        next_try,
+                        now,
+                    )
                 )
-                self.maillog.event("deferred", message.queue_id, **fields,
-                                   next_try=f"{next_try - now:.0f}s")
+                self.maillog.event(
+                    "deferred", message.queue_id, **fields, next_try=f"{next_try - now:.0f}s"
+                )
                 if self._crosses_delay_warning(message, record, next_try) and wants_notice(
                     record.rcpt_params, "delayed"
                 ):
-                    delayed.append(DsnRecipient(record.recipient, record.original_recipient,
-                                                   record.rcpt_params, outcome.reply,
-                                                   remote=outcome.detail, action="delayed"))
+                    delayed.append(
+                        DsnRecipient(
+                            record.recipient,
+                            record.original_recipient,
+                            record.rcpt_params,
+                            outcome.reply,
+                            remote=outcome.detail,
+                            action="delayed",
+                        )
+                    )
                 continue
             reply = outcome.reply
             if isinstance(outcome, TempFail):
@@ -315,15 +343,25 @@ class Runner:
                 )
                 self.maillog.event("expired", message.queue_id, **fields)
             updates.append(
-                OutcomeUpdate(record.record_id, record.lease_token or "",
-                              DeliveryState.FAILED, reply, now, now)
+                OutcomeUpdate(
+                    record.record_id,
+                    record.lease_token or "",
+                    DeliveryState.FAILED,
+                    reply,
+                    now,
+                    now,
+                )
             )
             self.maillog.event("bounced", message.queue_id, **{**fields, "status": str(reply.code)})
             if wants_notice(record.rcpt_params, "failed"):
                 failed.append(
-                    DsnRecipient(record.recipient, record.original_recipient,
-                                    record.rcpt_params, reply, remote=outcome.detail
-                                    if isinstance(outcome, PermFail) else "")
+                    DsnRecipient(
+                        record.recipient,
+                        record.original_recipient,
+                        record.rcpt_params,
+                        reply,
+                        remote=outcome.detail if isinstance(outcome, PermFail) else "",
+                    )
                 )
         # Queue notifications before recording the outcomes: a crash in between
         # gives a duplicate notice, never a lost one. Never notify the null sender.
@@ -349,9 +387,7 @@ class Runner:
         threshold = message.received_at + self.delay_warning
         return record.next_try <= threshold < next_try
 
-    async def _send_dsn(
-        self, message: MessageInfo, notice: list[DsnRecipient], now: float
-    ) -> None:
+    async def _send_dsn(self, message: MessageInfo, notice: list[DsnRecipient], now: float) -> None:
         full = returns_full_message(message.mail_params, message.size, notice[0].action)
         body_chunks = await asyncio.to_thread(
             read_for_dsn, self.store.open_body(message.queue_id), full

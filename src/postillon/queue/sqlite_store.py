@@ -78,7 +78,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Final, TypeAlias, TypeVar
+from typing import IO, Any, Final, TypeAlias, TypeVar
 
 from postillon.core.envelope import BodyType, DsnRet, MailParams, RcptParams
 from postillon.core.reply import Reply
@@ -445,7 +445,7 @@ class _Commit:
         conn.executemany(_INSERT_BODY + _BODY_VALUES, self.body_rows())
 
 
-def _read_chunks(body: BinaryIO) -> Iterator[bytes]:
+def _read_chunks(body: IO[bytes]) -> Iterator[bytes]:
     """Runs in the writer thread: the body in CHUNK_SIZE pieces, from the start."""
     if body.seekable():
         body.seek(0)  # a retried commit must not store an empty body

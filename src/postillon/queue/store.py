@@ -31,14 +31,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import BinaryIO, Protocol
+from enum import StrEnum
+from typing import IO, Protocol
 
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.reply import Reply
 
 
-class DeliveryState(str, Enum):
+class DeliveryState(StrEnum):
     PENDING = "pending"
     LEASED = "leased"
     DEFERRED = "deferred"
@@ -79,7 +79,7 @@ class NewMessage:
     sender: str  # "" for the null reverse path
     mail_params: MailParams
     recipients: Sequence[NewRecipient]
-    body: BinaryIO
+    body: IO[bytes]
     size: int
     received_at: float
     client: str = ""  # "helo (rdns) [ip]" for logs and the queue view

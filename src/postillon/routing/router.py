@@ -69,7 +69,9 @@ def parse_route(spec: str, domain: str, default_port: int) -> Route:
             raise ValueError(f"bad error route {spec!r}")
         cls, subject, detail, text = m.groups()
         code = 550 if cls == "5" else 450
-        reply = Reply.of(code, f"{cls}.{subject}.{detail}", text or "Delivery refused by configuration")
+        reply = Reply.of(
+            code, f"{cls}.{subject}.{detail}", text or "Delivery refused by configuration"
+        )
         return Route("error", f"error:{domain}", domain, error=reply)
     if kind == "lmtp":
         if rest.startswith("unix:"):

@@ -49,9 +49,10 @@ def to_toml(data: dict[str, Any]) -> str:
     lines: list[str] = []
     tables: list[tuple[str, Any]] = []
     for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        is_table_array = (
+            isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+        )
+        if isinstance(value, dict) or is_table_array:
             tables.append((key, value))
         else:
             lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
@@ -93,7 +94,14 @@ class ServerProcess:
         env = dict(os.environ)
         env.pop("POSTILLON_CONFIG", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "postillon.cli.main", "--config", str(self.config_path), "serve"],
+            [
+                sys.executable,
+                "-m",
+                "postillon.cli.main",
+                "--config",
+                str(self.config_path),
+                "serve",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=open(self.root / "stderr.log", "ab"),  # noqa: SIM115
             env=env,
@@ -109,8 +117,9 @@ class ServerProcess:
                         break
                 except OSError:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"postillon did not listen on {listen['address']}:\n"
-                                           f"{self.stderr()}") from None
+                        raise RuntimeError(
+                            f"postillon did not listen on {listen['address']}:\n{self.stderr()}"
+                        ) from None
                     time.sleep(0.05)
         return self
 
@@ -142,7 +151,10 @@ class ServerProcess:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "postillon.cli.main", "--config", str(self.config_path), *args],
-            capture_output=True, text=True, check=check, timeout=60,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=60,
         )
 
     def maildir_messages(self, address: str) -> list[Path]:
@@ -178,8 +190,11 @@ def default_config(root: Path, **overrides: Any) -> dict[str, Any]:
         "listen": [{"kind": "smtp", "address": f"127.0.0.1:{smtp}"}],
         "relay": {"trusted_networks": []},
         "domain": [
-            {"name": "example.org", "mailboxes": ["alice", "bob", "postmaster"],
-             "aliases": {"team": ["alice", "bob"]}},
+            {
+                "name": "example.org",
+                "mailboxes": ["alice", "bob", "postmaster"],
+                "aliases": {"team": ["alice", "bob"]},
+            },
             {"name": "catchall.test", "mailboxes": ["info"], "catch_all": "info"},
         ],
         "log": {"format": "text", "file": "mail.log"},
