@@ -42,15 +42,25 @@ def split_command(line: str) -> tuple[str, str]:
 
 
 def parse_hello(args: str) -> str:
-    """The EHLO/HELO/LHLO argument: one Domain or address-literal (RFC 5321 §4.1.1.1)."""
+    """The EHLO/HELO/LHLO argument (RFC 5321 §4.1.1.1: a Domain or address-literal).
+
+    Real clients often send names that are not valid domains (``my_host``,
+    ``DESKTOP-42.local_``); like Postfix and Exim by default we accept any
+    single printable token and leave judging it to policy. It ends up in the
+    Received: header, so control characters and non-ASCII are refused.
+    """
     words = args.split()
     if len(words) != 1:
         raise ProtocolError(R.HELLO_SYNTAX, "hello needs exactly one argument")
-    try:
-        parse_domain(words[0])
-    except AddressError as exc:
-        raise ProtocolError(R.HELLO_SYNTAX, str(exc)) from None
-    return words[0]
+    name = words[0]
+    if len(name) > 255 or not all(33 <= ord(c) <= 126 for c in name):
+        raise ProtocolError(R.HELLO_SYNTAX, "hello name must be printable ASCII")
+    if name.startswith("["):
+        try:
+            parse_domain(name)
+        except AddressError as exc:
+            raise ProtocolError(R.HELLO_SYNTAX, str(exc)) from None
+    return name
 
 
 def parse_no_args(args: str) -> None:
