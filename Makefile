@@ -34,7 +34,7 @@ lint: deps
 	$(BIN)/mypy
 
 bench: deps system-deps
-	$(BIN)/python bench/accept_bench.py
+	$(BIN)/python bench/accept_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -37,7 +37,11 @@ from postillon.queue.runner import Runner, Transport
 from postillon.queue.sqlite_store import SqliteStore
 from postillon.routing.aliases import load_aliases
 from postillon.routing.local import LocalRecipients
-from postillon.routing.router import Router
+from postillon.outbound.client_session import ClientTimeouts
+from postillon.outbound.simple import DiscardTransport, ErrorTransport
+from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
+from postillon.routing.resolver import DnsResolver
+from postillon.routing.router import Router, TransportEntry, parse_smarthost
 
 log = logging.getLogger("postillon")
 
@@ -69,6 +73,8 @@ class App:
         self.listeners: list[Listener] = []
         self.store: SqliteStore | None = None
         self.runner: Runner | None = None
+        self._smtp: SmtpTransport | None = None
+        self._lmtp: SmtpTransport | None = None
         self._stopped = asyncio.Event()
 
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -136,14 +142,17 @@ class App:
                 tls_context=tls_context,
             )
             serving.append((listener, deps))
-        transports: dict[str, Transport] = {
-            "maildir": MaildirTransport(
-                MaildirDelivery(data_dir / "mail", hostname=config.hostname), local
-            ),
-        }
+        transports = self._transports(local)
         self.runner = Runner(
             self.store,
-            Router(local),
+            Router(
+                local,
+                [TransportEntry(rule.domain, rule.route) for rule in config.transport],
+                smarthost=parse_smarthost(config.relay.smarthost)
+                if config.relay.smarthost
+                else None,
+                smtp_port=config.outbound.port,
+            ),
             transports,
             intake,
             RetryPolicy(
@@ -156,6 +165,7 @@ class App:
             concurrency=config.queue.concurrency,
             lease_seconds=config.queue.lease,
             clock=clock,
+            delay_warning=config.queue.delay_warning,
         )
         await self.runner.recover_dead_leases()
         self.runner.start()
@@ -163,13 +173,58 @@ class App:
             await listener.start(deps)
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
 
+    def _transports(self, local: LocalRecipients) -> dict[str, Transport]:
+        config = self.config
+        out = config.outbound
+        resolver = DnsResolver(
+            list(config.dns.nameservers) or None,
+            timeout=config.dns.timeout,
+            attempts=config.dns.attempts,
+            ipv4=out.ipv4,
+            ipv6=out.ipv6,
+        )
+        settings = OutboundSettings(
+            helo_name=out.helo_name or config.hostname,
+            port=out.port,
+            tls=out.tls,
+            prefer_ipv6=out.prefer_ipv6,
+            concurrency=out.concurrency,
+            per_destination=out.per_destination,
+            messages_per_connection=out.messages_per_connection,
+            idle_reuse=out.idle_reuse,
+            timeouts=ClientTimeouts(
+                connect=out.connect_timeout,
+                greeting=out.greeting_timeout,
+                command=out.command_timeout,
+                data_block=out.data_block_timeout,
+                data_end=out.data_end_timeout,
+            ),
+        )
+        self._smtp = SmtpTransport(resolver, settings)
+        self._lmtp = SmtpTransport(resolver, settings, lmtp=True)
+        return {
+            "maildir": MaildirTransport(
+                MaildirDelivery(config.data_dir / "mail", hostname=config.hostname), local
+            ),
+            "smtp": self._smtp,
+            "lmtp": self._lmtp,
+            "discard": DiscardTransport(),
+            "error": ErrorTransport(),
+        }
+
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let sessions finish (bounded), return leases, close the queue."""
         for listener in self.listeners:
             listener.stop_accepting()
         await asyncio.gather(*(lst.wait_sessions(grace) for lst in self.listeners))
+        log.debug("stop: sessions done")
         if self.runner is not None:
             await self.runner.stop(grace)
+        log.debug("stop: runner done")
+        for transport in (self._smtp, self._lmtp):
+            if transport is not None:
+                await transport.close()
+        log.debug("stop: transports done")
         if self.store is not None:
             await self.store.close()
         log.info("postillon stopped")

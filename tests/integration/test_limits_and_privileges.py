@@ -38,6 +38,7 @@ def _read_reply(sock: socket.socket) -> bytes:
 
 def test_connections_per_ip_limit(make_server) -> None:  # type: ignore[no-untyped-def]
     server = make_server(limits={"connections_per_ip": 2}).start()
+    time.sleep(0.3)  # start() probed the port; let the server release that slot
     first, second = _connect(server), _connect(server)
     assert _read_reply(first).startswith(b"220")
     assert _read_reply(second).startswith(b"220")

@@ -35,6 +35,8 @@ class Listener:
         self.implicit_tls = implicit_tls
         self.server: asyncio.Server | None = None
         self.sessions: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
+        self.active: set[Session] = set()
+        self.stopping = False
 
     async def bind(self) -> None:
         """Bind (possibly a privileged port) without serving yet."""
@@ -93,16 +95,26 @@ class Listener:
                 await asyncio.wait_for(writer.drain(), 5)
             writer.close()
             return
+        session = Session(deps, reader, writer)
+        self.active.add(session)
+        if self.stopping:
+            session.request_shutdown()
         try:
-            await Session(deps, reader, writer).run()
+            await session.run()
         except Exception:
             log.exception("session from %s failed", ip)
         finally:
+            self.active.discard(session)
             self.limiter.release(ip)
 
     def stop_accepting(self) -> None:
+        """Close the listening socket; idle sessions get 421 4.3.2 at once,
+        sessions in a transaction may finish it first."""
+        self.stopping = True
         if self.server is not None:
             self.server.close()
+        for session in list(self.active):
+            session.request_shutdown()
 
     async def wait_sessions(self, grace: float) -> None:
         tasks = [t for t in self.sessions if not t.done()]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from postillon.checks.relay import RelayPolicy
 from postillon.config.model import LimitsConfig
-from postillon.core.reply import TEMP_LOCAL_ERROR, TIMEOUT, Reply
+from postillon.core.reply import SHUTTING_DOWN, TEMP_LOCAL_ERROR, TIMEOUT, Reply
 from postillon.inbound.tls import describe as describe_tls
 from postillon.intake.headers import ClientInfo
 from postillon.intake.intake import Intake, IntakeError, IntakeTransaction
@@ -29,6 +29,7 @@ from postillon.queue.store import NewRecipient
 from postillon.routing.local import RecipientAccepted
 
 READ_SIZE = 256 * 1024
+CLOSE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,16 @@ class Session:
         )
         self.tx: IntakeTransaction | None = None
         self.in_data = False
+        self._stop_after_transaction = False
+        self._idle_reader: asyncio.Task[bytes] | None = None
+
+    def request_shutdown(self) -> None:
+        """The server is stopping: an idle session gets 421 now; a session in
+        a transaction may finish it (the listener bounds how long) and then
+        gets 421 instead of its next reply."""
+        self._stop_after_transaction = True
+        if self.tx is None and self._idle_reader is not None:
+            self._idle_reader.cancel()
 
     # -- I/O ------------------------------------------------------------------
     async def _flush(self) -> None:
@@ -74,11 +85,18 @@ class Session:
             await self.writer.drain()
 
     async def _read(self) -> bytes:
-        timeout = (
-            self.deps.limits.data_timeout if self.in_data else self.deps.limits.command_timeout
-        )
-        async with asyncio.timeout(timeout):
-            return await self.reader.read(READ_SIZE)
+        limits = self.deps.limits
+        if self.in_data or self.tx is not None:
+            timeout = limits.data_timeout if self.in_data else limits.command_timeout
+            async with asyncio.timeout(timeout):
+                return await self.reader.read(READ_SIZE)
+        # Between transactions a shutdown may cut the wait short (request_shutdown).
+        self._idle_reader = asyncio.ensure_future(self.reader.read(READ_SIZE))
+        try:
+            async with asyncio.timeout(limits.command_timeout):
+                return await self._idle_reader
+        finally:
+            self._idle_reader = None
 
     async def run(self, greeting: Reply | None = None) -> None:
         try:
@@ -91,8 +109,14 @@ class Session:
         finally:
             self._abort_tx()
             self.writer.close()
-            with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
+            # A TLS close waits for the peer's close_notify; a peer that does
+            # not answer must not hold the session (or a shutdown) open.
+            try:
+                await asyncio.wait_for(self.writer.wait_closed(), CLOSE_TIMEOUT)
+            except (TimeoutError, asyncio.CancelledError):
+                self.writer.transport.abort()
+            except Exception:
+                pass
 
     async def _say_and_close(self, reply: Reply) -> None:
         with contextlib.suppress(Exception):
@@ -107,8 +131,17 @@ class Session:
         while not conn.closing:
             event = conn.next_event()
             if event is NEED_DATA:
+                if self._stop_after_transaction and self.tx is None:
+                    conn.shutdown(SHUTTING_DOWN)
+                    break
                 await self._flush()
-                data = await self._read()
+                try:
+                    data = await self._read()
+                except asyncio.CancelledError:
+                    if not self._stop_after_transaction:
+                        raise
+                    conn.shutdown(SHUTTING_DOWN)
+                    break
                 conn.receive_data(data)
                 continue
             await self._handle(event)

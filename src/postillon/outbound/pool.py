@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Hashable
 
 from postillon.outbound.client_session import SmtpClientSession
+
+# (address or unix path, port, LMTP?)
+PoolKey = tuple[str, int, bool]
 
 
 class ConnectionPool:
@@ -16,10 +18,10 @@ class ConnectionPool:
     def __init__(self, idle_seconds: float, max_messages: int) -> None:
         self.idle_seconds = idle_seconds
         self.max_messages = max_messages
-        self._idle: dict[Hashable, list[tuple[float, SmtpClientSession]]] = defaultdict(list)
+        self._idle: dict[PoolKey, list[tuple[float, SmtpClientSession]]] = defaultdict(list)
         self._reaper: asyncio.Task[None] | None = None
 
-    def take(self, key: Hashable) -> SmtpClientSession | None:
+    def take(self, key: PoolKey) -> SmtpClientSession | None:
         now = time.monotonic()
         stack = self._idle.get(key)
         while stack:
@@ -29,7 +31,7 @@ class ConnectionPool:
             session.close()
         return None
 
-    async def put(self, key: Hashable, session: SmtpClientSession) -> None:
+    async def put(self, key: PoolKey, session: SmtpClientSession) -> None:
         if (
             self.idle_seconds <= 0
             or not session.usable

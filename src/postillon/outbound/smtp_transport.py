@@ -11,7 +11,13 @@ from typing import Literal
 
 from postillon.core.outcome import Outcome, PermFail, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
-from postillon.outbound.client_session import ClientTimeouts, SessionError, SmtpClientSession
+from postillon.core.envelope import BodyType
+from postillon.outbound.client_session import (
+    ClientTimeouts,
+    SessionError,
+    SmtpClientSession,
+    TransactionResult,
+)
 from postillon.outbound.pool import ConnectionPool, Limits
 from postillon.queue.runner import DeliveryJob
 from postillon.routing.mx import resolve_next_hops
@@ -138,18 +144,19 @@ class SmtpTransport:
         for target in targets:
             key = (target.address or target.host, target.port, self.lmtp)
             session = self.pool.take(key)
+            if session is not None:
+                # A reused connection may have been closed by the server while
+                # idle; that says nothing about the host, so retry it fresh.
+                try:
+                    result = await self._send(job, session)
+                except SessionError:
+                    session.close()
+                else:
+                    return await self._finish(key, target, session, result)
+                session = None
             try:
-                if session is None:
-                    session = await self._connect(target)
-                result = await session.send(
-                    job.message.sender,
-                    job.message.mail_params,
-                    [(r.recipient, r.rcpt_params) for r in job.records],
-                    _body(job),
-                    job.message.size,
-                    needs_smtputf8=job.message.mail_params.smtputf8,
-                    eight_bit=job.message.mail_params.body.value != "7BIT",
-                )
+                session = await self._connect(target)
+                result = await self._send(job, session)
             except SessionError as exc:
                 if session is not None:
                     session.close()
@@ -157,10 +164,32 @@ class SmtpTransport:
                 last_detail = _describe(target, session)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
                 continue
-            detail = _describe(target, session)
-            await self.pool.put(key, session)
-            return [outcome_from_reply(reply, detail) for reply in result.per_recipient]
+            return await self._finish(key, target, session, result)
         return [_failure(errors, last_detail)] * count
+
+    async def _finish(
+        self,
+        key: tuple[str, int, bool],
+        target: _Target,
+        session: SmtpClientSession,
+        result: TransactionResult,
+    ) -> list[Outcome]:
+        detail = _describe(target, session)
+        await self.pool.put(key, session)
+        return [outcome_from_reply(reply, detail) for reply in result.per_recipient]
+
+    @staticmethod
+    async def _send(job: DeliveryJob, session: SmtpClientSession) -> TransactionResult:
+        params = job.message.mail_params
+        return await session.send(
+            job.message.sender,
+            params,
+            [(r.recipient, r.rcpt_params) for r in job.records],
+            _body(job),
+            job.message.size,
+            needs_smtputf8=params.smtputf8,
+            eight_bit=params.body is not BodyType.SEVEN_BIT,
+        )
 
     async def _connect(self, target: _Target) -> SmtpClientSession:
         hop = target.hop

@@ -199,6 +199,10 @@ def default_config(root: Path, **overrides: Any) -> dict[str, Any]:
         ],
         "log": {"format": "text", "file": "mail.log"},
         "queue": {"first_retry": 1.0, "max_retry": 2.0},
+        # Nothing a test does may reach the machine's resolver: a closed
+        # loopback port answers every query with "connection refused" (a
+        # temporary DNS failure). Tests that need DNS start a DNS server.
+        "dns": {"nameservers": ["127.0.0.1:9"], "timeout": 0.5, "attempts": 1},
     }
     config.update(overrides)
     return config
