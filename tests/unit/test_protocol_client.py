@@ -906,7 +906,10 @@ def test_any_server_input_gives_events_never_exceptions(
     actions = 0  # a refusal without I/O (SMTPUTF8) must not make the adapter loop forever
     for i in range(0, len(data) + 1, cut):
         conn.receive_data(data[i : i + cut] if i < len(data) else b"")
+        steps = 0
         while (ev := conn.next_event()) is not NEED_DATA:
+            steps += 1
+            assert steps < 1000, f"event loop does not settle: {ev!r} in {conn.state}"
             assert isinstance(ev, ClientEvent)
             state = conn.state
             if state is ClientState.GREETED:
