@@ -26,11 +26,12 @@ run: deps
 
 # Tests run inside a network namespace with only loopback when possible, so
 # nothing can leak to the machine's resolver or the internet.
-test: deps system-deps
+test: deps system-deps lint
 	./scripts/run-tests.sh $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: deps
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check --quiet src tests bench
 	$(BIN)/mypy
 
 bench: deps system-deps

@@ -63,8 +63,7 @@ def dovecot_users() -> list[str]:
 
 
 @pytest.fixture
-def make_dovecot(request: pytest.FixtureRequest,
-                 dovecot_users: list[str]) -> Iterator[MakeDovecot]:
+def make_dovecot(request: pytest.FixtureRequest, dovecot_users: list[str]) -> Iterator[MakeDovecot]:
     started: list[DovecotLmtp] = []
 
     def make(users: Any = None, **options: Any) -> DovecotLmtp:

@@ -31,15 +31,15 @@ from postillon.intake.intake import Intake
 from postillon.local.maildir import MaildirDelivery
 from postillon.local.transport import MaildirTransport
 from postillon.observability.maillog import MailLog, setup_logging
+from postillon.outbound.client_session import ClientTimeouts
+from postillon.outbound.simple import DiscardTransport, ErrorTransport
+from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.protocol.server import ServerSettings
 from postillon.queue.retry import RetryPolicy
 from postillon.queue.runner import Runner, Transport
 from postillon.queue.sqlite_store import SqliteStore
 from postillon.routing.aliases import load_aliases
 from postillon.routing.local import LocalRecipients
-from postillon.outbound.client_session import ClientTimeouts
-from postillon.outbound.simple import DiscardTransport, ErrorTransport
-from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
 

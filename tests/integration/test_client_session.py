@@ -73,8 +73,7 @@ class ScriptServer:
         self.writer_for_early: asyncio.StreamWriter | None = None
 
     async def start(self, ssl_ctx: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> int:
-        self.server = await asyncio.start_server(self.handle, host, 0, ssl=ssl_ctx,
-                                                 limit=1 << 20)
+        self.server = await asyncio.start_server(self.handle, host, 0, ssl=ssl_ctx, limit=1 << 20)
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port
 
@@ -194,8 +193,9 @@ class ScriptServer:
             await say(self.script.close_after_message)
             raise ConnectionError("closing after the message")
 
-    async def _auth(self, arg: str, reader: asyncio.StreamReader,
-                    say: Callable[[bytes], Awaitable[None]]) -> bytes:
+    async def _auth(
+        self, arg: str, reader: asyncio.StreamReader, say: Callable[[bytes], Awaitable[None]]
+    ) -> bytes:
         import base64
 
         mech, _, initial = arg.partition(" ")
@@ -211,16 +211,20 @@ class ScriptServer:
             ok = (u, p) == (user.encode(), password.encode())
         else:
             return b"504 5.5.4 Unrecognized authentication mechanism\r\n"
-        return b"235 2.7.0 Authentication successful\r\n" if ok else (
-            b"535 5.7.8 Authentication credentials invalid\r\n")
+        return (
+            b"235 2.7.0 Authentication successful\r\n"
+            if ok
+            else (b"535 5.7.8 Authentication credentials invalid\r\n")
+        )
 
 
 @pytest.fixture
 async def make_server() -> AsyncIterator[Callable[..., Awaitable[ScriptServer]]]:
     servers: list[ScriptServer] = []
 
-    async def make(ssl_ctx: ssl.SSLContext | None = None, host: str = "127.0.0.1",
-                   **script: object) -> ScriptServer:
+    async def make(
+        ssl_ctx: ssl.SSLContext | None = None, host: str = "127.0.0.1", **script: object
+    ) -> ScriptServer:
         server = ScriptServer(Script(**script))  # type: ignore[arg-type]
         await server.start(ssl_ctx, host)
         servers.append(server)
@@ -245,8 +249,7 @@ def server_tls(ca: trustme.CA) -> ssl.SSLContext:
 
 async def connect(server: ScriptServer, **kw: object) -> SmtpClientSession:
     kw.setdefault("timeouts", FAST)
-    return await SmtpClientSession.connect("127.0.0.1", server.port, helo_name="client.test",
-                                           **kw)  # type: ignore[arg-type]
+    return await SmtpClientSession.connect("127.0.0.1", server.port, helo_name="client.test", **kw)  # type: ignore[arg-type]
 
 
 async def pieces(data: bytes, sizes: Iterator[int] | None = None) -> AsyncIterator[bytes]:
@@ -263,19 +266,28 @@ def make_message(size: int, seed: int = 1) -> bytes:
     """CRLF lines full of dot-stuffing traps, 8-bit octets, some long lines."""
     rng = random.Random(seed)
     heads = [b"", b".", b"..", b"...", b". ", b".x", b"x", b"\xc3\xa9", b"From "]
-    tails = [bytes(rng.choice(b"abc .\xe9") for _ in range(n))
-             for n in (0, 1, 2, 40, 76, 77, 990, 5000) for _ in range(4)]
+    tails = [
+        bytes(rng.choice(b"abc .\xe9") for _ in range(n))
+        for n in (0, 1, 2, 40, 76, 77, 990, 5000)
+        for _ in range(4)
+    ]
     out = bytearray(b"From: a@s.test\r\nTo: x@d.test\r\nSubject: test\r\n\r\n")
     while len(out) < size:
         out += rng.choice(heads) + rng.choice(tails) + b"\r\n"
     return bytes(out)
 
 
-async def send_one(session: SmtpClientSession, message: bytes, *rcpts: str,
-                   **kw: object) -> TransactionResult:
-    return await session.send("a@s.test", MailParams(),
-                              [(r, RcptParams()) for r in rcpts or ("x@d.test",)],
-                              pieces(message), len(message), **kw)  # type: ignore[arg-type]
+async def send_one(
+    session: SmtpClientSession, message: bytes, *rcpts: str, **kw: object
+) -> TransactionResult:
+    return await session.send(
+        "a@s.test",
+        MailParams(),
+        [(r, RcptParams()) for r in rcpts or ("x@d.test",)],
+        pieces(message),
+        len(message),
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 # --- byte-exact delivery ---------------------------------------------------------------
@@ -283,8 +295,9 @@ async def send_one(session: SmtpClientSession, message: bytes, *rcpts: str,
 
 @pytest.mark.parametrize("size", [4096, 3 * 1024 * 1024])
 @pytest.mark.parametrize("chunking", [False, True], ids=["DATA", "BDAT"])
-async def test_message_arrives_byte_exact(make_server: Callable[..., Awaitable[ScriptServer]],
-                                          size: int, chunking: bool) -> None:
+async def test_message_arrives_byte_exact(
+    make_server: Callable[..., Awaitable[ScriptServer]], size: int, chunking: bool
+) -> None:
     keywords = (*BASE, "CHUNKING") if chunking else BASE
     server = await make_server(keywords=keywords)
     session = await connect(server)
@@ -299,8 +312,7 @@ async def test_message_arrives_byte_exact(make_server: Callable[..., Awaitable[S
     assert msg.content == message
 
 
-async def test_bdat_without_pipelining(make_server: Callable[..., Awaitable[ScriptServer]]
-                                       ) -> None:
+async def test_bdat_without_pipelining(make_server: Callable[..., Awaitable[ScriptServer]]) -> None:
     server = await make_server(keywords=("CHUNKING", "8BITMIME"))
     session = await connect(server)
     message = make_message(300_000, seed=2)
@@ -324,8 +336,9 @@ async def test_body_without_final_crlf_gets_one(
 # --- sessions refused or broken ------------------------------------------------------------
 
 
-async def test_4xx_greeting_is_temporary(make_server: Callable[..., Awaitable[ScriptServer]]
-                                         ) -> None:
+async def test_4xx_greeting_is_temporary(
+    make_server: Callable[..., Awaitable[ScriptServer]],
+) -> None:
     server = await make_server(greeting=b"421 4.3.2 Too busy\r\n")
     with pytest.raises(SessionError) as info:
         await connect(server)
@@ -355,22 +368,28 @@ async def test_connection_refused_is_temporary() -> None:
 
 
 async def test_421_mid_transaction(make_server: Callable[..., Awaitable[ScriptServer]]) -> None:
-    server = await make_server(reply_421_at="DATA",
-                               rcpt_replies={"bad@d.test": b"550 5.1.1 Unknown user\r\n"})
+    server = await make_server(
+        reply_421_at="DATA", rcpt_replies={"bad@d.test": b"550 5.1.1 Unknown user\r\n"}
+    )
     session = await connect(server)
     result = await send_one(session, b"x\r\n", "x@d.test", "bad@d.test", "y@d.test")
     assert [(r.code, r.status) for r in result.per_recipient] == [
-        (421, "4.3.2"), (550, "5.1.1"), (421, "4.3.2")]
+        (421, "4.3.2"),
+        (550, "5.1.1"),
+        (421, "4.3.2"),
+    ]
     assert not session.usable
     with pytest.raises(SessionError):
         await send_one(session, b"x\r\n")
     await session.quit()
 
 
-async def test_connection_lost_in_the_body(make_server: Callable[..., Awaitable[ScriptServer]]
-                                           ) -> None:
-    server = await make_server(close_at="BODY",
-                               rcpt_replies={"bad@d.test": b"550 5.1.1 Unknown user\r\n"})
+async def test_connection_lost_in_the_body(
+    make_server: Callable[..., Awaitable[ScriptServer]],
+) -> None:
+    server = await make_server(
+        close_at="BODY", rcpt_replies={"bad@d.test": b"550 5.1.1 Unknown user\r\n"}
+    )
     session = await connect(server)
     with pytest.raises(SessionError) as info:
         await send_one(session, make_message(200_000), "x@d.test", "bad@d.test")
@@ -382,8 +401,9 @@ async def test_connection_lost_in_the_body(make_server: Callable[..., Awaitable[
     await session.quit()
 
 
-async def test_timeout_waiting_for_a_reply(make_server: Callable[..., Awaitable[ScriptServer]]
-                                           ) -> None:
+async def test_timeout_waiting_for_a_reply(
+    make_server: Callable[..., Awaitable[ScriptServer]],
+) -> None:
     server = await make_server(silent_at="RCPT")
     session = await connect(server, timeouts=ClientTimeouts(command=0.3))
     started = time.monotonic()
@@ -406,8 +426,9 @@ async def test_greeting_timeout(make_server: Callable[..., Awaitable[ScriptServe
 async def test_rcpt_rejections_and_pipelined_data(
     make_server: Callable[..., Awaitable[ScriptServer]],
 ) -> None:
-    server = await make_server(rcpt_replies={"x@d.test": b"550 5.1.1 Unknown\r\n",
-                                             "y@d.test": b"452 4.2.2 Full\r\n"})
+    server = await make_server(
+        rcpt_replies={"x@d.test": b"550 5.1.1 Unknown\r\n", "y@d.test": b"452 4.2.2 Full\r\n"}
+    )
     session = await connect(server)
     result = await send_one(session, b"x\r\n", "x@d.test", "y@d.test")
     assert [r.code for r in result.per_recipient] == [550, 452]
@@ -416,8 +437,13 @@ async def test_rcpt_rejections_and_pipelined_data(
     assert result.per_recipient[0].code == 250
     await session.quit()
     # MAIL, both RCPTs and DATA in one pipeline; DATA refused (no recipient), then RSET.
-    assert server.commands[1:6] == ["MAIL FROM:<a@s.test> SIZE=3", "RCPT TO:<x@d.test>",
-                                    "RCPT TO:<y@d.test>", "DATA", "RSET"]
+    assert server.commands[1:6] == [
+        "MAIL FROM:<a@s.test> SIZE=3",
+        "RCPT TO:<x@d.test>",
+        "RCPT TO:<y@d.test>",
+        "DATA",
+        "RSET",
+    ]
     assert [m.rcpts for m in server.messages] == [["z@d.test"]]
 
 
@@ -427,8 +453,14 @@ async def test_no_pipelining(make_server: Callable[..., Awaitable[ScriptServer]]
     result = await send_one(session, b"hi\r\n", "x@d.test", "y@d.test")
     assert [r.code for r in result.per_recipient] == [250, 250]
     await session.quit()
-    assert server.commands == ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>",
-                               "RCPT TO:<y@d.test>", "DATA", "QUIT"]
+    assert server.commands == [
+        "EHLO client.test",
+        "MAIL FROM:<a@s.test>",
+        "RCPT TO:<x@d.test>",
+        "RCPT TO:<y@d.test>",
+        "DATA",
+        "QUIT",
+    ]
 
 
 async def test_smtputf8_needed_but_not_offered(
@@ -457,23 +489,33 @@ async def test_smtputf8_offered(make_server: Callable[..., Awaitable[ScriptServe
 # --- LMTP ------------------------------------------------------------------------------------
 
 
-async def test_lmtp_per_recipient_replies(make_server: Callable[..., Awaitable[ScriptServer]]
-                                          ) -> None:
-    server = await make_server(lmtp=True, keywords=("PIPELINING", "ENHANCEDSTATUSCODES"),
-                               rcpt_replies={"no@d.test": b"550 5.1.1 No such user\r\n"},
-                               final_replies={"full@d.test": b"452 4.2.2 Mailbox full\r\n"})
+async def test_lmtp_per_recipient_replies(
+    make_server: Callable[..., Awaitable[ScriptServer]],
+) -> None:
+    server = await make_server(
+        lmtp=True,
+        keywords=("PIPELINING", "ENHANCEDSTATUSCODES"),
+        rcpt_replies={"no@d.test": b"550 5.1.1 No such user\r\n"},
+        final_replies={"full@d.test": b"452 4.2.2 Mailbox full\r\n"},
+    )
     session = await connect(server, lmtp=True)
-    result = await send_one(session, b"hi\r\n", "a@d.test", "no@d.test", "full@d.test",
-                            "b@d.test")
+    result = await send_one(session, b"hi\r\n", "a@d.test", "no@d.test", "full@d.test", "b@d.test")
     assert [(r.code, r.status) for r in result.per_recipient] == [
-        (250, "2.0.0"), (550, "5.1.1"), (452, "4.2.2"), (250, "2.0.0")]
+        (250, "2.0.0"),
+        (550, "5.1.1"),
+        (452, "4.2.2"),
+        (250, "2.0.0"),
+    ]
     await session.quit()
     assert server.commands[0] == "LHLO client.test"
 
 
 async def test_lmtp_bdat(make_server: Callable[..., Awaitable[ScriptServer]]) -> None:
-    server = await make_server(lmtp=True, keywords=("PIPELINING", "CHUNKING"),
-                               final_replies={"full@d.test": b"452 4.2.2 Mailbox full\r\n"})
+    server = await make_server(
+        lmtp=True,
+        keywords=("PIPELINING", "CHUNKING"),
+        final_replies={"full@d.test": b"452 4.2.2 Mailbox full\r\n"},
+    )
     session = await connect(server, lmtp=True)
     message = make_message(500_000, seed=3)
     result = await send_one(session, message, "a@d.test", "full@d.test")
@@ -486,7 +528,8 @@ async def test_lmtp_bdat(make_server: Callable[..., Awaitable[ScriptServer]]) ->
 
 
 async def test_opportunistic_starttls_unverified(
-    make_server: Callable[..., Awaitable[ScriptServer]], server_tls: ssl.SSLContext,
+    make_server: Callable[..., Awaitable[ScriptServer]],
+    server_tls: ssl.SSLContext,
 ) -> None:
     server = await make_server(starttls=server_tls)
     session = await connect(server)
@@ -502,20 +545,21 @@ async def test_opportunistic_starttls_unverified(
 
 
 async def test_starttls_verified_with_verifying_context(
-    make_server: Callable[..., Awaitable[ScriptServer]], server_tls: ssl.SSLContext,
+    make_server: Callable[..., Awaitable[ScriptServer]],
+    server_tls: ssl.SSLContext,
     ca: trustme.CA,
 ) -> None:
     server = await make_server(starttls=server_tls)
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
-    session = await connect(server, tls_context=ctx, server_hostname="mx.test",
-                            starttls="required")
+    session = await connect(server, tls_context=ctx, server_hostname="mx.test", starttls="required")
     assert session.tls and session.tls_verified
     await session.quit()
 
 
 async def test_starttls_verified_after_the_fact(
-    make_server: Callable[..., Awaitable[ScriptServer]], server_tls: ssl.SSLContext,
+    make_server: Callable[..., Awaitable[ScriptServer]],
+    server_tls: ssl.SSLContext,
     ca: trustme.CA,
 ) -> None:
     """A non-verifying context (opportunistic) still records a good certificate."""
@@ -534,20 +578,22 @@ async def test_starttls_verified_after_the_fact(
 
 
 async def test_starttls_verification_failure_with_verifying_context(
-    make_server: Callable[..., Awaitable[ScriptServer]], server_tls: ssl.SSLContext,
+    make_server: Callable[..., Awaitable[ScriptServer]],
+    server_tls: ssl.SSLContext,
 ) -> None:
     server = await make_server(starttls=server_tls)
     with pytest.raises(SessionError) as info:
-        await connect(server, tls_context=ssl.create_default_context(),
-                      server_hostname="mx.test")
+        await connect(server, tls_context=ssl.create_default_context(), server_hostname="mx.test")
     assert not info.value.permanent and "TLS handshake" in info.value.detail
 
 
 async def test_starttls_refused_opportunistic_goes_on_plain(
-    make_server: Callable[..., Awaitable[ScriptServer]], server_tls: ssl.SSLContext,
+    make_server: Callable[..., Awaitable[ScriptServer]],
+    server_tls: ssl.SSLContext,
 ) -> None:
-    server = await make_server(starttls=server_tls,
-                               starttls_reply=b"454 4.7.0 TLS not available\r\n")
+    server = await make_server(
+        starttls=server_tls, starttls_reply=b"454 4.7.0 TLS not available\r\n"
+    )
     session = await connect(server)
     assert session.tls == ""
     assert (await send_one(session, b"x\r\n")).per_recipient[0].code == 250
@@ -555,17 +601,20 @@ async def test_starttls_refused_opportunistic_goes_on_plain(
 
 
 async def test_starttls_refused_required_fails(
-    make_server: Callable[..., Awaitable[ScriptServer]], server_tls: ssl.SSLContext,
+    make_server: Callable[..., Awaitable[ScriptServer]],
+    server_tls: ssl.SSLContext,
 ) -> None:
-    server = await make_server(starttls=server_tls,
-                               starttls_reply=b"454 4.7.0 TLS not available\r\n")
+    server = await make_server(
+        starttls=server_tls, starttls_reply=b"454 4.7.0 TLS not available\r\n"
+    )
     with pytest.raises(SessionError) as info:
         await connect(server, starttls="required")
     assert not info.value.permanent and info.value.reply is not None
 
 
 async def test_starttls_handshake_failure_is_temporary(
-    make_server: Callable[..., Awaitable[ScriptServer]], server_tls: ssl.SSLContext,
+    make_server: Callable[..., Awaitable[ScriptServer]],
+    server_tls: ssl.SSLContext,
 ) -> None:
     server = await make_server(starttls=server_tls)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -579,7 +628,8 @@ async def test_starttls_handshake_failure_is_temporary(
 
 
 async def test_starttls_none_does_not_use_it(
-    make_server: Callable[..., Awaitable[ScriptServer]], server_tls: ssl.SSLContext,
+    make_server: Callable[..., Awaitable[ScriptServer]],
+    server_tls: ssl.SSLContext,
 ) -> None:
     server = await make_server(starttls=server_tls)
     session = await connect(server, starttls="none")
@@ -587,21 +637,22 @@ async def test_starttls_none_does_not_use_it(
     await session.quit()
 
 
-async def test_implicit_tls(make_server: Callable[..., Awaitable[ScriptServer]],
-                            server_tls: ssl.SSLContext, ca: trustme.CA) -> None:
+async def test_implicit_tls(
+    make_server: Callable[..., Awaitable[ScriptServer]], server_tls: ssl.SSLContext, ca: trustme.CA
+) -> None:
     server = await make_server(ssl_ctx=server_tls)
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
-    session = await connect(server, implicit_tls=True, tls_context=ctx,
-                            server_hostname="mx.test")
+    session = await connect(server, implicit_tls=True, tls_context=ctx, server_hostname="mx.test")
     assert session.tls.startswith("TLSv1.") and session.tls_verified
     assert (await send_one(session, b"x\r\n")).per_recipient[0].code == 250
     await session.quit()
 
 
 @pytest.mark.parametrize("mechanisms", ["PLAIN LOGIN", "LOGIN"])
-async def test_auth_after_starttls(make_server: Callable[..., Awaitable[ScriptServer]],
-                                   server_tls: ssl.SSLContext, mechanisms: str) -> None:
+async def test_auth_after_starttls(
+    make_server: Callable[..., Awaitable[ScriptServer]], server_tls: ssl.SSLContext, mechanisms: str
+) -> None:
     server = await make_server(starttls=server_tls, tls_keywords=(*BASE, f"AUTH {mechanisms}"))
     session = await connect(server)
     assert "AUTH" in session.extensions
@@ -612,7 +663,8 @@ async def test_auth_after_starttls(make_server: Callable[..., Awaitable[ScriptSe
 
 
 async def test_auth_failure_raises_with_reply(
-    make_server: Callable[..., Awaitable[ScriptServer]], server_tls: ssl.SSLContext,
+    make_server: Callable[..., Awaitable[ScriptServer]],
+    server_tls: ssl.SSLContext,
 ) -> None:
     server = await make_server(starttls=server_tls, tls_keywords=(*BASE, "AUTH PLAIN"))
     session = await connect(server)
@@ -623,8 +675,9 @@ async def test_auth_failure_raises_with_reply(
     await session.quit()
 
 
-async def test_auth_refused_without_tls(make_server: Callable[..., Awaitable[ScriptServer]]
-                                        ) -> None:
+async def test_auth_refused_without_tls(
+    make_server: Callable[..., Awaitable[ScriptServer]],
+) -> None:
     server = await make_server(keywords=(*BASE, "AUTH PLAIN"))
     session = await connect(server)
     with pytest.raises(SessionError) as info:
@@ -637,8 +690,7 @@ async def test_auth_refused_without_tls(make_server: Callable[..., Awaitable[Scr
 # --- addresses and options ----------------------------------------------------------------
 
 
-async def test_local_address_and_ipv6(make_server: Callable[..., Awaitable[ScriptServer]]
-                                      ) -> None:
+async def test_local_address_and_ipv6(make_server: Callable[..., Awaitable[ScriptServer]]) -> None:
     server = await make_server()
     session = await connect(server, local_address="127.0.0.1")
     await session.quit()
@@ -646,8 +698,9 @@ async def test_local_address_and_ipv6(make_server: Callable[..., Awaitable[Scrip
         server6 = await make_server(host="::1")
     except OSError:
         pytest.skip("no IPv6 loopback")
-    session = await SmtpClientSession.connect("::1", server6.port, helo_name="client.test",
-                                              timeouts=FAST)
+    session = await SmtpClientSession.connect(
+        "::1", server6.port, helo_name="client.test", timeouts=FAST
+    )
     assert session.peer == f"::1[::1]:{server6.port}"
     await session.quit()
 
@@ -694,7 +747,8 @@ async def test_body_iterator_failure_closes_the_session(
 
 @pytest.mark.parametrize("goodbye", [b"421 4.4.2 Idle timeout\r\n", b""], ids=["421", "eof"])
 async def test_idle_session_closed_by_server_is_not_usable(
-    make_server: Callable[..., Awaitable[ScriptServer]], goodbye: bytes,
+    make_server: Callable[..., Awaitable[ScriptServer]],
+    goodbye: bytes,
 ) -> None:
     server = await make_server(close_after_message=goodbye)
     session = await connect(server)

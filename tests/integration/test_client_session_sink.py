@@ -32,8 +32,9 @@ FAST = ClientTimeouts(connect=5, greeting=5, command=5, data_block=5, data_end=5
 
 
 class Sink:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, dump: Path,
-                 unix: str | None) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], port: int, dump: Path, unix: str | None
+    ) -> None:
         self.proc = proc
         self.port = port
         self.dump = dump
@@ -106,8 +107,10 @@ async def pieces(data: bytes, size: int = 1000) -> AsyncIterator[bytes]:
         yield data[i : i + size]
 
 
-MESSAGE = (b"From: a@s.test\r\nTo: x@d.test\r\nSubject: sink\r\n\r\n"
-           b".leading dot\r\n.\r\n..\r\nplain line\r\n")
+MESSAGE = (
+    b"From: a@s.test\r\nTo: x@d.test\r\nSubject: sink\r\n\r\n"
+    b".leading dot\r\n.\r\n..\r\nplain line\r\n"
+)
 
 
 def expect_dump_content(text: str, message: bytes) -> None:
@@ -116,8 +119,9 @@ def expect_dump_content(text: str, message: bytes) -> None:
 
 
 async def connect(sink: Sink, **kw: object) -> SmtpClientSession:
-    return await SmtpClientSession.connect("127.0.0.1", sink.port, helo_name="client.test",
-                                           timeouts=FAST, **kw)  # type: ignore[arg-type]
+    return await SmtpClientSession.connect(
+        "127.0.0.1", sink.port, helo_name="client.test", timeouts=FAST, **kw
+    )  # type: ignore[arg-type]
 
 
 async def test_send_to_smtp_sink_with_dsn_and_8bitmime(sink: Callable[..., Sink]) -> None:
@@ -127,9 +131,14 @@ async def test_send_to_smtp_sink_with_dsn_and_8bitmime(sink: Callable[..., Sink]
     assert session.tls == "" and "PIPELINING" in session.extensions
     message = MESSAGE + "8-bit: héllo\r\n".encode()
     rcpt = RcptParams(notify=frozenset({"FAILURE", "DELAY"}), orcpt="rfc822;x@d.test")
-    result = await session.send("a@s.test", MailParams(ret=DsnRet.HDRS, envid="e1"),
-                                [("x@d.test", rcpt), ("y@d.test", RcptParams())],
-                                pieces(message, 7), len(message), eight_bit=True)
+    result = await session.send(
+        "a@s.test",
+        MailParams(ret=DsnRet.HDRS, envid="e1"),
+        [("x@d.test", rcpt), ("y@d.test", RcptParams())],
+        pieces(message, 7),
+        len(message),
+        eight_bit=True,
+    )
     assert [r.code for r in result.per_recipient] == [250, 250]
     assert result.mail_reply is not None and result.mail_reply.code == 250
     assert session.usable and session.messages_sent == 1
@@ -146,8 +155,9 @@ async def test_several_transactions_on_one_connection(sink: Callable[..., Sink])
     session = await connect(server)
     for i in range(3):
         body = MESSAGE + f"message {i}\r\n".encode()
-        result = await session.send("", MailParams(), [(f"r{i}@d.test", RcptParams())],
-                                    pieces(body), len(body))
+        result = await session.send(
+            "", MailParams(), [(f"r{i}@d.test", RcptParams())], pieces(body), len(body)
+        )
         assert result.per_recipient[0].code == 250
     assert (session.messages_sent, session.usable) == (3, True)
     await session.reset()
@@ -162,9 +172,14 @@ async def test_no_pipelining_and_no_8bitmime(sink: Callable[..., Sink]) -> None:
     server = sink("-p", "-8")
     session = await connect(server)
     assert "PIPELINING" not in session.extensions
-    result = await session.send("a@s.test", MailParams(), [("x@d.test", RcptParams()),
-                                                           ("y@d.test", RcptParams())],
-                                pieces(MESSAGE), len(MESSAGE), eight_bit=True)
+    result = await session.send(
+        "a@s.test",
+        MailParams(),
+        [("x@d.test", RcptParams()), ("y@d.test", RcptParams())],
+        pieces(MESSAGE),
+        len(MESSAGE),
+        eight_bit=True,
+    )
     assert [r.code for r in result.per_recipient] == [250, 250]
     await session.quit()
     (text,) = server.dumps(1)
@@ -176,13 +191,18 @@ async def test_recipients_refused_no_data_session_still_usable(
 ) -> None:
     server = sink("-r", "RCPT")
     session = await connect(server)
-    result = await session.send("a@s.test", MailParams(), [("x@d.test", RcptParams()),
-                                                           ("y@d.test", RcptParams())],
-                                pieces(MESSAGE), len(MESSAGE))
+    result = await session.send(
+        "a@s.test",
+        MailParams(),
+        [("x@d.test", RcptParams()), ("y@d.test", RcptParams())],
+        pieces(MESSAGE),
+        len(MESSAGE),
+    )
     assert [(r.code, r.status) for r in result.per_recipient] == [(450, "4.3.0")] * 2
     assert session.messages_sent == 0 and session.usable
-    result = await session.send("a@s.test", MailParams(), [("z@d.test", RcptParams())],
-                                pieces(MESSAGE), len(MESSAGE))
+    result = await session.send(
+        "a@s.test", MailParams(), [("z@d.test", RcptParams())], pieces(MESSAGE), len(MESSAGE)
+    )
     assert result.per_recipient[0].code == 450
     await session.quit()
 
@@ -190,8 +210,9 @@ async def test_recipients_refused_no_data_session_still_usable(
 async def test_end_of_data_refused(sink: Callable[..., Sink]) -> None:
     server = sink("-f", ".")
     session = await connect(server)
-    result = await session.send("a@s.test", MailParams(), [("x@d.test", RcptParams())],
-                                pieces(MESSAGE), len(MESSAGE))
+    result = await session.send(
+        "a@s.test", MailParams(), [("x@d.test", RcptParams())], pieces(MESSAGE), len(MESSAGE)
+    )
     assert (result.per_recipient[0].code, result.per_recipient[0].status) == (500, "5.3.0")
     await session.quit()
 
@@ -199,9 +220,13 @@ async def test_end_of_data_refused(sink: Callable[..., Sink]) -> None:
 async def test_421_at_rcpt(sink: Callable[..., Sink]) -> None:
     server = sink("-Q", "RCPT")
     session = await connect(server)
-    result = await session.send("a@s.test", MailParams(), [("x@d.test", RcptParams()),
-                                                           ("y@d.test", RcptParams())],
-                                pieces(MESSAGE), len(MESSAGE))
+    result = await session.send(
+        "a@s.test",
+        MailParams(),
+        [("x@d.test", RcptParams()), ("y@d.test", RcptParams())],
+        pieces(MESSAGE),
+        len(MESSAGE),
+    )
     assert [r.code for r in result.per_recipient] == [421, 421]
     assert not session.usable
     await session.quit()  # never raises
@@ -211,8 +236,9 @@ async def test_connection_dropped_at_data(sink: Callable[..., Sink]) -> None:
     server = sink("-q", "DATA")
     session = await connect(server)
     with pytest.raises(SessionError) as info:
-        await session.send("a@s.test", MailParams(), [("x@d.test", RcptParams())],
-                           pieces(MESSAGE), len(MESSAGE))
+        await session.send(
+            "a@s.test", MailParams(), [("x@d.test", RcptParams())], pieces(MESSAGE), len(MESSAGE)
+        )
     assert not info.value.permanent
     assert info.value.partial is not None
     assert [r.code for r in info.value.partial.per_recipient] == [451]
@@ -232,8 +258,9 @@ async def test_ehlo_refused_helo_fallback(sink: Callable[..., Sink]) -> None:
     server = sink("-e")
     session = await connect(server)
     assert len(session.extensions) == 0
-    result = await session.send("a@s.test", MailParams(), [("x@d.test", RcptParams())],
-                                pieces(MESSAGE), len(MESSAGE))
+    result = await session.send(
+        "a@s.test", MailParams(), [("x@d.test", RcptParams())], pieces(MESSAGE), len(MESSAGE)
+    )
     assert result.per_recipient[0].code == 250
     await session.quit()
     (text,) = server.dumps(1)
@@ -251,13 +278,23 @@ async def test_required_tls_without_starttls(sink: Callable[..., Sink]) -> None:
 async def test_lmtp_over_unix_socket(sink: Callable[..., Sink]) -> None:
     server = sink("-L", unix=True)
     assert server.unix is not None
-    session = await SmtpClientSession.connect("localhost", 0, helo_name="client.test", lmtp=True,
-                                              unix_path=server.unix, starttls="none",
-                                              timeouts=FAST)
+    session = await SmtpClientSession.connect(
+        "localhost",
+        0,
+        helo_name="client.test",
+        lmtp=True,
+        unix_path=server.unix,
+        starttls="none",
+        timeouts=FAST,
+    )
     assert session.peer == f"unix:{server.unix}"
-    result = await session.send("a@s.test", MailParams(), [("x@d.test", RcptParams()),
-                                                           ("y@d.test", RcptParams())],
-                                pieces(MESSAGE), len(MESSAGE))
+    result = await session.send(
+        "a@s.test",
+        MailParams(),
+        [("x@d.test", RcptParams()), ("y@d.test", RcptParams())],
+        pieces(MESSAGE),
+        len(MESSAGE),
+    )
     assert [r.code for r in result.per_recipient] == [250, 250]
     await session.quit()
     (text,) = server.dumps(1)
@@ -268,9 +305,13 @@ async def test_lmtp_over_unix_socket(sink: Callable[..., Sink]) -> None:
 async def test_lmtp_end_of_data_refused_per_recipient(sink: Callable[..., Sink]) -> None:
     server = sink("-L", "-r", ".")
     session = await connect(server, lmtp=True)
-    result = await session.send("a@s.test", MailParams(), [("x@d.test", RcptParams()),
-                                                           ("y@d.test", RcptParams())],
-                                pieces(MESSAGE), len(MESSAGE))
+    result = await session.send(
+        "a@s.test",
+        MailParams(),
+        [("x@d.test", RcptParams()), ("y@d.test", RcptParams())],
+        pieces(MESSAGE),
+        len(MESSAGE),
+    )
     assert [r.code for r in result.per_recipient] == [450, 450]
     assert session.usable
     await session.quit()

@@ -157,7 +157,10 @@ def test_lmtp_deliver_collects_every_reply(dovecot: DovecotLmtp, client: smtplib
     result = lmtp_deliver(client, SENDER, [ALICE, "ghost@example.org", BOB], MESSAGE)
     assert result.mail[0] == 250
     assert {r: reply[0] for r, reply in result.rcpt.items()} == {
-        ALICE: 250, "ghost@example.org": UNKNOWN_USER, BOB: 250}
+        ALICE: 250,
+        "ghost@example.org": UNKNOWN_USER,
+        BOB: 250,
+    }
     assert list(result.data) == [ALICE, BOB]
     assert all(code == 250 and b"Saved" in text for code, text in result.data.values())
     assert client.noop()[0] == 250
@@ -201,7 +204,8 @@ def test_custom_users(dovecot: DovecotLmtp) -> None:
         with pytest.raises(smtplib.SMTPRecipientsRefused):
             conn.sendmail(SENDER, [ALICE], MESSAGE)
     assert dovecot.maildir("carl@example.com") == (
-        dovecot.directory / "mail" / "example.com" / "carl" / "Maildir")  # type: ignore[operator]
+        dovecot.directory / "mail" / "example.com" / "carl" / "Maildir"
+    )  # type: ignore[operator]
     assert len(dovecot.messages("Carl@Example.com")) == 1
     assert len(dovecot.messages("root")) == 1
 
@@ -266,9 +270,13 @@ def test_config_is_self_contained(dovecot: DovecotLmtp) -> None:
     for setting in ("ssl = no", "protocols = lmtp", "listen = 127.0.0.1"):
         assert setting in config.splitlines()
     doveconf = shutil.which("doveconf") or "/usr/bin/doveconf"
-    checked = subprocess.run([doveconf, "-c", str(dovecot.config_path), "-n"],
-                             capture_output=True, text=True, timeout=30,
-                             env={**os.environ, "DOVECOT_HOSTDOMAIN": "lmtp.test"})  # no lookup
+    checked = subprocess.run(
+        [doveconf, "-c", str(dovecot.config_path), "-n"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "DOVECOT_HOSTDOMAIN": "lmtp.test"},
+    )  # no lookup
     assert checked.returncode == 0, checked.stderr
     assert f"base_dir = {root}/run" in checked.stdout
 
@@ -285,8 +293,12 @@ def test_stop_leaves_nothing_behind(make_dovecot: MakeDovecot) -> None:
     server.stop()
     stop_seconds = time.monotonic() - began
     assert stop_seconds < 3, stop_seconds
-    alive = [p for p in pids if Path("/proc", str(p)).exists()
-             and Path("/proc", str(p), "stat").read_text().split(") ")[1][0] != "Z"]
+    alive = [
+        p
+        for p in pids
+        if Path("/proc", str(p)).exists()
+        and Path("/proc", str(p), "stat").read_text().split(") ")[1][0] != "Z"
+    ]
     assert alive == []
     assert server.processes() == []
     assert not directory.exists()
@@ -308,8 +320,12 @@ def test_startup_time(
         listen.append(server.listen_seconds)
         ready.append(server.startup_seconds)
     record_property("dovecot_startup_seconds", max(ready))
-    print("dovecot listening after " + ", ".join(f"{t * 1000:.1f} ms" for t in listen)
-          + "; greeting after " + ", ".join(f"{t * 1000:.1f} ms" for t in ready))
+    print(
+        "dovecot listening after "
+        + ", ".join(f"{t * 1000:.1f} ms" for t in listen)
+        + "; greeting after "
+        + ", ".join(f"{t * 1000:.1f} ms" for t in ready)
+    )
     assert 0 < max(listen) <= min(ready) and max(ready) < 5
 
 

@@ -149,6 +149,3 @@ def test_dns_failure_is_temporary(pair) -> None:  # type: ignore[no-untyped-def]
     log = wait_log(a, f"{qid}: deferred: to=<bob@remote.test>")
     assert "4.4.3" in log
     assert a.maildir_messages("alice@example.org") == []  # never a bounce for a DNS hiccup
-
-
-

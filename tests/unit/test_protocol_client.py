@@ -71,17 +71,25 @@ def hello(c: ClientConnection) -> None:
     c.hello()
 
 
-def tx(*rcpts: str, sender: str = "a@s.test", params: MailParams | None = None,
-       rparams: RcptParams | None = None, **kw: Any) -> Callable[[ClientConnection], None]:
+def tx(
+    *rcpts: str,
+    sender: str = "a@s.test",
+    params: MailParams | None = None,
+    rparams: RcptParams | None = None,
+    **kw: Any,
+) -> Callable[[ClientConnection], None]:
     def call(c: ClientConnection) -> None:
-        c.start_transaction(sender, params or MailParams(),
-                            [(r, rparams or RcptParams()) for r in rcpts], **kw)
+        c.start_transaction(
+            sender, params or MailParams(), [(r, rparams or RcptParams()) for r in rcpts], **kw
+        )
+
     return call
 
 
 def body(data: bytes, last: bool = True) -> Callable[[ClientConnection], None]:
     def call(c: ClientConnection) -> None:
         c.send_body(data, last=last)
+
     return call
 
 
@@ -126,8 +134,9 @@ def show(ev: ClientEvent) -> str:
 MODES = ("whole", "bytes", "halves", "trailing")
 
 
-def run(steps: list[Step], mode: str = "whole", **settings: Any
-        ) -> tuple[list[bytes], list[str], ClientConnection]:
+def run(
+    steps: list[Step], mode: str = "whole", **settings: Any
+) -> tuple[list[bytes], list[str], ClientConnection]:
     conn = ClientConnection("client.test", **settings)
     writes: list[bytes] = []
     events: list[str] = []
@@ -242,123 +251,280 @@ DIALOGUES: list[tuple[str, list[Step], list[str], list[str], dict[str, Any]]] = 
     ),
     (
         "pipelined-some-recipients-rejected",
-        [GREETING, hello, EHLO_PIPE, tx("x@d.test", "y@d.test", "z@d.test"),
-         OK_MAIL + OK_RCPT + NO_USER + OK_RCPT + GO, body(b"Subject: hi\r\n\r\nbody\r\n"),
-         QUEUED],
-        ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>",
-         "RCPT TO:<y@d.test>", "RCPT TO:<z@d.test>", "DATA", "Subject: hi", "", "body", "."],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 250 2.1.0", "RcptReply 0 250 2.1.5",
-         "RcptReply 1 550 5.1.1", "RcptReply 2 250 2.1.5", "BodyRequested 354",
-         "Done mail=250 2.1.0 [250 2.0.0, 550 5.1.1, 250 2.0.0]"],
+        [
+            GREETING,
+            hello,
+            EHLO_PIPE,
+            tx("x@d.test", "y@d.test", "z@d.test"),
+            OK_MAIL + OK_RCPT + NO_USER + OK_RCPT + GO,
+            body(b"Subject: hi\r\n\r\nbody\r\n"),
+            QUEUED,
+        ],
+        [
+            "EHLO client.test",
+            "MAIL FROM:<a@s.test>",
+            "RCPT TO:<x@d.test>",
+            "RCPT TO:<y@d.test>",
+            "RCPT TO:<z@d.test>",
+            "DATA",
+            "Subject: hi",
+            "",
+            "body",
+            ".",
+        ],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 250 2.1.5",
+            "RcptReply 1 550 5.1.1",
+            "RcptReply 2 250 2.1.5",
+            "BodyRequested 354",
+            "Done mail=250 2.1.0 [250 2.0.0, 550 5.1.1, 250 2.0.0]",
+        ],
         {},
     ),
     (
         "pipelined-all-rejected-data-554-then-rset",
-        [GREETING, hello, EHLO_PIPE, tx("x@d.test", "y@d.test"),
-         OK_MAIL + NO_USER + b"450 4.2.0 greylisted\r\n" + NO_RCPTS, OK],
-        ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>",
-         "RCPT TO:<y@d.test>", "DATA", "RSET"],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 250 2.1.0", "RcptReply 0 550 5.1.1",
-         "RcptReply 1 450 4.2.0", "Done mail=250 2.1.0 [550 5.1.1, 450 4.2.0]"],
+        [
+            GREETING,
+            hello,
+            EHLO_PIPE,
+            tx("x@d.test", "y@d.test"),
+            OK_MAIL + NO_USER + b"450 4.2.0 greylisted\r\n" + NO_RCPTS,
+            OK,
+        ],
+        [
+            "EHLO client.test",
+            "MAIL FROM:<a@s.test>",
+            "RCPT TO:<x@d.test>",
+            "RCPT TO:<y@d.test>",
+            "DATA",
+            "RSET",
+        ],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 550 5.1.1",
+            "RcptReply 1 450 4.2.0",
+            "Done mail=250 2.1.0 [550 5.1.1, 450 4.2.0]",
+        ],
         {},
     ),
     (
         "pipelined-all-rejected-data-503-then-rset",
         [GREETING, hello, EHLO_PIPE, tx("x@d.test"), OK_MAIL + NO_USER + BAD_SEQ, OK],
         ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>", "DATA", "RSET"],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 250 2.1.0", "RcptReply 0 550 5.1.1",
-         "Done mail=250 2.1.0 [550 5.1.1]"],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 550 5.1.1",
+            "Done mail=250 2.1.0 [550 5.1.1]",
+        ],
         {},
     ),
     (
         "pipelined-all-rejected-but-354-sends-empty-message",  # RFC 2920 §3.1
-        [GREETING, hello, EHLO_PIPE, tx("x@d.test"), OK_MAIL + NO_USER + GO,
-         b"554 5.5.1 no recipients\r\n"],
+        [
+            GREETING,
+            hello,
+            EHLO_PIPE,
+            tx("x@d.test"),
+            OK_MAIL + NO_USER + GO,
+            b"554 5.5.1 no recipients\r\n",
+        ],
         ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>", "DATA", "."],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 250 2.1.0", "RcptReply 0 550 5.1.1",
-         "Done mail=250 2.1.0 [550 5.1.1]"],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 550 5.1.1",
+            "Done mail=250 2.1.0 [550 5.1.1]",
+        ],
         {},
     ),
     (
         "pipelined-mail-rejected-recipients-get-mail-reply",
-        [GREETING, hello, EHLO_PIPE, tx("x@d.test", "y@d.test"),
-         b"553 5.7.1 sender refused\r\n" + BAD_SEQ + BAD_SEQ + BAD_SEQ],
-        ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>",
-         "RCPT TO:<y@d.test>", "DATA"],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 553 5.7.1", "RcptReply 0 503 5.5.1",
-         "RcptReply 1 503 5.5.1", "Done mail=553 5.7.1 [553 5.7.1, 553 5.7.1]"],
+        [
+            GREETING,
+            hello,
+            EHLO_PIPE,
+            tx("x@d.test", "y@d.test"),
+            b"553 5.7.1 sender refused\r\n" + BAD_SEQ + BAD_SEQ + BAD_SEQ,
+        ],
+        [
+            "EHLO client.test",
+            "MAIL FROM:<a@s.test>",
+            "RCPT TO:<x@d.test>",
+            "RCPT TO:<y@d.test>",
+            "DATA",
+        ],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 553 5.7.1",
+            "RcptReply 0 503 5.5.1",
+            "RcptReply 1 503 5.5.1",
+            "Done mail=553 5.7.1 [553 5.7.1, 553 5.7.1]",
+        ],
         {},
     ),
     (
         "pipelined-data-refused-after-accepted-recipient",
-        [GREETING, hello, EHLO_PIPE, tx("x@d.test"),
-         OK_MAIL + OK_RCPT + b"554 5.7.1 no thanks\r\n", OK],
+        [
+            GREETING,
+            hello,
+            EHLO_PIPE,
+            tx("x@d.test"),
+            OK_MAIL + OK_RCPT + b"554 5.7.1 no thanks\r\n",
+            OK,
+        ],
         ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>", "DATA", "RSET"],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 250 2.1.0", "RcptReply 0 250 2.1.5",
-         "Done mail=250 2.1.0 [554 5.7.1]"],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 250 2.1.5",
+            "Done mail=250 2.1.0 [554 5.7.1]",
+        ],
         {},
     ),
     (
         "no-pipelining-one-command-at-a-time",
-        [GREETING, hello, EHLO_PLAIN, tx("x@d.test", "y@d.test"), OK_MAIL, NO_USER, OK_RCPT,
-         GO, body(b"hi\r\n"), QUEUED],
-        ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>",
-         "RCPT TO:<y@d.test>", "DATA", "hi", "."],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 250 2.1.0", "RcptReply 0 550 5.1.1",
-         "RcptReply 1 250 2.1.5", "BodyRequested 354",
-         "Done mail=250 2.1.0 [550 5.1.1, 250 2.0.0]"],
+        [
+            GREETING,
+            hello,
+            EHLO_PLAIN,
+            tx("x@d.test", "y@d.test"),
+            OK_MAIL,
+            NO_USER,
+            OK_RCPT,
+            GO,
+            body(b"hi\r\n"),
+            QUEUED,
+        ],
+        [
+            "EHLO client.test",
+            "MAIL FROM:<a@s.test>",
+            "RCPT TO:<x@d.test>",
+            "RCPT TO:<y@d.test>",
+            "DATA",
+            "hi",
+            ".",
+        ],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 550 5.1.1",
+            "RcptReply 1 250 2.1.5",
+            "BodyRequested 354",
+            "Done mail=250 2.1.0 [550 5.1.1, 250 2.0.0]",
+        ],
         {},
     ),
     (
         "no-pipelining-mail-refused-nothing-more-sent",
         [GREETING, hello, EHLO_PLAIN, tx("x@d.test", "y@d.test"), b"451 4.3.0 later\r\n"],
         ["EHLO client.test", "MAIL FROM:<a@s.test>"],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 451 4.3.0",
-         "Done mail=451 4.3.0 [451 4.3.0, 451 4.3.0]"],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 451 4.3.0",
+            "Done mail=451 4.3.0 [451 4.3.0, 451 4.3.0]",
+        ],
         {},
     ),
     (
         "no-pipelining-all-rejected-rset-no-data",
         [GREETING, hello, EHLO_PLAIN, tx("x@d.test"), OK_MAIL, NO_USER, OK],
         ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>", "RSET"],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 250 2.1.0", "RcptReply 0 550 5.1.1",
-         "Done mail=250 2.1.0 [550 5.1.1]"],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 550 5.1.1",
+            "Done mail=250 2.1.0 [550 5.1.1]",
+        ],
         {},
     ),
     (
         "pipelining-offered-but-disabled",
         [GREETING, hello, EHLO_PIPE, tx("x@d.test"), OK_MAIL, OK_RCPT, GO, body(b""), QUEUED],
         ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>", "DATA", "."],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 250 2.1.0", "RcptReply 0 250 2.1.5",
-         "BodyRequested 354", "Done mail=250 2.1.0 [250 2.0.0]"],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 250 2.1.5",
+            "BodyRequested 354",
+            "Done mail=250 2.1.0 [250 2.0.0]",
+        ],
         {"use_pipelining": False},
     ),
     (
         "final-reply-temporary",
-        [GREETING, hello, EHLO_PIPE, tx("x@d.test"), OK_MAIL + OK_RCPT + GO,
-         body(b"x\r\n"), b"451 4.3.0 disk full\r\n"],
+        [
+            GREETING,
+            hello,
+            EHLO_PIPE,
+            tx("x@d.test"),
+            OK_MAIL + OK_RCPT + GO,
+            body(b"x\r\n"),
+            b"451 4.3.0 disk full\r\n",
+        ],
         ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>", "DATA", "x", "."],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 250 2.1.0", "RcptReply 0 250 2.1.5",
-         "BodyRequested 354", "Done mail=250 2.1.0 [451 4.3.0]"],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 250 2.1.5",
+            "BodyRequested 354",
+            "Done mail=250 2.1.0 [451 4.3.0]",
+        ],
         {},
     ),
     (
         "421-at-rcpt-ends-everything",
-        [GREETING, hello, EHLO_PIPE, tx("x@d.test", "y@d.test", "z@d.test"),
-         OK_MAIL + NO_USER + OK_RCPT + BYE],
-        ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>",
-         "RCPT TO:<y@d.test>", "RCPT TO:<z@d.test>", "DATA"],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 250 2.1.0", "RcptReply 0 550 5.1.1",
-         "RcptReply 1 250 2.1.5", "Done mail=250 2.1.0 [550 5.1.1, 421 4.3.2, 421 4.3.2]"],
+        [
+            GREETING,
+            hello,
+            EHLO_PIPE,
+            tx("x@d.test", "y@d.test", "z@d.test"),
+            OK_MAIL + NO_USER + OK_RCPT + BYE,
+        ],
+        [
+            "EHLO client.test",
+            "MAIL FROM:<a@s.test>",
+            "RCPT TO:<x@d.test>",
+            "RCPT TO:<y@d.test>",
+            "RCPT TO:<z@d.test>",
+            "DATA",
+        ],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 550 5.1.1",
+            "RcptReply 1 250 2.1.5",
+            "Done mail=250 2.1.0 [550 5.1.1, 421 4.3.2, 421 4.3.2]",
+        ],
         {},
     ),
     (
         "421-after-data",
-        [GREETING, hello, EHLO_PIPE, tx("x@d.test"), OK_MAIL + OK_RCPT + GO, body(b"x\r\n"),
-         BYE],
+        [GREETING, hello, EHLO_PIPE, tx("x@d.test"), OK_MAIL + OK_RCPT + GO, body(b"x\r\n"), BYE],
         ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>", "DATA", "x", "."],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 250 2.1.0", "RcptReply 0 250 2.1.5",
-         "BodyRequested 354", "Done mail=250 2.1.0 [421 4.3.2]"],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 250 2.1.5",
+            "BodyRequested 354",
+            "Done mail=250 2.1.0 [421 4.3.2]",
+        ],
         {},
     ),
     (
@@ -377,102 +543,219 @@ DIALOGUES: list[tuple[str, list[Step], list[str], list[str], dict[str, Any]]] = 
     ),
     (
         "early-reply-during-data-body",
-        [GREETING, hello, EHLO_PIPE, tx("x@d.test"), OK_MAIL + OK_RCPT + GO,
-         body(b"x" * 10, last=False), b"552 5.3.4 too big\r\n"],
+        [
+            GREETING,
+            hello,
+            EHLO_PIPE,
+            tx("x@d.test"),
+            OK_MAIL + OK_RCPT + GO,
+            body(b"x" * 10, last=False),
+            b"552 5.3.4 too big\r\n",
+        ],
         ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>", "DATA"],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 250 2.1.0", "RcptReply 0 250 2.1.5",
-         "BodyRequested 354", "Done mail=250 2.1.0 [552 5.3.4]"],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 250 2.1.5",
+            "BodyRequested 354",
+            "Done mail=250 2.1.0 [552 5.3.4]",
+        ],
         {},
     ),
     (
         "eof-mid-transaction",
         [GREETING, hello, EHLO_PIPE, tx("x@d.test", "y@d.test"), OK_MAIL + NO_USER, b""],
-        ["EHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>",
-         "RCPT TO:<y@d.test>", "DATA"],
-        ["Greeting 220", "HelloAccepted EHLO", "MailReply 250 2.1.0", "RcptReply 0 550 5.1.1",
-         "Done mail=250 2.1.0 [550 5.1.1, 451 4.4.2] interrupted", "ConnectionClosed"],
+        [
+            "EHLO client.test",
+            "MAIL FROM:<a@s.test>",
+            "RCPT TO:<x@d.test>",
+            "RCPT TO:<y@d.test>",
+            "DATA",
+        ],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 550 5.1.1",
+            "Done mail=250 2.1.0 [550 5.1.1, 451 4.4.2] interrupted",
+            "ConnectionClosed",
+        ],
         {},
     ),
     (
         "rset-noop-quit",
-        [GREETING, hello, EHLO_PIPE, lambda c: c.rset(), OK, lambda c: c.noop(), OK,
-         lambda c: c.quit(), b"221 2.0.0 Bye\r\n"],
+        [
+            GREETING,
+            hello,
+            EHLO_PIPE,
+            lambda c: c.rset(),
+            OK,
+            lambda c: c.noop(),
+            OK,
+            lambda c: c.quit(),
+            b"221 2.0.0 Bye\r\n",
+        ],
         ["EHLO client.test", "RSET", "NOOP", "QUIT"],
-        ["Greeting 220", "HelloAccepted EHLO", "RSET 250 2.0.0", "NOOP 250 2.0.0",
-         "QUIT 221 2.0.0"],
+        [
+            "Greeting 220",
+            "HelloAccepted EHLO",
+            "RSET 250 2.0.0",
+            "NOOP 250 2.0.0",
+            "QUIT 221 2.0.0",
+        ],
         {},
     ),
     (
         "lmtp-per-recipient-replies",
-        [GREETING, hello, EHLO_PIPE, tx("x@d.test", "y@d.test", "z@d.test"),
-         OK_MAIL + OK_RCPT + NO_USER + OK_RCPT + GO, body(b"hi\r\n"),
-         b"250 2.0.0 <x@d.test> delivered\r\n", b"452 4.2.2 <z@d.test> mailbox full\r\n"],
-        ["LHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>",
-         "RCPT TO:<y@d.test>", "RCPT TO:<z@d.test>", "DATA", "hi", "."],
-        ["Greeting 220", "HelloAccepted LHLO", "MailReply 250 2.1.0", "RcptReply 0 250 2.1.5",
-         "RcptReply 1 550 5.1.1", "RcptReply 2 250 2.1.5", "BodyRequested 354",
-         "Done mail=250 2.1.0 [250 2.0.0, 550 5.1.1, 452 4.2.2]"],
+        [
+            GREETING,
+            hello,
+            EHLO_PIPE,
+            tx("x@d.test", "y@d.test", "z@d.test"),
+            OK_MAIL + OK_RCPT + NO_USER + OK_RCPT + GO,
+            body(b"hi\r\n"),
+            b"250 2.0.0 <x@d.test> delivered\r\n",
+            b"452 4.2.2 <z@d.test> mailbox full\r\n",
+        ],
+        [
+            "LHLO client.test",
+            "MAIL FROM:<a@s.test>",
+            "RCPT TO:<x@d.test>",
+            "RCPT TO:<y@d.test>",
+            "RCPT TO:<z@d.test>",
+            "DATA",
+            "hi",
+            ".",
+        ],
+        [
+            "Greeting 220",
+            "HelloAccepted LHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 250 2.1.5",
+            "RcptReply 1 550 5.1.1",
+            "RcptReply 2 250 2.1.5",
+            "BodyRequested 354",
+            "Done mail=250 2.1.0 [250 2.0.0, 550 5.1.1, 452 4.2.2]",
+        ],
         {"lmtp": True},
     ),
     (
         "lmtp-421-among-per-recipient-replies",
-        [GREETING, hello, EHLO_PIPE, tx("x@d.test", "y@d.test"),
-         OK_MAIL + OK_RCPT + OK_RCPT + GO, body(b"hi\r\n"), b"250 2.0.0 ok\r\n" + BYE],
-        ["LHLO client.test", "MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>",
-         "RCPT TO:<y@d.test>", "DATA", "hi", "."],
-        ["Greeting 220", "HelloAccepted LHLO", "MailReply 250 2.1.0", "RcptReply 0 250 2.1.5",
-         "RcptReply 1 250 2.1.5", "BodyRequested 354",
-         "Done mail=250 2.1.0 [250 2.0.0, 421 4.3.2]"],
+        [
+            GREETING,
+            hello,
+            EHLO_PIPE,
+            tx("x@d.test", "y@d.test"),
+            OK_MAIL + OK_RCPT + OK_RCPT + GO,
+            body(b"hi\r\n"),
+            b"250 2.0.0 ok\r\n" + BYE,
+        ],
+        [
+            "LHLO client.test",
+            "MAIL FROM:<a@s.test>",
+            "RCPT TO:<x@d.test>",
+            "RCPT TO:<y@d.test>",
+            "DATA",
+            "hi",
+            ".",
+        ],
+        [
+            "Greeting 220",
+            "HelloAccepted LHLO",
+            "MailReply 250 2.1.0",
+            "RcptReply 0 250 2.1.5",
+            "RcptReply 1 250 2.1.5",
+            "BodyRequested 354",
+            "Done mail=250 2.1.0 [250 2.0.0, 421 4.3.2]",
+        ],
         {"lmtp": True},
     ),
     (
         "starttls-drops-injected-plaintext",
-        [GREETING, hello, b"250-mx.test\r\n250-STARTTLS\r\n250 PIPELINING\r\n",
-         lambda c: c.starttls(), b"220 2.0.0 Ready\r\n250-INJECTED\r\n",
-         b"250 more injection\r\n", lambda c: c.tls_established(), hello,
-         b"250-mx.test\r\n250 AUTH PLAIN\r\n"],
+        [
+            GREETING,
+            hello,
+            b"250-mx.test\r\n250-STARTTLS\r\n250 PIPELINING\r\n",
+            lambda c: c.starttls(),
+            b"220 2.0.0 Ready\r\n250-INJECTED\r\n",
+            b"250 more injection\r\n",
+            lambda c: c.tls_established(),
+            hello,
+            b"250-mx.test\r\n250 AUTH PLAIN\r\n",
+        ],
         ["EHLO client.test", "STARTTLS", "EHLO client.test"],
         ["Greeting 220", "HelloAccepted EHLO", "StartTlsReply 220 2.0.0", "HelloAccepted EHLO"],
         {},
     ),
     (
         "starttls-refused-stays-ready",
-        [GREETING, hello, b"250-mx.test\r\n250 STARTTLS\r\n", lambda c: c.starttls(),
-         b"454 4.7.0 TLS not available\r\n", lambda c: c.noop(), OK],
+        [
+            GREETING,
+            hello,
+            b"250-mx.test\r\n250 STARTTLS\r\n",
+            lambda c: c.starttls(),
+            b"454 4.7.0 TLS not available\r\n",
+            lambda c: c.noop(),
+            OK,
+        ],
         ["EHLO client.test", "STARTTLS", "NOOP"],
         ["Greeting 220", "HelloAccepted EHLO", "StartTlsReply 454 4.7.0", "NOOP 250 2.0.0"],
         {},
     ),
     (
         "auth-plain-initial-response",
-        [GREETING, hello, b"250-mx.test\r\n250 AUTH PLAIN LOGIN\r\n",
-         lambda c: c.auth("PLAIN", "joe", "secret"), b"235 2.7.0 Authenticated\r\n"],
+        [
+            GREETING,
+            hello,
+            b"250-mx.test\r\n250 AUTH PLAIN LOGIN\r\n",
+            lambda c: c.auth("PLAIN", "joe", "secret"),
+            b"235 2.7.0 Authenticated\r\n",
+        ],
         ["EHLO client.test", "AUTH PLAIN AGpvZQBzZWNyZXQ="],
         ["Greeting 220", "HelloAccepted EHLO", "AuthReply 235 2.7.0"],
         {},
     ),
     (
         "auth-login-challenges",
-        [GREETING, hello, b"250-mx.test\r\n250 AUTH LOGIN\r\n",
-         lambda c: c.auth("LOGIN", "joe", "secret"), b"334 VXNlcm5hbWU6\r\n",
-         b"334 UGFzc3dvcmQ6\r\n", b"235 2.7.0 Authenticated\r\n"],
+        [
+            GREETING,
+            hello,
+            b"250-mx.test\r\n250 AUTH LOGIN\r\n",
+            lambda c: c.auth("LOGIN", "joe", "secret"),
+            b"334 VXNlcm5hbWU6\r\n",
+            b"334 UGFzc3dvcmQ6\r\n",
+            b"235 2.7.0 Authenticated\r\n",
+        ],
         ["EHLO client.test", "AUTH LOGIN", "am9l", "c2VjcmV0"],
         ["Greeting 220", "HelloAccepted EHLO", "AuthReply 235 2.7.0"],
         {},
     ),
     (
         "auth-login-extra-challenge-cancelled",
-        [GREETING, hello, b"250-mx.test\r\n250 AUTH LOGIN\r\n",
-         lambda c: c.auth("LOGIN", "joe", "secret"), b"334 VXNlcm5hbWU6\r\n",
-         b"334 UGFzc3dvcmQ6\r\n", b"334 what\r\n", b"501 5.7.0 cancelled\r\n"],
+        [
+            GREETING,
+            hello,
+            b"250-mx.test\r\n250 AUTH LOGIN\r\n",
+            lambda c: c.auth("LOGIN", "joe", "secret"),
+            b"334 VXNlcm5hbWU6\r\n",
+            b"334 UGFzc3dvcmQ6\r\n",
+            b"334 what\r\n",
+            b"501 5.7.0 cancelled\r\n",
+        ],
         ["EHLO client.test", "AUTH LOGIN", "am9l", "c2VjcmV0", "*"],
         ["Greeting 220", "HelloAccepted EHLO", "AuthReply 501 5.7.0"],
         {},
     ),
     (
         "auth-failed",
-        [GREETING, hello, b"250-mx.test\r\n250 AUTH PLAIN\r\n",
-         lambda c: c.auth("PLAIN", "joe", "bad"), b"535 5.7.8 Authentication failed\r\n"],
+        [
+            GREETING,
+            hello,
+            b"250-mx.test\r\n250 AUTH PLAIN\r\n",
+            lambda c: c.auth("PLAIN", "joe", "bad"),
+            b"535 5.7.8 Authentication failed\r\n",
+        ],
         ["EHLO client.test", "AUTH PLAIN AGpvZQBiYWQ="],
         ["Greeting 220", "HelloAccepted EHLO", "AuthReply 535 5.7.8"],
         {},
@@ -484,8 +767,9 @@ DIALOGUES: list[tuple[str, list[Step], list[str], list[str], dict[str, Any]]] = 
     ("steps", "expect_lines", "expect_events", "settings"),
     [pytest.param(*case[1:], id=case[0]) for case in DIALOGUES],
 )
-def test_dialogue(steps: list[Step], expect_lines: list[str], expect_events: list[str],
-                  settings: dict[str, Any]) -> None:
+def test_dialogue(
+    steps: list[Step], expect_lines: list[str], expect_events: list[str], settings: dict[str, Any]
+) -> None:
     out, events, _ = transcript(steps, **settings)
     assert lines(out) == expect_lines
     assert events == expect_events
@@ -496,15 +780,18 @@ def test_dialogue(steps: list[Step], expect_lines: list[str], expect_events: lis
 
 def test_pipelined_envelope_goes_in_one_write() -> None:
     writes, _, _ = run([GREETING, hello, EHLO_PIPE, tx("x@d.test", "y@d.test")])
-    assert writes[-1] == (b"MAIL FROM:<a@s.test>\r\nRCPT TO:<x@d.test>\r\n"
-                          b"RCPT TO:<y@d.test>\r\nDATA\r\n")
+    assert writes[-1] == (
+        b"MAIL FROM:<a@s.test>\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\nDATA\r\n"
+    )
 
 
 def test_without_pipelining_each_command_waits_for_its_reply() -> None:
-    writes, _, _ = run([GREETING, hello, EHLO_PLAIN, tx("x@d.test", "y@d.test"), OK_MAIL,
-                        OK_RCPT])
-    assert writes[1:] == [b"MAIL FROM:<a@s.test>\r\n", b"RCPT TO:<x@d.test>\r\n",
-                          b"RCPT TO:<y@d.test>\r\n"]
+    writes, _, _ = run([GREETING, hello, EHLO_PLAIN, tx("x@d.test", "y@d.test"), OK_MAIL, OK_RCPT])
+    assert writes[1:] == [
+        b"MAIL FROM:<a@s.test>\r\n",
+        b"RCPT TO:<x@d.test>\r\n",
+        b"RCPT TO:<y@d.test>\r\n",
+    ]
 
 
 # --- reply parsing -------------------------------------------------------------------------
@@ -566,8 +853,9 @@ def test_long_reply_within_limits_is_fine() -> None:
 
 
 def test_protocol_violation_mid_transaction_interrupts_it() -> None:
-    _, events, conn = transcript([GREETING, hello, EHLO_PIPE, tx("x@d.test"),
-                                  OK_MAIL + b"hello there\r\n"])
+    _, events, conn = transcript(
+        [GREETING, hello, EHLO_PIPE, tx("x@d.test"), OK_MAIL + b"hello there\r\n"]
+    )
     assert events[-2:] == ["Done mail=250 2.1.0 [451 4.5.0] interrupted", "ProtocolViolation"]
     assert conn.closing
 
@@ -582,22 +870,44 @@ def test_second_digit_must_be_0_to_5() -> None:
 
 
 def test_ehlo_keywords_upper_cased_with_values() -> None:
-    ext = Extensions.parse_ehlo((
-        "mx.test greets you", "pipelining", "Size 35882577", "8BITMIME", "AUTH PLAIN login",
-        "AUTH=CRAM-MD5 XOAUTH2", "STARTTLS", "X-EXPS  GSSAPI   NTLM", "!bad keyword", "",
-    ))
+    ext = Extensions.parse_ehlo(
+        (
+            "mx.test greets you",
+            "pipelining",
+            "Size 35882577",
+            "8BITMIME",
+            "AUTH PLAIN login",
+            "AUTH=CRAM-MD5 XOAUTH2",
+            "STARTTLS",
+            "X-EXPS  GSSAPI   NTLM",
+            "!bad keyword",
+            "",
+        )
+    )
     assert dict(ext) == {
-        "PIPELINING": "", "SIZE": "35882577", "8BITMIME": "", "AUTH": "PLAIN login",
-        "AUTH=": "CRAM-MD5 XOAUTH2", "STARTTLS": "", "X-EXPS": "GSSAPI NTLM",
+        "PIPELINING": "",
+        "SIZE": "35882577",
+        "8BITMIME": "",
+        "AUTH": "PLAIN login",
+        "AUTH=": "CRAM-MD5 XOAUTH2",
+        "STARTTLS": "",
+        "X-EXPS": "GSSAPI NTLM",
     }
     assert "pipelining" in ext and ext["size"] == "35882577"
     assert ext.size == 35882577
     assert ext.auth_mechanisms == {"PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"}
 
 
-@pytest.mark.parametrize(("lines_", "size"), [
-    ((), None), (("SIZE",), 0), (("SIZE 0",), 0), (("SIZE abc",), 0), (("SIZE 1000",), 1000),
-])
+@pytest.mark.parametrize(
+    ("lines_", "size"),
+    [
+        ((), None),
+        (("SIZE",), 0),
+        (("SIZE 0",), 0),
+        (("SIZE abc",), 0),
+        (("SIZE 1000",), 1000),
+    ],
+)
 def test_ehlo_size(lines_: tuple[str, ...], size: int | None) -> None:
     assert Extensions.parse_ehlo(("mx", *lines_)).size == size
 
@@ -610,8 +920,13 @@ def test_helo_session_has_no_extensions() -> None:
 # --- MAIL and RCPT parameters --------------------------------------------------------------
 
 
-def envelope(ehlo: bytes, *rcpts: tuple[str, RcptParams], sender: str = "a@s.test",
-             params: MailParams | None = None, **kw: Any) -> list[str]:
+def envelope(
+    ehlo: bytes,
+    *rcpts: tuple[str, RcptParams],
+    sender: str = "a@s.test",
+    params: MailParams | None = None,
+    **kw: Any,
+) -> list[str]:
     conn = ClientConnection("client.test")
     conn.receive_data(GREETING + b"")
     conn.next_event()
@@ -623,14 +938,21 @@ def envelope(ehlo: bytes, *rcpts: tuple[str, RcptParams], sender: str = "a@s.tes
     return lines(conn.data_to_send())
 
 
-DSN_RCPT = RcptParams(notify=frozenset({"DELAY", "FAILURE", "SUCCESS"}),
-                      orcpt="rfc822;Jo=e+x@d.test")
+DSN_RCPT = RcptParams(
+    notify=frozenset({"DELAY", "FAILURE", "SUCCESS"}), orcpt="rfc822;Jo=e+x@d.test"
+)
 DSN_MAIL = MailParams(ret=DsnRet.HDRS, envid="id 42=")
 
 
 def test_all_parameters_when_offered() -> None:
-    got = envelope(EHLO_FULL, ("x@d.test", DSN_RCPT), ("y@d.test", RcptParams()),
-                   params=DSN_MAIL, size=1234, eight_bit=True)
+    got = envelope(
+        EHLO_FULL,
+        ("x@d.test", DSN_RCPT),
+        ("y@d.test", RcptParams()),
+        params=DSN_MAIL,
+        size=1234,
+        eight_bit=True,
+    )
     assert got == [
         "MAIL FROM:<a@s.test> SIZE=1234 BODY=8BITMIME RET=HDRS ENVID=id+2042+3D",
         "RCPT TO:<x@d.test> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;Jo+3De+2Bx@d.test",
@@ -639,8 +961,13 @@ def test_all_parameters_when_offered() -> None:
 
 
 def test_no_parameters_when_not_offered() -> None:
-    got = envelope(EHLO_PIPE.replace(b"250-8BITMIME\r\n", b""), ("x@d.test", DSN_RCPT),
-                   params=DSN_MAIL, size=1234, eight_bit=True)
+    got = envelope(
+        EHLO_PIPE.replace(b"250-8BITMIME\r\n", b""),
+        ("x@d.test", DSN_RCPT),
+        params=DSN_MAIL,
+        size=1234,
+        eight_bit=True,
+    )
     assert got == ["MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>", "DATA"]
 
 
@@ -650,14 +977,17 @@ def test_null_sender_and_notify_never() -> None:
 
 
 def test_body_8bitmime_from_params_and_binarymime() -> None:
-    assert envelope(EHLO_FULL, ("x@d.test", RcptParams()),
-                    params=MailParams(body=BodyType.EIGHT_BIT_MIME))[0].endswith("BODY=8BITMIME")
+    assert envelope(
+        EHLO_FULL, ("x@d.test", RcptParams()), params=MailParams(body=BodyType.EIGHT_BIT_MIME)
+    )[0].endswith("BODY=8BITMIME")
     ehlo = EHLO_FULL.replace(b"250-CHUNKING", b"250-CHUNKING\r\n250-BINARYMIME")
-    assert envelope(ehlo, ("x@d.test", RcptParams()),
-                    params=MailParams(body=BodyType.BINARY_MIME))[0].endswith("BODY=BINARYMIME")
+    assert envelope(ehlo, ("x@d.test", RcptParams()), params=MailParams(body=BodyType.BINARY_MIME))[
+        0
+    ].endswith("BODY=BINARYMIME")
     # BINARYMIME not offered: declared as 8BITMIME, sent as it is.
-    assert envelope(EHLO_FULL, ("x@d.test", RcptParams()),
-                    params=MailParams(body=BodyType.BINARY_MIME))[0].endswith("BODY=8BITMIME")
+    assert envelope(
+        EHLO_FULL, ("x@d.test", RcptParams()), params=MailParams(body=BodyType.BINARY_MIME)
+    )[0].endswith("BODY=8BITMIME")
 
 
 def test_smtputf8_when_needed_and_offered() -> None:
@@ -690,8 +1020,9 @@ def test_smtputf8_refusal_text() -> None:
     conn.hello()
     conn.receive_data(EHLO_PIPE)
     conn.next_event()
-    conn.start_transaction("a@s.test", MailParams(), [("x@d.test", RcptParams())],
-                           needs_smtputf8=True)
+    conn.start_transaction(
+        "a@s.test", MailParams(), [("x@d.test", RcptParams())], needs_smtputf8=True
+    )
     done = conn.next_event()
     assert isinstance(done, TransactionDone)
     assert "SMTPUTF8 not supported by remote server" in done.per_recipient[0].text
@@ -701,17 +1032,32 @@ def test_smtputf8_refusal_text() -> None:
 
 
 def test_bdat_pipelined_chunks() -> None:
-    out, events, _ = transcript([
-        GREETING, hello, EHLO_CHUNKING, tx("x@d.test", "y@d.test"),
-        OK_MAIL + OK_RCPT + NO_USER, body(b"abc\r\n.", last=False), body(b"", last=False),
-        body(b"de\r\n", last=True), b"250 2.0.0 5 octets\r\n" + QUEUED,
-    ])
-    assert out == (GREETING[:0] + b"EHLO client.test\r\nMAIL FROM:<a@s.test>\r\n"
-                   b"RCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\n"
-                   b"BDAT 6\r\nabc\r\n.BDAT 4 LAST\r\nde\r\n")
-    assert events[2:] == ["MailReply 250 2.1.0", "RcptReply 0 250 2.1.5", "RcptReply 1 550 5.1.1",
-                          "BodyRequested -", "ChunkReply",
-                          "Done mail=250 2.1.0 [250 2.0.0, 550 5.1.1]"]
+    out, events, _ = transcript(
+        [
+            GREETING,
+            hello,
+            EHLO_CHUNKING,
+            tx("x@d.test", "y@d.test"),
+            OK_MAIL + OK_RCPT + NO_USER,
+            body(b"abc\r\n.", last=False),
+            body(b"", last=False),
+            body(b"de\r\n", last=True),
+            b"250 2.0.0 5 octets\r\n" + QUEUED,
+        ]
+    )
+    assert out == (
+        GREETING[:0] + b"EHLO client.test\r\nMAIL FROM:<a@s.test>\r\n"
+        b"RCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\n"
+        b"BDAT 6\r\nabc\r\n.BDAT 4 LAST\r\nde\r\n"
+    )
+    assert events[2:] == [
+        "MailReply 250 2.1.0",
+        "RcptReply 0 250 2.1.5",
+        "RcptReply 1 550 5.1.1",
+        "BodyRequested -",
+        "ChunkReply",
+        "Done mail=250 2.1.0 [250 2.0.0, 550 5.1.1]",
+    ]
 
 
 def test_bdat_without_pipelining_waits_for_each_chunk_reply() -> None:
@@ -741,11 +1087,19 @@ def test_bdat_without_pipelining_waits_for_each_chunk_reply() -> None:
 
 
 def test_bdat_refused_chunk_ends_body_and_resets() -> None:
-    out, events, conn = transcript([
-        GREETING, hello, EHLO_CHUNKING, tx("x@d.test"), OK_MAIL + OK_RCPT,
-        body(b"abc", last=False), body(b"def", last=False),
-        b"552 5.3.4 too big\r\n" + BAD_SEQ, OK,
-    ])
+    out, events, conn = transcript(
+        [
+            GREETING,
+            hello,
+            EHLO_CHUNKING,
+            tx("x@d.test"),
+            OK_MAIL + OK_RCPT,
+            body(b"abc", last=False),
+            body(b"def", last=False),
+            b"552 5.3.4 too big\r\n" + BAD_SEQ,
+            OK,
+        ]
+    )
     assert out.endswith(b"BDAT 3\r\nabcBDAT 3\r\ndefRSET\r\n")
     assert b"LAST" not in out
     assert events[-1] == "Done mail=250 2.1.0 [552 5.3.4]"
@@ -753,46 +1107,80 @@ def test_bdat_refused_chunk_ends_body_and_resets() -> None:
 
 
 def test_bdat_refused_chunk_with_last_already_pipelined() -> None:
-    out, events, _ = transcript([
-        GREETING, hello, EHLO_CHUNKING, tx("x@d.test"), OK_MAIL + OK_RCPT,
-        body(b"abc", last=False), body(b"def", last=True),
-        b"552 5.3.4 too big\r\n" + BAD_SEQ, OK,
-    ])
+    out, events, _ = transcript(
+        [
+            GREETING,
+            hello,
+            EHLO_CHUNKING,
+            tx("x@d.test"),
+            OK_MAIL + OK_RCPT,
+            body(b"abc", last=False),
+            body(b"def", last=True),
+            b"552 5.3.4 too big\r\n" + BAD_SEQ,
+            OK,
+        ]
+    )
     assert out.endswith(b"BDAT 3\r\nabcBDAT 3 LAST\r\ndefRSET\r\n")
     assert events[-1] == "Done mail=250 2.1.0 [552 5.3.4]"
 
 
 def test_body_wanted_false_after_refused_chunk() -> None:
-    _, _, conn = run([GREETING, hello, EHLO_CHUNKING, tx("x@d.test"), OK_MAIL + OK_RCPT,
-                      body(b"abc", last=False), b"554 5.6.0 bad\r\n"])
+    _, _, conn = run(
+        [
+            GREETING,
+            hello,
+            EHLO_CHUNKING,
+            tx("x@d.test"),
+            OK_MAIL + OK_RCPT,
+            body(b"abc", last=False),
+            b"554 5.6.0 bad\r\n",
+        ]
+    )
     assert not conn.body_wanted and not conn.can_send_body
     with pytest.raises(RuntimeError):
         conn.send_body(b"more")
 
 
 def test_lmtp_bdat_last_waits_for_chunk_replies() -> None:
-    writes, events, _ = run([
-        GREETING, hello, EHLO_CHUNKING, tx("x@d.test", "y@d.test"),
-        OK_MAIL + OK_RCPT + OK_RCPT, body(b"abc", last=False), body(b"de", last=True),
-        b"250 2.0.0 3 octets\r\n", OK + b"452 4.2.2 full\r\n",
-    ], lmtp=True)
+    writes, events, _ = run(
+        [
+            GREETING,
+            hello,
+            EHLO_CHUNKING,
+            tx("x@d.test", "y@d.test"),
+            OK_MAIL + OK_RCPT + OK_RCPT,
+            body(b"abc", last=False),
+            body(b"de", last=True),
+            b"250 2.0.0 3 octets\r\n",
+            OK + b"452 4.2.2 full\r\n",
+        ],
+        lmtp=True,
+    )
     assert writes[-2:] == [b"BDAT 3\r\nabc", b"BDAT 2 LAST\r\nde"]
     assert events[-1] == "Done mail=250 2.1.0 [250 2.0.0, 452 4.2.2]"
 
 
 def test_lmtp_bdat_refused_chunk_last_never_sent() -> None:
-    out, events, _ = transcript([
-        GREETING, hello, EHLO_CHUNKING, tx("x@d.test", "y@d.test"),
-        OK_MAIL + OK_RCPT + OK_RCPT, body(b"abc", last=False), body(b"de", last=True),
-        b"452 4.3.1 disk full\r\n", OK,
-    ], lmtp=True)
+    out, events, _ = transcript(
+        [
+            GREETING,
+            hello,
+            EHLO_CHUNKING,
+            tx("x@d.test", "y@d.test"),
+            OK_MAIL + OK_RCPT + OK_RCPT,
+            body(b"abc", last=False),
+            body(b"de", last=True),
+            b"452 4.3.1 disk full\r\n",
+            OK,
+        ],
+        lmtp=True,
+    )
     assert b"LAST" not in out and out.endswith(b"RSET\r\n")
     assert events[-1] == "Done mail=250 2.1.0 [452 4.3.1, 452 4.3.1]"
 
 
 def test_chunking_offered_but_disabled_uses_data() -> None:
-    out, _, _ = transcript([GREETING, hello, EHLO_CHUNKING, tx("x@d.test")],
-                           use_chunking=False)
+    out, _, _ = transcript([GREETING, hello, EHLO_CHUNKING, tx("x@d.test")], use_chunking=False)
     assert lines(out)[-1] == "DATA"
 
 
@@ -806,9 +1194,11 @@ def test_commands_out_of_state_raise_runtime_error() -> None:
     conn.receive_data(GREETING)
     conn.next_event()
     calls: list[Callable[[], object]] = [
-        lambda: conn.starttls(), lambda: conn.send_body(b"x"),
+        lambda: conn.starttls(),
+        lambda: conn.send_body(b"x"),
         lambda: conn.start_transaction("a@b", MailParams(), [("c@d", RcptParams())]),
-        lambda: conn.tls_established(), lambda: conn.rset(),
+        lambda: conn.tls_established(),
+        lambda: conn.rset(),
     ]
     for call in calls:
         with pytest.raises(RuntimeError):
@@ -846,32 +1236,52 @@ def test_after_close_only_need_data() -> None:
 
 
 def test_extensions_reset_by_tls_established() -> None:
-    _, _, conn = run([GREETING, hello, b"250-mx.test\r\n250-STARTTLS\r\n250 AUTH PLAIN\r\n",
-                      lambda c: c.starttls(), b"220 go\r\n"])
+    _, _, conn = run(
+        [
+            GREETING,
+            hello,
+            b"250-mx.test\r\n250-STARTTLS\r\n250 AUTH PLAIN\r\n",
+            lambda c: c.starttls(),
+            b"220 go\r\n",
+        ]
+    )
     assert conn.state == ClientState.TLS
     conn.tls_established()
     assert (len(conn.extensions), conn.state) == (0, ClientState.GREETED)
 
 
 def test_new_transaction_after_done() -> None:
-    _, events, conn = transcript([
-        GREETING, hello, EHLO_PIPE, tx("x@d.test"), OK_MAIL + OK_RCPT + GO, body(b"1\r\n"),
-        QUEUED, tx("y@d.test"), OK_MAIL + OK_RCPT + GO, body(b"2\r\n"), QUEUED,
-    ])
+    _, events, conn = transcript(
+        [
+            GREETING,
+            hello,
+            EHLO_PIPE,
+            tx("x@d.test"),
+            OK_MAIL + OK_RCPT + GO,
+            body(b"1\r\n"),
+            QUEUED,
+            tx("y@d.test"),
+            OK_MAIL + OK_RCPT + GO,
+            body(b"2\r\n"),
+            QUEUED,
+        ]
+    )
     assert events.count("Done mail=250 2.1.0 [250 2.0.0]") == 2
     assert conn.state is ClientState.READY
 
 
 def test_tx_rset_refused_leaves_session_refused() -> None:
-    _, events, conn = transcript([GREETING, hello, EHLO_PIPE, tx("x@d.test"),
-                                  OK_MAIL + NO_USER + NO_RCPTS, b"500 what\r\n"])
+    _, events, conn = transcript(
+        [GREETING, hello, EHLO_PIPE, tx("x@d.test"), OK_MAIL + NO_USER + NO_RCPTS, b"500 what\r\n"]
+    )
     assert events[-1] == "Done mail=250 2.1.0 [550 5.1.1]"
     assert conn.state is ClientState.REFUSED
 
 
 def test_421_to_tx_rset_reports_service_closing() -> None:
-    _, events, conn = transcript([GREETING, hello, EHLO_PIPE, tx("x@d.test"),
-                                  OK_MAIL + NO_USER + NO_RCPTS, BYE])
+    _, events, conn = transcript(
+        [GREETING, hello, EHLO_PIPE, tx("x@d.test"), OK_MAIL + NO_USER + NO_RCPTS, BYE]
+    )
     assert events[-2:] == ["Done mail=250 2.1.0 [550 5.1.1]", "ServiceClosing 421 4.3.2"]
     assert conn.closing
 
@@ -886,19 +1296,42 @@ def test_helo_fallback_on_any_5xx_to_ehlo(code: bytes) -> None:
 # --- no server input makes the core raise ------------------------------------------------
 
 SERVER_LINES = [
-    b"220 mx\r\n", b"250 2.0.0 ok\r\n", b"250-mx\r\n", b"250-PIPELINING\r\n",
-    b"250-CHUNKING\r\n", b"250-SMTPUTF8\r\n", b"250-SIZE 10\r\n", b"250 DSN\r\n",
-    b"354 go\r\n", b"334 VXNlcm5hbWU6\r\n", b"421 4.3.2 bye\r\n", b"450 4.0.0 later\r\n",
-    b"550 5.1.1 no\r\n", b"503 5.5.1 seq\r\n", b"221 bye\r\n", b"235 ok\r\n", b"garbage\r\n",
-    b"250", b"\r\n", b"\n", b"",
+    b"220 mx\r\n",
+    b"250 2.0.0 ok\r\n",
+    b"250-mx\r\n",
+    b"250-PIPELINING\r\n",
+    b"250-CHUNKING\r\n",
+    b"250-SMTPUTF8\r\n",
+    b"250-SIZE 10\r\n",
+    b"250 DSN\r\n",
+    b"354 go\r\n",
+    b"334 VXNlcm5hbWU6\r\n",
+    b"421 4.3.2 bye\r\n",
+    b"450 4.0.0 later\r\n",
+    b"550 5.1.1 no\r\n",
+    b"503 5.5.1 seq\r\n",
+    b"221 bye\r\n",
+    b"235 ok\r\n",
+    b"garbage\r\n",
+    b"250",
+    b"\r\n",
+    b"\n",
+    b"",
 ]
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.sampled_from(SERVER_LINES), max_size=30), st.booleans(), st.booleans(),
-       st.integers(1, 7))
+@given(
+    st.lists(st.sampled_from(SERVER_LINES), max_size=30),
+    st.booleans(),
+    st.booleans(),
+    st.integers(1, 7),
+)
 def test_any_server_input_gives_events_never_exceptions(
-    replies: list[bytes], lmtp: bool, body_first: bool, cut: int,
+    replies: list[bytes],
+    lmtp: bool,
+    body_first: bool,
+    cut: int,
 ) -> None:
     """A simple adapter reacts to every event; only NEED_DATA or events come back."""
     conn = ClientConnection("c.test", lmtp=lmtp)
@@ -917,9 +1350,12 @@ def test_any_server_input_gives_events_never_exceptions(
             elif state is ClientState.READY and actions < 3:
                 actions += 1
                 if body_first:
-                    conn.start_transaction("a@b.test", MailParams(),
-                                           [("c@d.test", RcptParams()), ("é@d.test", RcptParams())],
-                                           size=100)
+                    conn.start_transaction(
+                        "a@b.test",
+                        MailParams(),
+                        [("c@d.test", RcptParams()), ("é@d.test", RcptParams())],
+                        size=100,
+                    )
                 else:
                     conn.auth("LOGIN", "u", "p")
             elif state is ClientState.TLS:

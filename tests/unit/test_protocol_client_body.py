@@ -131,8 +131,9 @@ def test_large_body_many_pieces() -> None:
 # --- BDAT framing through the connection ------------------------------------------------
 
 
-def bdat_conn(ehlo: bytes = b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
-              params: MailParams | None = None) -> ClientConnection:
+def bdat_conn(
+    ehlo: bytes = b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n", params: MailParams | None = None
+) -> ClientConnection:
     conn = ClientConnection("c.test")
     conn.receive_data(b"220 mx\r\n")
     conn.next_event()
@@ -171,8 +172,10 @@ def test_bdat_bare_line_endings_fixed_and_counted() -> None:
 
 
 def test_binarymime_bdat_untouched() -> None:
-    conn = bdat_conn(b"250-mx\r\n250-PIPELINING\r\n250-BINARYMIME\r\n250 CHUNKING\r\n",
-                     MailParams(body=BodyType.BINARY_MIME))
+    conn = bdat_conn(
+        b"250-mx\r\n250-PIPELINING\r\n250-BINARYMIME\r\n250 CHUNKING\r\n",
+        MailParams(body=BodyType.BINARY_MIME),
+    )
     conn.send_body(b"\x00\r\xff\n", last=True)
     assert conn.data_to_send() == b"BDAT 4 LAST\r\n\x00\r\xff\n"
 
@@ -180,7 +183,9 @@ def test_binarymime_bdat_untouched() -> None:
 # --- SASL base64 without the base64 module (protocol/ imports no codecs) ----------------
 
 
-@pytest.mark.parametrize("data", [b"", b"a", b"ab", b"abc", b"abcd", b"\0joe\0secret",
-                                  bytes(range(256)), "pässwörd".encode()])
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"a", b"ab", b"abc", b"abcd", b"\0joe\0secret", bytes(range(256)), "pässwörd".encode()],
+)
 def test_b64_matches_stdlib(data: bytes) -> None:
     assert _b64(data) == base64.b64encode(data).decode()

@@ -54,9 +54,15 @@ def test_split_command(line: str, verb: str, args: str) -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        "client.test", "Client.Example.ORG", "localhost", "[192.0.2.1]", "[IPv6:2001:db8::1]",
+        "client.test",
+        "Client.Example.ORG",
+        "localhost",
+        "[192.0.2.1]",
+        "[IPv6:2001:db8::1]",
         # Not domains, but common in the wild; accepted like Postfix and Exim do.
-        "bad_name.test", "-x.test", "a..b",
+        "bad_name.test",
+        "-x.test",
+        "a..b",
     ],
 )
 def test_hello_names(name: str) -> None:

@@ -267,9 +267,7 @@ class MaildirDelivery:
         tmp: Path | None = None
         fd = -1
         try:
-            unique = (
-                f"{delivery_key}.{self._host}" if delivery_key else self._unique_name()
-            )
+            unique = f"{delivery_key}.{self._host}" if delivery_key else self._unique_name()
             header = self._trace_header(address, return_path, original_recipient)
             scanner = _DeliveredToScanner(address)
             convert = _CrlfToLf()

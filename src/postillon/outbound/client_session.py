@@ -275,8 +275,9 @@ class SmtpClientSession:
     async def _refused(self, what: str, reply: Reply) -> None:
         """The server refused the session: QUIT politely (unless it closed), raise."""
         await self.quit()
-        raise SessionError(f"{self.peer} refused the {what}", reply=reply,
-                           permanent=reply.code >= 500)
+        raise SessionError(
+            f"{self.peer} refused the {what}", reply=reply, permanent=reply.code >= 500
+        )
 
     def _tls_done(self, ctx: ssl.SSLContext, name: str | None) -> None:
         obj = self._writer.get_extra_info("ssl_object")
@@ -348,8 +349,12 @@ class SmtpClientSession:
         """
         self._check_usable()
         self._conn.start_transaction(
-            sender, mail_params, recipients,
-            size=size, eight_bit=eight_bit, needs_smtputf8=needs_smtputf8,
+            sender,
+            mail_params,
+            recipients,
+            size=size,
+            eight_bit=eight_bit,
+            needs_smtputf8=needs_smtputf8,
         )
         body_sent = False
         done: TransactionDone | None = None
@@ -543,8 +548,9 @@ class SmtpClientSession:
             async with asyncio.timeout_at(deadline):
                 await asyncio.wait({task})
         except TimeoutError:
-            self._give_up(f"timeout ({timeout:g}s) waiting for {self.peer} "
-                          f"in state {self._conn.state.value}")
+            self._give_up(
+                f"timeout ({timeout:g}s) waiting for {self.peer} in state {self._conn.state.value}"
+            )
             return
         self._poll_read()
 
@@ -623,8 +629,9 @@ def _verified(obj: ssl.SSLObject, ctx: ssl.SSLContext, name: str | None) -> bool
         chain = [x509.load_der_x509_certificate(der) for der in _peer_chain(obj)]
         if not chain:
             return False
-        anchors = [x509.load_der_x509_certificate(der)
-                   for der in ctx.get_ca_certs(binary_form=True)] or _system_anchors()
+        anchors = [
+            x509.load_der_x509_certificate(der) for der in ctx.get_ca_certs(binary_form=True)
+        ] or _system_anchors()
         if not anchors:
             return False
         subject: Any
@@ -640,8 +647,9 @@ def _verified(obj: ssl.SSLObject, ctx: ssl.SSLContext, name: str | None) -> bool
         verifier = (
             v.PolicyBuilder()
             .store(v.Store(anchors))
-            .extension_policies(ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
-                                ee_policy=ee_policy)
+            .extension_policies(
+                ca_policy=v.ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy
+            )
             .build_server_verifier(subject)
         )
         verifier.verify(chain[0], chain[1:])

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from postillon.core.envelope import BodyType
 from postillon.core.outcome import Outcome, PermFail, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
-from postillon.core.envelope import BodyType
 from postillon.outbound.client_session import (
     ClientTimeouts,
     SessionError,

@@ -312,8 +312,9 @@ def _b64(data: bytes) -> str:
     full = len(data) - len(data) % 3
     for i in range(0, full, 3):
         n = int.from_bytes(data[i : i + 3], "big")
-        out += bytes((alphabet[n >> 18], alphabet[n >> 12 & 63], alphabet[n >> 6 & 63],
-                      alphabet[n & 63]))
+        out += bytes(
+            (alphabet[n >> 18], alphabet[n >> 12 & 63], alphabet[n >> 6 & 63], alphabet[n & 63])
+        )
     rest = len(data) - full
     if rest:
         n = int.from_bytes(data[full:] + b"\0" * (3 - rest), "big")

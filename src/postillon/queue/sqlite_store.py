@@ -883,6 +883,7 @@ class SqliteStore:
 
     async def next_due(self) -> float | None:
         """The earliest due time of a pending/deferred record or lease expiry."""
+
         def fn(conn: sqlite3.Connection) -> float | None:
             (due,) = conn.execute(
                 "SELECT MIN(next_try) FROM records WHERE state IN ('pending', 'deferred')"

@@ -81,11 +81,16 @@ DEBIAN_PACKAGES = ("dovecot-core", "dovecot-lmtpd")
 MISSING_MESSAGE = (
     "Dovecot is not installed: install the Debian packages "
     + " ".join(DEBIAN_PACKAGES)
-    + " (`make system-deps`, or `apt-get install " + " ".join(DEBIAN_PACKAGES) + "`)"
+    + " (`make system-deps`, or `apt-get install "
+    + " ".join(DEBIAN_PACKAGES)
+    + "`)"
 )
 _DOVECOT_CANDIDATES = ("/usr/sbin/dovecot", "/usr/local/sbin/dovecot")
-_LMTP_CANDIDATES = ("/usr/lib/dovecot/lmtp", "/usr/libexec/dovecot/lmtp",
-                    "/usr/local/libexec/dovecot/lmtp")
+_LMTP_CANDIDATES = (
+    "/usr/lib/dovecot/lmtp",
+    "/usr/libexec/dovecot/lmtp",
+    "/usr/local/libexec/dovecot/lmtp",
+)
 _MAX_UNIX_PATH = 107  # sizeof(sun_path) - 1 on Linux
 
 
@@ -100,7 +105,8 @@ class DovecotError(RuntimeError):
 def find_dovecot() -> tuple[Path, Path]:
     """Return the paths of the ``dovecot`` master and the ``lmtp`` service binary."""
     master = shutil.which("dovecot") or next(
-        (p for p in _DOVECOT_CANDIDATES if os.access(p, os.X_OK)), None)
+        (p for p in _DOVECOT_CANDIDATES if os.access(p, os.X_OK)), None
+    )
     lmtp = next((p for p in _LMTP_CANDIDATES if os.access(p, os.X_OK)), None)
     if master is None or lmtp is None:
         raise DovecotNotInstalled(MISSING_MESSAGE)
@@ -138,8 +144,9 @@ class LmtpResult:
     data: dict[str, tuple[int, bytes]]
 
 
-def lmtp_deliver(client: smtplib.LMTP, sender: str, recipients: Sequence[str],
-                 message: bytes | str) -> LmtpResult:
+def lmtp_deliver(
+    client: smtplib.LMTP, sender: str, recipients: Sequence[str], message: bytes | str
+) -> LmtpResult:
     """Run one LMTP transaction on a connected ``smtplib.LMTP`` (after LHLO) and collect
     every reply, including one reply per accepted recipient after DATA, which
     ``smtplib.LMTP.sendmail`` does not read."""
@@ -169,7 +176,7 @@ def _group_members(pgid: int) -> dict[int, str]:
             stat = Path("/proc", entry, "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp ...
+        fields = stat[stat.rindex(")") + 2 :].split()  # state ppid pgrp ...
         if int(fields[2]) == pgid:
             found[int(entry)] = fields[0]
     return found
@@ -281,8 +288,13 @@ class DovecotLmtp:
     def message_paths(self, user: str, mailbox: str | None = None) -> list[Path]:
         """The message files in ``new/`` and ``cur/``, oldest first (by file name)."""
         root = self.maildir(user, mailbox)
-        paths = [p for sub in ("new", "cur") if (root / sub).is_dir()
-                 for p in (root / sub).iterdir() if p.is_file()]
+        paths = [
+            p
+            for sub in ("new", "cur")
+            if (root / sub).is_dir()
+            for p in (root / sub).iterdir()
+            if p.is_file()
+        ]
         return sorted(paths, key=lambda p: p.name)
 
     def messages(self, user: str, mailbox: str | None = None) -> list[bytes]:
@@ -348,13 +360,23 @@ class DovecotLmtp:
             lines += ["mail_debug = yes", "auth_debug = yes", "auth_verbose = yes"]
         if run_as:  # not root: every Dovecot process runs as the current user and group
             group = grp.getgrgid(os.getegid()).gr_name
-            lines += [f"default_internal_user = {run_as}", f"default_login_user = {run_as}",
-                      f"default_internal_group = {group}",
-                      "service anvil {\n  chroot =\n}", "service auth-worker {\n  user = \n}"]
+            lines += [
+                f"default_internal_user = {run_as}",
+                f"default_login_user = {run_as}",
+                f"default_internal_group = {group}",
+                "service anvil {\n  chroot =\n}",
+                "service auth-worker {\n  user = \n}",
+            ]
         users = d / "users"
         lines += [
-            "passdb {", "  driver = passwd-file", f"  args = {users}", "}",
-            "userdb {", "  driver = passwd-file", f"  args = {users}", "}",
+            "passdb {",
+            "  driver = passwd-file",
+            f"  args = {users}",
+            "}",
+            "userdb {",
+            "  driver = passwd-file",
+            f"  args = {users}",
+            "}",
             "service lmtp {",
             "  inet_listener lmtp {",
             "    address = 127.0.0.1",
@@ -401,8 +423,10 @@ class DovecotLmtp:
         self.directory = Path(tempfile.mkdtemp(prefix="pdove-", dir=self.parent))
         try:
             if len(str(self.unix_socket)) + 24 > _MAX_UNIX_PATH:  # + room for auth-userdb etc.
-                raise DovecotError(f"temporary directory path too long for unix sockets: "
-                                   f"{self.directory} (use a shorter parent)")
+                raise DovecotError(
+                    f"temporary directory path too long for unix sockets: "
+                    f"{self.directory} (use a shorter parent)"
+                )
             self.port = _free_port()
             self._write_files()
             for _attempt in range(5):
@@ -426,8 +450,11 @@ class DovecotLmtp:
         try:
             self.proc = subprocess.Popen(
                 [str(master), "-F", "-c", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                start_new_session=True, cwd=self._dir(),
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                start_new_session=True,
+                cwd=self._dir(),
             )
         finally:
             stderr.close()
@@ -438,16 +465,19 @@ class DovecotLmtp:
                 self._reap()
                 if "Address already in use" in text:
                     raise _PortTaken
-                raise DovecotError(f"dovecot exited with {self.proc.returncode} at start:\n"
-                                   + text[-5000:])
+                raise DovecotError(
+                    f"dovecot exited with {self.proc.returncode} at start:\n" + text[-5000:]
+                )
             if self.listen_seconds is None and self.unix_socket.exists() and self._accepts():
                 self.listen_seconds = time.monotonic() - began
             if self.listen_seconds is not None and self._greets(deadline):
                 break
             if time.monotonic() > deadline:
                 text = (self._stderr() + self.log())[-5000:]
-                raise DovecotError(f"dovecot did not greet on 127.0.0.1:{self.port} within "
-                                   f"{self.start_timeout}s:\n{text}")
+                raise DovecotError(
+                    f"dovecot did not greet on 127.0.0.1:{self.port} within "
+                    f"{self.start_timeout}s:\n{text}"
+                )
             time.sleep(0.002)
         self.startup_seconds = time.monotonic() - began
 
@@ -538,13 +568,16 @@ class DovecotLmtp:
     def __enter__(self) -> DovecotLmtp:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:
-        return (f"<DovecotLmtp {self.directory} port={self.port} pid={self.pid} "
-                f"users={self.users}>")
+        return f"<DovecotLmtp {self.directory} port={self.port} pid={self.pid} users={self.users}>"
 
 
 class _PortTaken(Exception):
