@@ -11,95 +11,20 @@ MAIL and RCPT arguments, then the content dot-unstuffed, lines ending in LF.
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import pytest
 
 from postillon.core.envelope import DsnRet, MailParams, RcptParams
 from postillon.outbound.client_session import ClientTimeouts, SessionError, SmtpClientSession
 
+if TYPE_CHECKING:
+    from sink_fixtures import Sink
+
 pytestmark = pytest.mark.integration
 
-SMTP_SINK = "/usr/sbin/smtp-sink"
 FAST = ClientTimeouts(connect=5, greeting=5, command=5, data_block=5, data_end=5)
-
-
-class Sink:
-    def __init__(
-        self, proc: subprocess.Popen[bytes], port: int, dump: Path, unix: str | None
-    ) -> None:
-        self.proc = proc
-        self.port = port
-        self.dump = dump
-        self.unix = unix
-
-    def dumps(self, count: int, timeout: float = 5.0) -> list[str]:
-        """The dump files' texts (waits until ``count`` exist), oldest first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            files = sorted(self.dump.rglob("*"), key=lambda p: p.stat().st_mtime_ns)
-            files = [f for f in files if f.is_file()]
-            if len(files) >= count or time.monotonic() > deadline:
-                return [f.read_bytes().decode("utf-8", "replace") for f in files]
-            time.sleep(0.05)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_listening(port: int | None, unix: str | None) -> None:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            if unix:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(unix)
-            else:
-                socket.create_connection(("127.0.0.1", port or 0), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("smtp-sink did not start")
-
-
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[Callable[..., Sink]]:
-    if not os.access(SMTP_SINK, os.X_OK):
-        pytest.fail("smtp-sink is missing: run scripts/install-system-deps.sh (package postfix)")
-    procs: list[subprocess.Popen[bytes]] = []
-    # smtp-sink run by root must drop to another user (-u), which must be able to
-    # write the dump directory: pytest's own tmp_path is private to root.
-    shared = Path(tempfile.mkdtemp(prefix="postillon-sink-"))
-    shared.chmod(0o777)
-
-    def start(*options: str, unix: bool = False) -> Sink:
-        dump = shared / f"dump{len(procs)}"
-        dump.mkdir()
-        dump.chmod(0o777)
-        port = _free_port()
-        path = str(tmp_path / f"lmtp{len(procs)}.sock") if unix else None
-        where = f"unix:{path}" if path else f"127.0.0.1:{port}"
-        user = ["-u", "nobody"] if os.geteuid() == 0 else []
-        proc = subprocess.Popen([SMTP_SINK, *user, "-d", f"{dump}/%M.", *options, where, "10"])
-        procs.append(proc)
-        _wait_listening(port, path)
-        return Sink(proc, port, dump, path)
-
-    yield start
-    for proc in procs:
-        proc.kill()
-        proc.wait()
-    shutil.rmtree(shared, ignore_errors=True)
 
 
 async def pieces(data: bytes, size: int = 1000) -> AsyncIterator[bytes]:
