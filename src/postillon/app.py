@@ -115,7 +115,12 @@ class App:
         queue_path(config).parent.mkdir(parents=True, exist_ok=True)
         self.store = SqliteStore(queue_path(config))
         intake = Intake(
-            self.store, config.hostname, data_dir / "spool", clock=clock, maillog=self.maillog
+            self.store,
+            config.hostname,
+            data_dir / "spool",
+            clock=clock,
+            maillog=self.maillog,
+            max_hops=config.limits.max_hops,
         )
         local = build_local_recipients(config)
         relay = RelayPolicy(local, config.relay.trusted_networks)

@@ -305,6 +305,30 @@ async def test_fencing_ignores_a_stale_token(store: QueueStore) -> None:
     assert await store.record_outcomes([outcome(fresh, DeliveryState.DELIVERED)]) == ["QFENCE"]
 
 
+async def test_not_attempted_reschedules_without_counting(store: QueueStore) -> None:
+    await store.commit(message("QBUSY"))
+    (rec,) = await store.claim_due(T0, 10, LEASE, "r")
+    await store.record_outcomes([outcome(rec, DeliveryState.DEFERRED, next_try=T0 + 60)])
+    (rec,) = await store.claim_due(T0 + 60, 10, LEASE, "r")
+    busy = OutcomeUpdate(
+        rec.record_id,
+        rec.lease_token or "",
+        DeliveryState.DEFERRED,
+        OK_250,
+        T0 + 62,
+        T0 + 60,
+        attempted=False,
+    )
+    await store.record_outcomes([busy])
+    info = await store.get_message("QBUSY")
+    assert info is not None
+    (after,) = info.records
+    assert after.state is DeliveryState.DEFERRED and after.next_try == T0 + 62
+    assert after.attempts == 1 and after.last_reply == TRY_LATER  # unchanged
+    assert after.lease_token is None
+    assert [r.record_id for r in await store.claim_due(T0 + 62, 10, LEASE, "r")] == [rec.record_id]
+
+
 async def test_unknown_record_or_wrong_token_is_ignored(store: QueueStore) -> None:
     await store.commit(message("QWRONG"))
     (rec,) = await store.claim_due(T0, 10, LEASE, "r")

@@ -116,6 +116,9 @@ class LimitsConfig(_Frozen):
     command_timeout: float = Field(300.0, gt=0)
     data_timeout: float = Field(600.0, gt=0)  # one read during DATA/BDAT (4.5.3.2.7 asks 10 min)
     session_timeout: float = Field(3600.0, gt=0)  # whole connection, against slow-drip clients
+    # More Received: headers than this means a mail loop (RFC 5321 6.3); the
+    # message is refused at end of data with 554 5.4.6 (Postfix: hopcount_limit).
+    max_hops: int = Field(50, ge=10)
 
 
 class DomainConfig(_Frozen):

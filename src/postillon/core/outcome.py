@@ -16,12 +16,18 @@ from postillon.core.reply import Reply
 class Delivered:
     reply: Reply
     detail: str = ""  # e.g. the Maildir file name or "mx.example.org[192.0.2.1]"
+    # Handed to a next hop that does not support DSN (RFC 3461 §6.2.2), so a
+    # requested success notice must come from us, with Action: relayed.
+    relayed_without_dsn: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class TempFail:
     reply: Reply
     detail: str = ""
+    # Not tried at all (e.g. no free connection slot to the destination): the
+    # queue reschedules soon without counting an attempt.
+    attempted: bool = True
 
 
 @dataclass(frozen=True, slots=True)

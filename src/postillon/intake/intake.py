@@ -133,7 +133,7 @@ class IntakeTransaction:
             raise IntakeError(Reply.of(554, "5.5.1", "No valid recipients"))
         if not self._header_done:
             self._hops = len(_RECEIVED.findall(self._header_buf))
-        if self._hops > MAX_HOPS:
+        if self._hops > self._intake.max_hops:
             self.abort()
             raise IntakeError(TOO_MANY_HOPS)
         if self._body is None:
@@ -198,8 +198,10 @@ class Intake:
         *,
         clock: Clock | None = None,
         maillog: MailLog | None = None,
+        max_hops: int = MAX_HOPS,
     ) -> None:
         self.store = store
+        self.max_hops = max_hops
         self.hostname = hostname
         self.spool_dir = spool_dir
         self.clock: Clock = clock or SystemClock()

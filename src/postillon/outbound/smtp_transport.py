@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from postillon.core.envelope import BodyType
-from postillon.core.outcome import Outcome, PermFail, TempFail, outcome_from_reply
+from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
 from postillon.outbound.client_session import (
     ClientTimeouts,
@@ -35,6 +35,14 @@ READ_WHOLE_LIMIT = 1024 * 1024
 MAX_ADDRESSES = 10
 
 NO_ADDRESSES = Reply.of(451, "4.4.4", "No usable address for the destination host")
+# A delivery waits at most this long for a free connection slot to its
+# destination. A busy destination frees slots in milliseconds; a stalled one
+# would otherwise hold the runner's whole active set and block every other
+# destination, so past this wait the delivery is deferred instead.
+DESTINATION_WAIT = 1.0
+DESTINATION_BUSY = Reply.of(
+    451, "4.4.5", "Too many connections to this destination in use; will retry"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +142,17 @@ class SmtpTransport:
             return [targets] * count
         if not targets:
             return [TempFail(NO_ADDRESSES, job.route.domain)] * count
-        async with self.limits.total, self.limits.destination(job.route.key):
-            return await self._try_targets(job, targets)
+        slot = self.limits.destination(job.route.key)
+        try:
+            async with asyncio.timeout(DESTINATION_WAIT):
+                await slot.acquire()
+        except TimeoutError:
+            return [TempFail(DESTINATION_BUSY, job.route.key, attempted=False)] * count
+        try:
+            async with self.limits.total:
+                return await self._try_targets(job, targets)
+        finally:
+            slot.release()
 
     async def _try_targets(self, job: DeliveryJob, targets: list[_Target]) -> list[Outcome]:
         count = len(job.records)
@@ -175,8 +192,17 @@ class SmtpTransport:
         result: TransactionResult,
     ) -> list[Outcome]:
         detail = _describe(target, session)
+        # RFC 3461 §6.2.2: a next hop without DSN cannot honour NOTIFY=SUCCESS;
+        # the runner then sends a "relayed" notice itself.
+        dsn_passed = self.lmtp or "DSN" in session.extensions
         await self.pool.put(key, session)
-        return [outcome_from_reply(reply, detail) for reply in result.per_recipient]
+        outcomes: list[Outcome] = []
+        for reply in result.per_recipient:
+            outcome = outcome_from_reply(reply, detail)
+            if isinstance(outcome, Delivered) and not dsn_passed:
+                outcome = Delivered(outcome.reply, outcome.detail, relayed_without_dsn=True)
+            outcomes.append(outcome)
+        return outcomes
 
     @staticmethod
     async def _send(job: DeliveryJob, session: SmtpClientSession) -> TransactionResult:

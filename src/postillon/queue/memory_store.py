@@ -159,6 +159,18 @@ class MemoryStore:
                 state = DeliveryState.HELD
             else:
                 continue
+            if not u.attempted:
+                self._records[u.record_id] = replace(
+                    rec,
+                    state=state,
+                    next_try=u.next_try,
+                    lease_token=None,
+                    lease_owner=None,
+                    lease_expires=None,
+                    updated_at=u.now,
+                )
+                touched.add(rec.queue_id)
+                continue
             self._records[u.record_id] = replace(
                 rec,
                 state=state,

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -87,6 +88,9 @@ def _process_alive(pid: int) -> bool:
         return True
     return True
 
+
+# Work a transport could not even start is offered again after about this long.
+NOT_ATTEMPTED_DELAY = 2.0
 
 NO_TRANSPORT = Reply.of(451, "4.3.5", "No transport configured for this destination")
 EXPIRED = "message expired in queue"
@@ -292,18 +296,34 @@ class Runner:
                     )
                 )
                 self.maillog.event("delivered", message.queue_id, **fields)
-                if route.kind in ("maildir", "lmtp") and wants_notice(
-                    record.rcpt_params, "delivered"
-                ):
+                action = "relayed" if outcome.relayed_without_dsn else "delivered"
+                notify = route.kind in ("maildir", "lmtp") or outcome.relayed_without_dsn
+                if notify and wants_notice(record.rcpt_params, action):
                     succeeded.append(
                         DsnRecipient(
                             record.recipient,
                             record.original_recipient,
                             record.rcpt_params,
                             outcome.reply,
-                            action="delivered",
+                            remote=outcome.detail if action == "relayed" else "",
+                            action=action,
                         )
                     )
+                continue
+            if isinstance(outcome, TempFail) and not outcome.attempted:
+                # Not tried (destination slots busy): back in a few seconds,
+                # no attempt counted, nothing to log at info level.
+                updates.append(
+                    OutcomeUpdate(
+                        record.record_id,
+                        record.lease_token or "",
+                        DeliveryState.DEFERRED,
+                        outcome.reply,
+                        now + NOT_ATTEMPTED_DELAY * (0.5 + random.random()),
+                        now,
+                        attempted=False,
+                    )
+                )
                 continue
             if isinstance(outcome, TempFail) and not expired:
                 next_try = self.retry.next_try(record.attempts + 1, now)

@@ -781,6 +781,15 @@ class SqliteStore:
                     new_state = _HELD
                 else:
                     continue
+                if not u.attempted:
+                    conn.execute(
+                        "UPDATE records SET state = ?, next_try = ?, lease_token = NULL,"
+                        " lease_owner = NULL, lease_expires = NULL, updated_at = ?"
+                        " WHERE record_id = ?",
+                        (new_state, u.next_try, u.now, u.record_id),
+                    )
+                    touched.add(queue_id)
+                    continue
                 conn.execute(
                     "UPDATE records SET state = ?, attempts = attempts + 1, next_try = ?,"
                     " last_reply = ?, lease_token = NULL, lease_owner = NULL,"

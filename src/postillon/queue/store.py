@@ -125,6 +125,10 @@ class OutcomeUpdate:
     reply: Reply
     next_try: float  # meaningful for DEFERRED
     now: float
+    # False when the transport did not try at all (the destination's
+    # connection slots were all busy): the record is rescheduled without
+    # counting an attempt or replacing its last reply.
+    attempted: bool = True
 
 
 class QueueStore(Protocol):
