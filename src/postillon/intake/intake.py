@@ -13,8 +13,9 @@ from postillon.core.envelope import MailParams
 from postillon.core.queueid import new_queue_id
 from postillon.core.reply import Reply
 from postillon.intake.headers import ClientInfo, received_header
+from postillon.intake.recent import MAX_CACHED_BODY, RecentMessages
 from postillon.observability.maillog import MailLog, null_maillog
-from postillon.queue.store import NewMessage, NewRecipient, QueueStore
+from postillon.queue.store import MessageInfo, NewMessage, NewRecipient, QueueStore
 
 # Bodies up to this size stay in memory; larger ones spill to a file in the
 # spool directory. 4 KiB mail (the common case) never touches the filesystem
@@ -153,6 +154,11 @@ class IntakeTransaction:
         )
         try:
             await self._intake.store.commit(message)
+            if self._size <= MAX_CACHED_BODY:
+                self._body.seek(0)
+                self._intake.recent.put(_envelope(message), self._body.read())
+            else:
+                self._intake.recent.put(_envelope(message), None)
         except Exception as exc:
             self._intake.maillog.event(
                 "error", self.queue_id, reason=f"queue commit failed: {exc!r}"
@@ -207,6 +213,7 @@ class Intake:
         self.clock: Clock = clock or SystemClock()
         self.maillog = maillog or null_maillog()
         self._listeners: list[_Callback] = []
+        self.recent = RecentMessages()
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     def begin(
@@ -239,3 +246,16 @@ class Intake:
         tx.start_body(trace=trace)
         tx.write(body)
         return await tx.commit()
+
+
+def _envelope(message: NewMessage) -> MessageInfo:
+    return MessageInfo(
+        queue_id=message.queue_id,
+        sender=message.sender,
+        mail_params=message.mail_params,
+        size=message.size,
+        received_at=message.received_at,
+        client=message.client,
+        source=message.source,
+        records=(),
+    )

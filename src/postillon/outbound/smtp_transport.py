@@ -67,6 +67,9 @@ class _Target:
 
 
 async def _body(job: DeliveryJob) -> AsyncIterator[bytes]:
+    if job.cached_body is not None:  # just committed by this process: no store read
+        yield job.cached_body
+        return
     if job.message.size <= READ_WHOLE_LIMIT:
         for chunk in await asyncio.to_thread(lambda: list(job.body())):
             yield chunk

@@ -63,9 +63,12 @@ class DeliveryJob:
     records: tuple[DeliveryRecord, ...]
     route: Route
     store: QueueStore
+    cached_body: bytes | None = None  # from intake's recent-message cache
 
     def body(self) -> Iterator[bytes]:
         """The stored body in chunks; blocking, so call it from a thread."""
+        if self.cached_body is not None:
+            return iter((self.cached_body,))
         return self.store.open_body(self.message.queue_id)
 
 
@@ -229,28 +232,34 @@ class Runner:
 
     async def _deliver_message(self, queue_id: str, records: list[DeliveryRecord]) -> None:
         try:
-            message = await self.store.get_message(queue_id)
+            recent = self.intake.recent.get(queue_id)
+            message = recent.info if recent else await self.store.get_message(queue_id)
             if message is None:
                 return
+            cached_body = recent.body if recent else None
             groups: dict[str, tuple[Route, list[DeliveryRecord]]] = {}
             for record in records:
                 route = self.router.route(record.recipient)
                 groups.setdefault(route.key, (route, []))[1].append(record)
             results: list[tuple[DeliveryRecord, Outcome, Route]] = []
             for route, recs in groups.values():
-                outcomes = await self._run_transport(message, route, recs)
+                outcomes = await self._run_transport(message, route, recs, cached_body)
                 results.extend((r, o, route) for r, o in zip(recs, outcomes, strict=True))
             await self._record(message, results)
         finally:
             self._in_flight -= len(records)
 
     async def _run_transport(
-        self, message: MessageInfo, route: Route, records: list[DeliveryRecord]
+        self,
+        message: MessageInfo,
+        route: Route,
+        records: list[DeliveryRecord],
+        cached_body: bytes | None = None,
     ) -> Sequence[Outcome]:
         transport = self.transports.get(route.kind)
         if transport is None:
             return [TempFail(NO_TRANSPORT, route.kind) for _ in records]
-        job = DeliveryJob(message, tuple(records), route, self.store)
+        job = DeliveryJob(message, tuple(records), route, self.store, cached_body)
         try:
             outcomes = await transport.deliver(job)
         except Exception as exc:  # unknown errors count as temporary (DESIGN principle 6)
@@ -390,7 +399,9 @@ class Runner:
                 if notice:
                     await self._send_dsn(message, notice, now)
         if updates:
-            await self.store.record_outcomes(updates)
+            completed = await self.store.record_outcomes(updates)
+            for queue_id in completed:
+                self.intake.recent.drop(queue_id)
 
     def _crosses_delay_warning(
         self, message: MessageInfo, record: DeliveryRecord, next_try: float
