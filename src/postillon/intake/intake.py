@@ -156,9 +156,9 @@ class IntakeTransaction:
             await self._intake.store.commit(message)
             if self._size <= MAX_CACHED_BODY:
                 self._body.seek(0)
-                self._intake.recent.put(_envelope(message), self._body.read())
+                self._intake.recent.put(MessageInfo.envelope_of(message), self._body.read())
             else:
-                self._intake.recent.put(_envelope(message), None)
+                self._intake.recent.put(MessageInfo.envelope_of(message), None)
         except Exception as exc:
             self._intake.maillog.event(
                 "error", self.queue_id, reason=f"queue commit failed: {exc!r}"
@@ -246,16 +246,3 @@ class Intake:
         tx.start_body(trace=trace)
         tx.write(body)
         return await tx.commit()
-
-
-def _envelope(message: NewMessage) -> MessageInfo:
-    return MessageInfo(
-        queue_id=message.queue_id,
-        sender=message.sender,
-        mail_params=message.mail_params,
-        size=message.size,
-        received_at=message.received_at,
-        client=message.client,
-        source=message.source,
-        records=(),
-    )

@@ -95,16 +95,7 @@ class MemoryStore:
                 updated_at=now,
             )
             ids.append(rid)
-        info = MessageInfo(
-            queue_id=message.queue_id,
-            sender=message.sender,
-            mail_params=message.mail_params,
-            size=message.size,
-            received_at=message.received_at,
-            client=message.client,
-            source=message.source,
-            records=(),
-        )
+        info = MessageInfo.envelope_of(message)
         self._messages[message.queue_id] = _Message(info, chunks, ids)
 
     async def claim_due(

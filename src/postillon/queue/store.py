@@ -114,6 +114,20 @@ class MessageInfo:
     source: str
     records: tuple[DeliveryRecord, ...]
 
+    @classmethod
+    def envelope_of(cls, message: NewMessage) -> MessageInfo:
+        """The envelope of a message being committed, without its records."""
+        return cls(
+            queue_id=message.queue_id,
+            sender=message.sender,
+            mail_params=message.mail_params,
+            size=message.size,
+            received_at=message.received_at,
+            client=message.client,
+            source=message.source,
+            records=(),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class OutcomeUpdate:
