@@ -183,6 +183,9 @@ class SmtpTransport:
                 errors.append(exc)
                 last_detail = _describe(target, session)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
+                settled = _settled_before_failure(exc, last_detail)
+                if settled is not None:
+                    return settled
                 continue
             return await self._finish(key, target, session, result)
         return [_failure(errors, last_detail)] * count
@@ -246,6 +249,20 @@ class SmtpTransport:
                 session.close()
                 raise
         return session
+
+
+def _settled_before_failure(exc: SessionError, detail: str) -> list[Outcome] | None:
+    """Outcomes already final when a connection broke mid-transaction.
+
+    A recipient refused with 5xx at RCPT, or (LMTP) given its own 250 after
+    DATA, must not be sent again: that would bounce late or deliver twice.
+    The still-open recipients get the made-up 4xx and are retried later.
+    None when nothing was settled, so the next host may take the whole job.
+    """
+    partial = exc.partial
+    if partial is None or all(r.is_transient for r in partial.per_recipient):
+        return None
+    return [outcome_from_reply(reply, detail) for reply in partial.per_recipient]
 
 
 def _failure(errors: list[SessionError], detail: str) -> Outcome:
