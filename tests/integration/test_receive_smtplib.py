@@ -167,3 +167,22 @@ def test_vrfy_does_not_enumerate(server: ServerProcess) -> None:
         s.ehlo("client.test")
         assert s.verify("alice@example.org")[0] == 252
         assert s.verify("nobody@example.org")[0] == 252
+
+
+def test_lmtp_listener_answers_per_recipient(make_server) -> None:  # type: ignore[no-untyped-def]
+    from postillon.testing.server import free_port
+
+    port = free_port()
+    server = make_server(listen=[{"kind": "lmtp", "address": f"127.0.0.1:{port}"}]).start()
+    with smtplib.LMTP("127.0.0.1", port, local_hostname="mda-client.test") as s:
+        s.ehlo_or_helo_if_needed()
+        assert s.docmd("MAIL FROM:<carol@sender.test>")[0] == 250
+        assert s.docmd("RCPT TO:<alice@example.org>")[0] == 250
+        assert s.docmd("RCPT TO:<bob@example.org>")[0] == 250
+        assert s.docmd("DATA")[0] == 354
+        s.send(MESSAGE.encode() + b".\r\n")
+        first, second = s.getreply(), s.getreply()  # RFC 2033: one reply per recipient
+        assert first[0] == 250 and second[0] == 250
+    server.wait_for_mail("alice@example.org")
+    (path,) = server.wait_for_mail("bob@example.org")
+    assert b"with LMTP id" in path.read_bytes()

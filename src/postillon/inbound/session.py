@@ -231,7 +231,8 @@ class Session:
     async def _complete(self, event: ev.MessageComplete) -> None:
         self.in_data = False
         tx, self.tx = self.tx, None
-        replies_needed = getattr(event, "recipients", 1) if self.deps.settings.lmtp else 1
+        # LMTP (RFC 2033 4.2): one reply per accepted recipient; SMTP: one reply.
+        replies_needed = event.recipients or 1 if self.deps.settings.lmtp else 1
         if tx is None:
             for _ in range(max(1, replies_needed)):
                 self.conn.reply(TEMP_LOCAL_ERROR)
