@@ -5,6 +5,7 @@
 #   iproute2         `ip` for the loopback-only network namespace tests run in
 #   dovecot-core     a real LMTP server (the MDA postillon hands local mail to),
 #   dovecot-lmtpd      run in the foreground from a temp dir by testing/dovecot.py
+#   msmtp            a real mail program (MUA-side SMTP client) for submission tests
 # Installs only what is missing; needs root (CI runs as root). Without root it
 # says what is missing and the tests that need it report the missing tool.
 set -eu
@@ -14,6 +15,7 @@ command -v ip >/dev/null 2>&1 || need="$need iproute2"
 [ -x /usr/sbin/smtp-source ] || need="$need postfix"
 [ -x /usr/sbin/dovecot ] || need="$need dovecot-core"
 [ -x /usr/lib/dovecot/lmtp ] || need="$need dovecot-lmtpd"
+command -v msmtp >/dev/null 2>&1 || need="$need msmtp"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages:$need (run as root or: sudo apt-get install$need)" >&2
