@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 from pathlib import Path
 
 from postillon.checks.relay import RelayPolicy
 from postillon.config.model import Config
+from postillon.core.address import Address
 from postillon.core.clock import SystemClock
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.listener import Listener
@@ -28,6 +30,8 @@ from postillon.inbound.privileges import (
 from postillon.inbound.session import SessionDeps
 from postillon.inbound.tls import ensure_self_signed, server_context
 from postillon.intake.intake import Intake
+from postillon.intake.maildrop import prepare_maildrop
+from postillon.intake.pickup import Pickup
 from postillon.local.maildir import MaildirDelivery
 from postillon.local.transport import MaildirTransport
 from postillon.observability.maillog import MailLog, setup_logging
@@ -39,7 +43,7 @@ from postillon.queue.retry import RetryPolicy
 from postillon.queue.runner import Runner, Transport
 from postillon.queue.sqlite_store import SqliteStore
 from postillon.routing.aliases import load_aliases
-from postillon.routing.local import LocalRecipients
+from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
 
@@ -73,6 +77,7 @@ class App:
         self.listeners: list[Listener] = []
         self.store: SqliteStore | None = None
         self.runner: Runner | None = None
+        self.pickup: Pickup | None = None
         self._smtp: SmtpTransport | None = None
         self._lmtp: SmtpTransport | None = None
         self._stopped = asyncio.Event()
@@ -92,11 +97,18 @@ class App:
         data_dir.mkdir(parents=True, exist_ok=True)
         tls_context = self._tls_context()
         drop_to = config.user if running_as_root() and config.user else None
-        if drop_to is not None:
+        # Maildrop files owned by these uids may set their envelope sender (-f).
+        server_uids = {0, os.geteuid()}
+        maildrop = data_dir / "maildrop"
+        if drop_to is None:
+            prepare_maildrop(maildrop)
+        else:
             entry = lookup_user(drop_to)
             for sub in ("queue", "spool", "mail"):
                 (data_dir / sub).mkdir(exist_ok=True)
-            chown_tree(data_dir, entry.pw_uid, entry.pw_gid)
+            chown_tree(data_dir, entry.pw_uid, entry.pw_gid, skip=(maildrop,))
+            prepare_maildrop(maildrop, entry.pw_uid, entry.pw_gid)
+            server_uids.add(entry.pw_uid)
 
         limiter = ConnectionLimiter(config.limits.connections, config.limits.connections_per_ip)
         for listen in config.listen:
@@ -174,6 +186,19 @@ class App:
         )
         await self.runner.recover_dead_leases()
         self.runner.start()
+
+        def expand(address: Address) -> tuple[str, ...]:
+            # Local submission is trusted: relay allowed, aliases expand; an
+            # unknown local recipient is queued and bounces like any other.
+            decision = relay.check_recipient(address, "", authenticated=True)
+            if isinstance(decision, RecipientAccepted):
+                return decision.targets
+            return (str(address),)
+
+        self.pickup = Pickup(
+            maildrop, intake, config.hostname, clock, expand=expand, trusted_uids=server_uids
+        )
+        self.pickup.start()
         for listener, deps in serving:
             await listener.start(deps)
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
@@ -223,6 +248,8 @@ class App:
             listener.stop_accepting()
         await asyncio.gather(*(lst.wait_sessions(grace) for lst in self.listeners))
         log.debug("stop: sessions done")
+        if self.pickup is not None:
+            await self.pickup.stop()
         if self.runner is not None:
             await self.runner.stop(grace)
         log.debug("stop: runner done")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from postillon import __version__
-from postillon.cli import queue_cmd
+from postillon.cli import queue_cmd, user_cmd
 from postillon.cli.config_path import DEFAULT_CONFIG, find_config
 from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
@@ -35,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", nargs="?", help="the file to check (default: as for --config)")
     queue_cmd.add_parser(sub)
+    user_cmd.add_parser(sub)
+    for name, text in (
+        ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
+        ("mailq", "list the queue (= sendmail -bp)"),
+        ("newaliases", "no-op: aliases are read at start and reload (= sendmail -bi)"),
+    ):
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -45,6 +52,12 @@ def _load(path: Path | None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from postillon.cli.sendmail import postillon_command
+
+    # `postillon sendmail|mailq|newaliases ...` take sendmail's own options.
+    routed = postillon_command(sys.argv[1:] if argv is None else argv)
+    if routed is not None:
+        return routed
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -70,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "queue":
             return queue_cmd.run(args, config)
+        if args.command == "user":
+            return user_cmd.run(args, config)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

@@ -67,8 +67,17 @@ def _resolve_relative(config: Config, base: Path | None) -> Config:
         update={"files": tuple(fix(f) or f for f in config.aliases.files)}
     )
     log = config.log.model_copy(update={"file": fix(config.log.file)})
+    submission = config.submission.model_copy(
+        update={"accounts_file": fix(config.submission.accounts_file)}
+    )
     return config.model_copy(
-        update={"data_dir": fix(config.data_dir), "tls": tls, "aliases": aliases, "log": log}
+        update={
+            "data_dir": fix(config.data_dir),
+            "tls": tls,
+            "aliases": aliases,
+            "log": log,
+            "submission": submission,
+        }
     )
 
 

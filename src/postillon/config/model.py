@@ -219,6 +219,26 @@ class TransportRule(_Frozen):
         return value
 
 
+class SubmissionConfig(_Frozen):
+    """Mail from authenticated users (RFC 6409 message submission)."""
+
+    # May an authenticated user use addresses it does not own in MAIL FROM and
+    # From:? "enforce" refuses (553 5.7.1 at MAIL, 550 5.7.1 at end of data),
+    # "warn" accepts and logs, "off" does not check.
+    sender_policy: Literal["off", "warn", "enforce"] = "enforce"
+    # Per user, so a stolen password cannot turn the server into a spam
+    # cannon; over the limit: 450 4.7.1 at MAIL, 452 4.5.3 at RCPT. 0 = unlimited.
+    messages_per_hour: int = Field(500, ge=0)
+    recipients_per_hour: int = Field(2000, ge=0)
+    # Per client IP (IPv6 counted per /64) on submission listeners; 0 = unlimited.
+    ip_messages_per_hour: int = Field(1000, ge=0)
+    # Received: of submitted mail names no client IP (the user's home address
+    # is nobody's business; the Received: line keeps the HELO name and auth).
+    hide_client_ip: bool = True
+    # The accounts file (`postillon user ...`); None = <data_dir>/accounts.json.
+    accounts_file: Path | None = None
+
+
 class Config(_Frozen):
     hostname: str = "localhost"
     data_dir: Path = Path("./var")
@@ -235,6 +255,7 @@ class Config(_Frozen):
     dns: DnsConfig = DnsConfig()
     outbound: OutboundConfig = OutboundConfig()
     transport: tuple[TransportRule, ...] = ()
+    submission: SubmissionConfig = SubmissionConfig()
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -25,10 +26,16 @@ def lookup_user(user: str) -> pwd.struct_passwd:
         ) from None
 
 
-def chown_tree(path: Path, uid: int, gid: int) -> None:
-    """Give the runtime user its data directory (queue, spool, mailboxes)."""
+def chown_tree(path: Path, uid: int, gid: int, skip: Iterable[Path] = ()) -> None:
+    """Give the runtime user its data directory (queue, spool, mailboxes).
+
+    ``skip`` names subtrees whose ownership means something (the maildrop: a
+    file's owner is who submitted it) and must never be changed.
+    """
     os.chown(path, uid, gid)
+    skipped = {os.path.abspath(p) for p in skip}
     for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if os.path.abspath(os.path.join(root, d)) not in skipped]
         for name in dirs + files:
             os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
 

@@ -1,0 +1,188 @@
+"""The maildrop file format, the sendmail command's parsing, and pickup in memory."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from postillon.cli import sendmail
+from postillon.intake.intake import Intake
+from postillon.intake.maildrop import (
+    DropEnvelope,
+    MaildropError,
+    decode,
+    encode,
+    prepare_maildrop,
+    to_crlf,
+    write_drop,
+)
+from postillon.intake.pickup import Pickup
+from postillon.queue.memory_store import MemoryStore
+
+
+def test_round_trip() -> None:
+    env = DropEnvelope(("alice@example.org", "bob"), "me@example.org", "Ann Ex", 1000, "ann")
+    msg = b"Subject: x\r\n\r\nbody\r\n"
+    assert decode(encode(env, msg)) == (env, msg)
+    null = DropEnvelope(("alice@example.org",), "", "", 0, "root")
+    assert decode(encode(null, b"")) == (null, b"")
+    default = DropEnvelope(("a@b.c",))
+    assert decode(encode(default, msg))[0].sender is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"garbage\n\nbody",
+        b"POSTILLON-MAILDROP 1\nRecipient: a@b.c\nSize: 99\n\nshort",
+        b"POSTILLON-MAILDROP 1\nSize: 4\n\nbody",  # no recipient
+        b"POSTILLON-MAILDROP 1\nRecipient: a@b.c\nSize: 4\nbody",  # no blank line
+        b"POSTILLON-MAILDROP 1\nRecipient: a@b.c\nnonsense\nSize: 4\n\nbody",
+    ],
+)
+def test_corrupt_files_are_refused(data: bytes) -> None:
+    with pytest.raises(MaildropError):
+        decode(data)
+
+
+def test_values_cannot_inject_lines() -> None:
+    with pytest.raises(ValueError):
+        encode(DropEnvelope(("a@b.c\nRecipient: evil@x.y",)), b"")
+
+
+def test_atomic_write_and_permissions(tmp_path: Path) -> None:
+    drop = prepare_maildrop(tmp_path / "maildrop")
+    assert stat.S_IMODE(drop.stat().st_mode) == 0o1733
+    old = os.umask(0o077)
+    try:
+        path = write_drop(drop, DropEnvelope(("a@b.c",)), b"x\r\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in drop.iterdir() if p.is_file()] == [path.name]
+    assert decode(path.read_bytes())[1] == b"x\r\n"
+
+
+def test_options() -> None:
+    o = sendmail.parse_args(["-t", "-i", "-FCron Daemon", "-f", "root", "-oem", "-B8BITMIME"])
+    assert (o.extract, o.dot_ends, o.full_name, o.sender) == (True, False, "Cron Daemon", "root")
+    o = sendmail.parse_args(["-oi", "-odi", "-ti", "--", "-weird@example.org"])
+    assert (o.extract, o.dot_ends, o.recipients) == (True, False, ["-weird@example.org"])
+    o = sendmail.parse_args(["-f<>", "bob@example.org", "carol"])
+    assert (o.sender, o.recipients) == ("", ["bob@example.org", "carol"])
+    assert sendmail.parse_args(["-bs"]).mode == "s"
+    assert sendmail.parse_args(["-bp"]).mode == "p"
+    assert sendmail.parse_args(["-q30m"]).mode == "q"
+    assert sendmail.parse_args(["-bi"]).mode == "i"
+    assert sendmail.parse_args(["-I"]).mode == "i"
+    for bad in (["-Z"], ["-f"], ["-bd"]):
+        with pytest.raises(sendmail.UsageError):
+            sendmail.parse_args(bad)
+
+
+def test_unknown_flag_exits_ex_usage() -> None:
+    assert sendmail.run(["-Z"]) == sendmail.EX_USAGE
+    assert sendmail.run(["-bi"]) == sendmail.EX_OK
+
+
+def test_dot_handling() -> None:
+    data = b"Subject: a\n\nline\n.\nafter\n"
+    assert sendmail.read_message(io.BytesIO(data), dot_ends=True) == b"Subject: a\n\nline\n"
+    assert sendmail.read_message(io.BytesIO(data), dot_ends=False) == data
+    assert sendmail.read_message(io.BytesIO(b"a\n..\nb\n"), dot_ends=True) == b"a\n..\nb\n"
+    assert sendmail.read_message(io.BytesIO(b"From x\nA: b\n"), dot_ends=False) == b"A: b\n"
+
+
+def test_t_extracts_recipients_and_removes_bcc() -> None:
+    msg = to_crlf(
+        b"From: me@example.org\n"
+        b"To: Alice <alice@example.org>, bob@example.org\n"
+        b"Cc: carol@example.org\n"
+        b"Bcc: secret@example.org,\n"
+        b"  hidden@example.org\n"
+        b"Subject: Bcc: not a header\n"
+        b"\n"
+        b"Bcc: body line stays\n"
+    )
+    rcpts, out = sendmail.extract_recipients(msg)
+    assert rcpts == [
+        "alice@example.org",
+        "bob@example.org",
+        "carol@example.org",
+        "secret@example.org",
+        "hidden@example.org",
+    ]
+    assert b"secret" not in out and b"hidden" not in out
+    assert out.endswith(b"Subject: Bcc: not a header\r\n\r\nBcc: body line stays\r\n")
+
+
+def test_deliver_writes_maildrop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "c.toml").write_text('hostname = "mx.test"\ndata_dir = "var"\n')
+    monkeypatch.setenv("POSTILLON_CONFIG", str(tmp_path / "c.toml"))
+    drop = prepare_maildrop(tmp_path / "var" / "maildrop")
+    stdin = io.BytesIO(b"To: a@example.org\nBcc: b@example.org\nSubject: s\n\nhi\n")
+    assert sendmail.run(["-t", "-i", "c@example.org"], stdin=stdin) == 0
+    (path,) = [p for p in drop.iterdir() if p.is_file()]
+    env, msg = decode(path.read_bytes())
+    assert env.recipients == ("c@example.org", "a@example.org", "b@example.org")
+    assert msg == b"To: a@example.org\r\nSubject: s\r\n\r\nhi\r\n"
+    assert sendmail.run([], stdin=io.BytesIO(b"x\n")) == sendmail.EX_USAGE
+    assert sendmail.run(["bad address@"], stdin=io.BytesIO(b"x\n")) == sendmail.EX_NOUSER
+
+
+def test_bs_dialogue_writes_maildrop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "c.toml").write_text('hostname = "mx.test"\ndata_dir = "var"\n')
+    monkeypatch.setenv("POSTILLON_CONFIG", str(tmp_path / "c.toml"))
+    drop = prepare_maildrop(tmp_path / "var" / "maildrop")
+    dialogue = (
+        b"EHLO me\r\nMAIL FROM:<me@example.org>\r\nRCPT TO:<a@example.org>\r\n"
+        b"DATA\r\nSubject: s\r\n\r\n..dot\r\n.\r\nQUIT\r\n"
+    )
+    r, w = os.pipe()
+    os.write(w, dialogue)
+    os.close(w)
+    out = io.BytesIO()
+    with os.fdopen(r, "rb") as stdin:
+        assert sendmail.run(["-bs"], stdin=stdin, stdout=out) == 0
+    assert b"250 2.0.0 Ok: queued" in out.getvalue() and out.getvalue().endswith(b"\r\n")
+    (path,) = [p for p in drop.iterdir() if p.is_file()]
+    env, msg = decode(path.read_bytes())
+    assert (env.sender, env.recipients) == ("me@example.org", ("a@example.org",))
+    assert msg == b"Subject: s\r\n\r\n.dot\r\n"
+
+
+async def test_pickup_queues_and_adds_headers(tmp_path: Path) -> None:
+    store = MemoryStore()
+    intake = Intake(store, "mx.test", tmp_path / "spool")
+    drop = prepare_maildrop(tmp_path / "maildrop")
+    me = os.geteuid()
+    write_drop(drop, DropEnvelope(("alice",), None, "Ann", me, "x"), b"Subject: s\r\n\r\nhi\r\n")
+    (drop / "junk").write_bytes(b"not a maildrop file")
+    pickup = Pickup(drop, intake, "mx.test", trusted_uids={-5})  # the owner is not trusted
+    assert await pickup.scan_once() == 1
+    assert [p.name for p in drop.iterdir() if p.is_file()] == []
+    assert (drop / "corrupt" / "junk").exists()
+    (info,) = await store.list_messages()
+    assert [r.recipient for r in info.records] == ["alice@mx.test"]
+    assert info.source == "sendmail"
+    body = b"".join(store.open_body(info.queue_id))
+    assert body.startswith(f"Received: from local (uid {me})".encode())
+    assert b"From: Ann <x@mx.test>" not in body  # the name in the file is not trusted
+    assert b"From: Ann <" in body and b"Message-ID: <" in body and b"Date: " in body
+    assert body.endswith(b"Subject: s\r\n\r\nhi\r\n")
+
+    # -f from an untrusted uid: not used, recorded.
+    write_drop(drop, DropEnvelope(("bob@example.org",), "ceo@bank.example"), b"A: b\r\n\r\n")
+    assert await pickup.scan_once() == 1
+    messages = await store.list_messages()
+    assert sorted(m.sender for m in messages)[0].endswith("@mx.test")
+    # ... and from a trusted one, honoured.
+    trusting = Pickup(drop, intake, "mx.test", trusted_uids={me})
+    write_drop(drop, DropEnvelope(("bob@example.org",), "ceo@bank.example"), b"A: b\r\n\r\n")
+    assert await trusting.scan_once() == 1
+    assert "ceo@bank.example" in {m.sender for m in await store.list_messages()}
