@@ -15,10 +15,13 @@ import signal
 import ssl
 from pathlib import Path
 
+from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
+from postillon.inbound.accounts import AccountStore, accounts_path
+from postillon.inbound.auth import DEFAULT_MECHANISMS, Authenticator, AuthGuard
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.listener import Listener
 from postillon.inbound.privileges import (
@@ -96,6 +99,7 @@ class App:
         data_dir = config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         tls_context = self._tls_context()
+        clock = SystemClock()
         drop_to = config.user if running_as_root() and config.user else None
         # Maildrop files owned by these uids may set their envelope sender (-f).
         server_uids = {0, os.geteuid()}
@@ -123,7 +127,6 @@ class App:
             drop_privileges(drop_to)
             log.info("dropped privileges to user %s", drop_to)
 
-        clock = SystemClock()
         queue_path(config).parent.mkdir(parents=True, exist_ok=True)
         self.store = SqliteStore(queue_path(config))
         intake = Intake(
@@ -136,9 +139,21 @@ class App:
         )
         local = build_local_recipients(config)
         relay = RelayPolicy(local, config.relay.trusted_networks)
+        submit = config.submission
+        # One account store, one AUTH failure budget and one set of rate
+        # limits for the whole process: the budgets are per client IP and user.
+        accounts = AccountStore(accounts_path(config.data_dir, submit.accounts_file))
+        auth = Authenticator.create(accounts, AuthGuard(clock))
+        rate_limits = SubmissionRateLimits(
+            clock,
+            messages_per_hour=submit.messages_per_hour,
+            recipients_per_hour=submit.recipients_per_hour,
+            ip_messages_per_hour=submit.ip_messages_per_hour,
+        )
         serving: list[tuple[Listener, SessionDeps]] = []
         for listener in self.listeners:
             kind = listener.config.kind
+            submission = kind in ("submission", "submissions")
             settings = ServerSettings(
                 hostname=config.hostname,
                 max_message_size=config.limits.message_size,
@@ -148,6 +163,9 @@ class App:
                 starttls=tls_context is not None and kind != "submissions",
                 tls_active=kind == "submissions",
                 lmtp=kind == "lmtp",
+                # AUTH only on submission listeners, and only after TLS (RFC 4954 4).
+                auth_mechanisms=DEFAULT_MECHANISMS if submission else (),
+                require_auth=submission,
             )
             deps = SessionDeps(
                 settings=settings,
@@ -157,6 +175,12 @@ class App:
                 limits=config.limits,
                 listener=listener.config.label,
                 tls_context=tls_context,
+                auth=auth if submission else None,
+                submission=submission,
+                sender_policy=submit.sender_policy,
+                rate_limits=rate_limits,
+                hide_client_ip=submit.hide_client_ip,
+                recipient_delimiter=config.aliases.recipient_delimiter,
             )
             serving.append((listener, deps))
         transports = self._transports(local)

@@ -95,7 +95,12 @@ DIALOGUES: list[tuple[str, bytes, list[str], list[str], dict[str, Any]]] = [
             "250 AUTH PLAIN LOGIN",
         ],
         ["Hello"],
-        {"max_message_size": 100, "starttls": True, "auth_mechanisms": ("PLAIN", "LOGIN")},
+        {
+            "max_message_size": 100,
+            "starttls": True,
+            "auth_mechanisms": ("PLAIN", "LOGIN"),
+            "auth_plaintext": True,  # AUTH is offered before TLS only when allowed
+        },
     ),
     ("rset-first", b"RSET\r\n", ["250 2.0.0 Ok"], ["TransactionReset"], {}),
     (
@@ -583,13 +588,13 @@ def test_bdat_refused_by_adapter_ends_the_transaction() -> None:
     assert conn.data_to_send() == b"452 4.3.1 no space\r\n503 5.5.1 Need MAIL command\r\n"
 
 
-def test_auth_placeholder_masks_credentials() -> None:
-    conn = connect(auth_mechanisms=("PLAIN",))
-    conn.receive_data(b"EHLO c.test\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nAUTH CRAM-MD5\r\n")
+def test_auth_refusals_mask_credentials() -> None:
+    conn = connect(auth_mechanisms=("PLAIN",), tls_active=True)
+    conn.receive_data(b"EHLO c.test\r\nAUTH PLAIN AAAA\r\nAUTH CRAM-MD5\r\n")
     expect(conn, Hello)
     conn.accept_hello()
     first, second = events_until_need_data(conn)
-    assert first == CommandRejected(R.AUTH_UNAVAILABLE, "AUTH PLAIN ***")
+    assert first == CommandRejected(R.AUTH_MALFORMED, "AUTH PLAIN ***")
     assert second == CommandRejected(R.AUTH_UNKNOWN_MECHANISM, "AUTH CRAM-MD5")
     assert b"250 AUTH PLAIN\r\n" in conn.data_to_send()
 

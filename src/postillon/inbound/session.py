@@ -13,23 +13,48 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from dataclasses import dataclass, replace
 
+from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
+from postillon.checks.sender_policy import (
+    SenderMode,
+    check_from_header,
+    check_mail_from,
+    from_header_values,
+)
 from postillon.config.model import LimitsConfig
+from postillon.core.account import Account, ScramCredentials
+from postillon.core.address import Address
+from postillon.core.envelope import RcptParams
 from postillon.core.reply import SHUTTING_DOWN, TEMP_LOCAL_ERROR, TIMEOUT, Reply
+from postillon.inbound.auth import Authenticator
 from postillon.inbound.tls import describe as describe_tls
 from postillon.intake.headers import ClientInfo
 from postillon.intake.intake import Intake, IntakeError, IntakeTransaction
 from postillon.observability.maillog import MailLog
 from postillon.protocol import events as ev
-from postillon.protocol.server import NEED_DATA, ServerConnection, ServerSettings
+from postillon.protocol import replies as R
+from postillon.protocol.server import (
+    BUILTIN_MECHANISMS,
+    NEED_DATA,
+    ServerConnection,
+    ServerSettings,
+)
 from postillon.queue.store import NewRecipient
 from postillon.routing.local import RecipientAccepted
 
 READ_SIZE = 256 * 1024
 CLOSE_TIMEOUT = 2.0
+_LOG_NAME = 64  # characters of a client-supplied username kept in the log
+
+
+def _loggable_name(name: str) -> str:
+    """A username as the client typed it, safe for a log line."""
+    short = name[:_LOG_NAME] + ("..." if len(name) > _LOG_NAME else "")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in short)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +68,16 @@ class SessionDeps:
     limits: LimitsConfig
     listener: str
     tls_context: ssl.SSLContext | None = None
+    # SMTP AUTH (RFC 4954): None = no AUTH offered on this listener, whatever
+    # settings.auth_mechanisms says.
+    auth: Authenticator | None = None
+    # Submission policy (RFC 6409): applies to authenticated clients and to
+    # every session of a submission listener.
+    submission: bool = False
+    sender_policy: SenderMode = "enforce"
+    rate_limits: SubmissionRateLimits | None = None
+    hide_client_ip: bool = True
+    recipient_delimiter: str = "+"
 
 
 class Session:
@@ -61,9 +96,17 @@ class Session:
             tls=describe_tls(ssl_obj) if ssl_obj is not None else "",
             lmtp=deps.settings.lmtp,
         )
-        self.conn = ServerConnection(
-            replace(deps.settings, tls_active=ssl_obj is not None or deps.settings.tls_active)
+        settings = replace(
+            deps.settings, tls_active=ssl_obj is not None or deps.settings.tls_active
         )
+        if deps.auth is None and settings.auth_mechanisms:
+            settings = replace(settings, auth_mechanisms=())
+        self.conn = ServerConnection(
+            settings,
+            mechanisms=deps.auth.mechanisms if deps.auth is not None else BUILTIN_MECHANISMS,
+        )
+        self.auth_user = ""  # the authenticated username, once AUTH succeeded
+        self.account: Account | None = None
         self.tx: IntakeTransaction | None = None
         self.in_data = False
         self._stop_after_transaction = False
@@ -160,6 +203,10 @@ class Session:
                 conn.accept_hello()
             case ev.MailFrom(sender=sender, params=params):
                 self._abort_tx()
+                refusal = self._submission_sender_check(sender)
+                if refusal is not None:
+                    conn.reply(refusal)
+                    return
                 self.client = replace(self.client, smtputf8=params.smtputf8)
                 self.tx = self.deps.intake.begin(
                     str(sender) if sender is not None else "",
@@ -194,16 +241,28 @@ class Session:
                 self._abort_tx()
             case ev.StartTlsRequested():
                 await self._starttls()
+            case ev.AuthPassword() | ev.AuthScramLookup() | ev.AuthProof():
+                await self._auth(event)
+            case ev.Authenticated(mechanism=mechanism, username=username):
+                self.auth_user = username
+                self.account = self.deps.auth.store.get(username) if self.deps.auth else None
+                self.client = replace(
+                    self.client,
+                    authenticated=True,
+                    hide_ip=self.deps.submission and self.deps.hide_client_ip,
+                )
+                self.deps.maillog.event(
+                    "authenticated",
+                    client=self.client.describe(),
+                    username=_loggable_name(username),
+                    mechanism=mechanism,
+                )
             case ev.CommandRejected() | ev.QuitRequested() | ev.TooManyErrors():
                 pass
             case _:
                 pass
 
-    def _rcpt(self, recipient: object, params: object) -> None:
-        from postillon.core.address import Address
-        from postillon.core.envelope import RcptParams
-
-        assert isinstance(recipient, Address) and isinstance(params, RcptParams)
+    def _rcpt(self, recipient: Address, params: RcptParams) -> None:
         conn = self.conn
         if self.tx is None:
             conn.reply(Reply.of(503, "5.5.1", "Need MAIL command"))
@@ -211,6 +270,14 @@ class Session:
         decision = self.deps.relay.check_recipient(
             recipient, self.client.ip, self.client.authenticated
         )
+        if isinstance(decision, RecipientAccepted) and self._policed():
+            limited = self._rate_limits().check_recipient(self._username(), self.client.ip)
+            if limited is not None:
+                self.deps.maillog.event(
+                    "rejected", self.tx.queue_id, to=str(recipient), reason=limited.log_reason
+                )
+                conn.reply(limited.reply)
+                return
         if isinstance(decision, RecipientAccepted):
             given = str(recipient)
             for target in decision.targets:
@@ -237,6 +304,21 @@ class Session:
             for _ in range(max(1, replies_needed)):
                 self.conn.reply(TEMP_LOCAL_ERROR)
             return
+        if self.account is not None:
+            decision = check_from_header(
+                self.account,
+                from_header_values(tx.header_block),
+                self.deps.sender_policy,
+                self.deps.recipient_delimiter,
+            )
+            if decision.warning:
+                self.deps.maillog.event("warning", tx.queue_id, reason=decision.warning)
+            if not decision.allowed and decision.reply is not None:
+                tx.abort()
+                self.deps.maillog.event("rejected", tx.queue_id, reason=str(decision.reply))
+                for _ in range(max(1, replies_needed)):
+                    self.conn.reply(decision.reply)
+                return
         try:
             queue_id = await tx.commit()
             reply = Reply.of(250, "2.0.0", f"Ok: queued as {queue_id}")
@@ -247,6 +329,43 @@ class Session:
             )
         for _ in range(max(1, replies_needed)):
             self.conn.reply(reply)
+
+    # -- submission policy (RFC 6409) -----------------------------------------
+    def _policed(self) -> bool:
+        return self.deps.rate_limits is not None and (
+            self.deps.submission or self.account is not None
+        )
+
+    def _rate_limits(self) -> SubmissionRateLimits:
+        assert self.deps.rate_limits is not None
+        return self.deps.rate_limits
+
+    def _username(self) -> str | None:
+        return self.account.username if self.account is not None else None
+
+    def _submission_sender_check(self, sender: Address | None) -> Reply | None:
+        """Sender ownership, then the message rate; the refusal to send or None."""
+        if self.account is not None:
+            decision = check_mail_from(
+                self.account,
+                str(sender) if sender is not None else "",
+                self.deps.sender_policy,
+                self.deps.recipient_delimiter,
+            )
+            if decision.warning:
+                self.deps.maillog.event(
+                    "warning", client=self.client.describe(), reason=decision.warning
+                )
+            if not decision.allowed:
+                return decision.reply
+        if self._policed():
+            limited = self._rate_limits().check_message(self._username(), self.client.ip)
+            if limited is not None:
+                self.deps.maillog.event(
+                    "rejected", client=self.client.describe(), reason=limited.log_reason
+                )
+                return limited.reply
+        return None
 
     async def _starttls(self) -> None:
         ctx = self.deps.tls_context
@@ -267,6 +386,61 @@ class Session:
             self.client, tls=describe_tls(self.writer.get_extra_info("ssl_object"))
         )
         self.conn.tls_established()
+
+    # -- AUTH (RFC 4954) ------------------------------------------------------
+    async def _auth(self, event: ev.AuthPassword | ev.AuthScramLookup | ev.AuthProof) -> None:
+        auth = self.deps.auth
+        conn = self.conn
+        if auth is None:  # cannot happen: no mechanisms are offered without it
+            conn.reply(R.AUTH_UNAVAILABLE)
+            return
+        ip = self.client.ip
+        if auth.guard.blocked(ip):
+            self.deps.maillog.event(
+                "auth_failed",
+                client=self.client.describe(),
+                username=_loggable_name(event.username),
+                mechanism=event.mechanism,
+                reason="blocked after too many failures",
+            )
+            conn.reply(R.AUTH_TOO_MANY_FAILURES)
+            return
+        # Acting as someone else (a different authzid) is not supported.
+        own = event.authzid in ("", event.username)
+        try:
+            if isinstance(event, ev.AuthScramLookup):
+                creds: ScramCredentials | None = None
+                if own:
+                    creds = await asyncio.to_thread(auth.store.scram_credentials, event.username)
+                conn.auth_credentials(creds)
+                return
+            if isinstance(event, ev.AuthProof):
+                ok = event.valid and own
+            else:
+                ok = own and (
+                    await asyncio.to_thread(
+                        auth.store.verify_password, event.username, event.password
+                    )
+                    is not None
+                )
+        except Exception:
+            logging.getLogger("postillon.inbound").exception("credential store failed")
+            conn.reply(R.AUTH_UNAVAILABLE)
+            return
+        if ok:
+            conn.auth_accept()
+            return
+        penalty = auth.guard.failure(ip)
+        self.deps.maillog.event(
+            "auth_failed",
+            client=self.client.describe(),
+            username=_loggable_name(event.username),
+            mechanism=event.mechanism,
+            failures=penalty.failures,
+        )
+        if penalty.delay > 0:
+            await auth.guard.sleep(penalty.delay)
+        conn.reply(R.AUTH_TOO_MANY_FAILURES if penalty.disconnect else R.AUTH_FAILED)
 
     def _abort_tx(self) -> None:
         if self.tx is not None:

@@ -9,7 +9,8 @@
 # * TRANSITIONS maps (state, trigger) to the next state. A missing entry is a
 #   bug in the core, not a peer error: ``transition()`` raises RuntimeError.
 #
-# Commands are only read in GREETED, READY, MAIL, RCPT and BDAT. In DATA the
+# Commands are only read in GREETED, READY, MAIL, RCPT and BDAT. In AUTH each
+# line is a base64 SASL response (RFC 4954 §4) or "*" to cancel. In DATA the
 # input is the message body; in STARTTLS every byte is discarded until the
 # adapter calls ``tls_established()``; in CONNECTED (before ``greet()``) and
 # CLOSED nothing is read.
@@ -33,6 +34,7 @@ class State(StrEnum):
     DATA = "DATA"  # 354 sent: reading the body, then answering MessageComplete
     BDAT = "BDAT"  # inside a BDAT transaction (between or after chunks)
     STARTTLS = "STARTTLS"  # 220 to STARTTLS sent; waiting for tls_established()
+    AUTH = "AUTH"  # inside a SASL exchange: lines are responses, not commands
     CLOSED = "CLOSED"  # 221/421 queued, or the peer closed
 
 
@@ -59,6 +61,8 @@ class Trigger(StrEnum):
     MESSAGE_DONE = "MESSAGE_DONE"  # last reply to MessageComplete, or message aborted
     STARTTLS_ACCEPTED = "STARTTLS_ACCEPTED"  # 220 to STARTTLS
     TLS_ESTABLISHED = "TLS_ESTABLISHED"  # RFC 3207 §4.2: back to the initial state
+    AUTH_STARTED = "AUTH_STARTED"  # an admissible AUTH with a known mechanism
+    AUTH_DONE = "AUTH_DONE"  # 235, 535, 501 (cancelled or malformed) or another refusal
     CLOSE = "CLOSE"  # QUIT, 421, refused greeting, EOF
 
 
@@ -119,10 +123,13 @@ TRANSITIONS: dict[tuple[State, Trigger], State] = {
     (S.BDAT, T.RESET): S.READY,
     (S.BDAT, T.MESSAGE_DONE): S.READY,
     (S.STARTTLS, T.TLS_ESTABLISHED): S.GREETED,
+    (S.READY, T.AUTH_STARTED): S.AUTH,
+    (S.AUTH, T.AUTH_DONE): S.READY,
 }
 # CLOSE is accepted from every state (see transition()).
 
 READS_COMMANDS = frozenset({S.GREETED, S.READY, S.MAIL, S.RCPT, S.BDAT})
+READS_LINES = READS_COMMANDS | {S.AUTH}
 IN_TRANSACTION = frozenset({S.MAIL, S.RCPT, S.DATA, S.BDAT})
 
 

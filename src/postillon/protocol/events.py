@@ -112,7 +112,69 @@ class MessageComplete(Decision):
     recipients: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class AuthPassword(Decision):
+    """PLAIN or LOGIN gave a username and password (RFC 4954, RFC 4616).
+
+    Check them (a slow hash: off the event loop) and answer ``auth_accept()``
+    (235 2.7.0, then ``Authenticated``) or ``reply()`` with 535 5.7.8, 454
+    4.7.0 or 421. ``authzid`` is the identity asked to act as ("" = the same).
+    """
+
+    mechanism: str
+    username: str
+    authzid: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthScramLookup(Decision):
+    """SCRAM needs ``username``'s stored credentials (RFC 5802 §3).
+
+    Answer ``auth_credentials(creds)``; ``None`` for an unknown user (the
+    exchange goes on with made-up values and fails at the proof, so users
+    cannot be enumerated). Or ``reply()`` with 454 4.7.0 or 421.
+    """
+
+    mechanism: str
+    username: str
+    authzid: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthProof(Decision):
+    """SCRAM checked the client's proof.
+
+    ``valid``: answer ``auth_accept()`` (the core sends the server signature in
+    a 334, waits for the client's empty line, then 235 and ``Authenticated``)
+    or ``reply()`` with 535 5.7.8. Not valid: answer ``reply()`` with 535.
+    """
+
+    mechanism: str
+    username: str
+    authzid: str
+    valid: bool
+
+
 # --- information events -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated(Event):
+    """The 235 is queued: the connection is authenticated as ``username``."""
+
+    mechanism: str
+    username: str
+    authzid: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAborted(Event):
+    """The SASL exchange ended without a verdict: ``*`` (501 5.0.0) or a
+    malformed response (501 5.5.2). The core has answered."""
+
+    mechanism: str
+    reply: Reply
 
 
 @dataclass(frozen=True, slots=True)

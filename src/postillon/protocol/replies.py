@@ -22,6 +22,14 @@ from postillon.core.reply import (
 )
 
 __all__ = [
+    "AUTH_ALREADY",
+    "AUTH_CANCELLED",
+    "AUTH_ENCRYPTION_REQUIRED",
+    "AUTH_FAILED",
+    "AUTH_MALFORMED",
+    "AUTH_REQUIRED",
+    "AUTH_SUCCEEDED",
+    "AUTH_TOO_MANY_FAILURES",
     "AUTH_UNAVAILABLE",
     "AUTH_UNKNOWN_MECHANISM",
     "BAD_PARAM",
@@ -102,9 +110,19 @@ HELP = Reply.of(
     214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT"
 )
 
-# AUTH (RFC 4954): the SASL exchange comes with the AUTH issue.
+# AUTH (RFC 4954 §4, §6; RFC 6409 §4.3 for submission).
 AUTH_UNKNOWN_MECHANISM = Reply.of(504, "5.5.4", "Unrecognized authentication mechanism")
 AUTH_UNAVAILABLE = Reply.of(454, "4.7.0", "Temporary authentication failure")
+AUTH_ENCRYPTION_REQUIRED = Reply.of(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
+AUTH_ALREADY = Reply.of(503, "5.5.1", "Already authenticated")
+AUTH_REQUIRED = Reply.of(530, "5.7.0", "Authentication required")
+AUTH_SUCCEEDED = Reply.of(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply.of(535, "5.7.8", "Authentication credentials invalid")
+AUTH_CANCELLED = Reply.of(501, "5.0.0", "Authentication cancelled")
+AUTH_MALFORMED = Reply.of(501, "5.5.2", "Malformed authentication response")
+AUTH_TOO_MANY_FAILURES = Reply.of(421, "4.7.0", "Too many authentication failures, try later")
 
 
 def chunk_received(size: int) -> Reply:

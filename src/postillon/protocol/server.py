@@ -19,6 +19,12 @@ The adapter's side of the contract, as one session (maddy delivery_target habit)
             conn.reply(Reply.of(220, "2.0.0", "Ready to start TLS"))
             send(conn.data_to_send()); handshake()
             conn.tls_established()
+        elif isinstance(event, AuthPassword):    # PLAIN, LOGIN: the core ran the SASL dialogue
+            conn.auth_accept() if check(event) else conn.reply(R.AUTH_FAILED)
+        elif isinstance(event, AuthScramLookup):
+            conn.auth_credentials(store.scram_credentials(event.username))   # None if unknown
+        elif isinstance(event, AuthProof):       # SCRAM-SHA-256 checked the proof
+            conn.auth_accept() if event.valid else conn.reply(R.AUTH_FAILED)
         elif isinstance(event, BodyData):
             stream_to_intake(event.data)
         elif isinstance(event, MessageComplete):
@@ -26,6 +32,7 @@ The adapter's side of the contract, as one session (maddy delivery_target habit)
                 conn.reply(commit_and_answer())
         elif isinstance(event, MessageAborted | TransactionReset | ConnectionClosed):
             discard_transaction()
+        # Authenticated: the 235 is queued. AuthAborted (501: "*" or malformed),
         # CommandRejected, QuitRequested, TooManyErrors: log; the core has answered.
     # On a timeout or shutdown: conn.shutdown(TIMEOUT); send(conn.data_to_send()).
 
@@ -40,16 +47,17 @@ answers them once the message's end has been read.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from postillon.core.account import ScramCredentials
 from postillon.core.address import Address
 from postillon.core.envelope import MailParams
 from postillon.core.reply import Reply
 from postillon.protocol import replies as R
 from postillon.protocol._readers import BdatBody, ChunkReader, DataReader, discard_line, read_line
 from postillon.protocol._state import (
-    READS_COMMANDS,
+    READS_LINES,
     Command,
     State,
     Trigger,
@@ -68,6 +76,11 @@ from postillon.protocol.commands import (
 from postillon.protocol.errors import ProtocolError
 from postillon.protocol.events import (
     NEED_DATA,
+    AuthAborted,
+    Authenticated,
+    AuthPassword,
+    AuthProof,
+    AuthScramLookup,
     BodyData,
     CommandRejected,
     ConnectionClosed,
@@ -85,9 +98,29 @@ from postillon.protocol.events import (
     TransactionReset,
 )
 from postillon.protocol.extensions import ehlo_keywords
+from postillon.protocol.sasl import (
+    Challenge,
+    CheckPassword,
+    Login,
+    Mechanism,
+    NeedScramCredentials,
+    Plain,
+    SaslError,
+    ScramVerdict,
+    Step,
+    Success,
+    b64decode,
+    b64encode,
+)
 from postillon.protocol.settings import ServerSettings
 
-__all__ = ["NEED_DATA", "ServerConnection", "ServerSettings", "State"]
+__all__ = ["NEED_DATA", "MechanismFactory", "ServerConnection", "ServerSettings", "State"]
+
+MechanismFactory = Callable[[], Mechanism]
+_AuthDecision = AuthPassword | AuthScramLookup | AuthProof
+# PLAIN and LOGIN need nothing from outside; SCRAM-SHA-256 needs hashing and a
+# nonce source (sasl.ScramPrimitives), so the adapter supplies its factory.
+BUILTIN_MECHANISMS: Mapping[str, MechanismFactory] = {"PLAIN": Plain, "LOGIN": Login}
 
 _LOG_LIMIT = 200  # octets of a rejected line kept for the log
 # C0 controls and DEL made visible in logged lines.
@@ -132,11 +165,29 @@ class ServerConnection:
     Public attributes: ``settings``, ``closing`` (a 221/421 is queued or the
     peer closed: flush ``data_to_send()`` and close), ``tls_active``. Read-only:
     ``state`` (a ``State``), ``errors`` (4xx/5xx replies so far), ``hello``
-    (the accepted ``Hello`` event, or None).
+    (the accepted ``Hello`` event, or None), ``authenticated`` (a 235 was
+    sent), ``auth_offered``.
+
+    ``mechanisms`` maps SASL mechanism names to factories of
+    ``sasl.Mechanism``; every name in ``settings.auth_mechanisms`` needs one.
     """
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        mechanisms: Mapping[str, MechanismFactory] = BUILTIN_MECHANISMS,
+    ) -> None:
+        missing = [m for m in settings.auth_mechanisms if m not in mechanisms]
+        if missing:
+            raise ValueError(f"no implementation given for SASL mechanism(s) {missing}")
         self.settings = settings
+        self._mechanisms = mechanisms
+        self._authenticated = False
+        self._auth: Mechanism | None = None  # the SASL exchange in progress
+        self._auth_name = ""
+        self._auth_final = b""  # SCRAM server-final-message, sent on auth_accept()
+        self._auth_user = ("", "")  # (username, authzid) of the verdict being given
         self.closing = False
         self.tls_active = settings.tls_active
         self._state = State.CONNECTED
@@ -168,6 +219,17 @@ class ServerConnection:
     @property
     def hello(self) -> Hello | None:
         return self._hello
+
+    @property
+    def authenticated(self) -> bool:
+        return self._authenticated
+
+    @property
+    def auth_offered(self) -> bool:
+        """AUTH is advertised and accepted: mechanisms configured, and TLS
+        active unless this listener allows plaintext AUTH (RFC 4954 §4)."""
+        s = self.settings
+        return bool(s.auth_mechanisms) and (self.tls_active or s.auth_plaintext)
 
     # --- the adapter's API ---------------------------------------------------
 
@@ -218,7 +280,13 @@ class ServerConnection:
         if event is None:
             raise RuntimeError("reply() without a pending decision")
         positive = reply.code < 400
-        if isinstance(event, DataRequested) and self._pending_bdat is not None:
+        if isinstance(event, _AuthDecision):
+            if positive:
+                raise RuntimeError("answer an AUTH decision with auth_accept() or an error")
+            self._send(reply)
+            if not self.closing:
+                self._auth_end()
+        elif isinstance(event, DataRequested) and self._pending_bdat is not None:
             self._answer_bdat(self._pending_bdat, reply)
         else:
             if isinstance(event, DataRequested) and positive and reply.code != 354:
@@ -248,11 +316,34 @@ class ServerConnection:
             reply = Reply.of(250, None, head)
         else:
             keywords = ehlo_keywords(self.settings, tls_active=self.tls_active)
+            if not self.auth_offered:  # never before TLS (RFC 4954 §4)
+                keywords = [k for k in keywords if not k.startswith("AUTH ")]
             reply = Reply(250, None, (head, *keywords))
         self._send(reply)
         self._accepted(event)
         self._pending = None
         self._check_error_limit()
+
+    def auth_accept(self) -> None:
+        """Say yes to a pending ``AuthPassword``, or to an ``AuthProof`` that is valid."""
+        event = self._pending
+        if isinstance(event, AuthProof) and event.valid:
+            self._pending = None
+            self._send_challenge(self._auth_final)  # the client answers with an empty line
+        elif isinstance(event, AuthPassword):
+            self._pending = None
+            self._auth_success()
+        else:
+            raise RuntimeError("auth_accept() answers AuthPassword or a valid AuthProof only")
+
+    def auth_credentials(self, creds: ScramCredentials | None) -> None:
+        """Answer ``AuthScramLookup``: the user's stored SCRAM keys, or None if unknown."""
+        event = self._pending
+        mech = self._auth
+        if not isinstance(event, AuthScramLookup) or mech is None:
+            raise RuntimeError("auth_credentials() answers a pending AuthScramLookup only")
+        self._pending = None
+        self._auth_step(mech.credentials(creds))
 
     def shutdown(self, reply: Reply) -> None:
         """Queue a reply outside the dialogue and close: 421 4.4.2 on a timeout,
@@ -279,6 +370,7 @@ class ServerConnection:
         self.tls_active = True
         self._in.clear()
         self._hello = None
+        self._authenticated = False
         self._txn = None
         self._state = transition(self._state, Trigger.TLS_ESTABLISHED)
 
@@ -326,7 +418,7 @@ class ServerConnection:
             return self._step_chunk()
         if self._body is not None:
             return self._step_body()
-        if self._state not in READS_COMMANDS or not self._in:
+        if self._state not in READS_LINES or not self._in:
             return False
         if self._overlong is not None:
             return self._step_overlong()
@@ -338,7 +430,10 @@ class ServerConnection:
             # RFC 5321 §4.5.3.1.4: too long; drop it up to its CRLF, answer once.
             self._overlong = bytes(self._in[:_LOG_LIMIT])
             return True
-        self._handle_line(raw)
+        if self._state is State.AUTH:
+            self._auth_line(raw)
+        else:
+            self._handle_line(raw)
         self._check_error_limit()
         return True
 
@@ -347,7 +442,10 @@ class ServerConnection:
             return False
         start = self._overlong or b""
         self._overlong = None
-        self._reject(R.LINE_TOO_LONG, _printable_raw(start) + "...")
+        if self._state is State.AUTH:  # an overlong SASL response ends the exchange
+            self._auth_abort(R.LINE_TOO_LONG)
+        else:
+            self._reject(R.LINE_TOO_LONG, _printable_raw(start) + "...")
         self._check_error_limit()
         return True
 
@@ -440,6 +538,8 @@ class ServerConnection:
 
     def _cmd_mail(self, verb: str, args: str) -> None:
         self._check(Command.MAIL)
+        if self.settings.require_auth and not self._authenticated:
+            raise ProtocolError(R.AUTH_REQUIRED)  # RFC 6409 §4.3, RFC 4954 §6
         sender, params = parse_mail(args, self.settings)
         self._events.append(MailFrom(sender, params))
 
@@ -513,19 +613,88 @@ class ServerConnection:
         self._events.append(StartTlsRequested())
 
     def _cmd_auth(self, verb: str, args: str) -> None:
+        """``AUTH mechanism [initial-response]`` (RFC 4954 §4)."""
         mechanisms = self.settings.auth_mechanisms
         if not mechanisms:
             raise ProtocolError(R.NOT_IMPLEMENTED)
+        if not self.auth_offered:
+            raise ProtocolError(R.AUTH_ENCRYPTION_REQUIRED)
+        if self._authenticated:
+            raise ProtocolError(R.AUTH_ALREADY)
         self._check(Command.AUTH)
         words = args.split(" ")
         if not words[0] or len(words) > 2:
             raise ProtocolError(R.PARAM_SYNTAX)
-        if words[0].upper() not in mechanisms:
+        name = words[0].upper()
+        if name not in mechanisms:
             raise ProtocolError(R.AUTH_UNKNOWN_MECHANISM)
-        # The SASL exchange (RFC 4954 §4) comes with the AUTH issue: an
-        # AuthRequested decision event and a reader for the 334 continuation
-        # lines go here. Until then a configured mechanism fails temporarily.
-        raise ProtocolError(R.AUTH_UNAVAILABLE)
+        initial: bytes | None = None
+        if len(words) == 2:
+            try:  # "=" is an empty initial response
+                initial = b"" if words[1] == "=" else b64decode(words[1])
+            except SaslError:
+                raise ProtocolError(R.AUTH_MALFORMED) from None
+        mech = self._mechanisms[name]()
+        try:
+            step = mech.start(initial)
+        except SaslError:
+            raise ProtocolError(R.AUTH_MALFORMED) from None
+        self._auth = mech
+        self._auth_name = name
+        self._state = transition(self._state, Trigger.AUTH_STARTED)
+        self._auth_step(step)
+
+    # --- the SASL exchange ---------------------------------------------------------
+
+    def _auth_line(self, raw: bytes) -> None:
+        """One client response inside AUTH: base64, or "*" to cancel."""
+        mech = self._auth
+        assert mech is not None
+        if raw == b"*":
+            self._auth_abort(R.AUTH_CANCELLED)
+            return
+        try:
+            step = mech.respond(b64decode(raw.decode("ascii")))
+        except (SaslError, UnicodeDecodeError):
+            self._auth_abort(R.AUTH_MALFORMED)
+            return
+        self._auth_step(step)
+
+    def _auth_step(self, step: Step) -> None:
+        name = self._auth_name
+        if isinstance(step, Challenge):
+            self._send_challenge(step.data)
+        elif isinstance(step, CheckPassword):
+            self._auth_user = (step.username, step.authzid)
+            self._events.append(AuthPassword(name, step.username, step.authzid, step.password))
+        elif isinstance(step, NeedScramCredentials):
+            self._events.append(AuthScramLookup(name, step.username, step.authzid))
+        elif isinstance(step, ScramVerdict):
+            self._auth_final = step.server_final
+            self._auth_user = (step.username, step.authzid)
+            self._events.append(AuthProof(name, step.username, step.authzid, step.valid))
+        elif isinstance(step, Success):
+            self._auth_success()
+
+    def _send_challenge(self, data: bytes) -> None:
+        self._out += b"334 " + b64encode(data).encode("ascii") + b"\r\n"
+
+    def _auth_success(self) -> None:
+        self._send(R.AUTH_SUCCEEDED)
+        self._authenticated = True
+        self._events.append(Authenticated(self._auth_name, *self._auth_user))
+        self._auth_end()
+
+    def _auth_abort(self, reply: Reply) -> None:
+        self._send(reply)
+        self._events.append(AuthAborted(self._auth_name, reply))
+        if not self.closing:
+            self._auth_end()
+
+    def _auth_end(self) -> None:
+        self._auth = None
+        self._auth_final = b""
+        self._state = transition(self._state, Trigger.AUTH_DONE)
 
     # --- helpers ---------------------------------------------------------------
 
@@ -579,6 +748,7 @@ class ServerConnection:
         self._body = None
         self._chunk = None
         self._overlong = None
+        self._auth = None
 
     def _check_error_limit(self) -> None:
         """After a complete answer: on reaching max_errors, 421 and close."""

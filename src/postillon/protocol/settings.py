@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from postillon.protocol.sasl import MECHANISMS
+
 _MECHANISM = re.compile(r"[A-Z0-9\-_]{1,20}\Z")  # RFC 4422 §3.1 sasl-mech
 
 
@@ -34,7 +36,13 @@ class ServerSettings:
     chunking: bool = True  # RFC 3030 CHUNKING / BDAT
     smtputf8: bool = True  # RFC 6531
     dsn: bool = True  # RFC 3461
-    auth_mechanisms: tuple[str, ...] = ()  # RFC 4954; advertised only when non-empty
+    # RFC 4954 SASL mechanisms (names from protocol.sasl.MECHANISMS). Offered
+    # and accepted only once TLS is active (RFC 4954 §4, RFC 8314), unless
+    # auth_plaintext allows it on this listener (never by default).
+    auth_mechanisms: tuple[str, ...] = ()
+    auth_plaintext: bool = False
+    # RFC 6409 §4.3 submission: MAIL before a successful AUTH gets 530 5.7.0.
+    require_auth: bool = False
 
     def __post_init__(self) -> None:
         if not self.hostname or any(c in self.hostname for c in "\r\n\x00 "):
@@ -47,3 +55,7 @@ class ServerSettings:
         for mech in self.auth_mechanisms:
             if not _MECHANISM.match(mech):
                 raise ValueError(f"invalid SASL mechanism name {mech!r}")
+            if mech not in MECHANISMS:
+                # SCRAM-SHA-256-PLUS needs the TLS exporter, which Python 3.11's
+                # ssl does not provide (see protocol/sasl.py).
+                raise ValueError(f"unsupported SASL mechanism {mech!r}")

@@ -1,0 +1,189 @@
+"""SMTP AUTH for submission (RFC 4954, RFC 6409): what the session needs beyond the core.
+
+Design note (two minutes)
+-------------------------
+The SASL dialogue itself runs inside the sans-IO core (``protocol/sasl.py``
+mechanisms driven by ``ServerConnection``); the core asks the session two
+questions only - "is this password right?" (``AuthPassword``) and "what are
+this user's SCRAM keys?" (``AuthScramLookup``) - and reports SCRAM's verdict
+(``AuthProof``). ``Authenticator`` is what the session answers them with:
+
+* the ``CredentialStore`` (``inbound/accounts.py``; the password check is a
+  slow hash, so the session calls it in a thread);
+* the hashing primitives and nonce source SCRAM needs (``hashlib``/``hmac``/
+  ``secrets``, which the pure core may not import);
+* ``AuthGuard``, the per-client failure budget shared by every session of the
+  process (one instance per process, in memory, with an injected clock).
+
+Failure budget (per IPv4 address, per IPv6 /64): every wrong password counts
+within a sliding ``window``. From the ``delay_after``-th failure on, the 535
+comes only after a delay that grows by ``delay_step`` per failure (up to
+``max_delay``); at ``max_failures`` the client gets 421 4.7.0 and the
+connection is closed, and every AUTH from that address is refused with 421
+for ``block_for`` seconds, without looking at the password. Other addresses
+are not affected, so a brute force from one address cannot lock a user out
+(the attack is slowed per source, not per account).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from postillon.core.account import CredentialStore, ScramCredentials
+from postillon.core.clock import Clock, SystemClock
+from postillon.protocol.sasl import Login, Plain, ScramPrimitives, ScramSha256
+from postillon.protocol.server import MechanismFactory
+
+# Offered in this order (strongest first) on submission listeners once TLS is up.
+DEFAULT_MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
+MAX_TRACKED = 100_000  # client addresses remembered by AuthGuard (memory bound)
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _hmac_sha256(key: bytes, data: bytes) -> bytes:
+    return hmac.digest(key, data, "sha256")
+
+
+def scram_primitives(secret: bytes | None = None) -> ScramPrimitives:
+    """SCRAM's hashing and randomness; ``secret`` keys the made-up salts of unknown users."""
+    key = secret if secret is not None else secrets.token_bytes(32)
+    return ScramPrimitives(
+        sha256=_sha256,
+        hmac_sha256=_hmac_sha256,
+        nonce=lambda: secrets.token_urlsafe(24),  # 192 bits, no ","
+        fake_salt=lambda username: _hmac_sha256(key, username.encode("utf-8"))[:16],
+    )
+
+
+def scram_credentials(password: str, salt: bytes, iterations: int = 4096) -> ScramCredentials:
+    """RFC 5802 §3 stored keys for SCRAM-SHA-256 (RFC 7677: at least 4096 iterations)."""
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    client_key = _hmac_sha256(salted, b"Client Key")
+    return ScramCredentials(
+        salt, iterations, _sha256(client_key), _hmac_sha256(salted, b"Server Key")
+    )
+
+
+def mechanism_factories(primitives: ScramPrimitives) -> dict[str, MechanismFactory]:
+    return {
+        "PLAIN": Plain,
+        "LOGIN": Login,
+        "SCRAM-SHA-256": lambda: ScramSha256(primitives),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Penalty:
+    """What a failure costs: wait ``delay`` seconds before answering; then
+    535, or 421 and close when ``disconnect``. ``failures`` in the window so far."""
+
+    failures: int
+    delay: float
+    disconnect: bool
+
+
+def client_key(ip: str) -> str:
+    """The unit of the budget: the IPv4 address, or the IPv6 /64 (one host's usual share)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+class AuthGuard:
+    """The per-client AUTH failure budget of one process (see the module note)."""
+
+    def __init__(
+        self,
+        clock: Clock | None = None,
+        *,
+        delay_after: int = 3,
+        delay_step: float = 1.0,
+        max_delay: float = 10.0,
+        max_failures: int = 10,
+        window: float = 600.0,
+        block_for: float = 900.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if max_failures < 1 or delay_after < 0 or window <= 0:
+            raise ValueError("max_failures >= 1, delay_after >= 0 and window > 0")
+        self.clock = clock or SystemClock()
+        self.delay_after = delay_after
+        self.delay_step = delay_step
+        self.max_delay = max_delay
+        self.max_failures = max_failures
+        self.window = window
+        self.block_for = block_for
+        self.sleep = sleep
+        self._failures: dict[str, deque[float]] = {}
+        self._blocked: dict[str, float] = {}
+
+    def blocked(self, ip: str) -> bool:
+        key = client_key(ip)
+        until = self._blocked.get(key)
+        if until is None:
+            return False
+        if self.clock.now() < until:
+            return True
+        del self._blocked[key]
+        self._failures.pop(key, None)
+        return False
+
+    def failure(self, ip: str) -> Penalty:
+        """Count one failed authentication from ``ip``."""
+        key = client_key(ip)
+        now = self.clock.now()
+        times = self._failures.pop(key, None) or deque()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        times.append(now)
+        self._failures[key] = times  # re-inserted: the dict stays in recency order
+        self._trim()
+        count = len(times)
+        if count >= self.max_failures:
+            self._blocked[key] = now + self.block_for
+            return Penalty(count, 0.0, True)
+        over = count - self.delay_after
+        delay = min(self.max_delay, self.delay_step * over) if over > 0 else 0.0
+        return Penalty(count, delay, False)
+
+    def failures(self, ip: str) -> int:
+        times = self._failures.get(client_key(ip))
+        now = self.clock.now()
+        return sum(1 for t in times if t > now - self.window) if times else 0
+
+    def _trim(self) -> None:
+        while len(self._failures) > MAX_TRACKED:
+            del self._failures[next(iter(self._failures))]
+        if len(self._blocked) > MAX_TRACKED:
+            now = self.clock.now()
+            for key in [k for k, until in self._blocked.items() if until <= now]:
+                del self._blocked[key]
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticator:
+    """Everything a session needs to answer AUTH (``SessionDeps.auth``)."""
+
+    store: CredentialStore
+    guard: AuthGuard
+    mechanisms: Mapping[str, MechanismFactory]
+
+    @classmethod
+    def create(cls, store: CredentialStore, guard: AuthGuard | None = None) -> Authenticator:
+        return cls(store, guard or AuthGuard(), mechanism_factories(scram_primitives()))
