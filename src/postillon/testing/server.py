@@ -148,9 +148,13 @@ class ServerProcess:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def cli_command(self) -> list[str]:
+        """``postillon --config <this server's config>`` as an argv prefix."""
+        return [sys.executable, "-m", "postillon.cli.main", "--config", str(self.config_path)]
+
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "postillon.cli.main", "--config", str(self.config_path), *args],
+            [*self.cli_command(), *args],
             capture_output=True,
             text=True,
             check=check,
