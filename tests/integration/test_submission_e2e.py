@@ -138,3 +138,24 @@ def test_sender_policy_and_rate_limit(submit_server: ServerProcess) -> None:
             )
         code, msg = s.docmd("MAIL FROM:<alice@example.org>")
         assert code == 450 and msg.startswith(b"4.7.1")  # 5 per hour in this config
+
+
+def test_submission_adds_missing_date_and_message_id(submit_server: ServerProcess) -> None:
+    with smtplib.SMTP_SSL(
+        "127.0.0.1", submit_server.ports["submissions"], timeout=10, context=_tls()
+    ) as s:
+        s.ehlo("laptop.test")
+        s.login("alice@example.org", PASSWORD)
+        s.sendmail(
+            "alice@example.org",
+            ["bob@example.org"],
+            b"From: alice@example.org\r\nSubject: bare\r\n\r\nbody\r\n",
+        )
+    with smtplib.SMTP("127.0.0.1", submit_server.ports["smtp"], timeout=10) as s:
+        s.sendmail("x@sender.test", ["alice@example.org"], b"Subject: relayed\r\n\r\nbody\r\n")
+    (submitted,) = submit_server.wait_for_mail("bob@example.org")
+    header = submitted.read_bytes().split(b"\n\n")[0]
+    assert b"\nDate: " in header and b"\nMessage-ID: <" in header
+    (relayed,) = submit_server.wait_for_mail("alice@example.org")
+    header = relayed.read_bytes().split(b"\n\n")[0]
+    assert b"\nDate: " not in header and b"Message-ID" not in header  # MX mail is not rewritten

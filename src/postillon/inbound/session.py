@@ -214,6 +214,8 @@ class Session:
                     self.client,
                     self.deps.listener,
                 )
+                # RFC 6409 §8: submitted mail gets Date:/Message-ID: if missing.
+                self.tx.add_missing_headers = self.account is not None
                 conn.reply(Reply.of(250, "2.1.0", "Ok"))
             case ev.RcptTo(recipient=recipient, params=params):
                 self._rcpt(recipient, params)

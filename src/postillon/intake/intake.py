@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import secrets
 import tempfile
 from collections.abc import Callable, Sequence
+from email.utils import formatdate
 from pathlib import Path
 from typing import IO
 
@@ -28,6 +30,7 @@ HEADER_SCAN_LIMIT = 256 * 1024
 MAX_HOPS = 50
 
 _RECEIVED = re.compile(rb"(?:^|\r\n)received:", re.IGNORECASE)
+_FIELD_NAME = re.compile(rb"(?:^|\r\n)([!-9;-~]+)[ \t]*:")
 
 _Callback = Callable[[], None]
 
@@ -66,6 +69,8 @@ class IntakeTransaction:
         self._header_done = False
         self._hops = 0
         self.closed = False
+        # Submission (RFC 6409 §8): add Date: and Message-ID: when missing.
+        self.add_missing_headers = False
 
     # -- envelope ---------------------------------------------------------
     def add_recipient(self, recipient: NewRecipient) -> None:
@@ -96,24 +101,46 @@ class IntakeTransaction:
         if self._body is None:
             self.start_body()
         assert self._body is not None
-        self._body.write(data)
-        self._size += len(data)
-        if not self._header_done:
-            self._scan_headers(data)
-
-    def _scan_headers(self, data: bytes) -> None:
-        buf = self._header_buf + data
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0 or buf.startswith(b"\r\n"):
-            buf = buf[: end + 2] if end >= 0 else b""
-            self._header_done = True
-        elif len(buf) > HEADER_SCAN_LIMIT:
-            self._header_done = True
         if self._header_done:
-            self._hops = len(_RECEIVED.findall(buf))
-            self._header_buf = buf
+            self._body.write(data)
+            self._size += len(data)
+            return
+        # The header section is held back (it is small, and bounded) until it
+        # ends, so that loop detection and submission fix-ups see all of it
+        # before anything after it is written.
+        buf = self._header_buf + data
+        if buf.startswith(b"\r\n"):
+            self._finish_headers(b"", buf)
+            return
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            self._finish_headers(buf[: end + 2], buf[end + 2 :])
+        elif len(buf) > HEADER_SCAN_LIMIT:
+            self._finish_headers(buf, b"")
         else:
             self._header_buf = buf
+
+    def _finish_headers(self, header: bytes, rest: bytes) -> None:
+        """Write the client's header section, any added fields, and what follows."""
+        assert self._body is not None
+        self._header_done = True
+        self._header_buf = header
+        self._hops = len(_RECEIVED.findall(header))
+        added = self._missing_headers(header) if self.add_missing_headers else b""
+        for piece in (header, added, rest):
+            self._body.write(piece)
+            self._size += len(piece)
+
+    def _missing_headers(self, header: bytes) -> bytes:
+        """RFC 6409 §8.1-8.3: a submission server may add Date: and Message-ID:."""
+        present = {m.group(1).lower() for m in _FIELD_NAME.finditer(header)}
+        added = []
+        if b"date" not in present:
+            added.append(f"Date: {formatdate(self._intake.clock.now(), localtime=True)}\r\n")
+        if b"message-id" not in present:
+            domain = self._intake.hostname
+            added.append(f"Message-ID: <{self.queue_id}.{secrets.token_hex(6)}@{domain}>\r\n")
+        return "".join(added).encode("ascii")
 
     @property
     def size(self) -> int:
@@ -132,8 +159,9 @@ class IntakeTransaction:
         if not self.recipients:
             self.abort()
             raise IntakeError(Reply.of(554, "5.5.1", "No valid recipients"))
-        if not self._header_done:
-            self._hops = len(_RECEIVED.findall(self._header_buf))
+        if self._body is not None and not self._header_done:
+            # The message ended inside its header section (no empty line).
+            self._finish_headers(self._header_buf, b"")
         if self._hops > self._intake.max_hops:
             self.abort()
             raise IntakeError(TOO_MANY_HOPS)
