@@ -1,8 +1,10 @@
 """The mail log: one line per event, each with the queue id, so that
 ``grep QUEUEID`` tells a message's whole story (Postfix's maillog habit).
 
-Events: ``connect``, ``disconnect``, ``rejected``, ``received``, ``delivered``,
-``deferred``, ``bounced``, ``expired``, ``held``, ``released``, ``deleted``.
+Events: ``received``, ``rejected``, ``delivered``, ``deferred``, ``bounced``,
+``expired``, ``bounce`` (the notification's own queue id), ``authenticated``,
+``auth_failed`` (never with the password), ``warning`` (sender policy in warn
+mode), ``error``.
 Text lines look like ``QUEUEID: delivered: to=<a@b>, relay=maildir, ...``;
 JSON lines carry the same fields as keys.
 """
