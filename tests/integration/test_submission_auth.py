@@ -232,9 +232,10 @@ async def test_implicit_tls_submissions(submissions: Server) -> None:
     assert b"with ESMTPSA" in header
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 async def test_swaks_auth(submission: Server, mechanism: str) -> None:
+    if shutil.which("swaks") is None:
+        pytest.fail("swaks is not installed: run `make system-deps` (Debian package swaks)")
     proc = await asyncio.create_subprocess_exec(
         "swaks",
         "--server", f"127.0.0.1:{submission.port}",

@@ -9,6 +9,7 @@ import postillon.protocol
 
 ALLOWED_STDLIB = {
     "__future__",
+    "abc",
     "collections",
     "collections.abc",
     "dataclasses",

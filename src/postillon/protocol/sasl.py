@@ -36,6 +36,7 @@ the client sent. SCRAM-SHA-256-PLUS (channel binding ``tls-exporter``, RFC
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -146,16 +147,16 @@ def _utf8(data: bytes, what: str) -> str:
         raise SaslError(f"{what} is not UTF-8") from None
 
 
-class Mechanism:
+class Mechanism(ABC):
     """One server-side SASL exchange. Not reusable."""
 
     name = ""
 
-    def start(self, initial: bytes | None) -> Step:
-        raise NotImplementedError
+    @abstractmethod
+    def start(self, initial: bytes | None) -> Step: ...
 
-    def respond(self, data: bytes) -> Step:
-        raise NotImplementedError
+    @abstractmethod
+    def respond(self, data: bytes) -> Step: ...
 
     def credentials(self, creds: ScramCredentials | None) -> Step:
         raise RuntimeError(f"{self.name} does not take SCRAM credentials")
