@@ -159,3 +159,42 @@ def test_submission_adds_missing_date_and_message_id(submit_server: ServerProces
     (relayed,) = submit_server.wait_for_mail("alice@example.org")
     header = relayed.read_bytes().split(b"\n\n")[0]
     assert b"\nDate: " not in header and b"Message-ID" not in header  # MX mail is not rewritten
+
+
+def test_smarthost_with_auth_through_a_submission_port(make_server) -> None:  # type: ignore[no-untyped-def]
+    """postillon A relays all outside mail through B's submission port.
+
+    smtplib ──▶ A (smarthost = smtp://alice:pw@B:587) ──STARTTLS+AUTH──▶ B ──▶ Maildir
+    """
+    port = free_port("127.0.0.3")
+    b = make_server(
+        listen=[{"kind": "submission", "address": f"127.0.0.3:{port}"}],
+        domain=[{"name": "remote.test", "mailboxes": ["bob"]}],
+    )
+    b.write_config()
+    b.data_dir.mkdir(exist_ok=True)
+    added = subprocess.run(
+        [*b.cli_command(), "user", "add", "alice@example.org", "--password-stdin"],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert added.returncode == 0, added.stderr
+    b.start()
+    password = PASSWORD.replace(" ", "%20")
+    a = make_server(
+        relay={
+            "trusted_networks": ["127.0.0.0/8"],
+            "smarthost": f"smtp://alice%40example.org:{password}@127.0.0.3:{port}",
+        }
+    ).start()
+    host, _, a_port = a.config["listen"][0]["address"].rpartition(":")
+    with smtplib.SMTP(host, int(a_port), timeout=10) as s:
+        s.sendmail(
+            "alice@example.org",
+            ["bob@remote.test"],
+            b"From: alice@example.org\r\nSubject: via smarthost\r\n\r\nhi\r\n",
+        )
+    (path,) = b.wait_for_mail("bob@remote.test")
+    assert b"with ESMTPSA id" in path.read_bytes()  # B saw TLS and a login from A
