@@ -7,11 +7,11 @@ import dataclasses
 
 import pytest
 
+from postillon.checks.rate_limit import ip_key as client_key
 from postillon.core.clock import FakeClock
 from postillon.core.reply import Reply
 from postillon.inbound.auth import (
     AuthGuard,
-    client_key,
     mechanism_factories,
     scram_credentials,
     scram_primitives,

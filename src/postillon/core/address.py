@@ -109,19 +109,26 @@ def _check_address_literal(text: str) -> None:
         raise AddressError(f"invalid address literal {text!r}") from exc
 
 
+def closing_quote(text: str, start: int) -> int:
+    """Index of the quote closing the quoted string opened at ``start``, or -1
+    (a backslash escapes the next character, RFC 5321 quoted-pairSMTP)."""
+    i = start + 1
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            return i
+        i += 1
+    return -1
+
+
 def _split_mailbox(text: str) -> tuple[str, str]:
     """Split at the ``@`` that ends the local part, honouring a quoted local part."""
     if text.startswith('"'):
-        i = 1
-        while i < len(text):
-            c = text[i]
-            if c == "\\":
-                i += 2
-                continue
-            if c == '"':
-                break
-            i += 1
-        else:
+        i = closing_quote(text, 0)
+        if i < 0:
             raise AddressError("unterminated quoted local part")
         local, rest = text[: i + 1], text[i + 1 :]
         if not rest.startswith("@"):

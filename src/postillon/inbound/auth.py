@@ -30,14 +30,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from postillon.checks.rate_limit import ip_key
 from postillon.core.account import CredentialStore, ScramCredentials
 from postillon.core.clock import Clock, SystemClock
+from postillon.inbound.accounts import scram_sha256_credentials
 from postillon.protocol.sasl import Login, Plain, ScramPrimitives, ScramSha256
 from postillon.protocol.server import MechanismFactory
 
@@ -66,12 +67,9 @@ def scram_primitives(secret: bytes | None = None) -> ScramPrimitives:
 
 
 def scram_credentials(password: str, salt: bytes, iterations: int = 4096) -> ScramCredentials:
-    """RFC 5802 §3 stored keys for SCRAM-SHA-256 (RFC 7677: at least 4096 iterations)."""
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
-    client_key = _hmac_sha256(salted, b"Client Key")
-    return ScramCredentials(
-        salt, iterations, _sha256(client_key), _hmac_sha256(salted, b"Server Key")
-    )
+    """RFC 5802 §3 stored keys for SCRAM-SHA-256 (RFC 7677: at least 4096 iterations);
+    the account store's derivation, so what tests build is what the store keeps."""
+    return scram_sha256_credentials(password, salt, iterations)
 
 
 def mechanism_factories(primitives: ScramPrimitives) -> dict[str, MechanismFactory]:
@@ -90,19 +88,6 @@ class Penalty:
     failures: int
     delay: float
     disconnect: bool
-
-
-def client_key(ip: str) -> str:
-    """The unit of the budget: the IPv4 address, or the IPv6 /64 (one host's usual share)."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(addr)
 
 
 class AuthGuard:
@@ -134,7 +119,7 @@ class AuthGuard:
         self._blocked: dict[str, float] = {}
 
     def blocked(self, ip: str) -> bool:
-        key = client_key(ip)
+        key = ip_key(ip)
         until = self._blocked.get(key)
         if until is None:
             return False
@@ -146,7 +131,7 @@ class AuthGuard:
 
     def failure(self, ip: str) -> Penalty:
         """Count one failed authentication from ``ip``."""
-        key = client_key(ip)
+        key = ip_key(ip)
         now = self.clock.now()
         times = self._failures.pop(key, None) or deque()
         while times and times[0] <= now - self.window:
@@ -163,7 +148,7 @@ class AuthGuard:
         return Penalty(count, delay, False)
 
     def failures(self, ip: str) -> int:
-        times = self._failures.get(client_key(ip))
+        times = self._failures.get(ip_key(ip))
         now = self.clock.now()
         return sum(1 for t in times if t > now - self.window) if times else 0
 

@@ -370,17 +370,3 @@ class ScramSha256(Mechanism):
         else:
             self._stage = "failed"
         return ScramVerdict(self._username, self._authzid, valid, server_final)
-
-
-def scram_client_keys(
-    password: str,
-    salt: bytes,
-    iterations: int,
-    pbkdf2: Callable[[bytes, bytes, int], bytes],
-    primitives: ScramPrimitives,
-) -> ScramCredentials:
-    """Stored credentials (RFC 5802 §3) from a password, with an injected PBKDF2-HMAC-SHA-256."""
-    salted = pbkdf2(password.encode("utf-8"), salt, iterations)
-    client_key = primitives.hmac_sha256(salted, b"Client Key")
-    server_key = primitives.hmac_sha256(salted, b"Server Key")
-    return ScramCredentials(salt, iterations, primitives.sha256(client_key), server_key)

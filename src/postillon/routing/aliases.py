@@ -46,7 +46,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from postillon.core.address import AddressError, parse_mailbox
+from postillon.core.address import AddressError, closing_quote, parse_mailbox
 
 __all__ = [
     "AliasTable",
@@ -135,7 +135,7 @@ def parse_target(text: str) -> AliasTarget:
         len(item) >= 2
         and item[0] == '"'
         and item[-1] == '"'
-        and _closing_quote(item, 0) == len(item) - 1
+        and closing_quote(item, 0) == len(item) - 1
     ):
         inner = _unquote(item)
     if inner.startswith("|"):
@@ -164,20 +164,6 @@ def parse_target(text: str) -> AliasTarget:
     return AliasTarget(address.local_part, address.domain, verbatim)
 
 
-def _closing_quote(text: str, start: int) -> int:
-    """Index of the quote closing the quoted string opened at ``start``, or -1."""
-    i = start + 1
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == '"':
-            return i
-        i += 1
-    return -1
-
-
 def _unquote(quoted: str) -> str:
     out: list[str] = []
     i = 1
@@ -196,7 +182,7 @@ def _split_at(item: str) -> int:
     while i < len(item):
         c = item[i]
         if c == '"':
-            close = _closing_quote(item, i)
+            close = closing_quote(item, i)
             if close < 0:
                 return -1
             i = close + 1
@@ -243,7 +229,7 @@ def _split_targets(logical: _Lines, start: int, source: str) -> list[tuple[str, 
             i += 1
             continue
         if text[i] == '"':
-            close = _closing_quote(text, i)
+            close = closing_quote(text, i)
             if close < 0:
                 raise AliasesError(source, logical.line_at(i), "unterminated quoted string")
             i = close + 1
@@ -257,7 +243,7 @@ def _has_unquoted_space(item: str) -> bool:
     while i < len(item):
         c = item[i]
         if c == '"':
-            close = _closing_quote(item, i)
+            close = closing_quote(item, i)
             if close < 0:
                 return False
             i = close + 1
@@ -272,7 +258,7 @@ def _parse_name(logical: _Lines, source: str) -> tuple[str, int]:
     """The entry's name (unquoted, lower-cased) and the offset after its colon."""
     text = logical.text
     if text.startswith('"'):
-        close = _closing_quote(text, 0)
+        close = closing_quote(text, 0)
         if close < 0:
             raise AliasesError(source, logical.first, "unterminated quoted name")
         name = _unquote(text[: close + 1])
@@ -395,7 +381,7 @@ def normalize_alias_map(mapping: Mapping[str, Sequence[str]], *, source: str) ->
     warnings: list[AliasWarning] = []
     for raw_name, raw_targets in mapping.items():
         name = raw_name.strip()
-        if name.startswith('"') and _closing_quote(name, 0) == len(name) - 1:
+        if name.startswith('"') and closing_quote(name, 0) == len(name) - 1:
             name = _unquote(name)
         name = name.lower()
         where = f"{source} {raw_name!r}"
