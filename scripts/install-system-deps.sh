@@ -6,6 +6,9 @@
 #   dovecot-core     a real LMTP server (the MDA postillon hands local mail to),
 #   dovecot-lmtpd      run in the foreground from a temp dir by testing/dovecot.py
 #   msmtp            a real mail program (MUA-side SMTP client) for submission tests
+#   opendkim-tools   an independent DKIM signer/verifier (opendkim-testmsg, -testkey)
+#   postgresql       the shared queue of the cluster store, run from a temp dir by the tests
+#   chromium         a real browser for the admin web page tests (driven by Playwright)
 # Installs only what is missing; needs root (CI runs as root). Without root it
 # says what is missing and the tests that need it report the missing tool.
 set -eu
@@ -16,6 +19,9 @@ command -v ip >/dev/null 2>&1 || need="$need iproute2"
 [ -x /usr/sbin/dovecot ] || need="$need dovecot-core"
 [ -x /usr/lib/dovecot/lmtp ] || need="$need dovecot-lmtpd"
 command -v msmtp >/dev/null 2>&1 || need="$need msmtp"
+command -v opendkim-testmsg >/dev/null 2>&1 || need="$need opendkim-tools"
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need="$need postgresql"
+command -v chromium >/dev/null 2>&1 || need="$need chromium"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages:$need (run as root or: sudo apt-get install$need)" >&2
@@ -30,4 +36,4 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
 fi
 apt-get update -qq >/dev/null || true
 # shellcheck disable=SC2086
-apt-get install -y -qq --no-install-recommends $need >/dev/null
+apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $need >/dev/null
