@@ -49,6 +49,7 @@ from postillon.routing.aliases import load_aliases
 from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
+from postillon.signing.signer import DkimSigner, build_signer
 
 log = logging.getLogger("postillon")
 
@@ -123,6 +124,8 @@ class App:
             )
             await listener.bind()
             self.listeners.append(listener)
+        # Keys are read before dropping root, as OpenDKIM does: they may be readable by root only.
+        signer: DkimSigner | None = build_signer(config)
         if drop_to is not None:
             drop_privileges(drop_to)
             log.info("dropped privileges to user %s", drop_to)
@@ -136,6 +139,7 @@ class App:
             clock=clock,
             maillog=self.maillog,
             max_hops=config.limits.max_hops,
+            signer=signer,
         )
         local = build_local_recipients(config)
         relay = RelayPolicy(local, config.relay.trusted_networks)
