@@ -129,6 +129,8 @@ def test_submitted_and_local_mail_is_signed_and_verifies(
 
     (inbound,) = a.wait_for_mail("alice@example.org")
     assert b"DKIM-Signature" not in inbound.read_bytes()  # port 25, not authenticated
+    signed_lines = [line for line in a.maillog().splitlines() if "dkim=" in line]
+    assert len(signed_lines) == 2 and "dkim=example.org:ed1+rsa1" in signed_lines[0]
 
     # OpenDKIM, an independent implementation, verifies each signature on its own.
     require_root_for_opendkim()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import dkim
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from postillon.config.model import Config, DkimConfig
 from postillon.core.envelope import MailParams
@@ -150,3 +152,26 @@ def test_build_signer_from_config(tmp_path: Path) -> None:
     (tmp_path / "dkim" / "example.org" / "bad.key").write_text("junk")
     with pytest.raises(SigningSetupError, match=r"\[dkim\]: .*bad.key"):
         build_signer(Config(data_dir=tmp_path))
+
+
+_NAMES = st.sampled_from([b"From", b"to", b"Subject", b"X-A", b"date"])
+_VALUES = st.lists(
+    st.sampled_from([b" ", b"\t", b"a", b"B c", b"\r\n ", b"\r\n\t", b"  x  "]), max_size=8
+).map(lambda parts: b"".join(parts) + b"\r\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    headers=st.lists(st.tuples(_NAMES, _VALUES), max_size=8),
+    names=st.lists(st.sampled_from([b"from", b"to", b"subject", b"date", b"cc"]), max_size=10),
+)
+def test_header_canonicalisation_and_selection_match_dkimpy(
+    headers: list[tuple[bytes, bytes]], names: list[bytes]
+) -> None:
+    from dkim.canonicalization import Relaxed
+
+    from postillon.signing.signer import _relaxed_header, _select_headers
+
+    assert _select_headers(headers, names) == dkim.select_headers(headers, names)
+    expected = [n + b":" + v for n, v in Relaxed.canonicalize_headers(headers)]
+    assert [_relaxed_header(n, v) for n, v in headers] == expected
