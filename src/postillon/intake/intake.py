@@ -190,7 +190,7 @@ class IntakeTransaction:
         signed_by = None
         if self._signing is not None:
             # On top of everything, so the store keeps (and retries send) the signed bytes.
-            fields = signature_fields(self._signing, self._intake.clock.now())
+            fields = await signature_fields(self._signing, self._intake.clock.now())
             body = PrefixedBody(fields, self._body).as_file()
             self._size += len(fields)
             signed_by = self._signing.describe() if fields else None

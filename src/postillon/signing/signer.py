@@ -172,6 +172,10 @@ class MessageSigning:
     def update(self, data: bytes) -> None:
         self._body.update(data)
 
+    @property
+    def uses_rsa(self) -> bool:
+        return any(key.algorithm == "rsa" for key in self.keys)
+
     def describe(self) -> str:
         """For the mail log: ``example.org:rsa202611+ed202611`` (the domain, then selectors)."""
         return f"{self.keys[0].domain}:" + "+".join(k.selector for k in self.keys)
