@@ -169,3 +169,15 @@ def test_mail_signed_by_opendkim_verifies_here(tmp_path: Path) -> None:
         assert dkimpy_verify_all(signed.stdout, dns_server.nameserver) == [True]
         forged = signed.stdout.replace(b"elsewhere", b"here")
         assert dkimpy_verify_all(forged, dns_server.nameserver) == [False]
+
+
+def test_a_bad_key_stops_the_server_with_a_clear_message(make_server: Any) -> None:
+    server = make_server()
+    server.write_config()
+    keys = server.data_dir / "dkim" / "example.org"
+    keys.mkdir(parents=True)
+    (keys / "broken.key").write_text("not a key\n")
+    checked = server.cli("check-config", check=False)
+    assert checked.returncode == 2 and "broken.key" in checked.stderr
+    with pytest.raises(RuntimeError, match=r"\[dkim\]: .*broken.key: not an unencrypted PEM"):
+        server.start()

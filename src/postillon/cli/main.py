@@ -72,9 +72,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
             config = load_config(path)
+            from postillon.signing.signer import build_signer
+
+            signer = build_signer(config)  # loads the DKIM keys: a bad one is reported here
             print(
                 f"{path}: OK ({len(config.listen)} listener(s), "
-                f"{len(config.domain)} local domain(s), data_dir {config.data_dir})"
+                f"{len(config.domain)} local domain(s), data_dir {config.data_dir}"
+                f"{f', {len(signer.keys)} DKIM key(s)' if signer else ''})"
             )
             return 0
         config = _load(find_config(args.config))

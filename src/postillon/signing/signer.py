@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -230,8 +231,10 @@ def _sign(key: DkimKey, digest: bytes) -> bytes:
     return private.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
 
 
-def _fold_list(names: Sequence[bytes]) -> bytes:
-    """h='s names joined by colons, a fold after a colon before a line gets too long."""
+@functools.lru_cache(maxsize=256)
+def _fold_list(names: tuple[bytes, ...]) -> bytes:
+    """h='s names joined by colons, a fold after a colon before a line gets too long. Most
+    mail from one program has the same header fields, hence the cache."""
     lines: list[bytes] = []
     current = b""
     for name in names:
