@@ -15,6 +15,7 @@ import smtplib
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,44 @@ def test_a_bad_key_stops_the_server_with_a_clear_message(make_server: Any) -> No
     assert checked.returncode == 2 and "broken.key" in checked.stderr
     with pytest.raises(RuntimeError, match=r"\[dkim\]: .*broken.key: not an unencrypted PEM"):
         server.start()
+
+
+def test_a_retry_sends_the_bytes_signed_at_intake(make_server: Any) -> None:
+    """A signs at intake; B is down, so the message waits in A's queue; B comes up and gets
+    exactly the stored bytes (the signature's t= predates B, and it verifies).
+
+    sendmail ──▶ A (signs, queues) ──✗ B down, deferred ... B up ──▶ B ──▶ Maildir
+    """
+    b_port = free_port()
+    b = make_server(
+        listen=[{"kind": "smtp", "address": f"127.0.0.1:{b_port}"}],
+        domain=[{"name": "example.net", "mailboxes": ["bob"]}],
+    )
+    a = make_server(transport=[{"domain": "example.net", "route": f"smtp:[127.0.0.1]:{b_port}"}])
+    a.write_config()
+    a.data_dir.mkdir(exist_ok=True)
+    a.cli("dkim", "keygen", "example.org", "--selector", "ed1", "--algorithm", "ed25519")
+    keys = listed_keys(a.cli("dkim", "list", "--json").stdout)
+    a.start()
+    env = dict(os.environ, POSTILLON_CONFIG=str(a.config_path))
+    sent = subprocess.run(
+        [str(SENDMAIL), "-i", "-f", "alice@example.org", "bob@example.net"],
+        input=b"From: alice@example.org\nSubject: patience\n\nworth the wait\n",
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert sent.returncode == 0, sent.stderr
+    deadline = time.monotonic() + 20
+    while "deferred" not in a.maillog():
+        assert time.monotonic() < deadline, a.maillog()
+        time.sleep(0.05)
+    signed_at = int(time.time())
+    time.sleep(1.1)  # so a signature made now would have a later t=
+    b.start()
+    (path,) = b.wait_for_mail("bob@example.net")
+    message = to_crlf(path.read_bytes())
+    stamp = int(message.split(b"; t=")[1].split(b";")[0])
+    assert stamp <= signed_at
+    with DnsServer(key_zone(keys)) as dns_server:
+        assert dkimpy_verify_all(message, dns_server.nameserver) == [True]
