@@ -15,6 +15,7 @@ import signal
 import ssl
 from pathlib import Path
 
+from postillon.checks.authentication import InboundAuthentication
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.config.model import Config
@@ -150,6 +151,7 @@ class App:
             recipients_per_hour=submit.recipients_per_hour,
             ip_messages_per_hour=submit.ip_messages_per_hour,
         )
+        authentication = self._authentication()
         serving: list[tuple[Listener, SessionDeps]] = []
         for listener in self.listeners:
             kind = listener.config.kind
@@ -181,6 +183,8 @@ class App:
                 rate_limits=rate_limits,
                 hide_client_ip=submit.hide_client_ip,
                 recipient_delimiter=config.aliases.recipient_delimiter,
+                # Inbound checks on MX (smtp) listeners only, never submission or LMTP.
+                authentication=authentication if kind == "smtp" else None,
             )
             serving.append((listener, deps))
         transports = self._transports(local)
@@ -226,6 +230,23 @@ class App:
         for listener, deps in serving:
             await listener.start(deps)
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
+
+    def _authentication(self) -> InboundAuthentication | None:
+        """SPF/DKIM/DMARC/ARC for the MX listeners, through postillon's resolver."""
+        config = self.config
+        if not config.authentication.enabled:
+            return None
+        resolver = DnsResolver(
+            list(config.dns.nameservers) or None,
+            timeout=config.dns.timeout,
+            attempts=config.dns.attempts,
+        )
+        return InboundAuthentication(
+            config.authentication,
+            resolver,
+            config.hostname,
+            local_domains=config.local_domains,
+        )
 
     def _transports(self, local: LocalRecipients) -> dict[str, Transport]:
         config = self.config
