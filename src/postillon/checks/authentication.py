@@ -73,7 +73,9 @@ class Verdict:
 
     def summary(self) -> str:
         """``spf=pass dkim=pass dmarc=pass arc=none`` for the mail log."""
-        return " ".join(f"{r.method}={r.result}" for r in self.results)
+        return " ".join(
+            f"{r.method}{'(helo)' if r.prop('smtp.helo') else ''}={r.result}" for r in self.results
+        )
 
 
 def _domain_of(address: str) -> str:

@@ -77,6 +77,13 @@ def verify_dkim(bridge: BlockingDns, message: bytes) -> list[MethodResult]:
         key_name = f"{selector}._domainkey.{domain}"
         try:
             ok = bool(verifier.verify(index, dnsfunc=lookup))
+        except dkim.ValidationError as exc:
+            # The body changed after signing: the signature fails (RFC 6376 3.7),
+            # anything else wrong with the fields is a permanent error.
+            verdict = "fail" if "body hash mismatch" in str(exc) else "permerror"
+            why = "body hash did not verify" if verdict == "fail" else str(exc)[:120]
+            results.append(MethodResult("dkim", verdict, why, props))
+            continue
         except dkim.DKIMException as exc:
             results.append(MethodResult("dkim", "permerror", str(exc)[:120], props))
             continue
