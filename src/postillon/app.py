@@ -15,7 +15,7 @@ import signal
 import ssl
 from pathlib import Path
 
-from postillon.checks.authentication import InboundAuthentication
+from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.config.model import Config
@@ -50,6 +50,7 @@ from postillon.routing.aliases import load_aliases
 from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
+from postillon.signing.keys import key_store_from_config
 
 log = logging.getLogger("postillon")
 
@@ -246,6 +247,7 @@ class App:
             resolver,
             config.hostname,
             local_domains=config.local_domains,
+            sealing_keys=arc_sealing_keys(key_store_from_config(config.dkim, config.data_dir)),
         )
 
     def _transports(self, local: LocalRecipients) -> dict[str, Transport]:

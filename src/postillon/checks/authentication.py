@@ -41,12 +41,26 @@ from postillon.checks.dmarc_check import (
 from postillon.checks.spf_check import SpfOutcome, check_spf
 from postillon.config.model import AuthenticationConfig
 from postillon.routing.resolver import Resolver
+from postillon.signing.keys import KeyStore
 
 log = logging.getLogger("postillon.checks.authentication")
 
 # A forwarding domain's ARC key: (selector, PEM private key), or None.
 SealingKey = tuple[str, bytes]
 SealingKeys = Callable[[str], SealingKey | None]
+
+
+def arc_sealing_keys(store: KeyStore) -> SealingKeys:
+    """ARC seals with a domain's first RSA DKIM key (dkimpy seals with rsa-sha256 only;
+    RFC 8617 §4.1.3 allows no other algorithm yet)."""
+
+    def lookup(domain: str) -> SealingKey | None:
+        for key in store.keys_for(domain):
+            if key.algorithm == "rsa":
+                return key.selector, key.dkimpy_private_key()
+        return None
+
+    return lookup
 
 
 @dataclass(frozen=True, slots=True)
