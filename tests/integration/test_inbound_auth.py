@@ -53,6 +53,7 @@ def base_zones(dkim_record: str) -> dict[str, Any]:
     return {
         "pass.test": {"@": spf(only_2)},
         "fail.test": {"@": spf("v=spf1 ip4:192.0.2.1 -all")},
+        "partner.test": {"@": spf("v=spf1 ip4:192.0.2.1 -all")},
         "softfail.test": {"@": spf("v=spf1 ip4:192.0.2.1 ~all")},
         "neutral.test": {"@": spf("v=spf1 ?all")},
         "nospf.test": {"@": {"A": "192.0.2.7"}},
@@ -120,8 +121,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer) -> Iterator
 def strict_server(
     tmp_path_factory: pytest.TempPathFactory, dns: DnsServer
 ) -> Iterator[ServerProcess]:
-    """SPF fail rejected (spf_fail = "reject")."""
-    proc = start_server(tmp_path_factory.mktemp("auth") / "strict", dns, spf_fail="reject")
+    """SPF fail rejected (spf_fail = "reject"), with an allowlisted partner domain."""
+    proc = start_server(
+        tmp_path_factory.mktemp("auth") / "strict",
+        dns,
+        spf_fail="reject",
+        allow_domains=["partner.test"],
+    )
     yield proc
     proc.stop()
 
@@ -233,6 +239,13 @@ def test_spf_fail_rejected_when_configured(strict_server: ServerProcess) -> None
     refuse(strict_server, "bob@temperror.test", "bob@temperror.test", SPF_DEFERRED)
     results, _ = accept(strict_server, "bob@pass.test", "bob@pass.test")
     assert "spf=pass" in results
+
+
+def test_allowlisted_domain_is_accepted_and_still_reported(strict_server: ServerProcess) -> None:
+    results, msg = accept(strict_server, "bob@partner.test", "bob@partner.test")
+    assert "spf=fail" in results
+    assert msg["X-Postillon-Quarantine"] is None
+    assert "action=accept, reason=allowlisted" in strict_server.maillog()
 
 
 # -- DMARC: policies with aligned and unaligned identities --------------------------------
