@@ -15,6 +15,7 @@ import signal
 import ssl
 from pathlib import Path
 
+from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.config.model import Config
@@ -50,6 +51,7 @@ from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
 from postillon.signing.signer import DkimSigner, build_signer
+from postillon.signing.keys import key_store_from_config
 
 log = logging.getLogger("postillon")
 
@@ -154,6 +156,7 @@ class App:
             recipients_per_hour=submit.recipients_per_hour,
             ip_messages_per_hour=submit.ip_messages_per_hour,
         )
+        authentication = self._authentication()
         serving: list[tuple[Listener, SessionDeps]] = []
         for listener in self.listeners:
             kind = listener.config.kind
@@ -185,6 +188,8 @@ class App:
                 rate_limits=rate_limits,
                 hide_client_ip=submit.hide_client_ip,
                 recipient_delimiter=config.aliases.recipient_delimiter,
+                # Inbound checks on MX (smtp) listeners only, never submission or LMTP.
+                authentication=authentication if kind == "smtp" else None,
             )
             serving.append((listener, deps))
         transports = self._transports(local)
@@ -230,6 +235,24 @@ class App:
         for listener, deps in serving:
             await listener.start(deps)
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
+
+    def _authentication(self) -> InboundAuthentication | None:
+        """SPF/DKIM/DMARC/ARC for the MX listeners, through postillon's resolver."""
+        config = self.config
+        if not config.authentication.enabled:
+            return None
+        resolver = DnsResolver(
+            list(config.dns.nameservers) or None,
+            timeout=config.dns.timeout,
+            attempts=config.dns.attempts,
+        )
+        return InboundAuthentication(
+            config.authentication,
+            resolver,
+            config.hostname,
+            local_domains=config.local_domains,
+            sealing_keys=arc_sealing_keys(key_store_from_config(config.dkim, config.data_dir)),
+        )
 
     def _transports(self, local: LocalRecipients) -> dict[str, Transport]:
         config = self.config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from email.utils import formatdate
@@ -71,6 +72,7 @@ class IntakeTransaction:
         self._header_done = False
         self._hops = 0
         self._signing: MessageSigning | None = None  # DKIM, for local/authenticated senders
+        self._trace_len = 0  # bytes of our Received: at the start of the spool
         self.closed = False
         # Submission (RFC 6409 §8): add Date: and Message-ID: when missing.
         self.add_missing_headers = False
@@ -99,6 +101,7 @@ class IntakeTransaction:
             )
             self._body.write(header)
             self._size += len(header)
+            self._trace_len = len(header)
 
     def write(self, data: bytes) -> None:
         if self._body is None:
@@ -167,6 +170,43 @@ class IntakeTransaction:
     def header_block(self) -> bytes:
         """The client's header section (as far as scanned), for checks."""
         return self._header_buf
+
+    # -- end-of-data checks (inbound authentication) ---------------------------
+    def message_bytes(self) -> bytes:
+        """The message as the client sent it (without our Received:), for checks
+        that need the body (DKIM, ARC). Call only once the body is complete."""
+        if self._body is None:
+            return b""
+        if not self._header_done:
+            self._finish_headers(self._header_buf, b"")
+        self._body.seek(self._trace_len)
+        data = self._body.read()
+        self._body.seek(0, 2)
+        return data
+
+    def rewrite_header(self, prepend: bytes, header: bytes) -> None:
+        """Put ``prepend`` on top and replace the client's header section with
+        ``header`` (checks add Authentication-Results: and drop forged ones)."""
+        old = self._body
+        if old is None or (not prepend and header == self._header_buf):
+            return
+        if not self._header_done:
+            self._finish_headers(self._header_buf, b"")
+        new = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in commit/abort
+            max_size=SPOOL_MEMORY_LIMIT, dir=str(self._intake.spool_dir)
+        )
+        old.seek(0)
+        trace = old.read(self._trace_len)
+        old.seek(self._trace_len + len(self._header_buf))
+        new.write(prepend)
+        new.write(trace)
+        new.write(header)
+        shutil.copyfileobj(old, new)
+        old.close()
+        self._body = new
+        self._size = new.tell()
+        self._trace_len += len(prepend)
+        self._header_buf = header
 
     # -- outcome ------------------------------------------------------------
     async def commit(self) -> str:
