@@ -50,8 +50,8 @@ from postillon.routing.aliases import load_aliases
 from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
-from postillon.signing.signer import DkimSigner, build_signer
 from postillon.signing.keys import key_store_from_config
+from postillon.signing.signer import DkimSigner, build_signer
 
 log = logging.getLogger("postillon")
 
