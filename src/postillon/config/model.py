@@ -320,6 +320,15 @@ class Config(_Frozen):
             seen.add(d.name)
         return self
 
+    @model_validator(mode="after")
+    def _admin_tls_source(self) -> Config:
+        if self.admin.tls_from_server and self.tls.certificate is None and not self.tls.self_signed:
+            raise ValueError(
+                "admin.tls_from_server = true needs a server certificate: set tls.certificate "
+                "and tls.private_key, or tls.self_signed = true"
+            )
+        return self
+
     @property
     def local_domains(self) -> frozenset[str]:
         return frozenset(d.name for d in self.domain)
