@@ -15,6 +15,10 @@ import signal
 import ssl
 from pathlib import Path
 
+from postillon.admin.queue_ops import QueueOps
+from postillon.admin.server import AdminContext, AdminServer, build_app
+from postillon.admin.token import TokenVerifier, token_path
+from postillon.admin.wiring import admin_tls_context
 from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
@@ -43,6 +47,7 @@ from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.simple import DiscardTransport, ErrorTransport
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.protocol.server import ServerSettings
+from postillon.queue.history import HistoryRecorder
 from postillon.queue.retry import RetryPolicy
 from postillon.queue.runner import Runner, Transport
 from postillon.queue.sqlite_store import SqliteStore
@@ -86,6 +91,8 @@ class App:
         self.pickup: Pickup | None = None
         self._smtp: SmtpTransport | None = None
         self._lmtp: SmtpTransport | None = None
+        self.history: HistoryRecorder | None = None
+        self.admin: AdminServer | None = None
         self._stopped = asyncio.Event()
 
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -134,6 +141,10 @@ class App:
 
         queue_path(config).parent.mkdir(parents=True, exist_ok=True)
         self.store = SqliteStore(queue_path(config))
+        # Every mail log event with a queue id becomes a step of that message's history.
+        self.history = HistoryRecorder(self.store, clock, config.admin.history_days * 86400)
+        self.maillog.subscribe(self.history.on_event)
+        self.history.start()
         intake = Intake(
             self.store,
             config.hostname,
@@ -234,6 +245,34 @@ class App:
         self.pickup.start()
         for listener, deps in serving:
             await listener.start(deps)
+        if config.admin.listen is not None:
+            runner = self.runner
+            admin_app = build_app(
+                AdminContext(
+                    ops=QueueOps(
+                        self.store,
+                        clock,
+                        intake=intake,
+                        hostname=config.hostname,
+                        maillog=self.maillog,
+                        history=self.history,
+                        wake_runner=runner.wake,
+                        actor="api",
+                    ),
+                    token=TokenVerifier(token_path(data_dir)),
+                    hostname=config.hostname,
+                    listeners=self.listeners,
+                    limiter=limiter,
+                    in_flight=lambda: runner.in_flight,
+                )
+            )
+            # Further admin routes (e.g. /metrics) are added to admin_app here.
+            self.admin = AdminServer(
+                admin_app,
+                config.admin.listen,
+                admin_tls_context(config.admin, config.tls, tls_context),
+            )
+            await self.admin.start()
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
 
     def _authentication(self) -> InboundAuthentication | None:
@@ -295,6 +334,8 @@ class App:
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let sessions finish (bounded), return leases, close the queue."""
+        if self.admin is not None:
+            await self.admin.stop()
         for listener in self.listeners:
             listener.stop_accepting()
         await asyncio.gather(*(lst.wait_sessions(grace) for lst in self.listeners))
@@ -308,6 +349,8 @@ class App:
             if transport is not None:
                 await transport.close()
         log.debug("stop: transports done")
+        if self.history is not None:
+            await self.history.stop()
         if self.store is not None:
             await self.store.close()
         log.info("postillon stopped")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from postillon import __version__
-from postillon.cli import dkim_cmd, dns_cmd, queue_cmd, user_cmd
+from postillon.cli import admin_cmd, dkim_cmd, dns_cmd, queue_cmd, user_cmd
 from postillon.cli.config_path import DEFAULT_CONFIG, find_config
 from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     user_cmd.add_parser(sub)
     dkim_cmd.add_parser(sub)
     dns_cmd.add_parser(sub)
+    admin_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
         ("mailq", "list the queue (= sendmail -bp)"),
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             return dkim_cmd.run(args, config)
         if args.command == "dns":
             return dns_cmd.run(args, config)
+        if args.command == "admin":
+            return admin_cmd.run(args, config)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
