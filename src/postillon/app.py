@@ -16,6 +16,10 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from postillon.admin.queue_ops import QueueOps
+from postillon.admin.server import AdminContext, AdminServer, build_app
+from postillon.admin.token import TokenVerifier, token_path
+from postillon.admin.wiring import admin_tls_context
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.config.changes import effective, restart_needed
@@ -42,10 +46,12 @@ from postillon.local.maildir import MaildirDelivery
 from postillon.local.transport import MaildirTransport
 from postillon.observability.maillog import MailLog, configure_logging
 from postillon.observability.metrics import ListenerMetrics, Metrics
+from postillon.observability.routes import add_ops_routes
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.simple import DiscardTransport, ErrorTransport
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.protocol.server import ServerSettings
+from postillon.queue.history import HistoryRecorder
 from postillon.queue.retry import RetryPolicy
 from postillon.queue.runner import Runner, Transport
 from postillon.queue.sqlite_store import SqliteStore
@@ -81,6 +87,16 @@ def pid_path(data_dir: Path) -> Path:
 
 
 @dataclass(frozen=True, slots=True)
+class ReloadResult:
+    """What a reload did: applied or refused (``error`` says why), and the
+    changed settings that only a restart applies."""
+
+    applied: bool
+    error: str = ""
+    restart_needed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class _Policy:
     """The parts built from reloadable settings that sessions share."""
 
@@ -104,6 +120,8 @@ class App:
         self.pickup: Pickup | None = None
         self._smtp: SmtpTransport | None = None
         self._lmtp: SmtpTransport | None = None
+        self.history: HistoryRecorder | None = None
+        self.admin: AdminServer | None = None
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._stopping = False
@@ -247,6 +265,10 @@ class App:
         queue_path(config).parent.mkdir(parents=True, exist_ok=True)
         self.store = SqliteStore(queue_path(config))
         self.metrics.queue.attach(self.store.count_by_state)
+        # Every mail log event with a queue id becomes a step of that message's history.
+        self.history = HistoryRecorder(self.store, clock, config.admin.history_days * 86400)
+        self.maillog.subscribe(self.history.on_event)
+        self.history.start()
         intake = Intake(
             self.store,
             config.hostname,
@@ -296,6 +318,35 @@ class App:
         self.pickup.start()
         for listener, deps in serving:
             await listener.start(deps)
+        if config.admin.listen is not None:
+            runner = self.runner
+            admin_app = build_app(
+                AdminContext(
+                    ops=QueueOps(
+                        self.store,
+                        clock,
+                        intake=intake,
+                        hostname=config.hostname,
+                        maillog=self.maillog,
+                        history=self.history,
+                        wake_runner=runner.wake,
+                        actor="api",
+                    ),
+                    token=TokenVerifier(token_path(data_dir)),
+                    hostname=config.hostname,
+                    listeners=self.listeners,
+                    limiter=limiter,
+                    in_flight=lambda: runner.in_flight,
+                )
+            )
+            # Further admin routes (e.g. /metrics) are added to admin_app here.
+            add_ops_routes(admin_app, self.metrics, self.reload)
+            self.admin = AdminServer(
+                admin_app,
+                config.admin.listen,
+                admin_tls_context(config.admin, config.tls, tls_context),
+            )
+            await self.admin.start()
         pid_path(data_dir).write_text(f"{os.getpid()}\n")
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
 
@@ -343,7 +394,7 @@ class App:
             MaildirDelivery(config.data_dir / "mail", hostname=config.hostname), local
         )
 
-    async def reload(self) -> bool:
+    async def reload(self) -> ReloadResult:
         """Reopen the log, re-read the config file, certificates, aliases and
         accounts, and apply them without closing a connection.
 
@@ -351,11 +402,11 @@ class App:
         new sessions and the next deliveries get the new ones. Anything that
         fails (a config error, a missing certificate, a broken aliases or
         accounts file) refuses the whole reload: the errors are logged and
-        the running configuration stays. Returns whether it was applied.
+        the running configuration stays.
         """
         async with self._reload_lock:
             if self._stopping or self._intake is None or self.runner is None:
-                return False
+                return ReloadResult(False, "the server is starting or stopping")
             # First reopen the log under the running config (logrotate's
             # postrotate runs `postillon reload`): whatever follows, the log
             # goes to the new file.
@@ -372,11 +423,11 @@ class App:
             except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
                 self.metrics.reloads.labels("refused").inc()
                 log.error("reload refused, the running configuration stays:\n%s", exc)
-                return False
-            except Exception:
+                return ReloadResult(False, str(exc))
+            except Exception as exc:
                 self.metrics.reloads.labels("refused").inc()
                 log.exception("reload refused, the running configuration stays")
-                return False
+                return ReloadResult(False, f"{type(exc).__name__}: {exc}")
             self._apply(new, policy, tls_context)
             self.metrics.reloads.labels("ok").inc()
             if restart:
@@ -387,7 +438,7 @@ class App:
             log.info(
                 "configuration reloaded%s", f" from {self.config_path}" if self.config_path else ""
             )
-            return True
+            return ReloadResult(True, restart_needed=tuple(restart))
 
     def _apply(self, config: Config, policy: _Policy, tls_context: ssl.SSLContext | None) -> None:
         """Swap the new parts in; nothing here may fail half-way (no I/O)."""
@@ -423,6 +474,8 @@ class App:
         self._stopping = True
         if grace is None:
             grace = self.config.shutdown.grace
+        if self.admin is not None:
+            await self.admin.stop()
         for listener in self.listeners:
             listener.stop_accepting()
         await asyncio.gather(*(lst.wait_sessions(grace) for lst in self.listeners))
@@ -436,6 +489,8 @@ class App:
             if transport is not None:
                 await transport.close()
         log.debug("stop: transports done")
+        if self.history is not None:
+            await self.history.stop()
         if self.store is not None:
             await self.store.close()
         with contextlib.suppress(OSError):
@@ -462,7 +517,7 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[bool]] = set()
+    reloads: set[asyncio.Task[ReloadResult]] = set()
 
     def on_hangup() -> None:
         task = loop.create_task(app.reload())

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from postillon import __version__
-from postillon.cli import queue_cmd, reload_cmd, user_cmd
+from postillon.cli import admin_cmd, queue_cmd, reload_cmd, user_cmd
 from postillon.cli.config_path import DEFAULT_CONFIG, find_config
 from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     queue_cmd.add_parser(sub)
     user_cmd.add_parser(sub)
     reload_cmd.add_parser(sub)
+    admin_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
         ("mailq", "list the queue (= sendmail -bp)"),
@@ -85,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             run(config, config_file)
             return 0
         if args.command == "reload":
-            return reload_cmd.run(config, config_file)
+            return reload_cmd.run(config, config_file, api=args.api)
         if args.command == "queue":
             return queue_cmd.run(args, config)
         if args.command == "user":
             return user_cmd.run(args, config)
+        if args.command == "admin":
+            return admin_cmd.run(args, config)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

@@ -74,8 +74,12 @@ def _resolve_relative(config: Config, base: Path | None) -> Config:
     submission = config.submission.model_copy(
         update={"accounts_file": fix(config.submission.accounts_file)}
     )
+    admin = config.admin.model_copy(
+        update={"tls_cert": fix(config.admin.tls_cert), "tls_key": fix(config.admin.tls_key)}
+    )
     return config.model_copy(
         update={
+            "admin": admin,
             "data_dir": fix(config.data_dir),
             "tls": tls,
             "aliases": aliases,

@@ -15,11 +15,15 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from postillon.config.model import LogConfig
 from postillon.observability.syslog import SyslogHandler
+
+# Called with (event, queue_id, fields) for every event; must not block or raise.
+EventListener = Callable[[str, str, dict[str, Any]], None]
 
 _LOGGER_NAME = "postillon.mail"
 
@@ -28,11 +32,18 @@ class MailLog:
     def __init__(self, logger: logging.Logger, fmt: Literal["text", "json"] = "text") -> None:
         self._logger = logger
         self._json = fmt == "json"
+        self._listeners: list[EventListener] = []
+
+    def subscribe(self, listener: EventListener) -> None:
+        """Also hand every event to ``listener`` (the message history, metrics)."""
+        self._listeners.append(listener)
 
     def set_format(self, fmt: Literal["text", "json"]) -> None:
         self._json = fmt == "json"
 
     def event(self, event: str, queue_id: str = "", /, **fields: Any) -> None:
+        for listener in self._listeners:
+            listener(event, queue_id, fields)
         if not self._logger.isEnabledFor(logging.INFO):
             return
         if self._json:

@@ -144,6 +144,11 @@ class Runner:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def in_flight(self) -> int:
+        """Recipients being delivered right now (the admin status shows it)."""
+        return self._in_flight
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="queue-runner")
 
