@@ -155,8 +155,63 @@ class QueueConfig(_Frozen):
 
 class LogConfig(_Frozen):
     format: Literal["text", "json"] = "text"
-    file: Path | None = None  # None = stderr
+    file: Path | None = None  # None = stderr; same as target = "file:/path"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # Where the log goes: "stderr", "file:/path" (reopened on SIGHUP for
+    # logrotate), "syslog" (the local syslog socket /dev/log) or
+    # "syslog:/path/to/socket". Unset: `file` if given, else stderr.
+    target: str | None = None
+    # Syslog message framing: RFC 5424 (structured, ISO timestamps) or the
+    # traditional BSD format of RFC 3164 that every syslogd understands.
+    syslog_format: Literal["rfc5424", "rfc3164"] = "rfc3164"
+    syslog_facility: Literal[
+        "mail",
+        "daemon",
+        "user",
+        "local0",
+        "local1",
+        "local2",
+        "local3",
+        "local4",
+        "local5",
+        "local6",
+        "local7",
+    ] = "mail"
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, value: str | None) -> str | None:
+        if value is None or value in ("stderr", "syslog"):
+            return value
+        kind, _, rest = value.partition(":")
+        if kind in ("file", "syslog") and rest:
+            return value
+        raise ValueError(
+            f'log.target {value!r}: use "stderr", "file:/path", "syslog" '
+            'or "syslog:/path/to/socket"'
+        )
+
+    @property
+    def destination(self) -> tuple[Literal["stderr", "file", "syslog"], Path | None]:
+        """Where to write: ("stderr", None), ("file", path) or ("syslog", socket path)."""
+        target = self.target
+        if target is None:
+            return ("file", self.file) if self.file is not None else ("stderr", None)
+        if target == "stderr":
+            return ("stderr", None)
+        if target == "syslog":
+            return ("syslog", Path("/dev/log"))
+        kind, _, rest = target.partition(":")
+        return ("file" if kind == "file" else "syslog", Path(rest))
+
+
+class ShutdownConfig(_Frozen):
+    """SIGTERM: stop accepting, let sessions in DATA and deliveries in flight
+    finish, hand the rest back to the queue, exit."""
+
+    # How long sessions in a transaction and deliveries in flight may take
+    # to finish (each) before they are cut off; cut-off mail stays queued.
+    grace: float = Field(30.0, ge=0)
 
 
 class DnsConfig(_Frozen):
@@ -438,6 +493,7 @@ class Config(_Frozen):
     submission: SubmissionConfig = SubmissionConfig()
     authentication: AuthenticationConfig = AuthenticationConfig()
     dkim: DkimConfig = DkimConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
     admin: AdminConfig = AdminConfig()
 
     @model_validator(mode="after")

@@ -11,6 +11,8 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import IO
 
+from prometheus_client import Counter
+
 from postillon.core.clock import Clock, SystemClock
 from postillon.core.envelope import MailParams
 from postillon.core.queueid import new_queue_id
@@ -19,6 +21,7 @@ from postillon.intake.dkim_sign import PrefixedBody, signature_fields, start_sig
 from postillon.intake.headers import ClientInfo, received_header
 from postillon.intake.recent import MAX_CACHED_BODY, RecentMessages
 from postillon.observability.maillog import MailLog, null_maillog
+from postillon.observability.metrics import Metrics
 from postillon.queue.store import MessageInfo, NewMessage, NewRecipient, QueueStore
 from postillon.signing.signer import DkimSigner, MessageSigning
 
@@ -271,6 +274,7 @@ class IntakeTransaction:
                 "source": self.source,
             },
         )
+        self._intake.count_received(self.source)
         self._intake.notify_committed()
         return self.queue_id
 
@@ -297,6 +301,7 @@ class Intake:
         maillog: MailLog | None = None,
         max_hops: int = MAX_HOPS,
         signer: DkimSigner | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.signer = signer
@@ -307,7 +312,19 @@ class Intake:
         self.maillog = maillog or null_maillog()
         self._listeners: list[_Callback] = []
         self.recent = RecentMessages()
+        self.metrics = metrics
+        # Counter children per source (listener name, "sendmail", "bounce"):
+        # resolved once, then only inc() on the accept path.
+        self._received: dict[str, Counter] = {}
         spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def count_received(self, source: str) -> None:
+        if self.metrics is None:
+            return
+        child = self._received.get(source)
+        if child is None:
+            child = self._received[source] = self.metrics.received.labels(source)
+        child.inc()
 
     def begin(
         self, sender: str, params: MailParams, client: ClientInfo, source: str = "smtp"
