@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from email.utils import formatdate
 from pathlib import Path
 from typing import IO
+
+from prometheus_client import Counter
 
 from postillon.core.clock import Clock, SystemClock
 from postillon.core.envelope import MailParams
@@ -18,6 +21,7 @@ from postillon.intake.dkim_sign import PrefixedBody, signature_fields, start_sig
 from postillon.intake.headers import ClientInfo, received_header
 from postillon.intake.recent import MAX_CACHED_BODY, RecentMessages
 from postillon.observability.maillog import MailLog, null_maillog
+from postillon.observability.metrics import Metrics
 from postillon.queue.store import MessageInfo, NewMessage, NewRecipient, QueueStore
 from postillon.signing.signer import DkimSigner, MessageSigning
 
@@ -71,6 +75,7 @@ class IntakeTransaction:
         self._header_done = False
         self._hops = 0
         self._signing: MessageSigning | None = None  # DKIM, for local/authenticated senders
+        self._trace_len = 0  # bytes of our Received: at the start of the spool
         self.closed = False
         # Submission (RFC 6409 §8): add Date: and Message-ID: when missing.
         self.add_missing_headers = False
@@ -99,6 +104,7 @@ class IntakeTransaction:
             )
             self._body.write(header)
             self._size += len(header)
+            self._trace_len = len(header)
 
     def write(self, data: bytes) -> None:
         if self._body is None:
@@ -168,6 +174,43 @@ class IntakeTransaction:
         """The client's header section (as far as scanned), for checks."""
         return self._header_buf
 
+    # -- end-of-data checks (inbound authentication) ---------------------------
+    def message_bytes(self) -> bytes:
+        """The message as the client sent it (without our Received:), for checks
+        that need the body (DKIM, ARC). Call only once the body is complete."""
+        if self._body is None:
+            return b""
+        if not self._header_done:
+            self._finish_headers(self._header_buf, b"")
+        self._body.seek(self._trace_len)
+        data = self._body.read()
+        self._body.seek(0, 2)
+        return data
+
+    def rewrite_header(self, prepend: bytes, header: bytes) -> None:
+        """Put ``prepend`` on top and replace the client's header section with
+        ``header`` (checks add Authentication-Results: and drop forged ones)."""
+        old = self._body
+        if old is None or (not prepend and header == self._header_buf):
+            return
+        if not self._header_done:
+            self._finish_headers(self._header_buf, b"")
+        new = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in commit/abort
+            max_size=SPOOL_MEMORY_LIMIT, dir=str(self._intake.spool_dir)
+        )
+        old.seek(0)
+        trace = old.read(self._trace_len)
+        old.seek(self._trace_len + len(self._header_buf))
+        new.write(prepend)
+        new.write(trace)
+        new.write(header)
+        shutil.copyfileobj(old, new)
+        old.close()
+        self._body = new
+        self._size = new.tell()
+        self._trace_len += len(prepend)
+        self._header_buf = header
+
     # -- outcome ------------------------------------------------------------
     async def commit(self) -> str:
         """Make the message durable; return its queue id. Raises IntakeError."""
@@ -234,6 +277,7 @@ class IntakeTransaction:
                 "dkim": signed_by,
             },
         )
+        self._intake.count_received(self.source)
         self._intake.notify_committed()
         return self.queue_id
 
@@ -260,6 +304,7 @@ class Intake:
         maillog: MailLog | None = None,
         max_hops: int = MAX_HOPS,
         signer: DkimSigner | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.signer = signer
@@ -270,7 +315,19 @@ class Intake:
         self.maillog = maillog or null_maillog()
         self._listeners: list[_Callback] = []
         self.recent = RecentMessages()
+        self.metrics = metrics
+        # Counter children per source (listener name, "sendmail", "bounce"):
+        # resolved once, then only inc() on the accept path.
+        self._received: dict[str, Counter] = {}
         spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def count_received(self, source: str) -> None:
+        if self.metrics is None:
+            return
+        child = self._received.get(source)
+        if child is None:
+            child = self._received[source] = self.metrics.received.labels(source)
+        child.inc()
 
     def begin(
         self, sender: str, params: MailParams, client: ClientInfo, source: str = "smtp"
