@@ -223,3 +223,34 @@ def test_a_retry_sends_the_bytes_signed_at_intake(make_server: Any) -> None:
     assert stamp <= signed_at
     with DnsServer(key_zone(keys)) as dns_server:
         assert dkimpy_verify_all(message, dns_server.nameserver) == [True]
+
+
+def test_a_key_made_while_running_signs_after_reload(make_server: Any) -> None:
+    """sendmail ──▶ A (no key: unsigned); dkim keygen; postillon reload; sendmail ──▶ signed."""
+    server = make_server().start()
+    env = dict(os.environ, POSTILLON_CONFIG=str(server.config_path))
+
+    def send(subject: str) -> None:
+        sent = subprocess.run(
+            [str(SENDMAIL), "-i", "-f", "alice@example.org", "bob@example.org"],
+            input=f"From: alice@example.org\nSubject: {subject}\n\nx\n".encode(),
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stderr
+
+    send("before")
+    server.wait_for_mail("bob@example.org", count=1)
+    server.cli("dkim", "keygen", "example.org", "--selector", "new1", "--algorithm", "ed25519")
+    assert server.cli("reload").returncode == 0
+    deadline = time.monotonic() + 20
+    while "configuration reloaded" not in server.maillog():
+        assert time.monotonic() < deadline, server.maillog()[-2000:]
+        time.sleep(0.05)
+    send("after")
+    first, second = sorted(
+        server.wait_for_mail("bob@example.org", count=2), key=lambda p: p.stat().st_mtime_ns
+    )
+    assert b"DKIM-Signature" not in first.read_bytes()
+    assert b"s=new1" in second.read_bytes()
