@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+
+# The idna codec imports punycode on first use. After dropping root the interpreter's own
+# files may no longer be readable (a Python under /root, as on the bench machine), and the
+# first IDN domain or public-suffix-list load then failed with "unknown encoding: punycode"
+# (seen as 451s in make bench). Import it while still root.
+import encodings.punycode  # noqa: F401
 import logging
 import os
 import signal
