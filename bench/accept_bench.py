@@ -83,6 +83,12 @@ def parse_args() -> argparse.Namespace:
         "py-spy (flame graph SVG + hot-spot table)",
     )
     ap.add_argument("--no-raw", action="store_true", help="skip the raw smtp-sink baseline")
+    ap.add_argument(
+        "--verify",
+        action="store_true",
+        help="instead: inbound SPF/DKIM/DMARC checks on vs off with DKIM-signed input "
+        "(bench/verify_bench.py; no Postfix instance needed)",
+    )
     ap.add_argument("--no-checks", action="store_true", help="skip --netcheck and --durability")
     ap.add_argument("--keep", action="store_true", help="leave postfix, sink, postillon running")
     ap.add_argument(
@@ -906,6 +912,11 @@ def hot_spots(raw: Path, mode: str, repo: Path, top: int = 15) -> list[str]:
 
 def main() -> None:
     a = parse_args()
+    if a.verify:
+        from verify_bench import run_verify  # bench/ is on sys.path as the script's dir
+
+        run_verify(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep)
+        return
     b = Bench(a)
     b.preflight()
     b.out.mkdir(parents=True, exist_ok=True)
