@@ -15,7 +15,12 @@ bench/README.md "Inbound authentication"):
   ``bytes.find`` (memchr speed) whether there is anything to change, and
   then only match runs that change; the output is byte-for-byte the same.
 
-Both keep dkimpy's contracts (same arguments, same results; anything
+* Every signature parsed its public key record again (base64 and a
+  pure-Python ASN.1 walk for RSA). ``load_pk_from_dns`` still asks DNS each
+  time (postillon's resolver caches by TTL), but the parsing of a record
+  already seen is cached, keyed by the record's exact bytes.
+
+All keep dkimpy's contracts (same arguments, same results; anything
 unexpected falls back to dkimpy's own code). ``install()`` is idempotent.
 tests/unit/test_dkim_speedups.py checks the equivalence.
 """
@@ -89,11 +94,29 @@ def rsa_pkcs1_v1_5_verify(digest: Any, signature: bytes, public_key: dict[str, i
     return True
 
 
+_ORIGINAL_EVALUATE_PK: Callable[..., Any] = dkim.evaluate_pk
+
+
+@functools.lru_cache(maxsize=512)
+def _evaluate_pk_cached(name: bytes, record: bytes) -> Any:
+    return _ORIGINAL_EVALUATE_PK(name, record)
+
+
+def evaluate_pk(name: Any, record: Any) -> Any:
+    """dkimpy's key-record parser, memoised on (name, record bytes)."""
+    if isinstance(record, bytes) and isinstance(name, (bytes, str)):
+        key = name.encode() if isinstance(name, str) else name
+        return _evaluate_pk_cached(key, record)
+    return _ORIGINAL_EVALUATE_PK(name, record)
+
+
 @functools.cache
 def install() -> None:
     """Point dkimpy at the faster versions (once per process)."""
     if getattr(dkim, "RSASSA_PKCS1_v1_5_verify", None) is _ORIGINAL_VERIFY:
         dkim.RSASSA_PKCS1_v1_5_verify = rsa_pkcs1_v1_5_verify
+    if dkim.evaluate_pk is _ORIGINAL_EVALUATE_PK:
+        dkim.evaluate_pk = evaluate_pk
     canon = dkim.canonicalization
     if canon.compress_whitespace is _ORIGINAL_COMPRESS:
         canon.compress_whitespace = compress_whitespace
