@@ -155,8 +155,63 @@ class QueueConfig(_Frozen):
 
 class LogConfig(_Frozen):
     format: Literal["text", "json"] = "text"
-    file: Path | None = None  # None = stderr
+    file: Path | None = None  # None = stderr; same as target = "file:/path"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # Where the log goes: "stderr", "file:/path" (reopened on SIGHUP for
+    # logrotate), "syslog" (the local syslog socket /dev/log) or
+    # "syslog:/path/to/socket". Unset: `file` if given, else stderr.
+    target: str | None = None
+    # Syslog message framing: RFC 5424 (structured, ISO timestamps) or the
+    # traditional BSD format of RFC 3164 that every syslogd understands.
+    syslog_format: Literal["rfc5424", "rfc3164"] = "rfc3164"
+    syslog_facility: Literal[
+        "mail",
+        "daemon",
+        "user",
+        "local0",
+        "local1",
+        "local2",
+        "local3",
+        "local4",
+        "local5",
+        "local6",
+        "local7",
+    ] = "mail"
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, value: str | None) -> str | None:
+        if value is None or value in ("stderr", "syslog"):
+            return value
+        kind, _, rest = value.partition(":")
+        if kind in ("file", "syslog") and rest:
+            return value
+        raise ValueError(
+            f'log.target {value!r}: use "stderr", "file:/path", "syslog" '
+            'or "syslog:/path/to/socket"'
+        )
+
+    @property
+    def destination(self) -> tuple[Literal["stderr", "file", "syslog"], Path | None]:
+        """Where to write: ("stderr", None), ("file", path) or ("syslog", socket path)."""
+        target = self.target
+        if target is None:
+            return ("file", self.file) if self.file is not None else ("stderr", None)
+        if target == "stderr":
+            return ("stderr", None)
+        if target == "syslog":
+            return ("syslog", Path("/dev/log"))
+        kind, _, rest = target.partition(":")
+        return ("file" if kind == "file" else "syslog", Path(rest))
+
+
+class ShutdownConfig(_Frozen):
+    """SIGTERM: stop accepting, let sessions in DATA and deliveries in flight
+    finish, hand the rest back to the queue, exit."""
+
+    # How long sessions in a transaction and deliveries in flight may take
+    # to finish (each) before they are cut off; cut-off mail stays queued.
+    grace: float = Field(30.0, ge=0)
 
 
 class DnsConfig(_Frozen):
@@ -366,6 +421,59 @@ class DkimConfig(_Frozen):
         return self
 
 
+class AdminConfig(_Frozen):
+    """The admin HTTP server (JSON API, web page, metrics). Off unless ``listen`` is set."""
+
+    # "127.0.0.1:8025"; None = no admin server. A non-loopback address needs TLS:
+    # the token travels in every request.
+    listen: str | None = None
+    # TLS for the admin server: its own certificate and key, or (tls_from_server)
+    # the mail server's [tls] certificate (or its self-signed one).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_from_server: bool = False
+    # Per-message history (received, each delivery attempt) is kept this long.
+    history_days: float = Field(7.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, port = split_host_port(value)
+        if not host or not 0 < port < 65536:
+            raise ValueError(f"admin.listen {value!r} must be host:port, e.g. 127.0.0.1:8025")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_for_remote(self) -> AdminConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("admin.tls_cert and admin.tls_key must be set together")
+        if self.listen is None or self.tls_enabled:
+            return self
+        host = split_host_port(self.listen)[0]
+        if not _is_loopback(host):
+            raise ValueError(
+                f"admin.listen = {self.listen!r} is not a loopback address and the admin "
+                "server has no TLS: set admin.tls_cert and admin.tls_key, or "
+                "admin.tls_from_server = true (the token must not cross a network in clear)"
+            )
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None or self.tls_from_server
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
 class Config(_Frozen):
     hostname: str = "localhost"
     data_dir: Path = Path("./var")
@@ -385,6 +493,8 @@ class Config(_Frozen):
     submission: SubmissionConfig = SubmissionConfig()
     authentication: AuthenticationConfig = AuthenticationConfig()
     dkim: DkimConfig = DkimConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    admin: AdminConfig = AdminConfig()
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:
@@ -393,6 +503,15 @@ class Config(_Frozen):
             if d.name in seen:
                 raise ValueError(f"domain {d.name!r} is configured twice")
             seen.add(d.name)
+        return self
+
+    @model_validator(mode="after")
+    def _admin_tls_source(self) -> Config:
+        if self.admin.tls_from_server and self.tls.certificate is None and not self.tls.self_signed:
+            raise ValueError(
+                "admin.tls_from_server = true needs a server certificate: set tls.certificate "
+                "and tls.private_key, or tls.self_signed = true"
+            )
         return self
 
     @property
