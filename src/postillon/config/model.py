@@ -322,6 +322,9 @@ class AuthenticationConfig(_Frozen):
     # results are still recorded. Networks in CIDR, domains as names.
     allow_networks: tuple[str, ...] = ()
     allow_domains: tuple[str, ...] = ()
+    # Clients in [relay] trusted_networks are our own senders (they may relay):
+    # their mail is not checked unless this is true.
+    check_trusted_networks: bool = False
     # Forwarders (ARC sealing domains, RFC 8617 7.2) whose ARC chain may
     # override a local DMARC failure when their seal says dmarc=pass.
     arc_trusted_sealers: tuple[str, ...] = ()

@@ -355,11 +355,14 @@ class Session:
     async def _authenticate(self, tx: IntakeTransaction) -> Reply | None:
         """Run the checks before the commit; the refusal to send, or None.
 
-        Authenticated (submission) clients skip them; local mail never gets here.
+        Authenticated (submission) clients and [relay] trusted_networks skip them;
+        local mail never gets here.
         """
         checks = self.deps.authentication
         if checks is None or self.client.authenticated or self.deps.submission:
             return None
+        if self.deps.relay.is_trusted(self.client.ip) and not checks.config.check_trusted_networks:
+            return None  # our own relay clients, like submission
         too_big = tx.size > checks.config.max_verify_size
         facts = MessageFacts(
             client_ip=self.client.ip,
