@@ -14,11 +14,8 @@ import os
 import signal
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from postillon.admin.queue_ops import QueueOps
-from postillon.admin.server import AdminContext, AdminServer, build_app
-from postillon.admin.token import TokenVerifier, token_path
-from postillon.admin.wiring import admin_tls_context
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.config.model import Config
@@ -54,6 +51,9 @@ from postillon.routing.aliases import load_aliases
 from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
+
+if TYPE_CHECKING:
+    from postillon.admin.server import AdminServer
 
 log = logging.getLogger("postillon")
 
@@ -237,6 +237,13 @@ class App:
         for listener, deps in serving:
             await listener.start(deps)
         if config.admin.listen is not None:
+            # Imported here: aiohttp takes a while to import, and the CLI
+            # commands that import this module never serve HTTP.
+            from postillon.admin.queue_ops import QueueOps
+            from postillon.admin.server import AdminContext, AdminServer, build_app
+            from postillon.admin.token import TokenVerifier, token_path
+            from postillon.admin.wiring import admin_tls_context
+
             runner = self.runner
             admin_app = build_app(
                 AdminContext(
