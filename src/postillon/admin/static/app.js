@@ -144,6 +144,7 @@ function route() {
     every(() => loadMessage(decodeURIComponent(arg)));
   } else {
     $("view-dashboard").hidden = false;
+    state.chartKey = null;
     every(loadDashboard);
   }
 }
@@ -162,10 +163,14 @@ function stopRefresh() {
 // ---------------------------------------------------------------- dashboard
 
 async function loadDashboard() {
+  // Counters every refresh; the chart (a heavier query) every sixth, or when its range changed.
+  const chartKey = `${state.hours}`;
+  state.ticks = (state.ticks || 0) + 1;
+  const chartDue = state.chartKey !== chartKey || state.ticks % 6 === 0;
   const [status, summary, activity] = await Promise.all([
     api("/api/status"),
     api("/api/queue/summary"),
-    api(`/api/activity?hours=${state.hours}&bucket_minutes=${bucketFor(state.hours)}`),
+    chartDue ? api(`/api/activity?hours=${state.hours}&bucket_minutes=${bucketFor(state.hours)}`) : null,
   ]);
   $("host").textContent = `${status.hostname} · postillon ${status.version}`;
   const s = summary.by_state;
@@ -180,7 +185,10 @@ async function loadDashboard() {
   $("counters").replaceChildren(...counters.map(([cls, label, value]) =>
     h("div", { class: `counter ${cls}`, "data-counter": cls },
       h("div", { class: "value" }, value), h("div", { class: "label" }, label))));
-  drawChart(activity);
+  if (activity) {
+    drawChart(activity);
+    state.chartKey = chartKey;
+  }
   drawDomains(summary);
   drawServer(status);
 }
