@@ -5,8 +5,9 @@
     Chromium ──▶ A's admin server: log in with the token, see the deferred
                  message, retry it after B came up, see it delivered.
 
-The test also writes the screenshots shown in the README (docs/admin-*.png),
-desktop and phone-sized.
+The test also takes the screenshots shown in the README, desktop and
+phone-sized: ``POSTILLON_SCREENSHOTS=docs pytest tests/integration/test_admin_web.py``
+writes them to docs/.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import concurrent.futures
 import os
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.integration
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = "/usr/bin/chromium"
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+SHOTS = Path(tempfile.gettempdir()) / "postillon-admin-screenshots"
 FLAGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -90,10 +92,12 @@ def seed_chart_history(setup: AdminSetup) -> None:
 
 
 def shoot(page: object, name: str) -> None:
-    if os.environ.get("POSTILLON_NO_SCREENSHOTS"):
-        return
-    DOCS.mkdir(exist_ok=True)
-    page.screenshot(path=str(DOCS / name), full_page=True)  # type: ignore[attr-defined]
+    """Screenshots go to $POSTILLON_SCREENSHOTS (e.g. docs/, to update the
+    README's images); otherwise to a temporary directory, so a test run never
+    changes the git tree."""
+    target = Path(os.environ.get("POSTILLON_SCREENSHOTS") or SHOTS)
+    target.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(target / name), full_page=True)  # type: ignore[attr-defined]
 
 
 def log_in(page: object, setup: AdminSetup) -> None:

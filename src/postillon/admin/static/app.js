@@ -421,10 +421,22 @@ async function loadMessage(queueId) {
           h("td", { "data-label": "Next try" }, r.next_try ? when(r.next_try) : "–"),
           h("td", { "data-label": "Last reply", class: "reply" }, r.last_reply || "–")))))));
   } else {
-    const done = history.events.some((e) => e.event === "delivered");
+    // Gone from the queue: tell its story from the history alone.
+    const received = history.events.find((e) => e.event === "received");
+    const outcome = new Map();
+    for (const e of history.events) {
+      if (["delivered", "bounced", "expired"].includes(e.event) && e.fields.to) outcome.set(e.fields.to, e.event === "delivered" ? "delivered" : "failed");
+    }
+    const finals = new Set(outcome.values());
+    const word = finals.size === 1 ? [...finals][0] : finals.size ? "partly delivered" : "gone";
     out.push(h("div", { class: "card msg-head" },
-      h("div", { class: "card-head" }, h("span", { class: "mono muted" }, queueId), badge(done ? "delivered" : "gone")),
-      h("p", { class: "notice", "data-gone": "true" }, "This message has left the queue. Its history is below.")));
+      h("div", { class: "card-head" }, h("span", { class: "mono muted" }, queueId), badge(word)),
+      h("p", { class: "notice", "data-gone": "true" }, "This message has left the queue. Its history is below."),
+      received ? h("dl", { class: "facts" },
+        h("dt", {}, "From"), h("dd", { class: "mono" }, received.fields.from || "<>"),
+        h("dt", {}, "Received"), h("dd", {}, when(received.at)),
+        h("dt", {}, "Client"), h("dd", { class: "mono" }, received.fields.client || "–"),
+        h("dt", {}, "Recipients"), h("dd", {}, [...outcome].map(([to, st]) => h("div", {}, h("span", { class: "mono" }, to), " ", badge(st))))) : null));
   }
   out.push(h("div", { class: "card" }, h("h2", {}, "History"),
     history.events.length ? h("ol", { class: "timeline" }, history.events.map((e) =>
