@@ -349,7 +349,10 @@ async function act(queueId, action) {
 // ---------------------------------------------------------------- message
 
 const EVENT_TEXT = {
-  received: "Received",
+  authentication: "Checked: SPF, DKIM, DMARC, ARC",
+  warning: "Warning",
+  rejected: "Refused",
+  received: "Received and queued",
   deferred: "Delivery deferred",
   delivered: "Delivered",
   bounced: "Delivery failed",
@@ -372,6 +375,9 @@ function eventDetail(e) {
     if (f.status || f.reply) parts.push(h("div", {}, "reply ", mono(`${f.status || ""} ${f.reply || ""}`.trim())));
     const meta = [f.attempts ? `attempt ${f.attempts}` : "", f.delay ? `after ${age(Number(f.delay))}` : "", f.next_try ? `next try in ${age(parseFloat(f.next_try))}` : ""].filter(Boolean).join(" · ");
     if (meta) parts.push(h("div", { class: "muted" }, meta));
+  } else if (e.event === "authentication") {
+    parts.push(h("div", {}, mono(f.results || ""), f.action ? ` → ${f.action}` : ""));
+    if (f.reason) parts.push(h("div", { class: "muted" }, f.reason));
   } else if (e.event === "bounce") {
     parts.push(h("div", {}, "to ", mono(f.to || ""), " as ", h("a", { href: `#/message/${f.dsn_id}`, class: "mono" }, f.dsn_id || "")));
   } else if (e.event === "operator") {
