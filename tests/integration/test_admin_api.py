@@ -8,13 +8,16 @@ aiohttp ───▶ A's admin server (127.0.0.1:P, Bearer token)
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 
-from admin_fixtures import AdminSetup
+from admin_fixtures import AdminSetup, wait_port
+from postillon.testing.server import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -202,3 +205,32 @@ def test_non_loopback_admin_without_tls_is_refused(make_server) -> None:  # type
     tls_ok = make_server(admin={"listen": "0.0.0.0:8025", "tls_from_server": True})
     tls_ok.write_config()
     assert tls_ok.cli("check-config", str(tls_ok.config_path)).returncode == 0
+
+
+async def test_admin_over_tls_with_its_own_certificate(make_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "admin.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "admin.key"))
+    port = free_port()
+    server = make_server(
+        admin={
+            "listen": f"127.0.0.1:{port}",
+            "tls_cert": str(tmp_path / "admin.pem"),
+            "tls_key": str(tmp_path / "admin.key"),
+        }
+    ).start()
+    wait_port(port)
+    token = server.cli("admin", "token").stdout.strip()
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    async with aiohttp.ClientSession() as http:
+        url = f"https://127.0.0.1:{port}"
+        async with http.get(f"{url}/api/status", ssl=client) as r:
+            assert r.status == 401
+        headers = {"Authorization": f"Bearer {token}"}
+        async with http.get(f"{url}/api/status", ssl=client, headers=headers) as r:
+            assert r.status == 200
+        with pytest.raises(aiohttp.ClientError):  # no plain HTTP on a TLS port
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                await r.read()
