@@ -114,19 +114,23 @@ async def test_deferred_message_inspected_retried_and_delivered(admin_setup: Adm
         assert all(r["last_reply"].startswith("4") for r in shown["recipients"])
         assert all(r["attempts"] == 1 and r["next_try"] for r in shown["recipients"])
         names = [h["name"] for h in shown["headers"]]
-        assert names[0] == "Received" and "Message-ID" in names
+        # the checks' verdict first, then our trace header, then the client's
+        assert names[:2] == ["Authentication-Results", "Received"] and "Message-ID" in names
 
         async with http.get(
             f"{setup.base}/api/queue/messages/{queue_id}/raw", headers=setup.auth
         ) as r:
             assert r.status == 200 and r.content_type == "message/rfc822"
             raw = await r.read()
-        assert raw.startswith(b"Received: ") and raw.endswith(b"Numbers attached.\r\n")
+        assert raw.startswith(b"Authentication-Results: mx.test.example;")
+        assert b"\r\nReceived: " in raw and raw.endswith(b"Numbers attached.\r\n")
 
         history = await get(http, setup, f"/api/queue/messages/{queue_id}/events")
         kinds = [e["event"] for e in history["events"]]
-        assert kinds[0] == "received" and kinds.count("deferred") == 2
-        received = history["events"][0]["fields"]
+        # the inbound checks, then the commit, then one attempt per recipient
+        assert kinds[:2] == ["authentication", "received"] and kinds.count("deferred") == 2
+        assert "spf=pass" in history["events"][0]["fields"]["results"]
+        received = history["events"][1]["fields"]
         assert received["from"] == "alice@example.org" and "127.0.0.1" in received["client"]
 
         # Retrying while the destination is still down: a new deferral.

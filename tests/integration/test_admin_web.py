@@ -144,6 +144,8 @@ def test_log_in_see_deferred_retry_and_see_delivered(
     page.click(f"tr[data-queue-id='{queue_id}'] a")
     page.wait_for_selector("h2:has-text('Quarterly report')")
     page.wait_for_selector("[data-event=received]")
+    # The inbound checks are the first step of the history.
+    assert "spf=pass" in page.inner_text("[data-event=authentication]")
     assert page.locator("[data-event=deferred]").count() == 2
     assert "Connection refused" in page.inner_text("[data-event=deferred] >> nth=0") or (
         "4." in page.inner_text("[data-event=deferred] >> nth=0")

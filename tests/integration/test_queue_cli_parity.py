@@ -73,7 +73,8 @@ def test_cli_commands_match_the_api(admin_setup: AdminSetup) -> None:
 
     # raw: the stored message, byte for byte as the API serves it
     raw = setup.a.cli("queue", "raw", retried).stdout
-    assert raw.startswith("Received: ") and raw.endswith("Numbers attached.\n")
+    assert raw.startswith("Authentication-Results: ") and "\nReceived: " in raw
+    assert raw.endswith("Numbers attached.\n")
 
     # retry, with the destination up: delivered, and the history says so
     setup.b.start()
@@ -88,7 +89,7 @@ def test_cli_commands_match_the_api(admin_setup: AdminSetup) -> None:
         if kinds.count("delivered") == 2 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert kinds[0] == "received" and kinds.count("delivered") == 2
+    assert kinds[:2] == ["authentication", "received"] and kinds.count("delivered") == 2
     assert {"action": "retry", "by": "cli", "recipients": 2}.items() <= next(
         e["fields"] for e in events["events"] if e["event"] == "operator"
     ).items()
