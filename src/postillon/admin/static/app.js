@@ -150,13 +150,26 @@ function route() {
 }
 
 function every(load) {
-  const run = () => load().catch((e) => { if (!(e instanceof Unauthorized)) toast(e.message, true); });
+  // Refresh every few seconds; a slow answer (a long queue) waits ten times as
+  // long as it took, so an open page never keeps the server busy.
+  const generation = (state.generation = (state.generation || 0) + 1);
+  const run = async () => {
+    const started = performance.now();
+    try {
+      await load();
+    } catch (e) {
+      if (!(e instanceof Unauthorized)) toast(e.message, true);
+    }
+    if (generation !== state.generation) return;
+    const delay = Math.max(REFRESH_MS, 10 * (performance.now() - started));
+    state.timer = setTimeout(run, delay);
+  };
   run();
-  state.timer = setInterval(run, REFRESH_MS);
 }
 
 function stopRefresh() {
-  if (state.timer) clearInterval(state.timer);
+  state.generation = (state.generation || 0) + 1;
+  if (state.timer) clearTimeout(state.timer);
   state.timer = null;
 }
 
