@@ -31,6 +31,7 @@ from postillon.queue.memory_store import MemoryStore
 from postillon.queue.store import DeliveryState, NewMessage, NewRecipient, OutcomeUpdate
 
 T0 = 1_800_000_000.0
+QID = "1M8HQNNH4M5HGXC7B"  # a real-looking queue id: the history keeps only those
 BODY = b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\nFrom: a@example.org\r\n\r\nbody\r\n"
 
 
@@ -217,12 +218,13 @@ async def test_history_recorder_batches_mail_log_events(clock: FakeClock) -> Non
     recorder = HistoryRecorder(store, clock, retention=3600, flush_interval=3600)
     maillog = null_maillog()
     maillog.subscribe(recorder.on_event)
-    maillog.event("received", "Q1", **{"from": "a@b", "size": 3, "extra": object()})
+    maillog.event("received", QID, **{"from": "a@b", "size": 3, "extra": object()})
     maillog.event("rejected", client="192.0.2.1")  # no queue id: not history
-    maillog.event("delivered", "Q1", to="c@d", orig_to=None)
-    assert await store.events("Q1") == []  # buffered until the next flush
+    maillog.event("error", "-", reason="maildrop file x: bad")  # a placeholder: neither
+    maillog.event("delivered", QID, to="c@d", orig_to=None)
+    assert await store.events(QID) == []  # buffered until the next flush
     await recorder.flush()
-    events = await store.events("Q1")
+    events = await store.events(QID)
     assert [e.event for e in events] == ["received", "delivered"]
     assert events[0].fields["size"] == 3 and isinstance(events[0].fields["extra"], str)
     assert "orig_to" not in events[1].fields
