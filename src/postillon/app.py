@@ -15,11 +15,8 @@ import signal
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from postillon.admin.queue_ops import QueueOps
-from postillon.admin.server import AdminContext, AdminServer, build_app
-from postillon.admin.token import TokenVerifier, token_path
-from postillon.admin.wiring import admin_tls_context
 from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
@@ -47,7 +44,6 @@ from postillon.local.maildir import MaildirDelivery
 from postillon.local.transport import MaildirTransport
 from postillon.observability.maillog import MailLog, configure_logging
 from postillon.observability.metrics import ListenerMetrics, Metrics
-from postillon.observability.routes import add_ops_routes
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.simple import DiscardTransport, ErrorTransport
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
@@ -62,6 +58,9 @@ from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
 from postillon.signing.keys import key_store_from_config
 from postillon.signing.signer import DkimSigner, build_signer
+
+if TYPE_CHECKING:
+    from postillon.admin.server import AdminServer
 
 log = logging.getLogger("postillon")
 
@@ -337,6 +336,14 @@ class App:
         for listener, deps in serving:
             await listener.start(deps)
         if config.admin.listen is not None:
+            # Imported here: aiohttp takes a while to import, and the CLI
+            # commands that import this module never serve HTTP.
+            from postillon.admin.queue_ops import QueueOps
+            from postillon.admin.server import AdminContext, AdminServer, build_app
+            from postillon.admin.token import TokenVerifier, token_path
+            from postillon.admin.wiring import admin_tls_context
+            from postillon.observability.routes import add_ops_routes
+
             runner = self.runner
             admin_app = build_app(
                 AdminContext(

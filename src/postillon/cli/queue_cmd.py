@@ -66,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "queue",
         help="list, show and act on queued mail",
         description="Inspect and manage the mail queue (works while the server runs). "
-        "Every command takes --json for scripts; the output matches the admin API.",
+        "Every command but raw takes --json for scripts; the output matches the admin API.",
     )
     qsub = q.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
 
@@ -132,7 +132,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         p = qsub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         p.add_argument("queue_id", nargs="+")
         p.add_argument("--json", action="store_true", help="machine-readable output")
-    qsub.add_parser("flush", help="try every deferred message now")
+    fl = qsub.add_parser("flush", help="try every deferred message now")
+    fl.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -188,7 +189,10 @@ async def _dispatch(args: argparse.Namespace, ops: QueueOps) -> int:
         return await _act(args, ops)
     if cmd == "flush":
         n = await ops.store.flush(ops.clock.now())
-        print(f"{n} deferred recipient(s) scheduled for immediate delivery")
+        if getattr(args, "json", False):
+            _print_json({"action": "flush", "recipients": n})
+        else:
+            print(f"{n} deferred recipient(s) scheduled for immediate delivery")
         return 0
     raise AssertionError(cmd)
 
