@@ -27,7 +27,7 @@ from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
-from postillon.inbound.accounts import AccountStore, accounts_path
+from postillon.inbound.accounts import AccountError, AccountStore, accounts_path
 from postillon.inbound.auth import DEFAULT_MECHANISMS, Authenticator, AuthGuard
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.listener import Listener
@@ -55,7 +55,7 @@ from postillon.queue.history import HistoryRecorder
 from postillon.queue.retry import RetryPolicy
 from postillon.queue.runner import Runner, Transport
 from postillon.queue.sqlite_store import SqliteStore
-from postillon.routing.aliases import load_aliases
+from postillon.routing.aliases import AliasesError, load_aliases
 from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
@@ -420,7 +420,7 @@ class App:
                 policy = self._build_policy(new, self._policy)
                 # Last: from here on the log is written as the new config says.
                 configure_logging(new.log, self.maillog, new.hostname)
-            except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
+            except (ConfigError, AccountError, AliasesError, OSError, ValueError) as exc:
                 self.metrics.reloads.labels("refused").inc()
                 log.error("reload refused, the running configuration stays:\n%s", exc)
                 return ReloadResult(False, str(exc))

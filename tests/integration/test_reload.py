@@ -253,3 +253,26 @@ def test_reload_without_a_running_server(make_server) -> None:  # type: ignore[n
     server.write_config()
     result = server.cli("reload", check=False)
     assert result.returncode == 1 and "no running server" in result.stderr
+
+
+def test_reload_rereads_aliases_file_and_refuses_broken_accounts(make_server) -> None:  # type: ignore[no-untyped-def]
+    server: ServerProcess = make_server(aliases={"files": ["aliases"]})
+    aliases = server.root / "aliases"
+    aliases.write_text("sales: alice\n")
+    server.start()
+    address = _addr(server)
+    assert _rcpt(address, "sales@example.org") == 250
+    assert _rcpt(address, "support@example.org") == 550
+
+    aliases.write_text("sales: alice\nsupport: bob\n")
+    assert server.cli("reload").returncode == 0
+    _wait_log(server, "configuration reloaded", 1)
+    assert _rcpt(address, "support@example.org") == 250
+
+    # A damaged accounts file refuses the reload (and so would a broken aliases file).
+    (server.data_dir / "accounts.json").write_text("{not json")
+    aliases.write_text("sales: alice\n")
+    assert server.cli("reload").returncode == 0  # the config itself is fine
+    _wait_log(server, "reload refused", 1)
+    assert "accounts.json: damaged accounts file" in server.maillog()
+    assert _rcpt(address, "support@example.org") == 250  # the old aliases stay
