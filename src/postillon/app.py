@@ -406,6 +406,7 @@ class App:
         """
         async with self._reload_lock:
             if self._stopping or self._intake is None or self.runner is None:
+                log.warning("reload ignored: the server is starting or stopping")
                 return ReloadResult(False, "the server is starting or stopping")
             # First reopen the log under the running config (logrotate's
             # postrotate runs `postillon reload`): whatever follows, the log
@@ -524,9 +525,10 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    await app.start()
-    # SIGHUP only once serving: a reload before start has nothing to swap.
+    # Before start too: SIGHUP's default action would kill a starting server
+    # (the reload itself is declined until everything is built).
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    await app.start()
     try:
         await stop.wait()
     finally:
