@@ -130,6 +130,9 @@ class App:
         self._intake: Intake | None = None
         self._limiter: ConnectionLimiter | None = None
         self._listener_metrics: dict[str, ListenerMetrics] = {}
+        # SMTP transports replaced by a reload, closed again at stop.
+        self._retired: list[SmtpTransport] = []
+        self._background: set[asyncio.Task[None]] = set()
 
     def _tls_context(self, config: Config | None = None) -> ssl.SSLContext | None:
         config = config or self.config
@@ -351,7 +354,18 @@ class App:
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
 
     def _transports(self, local: LocalRecipients) -> dict[str, Transport]:
-        config = self.config
+        self._smtp, self._lmtp = self._smtp_transports(self.config)
+        return {
+            "maildir": self._maildir_transport(self.config, local),
+            "smtp": self._smtp,
+            "lmtp": self._lmtp,
+            "discard": DiscardTransport(),
+            "error": ErrorTransport(),
+        }
+
+    def _smtp_transports(self, config: Config) -> tuple[SmtpTransport, SmtpTransport]:
+        """SMTP and LMTP transports sharing one resolver; raises ValueError
+        for unusable [dns] settings."""
         out = config.outbound
         resolver = DnsResolver(
             list(config.dns.nameservers) or None,
@@ -378,15 +392,10 @@ class App:
                 data_end=out.data_end_timeout,
             ),
         )
-        self._smtp = SmtpTransport(resolver, settings, metrics=self.metrics)
-        self._lmtp = SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics)
-        return {
-            "maildir": self._maildir_transport(config, local),
-            "smtp": self._smtp,
-            "lmtp": self._lmtp,
-            "discard": DiscardTransport(),
-            "error": ErrorTransport(),
-        }
+        return (
+            SmtpTransport(resolver, settings, metrics=self.metrics),
+            SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics),
+        )
 
     @staticmethod
     def _maildir_transport(config: Config, local: LocalRecipients) -> MaildirTransport:
@@ -419,6 +428,13 @@ class App:
                 new = effective(self.config, new)
                 tls_context = self._tls_context(new)
                 policy = self._build_policy(new, self._policy)
+                smtp = None
+                if (new.outbound, new.dns, new.hostname) != (
+                    self.config.outbound,
+                    self.config.dns,
+                    self.config.hostname,
+                ):
+                    smtp = self._smtp_transports(new)
                 # Last: from here on the log is written as the new config says.
                 configure_logging(new.log, self.maillog, new.hostname)
             except (ConfigError, AccountError, AliasesError, OSError, ValueError) as exc:
@@ -429,7 +445,7 @@ class App:
                 self.metrics.reloads.labels("refused").inc()
                 log.exception("reload refused, the running configuration stays")
                 return ReloadResult(False, f"{type(exc).__name__}: {exc}")
-            self._apply(new, policy, tls_context)
+            self._apply(new, policy, tls_context, smtp)
             self.metrics.reloads.labels("ok").inc()
             if restart:
                 log.warning(
@@ -441,7 +457,13 @@ class App:
             )
             return ReloadResult(True, restart_needed=tuple(restart))
 
-    def _apply(self, config: Config, policy: _Policy, tls_context: ssl.SSLContext | None) -> None:
+    def _apply(
+        self,
+        config: Config,
+        policy: _Policy,
+        tls_context: ssl.SSLContext | None,
+        smtp: tuple[SmtpTransport, SmtpTransport] | None,
+    ) -> None:
         """Swap the new parts in; nothing here may fail half-way (no I/O)."""
         assert self._intake is not None and self.runner is not None
         self.config = config
@@ -466,6 +488,17 @@ class App:
         runner.lease_seconds = config.queue.lease
         runner.delay_warning = config.queue.delay_warning
         runner.transports["maildir"] = self._maildir_transport(config, policy.local)
+        if smtp is not None:
+            # Deliveries in flight finish on the old transports; their pools
+            # close idle connections now and reap the rest as they come back.
+            for old in (self._smtp, self._lmtp):
+                if old is not None:
+                    self._retired.append(old)
+                    task = asyncio.create_task(old.close())
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+            self._smtp, self._lmtp = smtp
+            runner.transports["smtp"], runner.transports["lmtp"] = smtp
         if self.pickup is not None:
             self.pickup.hostname = config.hostname
         runner.wake()
@@ -486,7 +519,7 @@ class App:
         if self.runner is not None:
             await self.runner.stop(grace)
         log.debug("stop: runner done")
-        for transport in (self._smtp, self._lmtp):
+        for transport in (self._smtp, self._lmtp, *self._retired):
             if transport is not None:
                 await transport.close()
         log.debug("stop: transports done")

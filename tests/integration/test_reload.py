@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from postillon.testing.server import ServerProcess
+from postillon.testing.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -224,10 +224,10 @@ def test_invalid_config_is_refused_and_old_one_kept(make_server) -> None:  # typ
     assert _rcpt(address, "team@example.org") == 250
 
     # Settings that need a restart are applied no further than the log line.
-    server.config_path.write_text(good.replace("[dns]", "[outbound]\nport = 2626\n\n[dns]"))
+    server.config_path.write_text(good.replace('user = ""', 'user = "nobody"'))
     server.proc.send_signal(signal.SIGHUP)
     _wait_log(server, "configuration reloaded", 1)
-    assert "need a restart to take effect: outbound.port" in server.maillog()
+    assert "need a restart to take effect: user" in server.maillog()
 
 
 def test_reload_reopens_the_log_file(make_server) -> None:  # type: ignore[no-untyped-def]
@@ -276,3 +276,32 @@ def test_reload_rereads_aliases_file_and_refuses_broken_accounts(make_server) ->
     _wait_log(server, "reload refused", 1)
     assert "accounts.json: damaged accounts file" in server.maillog()
     assert _rcpt(address, "support@example.org") == 250  # the old aliases stay
+
+
+def test_reload_applies_outbound_settings(make_server) -> None:  # type: ignore[no-untyped-def]
+    """[outbound] takes effect with new transports: B sees the new HELO name.
+
+    smtplib ──▶ A ──smtp:[127.0.0.1]:Q (HELO first.test, then second.test)──▶ B ──▶ Maildir
+    """
+    b_port = free_port()
+    b: ServerProcess = make_server(
+        listen=[{"kind": "smtp", "address": f"127.0.0.1:{b_port}"}],
+        domain=[{"name": "remote.test", "mailboxes": ["bob"]}],
+    ).start()
+    a: ServerProcess = make_server(
+        relay={"trusted_networks": ["127.0.0.0/8"]},
+        transport=[{"domain": "remote.test", "route": f"smtp:[127.0.0.1]:{b_port}"}],
+        outbound={"helo_name": "first.test", "idle_reuse": 0.0},
+    ).start()
+    address = _addr(a)
+    for n, helo in enumerate(("first.test", "second.test"), start=1):
+        if n == 2:
+            a.config["outbound"] = {"helo_name": "second.test", "idle_reuse": 0.0}
+            a.write_config()
+            assert a.cli("reload").returncode == 0
+            _wait_log(a, "configuration reloaded", 1)
+        with smtplib.SMTP(*address, timeout=10) as client:
+            client.sendmail("s@sender.test", ["bob@remote.test"], f"Subject: {n}\r\n\r\nx\r\n")
+        texts = [p.read_bytes() for p in b.wait_for_mail("bob@remote.test", n)]
+        assert sum(f"from {helo} ".encode() in t for t in texts) == 1
+    assert "need a restart" not in a.maillog()

@@ -85,14 +85,16 @@ def test_restart_needed_names_keys() -> None:
             "listen": [{"address": "127.0.0.1:26"}],
             "hostname": "mx2",
             "outbound": {"port": 2526},
+            "admin": {"listen": "127.0.0.1:8025"},
             "queue": {"first_retry": 10.0},
             "data_dir": "/elsewhere",
         }
     )
-    assert sorted(restart_needed(old, new)) == ["data_dir", "listen", "outbound.port"]
+    assert sorted(restart_needed(old, new)) == ["admin.listen", "data_dir", "listen"]
     applied = effective(old, new)
     assert applied.hostname == "mx2" and applied.queue.first_retry == 10.0
-    assert applied.listen == old.listen and applied.outbound == old.outbound
+    assert applied.outbound.port == 2526
+    assert applied.listen == old.listen and applied.admin == old.admin
     assert applied.data_dir == old.data_dir
     assert restart_needed(old, old) == []
     assert effective(old, old) == old
