@@ -20,6 +20,7 @@ from postillon.admin.queue_ops import QueueOps
 from postillon.admin.server import AdminContext, AdminServer, build_app
 from postillon.admin.token import TokenVerifier, token_path
 from postillon.admin.wiring import admin_tls_context
+from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.config.changes import effective, restart_needed
@@ -59,6 +60,8 @@ from postillon.routing.aliases import AliasesError, load_aliases
 from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
+from postillon.signing.keys import key_store_from_config
+from postillon.signing.signer import DkimSigner, build_signer
 
 log = logging.getLogger("postillon")
 
@@ -104,6 +107,10 @@ class _Policy:
     relay: RelayPolicy
     auth: Authenticator
     rate_limits: SubmissionRateLimits
+    # DKIM signing of local/authenticated mail; None = no keys configured.
+    signer: DkimSigner | None
+    # SPF/DKIM/DMARC/ARC on the MX listeners; None = checks off.
+    authentication: InboundAuthentication | None
 
 
 class App:
@@ -144,8 +151,12 @@ class App:
             return server_context(cert, key, tls.min_version)
         return None
 
-    def _build_policy(self, config: Config, previous: _Policy | None) -> _Policy:
-        """Aliases, relay rules, accounts and rate limits; raises when a file is broken."""
+    def _build_policy(
+        self, config: Config, previous: _Policy | None, signer: DkimSigner | None = None
+    ) -> _Policy:
+        """Aliases, relay rules, accounts, rate limits, DKIM keys and the inbound
+        checks; raises when a file is broken. ``signer`` is the one read at start
+        (before dropping root); a reload reads the keys again."""
         local = build_local_recipients(config)
         submit = config.submission
         # One account store, one AUTH failure budget and one set of rate
@@ -170,6 +181,8 @@ class App:
             relay=RelayPolicy(local, config.relay.trusted_networks),
             auth=Authenticator.create(accounts, self._auth_guard),
             rate_limits=rate_limits,
+            signer=signer if signer is not None else build_signer(config),
+            authentication=self._authentication(config),
         )
 
     def _session_deps(
@@ -214,6 +227,8 @@ class App:
             hide_client_ip=config.submission.hide_client_ip,
             recipient_delimiter=config.aliases.recipient_delimiter,
             metrics=metrics,
+            # Inbound checks on MX (smtp) listeners only, never submission or LMTP.
+            authentication=policy.authentication if kind == "smtp" else None,
         )
 
     def _router(self, config: Config, local: LocalRecipients) -> Router:
@@ -261,6 +276,8 @@ class App:
             )
             await listener.bind()
             self.listeners.append(listener)
+        # Keys are read before dropping root, as OpenDKIM does: they may be readable by root only.
+        signer: DkimSigner | None = build_signer(config)
         if drop_to is not None:
             drop_privileges(drop_to)
             log.info("dropped privileges to user %s", drop_to)
@@ -279,10 +296,11 @@ class App:
             clock=clock,
             maillog=self.maillog,
             max_hops=config.limits.max_hops,
+            signer=signer,
             metrics=self.metrics,
         )
         self._intake = intake
-        policy = self._policy = self._build_policy(config, None)
+        policy = self._policy = self._build_policy(config, None, signer)
         serving = [
             (listener, self._session_deps(config, listener, intake, policy, tls_context))
             for listener in self.listeners
@@ -352,6 +370,24 @@ class App:
             await self.admin.start()
         pid_path(data_dir).write_text(f"{os.getpid()}\n")
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
+
+    def _authentication(self, config: Config) -> InboundAuthentication | None:
+        """SPF/DKIM/DMARC/ARC for the MX listeners, through postillon's resolver."""
+        if not config.authentication.enabled:
+            return None
+        resolver = DnsResolver(
+            list(config.dns.nameservers) or None,
+            timeout=config.dns.timeout,
+            attempts=config.dns.attempts,
+            on_lookup=self.metrics.dns_observer(),
+        )
+        return InboundAuthentication(
+            config.authentication,
+            resolver,
+            config.hostname,
+            local_domains=config.local_domains,
+            sealing_keys=arc_sealing_keys(key_store_from_config(config.dkim, config.data_dir)),
+        )
 
     def _transports(self, local: LocalRecipients) -> dict[str, Transport]:
         self._smtp, self._lmtp = self._smtp_transports(self.config)
@@ -471,6 +507,7 @@ class App:
         intake = self._intake
         intake.hostname = config.hostname
         intake.max_hops = config.limits.max_hops
+        intake.signer = policy.signer
         if self._limiter is not None:
             self._limiter.total = config.limits.connections
             self._limiter.per_ip = config.limits.connections_per_ip

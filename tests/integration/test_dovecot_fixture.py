@@ -104,8 +104,8 @@ def test_one_recipient(dovecot: DovecotLmtp, client: smtplib.LMTP) -> None:
     assert b"Delivered-To: alice@example.org\n" in stored
     assert dovecot.messages(BOB) == []
     assert dovecot.maildir(ALICE).is_dir()
-    assert "lmtp(alice@example.org)" in dovecot.log()
-    assert "saved mail to INBOX" in dovecot.log()
+    assert "lmtp(alice@example.org)" in dovecot.wait_for_log("lmtp(alice@example.org)")
+    assert "saved mail to INBOX" in dovecot.wait_for_log("saved mail to INBOX")
 
 
 def test_two_recipients_get_one_reply_each_after_data(

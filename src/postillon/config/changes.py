@@ -36,6 +36,8 @@ RELOADABLE = frozenset(
         "shutdown",
         "dns",  # a new resolver and new SMTP transports; deliveries in flight finish
         "outbound",  # on the old ones
+        "authentication",  # rebuilt with the policy on reload
+        "dkim",  # keys re-read on reload
     }
 )
 # [queue] settings a reload applies (retry curve and runner limits); every

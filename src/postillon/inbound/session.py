@@ -17,6 +17,7 @@ import logging
 import ssl
 from dataclasses import dataclass, replace
 
+from postillon.checks.authentication import InboundAuthentication, MessageFacts
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.checks.sender_policy import (
@@ -83,6 +84,8 @@ class SessionDeps:
     rate_limits: SubmissionRateLimits | None = None
     hide_client_ip: bool = True
     recipient_delimiter: str = "+"
+    # SPF/DKIM/DMARC/ARC at end of data; None = no checks on this listener.
+    authentication: InboundAuthentication | None = None
     metrics: ListenerMetrics | None = None
 
 
@@ -331,6 +334,11 @@ class Session:
                 for _ in range(max(1, replies_needed)):
                     self.conn.reply(decision.reply)
                 return
+        refusal = await self._authenticate(tx)
+        if refusal is not None:
+            for _ in range(max(1, replies_needed)):
+                self.conn.reply(refusal)
+            return
         try:
             queue_id = await tx.commit()
             reply = Reply.of(250, "2.0.0", f"Ok: queued as {queue_id}")
@@ -342,6 +350,46 @@ class Session:
             )
         for _ in range(max(1, replies_needed)):
             self.conn.reply(reply)
+
+    # -- inbound authentication (SPF, DKIM, DMARC, ARC) -----------------------
+    async def _authenticate(self, tx: IntakeTransaction) -> Reply | None:
+        """Run the checks before the commit; the refusal to send, or None.
+
+        Authenticated (submission) clients skip them; local mail never gets here.
+        """
+        checks = self.deps.authentication
+        if checks is None or self.client.authenticated or self.deps.submission:
+            return None
+        too_big = tx.size > checks.config.max_verify_size
+        facts = MessageFacts(
+            client_ip=self.client.ip,
+            helo=self.client.helo,
+            mail_from=tx.sender,
+            header=tx.header_block,
+            message=None if too_big else tx.message_bytes(),
+            recipients=[(r.address, r.original or r.address) for r in tx.recipients],
+        )
+        try:
+            verdict = await checks.evaluate(facts)
+        except Exception:
+            logging.getLogger("postillon.inbound").exception("authentication checks failed")
+            tx.abort()
+            return TEMP_LOCAL_ERROR
+        log_fields = {"results": verdict.summary(), "action": verdict.decision.action}
+        if verdict.decision.reason:
+            log_fields["reason"] = verdict.decision.reason
+        self.deps.maillog.event("authentication", tx.queue_id, **log_fields)
+        if verdict.decision.reply is not None:
+            tx.abort()
+            self.deps.maillog.event(
+                "rejected",
+                tx.queue_id,
+                reason=str(verdict.decision.reply),
+                client=self.client.describe(),
+            )
+            return verdict.decision.reply
+        tx.rewrite_header(verdict.prepend, verdict.header)
+        return None
 
     # -- submission policy (RFC 6409) -----------------------------------------
     def _policed(self) -> bool:

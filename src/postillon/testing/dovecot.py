@@ -308,6 +308,16 @@ class DovecotLmtp:
         except (OSError, RuntimeError):
             return self._final_log
 
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        """The log once it contains ``text`` (or as it is after ``timeout``).
+
+        Dovecot writes its log through a separate log process, so a line about
+        a delivery can land a moment after the LMTP reply the client saw."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return log
+
     def _stderr(self) -> str:
         try:
             return (self._dir() / "stderr.log").read_text(errors="replace")
