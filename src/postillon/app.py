@@ -456,7 +456,7 @@ class App:
             # First reopen the log under the running config (logrotate's
             # postrotate runs `postillon reload`): whatever follows, the log
             # goes to the new file.
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(ConfigError):  # e.g. syslog away: keep the old handler
                 configure_logging(self.config.log, self.maillog, self.config.hostname)
             try:
                 new = load_config(self.config_path) if self.config_path else self.config

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -149,3 +150,16 @@ def test_exposition_parses_and_queue_is_read_at_most_once_a_second() -> None:
 
 def test_default_config_needs_no_restart() -> None:
     assert restart_needed(Config(), Config()) == []
+
+
+def test_unusable_log_target_is_a_config_error(tmp_path: Path) -> None:
+    from postillon.observability.maillog import configure_logging
+
+    missing = tmp_path / "no-such.sock"
+    expected = f"log.target: cannot connect to the syslog socket {missing}"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        configure_logging(LogConfig(target=f"syslog:{missing}"))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(ConfigError, match=r"log\.file: cannot open"):
+        configure_logging(LogConfig(file=not_a_dir / "mail.log"))
