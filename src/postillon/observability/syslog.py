@@ -116,7 +116,8 @@ class SyslogHandler(logging.Handler):
         self._complained_at = float("-inf")
         # Connect now: a wrong socket path is a configuration error at start
         # (or a refused reload), not a silent loss of every log line.
-        self._sock: socket.socket | None = self._connect()
+        self._sock: socket.socket | None = None
+        self._sock = self._connect()
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
