@@ -305,3 +305,42 @@ def test_reload_applies_outbound_settings(make_server) -> None:  # type: ignore[
         texts = [p.read_bytes() for p in b.wait_for_mail("bob@remote.test", n)]
         assert sum(f"from {helo} ".encode() in t for t in texts) == 1
     assert "need a restart" not in a.maillog()
+
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+
+
+def test_reload_under_smtp_source_load(make_server) -> None:  # type: ignore[no-untyped-def]
+    """Postfix's load generator, one message per connection, 10 in parallel,
+    while SIGHUP reloads the server again and again. smtp-source stops with
+    exit status 1 at the first refused connection or rejected reply.
+
+    smtp-source -s 10 -m 1500 ──▶ postillon serve ──▶ Maildir (alice, bob)
+                                      ▲ SIGHUP every 0.2 s
+    """
+    import subprocess
+
+    server: ServerProcess = make_server().start()
+    assert server.proc is not None
+    host, port = _addr(server)
+    messages = 1500
+    args = ["-s", "10", "-m", str(messages), "-l", "2000", "-f", "load@sender.test"]
+    load = subprocess.Popen(
+        [SMTP_SOURCE, *args, "-t", "team@example.org", f"{host}:{port}"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reloads = 0
+    while load.poll() is None:
+        server.proc.send_signal(signal.SIGHUP)
+        reloads += 1
+        time.sleep(0.2)
+    assert load.wait() == 0, load.stderr.read() if load.stderr else ""
+    _wait_log(server, "configuration reloaded", min(reloads, 3))
+    server.wait_for_mail("alice@example.org", messages, timeout=60)
+    server.wait_for_mail("bob@example.org", messages, timeout=60)
+    log = server.maillog()
+    print(f"smtp-source: {messages} messages, {log.count('configuration reloaded')} reloads")
+    assert log.count(": received: ") == messages
+    assert len(server.maildir_messages("alice@example.org")) == messages
+    assert "reload refused" not in log
