@@ -344,3 +344,37 @@ def test_reload_under_smtp_source_load(make_server) -> None:  # type: ignore[no-
     assert log.count(": received: ") == messages
     assert len(server.maildir_messages("alice@example.org")) == messages
     assert "reload refused" not in log
+
+
+def test_reload_new_certificate_on_implicit_tls_listener(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The submissions socket (TLS from the first byte, RFC 8314) keeps its
+    context object; a reload loads the new certificate into it."""
+    ca = trustme.CA()
+    cert, key, first = _issue(ca, tmp_path, 0)
+    smtp_port, tls_port = free_port(), free_port()
+    server: ServerProcess = make_server(
+        listen=[
+            {"kind": "smtp", "address": f"127.0.0.1:{smtp_port}"},
+            {"kind": "submissions", "address": f"127.0.0.1:{tls_port}"},
+        ],
+        tls={"certificate": str(cert), "private_key": str(key)},
+    ).start()
+
+    def presented() -> bytes:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with smtplib.SMTP_SSL("127.0.0.1", tls_port, timeout=10, context=ctx) as client:
+            assert isinstance(client.sock, ssl.SSLSocket)
+            der = client.sock.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+
+    assert presented() == first
+    cert, key, second = _issue(ca, tmp_path, 1)
+    server.config["tls"] = {"certificate": str(cert), "private_key": str(key)}
+    server.write_config()
+    assert server.cli("reload").returncode == 0
+    _wait_log(server, "configuration reloaded", 1)
+    assert presented() == second
+    assert _presented_certificate(("127.0.0.1", smtp_port)) == second
