@@ -25,7 +25,7 @@ from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
-from postillon.inbound.accounts import AccountStore, accounts_path
+from postillon.inbound.accounts import AccountError, AccountStore, accounts_path
 from postillon.inbound.auth import DEFAULT_MECHANISMS, Authenticator, AuthGuard
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.listener import Listener
@@ -52,7 +52,7 @@ from postillon.queue.history import HistoryRecorder
 from postillon.queue.retry import RetryPolicy
 from postillon.queue.runner import Runner, Transport
 from postillon.queue.sqlite_store import SqliteStore
-from postillon.routing.aliases import load_aliases
+from postillon.routing.aliases import AliasesError, load_aliases
 from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
@@ -136,6 +136,9 @@ class App:
         self._intake: Intake | None = None
         self._limiter: ConnectionLimiter | None = None
         self._listener_metrics: dict[str, ListenerMetrics] = {}
+        # SMTP transports replaced by a reload, closed again at stop.
+        self._retired: list[SmtpTransport] = []
+        self._background: set[asyncio.Task[None]] = set()
 
     def _tls_context(self, config: Config | None = None) -> ssl.SSLContext | None:
         config = config or self.config
@@ -383,6 +386,7 @@ class App:
             list(config.dns.nameservers) or None,
             timeout=config.dns.timeout,
             attempts=config.dns.attempts,
+            on_lookup=self.metrics.dns_observer(),
         )
         return InboundAuthentication(
             config.authentication,
@@ -393,7 +397,18 @@ class App:
         )
 
     def _transports(self, local: LocalRecipients) -> dict[str, Transport]:
-        config = self.config
+        self._smtp, self._lmtp = self._smtp_transports(self.config)
+        return {
+            "maildir": self._maildir_transport(self.config, local),
+            "smtp": self._smtp,
+            "lmtp": self._lmtp,
+            "discard": DiscardTransport(),
+            "error": ErrorTransport(),
+        }
+
+    def _smtp_transports(self, config: Config) -> tuple[SmtpTransport, SmtpTransport]:
+        """SMTP and LMTP transports sharing one resolver; raises ValueError
+        for unusable [dns] settings."""
         out = config.outbound
         resolver = DnsResolver(
             list(config.dns.nameservers) or None,
@@ -420,15 +435,10 @@ class App:
                 data_end=out.data_end_timeout,
             ),
         )
-        self._smtp = SmtpTransport(resolver, settings, metrics=self.metrics)
-        self._lmtp = SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics)
-        return {
-            "maildir": self._maildir_transport(config, local),
-            "smtp": self._smtp,
-            "lmtp": self._lmtp,
-            "discard": DiscardTransport(),
-            "error": ErrorTransport(),
-        }
+        return (
+            SmtpTransport(resolver, settings, metrics=self.metrics),
+            SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics),
+        )
 
     @staticmethod
     def _maildir_transport(config: Config, local: LocalRecipients) -> MaildirTransport:
@@ -448,11 +458,12 @@ class App:
         """
         async with self._reload_lock:
             if self._stopping or self._intake is None or self.runner is None:
+                log.warning("reload ignored: the server is starting or stopping")
                 return ReloadResult(False, "the server is starting or stopping")
             # First reopen the log under the running config (logrotate's
             # postrotate runs `postillon reload`): whatever follows, the log
             # goes to the new file.
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(ConfigError):  # e.g. syslog away: keep the old handler
                 configure_logging(self.config.log, self.maillog, self.config.hostname)
             try:
                 new = load_config(self.config_path) if self.config_path else self.config
@@ -460,9 +471,16 @@ class App:
                 new = effective(self.config, new)
                 tls_context = self._tls_context(new)
                 policy = self._build_policy(new, self._policy)
+                smtp = None
+                if (new.outbound, new.dns, new.hostname) != (
+                    self.config.outbound,
+                    self.config.dns,
+                    self.config.hostname,
+                ):
+                    smtp = self._smtp_transports(new)
                 # Last: from here on the log is written as the new config says.
                 configure_logging(new.log, self.maillog, new.hostname)
-            except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
+            except (ConfigError, AccountError, AliasesError, OSError, ValueError) as exc:
                 self.metrics.reloads.labels("refused").inc()
                 log.error("reload refused, the running configuration stays:\n%s", exc)
                 return ReloadResult(False, str(exc))
@@ -470,7 +488,7 @@ class App:
                 self.metrics.reloads.labels("refused").inc()
                 log.exception("reload refused, the running configuration stays")
                 return ReloadResult(False, f"{type(exc).__name__}: {exc}")
-            self._apply(new, policy, tls_context)
+            self._apply(new, policy, tls_context, smtp)
             self.metrics.reloads.labels("ok").inc()
             if restart:
                 log.warning(
@@ -482,7 +500,13 @@ class App:
             )
             return ReloadResult(True, restart_needed=tuple(restart))
 
-    def _apply(self, config: Config, policy: _Policy, tls_context: ssl.SSLContext | None) -> None:
+    def _apply(
+        self,
+        config: Config,
+        policy: _Policy,
+        tls_context: ssl.SSLContext | None,
+        smtp: tuple[SmtpTransport, SmtpTransport] | None,
+    ) -> None:
         """Swap the new parts in; nothing here may fail half-way (no I/O)."""
         assert self._intake is not None and self.runner is not None
         self.config = config
@@ -508,6 +532,17 @@ class App:
         runner.lease_seconds = config.queue.lease
         runner.delay_warning = config.queue.delay_warning
         runner.transports["maildir"] = self._maildir_transport(config, policy.local)
+        if smtp is not None:
+            # Deliveries in flight finish on the old transports; their pools
+            # close idle connections now and reap the rest as they come back.
+            for old in (self._smtp, self._lmtp):
+                if old is not None:
+                    self._retired.append(old)
+                    task = asyncio.create_task(old.close())
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+            self._smtp, self._lmtp = smtp
+            runner.transports["smtp"], runner.transports["lmtp"] = smtp
         if self.pickup is not None:
             self.pickup.hostname = config.hostname
         runner.wake()
@@ -528,7 +563,7 @@ class App:
         if self.runner is not None:
             await self.runner.stop(grace)
         log.debug("stop: runner done")
-        for transport in (self._smtp, self._lmtp):
+        for transport in (self._smtp, self._lmtp, *self._retired):
             if transport is not None:
                 await transport.close()
         log.debug("stop: transports done")
@@ -567,9 +602,10 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    await app.start()
-    # SIGHUP only once serving: a reload before start has nothing to swap.
+    # Before start too: SIGHUP's default action would kill a starting server
+    # (the reload itself is declined until everything is built).
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    await app.start()
     try:
         await stop.wait()
     finally:
