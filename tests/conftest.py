@@ -8,7 +8,13 @@ import pytest
 
 from postillon.testing.server import ServerProcess, default_config
 
-pytest_plugins = ["dns_fixtures", "dovecot_fixtures", "sink_fixtures", "postfix_fixtures"]
+pytest_plugins = [
+    "dns_fixtures",
+    "dovecot_fixtures",
+    "sink_fixtures",
+    "postfix_fixtures",
+    "postgres_fixtures",
+]
 
 MakeServer = Callable[..., ServerProcess]
 
