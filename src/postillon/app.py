@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from postillon.checks.rate_limit import SubmissionRateLimits
@@ -42,9 +43,12 @@ from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.simple import DiscardTransport, ErrorTransport
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.protocol.server import ServerSettings
+from postillon.queue.postgres_schema import SchemaError
+from postillon.queue.postgres_store import PostgresStore
 from postillon.queue.retry import RetryPolicy
 from postillon.queue.runner import Runner, Transport
 from postillon.queue.sqlite_store import SqliteStore
+from postillon.queue.store import QueueStore, StoreError
 from postillon.routing.aliases import load_aliases
 from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
@@ -55,6 +59,22 @@ log = logging.getLogger("postillon")
 
 def queue_path(config: Config) -> Path:
     return config.data_dir / "queue" / "queue.db"
+
+
+def open_queue_store(config: Config) -> QueueStore:
+    """The queue store the config names: the embedded SQLite file, or PostgreSQL at ``dsn``."""
+    if config.queue.store == "postgresql":
+        assert config.queue.dsn is not None  # the config model requires it
+        return PostgresStore(config.queue.dsn)
+    queue_path(config).parent.mkdir(parents=True, exist_ok=True)
+    return SqliteStore(queue_path(config))
+
+
+def queue_available(store: QueueStore) -> Callable[[], bool] | None:
+    """How listeners learn that a shared queue's database is unreachable (421 4.3.0)."""
+    if isinstance(store, PostgresStore):
+        return lambda: store.available
+    return None  # an embedded store is as available as the local disk
 
 
 def build_local_recipients(config: Config) -> LocalRecipients:
@@ -78,7 +98,7 @@ class App:
             config.log.format, config.log.file, config.log.level
         )
         self.listeners: list[Listener] = []
-        self.store: SqliteStore | None = None
+        self.store: QueueStore | None = None
         self.runner: Runner | None = None
         self.pickup: Pickup | None = None
         self._smtp: SmtpTransport | None = None
@@ -127,8 +147,11 @@ class App:
             drop_privileges(drop_to)
             log.info("dropped privileges to user %s", drop_to)
 
-        queue_path(config).parent.mkdir(parents=True, exist_ok=True)
-        self.store = SqliteStore(queue_path(config))
+        self.store = open_queue_store(config)
+        if isinstance(self.store, PostgresStore):
+            # Connect and check the schema version now: a node with an unreachable or
+            # unmigrated database refuses to start instead of refusing every message.
+            await self.store.open()
         intake = Intake(
             self.store,
             config.hostname,
@@ -181,6 +204,7 @@ class App:
                 rate_limits=rate_limits,
                 hide_client_ip=submit.hide_client_ip,
                 recipient_delimiter=config.aliases.recipient_delimiter,
+                queue_available=queue_available(self.store),
             )
             serving.append((listener, deps))
         transports = self._transports(local)
@@ -293,7 +317,13 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await app.start()
+    try:
+        await app.start()
+    except (StoreError, SchemaError) as exc:  # the queue database: unreachable, unmigrated
+        log.error("cannot start: %s", exc)
+        with contextlib.suppress(Exception):
+            await app.stop()
+        raise SystemExit(f"postillon: {exc}") from None
     try:
         await stop.wait()
     finally:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from postillon import __version__
-from postillon.cli import queue_cmd, user_cmd
+from postillon.cli import db_cmd, queue_cmd, user_cmd
 from postillon.cli.config_path import DEFAULT_CONFIG, find_config
 from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="the file to check (default: as for --config)")
     queue_cmd.add_parser(sub)
     user_cmd.add_parser(sub)
+    db_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
         ("mailq", "list the queue (= sendmail -bp)"),
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             return queue_cmd.run(args, config)
         if args.command == "user":
             return user_cmd.run(args, config)
+        if args.command == "db":
+            return db_cmd.run(args, config)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """``postillon queue ...``: look at and act on the queue, also while the server runs.
 
-The commands open the same SQLite queue as the server (WAL lets them read
-beside it; writes wait their turn), so no server connection is needed.
+The commands open the same queue as the server (the SQLite file, whose WAL lets
+them read beside it, or the shared PostgreSQL database, where they see every
+node's messages and which node holds each lease), so no server connection is
+needed.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from postillon.app import queue_path
+from postillon.app import open_queue_store, queue_path
+from postillon.cli import queue_transfer
 from postillon.config.model import Config
-from postillon.queue.sqlite_store import SqliteStore
-from postillon.queue.store import DeliveryState, MessageInfo
+from postillon.queue.postgres_schema import SchemaError
+from postillon.queue.store import DeliveryState, MessageInfo, QueueStore, StoreError
 
 
 def _iso(ts: float | None) -> str:
@@ -77,6 +80,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         p = qsub.add_parser(name, help=text)
         p.add_argument("queue_id")
     qsub.add_parser("flush", help="try every deferred message now")
+    queue_transfer.add_parsers(qsub)
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -85,21 +89,26 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
     path = queue_path(config)
-    if not path.exists():
+    if config.queue.store == "sqlite" and not path.exists():
         print(
             f"postillon: no queue at {path} (data_dir = {config.data_dir}); "
             "has the server run with this config?",
             file=sys.stderr,
         )
         return 1
-    store = SqliteStore(path)
+    store = open_queue_store(config)
     try:
+        if args.queue_command in queue_transfer.COMMANDS:
+            return await queue_transfer.run(args, store)
         return await _dispatch(args, store)
+    except (StoreError, SchemaError) as exc:
+        print(f"postillon: {exc}", file=sys.stderr)
+        return 1
     finally:
         await store.close()
 
 
-async def _dispatch(args: argparse.Namespace, store: SqliteStore) -> int:
+async def _dispatch(args: argparse.Namespace, store: QueueStore) -> int:
     # Piped output (scripts, grep) gets wide lines instead of folded cells.
     console = Console(width=None if sys.stdout.isatty() else 200)
     now = time.time()
@@ -117,6 +126,7 @@ async def _dispatch(args: argparse.Namespace, store: SqliteStore) -> int:
         table.add_column("Queue ID", no_wrap=True, min_width=17)
         for col in ("Received", "Size", "Sender", "Recipient", "State", "Last reply"):
             table.add_column(col, overflow="fold")
+        table.add_column("Lease holder", overflow="fold")  # the node delivering it now
         for m in messages:
             for i, r in enumerate(m.records):
                 table.add_row(
@@ -127,6 +137,7 @@ async def _dispatch(args: argparse.Namespace, store: SqliteStore) -> int:
                     r.recipient,
                     r.state.value,
                     str(r.last_reply) if r.last_reply else "",
+                    r.lease_owner or "",
                 )
         console.print(table)
         return 0
@@ -141,7 +152,14 @@ async def _dispatch(args: argparse.Namespace, store: SqliteStore) -> int:
         console.print(f"[bold]{info.queue_id}[/bold]  from <{info.sender}>  {info.size} bytes")
         console.print(f"received {_iso(info.received_at)} UTC from {info.client} via {info.source}")
         table = Table()
-        for col in ("Recipient", "State", "Attempts", "Next try (UTC)", "Last reply"):
+        for col in (
+            "Recipient",
+            "State",
+            "Attempts",
+            "Next try (UTC)",
+            "Last reply",
+            "Lease holder",
+        ):
             table.add_column(col, overflow="fold")
         for r in info.records:
             table.add_row(
@@ -152,6 +170,7 @@ async def _dispatch(args: argparse.Namespace, store: SqliteStore) -> int:
                 if r.state in (DeliveryState.DEFERRED, DeliveryState.PENDING)
                 else "",
                 str(r.last_reply) if r.last_reply else "",
+                r.lease_owner or "",
             )
         console.print(table)
         return 0

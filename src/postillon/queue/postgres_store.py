@@ -272,6 +272,7 @@ class PostgresStore:
         self._inbox: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._writers: list[asyncio.Task[None]] = []
         self._health: asyncio.Task[None] | None = None
+        self._expiring: asyncio.Future[None] | None = None
         self._closed = False
         self.available = True  # see "Health" in the module docstring
 
@@ -355,9 +356,15 @@ class PostgresStore:
         if self.available:
             log.warning("queue database unreachable: %s", error)
         self.available = False
-        if self._pool is not None:
+        if self._pool is not None and self._expiring is None:
             # Dead sockets must not be handed out again once the server is back.
-            self._pool.expire_connections()
+            self._expiring = asyncio.ensure_future(self._pool.expire_connections())
+            self._expiring.add_done_callback(self._expired)
+
+    def _expired(self, task: asyncio.Future[None]) -> None:
+        self._expiring = None
+        if not task.cancelled():
+            task.exception()  # retrieved: expiring cannot really fail
 
     async def _probe(self) -> bool:
         assert self._pool is not None
