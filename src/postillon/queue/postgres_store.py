@@ -21,8 +21,17 @@ are retried one savepoint each so the bad one fails alone. Every other operation
 (claims, outcomes, operator commands) runs in its own savepoint: one that raises fails
 only its own caller. If the COMMIT fails, or the connection is lost, every caller of the
 batch gets a ``StoreError`` and nothing of the batch is visible. ``WRITERS`` writer
-tasks run side by side, so one batch's statements overlap another's COMMIT round trip.
+tasks run side by side (default one: on a small machine that makes the biggest batches).
 A deadlock between two batches (PostgreSQL aborts one) re-runs the aborted batch.
+
+**Durability of bookkeeping.** A batch that commits a message waits for its WAL flush
+(``synchronous_commit = on``: the 250 depends on it). A batch of only claims, outcomes
+and operator commands commits with ``synchronous_commit = off``: it returns without
+waiting for the flush, which the next message commit (or the WAL writer, within
+``wal_writer_delay``) does anyway. If the database server crashes in between, the last
+few outcomes or claims are lost, so a delivery is repeated (a duplicate, SMTP's
+at-least-once) but never lost; this halves the fsyncs per relayed message. Fencing does
+not depend on it: tokens are checked inside the database either way.
 
 **Large bodies stream.** A message over ``_BULK_BODY_LIMIT`` does not join a batch: it
 is written in its own transaction, chunk by chunk, read from the spool file in a thread,
@@ -84,7 +93,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE: Final = 256 * 1024  # body bytes per row (as in SQLite)
-WRITERS: Final = 2  # batches in flight at once
+WRITERS: Final = 1  # batches in flight at once (one gives the biggest batches)
 _BULK_BODY_LIMIT: Final = 1024 * 1024  # bodies up to this join a group commit
 _MAX_BATCH: Final = 500  # operations per transaction
 _DEADLOCK_RETRIES: Final = 5
@@ -150,7 +159,7 @@ UPDATE records r SET
 FROM u
 WHERE r.record_id = u.record_id AND r.lease_token = u.token
   AND r.state IN ('leased', 'held')
-RETURNING r.queue_id
+RETURNING r.queue_id, r.record_id
 """
 # A record that is HELD but still carries a running lease has a delivery in flight.
 _IN_FLIGHT: Final = "(lease_token IS NOT NULL AND lease_expires > $1)"
@@ -233,13 +242,69 @@ async def _insert_commits(conn: Conn, commits: Sequence[_Commit]) -> None:
         await conn.execute(_INSERT_BODIES, *body_columns)
 
 
-class _Op:
-    __slots__ = ("commit", "fn", "future")
+async def _apply_outcomes(conn: Conn, groups: Sequence[Sequence[OutcomeUpdate]]) -> list[list[str]]:
+    """Apply the fenced outcomes of several callers with one UPDATE; remove the messages
+    now complete. Returns, per caller, the completed queue ids among its records."""
+    updates = [u for group in groups for u in group]
+    rows = await conn.fetch(
+        _APPLY_OUTCOMES,
+        [u.record_id for u in updates],
+        [u.lease_token for u in updates],
+        [u.state.value for u in updates],
+        [u.next_try for u in updates],
+        [_encode_reply(u.reply) for u in updates],
+        [u.now for u in updates],
+        [u.attempted for u in updates],
+    )
+    queue_of = {row[1]: row[0] for row in rows}  # record id -> queue id, applied ones only
+    touched = sorted(set(queue_of.values()))
+    completed: set[str] = set()
+    if touched:
+        done = await conn.fetch(
+            "SELECT q.queue_id FROM unnest($1::text[]) AS q(queue_id)"
+            " WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.queue_id = q.queue_id"
+            " AND r.state NOT IN ('delivered', 'failed'))",
+            touched,
+        )
+        completed = {row[0] for row in done}
+        if completed:
+            # records and bodies go with it (ON DELETE CASCADE)
+            await conn.execute("DELETE FROM messages WHERE queue_id = ANY($1)", sorted(completed))
+    return [
+        sorted({queue_of[u.record_id] for u in group if u.record_id in queue_of} & completed)
+        for group in groups
+    ]
 
-    def __init__(self, fn: _OpFn | None, future: asyncio.Future[Any], commit: _Commit | None):
+
+class _Op:
+    """One caller's operation: a message commit, outcomes, or any other function.
+
+    Commits and outcomes of one batch are merged into a few set-based statements
+    (every statement is a round trip to the server, and those add up under load).
+    """
+
+    __slots__ = ("commit", "fn", "future", "outcomes")
+
+    def __init__(
+        self,
+        fn: _OpFn | None,
+        future: asyncio.Future[Any],
+        commit: _Commit | None = None,
+        outcomes: Sequence[OutcomeUpdate] | None = None,
+    ):
         self.fn = fn
         self.future = future
         self.commit = commit
+        self.outcomes = outcomes
+
+    async def run_alone(self, conn: Conn) -> Any:
+        if self.commit is not None:
+            await _insert_commits(conn, [self.commit])
+            return None
+        if self.outcomes is not None:
+            return (await _apply_outcomes(conn, [self.outcomes]))[0]
+        assert self.fn is not None
+        return await self.fn(conn)
 
 
 class PostgresStore:
@@ -387,10 +452,15 @@ class PostgresStore:
 
     # ------------------------------------------------------------ the writers
 
-    async def _write(self, fn: _OpFn | None, commit: _Commit | None = None) -> Any:
+    async def _write(
+        self,
+        fn: _OpFn | None,
+        commit: _Commit | None = None,
+        outcomes: Sequence[OutcomeUpdate] | None = None,
+    ) -> Any:
         await self._ready()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._inbox.put_nowait(_Op(fn, future, commit))
+        self._inbox.put_nowait(_Op(fn, future, commit, outcomes))
         return await future
 
     async def _write_loop(self) -> None:
@@ -418,6 +488,10 @@ class PostgresStore:
         for attempt in range(_DEADLOCK_RETRIES):
             try:
                 async with pool.acquire() as conn, conn.transaction():
+                    if all(op.commit is None for op in batch):
+                        # Only queue bookkeeping (claims, outcomes, operator commands):
+                        # see "Durability of bookkeeping" in the module docstring.
+                        await conn.execute("SET LOCAL synchronous_commit = off")
                     results = await self._apply(conn, batch)
             except _RETRY_BATCH as e:
                 if attempt + 1 < _DEADLOCK_RETRIES:
@@ -451,6 +525,14 @@ class PostgresStore:
 
     async def _apply(self, conn: Conn, batch: list[_Op]) -> list[tuple[Any, BaseException | None]]:
         """Run a batch's operations inside its transaction; per-op errors are kept apart."""
+        if len(batch) == 1:
+            # Alone in its transaction: no savepoint needed to keep its error apart.
+            try:
+                return [(await batch[0].run_alone(conn), None)]
+            except (*_CONNECTION_ERRORS, *_RETRY_BATCH):
+                raise
+            except Exception as e:
+                return [(None, e)]
         results: dict[int, tuple[Any, BaseException | None]] = {}
         commits = [(i, op.commit) for i, op in enumerate(batch) if op.commit is not None]
         if len(commits) > 1:
@@ -461,17 +543,25 @@ class PostgresStore:
                 pass  # one of them is bad: find it below, one savepoint each
             else:
                 results.update((i, (None, None)) for i, _ in commits)
+        outcomes = [(i, op.outcomes) for i, op in enumerate(batch) if op.outcomes is not None]
+        if len(outcomes) > 1:
+            try:
+                async with conn.transaction():
+                    completed = await _apply_outcomes(conn, [o for _, o in outcomes])
+            except (*_CONNECTION_ERRORS, *_RETRY_BATCH):
+                raise
+            except Exception:
+                pass  # run them one savepoint each below, to find the bad one
+            else:
+                results.update(
+                    (i, (done, None)) for (i, _), done in zip(outcomes, completed, strict=True)
+                )
         for i, op in enumerate(batch):
             if i in results:
                 continue
             try:
                 async with conn.transaction():
-                    if op.commit is not None:
-                        await _insert_commits(conn, [op.commit])
-                        value = None
-                    else:
-                        assert op.fn is not None
-                        value = await op.fn(conn)
+                    value = await op.run_alone(conn)
             except (*_CONNECTION_ERRORS, *_RETRY_BATCH):
                 raise  # the whole transaction is gone
             except Exception as e:
@@ -575,33 +665,7 @@ class PostgresStore:
                 raise ValueError(f"not an outcome state: {u.state}")
         if not updates:
             return []
-        args = (
-            [u.record_id for u in updates],
-            [u.lease_token for u in updates],
-            [u.state.value for u in updates],
-            [u.next_try for u in updates],
-            [_encode_reply(u.reply) for u in updates],
-            [u.now for u in updates],
-            [u.attempted for u in updates],
-        )
-
-        async def op(conn: Conn) -> list[str]:
-            touched = sorted({row[0] for row in await conn.fetch(_APPLY_OUTCOMES, *args)})
-            if not touched:
-                return []
-            rows = await conn.fetch(
-                "SELECT q.queue_id FROM unnest($1::text[]) AS q(queue_id)"
-                " WHERE NOT EXISTS (SELECT 1 FROM records r WHERE r.queue_id = q.queue_id"
-                " AND r.state NOT IN ('delivered', 'failed'))",
-                touched,
-            )
-            completed = sorted(row[0] for row in rows)
-            if completed:
-                # records and bodies go with it (ON DELETE CASCADE)
-                await conn.execute("DELETE FROM messages WHERE queue_id = ANY($1)", completed)
-            return completed
-
-        result: list[str] = await self._write(op)
+        result: list[str] = await self._write(None, outcomes=list(updates))
         return result
 
     async def release_leases(self, owner: str) -> int:
