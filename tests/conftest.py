@@ -14,6 +14,7 @@ pytest_plugins = [
     "sink_fixtures",
     "postfix_fixtures",
     "postgres_fixtures",
+    "admin_fixtures",
 ]
 
 MakeServer = Callable[..., ServerProcess]

@@ -14,10 +14,18 @@ import os
 import signal
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from postillon.admin.queue_ops import QueueOps
+from postillon.admin.server import AdminContext, AdminServer, build_app
+from postillon.admin.token import TokenVerifier, token_path
+from postillon.admin.wiring import admin_tls_context
+from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
+from postillon.config.changes import effective, restart_needed
+from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
@@ -38,11 +46,14 @@ from postillon.intake.maildrop import prepare_maildrop
 from postillon.intake.pickup import Pickup
 from postillon.local.maildir import MaildirDelivery
 from postillon.local.transport import MaildirTransport
-from postillon.observability.maillog import MailLog, setup_logging
+from postillon.observability.maillog import MailLog, configure_logging
+from postillon.observability.metrics import ListenerMetrics, Metrics
+from postillon.observability.routes import add_ops_routes
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.simple import DiscardTransport, ErrorTransport
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.protocol.server import ServerSettings
+from postillon.queue.history import HistoryRecorder
 from postillon.queue.postgres_schema import SchemaError
 from postillon.queue.postgres_store import PostgresStore
 from postillon.queue.retry import RetryPolicy
@@ -53,6 +64,8 @@ from postillon.routing.aliases import load_aliases
 from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
+from postillon.signing.keys import key_store_from_config
+from postillon.signing.signer import DkimSigner, build_signer
 
 log = logging.getLogger("postillon")
 
@@ -91,28 +104,165 @@ def build_local_recipients(config: Config) -> LocalRecipients:
     )
 
 
+def pid_path(data_dir: Path) -> Path:
+    """The running server's pid file (``postillon reload`` signals it)."""
+    return data_dir / "postillon.pid"
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    """What a reload did: applied or refused (``error`` says why), and the
+    changed settings that only a restart applies."""
+
+    applied: bool
+    error: str = ""
+    restart_needed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Policy:
+    """The parts built from reloadable settings that sessions share."""
+
+    local: LocalRecipients
+    relay: RelayPolicy
+    auth: Authenticator
+    rate_limits: SubmissionRateLimits
+    # DKIM signing of local/authenticated mail; None = no keys configured.
+    signer: DkimSigner | None
+    # SPF/DKIM/DMARC/ARC on the MX listeners; None = checks off.
+    authentication: InboundAuthentication | None
+
+
 class App:
-    def __init__(self, config: Config, maillog: MailLog | None = None) -> None:
+    def __init__(
+        self, config: Config, maillog: MailLog | None = None, config_path: Path | None = None
+    ) -> None:
         self.config = config
-        self.maillog = maillog or setup_logging(
-            config.log.format, config.log.file, config.log.level
-        )
+        self.config_path = config_path
+        self.metrics = Metrics()
+        self.maillog = maillog or configure_logging(config.log, hostname=config.hostname)
         self.listeners: list[Listener] = []
         self.store: QueueStore | None = None
         self.runner: Runner | None = None
         self.pickup: Pickup | None = None
         self._smtp: SmtpTransport | None = None
         self._lmtp: SmtpTransport | None = None
+        self.history: HistoryRecorder | None = None
+        self.admin: AdminServer | None = None
         self._stopped = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._stopping = False
+        self._auth_guard: AuthGuard | None = None
+        self._policy: _Policy | None = None
+        self._intake: Intake | None = None
+        self._limiter: ConnectionLimiter | None = None
+        self._listener_metrics: dict[str, ListenerMetrics] = {}
 
-    def _tls_context(self) -> ssl.SSLContext | None:
-        tls = self.config.tls
+    def _tls_context(self, config: Config | None = None) -> ssl.SSLContext | None:
+        config = config or self.config
+        tls = config.tls
         if tls.certificate is not None and tls.private_key is not None:
             return server_context(tls.certificate, tls.private_key, tls.min_version)
         if tls.self_signed:
-            cert, key = ensure_self_signed(self.config.data_dir / "tls", self.config.hostname)
+            cert, key = ensure_self_signed(config.data_dir / "tls", config.hostname)
             return server_context(cert, key, tls.min_version)
         return None
+
+    def _build_policy(
+        self, config: Config, previous: _Policy | None, signer: DkimSigner | None = None
+    ) -> _Policy:
+        """Aliases, relay rules, accounts, rate limits, DKIM keys and the inbound
+        checks; raises when a file is broken. ``signer`` is the one read at start
+        (before dropping root); a reload reads the keys again."""
+        local = build_local_recipients(config)
+        submit = config.submission
+        # One account store, one AUTH failure budget and one set of rate
+        # limits for the whole process: the budgets are per client IP and user.
+        accounts = AccountStore(accounts_path(config.data_dir, submit.accounts_file))
+        if self._auth_guard is None:
+            self._auth_guard = AuthGuard(SystemClock())
+        rate_limits = SubmissionRateLimits(
+            SystemClock(),
+            messages_per_hour=submit.messages_per_hour,
+            recipients_per_hour=submit.recipients_per_hour,
+            ip_messages_per_hour=submit.ip_messages_per_hour,
+        )
+        if previous is not None and (
+            self.config.submission.messages_per_hour,
+            self.config.submission.recipients_per_hour,
+            self.config.submission.ip_messages_per_hour,
+        ) == (submit.messages_per_hour, submit.recipients_per_hour, submit.ip_messages_per_hour):
+            rate_limits = previous.rate_limits  # keep the counts of the last hour
+        return _Policy(
+            local=local,
+            relay=RelayPolicy(local, config.relay.trusted_networks),
+            auth=Authenticator.create(accounts, self._auth_guard),
+            rate_limits=rate_limits,
+            signer=signer if signer is not None else build_signer(config),
+            authentication=self._authentication(config),
+        )
+
+    def _session_deps(
+        self,
+        config: Config,
+        listener: Listener,
+        intake: Intake,
+        policy: _Policy,
+        tls_context: ssl.SSLContext | None,
+    ) -> SessionDeps:
+        kind = listener.config.kind
+        submission = kind in ("submission", "submissions")
+        settings = ServerSettings(
+            hostname=config.hostname,
+            max_message_size=config.limits.message_size,
+            max_recipients=config.limits.recipients,
+            max_errors=config.limits.errors,
+            max_command_line=config.limits.command_line,
+            starttls=tls_context is not None and kind != "submissions",
+            tls_active=kind == "submissions",
+            lmtp=kind == "lmtp",
+            # AUTH only on submission listeners, and only after TLS (RFC 4954 4).
+            auth_mechanisms=DEFAULT_MECHANISMS if submission else (),
+            require_auth=submission,
+        )
+        label = listener.config.label
+        metrics = self._listener_metrics.get(label)
+        if metrics is None:
+            metrics = self._listener_metrics[label] = ListenerMetrics(self.metrics, label)
+        return SessionDeps(
+            settings=settings,
+            intake=intake,
+            relay=policy.relay,
+            maillog=self.maillog,
+            limits=config.limits,
+            listener=label,
+            tls_context=tls_context,
+            auth=policy.auth if submission else None,
+            submission=submission,
+            sender_policy=config.submission.sender_policy,
+            rate_limits=policy.rate_limits,
+            hide_client_ip=config.submission.hide_client_ip,
+            recipient_delimiter=config.aliases.recipient_delimiter,
+            metrics=metrics,
+            # Inbound checks on MX (smtp) listeners only, never submission or LMTP.
+            authentication=policy.authentication if kind == "smtp" else None,
+            queue_available=queue_available(self.store) if self.store is not None else None,
+        )
+
+    def _router(self, config: Config, local: LocalRecipients) -> Router:
+        return Router(
+            local,
+            [TransportEntry(rule.domain, rule.route) for rule in config.transport],
+            smarthost=parse_smarthost(config.relay.smarthost) if config.relay.smarthost else None,
+            smtp_port=config.outbound.port,
+        )
+
+    def _retry_policy(self, config: Config) -> RetryPolicy:
+        return RetryPolicy(
+            first_delay=config.queue.first_retry,
+            max_delay=config.queue.max_retry,
+            max_lifetime=config.queue.lifetime,
+        )
 
     async def start(self) -> None:
         config = self.config
@@ -135,6 +285,7 @@ class App:
             server_uids.add(entry.pw_uid)
 
         limiter = ConnectionLimiter(config.limits.connections, config.limits.connections_per_ip)
+        self._limiter = limiter
         for listen in config.listen:
             listener = Listener(
                 listen,
@@ -143,6 +294,8 @@ class App:
             )
             await listener.bind()
             self.listeners.append(listener)
+        # Keys are read before dropping root, as OpenDKIM does: they may be readable by root only.
+        signer: DkimSigner | None = build_signer(config)
         if drop_to is not None:
             drop_privileges(drop_to)
             log.info("dropped privileges to user %s", drop_to)
@@ -152,6 +305,11 @@ class App:
             # Connect and check the schema version now: a node with an unreachable or
             # unmigrated database refuses to start instead of refusing every message.
             await self.store.open()
+        self.metrics.queue.attach(self.store.count_by_state)
+        # Every mail log event with a queue id becomes a step of that message's history.
+        self.history = HistoryRecorder(self.store, clock, config.admin.history_days * 86400)
+        self.maillog.subscribe(self.history.on_event)
+        self.history.start()
         intake = Intake(
             self.store,
             config.hostname,
@@ -159,78 +317,29 @@ class App:
             clock=clock,
             maillog=self.maillog,
             max_hops=config.limits.max_hops,
+            signer=signer,
+            metrics=self.metrics,
         )
-        local = build_local_recipients(config)
-        relay = RelayPolicy(local, config.relay.trusted_networks)
-        submit = config.submission
-        # One account store, one AUTH failure budget and one set of rate
-        # limits for the whole process: the budgets are per client IP and user.
-        accounts = AccountStore(accounts_path(config.data_dir, submit.accounts_file))
-        auth = Authenticator.create(accounts, AuthGuard(clock))
-        rate_limits = SubmissionRateLimits(
-            clock,
-            messages_per_hour=submit.messages_per_hour,
-            recipients_per_hour=submit.recipients_per_hour,
-            ip_messages_per_hour=submit.ip_messages_per_hour,
-        )
-        serving: list[tuple[Listener, SessionDeps]] = []
-        for listener in self.listeners:
-            kind = listener.config.kind
-            submission = kind in ("submission", "submissions")
-            settings = ServerSettings(
-                hostname=config.hostname,
-                max_message_size=config.limits.message_size,
-                max_recipients=config.limits.recipients,
-                max_errors=config.limits.errors,
-                max_command_line=config.limits.command_line,
-                starttls=tls_context is not None and kind != "submissions",
-                tls_active=kind == "submissions",
-                lmtp=kind == "lmtp",
-                # AUTH only on submission listeners, and only after TLS (RFC 4954 4).
-                auth_mechanisms=DEFAULT_MECHANISMS if submission else (),
-                require_auth=submission,
-            )
-            deps = SessionDeps(
-                settings=settings,
-                intake=intake,
-                relay=relay,
-                maillog=self.maillog,
-                limits=config.limits,
-                listener=listener.config.label,
-                tls_context=tls_context,
-                auth=auth if submission else None,
-                submission=submission,
-                sender_policy=submit.sender_policy,
-                rate_limits=rate_limits,
-                hide_client_ip=submit.hide_client_ip,
-                recipient_delimiter=config.aliases.recipient_delimiter,
-                queue_available=queue_available(self.store),
-            )
-            serving.append((listener, deps))
-        transports = self._transports(local)
+        self._intake = intake
+        policy = self._policy = self._build_policy(config, None, signer)
+        serving = [
+            (listener, self._session_deps(config, listener, intake, policy, tls_context))
+            for listener in self.listeners
+        ]
+        transports = self._transports(policy.local)
         self.runner = Runner(
             self.store,
-            Router(
-                local,
-                [TransportEntry(rule.domain, rule.route) for rule in config.transport],
-                smarthost=parse_smarthost(config.relay.smarthost)
-                if config.relay.smarthost
-                else None,
-                smtp_port=config.outbound.port,
-            ),
+            self._router(config, policy.local),
             transports,
             intake,
-            RetryPolicy(
-                first_delay=config.queue.first_retry,
-                max_delay=config.queue.max_retry,
-                max_lifetime=config.queue.lifetime,
-            ),
+            self._retry_policy(config),
             self.maillog,
             config.hostname,
             concurrency=config.queue.concurrency,
             lease_seconds=config.queue.lease,
             clock=clock,
             delay_warning=config.queue.delay_warning,
+            metrics=self.metrics,
         )
         await self.runner.recover_dead_leases()
         self.runner.start()
@@ -238,7 +347,9 @@ class App:
         def expand(address: Address) -> tuple[str, ...]:
             # Local submission is trusted: relay allowed, aliases expand; an
             # unknown local recipient is queued and bounces like any other.
-            decision = relay.check_recipient(address, "", authenticated=True)
+            # (The policy of the moment: a reload may have replaced it.)
+            assert self._policy is not None
+            decision = self._policy.relay.check_recipient(address, "", authenticated=True)
             if isinstance(decision, RecipientAccepted):
                 return decision.targets
             return (str(address),)
@@ -249,7 +360,54 @@ class App:
         self.pickup.start()
         for listener, deps in serving:
             await listener.start(deps)
+        if config.admin.listen is not None:
+            runner = self.runner
+            admin_app = build_app(
+                AdminContext(
+                    ops=QueueOps(
+                        self.store,
+                        clock,
+                        intake=intake,
+                        hostname=config.hostname,
+                        maillog=self.maillog,
+                        history=self.history,
+                        wake_runner=runner.wake,
+                        actor="api",
+                    ),
+                    token=TokenVerifier(token_path(data_dir)),
+                    hostname=config.hostname,
+                    listeners=self.listeners,
+                    limiter=limiter,
+                    in_flight=lambda: runner.in_flight,
+                )
+            )
+            # Further admin routes (e.g. /metrics) are added to admin_app here.
+            add_ops_routes(admin_app, self.metrics, self.reload)
+            self.admin = AdminServer(
+                admin_app,
+                config.admin.listen,
+                admin_tls_context(config.admin, config.tls, tls_context),
+            )
+            await self.admin.start()
+        pid_path(data_dir).write_text(f"{os.getpid()}\n")
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
+
+    def _authentication(self, config: Config) -> InboundAuthentication | None:
+        """SPF/DKIM/DMARC/ARC for the MX listeners, through postillon's resolver."""
+        if not config.authentication.enabled:
+            return None
+        resolver = DnsResolver(
+            list(config.dns.nameservers) or None,
+            timeout=config.dns.timeout,
+            attempts=config.dns.attempts,
+        )
+        return InboundAuthentication(
+            config.authentication,
+            resolver,
+            config.hostname,
+            local_domains=config.local_domains,
+            sealing_keys=arc_sealing_keys(key_store_from_config(config.dkim, config.data_dir)),
+        )
 
     def _transports(self, local: LocalRecipients) -> dict[str, Transport]:
         config = self.config
@@ -260,6 +418,7 @@ class App:
             attempts=config.dns.attempts,
             ipv4=out.ipv4,
             ipv6=out.ipv6,
+            on_lookup=self.metrics.dns_observer(),
         )
         settings = OutboundSettings(
             helo_name=out.helo_name or config.hostname,
@@ -278,20 +437,105 @@ class App:
                 data_end=out.data_end_timeout,
             ),
         )
-        self._smtp = SmtpTransport(resolver, settings)
-        self._lmtp = SmtpTransport(resolver, settings, lmtp=True)
+        self._smtp = SmtpTransport(resolver, settings, metrics=self.metrics)
+        self._lmtp = SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics)
         return {
-            "maildir": MaildirTransport(
-                MaildirDelivery(config.data_dir / "mail", hostname=config.hostname), local
-            ),
+            "maildir": self._maildir_transport(config, local),
             "smtp": self._smtp,
             "lmtp": self._lmtp,
             "discard": DiscardTransport(),
             "error": ErrorTransport(),
         }
 
-    async def stop(self, grace: float = 30.0) -> None:
+    @staticmethod
+    def _maildir_transport(config: Config, local: LocalRecipients) -> MaildirTransport:
+        return MaildirTransport(
+            MaildirDelivery(config.data_dir / "mail", hostname=config.hostname), local
+        )
+
+    async def reload(self) -> ReloadResult:
+        """Reopen the log, re-read the config file, certificates, aliases and
+        accounts, and apply them without closing a connection.
+
+        Sessions already running finish with the settings they started with;
+        new sessions and the next deliveries get the new ones. Anything that
+        fails (a config error, a missing certificate, a broken aliases or
+        accounts file) refuses the whole reload: the errors are logged and
+        the running configuration stays.
+        """
+        async with self._reload_lock:
+            if self._stopping or self._intake is None or self.runner is None:
+                return ReloadResult(False, "the server is starting or stopping")
+            # First reopen the log under the running config (logrotate's
+            # postrotate runs `postillon reload`): whatever follows, the log
+            # goes to the new file.
+            with contextlib.suppress(OSError):
+                configure_logging(self.config.log, self.maillog, self.config.hostname)
+            try:
+                new = load_config(self.config_path) if self.config_path else self.config
+                restart = restart_needed(self.config, new)
+                new = effective(self.config, new)
+                tls_context = self._tls_context(new)
+                policy = self._build_policy(new, self._policy)
+                # Last: from here on the log is written as the new config says.
+                configure_logging(new.log, self.maillog, new.hostname)
+            except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
+                self.metrics.reloads.labels("refused").inc()
+                log.error("reload refused, the running configuration stays:\n%s", exc)
+                return ReloadResult(False, str(exc))
+            except Exception as exc:
+                self.metrics.reloads.labels("refused").inc()
+                log.exception("reload refused, the running configuration stays")
+                return ReloadResult(False, f"{type(exc).__name__}: {exc}")
+            self._apply(new, policy, tls_context)
+            self.metrics.reloads.labels("ok").inc()
+            if restart:
+                log.warning(
+                    "reload: these settings changed but need a restart to take effect: %s",
+                    ", ".join(restart),
+                )
+            log.info(
+                "configuration reloaded%s", f" from {self.config_path}" if self.config_path else ""
+            )
+            return ReloadResult(True, restart_needed=tuple(restart))
+
+    def _apply(self, config: Config, policy: _Policy, tls_context: ssl.SSLContext | None) -> None:
+        """Swap the new parts in; nothing here may fail half-way (no I/O)."""
+        assert self._intake is not None and self.runner is not None
+        self.config = config
+        self._policy = policy
+        intake = self._intake
+        intake.hostname = config.hostname
+        intake.max_hops = config.limits.max_hops
+        intake.signer = policy.signer
+        if self._limiter is not None:
+            self._limiter.total = config.limits.connections
+            self._limiter.per_ip = config.limits.connections_per_ip
+        for listener in self.listeners:
+            if listener.implicit_tls is not None and tls_context is not None:
+                # The listening socket keeps its context object; load the new
+                # certificate into it so new handshakes present it.
+                _reload_context(listener.implicit_tls, config)
+            listener.deps = self._session_deps(config, listener, intake, policy, tls_context)
+        runner = self.runner
+        runner.router = self._router(config, policy.local)
+        runner.retry = self._retry_policy(config)
+        runner.hostname = config.hostname
+        runner.concurrency = config.queue.concurrency
+        runner.lease_seconds = config.queue.lease
+        runner.delay_warning = config.queue.delay_warning
+        runner.transports["maildir"] = self._maildir_transport(config, policy.local)
+        if self.pickup is not None:
+            self.pickup.hostname = config.hostname
+        runner.wake()
+
+    async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let sessions finish (bounded), return leases, close the queue."""
+        self._stopping = True
+        if grace is None:
+            grace = self.config.shutdown.grace
+        if self.admin is not None:
+            await self.admin.stop()
         for listener in self.listeners:
             listener.stop_accepting()
         await asyncio.gather(*(lst.wait_sessions(grace) for lst in self.listeners))
@@ -305,18 +549,41 @@ class App:
             if transport is not None:
                 await transport.close()
         log.debug("stop: transports done")
+        if self.history is not None:
+            await self.history.stop()
         if self.store is not None:
             await self.store.close()
+        with contextlib.suppress(OSError):
+            pid_path(self.config.data_dir).unlink()
         log.info("postillon stopped")
         self._stopped.set()
 
 
-async def serve(config: Config) -> None:
-    app = App(config)
+def _reload_context(ctx: ssl.SSLContext, config: Config) -> None:
+    tls = config.tls
+    if tls.certificate is not None and tls.private_key is not None:
+        cert, key = tls.certificate, tls.private_key
+    else:
+        cert, key = ensure_self_signed(config.data_dir / "tls", config.hostname)
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    ctx.load_cert_chain(cert, key)
+
+
+async def serve(config: Config, config_path: Path | None = None) -> None:
+    app = App(config, config_path=config_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[ReloadResult]] = set()
+
+    def on_hangup() -> None:
+        task = loop.create_task(app.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     try:
         await app.start()
     except (StoreError, SchemaError) as exc:  # the queue database: unreachable, unmigrated
@@ -324,17 +591,20 @@ async def serve(config: Config) -> None:
         with contextlib.suppress(Exception):
             await app.stop()
         raise SystemExit(f"postillon: {exc}") from None
+    # SIGHUP only once serving: a reload before start has nothing to swap.
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await stop.wait()
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
         with contextlib.suppress(Exception):
             await app.stop()
 
 
-def run(config: Config) -> None:
+def run(config: Config, config_path: Path | None = None) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is optional on exotic platforms
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, config_path))
     else:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, config_path))

@@ -82,7 +82,7 @@ def test_db_cli_and_cluster_wide_queue_view(
     with pytest.raises(RuntimeError, match="postillon db migrate"):
         node.start(timeout=30)
     assert "applied migration 1" in node.cli("db", "migrate").stdout
-    assert "already at version 1" in node.cli("db", "migrate").stdout
+    assert "already at version" in node.cli("db", "migrate").stdout
     assert node.cli("db", "status").returncode == 0
     node.start()
     other = make_server(**node_config(postgres_dsn, slow.port, lease=60.0)).start()

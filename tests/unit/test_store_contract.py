@@ -24,9 +24,11 @@ from postillon.queue.sqlite_store import SqliteStore
 from postillon.queue.store import (
     DeliveryRecord,
     DeliveryState,
+    EventCount,
     NewMessage,
     NewRecipient,
     OutcomeUpdate,
+    QueueEvent,
     QueueStore,
 )
 
@@ -581,6 +583,117 @@ async def test_flush_makes_deferred_due_now(store: QueueStore) -> None:
     assert sorted(r.queue_id for r in claimed) == ["QF1", "QF2"]
     assert await states(store, "QF3") == [DeliveryState.HELD]
     assert await store.flush(T0 + 10) == 0  # nothing deferred any more
+
+
+async def test_flush_of_one_message(store: QueueStore) -> None:
+    await store.commit(message("QFA"))
+    await store.commit(message("QFB"))
+    ra, rb = await store.claim_due(T0, 10, LEASE, "r")
+    await store.record_outcomes(
+        [
+            outcome(ra, DeliveryState.DEFERRED, next_try=T0 + 3000),
+            outcome(rb, DeliveryState.DEFERRED, next_try=T0 + 3000),
+        ]
+    )
+    assert await store.flush(T0 + 10, queue_id="QFA") == 1
+    claimed = await store.claim_due(T0 + 10, 10, LEASE, "r")
+    assert [r.queue_id for r in claimed] == ["QFA"]
+    assert await store.flush(T0 + 10, queue_id="NOPE") == 0
+
+
+# ---------------------------------------------------------------- operator bounce
+
+
+BOUNCED = Reply.of(550, "5.0.0", "Bounced by the operator")
+
+
+async def test_fail_held_fails_only_held_records(store: QueueStore) -> None:
+    await store.commit(message("QB", rcpts=("a@x.net", "b@x.net", "c@x.net")))
+    a, b, c = await store.claim_due(T0, 10, LEASE, "r")
+    await store.record_outcomes(
+        [
+            outcome(a, DeliveryState.DELIVERED),
+            outcome(b, DeliveryState.DEFERRED, next_try=T0 + 3000),
+            outcome(c, DeliveryState.DEFERRED, next_try=T0 + 3000),
+        ]
+    )
+    assert await store.fail_held("QB", BOUNCED, T0 + 1) == []  # nothing held yet
+    assert await store.hold("QB", T0 + 1) == 2
+    failed = await store.fail_held("QB", BOUNCED, T0 + 2)
+    assert [(r.recipient, r.state, r.last_reply, r.attempts) for r in failed] == [
+        ("b@x.net", DeliveryState.FAILED, BOUNCED, 1),
+        ("c@x.net", DeliveryState.FAILED, BOUNCED, 1),
+    ]
+    # every record is final now: the message and its body are gone
+    assert await store.get_message("QB") is None
+    with pytest.raises(KeyError):
+        await body_of(store, "QB")
+
+
+async def test_fail_held_spares_a_delivery_in_flight(store: QueueStore) -> None:
+    await store.commit(message("QBF", rcpts=("a@x.net", "b@x.net")))
+    a, b = await store.claim_due(T0, 10, LEASE, "r")
+    await store.record_outcomes([outcome(b, DeliveryState.DEFERRED, next_try=T0 + 3000)])
+    assert await store.hold("QBF", T0 + 1) == 2  # a stays leased underneath
+    failed = await store.fail_held("QBF", BOUNCED, T0 + 2)
+    assert [r.recipient for r in failed] == ["b@x.net"]
+    assert await states(store, "QBF") == [DeliveryState.HELD, DeliveryState.FAILED]
+    # the delivery in flight still lands and completes the message
+    assert await store.record_outcomes([outcome(a, DeliveryState.DELIVERED)]) == ["QBF"]
+
+
+async def test_fail_held_unknown_message(store: QueueStore) -> None:
+    assert await store.fail_held("NOPE", BOUNCED, T0) == []
+
+
+# ---------------------------------------------------------------- history
+
+
+async def test_events_round_trip_oldest_first_and_outlive_the_message(
+    store: QueueStore,
+) -> None:
+    await store.commit(message("QEV"))
+    await store.add_events(
+        [
+            QueueEvent("QEV", T0, "received", {"from": "s@x.org", "size": 12}),
+            QueueEvent("QOTHER", T0 + 1, "received", {}),
+            QueueEvent("QEV", T0 + 5, "deferred", {"to": "r@x.net", "reply": "451 later"}),
+        ]
+    )
+    await store.add_events([QueueEvent("QEV", T0 + 9, "delivered", {"to": "r@x.net"})])
+    await store.add_events([])
+    (rec,) = await store.claim_due(T0, 10, LEASE, "r")
+    await store.record_outcomes([outcome(rec, DeliveryState.DELIVERED)])
+    assert await store.get_message("QEV") is None
+    events = await store.events("QEV")
+    assert [(e.at, e.event) for e in events] == [
+        (T0, "received"),
+        (T0 + 5, "deferred"),
+        (T0 + 9, "delivered"),
+    ]
+    assert dict(events[0].fields) == {"from": "s@x.org", "size": 12}
+    assert [e.event for e in await store.events("QEV", limit=2)] == ["deferred", "delivered"]
+    assert await store.events("NOPE") == []
+
+
+async def test_event_counts_per_bucket_and_prune(store: QueueStore) -> None:
+    await store.add_events(
+        [
+            QueueEvent("A", T0 - 10, "received"),  # before the window
+            QueueEvent("A", T0, "received"),
+            QueueEvent("B", T0 + 30, "received"),
+            QueueEvent("A", T0 + 59, "delivered"),
+            QueueEvent("B", T0 + 61, "deferred"),
+        ]
+    )
+    counts = await store.event_counts(T0, 60)
+    assert counts == [
+        EventCount(T0, "delivered", 1),
+        EventCount(T0, "received", 2),
+        EventCount(T0 + 60, "deferred", 1),
+    ]
+    assert await store.prune_events(T0 + 1) == 2
+    assert [e.event for e in await store.events("A")] == ["delivered"]
 
 
 async def test_release_leases_of_one_owner(store: QueueStore) -> None:

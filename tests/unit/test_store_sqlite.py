@@ -28,6 +28,7 @@ from postillon.queue.store import (
     DeliveryState,
     NewMessage,
     NewRecipient,
+    QueueEvent,
     StoreError,
 )
 
@@ -380,6 +381,26 @@ def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(StoreError, match="schema version 99"):
         SqliteStore(path)
+
+
+async def test_version_1_queue_gains_the_history_table(tmp_path: Path) -> None:
+    """A queue written by a postillon before the history existed opens and keeps its mail."""
+    path = tmp_path / "queue.db"
+    store = SqliteStore(path)
+    await store.commit(message("QOLD"))
+    await store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE events")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    store = SqliteStore(path)
+    try:
+        assert await store.get_message("QOLD") is not None
+        await store.add_events([QueueEvent("QOLD", T0, "received", {})])
+        assert [e.event for e in await store.events("QOLD")] == ["received"]
+    finally:
+        await store.close()
 
 
 # ---------------------------------------------------------------- several processes

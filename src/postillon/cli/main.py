@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from postillon import __version__
-from postillon.cli import db_cmd, queue_cmd, user_cmd
+from postillon.cli import admin_cmd, db_cmd, dkim_cmd, dns_cmd, queue_cmd, reload_cmd, user_cmd
 from postillon.cli.config_path import DEFAULT_CONFIG, find_config
 from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="run the mail server in the foreground",
         description="Bind the listeners, drop privileges, deliver the queue. "
-        "Stops cleanly on SIGTERM/SIGINT.",
+        "Stops cleanly on SIGTERM/SIGINT (sessions in DATA finish, leased deliveries go "
+        "back to the queue; [shutdown] grace bounds the wait). SIGHUP reloads the config.",
     )
     check = sub.add_parser(
         "check-config",
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     queue_cmd.add_parser(sub)
     user_cmd.add_parser(sub)
     db_cmd.add_parser(sub)
+    dkim_cmd.add_parser(sub)
+    dns_cmd.add_parser(sub)
+    reload_cmd.add_parser(sub)
+    admin_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
         ("mailq", "list the queue (= sendmail -bp)"),
@@ -76,18 +81,27 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(config.domain)} local domain(s), data_dir {config.data_dir})"
             )
             return 0
-        config = _load(find_config(args.config))
+        config_file = find_config(args.config)
+        config = _load(config_file)
         if args.command == "serve":
             from postillon.app import run
 
-            run(config)
+            run(config, config_file)
             return 0
+        if args.command == "reload":
+            return reload_cmd.run(config, config_file, api=args.api)
         if args.command == "queue":
             return queue_cmd.run(args, config)
         if args.command == "user":
             return user_cmd.run(args, config)
         if args.command == "db":
             return db_cmd.run(args, config)
+        if args.command == "dkim":
+            return dkim_cmd.run(args, config)
+        if args.command == "dns":
+            return dns_cmd.run(args, config)
+        if args.command == "admin":
+            return admin_cmd.run(args, config)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

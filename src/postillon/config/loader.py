@@ -66,12 +66,20 @@ def _resolve_relative(config: Config, base: Path | None) -> Config:
     aliases = config.aliases.model_copy(
         update={"files": tuple(fix(f) or f for f in config.aliases.files)}
     )
-    log = config.log.model_copy(update={"file": fix(config.log.file)})
+    target = config.log.target
+    kind, _, rest = (target or "").partition(":")
+    if kind in ("file", "syslog") and rest:
+        target = f"{kind}:{fix(Path(rest))}"
+    log = config.log.model_copy(update={"file": fix(config.log.file), "target": target})
     submission = config.submission.model_copy(
         update={"accounts_file": fix(config.submission.accounts_file)}
     )
+    admin = config.admin.model_copy(
+        update={"tls_cert": fix(config.admin.tls_cert), "tls_key": fix(config.admin.tls_key)}
+    )
     return config.model_copy(
         update={
+            "admin": admin,
             "data_dir": fix(config.data_dir),
             "tls": tls,
             "aliases": aliases,

@@ -168,8 +168,63 @@ class QueueConfig(_Frozen):
 
 class LogConfig(_Frozen):
     format: Literal["text", "json"] = "text"
-    file: Path | None = None  # None = stderr
+    file: Path | None = None  # None = stderr; same as target = "file:/path"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # Where the log goes: "stderr", "file:/path" (reopened on SIGHUP for
+    # logrotate), "syslog" (the local syslog socket /dev/log) or
+    # "syslog:/path/to/socket". Unset: `file` if given, else stderr.
+    target: str | None = None
+    # Syslog message framing: RFC 5424 (structured, ISO timestamps) or the
+    # traditional BSD format of RFC 3164 that every syslogd understands.
+    syslog_format: Literal["rfc5424", "rfc3164"] = "rfc3164"
+    syslog_facility: Literal[
+        "mail",
+        "daemon",
+        "user",
+        "local0",
+        "local1",
+        "local2",
+        "local3",
+        "local4",
+        "local5",
+        "local6",
+        "local7",
+    ] = "mail"
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, value: str | None) -> str | None:
+        if value is None or value in ("stderr", "syslog"):
+            return value
+        kind, _, rest = value.partition(":")
+        if kind in ("file", "syslog") and rest:
+            return value
+        raise ValueError(
+            f'log.target {value!r}: use "stderr", "file:/path", "syslog" '
+            'or "syslog:/path/to/socket"'
+        )
+
+    @property
+    def destination(self) -> tuple[Literal["stderr", "file", "syslog"], Path | None]:
+        """Where to write: ("stderr", None), ("file", path) or ("syslog", socket path)."""
+        target = self.target
+        if target is None:
+            return ("file", self.file) if self.file is not None else ("stderr", None)
+        if target == "stderr":
+            return ("stderr", None)
+        if target == "syslog":
+            return ("syslog", Path("/dev/log"))
+        kind, _, rest = target.partition(":")
+        return ("file" if kind == "file" else "syslog", Path(rest))
+
+
+class ShutdownConfig(_Frozen):
+    """SIGTERM: stop accepting, let sessions in DATA and deliveries in flight
+    finish, hand the rest back to the queue, exit."""
+
+    # How long sessions in a transaction and deliveries in flight may take
+    # to finish (each) before they are cut off; cut-off mail stays queued.
+    grace: float = Field(30.0, ge=0)
 
 
 class DnsConfig(_Frozen):
@@ -252,6 +307,186 @@ class SubmissionConfig(_Frozen):
     accounts_file: Path | None = None
 
 
+AuthAction = Literal["reject", "quarantine", "accept"]
+
+
+class AuthenticationConfig(_Frozen):
+    """Inbound SPF/DKIM/DMARC/ARC checks on SMTP (MX) listeners (RFC 7208, 6376,
+    7489, 8617). Submission, authenticated and local mail is never checked.
+
+    Actions: "reject" refuses at end of data (550 5.7.1, or 5.7.23 for SPF);
+    "quarantine" accepts and adds ``quarantine_header``; "accept" only records
+    the result in Authentication-Results. The defaults are a cautious
+    operator's: honour the sender domain's own DMARC policy, never reject on
+    SPF alone (forwarding breaks SPF), and answer a DNS failure with 451 so the
+    sender retries instead of having mail refused or let through unchecked.
+    """
+
+    enabled: bool = True
+    # DMARC p=reject / p=quarantine failures (the domain owner asked for this).
+    dmarc_reject: AuthAction = "reject"
+    dmarc_quarantine: AuthAction = "quarantine"
+    # SPF "fail" (-all) when DMARC did not pass (or the domain has no DMARC).
+    spf_fail: AuthAction = "quarantine"
+    # A DNS failure that leaves a verdict open: "defer" = 451 4.7.x, "accept".
+    temperror: Literal["defer", "accept"] = "defer"
+    # Clients in these networks, and mail whose MAIL FROM or From: domain is
+    # listed (or a subdomain of one), are never rejected or quarantined; their
+    # results are still recorded. Networks in CIDR, domains as names.
+    allow_networks: tuple[str, ...] = ()
+    allow_domains: tuple[str, ...] = ()
+    # Forwarders (ARC sealing domains, RFC 8617 7.2) whose ARC chain may
+    # override a local DMARC failure when their seal says dmarc=pass.
+    arc_trusted_sealers: tuple[str, ...] = ()
+    quarantine_header: str = "X-Postillon-Quarantine"
+    # Messages larger than this get SPF only (DKIM/ARC need the whole message
+    # in memory); DMARC then relies on SPF.
+    max_verify_size: int = Field(10 * 1024 * 1024, ge=0)
+    # Seal forwarded mail (aliases to other domains) with ARC (RFC 8617 5.1)
+    # using the forwarding domain's DKIM RSA key, when it has one.
+    arc_seal: bool = True
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _check_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not a network: {net!r} (use CIDR, e.g. 192.0.2.0/24)") from exc
+        return value
+
+    @field_validator("allow_domains", "arc_trusted_sealers")
+    @classmethod
+    def _lower_domains(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(d.strip().lower().rstrip(".") for d in value)
+
+    @field_validator("quarantine_header")
+    @classmethod
+    def _check_header_name(cls, value: str) -> str:
+        if not value or any(not (33 <= ord(c) <= 126) or c == ":" for c in value):
+            raise ValueError(f"{value!r} is not a header field name (RFC 5322 2.2)")
+        return value
+
+
+class DkimKeyConfig(_Frozen):
+    """A signing key kept outside the keys directory (e.g. made by opendkim-genkey)."""
+
+    domain: str
+    selector: str
+    key_file: Path  # PEM, RSA (>= 1024 bits, 2048 advised) or Ed25519; the type is read from it
+
+    @field_validator("domain")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower().rstrip(".")
+
+
+# RFC 6376 §5.4.1's list, minus what breaks on the way (nothing here is rewritten by
+# mailing lists more than the body is).
+DKIM_SIGNED_HEADERS = (
+    "from", "sender", "reply-to", "subject", "date", "message-id", "to", "cc",
+    "mime-version", "content-type", "content-transfer-encoding", "content-id",
+    "content-description", "in-reply-to", "references", "list-id", "list-help",
+    "list-unsubscribe", "list-unsubscribe-post", "list-subscribe", "list-post", "list-owner",
+    "list-archive", "resent-date", "resent-from", "resent-sender", "resent-to", "resent-cc",
+    "resent-message-id",
+)  # fmt: skip
+# Signed once more than they occur (RFC 6376 §8.15), so nobody can add a second From:,
+# Subject:, ... on the way without breaking the signature.
+DKIM_OVERSIGNED_HEADERS = (
+    "from", "sender", "reply-to", "subject", "date", "to", "cc", "message-id",
+    "mime-version", "content-type", "content-transfer-encoding",
+)  # fmt: skip
+
+
+class DkimConfig(_Frozen):
+    """DKIM signing of outgoing mail (RFC 6376, RFC 8463)."""
+
+    # Sign mail from local and authenticated senders whose From: domain has a key.
+    sign: bool = True
+    # Where `postillon dkim keygen` writes and the server finds keys:
+    # <keys_dir>/<domain>/<selector>.key. None = <data_dir>/dkim; relative = under data_dir.
+    keys_dir: Path | None = None
+    # Keys kept elsewhere, in addition to the keys directory.
+    key: tuple[DkimKeyConfig, ...] = ()
+    # Also sign mail relayed for [relay] trusted_networks (web apps, printers on
+    # the LAN: OpenDKIM's InternalHosts). Mail from anyone else on port 25 is never signed.
+    sign_trusted_networks: bool = True
+    headers: tuple[str, ...] = DKIM_SIGNED_HEADERS
+    oversign: tuple[str, ...] = DKIM_OVERSIGNED_HEADERS
+
+    @field_validator("headers", "oversign")
+    @classmethod
+    def _header_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        names = tuple(v.strip().lower() for v in value)
+        for name in names:
+            if not name or not all(33 <= ord(c) <= 126 and c != ":" for c in name):
+                raise ValueError(f"{name!r} is not a header field name (RFC 5322 2.2)")
+            if name in ("received", "return-path", "dkim-signature", "bcc"):
+                raise ValueError(f"{name!r} must not be signed (RFC 6376 5.4)")
+        return names
+
+    @model_validator(mode="after")
+    def _from_signed(self) -> DkimConfig:
+        if "from" not in self.headers:
+            raise ValueError("dkim.headers must include 'from' (RFC 6376 5.4)")
+        return self
+
+
+class AdminConfig(_Frozen):
+    """The admin HTTP server (JSON API, web page, metrics). Off unless ``listen`` is set."""
+
+    # "127.0.0.1:8025"; None = no admin server. A non-loopback address needs TLS:
+    # the token travels in every request.
+    listen: str | None = None
+    # TLS for the admin server: its own certificate and key, or (tls_from_server)
+    # the mail server's [tls] certificate (or its self-signed one).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_from_server: bool = False
+    # Per-message history (received, each delivery attempt) is kept this long.
+    history_days: float = Field(7.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, port = split_host_port(value)
+        if not host or not 0 < port < 65536:
+            raise ValueError(f"admin.listen {value!r} must be host:port, e.g. 127.0.0.1:8025")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_for_remote(self) -> AdminConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("admin.tls_cert and admin.tls_key must be set together")
+        if self.listen is None or self.tls_enabled:
+            return self
+        host = split_host_port(self.listen)[0]
+        if not _is_loopback(host):
+            raise ValueError(
+                f"admin.listen = {self.listen!r} is not a loopback address and the admin "
+                "server has no TLS: set admin.tls_cert and admin.tls_key, or "
+                "admin.tls_from_server = true (the token must not cross a network in clear)"
+            )
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None or self.tls_from_server
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
 class Config(_Frozen):
     hostname: str = "localhost"
     data_dir: Path = Path("./var")
@@ -269,6 +504,10 @@ class Config(_Frozen):
     outbound: OutboundConfig = OutboundConfig()
     transport: tuple[TransportRule, ...] = ()
     submission: SubmissionConfig = SubmissionConfig()
+    authentication: AuthenticationConfig = AuthenticationConfig()
+    dkim: DkimConfig = DkimConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    admin: AdminConfig = AdminConfig()
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:
@@ -277,6 +516,15 @@ class Config(_Frozen):
             if d.name in seen:
                 raise ValueError(f"domain {d.name!r} is configured twice")
             seen.add(d.name)
+        return self
+
+    @model_validator(mode="after")
+    def _admin_tls_source(self) -> Config:
+        if self.admin.tls_from_server and self.tls.certificate is None and not self.tls.self_signed:
+            raise ValueError(
+                "admin.tls_from_server = true needs a server certificate: set tls.certificate "
+                "and tls.private_key, or tls.self_signed = true"
+            )
         return self
 
     @property

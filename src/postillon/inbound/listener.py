@@ -83,8 +83,13 @@ class Listener:
             self.sessions.add(task)
         peer = writer.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) else "local"
+        metrics = deps.metrics
+        if metrics is not None:
+            metrics.connections.inc()
         refusal = self.limiter.try_acquire(ip)
         if refusal is not None:
+            if metrics is not None:
+                metrics.rejected("connection_limit")
             deps.maillog.event("rejected", client=ip, reason=f"421 4.7.0 {refusal}")
             with contextlib.suppress(Exception):
                 writer.write(
@@ -97,6 +102,11 @@ class Listener:
             return
         session = Session(deps, reader, writer)
         self.active.add(session)
+        if metrics is not None:
+            metrics.active.inc()
+            if self.implicit_tls is not None:
+                ssl_obj = writer.get_extra_info("ssl_object")
+                metrics.tls(ssl_obj.version() if ssl_obj is not None else "")
         if self.stopping:
             session.request_shutdown()
         try:
@@ -104,6 +114,8 @@ class Listener:
         except Exception:
             log.exception("session from %s failed", ip)
         finally:
+            if metrics is not None:
+                metrics.active.dec()
             self.active.discard(session)
             self.limiter.release(ip)
 

@@ -18,6 +18,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from postillon.checks.authentication import InboundAuthentication, MessageFacts
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.checks.sender_policy import (
@@ -36,6 +37,11 @@ from postillon.inbound.tls import describe as describe_tls
 from postillon.intake.headers import ClientInfo
 from postillon.intake.intake import Intake, IntakeError, IntakeTransaction
 from postillon.observability.maillog import MailLog
+from postillon.observability.metrics import (
+    ListenerMetrics,
+    reject_reason_for_commit,
+    reject_reason_for_recipient,
+)
 from postillon.protocol import events as ev
 from postillon.protocol import replies as R
 from postillon.protocol.server import (
@@ -84,6 +90,9 @@ class SessionDeps:
     # False while a shared queue's database is unreachable: then the session
     # answers 421 4.3.0 (greeting, MAIL) instead of a 250 it could not keep.
     queue_available: Callable[[], bool] | None = None
+    # SPF/DKIM/DMARC/ARC at end of data; None = no checks on this listener.
+    authentication: InboundAuthentication | None = None
+    metrics: ListenerMetrics | None = None
 
 
 class Session:
@@ -246,6 +255,7 @@ class Session:
             case ev.MessageAborted(reply=reply):
                 self.in_data = False
                 if self.tx is not None:
+                    self._count_rejected("data")
                     self.deps.maillog.event(
                         "rejected",
                         self.tx.queue_id,
@@ -290,6 +300,7 @@ class Session:
         if isinstance(decision, RecipientAccepted) and self._policed():
             limited = self._rate_limits().check_recipient(self._username(), self.client.ip)
             if limited is not None:
+                self._count_rejected("rate_limit")
                 self.deps.maillog.event(
                     "rejected", self.tx.queue_id, to=str(recipient), reason=limited.log_reason
                 )
@@ -303,6 +314,7 @@ class Session:
                 )
             conn.reply(Reply.of(250, "2.1.5", "Ok"))
             return
+        self._count_rejected(reject_reason_for_recipient(decision.reply))
         self.deps.maillog.event(
             "rejected",
             self.tx.queue_id,
@@ -332,20 +344,67 @@ class Session:
                 self.deps.maillog.event("warning", tx.queue_id, reason=decision.warning)
             if not decision.allowed and decision.reply is not None:
                 tx.abort()
+                self._count_rejected("sender_policy")
                 self.deps.maillog.event("rejected", tx.queue_id, reason=str(decision.reply))
                 for _ in range(max(1, replies_needed)):
                     self.conn.reply(decision.reply)
                 return
+        refusal = await self._authenticate(tx)
+        if refusal is not None:
+            for _ in range(max(1, replies_needed)):
+                self.conn.reply(refusal)
+            return
         try:
             queue_id = await tx.commit()
             reply = Reply.of(250, "2.0.0", f"Ok: queued as {queue_id}")
         except IntakeError as exc:
             reply = exc.reply
+            self._count_rejected(reject_reason_for_commit(reply))
             self.deps.maillog.event(
                 "rejected", tx.queue_id, reason=str(reply), client=self.client.describe()
             )
         for _ in range(max(1, replies_needed)):
             self.conn.reply(reply)
+
+    # -- inbound authentication (SPF, DKIM, DMARC, ARC) -----------------------
+    async def _authenticate(self, tx: IntakeTransaction) -> Reply | None:
+        """Run the checks before the commit; the refusal to send, or None.
+
+        Authenticated (submission) clients skip them; local mail never gets here.
+        """
+        checks = self.deps.authentication
+        if checks is None or self.client.authenticated or self.deps.submission:
+            return None
+        too_big = tx.size > checks.config.max_verify_size
+        facts = MessageFacts(
+            client_ip=self.client.ip,
+            helo=self.client.helo,
+            mail_from=tx.sender,
+            header=tx.header_block,
+            message=None if too_big else tx.message_bytes(),
+            recipients=[(r.address, r.original or r.address) for r in tx.recipients],
+        )
+        try:
+            verdict = await checks.evaluate(facts)
+        except Exception:
+            logging.getLogger("postillon.inbound").exception("authentication checks failed")
+            tx.abort()
+            return TEMP_LOCAL_ERROR
+        log_fields = {"results": verdict.summary(), "action": verdict.decision.action}
+        if verdict.decision.reason:
+            log_fields["reason"] = verdict.decision.reason
+        self.deps.maillog.event("authentication", tx.queue_id, **log_fields)
+        if verdict.decision.reply is not None:
+            tx.abort()
+            self.deps.maillog.event(
+                "rejected",
+                tx.queue_id,
+                reason=str(verdict.decision.reply),
+                client=self.client.describe(),
+            )
+            return verdict.decision.reply
+        tx.rewrite_header(verdict.prepend, verdict.header)
+        return None
 
     # -- submission policy (RFC 6409) -----------------------------------------
     def _policed(self) -> bool:
@@ -374,10 +433,12 @@ class Session:
                     "warning", client=self.client.describe(), reason=decision.warning
                 )
             if not decision.allowed:
+                self._count_rejected("sender_policy")
                 return decision.reply
         if self._policed():
             limited = self._rate_limits().check_message(self._username(), self.client.ip)
             if limited is not None:
+                self._count_rejected("rate_limit")
                 self.deps.maillog.event(
                     "rejected", client=self.client.describe(), reason=limited.log_reason
                 )
@@ -399,9 +460,10 @@ class Session:
             buffered.clear()
         async with asyncio.timeout(self.deps.limits.command_timeout):
             await self.writer.start_tls(ctx)
-        self.client = replace(
-            self.client, tls=describe_tls(self.writer.get_extra_info("ssl_object"))
-        )
+        ssl_obj = self.writer.get_extra_info("ssl_object")
+        self.client = replace(self.client, tls=describe_tls(ssl_obj))
+        if self.deps.metrics is not None and ssl_obj is not None:
+            self.deps.metrics.tls(ssl_obj.version() or "")
         self.conn.tls_established()
 
     # -- AUTH (RFC 4954) ------------------------------------------------------
@@ -413,6 +475,8 @@ class Session:
             return
         ip = self.client.ip
         if auth.guard.blocked(ip):
+            if self.deps.metrics is not None:
+                self.deps.metrics.auth_failed(event.mechanism)
             self.deps.maillog.event(
                 "auth_failed",
                 client=self.client.describe(),
@@ -448,6 +512,8 @@ class Session:
             conn.auth_accept()
             return
         penalty = auth.guard.failure(ip)
+        if self.deps.metrics is not None:
+            self.deps.metrics.auth_failed(event.mechanism)
         self.deps.maillog.event(
             "auth_failed",
             client=self.client.describe(),
@@ -458,6 +524,10 @@ class Session:
         if penalty.delay > 0:
             await auth.guard.sleep(penalty.delay)
         conn.reply(R.AUTH_TOO_MANY_FAILURES if penalty.disconnect else R.AUTH_FAILED)
+
+    def _count_rejected(self, reason: str) -> None:
+        if self.deps.metrics is not None:
+            self.deps.metrics.rejected(reason)
 
     def _abort_tx(self) -> None:
         if self.tx is not None:

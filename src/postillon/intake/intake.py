@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import re
 import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from email.utils import formatdate
 from pathlib import Path
 from typing import IO
 
+from prometheus_client import Counter
+
 from postillon.core.clock import Clock, SystemClock
 from postillon.core.envelope import MailParams
 from postillon.core.queueid import new_queue_id
 from postillon.core.reply import Reply
+from postillon.intake.dkim_sign import PrefixedBody, signature_fields, start_signing
 from postillon.intake.headers import ClientInfo, received_header
 from postillon.intake.recent import MAX_CACHED_BODY, RecentMessages
 from postillon.observability.maillog import MailLog, null_maillog
+from postillon.observability.metrics import Metrics
 from postillon.queue.store import MessageInfo, NewMessage, NewRecipient, QueueStore
+from postillon.signing.signer import DkimSigner, MessageSigning
 
 # Bodies up to this size stay in memory; larger ones spill to a file in the
 # spool directory. 4 KiB mail (the common case) never touches the filesystem
@@ -68,6 +74,8 @@ class IntakeTransaction:
         self._header_buf = b""
         self._header_done = False
         self._hops = 0
+        self._signing: MessageSigning | None = None  # DKIM, for local/authenticated senders
+        self._trace_len = 0  # bytes of our Received: at the start of the spool
         self.closed = False
         # Submission (RFC 6409 §8): add Date: and Message-ID: when missing.
         self.add_missing_headers = False
@@ -96,6 +104,7 @@ class IntakeTransaction:
             )
             self._body.write(header)
             self._size += len(header)
+            self._trace_len = len(header)
 
     def write(self, data: bytes) -> None:
         if self._body is None:
@@ -104,6 +113,8 @@ class IntakeTransaction:
         if self._header_done:
             self._body.write(data)
             self._size += len(data)
+            if self._signing is not None:
+                self._signing.update(data)
             return
         # The header section is held back (it is small, and bounded) until it
         # ends, so that loop detection and submission fix-ups see all of it
@@ -120,7 +131,7 @@ class IntakeTransaction:
         else:
             self._header_buf = buf
 
-    def _finish_headers(self, header: bytes, rest: bytes) -> None:
+    def _finish_headers(self, header: bytes, rest: bytes, complete: bool = False) -> None:
         """Write the client's header section, any added fields, and what follows."""
         assert self._body is not None
         self._header_done = True
@@ -130,6 +141,18 @@ class IntakeTransaction:
         for piece in (header, added, rest):
             self._body.write(piece)
             self._size += len(piece)
+        # Sign only a header section seen whole: it ended with an empty line, or the
+        # message ended inside it (complete=True from commit).
+        if rest.startswith(b"\r\n") or complete:
+            self._signing = start_signing(
+                self._intake.signer,
+                header + added,
+                self.sender,
+                self.client.ip,
+                self.client.authenticated,
+            )
+            if self._signing is not None:
+                self._signing.update(rest[2:])
 
     def _missing_headers(self, header: bytes) -> bytes:
         """RFC 6409 §8.1-8.3: a submission server may add Date: and Message-ID:."""
@@ -151,6 +174,43 @@ class IntakeTransaction:
         """The client's header section (as far as scanned), for checks."""
         return self._header_buf
 
+    # -- end-of-data checks (inbound authentication) ---------------------------
+    def message_bytes(self) -> bytes:
+        """The message as the client sent it (without our Received:), for checks
+        that need the body (DKIM, ARC). Call only once the body is complete."""
+        if self._body is None:
+            return b""
+        if not self._header_done:
+            self._finish_headers(self._header_buf, b"")
+        self._body.seek(self._trace_len)
+        data = self._body.read()
+        self._body.seek(0, 2)
+        return data
+
+    def rewrite_header(self, prepend: bytes, header: bytes) -> None:
+        """Put ``prepend`` on top and replace the client's header section with
+        ``header`` (checks add Authentication-Results: and drop forged ones)."""
+        old = self._body
+        if old is None or (not prepend and header == self._header_buf):
+            return
+        if not self._header_done:
+            self._finish_headers(self._header_buf, b"")
+        new = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in commit/abort
+            max_size=SPOOL_MEMORY_LIMIT, dir=str(self._intake.spool_dir)
+        )
+        old.seek(0)
+        trace = old.read(self._trace_len)
+        old.seek(self._trace_len + len(self._header_buf))
+        new.write(prepend)
+        new.write(trace)
+        new.write(header)
+        shutil.copyfileobj(old, new)
+        old.close()
+        self._body = new
+        self._size = new.tell()
+        self._trace_len += len(prepend)
+        self._header_buf = header
+
     # -- outcome ------------------------------------------------------------
     async def commit(self) -> str:
         """Make the message durable; return its queue id. Raises IntakeError."""
@@ -161,7 +221,7 @@ class IntakeTransaction:
             raise IntakeError(Reply.of(554, "5.5.1", "No valid recipients"))
         if self._body is not None and not self._header_done:
             # The message ended inside its header section (no empty line).
-            self._finish_headers(self._header_buf, b"")
+            self._finish_headers(self._header_buf, b"", complete=True)
         if self._hops > self._intake.max_hops:
             self.abort()
             raise IntakeError(TOO_MANY_HOPS)
@@ -169,12 +229,18 @@ class IntakeTransaction:
             self.start_body()
         assert self._body is not None
         self._body.seek(0)
+        body: IO[bytes] = self._body
+        if self._signing is not None:
+            # On top of everything, so the store keeps (and retries send) the signed bytes.
+            fields = signature_fields(self._signing, self._intake.clock.now())
+            body = PrefixedBody(fields, self._body).as_file()
+            self._size += len(fields)
         message = NewMessage(
             queue_id=self.queue_id,
             sender=self.sender,
             mail_params=self.params,
             recipients=tuple(self.recipients),
-            body=self._body,
+            body=body,
             size=self._size,
             received_at=self._intake.clock.now(),
             client=self.client.describe(),
@@ -183,8 +249,8 @@ class IntakeTransaction:
         try:
             await self._intake.store.commit(message)
             if self._size <= MAX_CACHED_BODY:
-                self._body.seek(0)
-                self._intake.recent.put(MessageInfo.envelope_of(message), self._body.read())
+                body.seek(0)
+                self._intake.recent.put(MessageInfo.envelope_of(message), body.read())
             else:
                 self._intake.recent.put(MessageInfo.envelope_of(message), None)
         except Exception as exc:
@@ -208,6 +274,7 @@ class IntakeTransaction:
                 "source": self.source,
             },
         )
+        self._intake.count_received(self.source)
         self._intake.notify_committed()
         return self.queue_id
 
@@ -233,8 +300,11 @@ class Intake:
         clock: Clock | None = None,
         maillog: MailLog | None = None,
         max_hops: int = MAX_HOPS,
+        signer: DkimSigner | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.signer = signer
         self.max_hops = max_hops
         self.hostname = hostname
         self.spool_dir = spool_dir
@@ -242,7 +312,19 @@ class Intake:
         self.maillog = maillog or null_maillog()
         self._listeners: list[_Callback] = []
         self.recent = RecentMessages()
+        self.metrics = metrics
+        # Counter children per source (listener name, "sendmail", "bounce"):
+        # resolved once, then only inc() on the accept path.
+        self._received: dict[str, Counter] = {}
         spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def count_received(self, source: str) -> None:
+        if self.metrics is None:
+            return
+        child = self._received.get(source)
+        if child is None:
+            child = self._received[source] = self.metrics.received.labels(source)
+        child.inc()
 
     def begin(
         self, sender: str, params: MailParams, client: ClientInfo, source: str = "smtp"

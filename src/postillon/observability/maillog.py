@@ -15,8 +15,15 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
+
+from postillon.config.model import LogConfig
+from postillon.observability.syslog import SyslogHandler
+
+# Called with (event, queue_id, fields) for every event; must not block or raise.
+EventListener = Callable[[str, str, dict[str, Any]], None]
 
 _LOGGER_NAME = "postillon.mail"
 
@@ -25,8 +32,18 @@ class MailLog:
     def __init__(self, logger: logging.Logger, fmt: Literal["text", "json"] = "text") -> None:
         self._logger = logger
         self._json = fmt == "json"
+        self._listeners: list[EventListener] = []
+
+    def subscribe(self, listener: EventListener) -> None:
+        """Also hand every event to ``listener`` (the message history, metrics)."""
+        self._listeners.append(listener)
+
+    def set_format(self, fmt: Literal["text", "json"]) -> None:
+        self._json = fmt == "json"
 
     def event(self, event: str, queue_id: str = "", /, **fields: Any) -> None:
+        for listener in self._listeners:
+            listener(event, queue_id, fields)
         if not self._logger.isEnabledFor(logging.INFO):
             return
         if self._json:
@@ -51,25 +68,58 @@ class MailLog:
 
 
 def setup_logging(fmt: Literal["text", "json"], file: Path | None, level: str = "info") -> MailLog:
-    """Configure the process's log handler once (called from the composition root)."""
+    """Configure the process's log handler once (stderr or a file)."""
+    return configure_logging(LogConfig(format=fmt, file=file, level=level))
+
+
+def configure_logging(
+    config: LogConfig, maillog: MailLog | None = None, hostname: str | None = None
+) -> MailLog:
+    """(Re)configure the ``postillon`` logger from ``[log]``.
+
+    Called at start and again on every reload: the old handler is closed and
+    a new one opened, so a log file renamed by logrotate is reopened under
+    its configured name. ``maillog``, when given, is switched to the new
+    format in place (every component keeps its reference).
+    """
     root = logging.getLogger("postillon")
-    root.handlers.clear()
+    handler = _handler(config, hostname)
+    old = list(root.handlers)
+    root.handlers = [handler]
+    for previous in old:
+        previous.close()
+    root.setLevel(config.level.upper())
+    root.propagate = False
+    if maillog is None:
+        return MailLog(logging.getLogger(_LOGGER_NAME), config.format)
+    maillog.set_format(config.format)
+    return maillog
+
+
+def _handler(config: LogConfig, hostname: str | None) -> logging.Handler:
+    kind, path = config.destination
     handler: logging.Handler
-    if file is None:
-        handler = logging.StreamHandler(sys.stderr)
+    if kind == "syslog":
+        assert path is not None
+        handler = SyslogHandler(
+            path, rfc=config.syslog_format, facility=config.syslog_facility, hostname=hostname
+        )
+        # Syslog adds its own timestamp, host and program name.
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        return handler
+    if kind == "file":
+        assert path is not None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
     else:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(file, encoding="utf-8")
-    if fmt == "json":
+        handler = logging.StreamHandler(sys.stderr)
+    if config.format == "json":
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler.setFormatter(
             logging.Formatter("%(asctime)s postillon[%(process)d]: %(message)s", "%b %d %H:%M:%S")
         )
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    root.propagate = False
-    return MailLog(logging.getLogger(_LOGGER_NAME), fmt)
+    return handler
 
 
 def null_maillog() -> MailLog:

@@ -40,7 +40,7 @@ import functools
 import ipaddress
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -165,6 +165,8 @@ class SmtpClientSession:
         self._reason = ""  # why the driver gave up on the connection (timeout, I/O error)
         self._stash: deque[ClientEvent] = deque()
         self._read_task: asyncio.Future[bytes] | None = None
+        # Called once when the connection closes (the transport's metrics).
+        self.on_close: Callable[[], None] | None = None
 
     # --- connecting --------------------------------------------------------------------
 
@@ -421,6 +423,8 @@ class SmtpClientSession:
         if self._closed:
             return
         self._closed = True
+        if self.on_close is not None:
+            self.on_close()
         task, self._read_task = self._read_task, None
         if task is not None:
             if task.done():

@@ -12,6 +12,7 @@ from typing import Literal
 from postillon.core.envelope import BodyType
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
+from postillon.observability.metrics import Metrics
 from postillon.outbound.client_session import (
     ClientTimeouts,
     SessionError,
@@ -94,8 +95,10 @@ class SmtpTransport:
         *,
         lmtp: bool = False,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.resolver = resolver
+        self.metrics = metrics
         self.settings = settings
         self.lmtp = lmtp
         self.rng = rng or random.Random()
@@ -242,6 +245,8 @@ class SmtpTransport:
             unix_path=hop.unix_path if hop is not None else None,
             timeouts=self.settings.timeouts,
         )
+        if self.metrics is not None:
+            self._count_connection(self.metrics, session)
         if hop is not None and hop.username:
             try:
                 await session.authenticate(hop.username, hop.password or "")
@@ -249,6 +254,15 @@ class SmtpTransport:
                 session.close()
                 raise
         return session
+
+    @staticmethod
+    def _count_connection(metrics: Metrics, session: SmtpClientSession) -> None:
+        metrics.connections.labels("out", "").inc()
+        active = metrics.connections_active.labels("out", "")
+        active.inc()
+        session.on_close = active.dec
+        if session.tls:
+            metrics.tls.labels("out", session.tls.split()[0]).inc()
 
 
 def _settled_before_failure(exc: SessionError, detail: str) -> list[Outcome] | None:

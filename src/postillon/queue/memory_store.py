@@ -15,12 +15,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
+from postillon.core.reply import Reply
 from postillon.queue.store import (
     DeliveryRecord,
     DeliveryState,
+    EventCount,
     MessageInfo,
     NewMessage,
     OutcomeUpdate,
+    QueueEvent,
     StoreError,
 )
 
@@ -56,6 +59,7 @@ class MemoryStore:
         self._messages: dict[str, _Message] = {}
         self._records: dict[int, DeliveryRecord] = {}
         self._next_record_id = 1
+        self._events: list[QueueEvent] = []
         self._closed = False
 
     def _check_open(self) -> None:
@@ -268,14 +272,68 @@ class MemoryStore:
         self._remove(queue_id)
         return True
 
-    async def flush(self, now: float) -> int:
+    async def flush(self, now: float, queue_id: str | None = None) -> int:
         self._check_open()
         count = 0
         for rid, rec in list(self._records.items()):
+            if queue_id is not None and rec.queue_id != queue_id:
+                continue
             if rec.state is DeliveryState.DEFERRED:
                 self._records[rid] = replace(rec, next_try=min(rec.next_try, now), updated_at=now)
                 count += 1
         return count
+
+    async def fail_held(self, queue_id: str, reply: Reply, now: float) -> list[DeliveryRecord]:
+        self._check_open()
+        failed = []
+        for rec in self._records_of(queue_id):
+            if rec.state is not DeliveryState.HELD or _in_flight(rec, now):
+                continue
+            new = replace(
+                rec,
+                state=DeliveryState.FAILED,
+                last_reply=reply,
+                next_try=now,
+                lease_token=None,
+                lease_owner=None,
+                lease_expires=None,
+                updated_at=now,
+            )
+            self._records[rec.record_id] = new
+            failed.append(new)
+        if failed and all(r.state.is_final for r in self._records_of(queue_id)):
+            self._remove(queue_id)
+        return failed
+
+    async def add_events(self, events: Sequence[QueueEvent]) -> None:
+        self._check_open()
+        self._events.extend(events)
+
+    async def events(self, queue_id: str, limit: int = 500) -> list[QueueEvent]:
+        self._check_open()
+        mine = [e for e in self._events if e.queue_id == queue_id]
+        mine.sort(key=lambda e: e.at)  # stable: equal times keep insertion order
+        return mine[-limit:] if limit > 0 else []
+
+    async def event_counts(self, since: float, bucket: float) -> list[EventCount]:
+        self._check_open()
+        if bucket <= 0:
+            raise ValueError("bucket must be positive")
+        counts: dict[tuple[int, str], int] = {}
+        for e in self._events:
+            if e.at >= since:
+                key = (int((e.at - since) // bucket), e.event)
+                counts[key] = counts.get(key, 0) + 1
+        return [
+            EventCount(since + k * bucket, event, n) for (k, event), n in sorted(counts.items())
+        ]
+
+    async def prune_events(self, before: float) -> int:
+        self._check_open()
+        kept = [e for e in self._events if e.at >= before]
+        dropped = len(self._events) - len(kept)
+        self._events = kept
+        return dropped
 
     async def count_by_state(self) -> dict[str, int]:
         self._check_open()

@@ -93,6 +93,21 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "ALTER TABLE bodies ALTER COLUMN data SET STORAGE EXTERNAL",
         ),
     ),
+    Migration(
+        2,
+        "message history (events), kept after the message leaves the queue",
+        (
+            """CREATE TABLE events (
+                event_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                queue_id text NOT NULL,  -- no foreign key: history outlives the message
+                at double precision NOT NULL,
+                event text NOT NULL,
+                fields text NOT NULL  -- JSON object
+            )""",
+            "CREATE INDEX events_by_message ON events (queue_id, at)",
+            "CREATE INDEX events_by_time ON events (at)",
+        ),
+    ),
 )
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version

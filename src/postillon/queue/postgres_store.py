@@ -61,6 +61,7 @@ the database comes back.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -69,6 +70,7 @@ from typing import IO, Any, Final, TypeAlias, TypeVar
 
 import asyncpg
 
+from postillon.core.reply import Reply
 from postillon.queue.postgres_schema import check_schema, migrate
 from postillon.queue.sqlite_store import (
     _encode_mail_params,
@@ -80,9 +82,11 @@ from postillon.queue.sqlite_store import (
 from postillon.queue.store import (
     DeliveryRecord,
     DeliveryState,
+    EventCount,
     MessageInfo,
     NewMessage,
     OutcomeUpdate,
+    QueueEvent,
     StoreError,
 )
 
@@ -735,15 +739,67 @@ class PostgresStore:
         result: bool = await self._write(op)
         return result
 
-    async def flush(self, now: float) -> int:
+    async def flush(self, now: float, queue_id: str | None = None) -> int:
         async def op(conn: Conn) -> int:
             return _rowcount(
                 await conn.execute(
                     "UPDATE records SET next_try = LEAST(next_try, $1), updated_at = $1"
-                    " WHERE state = 'deferred'",
+                    " WHERE state = 'deferred' AND ($2::text IS NULL OR queue_id = $2)",
                     now,
+                    queue_id,
                 )
             )
+
+        result: int = await self._write(op)
+        return result
+
+    async def fail_held(self, queue_id: str, reply: Reply, now: float) -> list[DeliveryRecord]:
+        async def op(conn: Conn) -> list[DeliveryRecord]:
+            rows = await conn.fetch(
+                "UPDATE records SET state = 'failed', last_reply = $3, next_try = $1,"
+                " lease_token = NULL, lease_owner = NULL, lease_expires = NULL, updated_at = $1"
+                f" WHERE queue_id = $2 AND state = 'held' AND NOT {_IN_FLIGHT}"
+                f" RETURNING {_RECORD_COLUMNS}",
+                now,
+                queue_id,
+                _encode_reply(reply),
+            )
+            if not rows:
+                return []
+            unfinished = await conn.fetchval(
+                "SELECT 1 FROM records WHERE queue_id = $1"
+                " AND state NOT IN ('delivered', 'failed') LIMIT 1",
+                queue_id,
+            )
+            if unfinished is None:
+                await conn.execute("DELETE FROM messages WHERE queue_id = $1", queue_id)
+            return sorted(map(_record, rows), key=lambda r: r.record_id)
+
+        result: list[DeliveryRecord] = await self._write(op)
+        return result
+
+    async def add_events(self, events: Sequence[QueueEvent]) -> None:
+        if not events:
+            return
+        columns = (
+            [e.queue_id for e in events],
+            [e.at for e in events],
+            [e.event for e in events],
+            [json.dumps(dict(e.fields), default=str) for e in events],
+        )
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO events (queue_id, at, event, fields)"
+                " SELECT * FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[])",
+                *columns,
+            )
+
+        await self._write(op)
+
+    async def prune_events(self, before: float) -> int:
+        async def op(conn: Conn) -> int:
+            return _rowcount(await conn.execute("DELETE FROM events WHERE at < $1", before))
 
         result: int = await self._write(op)
         return result
@@ -878,6 +934,33 @@ class PostgresStore:
             ):
                 by_message[rec[1]].append(_record(rec))
             return [_message(row, by_message[row[0]]) for row in rows]
+
+        return await self._read(fn)
+
+    async def events(self, queue_id: str, limit: int = 500) -> list[QueueEvent]:
+        async def fn(conn: Conn) -> list[QueueEvent]:
+            rows = await conn.fetch(
+                "SELECT queue_id, at, event, fields FROM events WHERE queue_id = $1"
+                " ORDER BY at DESC, event_id DESC LIMIT $2",
+                queue_id,
+                max(limit, 0),
+            )
+            return [QueueEvent(r[0], r[1], r[2], json.loads(r[3])) for r in reversed(rows)]
+
+        return await self._read(fn)
+
+    async def event_counts(self, since: float, bucket: float) -> list[EventCount]:
+        if bucket <= 0:
+            raise ValueError("bucket must be positive")
+
+        async def fn(conn: Conn) -> list[EventCount]:
+            rows = await conn.fetch(
+                "SELECT floor((at - $1) / $2)::bigint AS k, event, count(*) FROM events"
+                " WHERE at >= $1 GROUP BY k, event ORDER BY k, event",
+                since,
+                bucket,
+            )
+            return [EventCount(since + k * bucket, event, n) for k, event, n in rows]
 
         return await self._read(fn)
 

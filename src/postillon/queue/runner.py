@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from postillon.dsn.bounce import (
 )
 from postillon.intake.intake import Intake
 from postillon.observability.maillog import MailLog
+from postillon.observability.metrics import Metrics, outcome_reason
 from postillon.queue.retry import RetryPolicy
 from postillon.queue.store import (
     DeliveryRecord,
@@ -117,6 +119,7 @@ class Runner:
         clock: Clock | None = None,
         owner: str | None = None,
         delay_warning: float = 0.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.router = router
@@ -130,6 +133,7 @@ class Runner:
         self.poll_interval = poll_interval
         self.delay_warning = delay_warning
         self.clock: Clock = clock or SystemClock()
+        self.metrics = metrics
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self._wake = asyncio.Event()
         self._active: set[asyncio.Task[None]] = set()
@@ -140,6 +144,11 @@ class Runner:
 
     def wake(self) -> None:
         self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Recipients being delivered right now (the admin status shows it)."""
+        return self._in_flight
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="queue-runner")
@@ -261,8 +270,13 @@ class Runner:
         if transport is None:
             return [TempFail(NO_TRANSPORT, route.kind) for _ in records]
         job = DeliveryJob(message, tuple(records), route, self.store, cached_body)
+        started = time.perf_counter()
         try:
             outcomes = await transport.deliver(job)
+            if self.metrics is not None:
+                self.metrics.attempt_seconds.labels(route.kind).observe(
+                    time.perf_counter() - started
+                )
         except Exception as exc:  # unknown errors count as temporary (DESIGN principle 6)
             log.exception("transport %s raised for %s", route.kind, message.queue_id)
             reply = Reply.of(
@@ -306,6 +320,9 @@ class Runner:
                     )
                 )
                 self.maillog.event("delivered", message.queue_id, **fields)
+                if self.metrics is not None:
+                    self.metrics.delivered.labels(route.kind).inc()
+                    self.metrics.delivery_seconds.labels("delivered").observe(delay)
                 action = "relayed" if outcome.relayed_without_dsn else "delivered"
                 notify = route.kind in ("maildir", "lmtp") or outcome.relayed_without_dsn
                 if notify and wants_notice(record.rcpt_params, action):
@@ -350,6 +367,8 @@ class Runner:
                 self.maillog.event(
                     "deferred", message.queue_id, **fields, next_try=f"{next_try - now:.0f}s"
                 )
+                if self.metrics is not None:
+                    self.metrics.deferred.labels(route.kind, outcome_reason(outcome.reply)).inc()
                 if self._crosses_delay_warning(message, record, next_try) and wants_notice(
                     record.rcpt_params, "delayed"
                 ):
@@ -383,6 +402,10 @@ class Runner:
                 )
             )
             self.maillog.event("bounced", message.queue_id, **{**fields, "status": str(reply.code)})
+            if self.metrics is not None:
+                reason = "expired" if isinstance(outcome, TempFail) else outcome_reason(reply)
+                self.metrics.bounced.labels(route.kind, reason).inc()
+                self.metrics.delivery_seconds.labels("bounced").observe(delay)
             if wants_notice(record.rcpt_params, "failed"):
                 failed.append(
                     DsnRecipient(

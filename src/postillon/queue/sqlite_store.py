@@ -85,9 +85,11 @@ from postillon.core.reply import Reply
 from postillon.queue.store import (
     DeliveryRecord,
     DeliveryState,
+    EventCount,
     MessageInfo,
     NewMessage,
     OutcomeUpdate,
+    QueueEvent,
     StoreError,
 )
 
@@ -98,7 +100,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE: Final = 256 * 1024  # body bytes per row
-SCHEMA_VERSION: Final = 1  # PRAGMA user_version
+SCHEMA_VERSION: Final = 2  # PRAGMA user_version
 BUSY_TIMEOUT: Final = 10.0  # seconds a connection waits for another writer
 _READ_THREADS: Final = 2
 _MAX_IDLE_READERS: Final = 4
@@ -147,6 +149,19 @@ _SCHEMA: Final = (
         data BLOB NOT NULL,
         PRIMARY KEY (queue_id, seq)
     )""",
+)
+
+# Version 2 adds the message history (kept apart from messages: it outlives them).
+_SCHEMA_V2: Final = (
+    """CREATE TABLE events (
+        event_id INTEGER PRIMARY KEY,
+        queue_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        event TEXT NOT NULL,
+        fields TEXT NOT NULL  -- JSON object
+    )""",
+    "CREATE INDEX events_by_message ON events(queue_id, at)",
+    "CREATE INDEX events_by_time ON events(at)",
 )
 
 _RECORD_COLUMNS: Final = (
@@ -317,8 +332,8 @@ def _init_database(path: Path) -> None:
         _retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                for statement in _SCHEMA:
+            if version in (0, 1):
+                for statement in (_SCHEMA if version == 0 else ()) + _SCHEMA_V2:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
@@ -876,8 +891,16 @@ class SqliteStore:
 
         return await self._write(op)
 
-    async def flush(self, now: float) -> int:
+    async def flush(self, now: float, queue_id: str | None = None) -> int:
         def op(conn: sqlite3.Connection) -> int:
+            if queue_id is not None:
+                return int(
+                    conn.execute(
+                        "UPDATE records SET next_try = MIN(next_try, ?), updated_at = ?"
+                        " WHERE queue_id = ? AND state = 'deferred'",
+                        (now, now, queue_id),
+                    ).rowcount
+                )
             return int(
                 conn.execute(
                     "UPDATE records SET next_try = MIN(next_try, ?), updated_at = ?"
@@ -885,6 +908,56 @@ class SqliteStore:
                     (now, now),
                 ).rowcount
             )
+
+        return await self._write(op)
+
+    async def fail_held(self, queue_id: str, reply: Reply, now: float) -> list[DeliveryRecord]:
+        def op(conn: sqlite3.Connection) -> list[DeliveryRecord]:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT record_id FROM records WHERE queue_id = :queue_id"
+                    f" AND state = 'held' AND NOT {_IN_FLIGHT} ORDER BY record_id",
+                    {"queue_id": queue_id, "now": now},
+                )
+            ]
+            if not ids:
+                return []
+            conn.executemany(
+                "UPDATE records SET state = 'failed', last_reply = ?, next_try = ?,"
+                " lease_token = NULL, lease_owner = NULL, lease_expires = NULL, updated_at = ?"
+                " WHERE record_id = ?",
+                [(_encode_reply(reply), now, now, rid) for rid in ids],
+            )
+            failed = _records_by_id(conn, ids)
+            unfinished = conn.execute(
+                "SELECT 1 FROM records WHERE queue_id = ?"
+                " AND state NOT IN ('delivered', 'failed') LIMIT 1",
+                (queue_id,),
+            ).fetchone()
+            if unfinished is None:
+                _delete_message(conn, queue_id)
+            return failed
+
+        return await self._write(op)
+
+    async def add_events(self, events: Sequence[QueueEvent]) -> None:
+        if not events:
+            return
+        rows = [
+            (e.queue_id, e.at, e.event, json.dumps(dict(e.fields), default=str)) for e in events
+        ]
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO events (queue_id, at, event, fields) VALUES (?, ?, ?, ?)", rows
+            )
+
+        await self._write(op)
+
+    async def prune_events(self, before: float) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("DELETE FROM events WHERE at < ?", (before,)).rowcount)
 
         return await self._write(op)
 
@@ -999,6 +1072,31 @@ class SqliteStore:
                 ):
                     by_message[rec[1]].append(_record(rec))
             return [_message(row, by_message[row[0]]) for row in rows]
+
+        return await self._read(fn)
+
+    async def events(self, queue_id: str, limit: int = 500) -> list[QueueEvent]:
+        def fn(conn: sqlite3.Connection) -> list[QueueEvent]:
+            rows = conn.execute(
+                "SELECT queue_id, at, event, fields FROM events WHERE queue_id = ?"
+                " ORDER BY at DESC, event_id DESC LIMIT ?",
+                (queue_id, max(limit, 0)),
+            ).fetchall()
+            return [QueueEvent(r[0], r[1], r[2], json.loads(r[3])) for r in reversed(rows)]
+
+        return await self._read(fn)
+
+    async def event_counts(self, since: float, bucket: float) -> list[EventCount]:
+        if bucket <= 0:
+            raise ValueError("bucket must be positive")
+
+        def fn(conn: sqlite3.Connection) -> list[EventCount]:
+            rows = conn.execute(
+                "SELECT CAST((at - :since) / :bucket AS INTEGER) AS k, event, COUNT(*)"
+                " FROM events WHERE at >= :since GROUP BY k, event ORDER BY k, event",
+                {"since": since, "bucket": bucket},
+            )
+            return [EventCount(since + k * bucket, event, n) for k, event, n in rows]
 
         return await self._read(fn)
 

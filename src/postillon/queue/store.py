@@ -22,6 +22,12 @@ Contract, as a transaction:
    newer result). It returns the ids of messages whose records are now all
    final, and the store deletes those messages' bodies.
 4. ``release_leases(owner)`` hands an owner's leased records back (shutdown).
+5. ``add_events`` appends to a message's history (received, each delivery
+   attempt with the remote reply, operator actions). History is kept apart
+   from the message: it outlives delivery, so "what happened to this
+   message?" has an answer after the message left the queue, until
+   ``prune_events`` drops it. Losing the last moments of history in a crash
+   is acceptable; it never blocks or fails mail.
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
@@ -29,10 +35,10 @@ they work from another process while the server runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.reply import Reply
@@ -145,6 +151,30 @@ class OutcomeUpdate:
     attempted: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class QueueEvent:
+    """One step of a message's history (the mail log event with its queue id).
+
+    ``event`` is the mail log's event name (``received``, ``deferred``,
+    ``delivered``, ``bounced``, ``expired``, ``bounce``, ...) or ``operator``
+    for an admin action; ``fields`` holds JSON-serialisable values.
+    """
+
+    queue_id: str
+    at: float
+    event: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EventCount:
+    """How many events of one kind fell into one time bucket (for activity charts)."""
+
+    bucket_start: float
+    event: str
+    count: int
+
+
 class QueueStore(Protocol):
     async def commit(self, message: NewMessage) -> None: ...
 
@@ -178,8 +208,35 @@ class QueueStore(Protocol):
 
     async def delete(self, queue_id: str) -> bool: ...
 
-    async def flush(self, now: float) -> int:
-        """Make every deferred record due now; return how many."""
+    async def flush(self, now: float, queue_id: str | None = None) -> int:
+        """Make every deferred record (of ``queue_id`` only, if given) due now; return how many."""
+        ...
+
+    async def fail_held(self, queue_id: str, reply: Reply, now: float) -> list[DeliveryRecord]:
+        """Operator bounce: every HELD record of ``queue_id`` whose delivery is not
+        in flight becomes FAILED with ``reply`` (attempts unchanged).
+
+        Returns those records as they are now. When every record of the
+        message is then final, the message and its body are removed, as after
+        ``record_outcomes``.
+        """
+        ...
+
+    async def add_events(self, events: Sequence[QueueEvent]) -> None:
+        """Append history events (in one write)."""
+        ...
+
+    async def events(self, queue_id: str, limit: int = 500) -> list[QueueEvent]:
+        """The last ``limit`` events of ``queue_id``, oldest first."""
+        ...
+
+    async def event_counts(self, since: float, bucket: float) -> list[EventCount]:
+        """Events at or after ``since`` counted per kind and per ``bucket`` seconds
+        (bucket_start = since + k * bucket), in bucket order."""
+        ...
+
+    async def prune_events(self, before: float) -> int:
+        """Drop events older than ``before``; return how many."""
         ...
 
     async def count_by_state(self) -> dict[str, int]:

@@ -1,0 +1,88 @@
+"""ARC (RFC 8617): verify the chain on inbound mail, seal mail we forward.
+
+Verification uses dkimpy's ``arc_verify`` with key lookups through
+:class:`BlockingDns`; blocking, so it runs in a worker thread. The result is
+``arc=none|pass|fail`` (RFC 8617 §4.4) with the sealing domain of the newest
+set, and the newest ARC-Authentication-Results, so local policy may trust a
+known forwarder's earlier DMARC verdict (§7.2).
+
+Sealing (§5.1) adds a new ARC set (AAR, AMS, AS) for a forwarding domain,
+built from our own Authentication-Results (``authserv_id`` = our hostname),
+which must already be in the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import dkim
+
+from postillon.checks.authresults import MethodResult
+from postillon.checks.blocking_dns import BlockingDns
+from postillon.checks.dkim_check import MIN_RSA_BITS, dkim_dnsfunc
+
+_quiet = logging.getLogger("postillon.checks.arc")
+_HEADER_FROM = re.compile(r"header\.from=([^\s;()]+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class ArcOutcome:
+    clause: MethodResult
+    sealer: str = ""  # d= of the newest ARC-Seal
+    instance: int = 0
+    # The newest AAR's dmarc verdict and header.from ("" when absent).
+    sealed_dmarc: str = ""
+    sealed_from: str = ""
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value) if value is not None else ""
+
+
+def verify_arc(bridge: BlockingDns, message: bytes) -> ArcOutcome:
+    try:
+        cv, results, reason = dkim.arc_verify(
+            message, logger=_quiet, dnsfunc=dkim_dnsfunc(bridge), minkey=MIN_RSA_BITS
+        )
+    except Exception as exc:  # malformed chains must not take the session down
+        return ArcOutcome(MethodResult("arc", "fail", f"ARC verifier error: {exc!r}"[:120]))
+    verdict = _as_text(cv).lower() or "fail"
+    if verdict == "none" or not results:
+        return ArcOutcome(MethodResult("arc", "none" if verdict == "none" else verdict))
+    newest = max(results, key=lambda r: int(r.get("instance", 0)))
+    sealer = _as_text(newest.get("as-domain")).lower()
+    instance = int(newest.get("instance", 0))
+    aar = _as_text(newest.get("aar-value"))
+    dmarc = re.search(r"\bdmarc=([a-z]+)", aar, re.IGNORECASE)
+    header_from = _HEADER_FROM.search(aar)
+    props = (("header.oldest-pass", "0"),) if verdict == "pass" else ()
+    comment = f"i={instance} d={sealer}" + ("" if verdict == "pass" else f"; {reason}"[:100])
+    return ArcOutcome(
+        MethodResult("arc", verdict, comment, props),
+        sealer=sealer,
+        instance=instance,
+        sealed_dmarc=dmarc.group(1).lower() if dmarc else "",
+        sealed_from=header_from.group(1).lower().strip('"') if header_from else "",
+    )
+
+
+def arc_seal(
+    message: bytes, selector: str, domain: str, private_key_pem: bytes, authserv_id: str
+) -> bytes:
+    """The new ARC set as header bytes to prepend ("" when there is nothing to seal).
+
+    Raises ``dkim.DKIMException`` for an unusable key or message.
+    """
+    fields = dkim.arc_sign(
+        message,
+        selector.encode("ascii"),
+        domain.encode("ascii"),
+        private_key_pem,
+        authserv_id.encode("ascii"),
+        logger=_quiet,
+    )
+    return b"".join(fields)

@@ -1,0 +1,249 @@
+"""Inbound authentication: SPF, DKIM, DMARC and ARC for one message, at end of data.
+
+Design note
+-----------
+The session calls :meth:`InboundAuthentication.evaluate` after the last
+byte of DATA/BDAT and before the message is committed, so a rejection means
+nothing was queued. The blocking library work (pyspf, dkimpy: hashing,
+signatures, their own key and record lookups) runs in ONE worker thread per
+message, its lookups handed back to postillon's resolver on the event loop
+(``blocking_dns.py``); the DMARC record is fetched on the loop meanwhile.
+
+The verdict carries what the transaction should become: one new
+``Authentication-Results:`` field naming this host (RFC 8601), any policy
+marks (the quarantine header), the client's header section with forged
+results for this host removed, and, when the message is forwarded off
+this server through an alias, an ARC set sealed with the forwarding
+domain's key (RFC 8617 §5.1). Policy itself is ``auth_policy.decide``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from postillon.checks.arc_check import ArcOutcome, arc_seal, verify_arc
+from postillon.checks.auth_policy import Decision, decide
+from postillon.checks.authresults import MethodResult, header_values, render, strip_own_results
+from postillon.checks.blocking_dns import BlockingDns
+from postillon.checks.dkim_check import verify_dkim
+from postillon.checks.dmarc_check import (
+    AuthIdentity,
+    PolicyLookup,
+    discover_policy,
+    evaluate,
+    from_domain_of,
+    organizational_domain,
+)
+from postillon.checks.spf_check import SpfOutcome, check_spf
+from postillon.config.model import AuthenticationConfig
+from postillon.routing.resolver import Resolver
+from postillon.signing.keys import KeyStore
+
+log = logging.getLogger("postillon.checks.authentication")
+
+# A forwarding domain's ARC key: (selector, PEM private key), or None.
+SealingKey = tuple[str, bytes]
+SealingKeys = Callable[[str], SealingKey | None]
+
+
+def arc_sealing_keys(store: KeyStore) -> SealingKeys:
+    """ARC seals with a domain's first RSA DKIM key (dkimpy seals with rsa-sha256 only;
+    RFC 8617 §4.1.3 allows no other algorithm yet)."""
+
+    def lookup(domain: str) -> SealingKey | None:
+        for key in store.keys_for(domain):
+            if key.algorithm == "rsa":
+                return key.selector, key.dkimpy_private_key()
+        return None
+
+    return lookup
+
+
+@dataclass(frozen=True, slots=True)
+class MessageFacts:
+    """What the checks look at, gathered by the session."""
+
+    client_ip: str
+    helo: str
+    mail_from: str  # "" for the null reverse-path
+    header: bytes  # the client's header section (CRLF lines, no final empty line)
+    message: bytes | None  # the whole message as received; None when too large to verify
+    # (delivery address, address the client gave) for each recipient
+    recipients: Sequence[tuple[str, str]] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    decision: Decision
+    results: list[MethodResult]
+    prepend: bytes  # header fields to put on top of the message
+    header: bytes  # the client's header section, own forged results removed
+    removed: int = 0  # forged Authentication-Results removed
+    sealed_for: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """``spf=pass dkim=pass dmarc=pass arc=none`` for the mail log."""
+        return " ".join(
+            f"{r.method}{'(helo)' if r.prop('smtp.helo') else ''}={r.result}" for r in self.results
+        )
+
+
+def _domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+def _within(domain: str, listed: Sequence[str]) -> bool:
+    return any(domain == d or domain.endswith("." + d) for d in listed)
+
+
+class InboundAuthentication:
+    def __init__(
+        self,
+        config: AuthenticationConfig,
+        resolver: Resolver,
+        authserv_id: str,
+        *,
+        local_domains: frozenset[str] = frozenset(),
+        sealing_keys: SealingKeys | None = None,
+    ) -> None:
+        self.config = config
+        self.resolver = resolver
+        self.authserv_id = authserv_id
+        self.local_domains = local_domains
+        self.sealing_keys = sealing_keys
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in config.allow_networks]
+
+    def _allowlisted(self, facts: MessageFacts, from_domain: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(facts.client_ip)
+        except ValueError:
+            ip = None
+        if ip is not None and any(ip in net for net in self._networks):
+            return True
+        domains = self.config.allow_domains
+        return _within(_domain_of(facts.mail_from), domains) or (
+            bool(from_domain) and _within(from_domain, domains)
+        )
+
+    def _blocking_checks(
+        self, bridge: BlockingDns, facts: MessageFacts
+    ) -> tuple[SpfOutcome, list[MethodResult], ArcOutcome | None]:
+        spf = check_spf(bridge, facts.client_ip, facts.mail_from, facts.helo)
+        if facts.message is None:
+            too_big = MethodResult("dkim", "policy", "message too large to verify")
+            return spf, [too_big], None
+        dkim = verify_dkim(bridge, facts.message)
+        arc = verify_arc(bridge, facts.message)
+        return spf, dkim, arc
+
+    async def evaluate(self, facts: MessageFacts) -> Verdict:
+        loop = asyncio.get_running_loop()
+        bridge = BlockingDns(self.resolver, loop)
+        from_domain, from_problem = from_domain_of(header_values(facts.header, "From"))
+        dmarc_lookup = (
+            asyncio.ensure_future(discover_policy(self.resolver, from_domain))
+            if from_domain
+            else None
+        )
+        try:
+            spf, dkim_results, arc = await asyncio.to_thread(self._blocking_checks, bridge, facts)
+        finally:
+            if dmarc_lookup is not None and not dmarc_lookup.done():
+                await asyncio.wait([dmarc_lookup])
+        results: list[MethodResult] = [spf.mailfrom]
+        if spf.helo is not None:
+            results.append(spf.helo)
+        results.extend(dkim_results)
+        if arc is not None:
+            results.append(arc.clause)
+
+        if dmarc_lookup is None:
+            dmarc = MethodResult("dmarc", "permerror", from_problem)
+            policy = "none"
+        else:
+            lookup: PolicyLookup = dmarc_lookup.result()
+            dkim_ids = [
+                AuthIdentity(r.prop("header.d"), r.result)
+                for r in dkim_results
+                if r.prop("header.d")
+            ]
+            spf_id = AuthIdentity(spf.domain, spf.result) if spf.domain else None
+            dmarc, policy = evaluate(from_domain, lookup, spf_id, dkim_ids)
+            if facts.message is None and dmarc.result == "fail":
+                # We did not verify DKIM: never act on a verdict we could not reach.
+                dmarc = MethodResult("dmarc", "none", "DKIM not verified", dmarc.properties)
+                policy = "none"
+            if dmarc.result == "fail" and arc is not None:
+                dmarc, policy = self._arc_override(dmarc, policy, arc, from_domain)
+        results.append(dmarc)
+
+        decision = decide(
+            self.config,
+            dmarc_result=dmarc.result,
+            dmarc_policy=policy,
+            from_domain=from_domain,
+            spf_result=spf.result,
+            spf_domain=spf.domain,
+            allowlisted=self._allowlisted(facts, from_domain),
+        )
+        header, removed = strip_own_results(facts.header, self.authserv_id)
+        prepend = render(self.authserv_id, results)
+        if decision.action == "quarantine":
+            prepend += f"{self.config.quarantine_header}: {decision.reason}\r\n".encode()
+        sealed_for: list[str] = []
+        if decision.action in ("accept", "quarantine") and facts.message is not None:
+            arc_set, sealed_for = await self._seal(facts, prepend, header)
+            prepend = arc_set + prepend
+        return Verdict(decision, results, prepend, header, removed, sealed_for)
+
+    def _arc_override(
+        self, dmarc: MethodResult, policy: str, arc: ArcOutcome, from_domain: str
+    ) -> tuple[MethodResult, str]:
+        """RFC 8617 §7.2 / RFC 7489 §7.2.1.1 "trusted_forwarder": a chain that
+        verifies, sealed by a forwarder we trust, whose seal recorded a DMARC
+        pass for the same author domain, keeps DMARC passing here."""
+        trusted = self.config.arc_trusted_sealers
+        if (
+            arc.clause.result == "pass"
+            and _within(arc.sealer, trusted)
+            and arc.sealed_dmarc == "pass"
+            and organizational_domain(arc.sealed_from or from_domain)
+            == organizational_domain(from_domain)
+        ):
+            comment = f"arc override: sealed by {arc.sealer} i={arc.instance}; local: fail"
+            return MethodResult("dmarc", "pass", comment, dmarc.properties), "none"
+        return dmarc, policy
+
+    async def _seal(
+        self, facts: MessageFacts, prepend: bytes, header: bytes
+    ) -> tuple[bytes, list[str]]:
+        """An ARC set for the first local domain that forwards this message off-server."""
+        if not self.config.arc_seal or self.sealing_keys is None or facts.message is None:
+            return b"", []
+        forwarding = []
+        for target, given in facts.recipients:
+            source, dest = _domain_of(given), _domain_of(target)
+            leaves = source in self.local_domains and dest not in self.local_domains
+            if leaves and source not in forwarding:
+                forwarding.append(source)
+        for domain in forwarding:
+            key = self.sealing_keys(domain)
+            if key is None:
+                continue
+            selector, pem = key
+            body = facts.message[len(facts.header) :]
+            message = prepend + header + body
+            try:
+                sealed = await asyncio.to_thread(
+                    arc_seal, message, selector, domain, pem, self.authserv_id
+                )
+            except Exception:
+                log.exception("ARC sealing for %s failed; forwarding unsealed", domain)
+                return b"", []
+            # One seal per message: the stored body is the same for every recipient.
+            return sealed, [domain]
+        return b"", []

@@ -1,0 +1,120 @@
+"""SPF (RFC 7208) with pyspf, for the MAIL FROM and HELO identities.
+
+pyspf looks names up through its module-level ``DNSLookup`` hook; we point
+that hook at the :class:`BlockingDns` of the check running in the current
+thread (a thread-local), so pyspf's queries go to postillon's resolver. The
+check is blocking and runs in a worker thread (see ``authentication.py``).
+
+Identities (RFC 7208 §2.3, §2.4): HELO is checked as ``postmaster@<helo>``
+when the HELO name is a domain; MAIL FROM is the reverse-path, or
+``postmaster@<helo>`` for the null sender (bounces).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import spf
+
+from postillon.checks.authresults import MethodResult
+from postillon.checks.blocking_dns import BlockingDns
+from postillon.routing.resolver import DnsTempError
+
+# RFC 7208 §11.1: the whole evaluation should be bounded (20 s suggested).
+SPF_TIMEOUT = 20
+
+_current = threading.local()
+
+
+def _dns_lookup(name: str, qtype: str, strict: object = True, timeout: object = 30) -> list[Any]:
+    """pyspf's ``DNSLookup`` contract: a list of ((name, qtype), value) pairs."""
+    bridge: BlockingDns | None = getattr(_current, "bridge", None)
+    if bridge is None:
+        raise spf.TempError("DNS: no resolver for this SPF check")
+    key = (name, qtype)
+    try:
+        if qtype in ("TXT", "SPF"):
+            if qtype == "SPF":  # type 99 is obsolete (RFC 7208 §3.1): never published
+                return []
+            return [(key, strings) for strings in bridge.txt(name)]
+        if qtype in ("A", "AAAA"):
+            want_v6 = qtype == "AAAA"
+            return [(key, a) for a in bridge.addresses(name) if (":" in a) == want_v6]
+        if qtype == "MX":
+            return [(key, mx) for mx in bridge.mx(name) if mx[1] != "."]
+        if qtype == "PTR":
+            ip = _ip_from_reverse_name(name)
+            return [(key, host) for host in bridge.ptr(ip)] if ip else []
+    except DnsTempError as exc:
+        raise spf.TempError(f"DNS {exc}") from None
+    return []
+
+
+def _ip_from_reverse_name(name: str) -> str:
+    """pyspf asks PTR by in-addr.arpa / ip6.arpa name; our resolver wants the IP."""
+    import dns.reversename
+
+    try:
+        return str(dns.reversename.to_address(dns.name.from_text(name)))
+    except Exception:
+        return ""
+
+
+spf.DNSLookup = _dns_lookup
+
+
+@dataclass(frozen=True, slots=True)
+class SpfOutcome:
+    mailfrom: MethodResult
+    helo: MethodResult | None
+    domain: str  # the MAIL FROM identity's domain (for DMARC alignment)
+
+    @property
+    def result(self) -> str:
+        return self.mailfrom.result
+
+
+def _evaluate(bridge: BlockingDns, ip: str, sender: str, helo: str) -> tuple[str, str]:
+    _current.bridge = bridge
+    try:
+        query = spf.query(i=ip, s=sender, h=helo, timeout=SPF_TIMEOUT, querytime=SPF_TIMEOUT)
+        result, _code, explanation = query.check()
+        return str(result), str(explanation or "")
+    except Exception as exc:  # pyspf raises for odd inputs: a temporary, logged verdict
+        return "temperror", f"SPF evaluation failed: {exc}"
+    finally:
+        _current.bridge = None
+
+
+def _is_domain(name: str) -> bool:
+    return "." in name and not name.startswith("[") and not name.replace(".", "").isdigit()
+
+
+def check_spf(bridge: BlockingDns, ip: str, mail_from: str, helo: str) -> SpfOutcome:
+    """Both identities, blocking (run in a worker thread)."""
+    helo = helo.strip().rstrip(".").lower()
+    helo_result: MethodResult | None = None
+    if _is_domain(helo):
+        result, why = _evaluate(bridge, ip, f"postmaster@{helo}", helo)
+        helo_result = MethodResult("spf", result, why, (("smtp.helo", helo),))
+    if mail_from:
+        identity = mail_from
+        domain = mail_from.rpartition("@")[2].lower()
+        result, why = _evaluate(bridge, ip, identity, helo or domain)
+        mailfrom = MethodResult("spf", result, why, (("smtp.mailfrom", identity),))
+    elif helo_result is not None:
+        # RFC 7208 §2.4: for the null reverse-path the HELO result is the MAIL FROM result.
+        domain = helo
+        mailfrom = MethodResult(
+            "spf",
+            helo_result.result,
+            helo_result.comment,
+            (("smtp.mailfrom", f"postmaster@{helo}"),),
+        )
+        helo_result = None
+    else:
+        domain = ""
+        mailfrom = MethodResult("spf", "none", "null sender and no usable HELO name")
+    return SpfOutcome(mailfrom, helo_result, domain)

@@ -1,0 +1,138 @@
+"""``postillon reload``: make the running server re-read its configuration.
+
+The server writes its pid to ``<data_dir>/postillon.pid`` once it serves;
+this command checks the configuration first (a broken file is reported here
+and nothing is signalled), then sends the server SIGHUP. The server reopens
+its log, re-reads config, certificates, aliases and accounts, and logs what
+it applied, what it refused, and what needs a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import signal
+import ssl
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from postillon.app import pid_path
+from postillon.config.loader import ConfigError, load_config
+from postillon.config.model import Config, split_host_port
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    r = sub.add_parser(
+        "reload",
+        help="make the running server re-read its config, certificates, aliases and accounts",
+        description="Check the configuration, then send SIGHUP to the server whose pid is in "
+        "<data_dir>/postillon.pid. The server reopens its log file (for logrotate), applies "
+        "the new settings without dropping connections or mail, and logs any setting that "
+        "needs a restart (listen, data_dir, user, dns, outbound, the queue store). "
+        "Exit status: 0 signalled (with --api: applied), 1 no running server (with --api: "
+        "refused by the server), 2 the config has errors.",
+    )
+    r.add_argument(
+        "--api",
+        action="store_true",
+        help="ask the admin server ([admin] listen) instead of signalling, and print the "
+        "result; the token comes from $POSTILLON_ADMIN_TOKEN (for a server in another "
+        "container or run by another user)",
+    )
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid in the pid file if that process is alive, else None."""
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, owned by another user: signalling may still fail below
+    return pid
+
+
+def run(config: Config, config_file: Path | None, api: bool = False) -> int:
+    if config_file is not None:
+        try:
+            load_config(config_file)
+        except ConfigError as exc:
+            print(f"{exc}\npostillon: not reloading; the server keeps its config", file=sys.stderr)
+            return 2
+    if api:
+        return _via_api(config)
+    path = pid_path(config.data_dir)
+    pid = read_pid(path)
+    if pid is None:
+        print(f"postillon: no running server ({path} is missing or stale)", file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except PermissionError:
+        print(
+            f"postillon: not allowed to signal pid {pid}; run as its user or root", file=sys.stderr
+        )
+        return 1
+    print(f"postillon: reload requested (pid {pid}); see the log for the result")
+    return 0
+
+
+def _via_api(config: Config) -> int:
+    listen = config.admin.listen
+    if listen is None:
+        print("postillon: --api needs [admin] listen in the config", file=sys.stderr)
+        return 2
+    token = os.environ.get("POSTILLON_ADMIN_TOKEN", "")
+    if not token:
+        print(
+            "postillon: set POSTILLON_ADMIN_TOKEN (from `postillon admin token`)", file=sys.stderr
+        )
+        return 2
+    tls = config.admin.tls_cert is not None or config.admin.tls_from_server
+    host, _ = split_host_port(listen)
+    context: ssl.SSLContext | None = None
+    if tls:
+        context = ssl.create_default_context()
+        if _is_loopback(host):
+            # Our own server on loopback, often with a self-signed certificate.
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    url = f"{'https' if tls else 'http'}://{listen}/api/reload"
+    request = urllib.request.Request(
+        url, method="POST", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60, context=context) as response:
+            result = json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 409:
+            print(f"postillon: {url}: HTTP {exc.code} {exc.reason}", file=sys.stderr)
+            return 1
+        result = json.load(exc)
+    except OSError as exc:
+        print(f"postillon: {url}: {exc}", file=sys.stderr)
+        return 1
+    if not result.get("applied"):
+        print(f"postillon: reload refused, the server keeps its config:\n{result.get('error')}")
+        return 1
+    print("postillon: configuration reloaded")
+    if result.get("restart_needed"):
+        print("needs a restart to take effect: " + ", ".join(result["restart_needed"]))
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

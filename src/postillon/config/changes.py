@@ -1,0 +1,91 @@
+"""What a reload may change, and what needs a restart.
+
+A reload (SIGHUP, ``postillon reload``) applies a new configuration to the
+running server without closing connections. Some settings are fixed for
+the life of the process: the sockets are bound (``listen``), privileges are
+dropped (``user``), the queue is open (``data_dir``, the store), and the
+outbound connection pools and DNS resolver hold connections and caches.
+Those keep their old values; the reload reports each one that differs, by
+its config key, so the operator knows a restart is needed.
+
+The rule is a whitelist: a top-level section not named in ``RELOADABLE``
+(including sections added later, e.g. ``[admin]``) needs a restart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from postillon.config.model import Config, QueueConfig
+
+# Top-level settings a reload applies.
+RELOADABLE = frozenset(
+    {
+        "hostname",
+        "tls",
+        "relay",
+        "limits",
+        "domain",
+        "aliases",
+        "queue",  # except the fields below
+        "log",
+        "transport",
+        "submission",
+        "shutdown",
+        "authentication",  # rebuilt with the policy on reload
+        "dkim",  # keys re-read on reload
+    }
+)
+# [queue] settings a reload applies (retry curve and runner limits); every
+# other [queue] field chooses or configures the store.
+RELOADABLE_QUEUE = frozenset(
+    {"first_retry", "max_retry", "lifetime", "concurrency", "lease", "delay_warning"}
+)
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """Config keys whose new value only takes effect after a restart."""
+    keys: list[str] = []
+    for name in type(old).model_fields:
+        before, after = getattr(old, name), getattr(new, name)
+        if before == after:
+            continue
+        if name == "queue":
+            keys.extend(
+                f"queue.{field}"
+                for field in QueueConfig.model_fields
+                if field not in RELOADABLE_QUEUE and getattr(before, field) != getattr(after, field)
+            )
+        elif name not in RELOADABLE:
+            keys.extend(_changed_keys(name, before, after))
+    return keys
+
+
+def effective(old: Config, new: Config) -> Config:
+    """The configuration in force after a reload: ``new``, except for the
+    settings that need a restart, which keep their ``old`` values."""
+    update: dict[str, Any] = {
+        name: getattr(old, name)
+        for name in type(old).model_fields
+        if name not in RELOADABLE and getattr(old, name) != getattr(new, name)
+    }
+    queue_kept = {
+        field: getattr(old.queue, field)
+        for field in QueueConfig.model_fields
+        if field not in RELOADABLE_QUEUE
+    }
+    update["queue"] = new.queue.model_copy(update=queue_kept)
+    return new.model_copy(update=update)
+
+
+def _changed_keys(prefix: str, before: object, after: object) -> list[str]:
+    """``outbound.port`` rather than just ``outbound`` when a section changed."""
+    if isinstance(before, BaseModel) and isinstance(after, BaseModel):
+        return [
+            f"{prefix}.{field}"
+            for field in type(before).model_fields
+            if getattr(before, field) != getattr(after, field, None)
+        ] or [prefix]
+    return [prefix]

@@ -1,0 +1,234 @@
+"""DKIM-Signature for outgoing mail: who is signed, with which keys, and the header itself.
+
+The contract, as one message's transaction (intake drives it)::
+
+    signing = signer.start(header_section, client_ip=..., authenticated=...)  # None: unsigned
+    signing.update(body_piece)          # every byte after the header section, as it streams
+    ...
+    fields = signing.finish(now)        # b"DKIM-Signature: ...\\r\\n" once per key, to prepend
+
+Who is signed (RFC 6376 §1.1: the signer vouches for the mail): local senders (``sendmail``,
+the maildrop, bounces: no client IP), authenticated submission clients, and, when
+``[dkim] sign_trusted_networks`` is on, clients in ``[relay] trusted_networks``. Mail relayed
+to us from anyone else is never signed: it is not ours to vouch for.
+
+Which keys: those of the ``From:`` domain (or its nearest parent with keys), else of the
+envelope sender's domain; every key of that domain signs, so an RSA and an Ed25519 key give
+the two signatures RFC 8463 recommends. Canonicalisation is relaxed/relaxed (§3.4.2, §3.4.4),
+the most robust against re-folding on the way; the hash is SHA-256 (RFC 8301).
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import ipaddress
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from dkim import MessageFormatError, rfc822_parse, select_headers
+from dkim.canonicalization import Relaxed
+
+from postillon.config.loader import ConfigError
+from postillon.config.model import Config
+from postillon.signing.body_hash import RelaxedBodyHash
+from postillon.signing.keys import DkimKey, KeyStore, KeyStoreError, key_store_from_config
+
+log = logging.getLogger("postillon.dkim")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Header = tuple[bytes, bytes]
+
+# Signature lines are folded to stay under this many characters (RFC 5322 §2.1.1's 78).
+FOLD_AT = 76
+# RFC 6376 §3.5 b=: base64 may be folded; these many characters per line.
+B64_PER_LINE = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SigningPolicy:
+    """What is signed: header names (lower-case) and which get one extra, empty instance."""
+
+    headers: tuple[str, ...]
+    oversign: tuple[str, ...]
+    trusted_networks: tuple[Network, ...] = ()
+
+    @classmethod
+    def create(
+        cls, headers: Iterable[str], oversign: Iterable[str], trusted_networks: Iterable[str] = ()
+    ) -> SigningPolicy:
+        return cls(
+            tuple(h.lower() for h in headers),
+            tuple(h.lower() for h in oversign),
+            tuple(ipaddress.ip_network(n, strict=False) for n in trusted_networks),
+        )
+
+
+class DkimSigner:
+    """Shared by every transaction: the keys and the policy. Cheap to ask; holds no message."""
+
+    def __init__(self, keys: KeyStore, policy: SigningPolicy) -> None:
+        self.keys = keys
+        self.policy = policy
+
+    def eligible(self, client_ip: str, authenticated: bool) -> bool:
+        """Local (no client IP), authenticated, or from a trusted network."""
+        if not client_ip or authenticated:
+            return True
+        if not self.policy.trusted_networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(client_ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(ip in net for net in self.policy.trusted_networks)
+
+    def start(
+        self, header_section: bytes, sender: str, *, client_ip: str, authenticated: bool
+    ) -> MessageSigning | None:
+        """Begin signing a message whose header section (CRLF lines, without the empty line
+        that ends it) is ``header_section``; None when it is not to be signed."""
+        if len(self.keys) == 0 or not self.eligible(client_ip, authenticated):
+            return None
+        try:
+            headers: list[_Header] = [
+                (bytes(name), bytes(value)) for name, value in rfc822_parse(header_section)[0]
+            ]
+        except MessageFormatError as exc:
+            log.info("not signing: unparseable header section (%s)", exc)
+            return None
+        keys = self._keys_for(headers, sender)
+        if not keys:
+            return None
+        return MessageSigning(keys, headers, self._header_list(headers))
+
+    def _keys_for(self, headers: Sequence[_Header], sender: str) -> tuple[DkimKey, ...]:
+        for name, value in headers:
+            if name.lower() == b"from":
+                domain = _author_domain(value)
+                keys = self.keys.signing_keys(domain) if domain else ()
+                if keys:
+                    return keys
+                break
+        _, _, sender_domain = sender.rpartition("@")
+        return self.keys.signing_keys(sender_domain) if sender_domain else ()
+
+    def _header_list(self, headers: Sequence[_Header]) -> tuple[bytes, ...]:
+        """h=: each configured field as often as it occurs (bottom-up, RFC 6376 §5.4.2), plus
+        once more for oversigned ones so a further instance cannot be added (§8.15)."""
+        counts: dict[bytes, int] = {}
+        for present, _ in headers:
+            key = present.lower()
+            counts[key] = counts.get(key, 0) + 1
+        oversign = set(self.policy.oversign)
+        out: list[bytes] = []
+        for name in self.policy.headers:
+            field = name.encode("ascii")
+            times = counts.get(field, 0) + (1 if name in oversign else 0)
+            out.extend([field] * times)
+        return tuple(out)
+
+
+def _author_domain(value: bytes) -> str | None:
+    text = value.decode("utf-8", errors="replace").replace("\r\n", "")
+    for _, address in email.utils.getaddresses([text]):
+        _, at, domain = address.rpartition("@")
+        if at and domain:
+            return domain.strip().rstrip(">").lower()
+    return None
+
+
+class MessageSigning:
+    """One message being signed: hashes its body as it streams, then makes the fields."""
+
+    def __init__(
+        self, keys: tuple[DkimKey, ...], headers: list[_Header], header_list: tuple[bytes, ...]
+    ) -> None:
+        self.keys = keys
+        self._headers = headers
+        self._header_list = header_list
+        self._body = RelaxedBodyHash()
+
+    def update(self, data: bytes) -> None:
+        self._body.update(data)
+
+    def finish(self, now: float) -> bytes:
+        """The ``DKIM-Signature:`` fields, one per key, CRLF-terminated, to put on top."""
+        body_hash = base64.b64encode(self._body.digest())
+        canonical = Relaxed.canonicalize_headers(select_headers(self._headers, self._header_list))
+        signed = b"".join(name + b":" + value for name, value in canonical)
+        return b"".join(self._field(key, body_hash, signed, int(now)) for key in self.keys)
+
+    def _field(self, key: DkimKey, body_hash: bytes, signed: bytes, timestamp: int) -> bytes:
+        tags = [
+            b"v=1",
+            b"a=" + key.signature_algorithm,
+            b"c=relaxed/relaxed",
+            b"d=" + key.domain.encode("ascii"),
+            b"s=" + key.selector.encode("ascii"),
+            b"t=" + str(timestamp).encode("ascii"),
+            b"h=" + b":".join(self._header_list),
+            b"bh=" + body_hash,
+        ]
+        unsigned = _fold(b"DKIM-Signature", b"; ".join(tags) + b";") + b"\r\n\tb="
+        # The field itself is hashed last, with an empty b= and no CRLF (RFC 6376 §3.7).
+        ((name, value),) = Relaxed.canonicalize_headers([(b"DKIM-Signature", unsigned[15:])])
+        digest = hashlib.sha256(signed + name + b":" + value.rstrip(b"\r\n")).digest()
+        signature = base64.b64encode(_sign(key, digest))
+        folded = b"\r\n\t".join(
+            signature[i : i + B64_PER_LINE] for i in range(0, len(signature), B64_PER_LINE)
+        )
+        return unsigned + folded + b"\r\n"
+
+
+def _sign(key: DkimKey, digest: bytes) -> bytes:
+    private = key.private_key
+    if isinstance(private, ed25519.Ed25519PrivateKey):
+        # RFC 8463 §3: PureEdDSA over the SHA-256 hash.
+        return private.sign(digest)
+    return private.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+
+
+def _fold(name: bytes, value: bytes) -> bytes:
+    """``name: value`` folded at spaces and after the colons of h= (both allow FWS, RFC 6376
+    §3.5), so no line is longer than FOLD_AT where that can be helped."""
+    lines: list[bytes] = []
+    current = name + b":"
+    for word in value.replace(b":", b": ").split(b" "):
+        if not word:
+            continue
+        joiner = b"" if current.endswith(b":") and current != name + b":" else b" "
+        if len(current) + len(joiner) + len(word) > FOLD_AT:
+            lines.append(current)
+            current = b"\t" + word
+        else:
+            current += joiner + word
+    lines.append(current)
+    return b"\r\n".join(lines)
+
+
+class SigningSetupError(ConfigError):
+    """The configured keys cannot be loaded; ``str()`` names the file and the config key."""
+
+
+def build_signer(config: Config) -> DkimSigner | None:
+    """The signer the configuration asks for, or None when ``[dkim] sign`` is off or there are
+    no keys. Raises SigningSetupError for a key that cannot be loaded."""
+    dkim = config.dkim
+    if not dkim.sign:
+        return None
+    try:
+        keys = key_store_from_config(dkim, config.data_dir)
+    except KeyStoreError as exc:
+        raise SigningSetupError(f"[dkim]: {exc}") from exc
+    if len(keys) == 0:
+        return None
+    for key in keys:
+        log.info("DKIM: signing for %s with %s (%s)", key.domain, key.selector, key.algorithm)
+    trusted = config.relay.trusted_networks if dkim.sign_trusted_networks else ()
+    return DkimSigner(keys, SigningPolicy.create(dkim.headers, dkim.oversign, trusted))

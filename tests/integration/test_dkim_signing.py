@@ -1,0 +1,169 @@
+"""DKIM signing through the real program, checked by independent verifiers.
+
+postillon dkim keygen (rsa + ed25519) ──▶ A's <data_dir>/dkim/example.org/*.key
+smtplib ──587 STARTTLS + AUTH──▶ A (signs) ──SMTP──▶ B ──▶ Maildir ─┬▶ dkimpy (fixture DNS)
+sendmail ──maildrop──────────────▶ A (signs) ──SMTP──▶ B ──▶ Maildir ─┴▶ opendkim-testmsg
+smtplib ──25, not authenticated──▶ A ──▶ A's Maildir                    (not signed)
+
+and the other way round: opendkim-testmsg signs, dkimpy and postillon's key records agree.
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dkim_tools import (
+    dkimpy_verify_all,
+    key_zone,
+    listed_keys,
+    opendkim_testmsg,
+    require_root_for_opendkim,
+    to_crlf,
+    txt_rdata,
+    without_signature,
+)
+from postillon.testing.dns_server import DnsServer
+from postillon.testing.server import ServerProcess, free_port
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "correct horse battery staple"
+SENDMAIL = Path(sys.executable).parent / "sendmail"
+
+
+def _tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@pytest.fixture
+def servers(make_server: Any) -> tuple[ServerProcess, ServerProcess, list[dict[str, Any]]]:
+    """B receives example.net; A signs for example.org and relays example.net to B."""
+    b_port = free_port()
+    b = make_server(
+        listen=[{"kind": "smtp", "address": f"127.0.0.1:{b_port}"}],
+        domain=[{"name": "example.net", "mailboxes": ["bob"]}],
+    ).start()
+    smtp, sub = free_port(), free_port()
+    a = make_server(
+        listen=[
+            {"kind": "smtp", "address": f"127.0.0.1:{smtp}"},
+            {"kind": "submission", "address": f"127.0.0.1:{sub}"},
+        ],
+        transport=[{"domain": "example.net", "route": f"smtp:[127.0.0.1]:{b_port}"}],
+    )
+    a.ports = {"smtp": smtp, "submission": sub}
+    a.write_config()
+    a.data_dir.mkdir(exist_ok=True)
+    for args in (
+        ["dkim", "keygen", "example.org", "--selector", "rsa1"],
+        ["dkim", "keygen", "example.org", "--selector", "ed1", "--algorithm", "ed25519"],
+    ):
+        made = a.cli(*args)
+        assert "._domainkey.example.org." in made.stdout
+    added = subprocess.run(
+        [*a.cli_command(), "user", "add", "alice@example.org", "--password-stdin"],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert added.returncode == 0, added.stderr
+    keys = listed_keys(a.cli("dkim", "list", "--json").stdout)
+    assert {(k["selector"], k["algorithm"]) for k in keys} == {("rsa1", "rsa"), ("ed1", "ed25519")}
+    return a.start(), b, keys
+
+
+def test_submitted_and_local_mail_is_signed_and_verifies(
+    servers: tuple[ServerProcess, ServerProcess, list[dict[str, Any]]],
+) -> None:
+    a, b, keys = servers
+    with smtplib.SMTP("127.0.0.1", a.ports["submission"], timeout=10) as s:
+        s.starttls(context=_tls())
+        s.login("alice@example.org", PASSWORD)
+        s.sendmail(
+            "alice@example.org",
+            ["bob@example.net"],
+            b"From: Alice <alice@example.org>\r\nTo: bob@example.net\r\n"
+            b"Subject: signed   by\r\n postillon\r\n\r\nHello  Bob, \r\n\r\n\r\n",
+        )
+    env = dict(os.environ, POSTILLON_CONFIG=str(a.config_path))
+    sent = subprocess.run(
+        [str(SENDMAIL), "-t", "-i", "-f", "alice@example.org"],
+        input=b"From: alice@example.org\nTo: bob@example.net\nSubject: from cron\n\nnightly\n",
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert sent.returncode == 0, sent.stderr
+    with smtplib.SMTP("127.0.0.1", a.ports["smtp"], timeout=10) as s:
+        s.sendmail(
+            "someone@example.org",  # claims our domain, but is not ours to vouch for
+            ["alice@example.org"],
+            b"From: someone@example.org\r\nSubject: inbound\r\n\r\nhi\r\n",
+        )
+
+    delivered = [to_crlf(p.read_bytes()) for p in b.wait_for_mail("bob@example.net", count=2)]
+    zones = key_zone(keys)
+    with DnsServer(zones) as dns_server:
+        for message in delivered:
+            header = message.split(b"\r\n\r\n")[0]
+            assert header.count(b"DKIM-Signature:") == 2, header.decode()
+            assert b"a=ed25519-sha256" in header and b"a=rsa-sha256" in header
+            assert b"c=relaxed/relaxed" in header
+            # From, Subject, To and Date are oversigned (one more than present).
+            assert b"h=from:from:" in header.replace(b"\r\n\t", b"")
+            assert dkimpy_verify_all(message, dns_server.nameserver) == [True, True]
+            tampered = message.replace(b"nightly", b"NIGHTLY").replace(b"Hello", b"Jello")
+            assert dkimpy_verify_all(tampered, dns_server.nameserver) == [False, False]
+
+    (inbound,) = a.wait_for_mail("alice@example.org")
+    assert b"DKIM-Signature" not in inbound.read_bytes()  # port 25, not authenticated
+
+    # OpenDKIM, an independent implementation, verifies each signature on its own.
+    require_root_for_opendkim()
+    for message in delivered:
+        for keep in (b"a=rsa-sha256", b"a=ed25519-sha256"):
+            one = without_signature(message, keep)
+            assert one.count(b"DKIM-Signature:") == 1
+            checked = opendkim_testmsg(one, zones)
+            assert checked.returncode == 0, (keep, checked.stderr.decode())
+        bad = opendkim_testmsg(message.replace(b"Bob", b"Rob").replace(b"nightly", b"n"), zones)
+        assert bad.returncode != 0 and b"signature" in bad.stderr.lower()
+
+
+def test_mail_signed_by_opendkim_verifies_here(tmp_path: Path) -> None:
+    """opendkim-genkey + opendkim-testmsg sign; dkimpy (postillon's DKIM library) verifies
+    against the record opendkim-genkey wrote, served by the fixture DNS."""
+    require_root_for_opendkim()
+    subprocess.run(
+        ["opendkim-genkey", "-b", "2048", "-d", "example.net", "-s", "od", "-D", str(tmp_path)],
+        check=True,
+        timeout=60,
+    )
+    record = (tmp_path / "od.txt").read_text()
+    value = "".join(part for i, part in enumerate(record.split('"')) if i % 2 == 1)
+    zones = {"example.net": {"od._domainkey.example.net": {"TXT": txt_rdata(value)}}}
+    message = (
+        b"From: Carol <carol@example.net>\r\nTo: alice@example.org\r\nSubject: from OpenDKIM\r\n"
+        b"Date: Sat, 28 Nov 2026 18:00:00 +0000\r\n\r\nSigned   elsewhere.\r\n"
+    )
+    signed = opendkim_testmsg(
+        message, zones, "-C", "-d", "example.net", "-s", "od", "-k", str(tmp_path / "od.private")
+    )
+    assert signed.returncode == 0, signed.stderr.decode()
+    assert signed.stdout.startswith(b"DKIM-Signature:")
+    with DnsServer(zones) as dns_server:
+        assert dkimpy_verify_all(signed.stdout, dns_server.nameserver) == [True]
+        forged = signed.stdout.replace(b"elsewhere", b"here")
+        assert dkimpy_verify_all(forged, dns_server.nameserver) == [False]
