@@ -68,6 +68,33 @@ def listening(port: int) -> bool:
         return False
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """user+system CPU of these processes (all their threads), from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICKS
+
+
+def children(parent: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            out.append(int(stat.parent.name))
+    return out
+
+
 def say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -193,6 +220,13 @@ route = "smtp:[127.0.0.1]:{self.sink_port}"
                 raise SystemExit(f"postillon node on {port} did not start (see {self.root})")
         return ports
 
+    def pg_cpu(self) -> float:
+        """CPU of the PostgreSQL cluster: the postmaster and every backend/worker."""
+        if self.pg is None or self.pg.process is None:
+            return 0.0
+        master = self.pg.process.pid
+        return cpu_seconds([master, *children(master)])
+
     def stop_nodes(self) -> None:
         for proc in self.nodes:
             if proc.poll() is None:
@@ -233,6 +267,9 @@ route = "smtp:[127.0.0.1]:{self.sink_port}"
         try:
             per_node = a.n // nodes
             sessions = max(1, a.conc // nodes)
+            node_pids = [p.pid for p in self.nodes]
+            cpu_nodes0 = cpu_seconds(node_pids)
+            cpu_pg0 = self.pg_cpu()
             start = time.monotonic()
             sources = [
                 subprocess.Popen(
@@ -266,6 +303,8 @@ route = "smtp:[127.0.0.1]:{self.sink_port}"
                     raise SystemExit(f"{setup}: the queue did not drain in 300 s")
                 time.sleep(0.05)
             e2e_s = time.monotonic() - start
+            cpu_nodes = cpu_seconds(node_pids) - cpu_nodes0
+            cpu_pg = self.pg_cpu() - cpu_pg0 if dsn is not None else 0.0
         finally:
             self.stop_nodes()
         total = per_node * nodes
@@ -275,11 +314,14 @@ route = "smtp:[127.0.0.1]:{self.sink_port}"
             "conc": sessions * nodes,
             "accepted_per_s": total / accepted_s,
             "e2e_per_s": total / e2e_s,
+            "node_cpu_ms_per_msg": 1000 * cpu_nodes / total,
+            "pg_cpu_ms_per_msg": 1000 * cpu_pg / total,
             "load_errors": errors.decode(errors="replace").strip()[-500:],
         }
         say(
             f"   {setup:10s} accepted {run['accepted_per_s']:7.0f} msg/s, "
-            f"end-to-end {run['e2e_per_s']:7.0f} msg/s"
+            f"end-to-end {run['e2e_per_s']:7.0f} msg/s, CPU ms/msg nodes "
+            f"{run['node_cpu_ms_per_msg']:.2f} PostgreSQL {run['pg_cpu_ms_per_msg']:.2f}"
             + (f"  (load errors: {run['load_errors'][:80]})" if run["load_errors"] else "")
         )
         return run
@@ -323,14 +365,16 @@ route = "smtp:[127.0.0.1]:{self.sink_port}"
             f"N={self.a.n}, CONC={self.a.conc}, SIZE={self.a.size}, REPS={self.a.reps}, "
             f"{os.cpu_count()} CPUs (load generator, sink, PostgreSQL and nodes all share them)",
             "",
-            "| setup | accepted msg/s | end-to-end msg/s |",
-            "|---|---|---|",
+            "| setup | accepted msg/s | end-to-end msg/s | CPU ms/msg: nodes + PostgreSQL |",
+            "|---|---|---|---|",
         ]
         for setup in SETUPS:
             acc, e2e = med(setup, "accepted_per_s"), med(setup, "e2e_per_s")
+            cpu_n, cpu_p = med(setup, "node_cpu_ms_per_msg")[0], med(setup, "pg_cpu_ms_per_msg")[0]
             lines.append(
                 f"| {setup} | {acc[0]:.0f} ({acc[1]:.0f}\u2013{acc[2]:.0f}) "
-                f"| {e2e[0]:.0f} ({e2e[1]:.0f}\u2013{e2e[2]:.0f}) |"
+                f"| {e2e[0]:.0f} ({e2e[1]:.0f}\u2013{e2e[2]:.0f}) "
+                f"| {cpu_n:.2f} + {cpu_p:.2f} |"
             )
         one, two = med("pg x1", "accepted_per_s")[0], med("pg x2", "accepted_per_s")[0]
         one_e, two_e = med("pg x1", "e2e_per_s")[0], med("pg x2", "e2e_per_s")[0]

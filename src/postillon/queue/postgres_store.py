@@ -16,17 +16,21 @@ operation to an inbox and awaits a future; a writer task takes everything that a
 while the previous batch was being committed and runs it inside ONE transaction, so N
 concurrent SMTP sessions pay one COMMIT (one WAL flush at the server) between them. The
 commits of a batch go in as three statements (messages, records, bodies as
-``unnest()`` arrays) inside one savepoint; if that fails (a duplicate queue id), they
-are retried one savepoint each so the bad one fails alone. Every other operation
-(claims, outcomes, operator commands) runs in its own savepoint: one that raises fails
-only its own caller. If the COMMIT fails, or the connection is lost, every caller of the
-batch gets a ``StoreError`` and nothing of the batch is visible. ``WRITERS`` writer
-tasks run side by side (default one: on a small machine that makes the biggest batches).
+``unnest()`` arrays) inside one savepoint, and the outcomes of a batch as one UPDATE;
+if that fails (a duplicate queue id), they are retried one savepoint each so the bad
+one fails alone. Every other operation (claims, operator commands) runs in its own
+savepoint (none when it is alone in its batch): one that raises fails only its own
+caller. Each statement is a round trip to the server, and under load those, not the
+server's work, decide the throughput. If the COMMIT fails, or the connection is lost,
+every caller of the batch gets a ``StoreError`` and nothing of the batch is visible.
+``WRITERS`` writer tasks run side by side (default one: on a small machine that makes
+the biggest batches).
 A deadlock between two batches (PostgreSQL aborts one) re-runs the aborted batch.
 
-**Durability of bookkeeping.** A batch that commits a message waits for its WAL flush
-(``synchronous_commit = on``: the 250 depends on it). A batch of only claims, outcomes
-and operator commands commits with ``synchronous_commit = off``: it returns without
+**Durability of bookkeeping.** A batch that commits a message or runs an operator
+command (hold, release, delete, flush, bounce) waits for its WAL flush
+(``synchronous_commit = on``: the 250 depends on it). A batch of only claims, outcomes,
+released leases and history events commits with ``synchronous_commit = off``: it returns without
 waiting for the flush, which the next message commit (or the WAL writer, within
 ``wal_writer_delay``) does anyway. If the database server crashes in between, the last
 few outcomes or claims are lost, so a delivery is repeated (a duplicate, SMTP's
@@ -287,7 +291,7 @@ class _Op:
     (every statement is a round trip to the server, and those add up under load).
     """
 
-    __slots__ = ("commit", "fn", "future", "outcomes")
+    __slots__ = ("commit", "durable", "fn", "future", "outcomes")
 
     def __init__(
         self,
@@ -295,11 +299,14 @@ class _Op:
         future: asyncio.Future[Any],
         commit: _Commit | None = None,
         outcomes: Sequence[OutcomeUpdate] | None = None,
+        durable: bool = True,
     ):
         self.fn = fn
         self.future = future
         self.commit = commit
         self.outcomes = outcomes
+        # False: bookkeeping whose loss in a database crash only repeats a delivery.
+        self.durable = durable
 
     async def run_alone(self, conn: Conn) -> Any:
         if self.commit is not None:
@@ -461,10 +468,12 @@ class PostgresStore:
         fn: _OpFn | None,
         commit: _Commit | None = None,
         outcomes: Sequence[OutcomeUpdate] | None = None,
+        *,
+        durable: bool = True,
     ) -> Any:
         await self._ready()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._inbox.put_nowait(_Op(fn, future, commit, outcomes))
+        self._inbox.put_nowait(_Op(fn, future, commit, outcomes, durable))
         return await future
 
     async def _write_loop(self) -> None:
@@ -492,7 +501,7 @@ class PostgresStore:
         for attempt in range(_DEADLOCK_RETRIES):
             try:
                 async with pool.acquire() as conn, conn.transaction():
-                    if all(op.commit is None for op in batch):
+                    if not any(op.durable for op in batch):
                         # Only queue bookkeeping (claims, outcomes, operator commands):
                         # see "Durability of bookkeeping" in the module docstring.
                         await conn.execute("SET LOCAL synchronous_commit = off")
@@ -660,7 +669,7 @@ class PostgresStore:
             by_id = {row[0]: _record(row) for row in rows}
             return [by_id[i] for i in ids]
 
-        result: list[DeliveryRecord] = await self._write(op)
+        result: list[DeliveryRecord] = await self._write(op, durable=False)
         return result
 
     async def record_outcomes(self, updates: Sequence[OutcomeUpdate]) -> list[str]:
@@ -669,7 +678,7 @@ class PostgresStore:
                 raise ValueError(f"not an outcome state: {u.state}")
         if not updates:
             return []
-        result: list[str] = await self._write(None, outcomes=list(updates))
+        result: list[str] = await self._write(None, outcomes=list(updates), durable=False)
         return result
 
     async def release_leases(self, owner: str) -> int:
@@ -692,7 +701,7 @@ class PostgresStore:
             )
             return _rowcount(status)
 
-        result: int = await self._write(op)
+        result: int = await self._write(op, durable=False)
         return result
 
     async def hold(self, queue_id: str, now: float) -> int:
@@ -795,13 +804,13 @@ class PostgresStore:
                 *columns,
             )
 
-        await self._write(op)
+        await self._write(op, durable=False)
 
     async def prune_events(self, before: float) -> int:
         async def op(conn: Conn) -> int:
             return _rowcount(await conn.execute("DELETE FROM events WHERE at < $1", before))
 
-        result: int = await self._write(op)
+        result: int = await self._write(op, durable=False)
         return result
 
     # ------------------------------------------------------------ reads
