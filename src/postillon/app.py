@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,9 +50,12 @@ from postillon.outbound.simple import DiscardTransport, ErrorTransport
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.protocol.server import ServerSettings
 from postillon.queue.history import HistoryRecorder
+from postillon.queue.postgres_schema import SchemaError
+from postillon.queue.postgres_store import PostgresStore
 from postillon.queue.retry import RetryPolicy
 from postillon.queue.runner import Runner, Transport
 from postillon.queue.sqlite_store import SqliteStore
+from postillon.queue.store import QueueStore, StoreError
 from postillon.routing.aliases import AliasesError, load_aliases
 from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
@@ -67,6 +71,22 @@ log = logging.getLogger("postillon")
 
 def queue_path(config: Config) -> Path:
     return config.data_dir / "queue" / "queue.db"
+
+
+def open_queue_store(config: Config) -> QueueStore:
+    """The queue store the config names: the embedded SQLite file, or PostgreSQL at ``dsn``."""
+    if config.queue.store == "postgresql":
+        assert config.queue.dsn is not None  # the config model requires it
+        return PostgresStore(config.queue.dsn)
+    queue_path(config).parent.mkdir(parents=True, exist_ok=True)
+    return SqliteStore(queue_path(config))
+
+
+def queue_available(store: QueueStore) -> Callable[[], bool] | None:
+    """How listeners learn that a shared queue's database is unreachable (421 4.3.0)."""
+    if isinstance(store, PostgresStore):
+        return lambda: store.available
+    return None  # an embedded store is as available as the local disk
 
 
 def build_local_recipients(config: Config) -> LocalRecipients:
@@ -121,7 +141,7 @@ class App:
         self.metrics = Metrics()
         self.maillog = maillog or configure_logging(config.log, hostname=config.hostname)
         self.listeners: list[Listener] = []
-        self.store: SqliteStore | None = None
+        self.store: QueueStore | None = None
         self.runner: Runner | None = None
         self.pickup: Pickup | None = None
         self._smtp: SmtpTransport | None = None
@@ -228,6 +248,7 @@ class App:
             metrics=metrics,
             # Inbound checks on MX (smtp) listeners only, never submission or LMTP.
             authentication=policy.authentication if kind == "smtp" else None,
+            queue_available=queue_available(self.store) if self.store is not None else None,
         )
 
     def _router(self, config: Config, local: LocalRecipients) -> Router:
@@ -281,8 +302,11 @@ class App:
             drop_privileges(drop_to)
             log.info("dropped privileges to user %s", drop_to)
 
-        queue_path(config).parent.mkdir(parents=True, exist_ok=True)
-        self.store = SqliteStore(queue_path(config))
+        self.store = open_queue_store(config)
+        if isinstance(self.store, PostgresStore):
+            # Connect and check the schema version now: a node with an unreachable or
+            # unmigrated database refuses to start instead of refusing every message.
+            await self.store.open()
         self.metrics.queue.attach(self.store.count_by_state)
         # Every mail log event with a queue id becomes a step of that message's history.
         self.history = HistoryRecorder(self.store, clock, config.admin.history_days * 86400)
@@ -605,7 +629,14 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
     # Before start too: SIGHUP's default action would kill a starting server
     # (the reload itself is declined until everything is built).
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    await app.start()
+    try:
+        await app.start()
+    except (StoreError, SchemaError) as exc:  # the queue database: unreachable, unmigrated
+        log.error("cannot start: %s", exc)
+        loop.remove_signal_handler(signal.SIGHUP)
+        with contextlib.suppress(Exception):
+            await app.stop()
+        raise SystemExit(f"postillon: {exc}") from None
     try:
         await stop.wait()
     finally:
