@@ -97,6 +97,12 @@ def parse_args() -> argparse.Namespace:
         help="skip the DKIM runs (env DKIM=0): postillon instances that sign every message "
         "with Ed25519, RSA-2048, and both, on --port + 1..3, compared with the unsigned one",
     )
+    ap.add_argument(
+        "--verify",
+        action="store_true",
+        help="instead: inbound SPF/DKIM/DMARC checks on vs off with DKIM-signed input "
+        "(bench/verify_bench.py; no Postfix instance needed)",
+    )
     ap.add_argument("--no-checks", action="store_true", help="skip --netcheck and --durability")
     ap.add_argument("--keep", action="store_true", help="leave postfix, sink, postillon running")
     ap.add_argument(
@@ -1017,6 +1023,11 @@ def hot_spots(raw: Path, mode: str, repo: Path, top: int = 15) -> list[str]:
 
 def main() -> None:
     a = parse_args()
+    if a.verify:
+        from verify_bench import run_verify  # bench/ is on sys.path as the script's dir
+
+        run_verify(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep)
+        return
     b = Bench(a)
     b.preflight()
     b.out.mkdir(parents=True, exist_ok=True)

@@ -99,12 +99,15 @@ def dns(dkim_key: tuple[Path, str]) -> Iterator[DnsServer]:
         yield server
 
 
-def start_server(root: Path, dns: DnsServer, **authentication: Any) -> ServerProcess:
+def start_server(
+    root: Path, dns: DnsServer, relay: dict[str, Any] | None = None, **authentication: Any
+) -> ServerProcess:
     root.mkdir()
     config = default_config(
         root,
         dns={"nameservers": [dns.nameserver], "timeout": 1.0, "attempts": 1},
         authentication={"enabled": True, **authentication},
+        relay=relay or {"trusted_networks": []},
     )
     return ServerProcess(root, config).start()
 
@@ -127,6 +130,7 @@ def strict_server(
         dns,
         spf_fail="reject",
         allow_domains=["partner.test"],
+        relay={"trusted_networks": ["127.0.0.6/32"]},
     )
     yield proc
     proc.stop()
@@ -348,3 +352,12 @@ def test_forged_results_for_this_host_are_removed(server: ServerProcess) -> None
     assert results[0].startswith(f"{HOST};") and "spf=pass" in results[0]
     assert results[1].startswith("other.example")
     assert "dkim=pass" not in our_results(msg)
+
+
+def test_trusted_relay_clients_are_not_checked(strict_server: ServerProcess) -> None:
+    subject = f"trusted{next(_counter)}"
+    body = message("bob@reject.test", subject)
+    code, reply = send(strict_server, "bob@fail.test", body, source="127.0.0.6")
+    assert code == OK, reply
+    msg = delivered(strict_server, subject)
+    assert not [v for v in msg.get_all("Authentication-Results", []) if HOST in v]

@@ -24,6 +24,7 @@ from postillon.checks.blocking_dns import BlockingDns
 from postillon.checks.dkim_check import MIN_RSA_BITS, dkim_dnsfunc
 
 _quiet = logging.getLogger("postillon.checks.arc")
+_ARC_FIELD = re.compile(rb"(?im)^arc-(?:seal|message-signature|authentication-results)[ \t]*:")
 _HEADER_FROM = re.compile(r"header\.from=([^\s;()]+)", re.IGNORECASE)
 
 
@@ -43,7 +44,14 @@ def _as_text(value: object) -> str:
     return str(value) if value is not None else ""
 
 
+def has_arc_headers(header: bytes) -> bool:
+    """Cheap test before the verifier parses the whole message again."""
+    return _ARC_FIELD.search(header) is not None
+
+
 def verify_arc(bridge: BlockingDns, message: bytes) -> ArcOutcome:
+    if not has_arc_headers(message.split(b"\r\n\r\n", 1)[0]):
+        return ArcOutcome(MethodResult("arc", "none"))
     try:
         cv, results, reason = dkim.arc_verify(
             message, logger=_quiet, dnsfunc=dkim_dnsfunc(bridge), minkey=MIN_RSA_BITS

@@ -29,7 +29,7 @@ from postillon.checks.arc_check import ArcOutcome, arc_seal, verify_arc
 from postillon.checks.auth_policy import Decision, decide
 from postillon.checks.authresults import MethodResult, header_values, render, strip_own_results
 from postillon.checks.blocking_dns import BlockingDns
-from postillon.checks.dkim_check import verify_dkim
+from postillon.checks.dkim_check import signature_fields, verify_dkim
 from postillon.checks.dmarc_check import (
     AuthIdentity,
     PolicyLookup,
@@ -140,6 +140,19 @@ class InboundAuthentication:
         arc = verify_arc(bridge, facts.message)
         return spf, dkim, arc
 
+    @staticmethod
+    def _names_to_prefetch(facts: MessageFacts) -> list[str]:
+        """TXT names the checks will certainly ask: the SPF records of both
+        identities and each signature's DKIM key."""
+        names = [_domain_of(facts.mail_from) or facts.helo.lower(), facts.helo.lower()]
+        if facts.message is not None:
+            for tags in signature_fields(facts.message):
+                domain = tags.get(b"d", b"").decode("ascii", errors="replace")
+                selector = tags.get(b"s", b"").decode("ascii", errors="replace")
+                if domain and selector:
+                    names.append(f"{selector}._domainkey.{domain}")
+        return [n for n in names if "." in n and not n.startswith("[")]
+
     async def evaluate(self, facts: MessageFacts) -> Verdict:
         loop = asyncio.get_running_loop()
         bridge = BlockingDns(self.resolver, loop)
@@ -149,6 +162,7 @@ class InboundAuthentication:
             if from_domain
             else None
         )
+        await bridge.prefetch_txt(self._names_to_prefetch(facts))
         try:
             spf, dkim_results, arc = await asyncio.to_thread(self._blocking_checks, bridge, facts)
         finally:

@@ -35,6 +35,28 @@ class BlockingDns:
         self._loop = loop
         self.temp_failures: dict[str, str] = {}  # name -> reason
         self.missing: set[str] = set()
+        # TXT answers fetched on the loop before the worker starts (prefetch_txt):
+        # the names a check is sure to ask save a thread round trip each.
+        self._txt: dict[str, list[tuple[bytes, ...]]] = {}
+
+    async def prefetch_txt(self, names: list[str]) -> None:
+        """Look these TXT names up now, on the event loop, all at once."""
+
+        async def one(name: str) -> None:
+            key = name.lower().rstrip(".")
+            try:
+                answer = await self._resolver.txt(name)
+            except DnsNotFound:
+                self.missing.add(key)
+                self._txt[key] = []
+            except DnsTempError as exc:
+                self.temp_failures[key] = exc.reason
+            except Exception as exc:  # unexpected is temporary; the worker asks again
+                self.temp_failures[key] = repr(exc)
+            else:
+                self._txt[key] = [r.strings for r in answer.records]
+
+        await asyncio.gather(*(one(n) for n in dict.fromkeys(names) if n))
 
     def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -60,6 +82,11 @@ class BlockingDns:
             raise DnsTempError(name, "?", repr(exc)) from exc
 
     def txt(self, name: str) -> list[tuple[bytes, ...]]:
+        key = name.lower().rstrip(".")
+        if key in self._txt:
+            return self._txt[key]
+        if key in self.temp_failures:
+            raise DnsTempError(name, "TXT", self.temp_failures[key])
         answer = self._lookup(name, self._resolver.txt(name))
         return [r.strings for r in answer.records] if answer is not None else []
 

@@ -16,6 +16,7 @@ import dkim
 
 from postillon.checks.authresults import MethodResult
 from postillon.checks.blocking_dns import BlockingDns
+from postillon.checks.dkim_speedups import install as install_speedups
 from postillon.routing.resolver import DnsTempError
 
 # RFC 8301 §3.2: verifiers MUST NOT consider keys shorter than 1024 bits valid.
@@ -23,6 +24,7 @@ MIN_RSA_BITS = 1024
 KEY_LOOKUP_TIMEOUT = 5
 
 _quiet = logging.getLogger("postillon.checks.dkim")
+install_speedups()
 _TAG = re.compile(rb"(?:^|;)\s*([a-z]+)\s*=\s*([^;]*)", re.IGNORECASE)
 
 
@@ -51,7 +53,9 @@ def signature_fields(message: bytes) -> list[dict[bytes, bytes]]:
     """The tags of each DKIM-Signature field, top first (for results and DMARC)."""
     header = message.split(b"\r\n\r\n", 1)[0]
     out = []
-    for match in re.finditer(rb"(?im)^dkim-signature[ \t]*:((?:.*)(?:\r\n[ \t].*)*)", header):
+    for match in re.finditer(
+        rb"(?im)^dkim-signature[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", header
+    ):
         out.append(_tags(match.group(1)))
     return out
 

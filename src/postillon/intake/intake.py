@@ -180,8 +180,8 @@ class IntakeTransaction:
         that need the body (DKIM, ARC). Call only once the body is complete."""
         if self._body is None:
             return b""
-        if not self._header_done:
-            self._finish_headers(self._header_buf, b"")
+        if not self._header_done:  # the message ended inside its header section
+            self._finish_headers(self._header_buf, b"", complete=True)
         self._body.seek(self._trace_len)
         data = self._body.read()
         self._body.seek(0, 2)
@@ -193,8 +193,8 @@ class IntakeTransaction:
         old = self._body
         if old is None or (not prepend and header == self._header_buf):
             return
-        if not self._header_done:
-            self._finish_headers(self._header_buf, b"")
+        if not self._header_done:  # the message ended inside its header section
+            self._finish_headers(self._header_buf, b"", complete=True)
         new = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in commit/abort
             max_size=SPOOL_MEMORY_LIMIT, dir=str(self._intake.spool_dir)
         )

@@ -1,0 +1,352 @@
+#!/usr/bin/env python3
+"""Acceptance throughput with inbound authentication on, against the same server with it off.
+
+``make bench BENCH_ARGS=--verify`` (or ``.venv/bin/python bench/accept_bench.py --verify``)
+runs this instead of the Postfix comparison. It needs no root and no Postfix instance,
+only Postfix's ``smtp-source`` as the load generator:
+
+1. A DNS server on loopback (``postillon.testing.dns_server``) serves ``sender.bench``:
+   SPF ``ip4:127.0.0.0/8 -all``, an RSA-2048 and an Ed25519 DKIM key, DMARC ``p=reject``.
+2. One message of about SIZE bytes from ``sender.bench``, signed twice with dkimpy
+   (RSA-2048 and Ed25519, relaxed/relaxed), as a big sender signs today.
+3. Two postillons on loopback, one with ``[authentication] enabled = false`` ("plain"),
+   one with the checks on ("verify"), otherwise identical to the acceptance bench
+   (discard route, fsync before 250, fresh queue).
+4. ``REPS`` rounds, each running ``smtp-source -s CONC -m N -F signed.eml`` against
+   both, in alternating order. Every verify run must end with N ``dkim=pass``
+   (twice), ``spf=pass`` and ``dmarc=pass`` verdicts in the mail log, or the run fails.
+5. The median accepted msg/s of each, the ratio verify/plain (the issue asks for at
+   least 0.67), and CPU ms per message of each server process.
+
+Results go to ``RESULTS_DIR/<UTC stamp>-verify/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from postillon.testing.dns_server import DnsServer
+
+REPO = Path(__file__).resolve().parent.parent
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SENDER_DOMAIN = "sender.bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _txt(value: str) -> str:
+    return " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
+
+
+def make_keys() -> tuple[bytes, bytes, dict[str, Any]]:
+    """(RSA PEM, Ed25519 seed for dkimpy, the zone with SPF, both keys and DMARC)."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rsa_pem = rsa_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    rsa_pub = rsa_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    ed_seed = ed_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    ed_pub = ed_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    zone = {
+        "@": {"TXT": '"v=spf1 ip4:127.0.0.0/8 -all"', "A": "127.0.0.1"},
+        f"rsa._domainkey.{SENDER_DOMAIN}": {
+            "TXT": _txt(f"v=DKIM1; k=rsa; p={base64.b64encode(rsa_pub).decode()}")
+        },
+        f"ed._domainkey.{SENDER_DOMAIN}": {
+            "TXT": _txt(f"v=DKIM1; k=ed25519; p={base64.b64encode(ed_pub).decode()}")
+        },
+        f"_dmarc.{SENDER_DOMAIN}": {"TXT": '"v=DMARC1; p=reject"'},
+    }
+    return rsa_pem, base64.b64encode(ed_seed), zone
+
+
+def signed_message(size: int, rsa_pem: bytes, ed_seed: bytes) -> bytes:
+    line = b"The quick brown fox jumps over the lazy dog, again and again and again.\n"
+    body = line * max(1, size // len(line))
+    msg = (
+        f"From: Bench <bench@{SENDER_DOMAIN}>\n"
+        "To: sink@bench.test\n"
+        "Subject: signed bench message\n"
+        "Date: Sat, 28 Nov 2026 18:00:00 +0000\n"
+        f"Message-ID: <bench@{SENDER_DOMAIN}>\n"
+        "MIME-Version: 1.0\n"
+        "Content-Type: text/plain; charset=us-ascii\n\n"
+    ).encode() + body
+    crlf = msg.replace(b"\n", b"\r\n")
+    headers = [b"from", b"to", b"subject", b"date", b"message-id", b"mime-version"]
+    signatures = b""
+    for selector, key, algo in (
+        (b"rsa", rsa_pem, b"rsa-sha256"),
+        (b"ed", ed_seed, b"ed25519-sha256"),
+    ):
+        signatures += dkim.sign(
+            crlf,
+            selector,
+            SENDER_DOMAIN.encode(),
+            key,
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=headers,
+            signature_algorithm=algo,
+        )
+    # smtp-source -F appends CRLF to each line itself: write LF lines.
+    return (signatures + crlf).replace(b"\r\n", b"\n")
+
+
+def postillon_config(root: Path, port: int, dns: str, verify: bool) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "data"
+    if data.exists():
+        shutil.rmtree(data)
+    cfg = root / "postillon.toml"
+    cfg.write_text(
+        f"""\
+# Generated by bench/verify_bench.py.
+hostname = "postillon.bench.local"
+data_dir = "{data}"
+user = ""
+
+[[listen]]
+kind = "smtp"
+address = "127.0.0.1:{port}"
+
+[tls]
+self_signed = false
+
+[relay]
+trusted_networks = ["127.0.0.0/8"]
+
+[limits]
+connections_per_ip = 200
+
+[queue]
+first_retry = 3600
+max_retry = 3600
+
+[log]
+file = "{root / "postillon.log"}"
+
+[dns]
+nameservers = ["{dns}"]
+timeout = 2.0
+attempts = 1
+
+[authentication]
+enabled = {"true" if verify else "false"}
+check_trusted_networks = true  # loopback relays to bench.test, and is checked all the same
+
+[[transport]]
+domain = "bench.test"
+route = "discard"
+"""
+    )
+    return cfg
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    def __init__(self, root: Path, dns: str, verify: bool) -> None:
+        self.name = "verify" if verify else "plain"
+        self.root = root / self.name
+        self.port = _free_port()
+        cfg = postillon_config(self.root, self.port, dns, verify)
+        exe = Path(sys.executable).parent / "postillon"
+        self.proc = subprocess.Popen(
+            [str(exe), "--config", str(cfg), "serve"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "stderr.log", "wb"),  # noqa: SIM115 - lives as long as it
+            start_new_session=True,
+        )
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        raise SystemExit(f"postillon ({self.name}) did not start:\n{self.stderr()}")
+
+    def stderr(self) -> str:
+        return (self.root / "stderr.log").read_text(errors="replace")[-3000:]
+
+    def log(self) -> str:
+        try:
+            return (self.root / "postillon.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def load(server: Server, message: Path, n: int, conc: int) -> tuple[float, float]:
+    """(accepted msg/s, server CPU ms per message) for one smtp-source run."""
+    cpu0 = _cpu_seconds(server.proc.pid)
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [
+            SMTP_SOURCE,
+            "-s", str(conc),
+            "-m", str(n),
+            "-F", str(message),
+            "-f", f"bench@{SENDER_DOMAIN}",
+            "-t", "sink@bench.test",
+            "-N",
+            f"127.0.0.1:{server.port}",
+        ],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    wall = time.monotonic() - t0
+    if r.returncode:
+        raise SystemExit(f"smtp-source against {server.name} failed: {r.stderr[-500:]}")
+    cpu = _cpu_seconds(server.proc.pid) - cpu0
+    return n / wall, cpu * 1000 / n
+
+
+def _wait_received(server: Server, total: int) -> str:
+    for _ in range(600):
+        log = server.log()
+        if log.count(": received: ") >= total:
+            return log
+        time.sleep(0.05)
+    return server.log()
+
+
+def run_verify(reps: int, n: int, conc: int, size: int, results_dir: Path, keep: bool) -> None:
+    if not os.access(SMTP_SOURCE, os.X_OK):
+        raise SystemExit(f"{SMTP_SOURCE} missing: run `make system-deps` (Debian package postfix)")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = (results_dir / f"{stamp}-verify").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rsa_pem, ed_seed, zone = make_keys()
+    message = out / "signed.eml"
+    message.write_bytes(signed_message(size, rsa_pem, ed_seed))
+    print(f"results -> {out}", flush=True)
+    rows: dict[str, list[tuple[float, float]]] = {"plain": [], "verify": []}
+    with DnsServer({SENDER_DOMAIN: zone}) as dns:
+        servers = [Server(out, dns.nameserver, verify=False), Server(out, dns.nameserver, True)]
+        try:
+            warm = max(conc, n // 10)
+            for server in servers:
+                load(server, message, warm, conc)
+            done = {s.name: warm for s in servers}
+            for rep in range(reps):
+                order = servers if rep % 2 == 0 else servers[::-1]
+                for server in order:
+                    rate, cpu = load(server, message, n, conc)
+                    done[server.name] += n
+                    rows[server.name].append((rate, cpu))
+                    print(
+                        f"  round {rep + 1} {server.name}: {rate:.0f} msg/s, {cpu:.2f} CPU ms/msg"
+                    )
+            verify = servers[1]
+            log = _wait_received(verify, done["verify"])
+            verdicts = len(
+                re.findall(
+                    r"results=\(spf=pass (?:spf\(helo\)=\w+ )?"
+                    r"dkim=pass dkim=pass arc=none dmarc=pass\)",
+                    log,
+                )
+            )
+            if verdicts < done["verify"]:
+                raise SystemExit(
+                    f"only {verdicts} of {done['verify']} messages passed SPF+DKIM+DMARC: "
+                    f"see {verify.root / 'postillon.log'}"
+                )
+        finally:
+            if not keep:
+                for server in servers:
+                    server.stop()
+
+    def med(name: str, i: int) -> float:
+        return statistics.median(r[i] for r in rows[name])
+
+    ratio = med("verify", 0) / med("plain", 0)
+    lines = [
+        f"# Inbound authentication bench ({stamp})",
+        "",
+        f"REPS={reps} N={n} CONC={conc} SIZE={size}; message signed with RSA-2048 and Ed25519;",
+        "verify = SPF (MAIL FROM + HELO), both DKIM signatures, ARC, DMARC, one",
+        "Authentication-Results header; plain = the same server with checks off.",
+        "",
+        "| run | accepted msg/s median (min-max) | server CPU ms/msg |",
+        "|---|---|---|",
+    ]
+    for name in ("plain", "verify"):
+        rates = [r[0] for r in rows[name]]
+        lines.append(
+            f"| {name} | {med(name, 0):.0f} ({min(rates):.0f}-{max(rates):.0f}) "
+            f"| {med(name, 1):.2f} |"
+        )
+    lines += [
+        "",
+        f"**ratio verify/plain = {ratio:.2f}** (the issue asks for at least 0.67)",
+        f"verdicts checked: {verdicts} of {done['verify']} messages spf=pass, "
+        "dkim=pass twice, dmarc=pass",
+        "",
+    ]
+    text = "\n".join(lines)
+    (out / "summary.md").write_text(text)
+    print("\n" + text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--reps", type=int, default=int(os.environ.get("REPS", 5)))
+    ap.add_argument("--n", type=int, default=int(os.environ.get("N", 4000)))
+    ap.add_argument("--conc", type=int, default=int(os.environ.get("CONC", 20)))
+    ap.add_argument("--size", type=int, default=int(os.environ.get("SIZE", 4096)))
+    ap.add_argument(
+        "--results-dir",
+        type=Path,
+        default=Path(os.environ.get("RESULTS_DIR", "/tmp/postillon-bench")),
+    )
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    run_verify(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep)
+
+
+if __name__ == "__main__":
+    main()

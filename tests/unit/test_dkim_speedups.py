@@ -1,0 +1,62 @@
+"""The dkimpy speed-ups give exactly dkimpy's own results."""
+
+from __future__ import annotations
+
+import hashlib
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+from hypothesis import given
+from hypothesis import strategies as st
+
+from postillon.checks import dkim_speedups as fast
+
+BLANKY = st.binary(max_size=200).map(
+    lambda b: bytes(b" \t\r\nab"[x % 6] for x in b)  # mostly blanks and line breaks
+)
+
+
+@given(BLANKY)
+def test_canonicalisation_helpers_match_dkimpy(data: bytes) -> None:
+    assert fast.compress_whitespace(data) == fast._ORIGINAL_COMPRESS(data)
+    assert fast.strip_trailing_whitespace(data) == fast._ORIGINAL_STRIP(data)
+    assert fast.unfold_header_value(data) == fast._ORIGINAL_UNFOLD(data)
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha1"])
+def test_rsa_verify_matches_dkimpy(algorithm: str) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    numbers = key.public_key().public_numbers()
+    public = {"modulus": numbers.n, "publicExponent": numbers.e}
+    chosen = hashes.SHA256() if algorithm == "sha256" else hashes.SHA1()
+    digest = dkim.HashThrough(hashlib.new(algorithm, b"message"))
+    signature = key.sign(digest.digest(), padding.PKCS1v15(), utils.Prehashed(chosen))
+    for sig in (signature, signature[:-1] + bytes([signature[-1] ^ 1]), b"\x00" * 256, b""):
+        assert fast.rsa_pkcs1_v1_5_verify(digest, sig, public) == bool(
+            fast._ORIGINAL_VERIFY(digest, sig, public)
+        ), sig[:4]
+
+
+def test_installed_and_signed_mail_still_verifies() -> None:
+    fast.install()
+    assert dkim.RSASSA_PKCS1_v1_5_verify is fast.rsa_pkcs1_v1_5_verify
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    import base64
+
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+    message = b"From: a@x.example\r\nSubject:  two  blanks\t tab\r\n\r\nbody  text \r\n\r\n"
+    signed = (
+        dkim.sign(message, b"s", b"x.example", pem, canonicalize=(b"relaxed", b"relaxed")) + message
+    )
+    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: record)
+    assert not dkim.verify(signed.replace(b"body", b"bodY"), dnsfunc=lambda n, timeout=5: record)
