@@ -175,3 +175,20 @@ def test_header_canonicalisation_and_selection_match_dkimpy(
     assert _select_headers(headers, names) == dkim.select_headers(headers, names)
     expected = [n + b":" + v for n, v in Relaxed.canonicalize_headers(headers)]
     assert [_relaxed_header(n, v) for n, v in headers] == expected
+
+
+async def test_signatures_are_counted(tmp_path: Path, keys: KeyStore) -> None:
+    from postillon.observability.metrics import Metrics
+
+    metrics = Metrics()
+    intake = Intake(
+        MemoryStore(), "mx.test", tmp_path / "spool", signer=_signer(keys), metrics=metrics
+    )
+    await intake.submit("", [NewRecipient("x@example.org")], HEADER + b"\r\nbody\r\n")
+
+    def count(algorithm: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "postillon_dkim_signatures_total", {"algorithm": algorithm}
+        )
+
+    assert (count("rsa"), count("ed25519")) == (1.0, 1.0)

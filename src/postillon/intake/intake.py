@@ -237,6 +237,9 @@ class IntakeTransaction:
             body = PrefixedBody(fields, self._body).as_file()
             self._size += len(fields)
             signed_by = self._signing.describe() if fields else None
+            if fields and self._intake.metrics is not None:
+                for key in self._signing.keys:
+                    self._intake.metrics.dkim_signatures.labels(key.algorithm).inc()
         message = NewMessage(
             queue_id=self.queue_id,
             sender=self.sender,

@@ -165,6 +165,13 @@ class Metrics:
             ["listener"],
             registry=registry,
         )
+        # DKIM signatures made at intake (signing/), by algorithm (rsa, ed25519).
+        self.dkim_signatures = Counter(
+            "postillon_dkim_signatures",
+            "DKIM signatures added to accepted messages, by algorithm (rsa, ed25519)",
+            ["algorithm"],
+            registry=registry,
+        )
         self.rejected = Counter(
             "postillon_messages_rejected",
             "Refusals: recipients refused at RCPT, messages refused at or after DATA, "
