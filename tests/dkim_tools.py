@@ -122,3 +122,21 @@ def without_signature(message: bytes, keep: bytes) -> bytes:
         if not f.lower().startswith(b"dkim-signature:") or keep in f.replace(b"\r\n\t", b" ")
     ]
     return b"\r\n".join(kept) + sep + body
+
+
+def postillon_verify(message: bytes, nameserver: str) -> list[str]:
+    """postillon's own DKIM verifier (checks/dkim_check.py, the one the MX listener runs),
+    keys fetched through its resolver from the fixture DNS: one result per signature."""
+    import asyncio
+
+    from postillon.checks.blocking_dns import BlockingDns
+    from postillon.checks.dkim_check import verify_dkim
+    from postillon.routing.resolver import DnsResolver
+
+    async def run() -> list[str]:
+        resolver = DnsResolver([nameserver], timeout=1.0, attempts=1)
+        bridge = BlockingDns(resolver, asyncio.get_running_loop())
+        results = await asyncio.to_thread(verify_dkim, bridge, message)
+        return [r.result for r in results]
+
+    return asyncio.run(run())

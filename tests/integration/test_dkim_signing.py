@@ -5,7 +5,7 @@ smtplib ──587 STARTTLS + AUTH──▶ A (signs) ──SMTP──▶ B ─�
 sendmail ──maildrop──────────────▶ A (signs) ──SMTP──▶ B ──▶ Maildir ─┴▶ opendkim-testmsg
 smtplib ──25, not authenticated──▶ A ──▶ A's Maildir                    (not signed)
 
-and the other way round: opendkim-testmsg signs, dkimpy and postillon's key records agree.
+and the other way round: opendkim-testmsg signs, postillon's verifier (and dkimpy) verify.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dkim_tools import (
     key_zone,
     listed_keys,
     opendkim_testmsg,
+    postillon_verify,
     require_root_for_opendkim,
     to_crlf,
     txt_rdata,
@@ -125,6 +126,7 @@ def test_submitted_and_local_mail_is_signed_and_verifies(
             # From, Subject, To and Date are oversigned (one more than present).
             assert b"h=from:from:" in header.replace(b"\r\n\t", b"")
             assert dkimpy_verify_all(message, dns_server.nameserver) == [True, True]
+            assert postillon_verify(message, dns_server.nameserver) == ["pass", "pass"]
             tampered = message.replace(b"nightly", b"NIGHTLY").replace(b"Hello", b"Jello")
             assert dkimpy_verify_all(tampered, dns_server.nameserver) == [False, False]
 
@@ -146,8 +148,9 @@ def test_submitted_and_local_mail_is_signed_and_verifies(
 
 
 def test_mail_signed_by_opendkim_verifies_here(tmp_path: Path) -> None:
-    """opendkim-genkey + opendkim-testmsg sign; dkimpy (postillon's DKIM library) verifies
-    against the record opendkim-genkey wrote, served by the fixture DNS."""
+    """opendkim-genkey + opendkim-testmsg sign; postillon's verifier (checks/dkim_check.py)
+    and plain dkimpy verify against the record opendkim-genkey wrote, served by the fixture
+    DNS."""
     require_root_for_opendkim()
     subprocess.run(
         ["opendkim-genkey", "-b", "2048", "-d", "example.net", "-s", "od", "-D", str(tmp_path)],
@@ -168,8 +171,13 @@ def test_mail_signed_by_opendkim_verifies_here(tmp_path: Path) -> None:
     assert signed.stdout.startswith(b"DKIM-Signature:")
     with DnsServer(zones) as dns_server:
         assert dkimpy_verify_all(signed.stdout, dns_server.nameserver) == [True]
+        # NB: opendkim-testmsg signs a=rsa-sha1 (it has no option for sha256), which RFC
+        # 8301 3.1 tells verifiers to reject, and opendkim-genkey's record says h=sha256;
+        # dkimpy and the verifier built on it accept it today (reported, not changed here).
+        assert postillon_verify(signed.stdout, dns_server.nameserver) == ["pass"]
         forged = signed.stdout.replace(b"elsewhere", b"here")
         assert dkimpy_verify_all(forged, dns_server.nameserver) == [False]
+        assert postillon_verify(forged, dns_server.nameserver) == ["fail"]
 
 
 def test_a_bad_key_stops_the_server_with_a_clear_message(make_server: Any) -> None:
