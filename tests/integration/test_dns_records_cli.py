@@ -105,5 +105,8 @@ def test_check_reports_dns_failure_and_bad_input(configured: ServerProcess) -> N
         checked = configured.cli("dns", "check", "example.org", check=False)
     assert checked.returncode == 1
     assert "✗ MX: DNS lookup failed" in checked.stdout, checked.stdout
+    other = configured.cli("dns", "records", "other.test").stdout
+    assert "; note: other.test is not a [[domain]] in the config" in other
+    assert "; DKIM: no key for other.test yet" in other
     bad = configured.cli("dns", "records", "not a domain", check=False)
     assert bad.returncode == 2 and "not a domain name" in bad.stderr

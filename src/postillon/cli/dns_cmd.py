@@ -21,6 +21,10 @@ from postillon.dnsrecords.records import DomainPlan, plan_for
 from postillon.routing.resolver import DnsResolver
 from postillon.signing.keys import DkimKey, KeyStoreError, key_store_from_config
 
+_NOT_LOCAL = (
+    "{domain} is not a [[domain]] in the config: the MX brings its mail here, and it "
+    "would be refused (add it, unless this host only sends for it)"
+)
 _MARKS = {"ok": "[green]✓[/green]", "warn": "[yellow]![/yellow]", "fail": "[red]✗[/red]"}
 
 
@@ -81,6 +85,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
             print("postillon: --ttl must not be negative", file=sys.stderr)
             return 2
         sys.stdout.write(plan.zone_text(args.ttl))
+        if domain not in config.local_domains:
+            print(f"; note: {_NOT_LOCAL.format(domain=domain)}")
         return 0
     if args.dns_command == "check":
         return _check(plan, config, keys)
@@ -94,6 +100,8 @@ def _check(plan: DomainPlan, config: Config, keys: tuple[DkimKey, ...]) -> int:
         attempts=config.dns.attempts,
     )
     items = asyncio.run(check_plan(plan, keys, resolver))
+    if plan.domain not in config.local_domains:
+        items.insert(0, CheckItem("warn", "Local domain", _NOT_LOCAL.format(domain=plan.domain)))
     console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
     asked = ", ".join(resolver.nameservers)
     console.print(f"[bold]{plan.domain}[/bold] (mail host {plan.hostname}), asked {asked}")
