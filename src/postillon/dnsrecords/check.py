@@ -94,6 +94,10 @@ async def check_plan(
                 names = (await resolver.ptr(ip)).records
             except DnsNotFound:
                 names = ()
+            except DnsTempError as exc:
+                # Not ours to fix and not fatal: the address itself was found.
+                out.append(CheckItem("warn", "Reverse DNS", f"{ip}: lookup failed ({exc})"))
+                continue
             if host in names:
                 out.append(CheckItem("ok", "Reverse DNS", f"{ip} → {host}"))
             else:
