@@ -192,3 +192,13 @@ async def test_signatures_are_counted(tmp_path: Path, keys: KeyStore) -> None:
         )
 
     assert (count("rsa"), count("ed25519")) == (1.0, 1.0)
+
+
+def test_idn_author_domain_finds_the_a_label_key(tmp_path: Path) -> None:
+    write_new_key(tmp_path / "idn", "bücher.example", "s", "ed25519")
+    store = load_key_store(tmp_path / "idn")
+    assert store.domains == ("xn--bcher-kva.example",)
+    header = "From: Bücher <info@bücher.example>\r\n".encode()
+    signing = _signer(store).start(header, "", client_ip="", authenticated=True)
+    assert signing is not None
+    assert b"d=xn--bcher-kva.example;" in signing.finish(1_800_000_000.0)
