@@ -45,6 +45,8 @@ log = logging.getLogger("postillon.dkim")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Header = tuple[bytes, bytes]
 
+# Client addresses whose trusted-network verdict is remembered (then the memo starts over).
+TRUSTED_CACHE_SIZE = 4096
 # Signature lines are folded to stay under this many characters (RFC 5322 §2.1.1's 78).
 FOLD_AT = 76
 # RFC 6376 §3.5 b=: base64 may be folded; these many characters per line.
@@ -78,6 +80,7 @@ class DkimSigner:
         self.policy = policy
         oversign = set(policy.oversign)
         # (name, extra instances) in the configured order, encoded once.
+        self._trusted_ips: dict[str, bool] = {}
         self._wanted = tuple(
             (name.encode("ascii"), 1 if name in oversign else 0) for name in policy.headers
         )
@@ -88,6 +91,16 @@ class DkimSigner:
             return True
         if not self.policy.trusted_networks:
             return False
+        trusted = self._trusted_ips.get(client_ip)
+        if trusted is None:
+            # Parsing the address costs more than the rest of this check: remember the
+            # answer per client address (few distinct ones send through trusted networks).
+            if len(self._trusted_ips) >= TRUSTED_CACHE_SIZE:
+                self._trusted_ips.clear()
+            trusted = self._trusted_ips[client_ip] = self._in_trusted_network(client_ip)
+        return trusted
+
+    def _in_trusted_network(self, client_ip: str) -> bool:
         try:
             ip = ipaddress.ip_address(client_ip.split("%", 1)[0])
         except ValueError:
@@ -169,13 +182,14 @@ class MessageSigning:
         self._header_list = header_list
         self._body = RelaxedBodyHash()
         self._folded_list: bytes | None = None
+        self._uses_rsa = any(key.algorithm == "rsa" for key in keys)
 
     def update(self, data: bytes) -> None:
         self._body.update(data)
 
     @property
     def uses_rsa(self) -> bool:
-        return any(key.algorithm == "rsa" for key in self.keys)
+        return self._uses_rsa
 
     def describe(self) -> str:
         """For the mail log: ``example.org:rsa202611+ed202611`` (the domain, then selectors)."""
