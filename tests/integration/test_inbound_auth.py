@@ -356,8 +356,10 @@ def test_forged_results_for_this_host_are_removed(server: ServerProcess) -> None
 
 def test_trusted_relay_clients_are_not_checked(strict_server: ServerProcess) -> None:
     subject = f"trusted{next(_counter)}"
-    body = message("bob@reject.test", subject)
+    forged = f"Authentication-Results: {HOST}; dmarc=pass header.from=reject.test\r\n"
+    body = message("bob@reject.test", subject, forged)
     code, reply = send(strict_server, "bob@fail.test", body, source="127.0.0.6")
     assert code == OK, reply
     msg = delivered(strict_server, subject)
+    # Not checked, and still no verdict in our name: the forged one is gone.
     assert not [v for v in msg.get_all("Authentication-Results", []) if HOST in v]
