@@ -73,9 +73,23 @@ def wait_port(port: int, timeout: float = 10) -> None:
             time.sleep(0.05)
 
 
+# The sender's domain publishes SPF and DMARC (on the loopback DNS server), so
+# the inbound checks run and show up in each message's history.
+SENDER_ZONES: dict[str, Any] = {
+    "example.org": {
+        "@": {"TXT": '"v=spf1 ip4:127.0.0.0/8 -all"'},
+        "_dmarc.example.org": {"TXT": '"v=DMARC1; p=none"'},
+    },
+    "client.test": {"@": {"TXT": '"v=spf1 ip4:127.0.0.0/8 -all"'}},  # the HELO name
+}
+
+
 @pytest.fixture
-def admin_setup(make_server: Callable[..., ServerProcess]) -> AdminSetup:
+def admin_setup(
+    make_server: Callable[..., ServerProcess], make_dns_server: Callable[..., Any]
+) -> AdminSetup:
     """A started (admin on, token made); B built but not started: remote.test is down."""
+    dns = make_dns_server(SENDER_ZONES)
     b_port = free_port()
     b = make_server(
         listen=[{"kind": "smtp", "address": f"127.0.0.1:{b_port}"}],
@@ -89,6 +103,8 @@ def admin_setup(make_server: Callable[..., ServerProcess]) -> AdminSetup:
         "queue": {"first_retry": 3600.0, "max_retry": 3600.0},
         "outbound": {"connect_timeout": 2.0},
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
+        "dns": {"nameservers": [dns.nameserver], "timeout": 1.0, "attempts": 1},
+        "authentication": {"enabled": True},
     }
     a = make_server(**extra)
     a.start()

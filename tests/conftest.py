@@ -13,6 +13,7 @@ pytest_plugins = [
     "dovecot_fixtures",
     "sink_fixtures",
     "postfix_fixtures",
+    "postgres_fixtures",
     "admin_fixtures",
 ]
 

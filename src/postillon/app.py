@@ -13,13 +13,11 @@ import logging
 import os
 import signal
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from postillon.admin.queue_ops import QueueOps
-from postillon.admin.server import AdminContext, AdminServer, build_app
-from postillon.admin.token import TokenVerifier, token_path
-from postillon.admin.wiring import admin_tls_context
 from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
@@ -28,7 +26,7 @@ from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
-from postillon.inbound.accounts import AccountStore, accounts_path
+from postillon.inbound.accounts import AccountError, AccountStore, accounts_path
 from postillon.inbound.auth import DEFAULT_MECHANISMS, Authenticator, AuthGuard
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.listener import Listener
@@ -47,27 +45,48 @@ from postillon.local.maildir import MaildirDelivery
 from postillon.local.transport import MaildirTransport
 from postillon.observability.maillog import MailLog, configure_logging
 from postillon.observability.metrics import ListenerMetrics, Metrics
-from postillon.observability.routes import add_ops_routes
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.simple import DiscardTransport, ErrorTransport
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.protocol.server import ServerSettings
 from postillon.queue.history import HistoryRecorder
+from postillon.queue.postgres_schema import SchemaError
+from postillon.queue.postgres_store import PostgresStore
 from postillon.queue.retry import RetryPolicy
 from postillon.queue.runner import Runner, Transport
 from postillon.queue.sqlite_store import SqliteStore
-from postillon.routing.aliases import load_aliases
+from postillon.queue.store import QueueStore, StoreError
+from postillon.routing.aliases import AliasesError, load_aliases
 from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
 from postillon.signing.keys import key_store_from_config
 from postillon.signing.signer import DkimSigner, build_signer
 
+if TYPE_CHECKING:
+    from postillon.admin.server import AdminServer
+
 log = logging.getLogger("postillon")
 
 
 def queue_path(config: Config) -> Path:
     return config.data_dir / "queue" / "queue.db"
+
+
+def open_queue_store(config: Config) -> QueueStore:
+    """The queue store the config names: the embedded SQLite file, or PostgreSQL at ``dsn``."""
+    if config.queue.store == "postgresql":
+        assert config.queue.dsn is not None  # the config model requires it
+        return PostgresStore(config.queue.dsn)
+    queue_path(config).parent.mkdir(parents=True, exist_ok=True)
+    return SqliteStore(queue_path(config))
+
+
+def queue_available(store: QueueStore) -> Callable[[], bool] | None:
+    """How listeners learn that a shared queue's database is unreachable (421 4.3.0)."""
+    if isinstance(store, PostgresStore):
+        return lambda: store.available
+    return None  # an embedded store is as available as the local disk
 
 
 def build_local_recipients(config: Config) -> LocalRecipients:
@@ -122,7 +141,7 @@ class App:
         self.metrics = Metrics()
         self.maillog = maillog or configure_logging(config.log, hostname=config.hostname)
         self.listeners: list[Listener] = []
-        self.store: SqliteStore | None = None
+        self.store: QueueStore | None = None
         self.runner: Runner | None = None
         self.pickup: Pickup | None = None
         self._smtp: SmtpTransport | None = None
@@ -137,6 +156,9 @@ class App:
         self._intake: Intake | None = None
         self._limiter: ConnectionLimiter | None = None
         self._listener_metrics: dict[str, ListenerMetrics] = {}
+        # SMTP transports replaced by a reload, closed again at stop.
+        self._retired: list[SmtpTransport] = []
+        self._background: set[asyncio.Task[None]] = set()
 
     def _tls_context(self, config: Config | None = None) -> ssl.SSLContext | None:
         config = config or self.config
@@ -226,6 +248,7 @@ class App:
             metrics=metrics,
             # Inbound checks on MX (smtp) listeners only, never submission or LMTP.
             authentication=policy.authentication if kind == "smtp" else None,
+            queue_available=queue_available(self.store) if self.store is not None else None,
         )
 
     def _router(self, config: Config, local: LocalRecipients) -> Router:
@@ -279,8 +302,11 @@ class App:
             drop_privileges(drop_to)
             log.info("dropped privileges to user %s", drop_to)
 
-        queue_path(config).parent.mkdir(parents=True, exist_ok=True)
-        self.store = SqliteStore(queue_path(config))
+        self.store = open_queue_store(config)
+        if isinstance(self.store, PostgresStore):
+            # Connect and check the schema version now: a node with an unreachable or
+            # unmigrated database refuses to start instead of refusing every message.
+            await self.store.open()
         self.metrics.queue.attach(self.store.count_by_state)
         # Every mail log event with a queue id becomes a step of that message's history.
         self.history = HistoryRecorder(self.store, clock, config.admin.history_days * 86400)
@@ -337,6 +363,14 @@ class App:
         for listener, deps in serving:
             await listener.start(deps)
         if config.admin.listen is not None:
+            # Imported here: aiohttp takes a while to import, and the CLI
+            # commands that import this module never serve HTTP.
+            from postillon.admin.queue_ops import QueueOps
+            from postillon.admin.server import AdminContext, AdminServer, build_app
+            from postillon.admin.token import TokenVerifier, token_path
+            from postillon.admin.wiring import admin_tls_context
+            from postillon.observability.routes import add_ops_routes
+
             runner = self.runner
             admin_app = build_app(
                 AdminContext(
@@ -376,6 +410,7 @@ class App:
             list(config.dns.nameservers) or None,
             timeout=config.dns.timeout,
             attempts=config.dns.attempts,
+            on_lookup=self.metrics.dns_observer(),
         )
         return InboundAuthentication(
             config.authentication,
@@ -386,7 +421,18 @@ class App:
         )
 
     def _transports(self, local: LocalRecipients) -> dict[str, Transport]:
-        config = self.config
+        self._smtp, self._lmtp = self._smtp_transports(self.config)
+        return {
+            "maildir": self._maildir_transport(self.config, local),
+            "smtp": self._smtp,
+            "lmtp": self._lmtp,
+            "discard": DiscardTransport(),
+            "error": ErrorTransport(),
+        }
+
+    def _smtp_transports(self, config: Config) -> tuple[SmtpTransport, SmtpTransport]:
+        """SMTP and LMTP transports sharing one resolver; raises ValueError
+        for unusable [dns] settings."""
         out = config.outbound
         resolver = DnsResolver(
             list(config.dns.nameservers) or None,
@@ -413,15 +459,10 @@ class App:
                 data_end=out.data_end_timeout,
             ),
         )
-        self._smtp = SmtpTransport(resolver, settings, metrics=self.metrics)
-        self._lmtp = SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics)
-        return {
-            "maildir": self._maildir_transport(config, local),
-            "smtp": self._smtp,
-            "lmtp": self._lmtp,
-            "discard": DiscardTransport(),
-            "error": ErrorTransport(),
-        }
+        return (
+            SmtpTransport(resolver, settings, metrics=self.metrics),
+            SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics),
+        )
 
     @staticmethod
     def _maildir_transport(config: Config, local: LocalRecipients) -> MaildirTransport:
@@ -441,11 +482,12 @@ class App:
         """
         async with self._reload_lock:
             if self._stopping or self._intake is None or self.runner is None:
+                log.warning("reload ignored: the server is starting or stopping")
                 return ReloadResult(False, "the server is starting or stopping")
             # First reopen the log under the running config (logrotate's
             # postrotate runs `postillon reload`): whatever follows, the log
             # goes to the new file.
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(ConfigError):  # e.g. syslog away: keep the old handler
                 configure_logging(self.config.log, self.maillog, self.config.hostname)
             try:
                 new = load_config(self.config_path) if self.config_path else self.config
@@ -453,9 +495,16 @@ class App:
                 new = effective(self.config, new)
                 tls_context = self._tls_context(new)
                 policy = self._build_policy(new, self._policy)
+                smtp = None
+                if (new.outbound, new.dns, new.hostname) != (
+                    self.config.outbound,
+                    self.config.dns,
+                    self.config.hostname,
+                ):
+                    smtp = self._smtp_transports(new)
                 # Last: from here on the log is written as the new config says.
                 configure_logging(new.log, self.maillog, new.hostname)
-            except (ConfigError, OSError, ValueError, ssl.SSLError) as exc:
+            except (ConfigError, AccountError, AliasesError, OSError, ValueError) as exc:
                 self.metrics.reloads.labels("refused").inc()
                 log.error("reload refused, the running configuration stays:\n%s", exc)
                 return ReloadResult(False, str(exc))
@@ -463,7 +512,7 @@ class App:
                 self.metrics.reloads.labels("refused").inc()
                 log.exception("reload refused, the running configuration stays")
                 return ReloadResult(False, f"{type(exc).__name__}: {exc}")
-            self._apply(new, policy, tls_context)
+            self._apply(new, policy, tls_context, smtp)
             self.metrics.reloads.labels("ok").inc()
             if restart:
                 log.warning(
@@ -475,7 +524,13 @@ class App:
             )
             return ReloadResult(True, restart_needed=tuple(restart))
 
-    def _apply(self, config: Config, policy: _Policy, tls_context: ssl.SSLContext | None) -> None:
+    def _apply(
+        self,
+        config: Config,
+        policy: _Policy,
+        tls_context: ssl.SSLContext | None,
+        smtp: tuple[SmtpTransport, SmtpTransport] | None,
+    ) -> None:
         """Swap the new parts in; nothing here may fail half-way (no I/O)."""
         assert self._intake is not None and self.runner is not None
         self.config = config
@@ -501,6 +556,17 @@ class App:
         runner.lease_seconds = config.queue.lease
         runner.delay_warning = config.queue.delay_warning
         runner.transports["maildir"] = self._maildir_transport(config, policy.local)
+        if smtp is not None:
+            # Deliveries in flight finish on the old transports; their pools
+            # close idle connections now and reap the rest as they come back.
+            for old in (self._smtp, self._lmtp):
+                if old is not None:
+                    self._retired.append(old)
+                    task = asyncio.create_task(old.close())
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+            self._smtp, self._lmtp = smtp
+            runner.transports["smtp"], runner.transports["lmtp"] = smtp
         if self.pickup is not None:
             self.pickup.hostname = config.hostname
         runner.wake()
@@ -521,7 +587,7 @@ class App:
         if self.runner is not None:
             await self.runner.stop(grace)
         log.debug("stop: runner done")
-        for transport in (self._smtp, self._lmtp):
+        for transport in (self._smtp, self._lmtp, *self._retired):
             if transport is not None:
                 await transport.close()
         log.debug("stop: transports done")
@@ -560,9 +626,17 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    await app.start()
-    # SIGHUP only once serving: a reload before start has nothing to swap.
+    # Before start too: SIGHUP's default action would kill a starting server
+    # (the reload itself is declined until everything is built).
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    try:
+        await app.start()
+    except (StoreError, SchemaError) as exc:  # the queue database: unreachable, unmigrated
+        log.error("cannot start: %s", exc)
+        loop.remove_signal_handler(signal.SIGHUP)
+        with contextlib.suppress(Exception):
+            await app.stop()
+        raise SystemExit(f"postillon: {exc}") from None
     try:
         await stop.wait()
     finally:

@@ -8,13 +8,16 @@ aiohttp ───▶ A's admin server (127.0.0.1:P, Bearer token)
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 
-from admin_fixtures import AdminSetup
+from admin_fixtures import AdminSetup, wait_port
+from postillon.testing.server import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -111,19 +114,23 @@ async def test_deferred_message_inspected_retried_and_delivered(admin_setup: Adm
         assert all(r["last_reply"].startswith("4") for r in shown["recipients"])
         assert all(r["attempts"] == 1 and r["next_try"] for r in shown["recipients"])
         names = [h["name"] for h in shown["headers"]]
-        assert names[0] == "Received" and "Message-ID" in names
+        # the checks' verdict first, then our trace header, then the client's
+        assert names[:2] == ["Authentication-Results", "Received"] and "Message-ID" in names
 
         async with http.get(
             f"{setup.base}/api/queue/messages/{queue_id}/raw", headers=setup.auth
         ) as r:
             assert r.status == 200 and r.content_type == "message/rfc822"
             raw = await r.read()
-        assert raw.startswith(b"Received: ") and raw.endswith(b"Numbers attached.\r\n")
+        assert raw.startswith(b"Authentication-Results: mx.test.example;")
+        assert b"\r\nReceived: " in raw and raw.endswith(b"Numbers attached.\r\n")
 
         history = await get(http, setup, f"/api/queue/messages/{queue_id}/events")
         kinds = [e["event"] for e in history["events"]]
-        assert kinds[0] == "received" and kinds.count("deferred") == 2
-        received = history["events"][0]["fields"]
+        # the inbound checks, then the commit, then one attempt per recipient
+        assert kinds[:2] == ["authentication", "received"] and kinds.count("deferred") == 2
+        assert "spf=pass" in history["events"][0]["fields"]["results"]
+        received = history["events"][1]["fields"]
         assert received["from"] == "alice@example.org" and "127.0.0.1" in received["client"]
 
         # Retrying while the destination is still down: a new deferral.
@@ -202,3 +209,32 @@ def test_non_loopback_admin_without_tls_is_refused(make_server) -> None:  # type
     tls_ok = make_server(admin={"listen": "0.0.0.0:8025", "tls_from_server": True})
     tls_ok.write_config()
     assert tls_ok.cli("check-config", str(tls_ok.config_path)).returncode == 0
+
+
+async def test_admin_over_tls_with_its_own_certificate(make_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "admin.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "admin.key"))
+    port = free_port()
+    server = make_server(
+        admin={
+            "listen": f"127.0.0.1:{port}",
+            "tls_cert": str(tmp_path / "admin.pem"),
+            "tls_key": str(tmp_path / "admin.key"),
+        }
+    ).start()
+    wait_port(port)
+    token = server.cli("admin", "token").stdout.strip()
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    async with aiohttp.ClientSession() as http:
+        url = f"https://127.0.0.1:{port}"
+        async with http.get(f"{url}/api/status", ssl=client) as r:
+            assert r.status == 401
+        headers = {"Authorization": f"Bearer {token}"}
+        async with http.get(f"{url}/api/status", ssl=client, headers=headers) as r:
+            assert r.status == 200
+        with pytest.raises(aiohttp.ClientError):  # no plain HTTP on a TLS port
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                await r.read()

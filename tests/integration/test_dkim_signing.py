@@ -15,6 +15,7 @@ import smtplib
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,8 @@ def test_submitted_and_local_mail_is_signed_and_verifies(
 
     (inbound,) = a.wait_for_mail("alice@example.org")
     assert b"DKIM-Signature" not in inbound.read_bytes()  # port 25, not authenticated
+    signed_lines = [line for line in a.maillog().splitlines() if "dkim=" in line]
+    assert len(signed_lines) == 2 and "dkim=example.org:ed1+rsa1" in signed_lines[0]
 
     # OpenDKIM, an independent implementation, verifies each signature on its own.
     require_root_for_opendkim()
@@ -167,3 +170,87 @@ def test_mail_signed_by_opendkim_verifies_here(tmp_path: Path) -> None:
         assert dkimpy_verify_all(signed.stdout, dns_server.nameserver) == [True]
         forged = signed.stdout.replace(b"elsewhere", b"here")
         assert dkimpy_verify_all(forged, dns_server.nameserver) == [False]
+
+
+def test_a_bad_key_stops_the_server_with_a_clear_message(make_server: Any) -> None:
+    server = make_server()
+    server.write_config()
+    keys = server.data_dir / "dkim" / "example.org"
+    keys.mkdir(parents=True)
+    (keys / "broken.key").write_text("not a key\n")
+    checked = server.cli("check-config", check=False)
+    assert checked.returncode == 2 and "broken.key" in checked.stderr
+    with pytest.raises(RuntimeError, match=r"\[dkim\]: .*broken.key: not an unencrypted PEM"):
+        server.start()
+
+
+def test_a_retry_sends_the_bytes_signed_at_intake(make_server: Any) -> None:
+    """A signs at intake; B is down, so the message waits in A's queue; B comes up and gets
+    exactly the stored bytes (the signature's t= predates B, and it verifies).
+
+    sendmail ──▶ A (signs, queues) ──✗ B down, deferred ... B up ──▶ B ──▶ Maildir
+    """
+    b_port = free_port()
+    b = make_server(
+        listen=[{"kind": "smtp", "address": f"127.0.0.1:{b_port}"}],
+        domain=[{"name": "example.net", "mailboxes": ["bob"]}],
+    )
+    a = make_server(transport=[{"domain": "example.net", "route": f"smtp:[127.0.0.1]:{b_port}"}])
+    a.write_config()
+    a.data_dir.mkdir(exist_ok=True)
+    a.cli("dkim", "keygen", "example.org", "--selector", "ed1", "--algorithm", "ed25519")
+    keys = listed_keys(a.cli("dkim", "list", "--json").stdout)
+    a.start()
+    env = dict(os.environ, POSTILLON_CONFIG=str(a.config_path))
+    sent = subprocess.run(
+        [str(SENDMAIL), "-i", "-f", "alice@example.org", "bob@example.net"],
+        input=b"From: alice@example.org\nSubject: patience\n\nworth the wait\n",
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert sent.returncode == 0, sent.stderr
+    deadline = time.monotonic() + 20
+    while "deferred" not in a.maillog():
+        assert time.monotonic() < deadline, a.maillog()
+        time.sleep(0.05)
+    signed_at = int(time.time())
+    time.sleep(1.1)  # so a signature made now would have a later t=
+    b.start()
+    (path,) = b.wait_for_mail("bob@example.net")
+    message = to_crlf(path.read_bytes())
+    stamp = int(message.split(b"; t=")[1].split(b";")[0])
+    assert stamp <= signed_at
+    with DnsServer(key_zone(keys)) as dns_server:
+        assert dkimpy_verify_all(message, dns_server.nameserver) == [True]
+
+
+def test_a_key_made_while_running_signs_after_reload(make_server: Any) -> None:
+    """sendmail ──▶ A (no key: unsigned); dkim keygen; postillon reload; sendmail ──▶ signed."""
+    server = make_server().start()
+    env = dict(os.environ, POSTILLON_CONFIG=str(server.config_path))
+
+    def send(subject: str) -> None:
+        sent = subprocess.run(
+            [str(SENDMAIL), "-i", "-f", "alice@example.org", "bob@example.org"],
+            input=f"From: alice@example.org\nSubject: {subject}\n\nx\n".encode(),
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stderr
+
+    send("before")
+    server.wait_for_mail("bob@example.org", count=1)
+    server.cli("dkim", "keygen", "example.org", "--selector", "new1", "--algorithm", "ed25519")
+    assert server.cli("reload").returncode == 0
+    deadline = time.monotonic() + 20
+    while "configuration reloaded" not in server.maillog():
+        assert time.monotonic() < deadline, server.maillog()[-2000:]
+        time.sleep(0.05)
+    send("after")
+    first, second = sorted(
+        server.wait_for_mail("bob@example.org", count=2), key=lambda p: p.stat().st_mtime_ns
+    )
+    assert b"DKIM-Signature" not in first.read_bytes()
+    assert b"s=new1" in second.read_bytes()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from postillon.testing.server import ServerProcess
+from postillon.testing.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -224,10 +224,10 @@ def test_invalid_config_is_refused_and_old_one_kept(make_server) -> None:  # typ
     assert _rcpt(address, "team@example.org") == 250
 
     # Settings that need a restart are applied no further than the log line.
-    server.config_path.write_text(good.replace("[dns]", "[outbound]\nport = 2626\n\n[dns]"))
+    server.config_path.write_text(good.replace('user = ""', 'user = "nobody"'))
     server.proc.send_signal(signal.SIGHUP)
     _wait_log(server, "configuration reloaded", 1)
-    assert "need a restart to take effect: outbound.port" in server.maillog()
+    assert "need a restart to take effect: user" in server.maillog()
 
 
 def test_reload_reopens_the_log_file(make_server) -> None:  # type: ignore[no-untyped-def]
@@ -253,3 +253,128 @@ def test_reload_without_a_running_server(make_server) -> None:  # type: ignore[n
     server.write_config()
     result = server.cli("reload", check=False)
     assert result.returncode == 1 and "no running server" in result.stderr
+
+
+def test_reload_rereads_aliases_file_and_refuses_broken_accounts(make_server) -> None:  # type: ignore[no-untyped-def]
+    server: ServerProcess = make_server(aliases={"files": ["aliases"]})
+    aliases = server.root / "aliases"
+    aliases.write_text("sales: alice\n")
+    server.start()
+    address = _addr(server)
+    assert _rcpt(address, "sales@example.org") == 250
+    assert _rcpt(address, "support@example.org") == 550
+
+    aliases.write_text("sales: alice\nsupport: bob\n")
+    assert server.cli("reload").returncode == 0
+    _wait_log(server, "configuration reloaded", 1)
+    assert _rcpt(address, "support@example.org") == 250
+
+    # A damaged accounts file refuses the reload (and so would a broken aliases file).
+    (server.data_dir / "accounts.json").write_text("{not json")
+    aliases.write_text("sales: alice\n")
+    assert server.cli("reload").returncode == 0  # the config itself is fine
+    _wait_log(server, "reload refused", 1)
+    assert "accounts.json: damaged accounts file" in server.maillog()
+    assert _rcpt(address, "support@example.org") == 250  # the old aliases stay
+
+
+def test_reload_applies_outbound_settings(make_server) -> None:  # type: ignore[no-untyped-def]
+    """[outbound] takes effect with new transports: B sees the new HELO name.
+
+    smtplib ──▶ A ──smtp:[127.0.0.1]:Q (HELO first.test, then second.test)──▶ B ──▶ Maildir
+    """
+    b_port = free_port()
+    b: ServerProcess = make_server(
+        listen=[{"kind": "smtp", "address": f"127.0.0.1:{b_port}"}],
+        domain=[{"name": "remote.test", "mailboxes": ["bob"]}],
+    ).start()
+    a: ServerProcess = make_server(
+        relay={"trusted_networks": ["127.0.0.0/8"]},
+        transport=[{"domain": "remote.test", "route": f"smtp:[127.0.0.1]:{b_port}"}],
+        outbound={"helo_name": "first.test", "idle_reuse": 0.0},
+    ).start()
+    address = _addr(a)
+    for n, helo in enumerate(("first.test", "second.test"), start=1):
+        if n == 2:
+            a.config["outbound"] = {"helo_name": "second.test", "idle_reuse": 0.0}
+            a.write_config()
+            assert a.cli("reload").returncode == 0
+            _wait_log(a, "configuration reloaded", 1)
+        with smtplib.SMTP(*address, timeout=10) as client:
+            client.sendmail("s@sender.test", ["bob@remote.test"], f"Subject: {n}\r\n\r\nx\r\n")
+        texts = [p.read_bytes() for p in b.wait_for_mail("bob@remote.test", n)]
+        assert sum(f"from {helo} ".encode() in t for t in texts) == 1
+    assert "need a restart" not in a.maillog()
+
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+
+
+def test_reload_under_smtp_source_load(make_server) -> None:  # type: ignore[no-untyped-def]
+    """Postfix's load generator, one message per connection, 10 in parallel,
+    while SIGHUP reloads the server again and again. smtp-source stops with
+    exit status 1 at the first refused connection or rejected reply.
+
+    smtp-source -s 10 -m 1500 ──▶ postillon serve ──▶ Maildir (alice, bob)
+                                      ▲ SIGHUP every 0.2 s
+    """
+    import subprocess
+
+    server: ServerProcess = make_server().start()
+    assert server.proc is not None
+    host, port = _addr(server)
+    messages = 1500
+    args = ["-s", "10", "-m", str(messages), "-l", "2000", "-f", "load@sender.test"]
+    load = subprocess.Popen(
+        [SMTP_SOURCE, *args, "-t", "team@example.org", f"{host}:{port}"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reloads = 0
+    while load.poll() is None:
+        server.proc.send_signal(signal.SIGHUP)
+        reloads += 1
+        time.sleep(0.2)
+    assert load.wait() == 0, load.stderr.read() if load.stderr else ""
+    _wait_log(server, "configuration reloaded", min(reloads, 3))
+    server.wait_for_mail("alice@example.org", messages, timeout=60)
+    server.wait_for_mail("bob@example.org", messages, timeout=60)
+    log = server.maillog()
+    print(f"smtp-source: {messages} messages, {log.count('configuration reloaded')} reloads")
+    assert log.count(": received: ") == messages
+    assert len(server.maildir_messages("alice@example.org")) == messages
+    assert "reload refused" not in log
+
+
+def test_reload_new_certificate_on_implicit_tls_listener(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The submissions socket (TLS from the first byte, RFC 8314) keeps its
+    context object; a reload loads the new certificate into it."""
+    ca = trustme.CA()
+    cert, key, first = _issue(ca, tmp_path, 0)
+    smtp_port, tls_port = free_port(), free_port()
+    server: ServerProcess = make_server(
+        listen=[
+            {"kind": "smtp", "address": f"127.0.0.1:{smtp_port}"},
+            {"kind": "submissions", "address": f"127.0.0.1:{tls_port}"},
+        ],
+        tls={"certificate": str(cert), "private_key": str(key)},
+    ).start()
+
+    def presented() -> bytes:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with smtplib.SMTP_SSL("127.0.0.1", tls_port, timeout=10, context=ctx) as client:
+            assert isinstance(client.sock, ssl.SSLSocket)
+            der = client.sock.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+
+    assert presented() == first
+    cert, key, second = _issue(ca, tmp_path, 1)
+    server.config["tls"] = {"certificate": str(cert), "private_key": str(key)}
+    server.write_config()
+    assert server.cli("reload").returncode == 0
+    _wait_log(server, "configuration reloaded", 1)
+    assert presented() == second
+    assert _presented_certificate(("127.0.0.1", smtp_port)) == second

@@ -71,6 +71,7 @@ def _datagrams(sock: socket.socket, until: bytes, timeout: float = 20) -> list[b
 @pytest.mark.parametrize(
     ("rfc", "fmt", "pattern"),
     [("rfc5424", "json", RFC5424), ("rfc3164", "text", RFC3164)],
+    ids=["rfc5424-json", "rfc3164-text"],
 )
 def test_mail_log_to_syslog(make_server, receiver, rfc, fmt, pattern) -> None:  # type: ignore[no-untyped-def]
     path, sock = receiver

@@ -125,3 +125,18 @@ def test_dkimpy_key_forms_sign(tmp_path: Path) -> None:
 def test_default_selector() -> None:
     assert default_selector("rsa", 2026, 11) == "rsa202611"
     assert default_selector("ed25519", 2026, 1) == "ed202601"
+
+
+def test_keygen_as_root_gives_the_key_to_the_server_user(tmp_path: Path) -> None:
+    import os
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    nobody = pwd.getpwnam("nobody")
+    key = write_new_key(
+        tmp_path / "dkim", "example.org", "s1", "ed25519", owner=(nobody.pw_uid, nobody.pw_gid)
+    )
+    for path in (key.path, key.path.parent, key.path.parent.parent):
+        assert path.stat().st_uid == nobody.pw_uid
+    assert stat.S_IMODE(key.path.stat().st_mode) == 0o600

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -85,14 +86,16 @@ def test_restart_needed_names_keys() -> None:
             "listen": [{"address": "127.0.0.1:26"}],
             "hostname": "mx2",
             "outbound": {"port": 2526},
+            "admin": {"listen": "127.0.0.1:8025"},
             "queue": {"first_retry": 10.0},
             "data_dir": "/elsewhere",
         }
     )
-    assert sorted(restart_needed(old, new)) == ["data_dir", "listen", "outbound.port"]
+    assert sorted(restart_needed(old, new)) == ["admin.listen", "data_dir", "listen"]
     applied = effective(old, new)
     assert applied.hostname == "mx2" and applied.queue.first_retry == 10.0
-    assert applied.listen == old.listen and applied.outbound == old.outbound
+    assert applied.outbound.port == 2526
+    assert applied.listen == old.listen and applied.admin == old.admin
     assert applied.data_dir == old.data_dir
     assert restart_needed(old, old) == []
     assert effective(old, old) == old
@@ -147,3 +150,16 @@ def test_exposition_parses_and_queue_is_read_at_most_once_a_second() -> None:
 
 def test_default_config_needs_no_restart() -> None:
     assert restart_needed(Config(), Config()) == []
+
+
+def test_unusable_log_target_is_a_config_error(tmp_path: Path) -> None:
+    from postillon.observability.maillog import configure_logging
+
+    missing = tmp_path / "no-such.sock"
+    expected = f"log.target: cannot connect to the syslog socket {missing}"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        configure_logging(LogConfig(target=f"syslog:{missing}"))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(ConfigError, match=r"log\.file: cannot open"):
+        configure_logging(LogConfig(file=not_a_dir / "mail.log"))

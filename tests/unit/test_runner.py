@@ -20,7 +20,7 @@ from postillon.observability.maillog import null_maillog
 from postillon.queue.memory_store import MemoryStore
 from postillon.queue.retry import RetryPolicy
 from postillon.queue.runner import DeliveryJob, Runner
-from postillon.queue.store import DeliveryState, NewRecipient
+from postillon.queue.store import DeliveryState, NewRecipient, StoreError
 from postillon.routing.local import LocalRecipients
 from postillon.routing.router import Router
 
@@ -204,3 +204,25 @@ async def test_transport_exception_is_temporary(env) -> None:  # type: ignore[no
     info = await store.get_message(qid)
     assert info is not None and info.records[0].state is DeliveryState.DEFERRED
     assert info.records[0].last_reply is not None and info.records[0].last_reply.code == 451
+
+
+async def test_outcome_recorded_once_the_store_is_back(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A shared queue's database restarting: recording the outcome fails twice,
+    # the runner retries instead of leaving the delivery to run again later.
+    _, store, intake, _ = env
+    remote = Scripted({"bob@remote.test": [Delivered(OK)]})
+    runner, _ = make_runner(env, remote)
+    qid = await submit(intake, ["bob@remote.test"])
+    real = store.record_outcomes
+    failures = [StoreError("database connection lost"), StoreError("still down")]
+
+    async def flaky(updates):  # type: ignore[no-untyped-def]
+        if failures:
+            raise failures.pop(0)
+        return await real(updates)
+
+    monkeypatch.setattr(store, "record_outcomes", flaky)
+    assert await runner.run_once() == 1
+    assert failures == []
+    assert await store.get_message(qid) is None  # delivered and recorded
+    assert len(remote.calls) == 1

@@ -1,7 +1,8 @@
 """The queue store contract (store.py), run against every store.
 
-A new store joins by adding a factory to ``STORE_FACTORIES`` (the PostgreSQL
-store will skip itself when no server is available). Times are explicit
+A new store joins by adding a factory to ``STORE_FACTORIES``. The PostgreSQL
+store runs against a real server (``tests/postgres_fixtures.py``), one fresh
+database per test; the fixture fails (not skips) when PostgreSQL is missing. Times are explicit
 numbers near T0: no test sleeps or reads the clock.
 """
 
@@ -18,6 +19,7 @@ import pytest
 from postillon.core.envelope import BodyType, DsnRet, MailParams, RcptParams
 from postillon.core.reply import Reply
 from postillon.queue.memory_store import MemoryStore
+from postillon.queue.postgres_store import PostgresStore
 from postillon.queue.sqlite_store import SqliteStore
 from postillon.queue.store import (
     DeliveryRecord,
@@ -37,17 +39,23 @@ TRY_LATER = Reply.of(451, "4.4.1", "Try again later")
 NO_SUCH_USER = Reply.of(550, "5.1.1", "No such user")
 
 
-def _memory(tmp_path: Path) -> QueueStore:
+def _memory(tmp_path: Path, request: pytest.FixtureRequest) -> QueueStore:
     return MemoryStore(clock_now=lambda: T0)
 
 
-def _sqlite(tmp_path: Path) -> QueueStore:
+def _sqlite(tmp_path: Path, request: pytest.FixtureRequest) -> QueueStore:
     return SqliteStore(tmp_path / "queue.db", clock_now=lambda: T0)
 
 
-STORE_FACTORIES: list[tuple[str, Callable[[Path], QueueStore]]] = [
+def _postgres(tmp_path: Path, request: pytest.FixtureRequest) -> QueueStore:
+    dsn = request.getfixturevalue("postgres_dsn")
+    return PostgresStore(dsn, clock_now=lambda: T0, create_schema=True, health_interval=0)
+
+
+STORE_FACTORIES: list[tuple[str, Callable[[Path, pytest.FixtureRequest], QueueStore]]] = [
     ("memory", _memory),
     ("sqlite", _sqlite),
+    ("postgresql", _postgres),
 ]
 
 
@@ -55,7 +63,7 @@ STORE_FACTORIES: list[tuple[str, Callable[[Path], QueueStore]]] = [
     params=[factory for _, factory in STORE_FACTORIES], ids=[n for n, _ in STORE_FACTORIES]
 )
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QueueStore]:
-    s: QueueStore = request.param(tmp_path)
+    s: QueueStore = request.param(tmp_path, request)
     yield s
     await s.close()
 
@@ -85,8 +93,13 @@ def message(
     )
 
 
-def body_of(store: QueueStore, queue_id: str) -> bytes:
+def read_body(store: QueueStore, queue_id: str) -> bytes:
     return b"".join(store.open_body(queue_id))
+
+
+async def body_of(store: QueueStore, queue_id: str) -> bytes:
+    """``open_body`` blocks (store.py): read it from a thread, as transports do."""
+    return await asyncio.to_thread(read_body, store, queue_id)
 
 
 def outcome(
@@ -195,7 +208,7 @@ async def test_duplicate_queue_id_fails_and_keeps_the_first(store: QueueStore) -
         await store.commit(message("QDUP", body=b"second", rcpts=("x@example.net", "y@y.net")))
     info = await store.get_message("QDUP")
     assert info is not None and len(info.records) == 1
-    assert body_of(store, "QDUP") == b"first"
+    assert await body_of(store, "QDUP") == b"first"
 
 
 # ---------------------------------------------------------------- bodies
@@ -207,7 +220,7 @@ async def test_duplicate_queue_id_fails_and_keeps_the_first(store: QueueStore) -
 async def test_body_round_trip(store: QueueStore, size: int) -> None:
     body = os.urandom(size)
     await store.commit(message("QBODY", body=body))
-    chunks = list(store.open_body("QBODY"))
+    chunks = await asyncio.to_thread(lambda: list(store.open_body("QBODY")))
     assert b"".join(chunks) == body
     assert all(chunks), "no empty chunks"
     info = await store.get_message("QBODY")
@@ -218,18 +231,18 @@ async def test_body_is_read_from_the_start(store: QueueStore) -> None:
     msg = message("QSEEK", body=b"0123456789")
     msg.body.read(4)  # e.g. a retried commit after the first attempt failed
     await store.commit(msg)
-    assert body_of(store, "QSEEK") == b"0123456789"
+    assert await body_of(store, "QSEEK") == b"0123456789"
     assert not msg.body.closed  # the store does not close the caller's file
 
 
 async def test_body_of_unknown_message_raises_keyerror(store: QueueStore) -> None:
     with pytest.raises(KeyError):
-        body_of(store, "NOPE")
+        await body_of(store, "NOPE")
 
 
 async def test_body_read_from_a_thread(store: QueueStore) -> None:
     await store.commit(message("QTHREAD", body=b"x" * 600_000))
-    body = await asyncio.to_thread(body_of, store, "QTHREAD")
+    body = await asyncio.to_thread(read_body, store, "QTHREAD")
     assert body == b"x" * 600_000
 
 
@@ -401,13 +414,13 @@ async def test_completion_removes_message_and_body(store: QueueStore) -> None:
     info = await store.get_message("QDONE")
     assert info is not None
     assert info.records[2].last_reply == NO_SUCH_USER
-    assert body_of(store, "QDONE")  # still there while a record is not final
+    assert await body_of(store, "QDONE")  # still there while a record is not final
 
     (b2,) = await store.claim_due(T0 + 1, 10, LEASE, "r")
     assert await store.record_outcomes([outcome(b2, DeliveryState.DELIVERED)]) == ["QDONE"]
     assert await store.get_message("QDONE") is None
     with pytest.raises(KeyError):
-        body_of(store, "QDONE")
+        await body_of(store, "QDONE")
     assert sum((await store.count_by_state()).values()) == 0
     assert await store.next_due() is None
 
@@ -541,7 +554,7 @@ async def test_delete(store: QueueStore) -> None:
     assert await store.delete("QDEL") is True
     assert await store.get_message("QDEL") is None
     with pytest.raises(KeyError):
-        body_of(store, "QDEL")
+        await body_of(store, "QDEL")
     assert await store.delete("QDEL") is False
     # an outcome for a deleted record is ignored
     assert await store.record_outcomes([outcome(rec, DeliveryState.DELIVERED)]) == []
@@ -614,7 +627,7 @@ async def test_fail_held_fails_only_held_records(store: QueueStore) -> None:
     # every record is final now: the message and its body are gone
     assert await store.get_message("QB") is None
     with pytest.raises(KeyError):
-        body_of(store, "QB")
+        await body_of(store, "QB")
 
 
 async def test_fail_held_spares_a_delivery_in_flight(store: QueueStore) -> None:
@@ -757,7 +770,7 @@ async def test_concurrent_commits_are_all_visible(store: QueueStore) -> None:
     assert all(len(m.records) == 2 for m in listed)
     assert (await store.count_by_state())["pending"] == 400
     for qid, b in bodies.items():
-        assert body_of(store, qid) == b
+        assert await body_of(store, qid) == b
 
 
 async def test_concurrent_commits_and_claims(store: QueueStore) -> None:

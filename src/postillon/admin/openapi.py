@@ -194,6 +194,15 @@ _SCHEMAS: dict[str, Any] = {
             "recipients": {"type": "integer", "description": "recipients affected"},
         },
     },
+    "ReloadResult": {
+        "type": "object",
+        "required": ["applied"],
+        "properties": {
+            "applied": {"type": "boolean"},
+            "error": _NULLABLE_STR,
+            "restart_needed": {"type": "array", "items": {"type": "string"}},
+        },
+    },
     "Activity": {
         "type": "object",
         "required": ["buckets", "series", "bucket_seconds"],
@@ -363,6 +372,29 @@ def spec() -> dict[str, Any]:
                     ),
                 ],
             ),
+            "/api/reload": {
+                "post": {
+                    "summary": "Re-read the configuration, certificates, aliases and accounts "
+                    "(as SIGHUP); an invalid new configuration is refused and the old one kept",
+                    "responses": {
+                        "200": _json(_ref("ReloadResult"), "Applied"),
+                        "401": _UNAUTHORIZED,
+                        "409": _json(_ref("ReloadResult"), "Refused; the old configuration stays"),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (text exposition format)",
+                    "responses": {
+                        "200": {
+                            "description": "Metrics",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "401": _UNAUTHORIZED,
+                    },
+                }
+            },
             "/api/openapi.json": _get("This description", _json({"type": "object"}, "OpenAPI 3")),
         },
     }

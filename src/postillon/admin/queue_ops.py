@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,6 +47,7 @@ from postillon.queue.store import (
 log = logging.getLogger("postillon.admin")
 
 MAX_SCAN: Final = 100_000  # messages read for a listing or summary
+SUMMARY_MIN_REUSE: Final = 2.0  # seconds a summary may be served again (see summary())
 HEADER_LIMIT: Final = 256 * 1024  # header bytes read for the message view
 # qshape's age buckets (minutes): 0-5, 5-10, 10-20, ... 1280+.
 AGE_BUCKETS_MINUTES: Final = (0, 5, 10, 20, 40, 80, 160, 320, 640, 1280)
@@ -282,13 +284,28 @@ class QueueOps:
         self.wake_runner = wake_runner
         self.actor = actor  # "api" or "cli", kept in the history of each action
         self._unsaved: list[QueueEvent] = []
+        self._summary_cache: tuple[float, dict[str, Any]] | None = None
 
     # -- reads --------------------------------------------------------------
 
     async def summary(self) -> dict[str, Any]:
+        """The qshape summary; reused for a while when computing it was slow.
+
+        A dashboard left open refreshes every few seconds; with a long queue
+        each summary reads all of it. Reusing the last one for ten times as
+        long as it took to make (at least two seconds) keeps that work a small
+        share of the store's read time.
+        """
+        started = time.monotonic()
+        cached = self._summary_cache
+        if cached is not None and started < cached[0]:
+            return cached[1]
         messages = await self.store.list_messages(limit=MAX_SCAN)
         counts = await self.store.count_by_state()
-        return summarize(messages, counts, self.clock.now())
+        result = summarize(messages, counts, self.clock.now())
+        took = time.monotonic() - started
+        self._summary_cache = (time.monotonic() + max(SUMMARY_MIN_REUSE, 10 * took), result)
+        return result
 
     async def find(
         self, where: MessageFilter, offset: int = 0, limit: int = 50
@@ -463,6 +480,7 @@ class QueueOps:
     # -- history ------------------------------------------------------------
 
     async def _operator(self, queue_id: str, action: str, **fields: Any) -> None:
+        self._summary_cache = None  # an action changes the counts: show it at once
         self._emit("operator", queue_id, {"action": action, "by": self.actor, **fields})
         if self.history is not None:
             await self.history.flush()

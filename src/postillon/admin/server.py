@@ -163,9 +163,8 @@ class AdminServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self.tls, reuse_address=True)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        bound = self._runner.addresses
+        self.port = int(bound[0][1]) if bound else port
         scheme = "https" if self.tls else "http"
         log.info("admin server on %s://%s", scheme, self.listen)
 

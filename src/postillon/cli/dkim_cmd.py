@@ -40,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "keygen",
         help="make a key for a domain and print the DNS record to publish",
         description="Generate a private key under the keys directory (mode 0600) and print "
-        "the TXT record to publish. Restart the server to start signing with it. Make both "
+        "the TXT record to publish. `postillon reload` (or a restart) starts signing with it. "
+        "Make both "
         "an rsa and an ed25519 key to send both signatures (RFC 8463 section 4).",
     )
     gen.add_argument("domain", help="the domain that signs (d=), e.g. example.org")

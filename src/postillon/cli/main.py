@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from postillon import __version__
-from postillon.cli import admin_cmd, dkim_cmd, dns_cmd, queue_cmd, reload_cmd, user_cmd
+from postillon.cli import admin_cmd, db_cmd, dkim_cmd, dns_cmd, queue_cmd, reload_cmd, user_cmd
 from postillon.cli.config_path import DEFAULT_CONFIG, find_config
 from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="the file to check (default: as for --config)")
     queue_cmd.add_parser(sub)
     user_cmd.add_parser(sub)
+    db_cmd.add_parser(sub)
     dkim_cmd.add_parser(sub)
     dns_cmd.add_parser(sub)
     reload_cmd.add_parser(sub)
@@ -75,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
             config = load_config(path)
+            from postillon.signing.signer import build_signer
+
+            signer = build_signer(config)  # loads the DKIM keys: a bad one is reported here
             print(
                 f"{path}: OK ({len(config.listen)} listener(s), "
-                f"{len(config.domain)} local domain(s), data_dir {config.data_dir})"
+                f"{len(config.domain)} local domain(s), data_dir {config.data_dir}"
+                f"{f', {len(signer.keys)} DKIM key(s)' if signer else ''})"
             )
             return 0
         config_file = find_config(args.config)
@@ -93,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             return queue_cmd.run(args, config)
         if args.command == "user":
             return user_cmd.run(args, config)
+        if args.command == "db":
+            return db_cmd.run(args, config)
         if args.command == "dkim":
             return dkim_cmd.run(args, config)
         if args.command == "dns":

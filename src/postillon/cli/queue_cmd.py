@@ -1,7 +1,9 @@
 """``postillon queue ...``: look at and act on the queue, also while the server runs.
 
-The commands open the same SQLite queue as the server (WAL lets them read
-beside it; writes wait their turn), so no server connection is needed. They
+The commands open the same queue as the server (the SQLite file, whose WAL lets
+them read beside it, or the shared PostgreSQL database, where they see every
+node's messages and which node holds each lease), so no server connection is
+needed. They
 call the same operations as the admin API (``admin/queue_ops.py``) and their
 ``--json`` output has the API's shapes, so scripts can use either.
 """
@@ -27,12 +29,13 @@ from postillon.admin.queue_ops import (
     event_json,
     message_json,
 )
-from postillon.app import queue_path
+from postillon.app import open_queue_store, queue_path
+from postillon.cli import queue_transfer
 from postillon.config.model import Config
 from postillon.core.clock import SystemClock
 from postillon.intake.intake import Intake
-from postillon.queue.sqlite_store import SqliteStore
-from postillon.queue.store import DeliveryState, MessageInfo
+from postillon.queue.postgres_schema import SchemaError
+from postillon.queue.store import DeliveryState, MessageInfo, StoreError
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -66,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "queue",
         help="list, show and act on queued mail",
         description="Inspect and manage the mail queue (works while the server runs). "
-        "Every command takes --json for scripts; the output matches the admin API.",
+        "Every command but raw takes --json for scripts; the output matches the admin API.",
     )
     qsub = q.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
 
@@ -132,7 +135,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         p = qsub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         p.add_argument("queue_id", nargs="+")
         p.add_argument("--json", action="store_true", help="machine-readable output")
-    qsub.add_parser("flush", help="try every deferred message now")
+    fl = qsub.add_parser("flush", help="try every deferred message now")
+    fl.add_argument("--json", action="store_true", help="machine-readable output")
+    queue_transfer.add_parsers(qsub)
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -141,23 +146,28 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
     path = queue_path(config)
-    if not path.exists():
+    if config.queue.store == "sqlite" and not path.exists():
         print(
             f"postillon: no queue at {path} (data_dir = {config.data_dir}); "
             "has the server run with this config?",
             file=sys.stderr,
         )
         return 1
-    store = SqliteStore(path)
+    store = open_queue_store(config)
     clock = SystemClock()
     # Bounces queue their notice through intake, into the same store; the
     # server's runner finds it at its next poll.
     intake = Intake(store, config.hostname, config.data_dir / "spool", clock=clock)
     ops = QueueOps(store, clock, intake=intake, hostname=config.hostname, actor="cli")
     try:
+        if args.queue_command in queue_transfer.COMMANDS:
+            return await queue_transfer.run(args, store)
         return await _dispatch(args, ops)
     except QueueOpError as exc:
         print(f"postillon: {exc.message}", file=sys.stderr)
+        return 1
+    except (StoreError, SchemaError) as exc:  # e.g. the shared queue's database is down
+        print(f"postillon: {exc}", file=sys.stderr)
         return 1
     finally:
         await store.close()
@@ -188,7 +198,10 @@ async def _dispatch(args: argparse.Namespace, ops: QueueOps) -> int:
         return await _act(args, ops)
     if cmd == "flush":
         n = await ops.store.flush(ops.clock.now())
-        print(f"{n} deferred recipient(s) scheduled for immediate delivery")
+        if getattr(args, "json", False):
+            _print_json({"action": "flush", "recipients": n})
+        else:
+            print(f"{n} deferred recipient(s) scheduled for immediate delivery")
         return 0
     raise AssertionError(cmd)
 
@@ -219,6 +232,7 @@ async def _list(args: argparse.Namespace, ops: QueueOps) -> int:
     table.add_column("Queue ID", no_wrap=True, min_width=17)
     for col in ("Received", "Age", "Size", "Sender", "Recipient", "State", "Last reply"):
         table.add_column(col, overflow="fold")
+    table.add_column("Lease holder", overflow="fold")  # the node delivering it right now
     for m in messages:
         for i, r in enumerate(m.records):
             first = i == 0
@@ -231,6 +245,7 @@ async def _list(args: argparse.Namespace, ops: QueueOps) -> int:
                 r.recipient,
                 r.state.value,
                 str(r.last_reply) if r.last_reply else "",
+                r.lease_owner or "",
             )
     console.print(table)
     return 0
@@ -255,7 +270,7 @@ async def _show(args: argparse.Namespace, ops: QueueOps) -> int:
     if subject is not None:
         console.print(f"subject: {subject}", markup=False)
     table = Table()
-    for col in ("Recipient", "State", "Attempts", "Next try (UTC)", "Last reply"):
+    for col in ("Recipient", "State", "Attempts", "Next try (UTC)", "Last reply", "Lease holder"):
         table.add_column(col, overflow="fold")
     for r in info.records:
         table.add_row(
@@ -264,6 +279,7 @@ async def _show(args: argparse.Namespace, ops: QueueOps) -> int:
             str(r.attempts),
             _when(r.next_try) if r.state in (DeliveryState.DEFERRED, DeliveryState.PENDING) else "",
             str(r.last_reply) if r.last_reply else "",
+            r.lease_owner or "",
         )
     console.print(table)
     await _print_events(console, ops, info.queue_id)

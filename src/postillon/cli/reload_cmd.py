@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Check the configuration, then send SIGHUP to the server whose pid is in "
         "<data_dir>/postillon.pid. The server reopens its log file (for logrotate), applies "
         "the new settings without dropping connections or mail, and logs any setting that "
-        "needs a restart (listen, data_dir, user, dns, outbound, the queue store). "
+        "needs a restart (listen, data_dir, user, the queue store, [admin]). "
         "Exit status: 0 signalled (with --api: applied), 1 no running server (with --api: "
         "refused by the server), 2 the config has errors.",
     )

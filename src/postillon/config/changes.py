@@ -4,9 +4,9 @@ A reload (SIGHUP, ``postillon reload``) applies a new configuration to the
 running server without closing connections. Some settings are fixed for
 the life of the process: the sockets are bound (``listen``), privileges are
 dropped (``user``), the queue is open (``data_dir``, the store), and the
-outbound connection pools and DNS resolver hold connections and caches.
-Those keep their old values; the reload reports each one that differs, by
-its config key, so the operator knows a restart is needed.
+admin server is bound (``[admin]``). Those keep their old values; the
+reload reports each one that differs, by its config key, so the operator
+knows a restart is needed.
 
 The rule is a whitelist: a top-level section not named in ``RELOADABLE``
 (including sections added later, e.g. ``[admin]``) needs a restart.
@@ -34,6 +34,8 @@ RELOADABLE = frozenset(
         "transport",
         "submission",
         "shutdown",
+        "dns",  # a new resolver and new SMTP transports; deliveries in flight finish
+        "outbound",  # on the old ones
         "authentication",  # rebuilt with the policy on reload
         "dkim",  # keys re-read on reload
     }

@@ -143,7 +143,10 @@ class AliasesConfig(_Frozen):
 
 
 class QueueConfig(_Frozen):
-    store: Literal["sqlite"] = "sqlite"
+    # "sqlite": the embedded queue in data_dir; "postgresql": one queue shared by
+    # several nodes, at ``dsn`` (README "Several nodes: the PostgreSQL queue").
+    store: Literal["sqlite", "postgresql"] = "sqlite"
+    dsn: str | None = None  # postgresql://user:password@host:port/database
     first_retry: float = Field(300.0, gt=0)
     max_retry: float = Field(3600.0, gt=0)
     lifetime: float = Field(5 * 86400.0, gt=0)  # then bounce (Postfix maximal_queue_lifetime)
@@ -151,6 +154,16 @@ class QueueConfig(_Frozen):
     lease: float = Field(300.0, gt=0)  # claimed work returns to the queue after this
     # Tell the sender once when a message has waited this long (0 = never).
     delay_warning: float = Field(4 * 3600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _dsn_for_postgresql(self) -> QueueConfig:
+        if self.store == "postgresql" and not self.dsn:
+            raise ValueError('dsn is required when store = "postgresql" (postgresql://...)')
+        if self.dsn and not self.dsn.startswith(("postgresql://", "postgres://")):
+            raise ValueError("dsn must be a postgresql:// URL")
+        if self.dsn and self.store != "postgresql":
+            raise ValueError('dsn is set but store is not "postgresql"')
+        return self
 
 
 class LogConfig(_Frozen):

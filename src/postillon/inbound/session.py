@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from postillon.checks.authentication import InboundAuthentication, MessageFacts
@@ -54,6 +55,8 @@ from postillon.queue.store import NewRecipient
 from postillon.routing.local import RecipientAccepted
 
 READ_SIZE = 256 * 1024
+# RFC 5321 3.8: 421 when the service cannot go on; 4.3.0: a mail system problem.
+QUEUE_UNAVAILABLE = Reply.of(421, "4.3.0", "Queue temporarily unavailable, try again later")
 CLOSE_TIMEOUT = 2.0
 _LOG_NAME = 64  # characters of a client-supplied username kept in the log
 
@@ -85,6 +88,9 @@ class SessionDeps:
     rate_limits: SubmissionRateLimits | None = None
     hide_client_ip: bool = True
     recipient_delimiter: str = "+"
+    # False while a shared queue's database is unreachable: then the session
+    # answers 421 4.3.0 (greeting, MAIL) instead of a 250 it could not keep.
+    queue_available: Callable[[], bool] | None = None
     # SPF/DKIM/DMARC/ARC at end of data; None = no checks on this listener.
     authentication: InboundAuthentication | None = None
     metrics: ListenerMetrics | None = None
@@ -176,8 +182,14 @@ class Session:
             self.writer.write(reply.to_bytes())
             await asyncio.wait_for(self.writer.drain(), 5)
 
+    def _queue_down(self) -> bool:
+        available = self.deps.queue_available
+        return available is not None and not available()
+
     async def _run(self, greeting: Reply | None) -> None:
         conn = self.conn
+        if self._queue_down():
+            greeting = QUEUE_UNAVAILABLE
         conn.greet(
             greeting or Reply.of(220, None, f"{self.deps.settings.hostname} ESMTP postillon")
         )
@@ -213,6 +225,9 @@ class Session:
                 conn.accept_hello()
             case ev.MailFrom(sender=sender, params=params):
                 self._abort_tx()
+                if self._queue_down():
+                    conn.shutdown(QUEUE_UNAVAILABLE)
+                    return
                 refusal = self._submission_sender_check(sender)
                 if refusal is not None:
                     conn.reply(refusal)

@@ -230,11 +230,13 @@ class IntakeTransaction:
         assert self._body is not None
         self._body.seek(0)
         body: IO[bytes] = self._body
+        signed_by = None
         if self._signing is not None:
             # On top of everything, so the store keeps (and retries send) the signed bytes.
-            fields = signature_fields(self._signing, self._intake.clock.now())
+            fields = await signature_fields(self._signing, self._intake.clock.now())
             body = PrefixedBody(fields, self._body).as_file()
             self._size += len(fields)
+            signed_by = self._signing.describe() if fields else None
         message = NewMessage(
             queue_id=self.queue_id,
             sender=self.sender,
@@ -272,6 +274,7 @@ class IntakeTransaction:
                 "client": self.client.describe() if not self.client.hide_ip else self.client.helo,
                 "proto": self.client.protocol,
                 "source": self.source,
+                "dkim": signed_by,
             },
         )
         self._intake.count_received(self.source)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from postillon.config.loader import ConfigError
 from postillon.config.model import LogConfig
 from postillon.observability.syslog import SyslogHandler
 
@@ -83,7 +84,13 @@ def configure_logging(
     format in place (every component keeps its reference).
     """
     root = logging.getLogger("postillon")
-    handler = _handler(config, hostname)
+    try:
+        handler = _handler(config, hostname)
+    except OSError as exc:
+        kind, path = config.destination
+        key = "log.target" if config.target is not None else "log.file"
+        what = "connect to the syslog socket" if kind == "syslog" else "open"
+        raise ConfigError(f"{key}: cannot {what} {path}: {exc.strerror or exc}") from None
     old = list(root.handlers)
     root.handlers = [handler]
     for previous in old:

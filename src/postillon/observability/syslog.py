@@ -10,9 +10,11 @@ copes, strict receivers do not.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -110,8 +112,12 @@ class SyslogHandler(logging.Handler):
         self.facility = facility
         self.hostname = hostname or socket.gethostname()
         self._format = format_rfc5424 if rfc == "rfc5424" else format_rfc3164
-        self._sock: socket.socket | None = None
         self._sock_lock = threading.Lock()
+        self._complained_at = float("-inf")
+        # Connect now: a wrong socket path is a configuration error at start
+        # (or a refused reload), not a silent loss of every log line.
+        self._sock: socket.socket | None = None
+        self._sock = self._connect()
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -149,6 +155,16 @@ class SyslogHandler(logging.Handler):
                             raise
         except Exception:
             self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """One short line on stderr at most once a minute, not a traceback per
+        record, while the syslog daemon is away."""
+        now = time.monotonic()
+        if now - self._complained_at < 60:
+            return
+        self._complained_at = now
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"postillon: cannot write to the syslog socket {self.address}\n")
 
     def close(self) -> None:
         with self._sock_lock:

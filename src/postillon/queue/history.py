@@ -22,6 +22,7 @@ import logging
 from typing import Any, Final
 
 from postillon.core.clock import Clock
+from postillon.core.queueid import is_queue_id
 from postillon.queue.store import QueueEvent, QueueStore
 
 log = logging.getLogger("postillon.history")
@@ -62,7 +63,7 @@ class HistoryRecorder:
 
     def on_event(self, event: str, queue_id: str, fields: dict[str, Any]) -> None:
         """A mail log listener: remember events that belong to a message."""
-        if not queue_id:
+        if not is_queue_id(queue_id):  # "" or a placeholder such as "-"
             return
         if len(self._buffer) >= DROP_AT:
             self.dropped += 1

@@ -53,6 +53,7 @@ from postillon.queue.store import (
     NewRecipient,
     OutcomeUpdate,
     QueueStore,
+    StoreError,
 )
 from postillon.routing.router import Route, Router
 
@@ -422,9 +423,27 @@ class Runner:
                 if notice:
                     await self._send_dsn(message, notice, now)
         if updates:
-            completed = await self.store.record_outcomes(updates)
+            completed = await self._record_outcomes(updates)
             for queue_id in completed:
                 self.intake.recent.drop(queue_id)
+
+    async def _record_outcomes(self, updates: list[OutcomeUpdate]) -> list[str]:
+        """Record outcomes, retrying while the store is unreachable (a shared queue's
+        database restarting) for up to half the lease: an outcome that is lost makes
+        the delivery run again, a duplicate, once the lease expires."""
+        waited, delay = 0.0, 0.2
+        while True:
+            try:
+                return await self.store.record_outcomes(updates)
+            except StoreError:
+                waited += delay
+                if waited > self.lease_seconds / 2 or self._stop.is_set():
+                    raise
+                log.warning(
+                    "recording %d outcome(s) failed; retrying in %.1f s", len(updates), delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _crosses_delay_warning(
         self, message: MessageInfo, record: DeliveryRecord, next_try: float

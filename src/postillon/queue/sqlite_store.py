@@ -944,11 +944,13 @@ class SqliteStore:
     async def add_events(self, events: Sequence[QueueEvent]) -> None:
         if not events:
             return
-        rows = [
-            (e.queue_id, e.at, e.event, json.dumps(dict(e.fields), default=str)) for e in events
-        ]
+        batch = list(events)
 
         def op(conn: sqlite3.Connection) -> None:
+            # Encoded here, in the writer thread: the event loop only hands the batch over.
+            rows = [
+                (e.queue_id, e.at, e.event, json.dumps(dict(e.fields), default=str)) for e in batch
+            ]
             conn.executemany(
                 "INSERT INTO events (queue_id, at, event, fields) VALUES (?, ?, ?, ?)", rows
             )

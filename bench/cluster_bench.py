@@ -1,0 +1,407 @@
+#!/usr/bin/env python3
+"""postillon on the shared PostgreSQL queue: one node, then two nodes behind the same load.
+
+`make bench` runs this after ``accept_bench.py``. Per round, three setups get the same
+load (Postfix's ``smtp-source``: N messages of SIZE bytes over CONC parallel sessions, one message
+per session) and relay everything to one ``smtp-sink``:
+
+* ``sqlite x1``: one node on the embedded SQLite queue (the reference);
+* ``pg x1``: one node on PostgreSQL;
+* ``pg x2``: two nodes on the same PostgreSQL queue, each getting half the sessions
+  and half the messages (two smtp-source processes at once).
+
+For each run: **accepted msg/s** (N / wall time of the load generator, up to the last
+250) and **end-to-end msg/s** (N / time from the first send until the queue is empty,
+i.e. every message was delivered to the sink and removed). The PostgreSQL server is a
+private cluster started for the run (``postillon.testing.postgres``: initdb in a temp
+dir, loopback only, fsync on); each run gets a fresh, migrated database. The sink runs
+with ``-c`` off (no counting cost) and a fresh queue per run; everything lives under
+``BENCH_ROOT`` (default /var/tmp/postillon-cluster-bench), results (``summary.md``,
+``runs.jsonl``) under ``RESULTS_DIR/<UTC stamp>-cluster`` (default /tmp/postillon-bench).
+
+    .venv/bin/python bench/cluster_bench.py [--reps 3] [--n 4000] [--conc 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from postillon.testing.postgres import PostgresServer  # noqa: E402
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+SETUPS = ("sqlite x1", "pg x1", "pg x2")
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """user+system CPU of these processes (all their threads), from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICKS
+
+
+def children(parent: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class Bench:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.root = Path(os.environ.get("BENCH_ROOT", "/var/tmp/postillon-cluster-bench"))
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        results = Path(os.environ.get("RESULTS_DIR", "/tmp/postillon-bench"))
+        self.out = results / f"{stamp}-cluster"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.exe = REPO / ".venv" / "bin" / "postillon"
+        self.runs: list[dict[str, Any]] = []
+        self.pg: PostgresServer | None = None
+        self.sink: subprocess.Popen[bytes] | None = None
+        self.sink_port = free_port()
+        self.nodes: list[subprocess.Popen[bytes]] = []
+        self.db_counter = 0
+
+    # -- components -----------------------------------------------------------
+    def start_sink(self) -> None:
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self.sink = subprocess.Popen(
+            [SMTP_SINK, *user, f"127.0.0.1:{self.sink_port}", "256"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            if listening(self.sink_port):
+                return
+            time.sleep(0.05)
+        raise SystemExit("smtp-sink did not start")
+
+    def new_database(self) -> str:
+        assert self.pg is not None
+        self.db_counter += 1
+        dsn = self.pg.create_database(f"bench{self.db_counter}")
+        return dsn
+
+    def node_config(self, index: int, port: int, dsn: str | None) -> Path:
+        node_dir = self.root / f"node{index}"
+        if node_dir.exists():
+            shutil.rmtree(node_dir)
+        node_dir.mkdir(parents=True)
+        queue = (
+            f'store = "postgresql"\ndsn = "{dsn}"\n' if dsn is not None else 'store = "sqlite"\n'
+        )
+        text = f"""\
+# Generated by bench/cluster_bench.py for one run.
+hostname = "node{index}.bench.local"
+data_dir = "{node_dir / "data"}"
+user = ""
+
+[[listen]]
+kind = "smtp"
+address = "127.0.0.1:{port}"
+
+[tls]
+self_signed = false
+
+[relay]
+trusted_networks = ["127.0.0.0/8"]
+
+[authentication]
+enabled = false                # no SPF/DKIM/DMARC lookups: [dns] points nowhere on purpose
+
+[limits]
+connections_per_ip = 400
+
+[queue]
+{queue}first_retry = 3600
+max_retry = 3600
+
+[log]
+file = "{node_dir / "mail.log"}"
+
+[dns]
+nameservers = ["127.0.0.1:9"]
+timeout = 1.0
+attempts = 1
+
+[outbound]
+tls = "none"
+
+[[transport]]
+domain = "bench.test"
+route = "smtp:[127.0.0.1]:{self.sink_port}"
+"""
+        cfg = node_dir / "postillon.toml"
+        cfg.write_text(text)
+        return cfg
+
+    def start_nodes(self, count: int, dsn: str | None) -> list[int]:
+        ports = []
+        for i in range(count):
+            port = free_port()
+            cfg = self.node_config(i, port, dsn)
+            if i == 0 and dsn is not None:
+                subprocess.run(
+                    [str(self.exe), "--config", str(cfg), "db", "migrate"],
+                    check=True,
+                    capture_output=True,
+                )
+            log = open(cfg.parent / "stderr.log", "wb")  # noqa: SIM115 - child owns it
+            self.nodes.append(
+                subprocess.Popen(
+                    [str(self.exe), "--config", str(cfg), "serve"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+            log.close()
+            ports.append(port)
+        for port, proc in zip(ports, self.nodes, strict=True):
+            for _ in range(400):
+                if listening(port) or proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            if not listening(port):
+                raise SystemExit(f"postillon node on {port} did not start (see {self.root})")
+        return ports
+
+    def pg_cpu(self) -> float:
+        """CPU of the PostgreSQL cluster: the postmaster and every backend/worker."""
+        if self.pg is None or self.pg.process is None:
+            return 0.0
+        master = self.pg.process.pid
+        return cpu_seconds([master, *children(master)])
+
+    def stop_nodes(self) -> None:
+        for proc in self.nodes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.nodes:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.nodes = []
+
+    # -- measuring ------------------------------------------------------------
+    def queue_size(self, dsn: str | None, sqlite_dir: Path) -> int:
+        if dsn is None:
+            import sqlite3
+
+            db = sqlite3.connect(sqlite_dir / "data" / "queue" / "queue.db", timeout=30)
+            try:
+                return int(db.execute("SELECT count(*) FROM records").fetchone()[0])
+            finally:
+                db.close()
+
+        async def count() -> int:
+            conn = await asyncpg.connect(dsn)
+            try:
+                return int(await conn.fetchval("SELECT count(*) FROM records"))
+            finally:
+                await conn.close()
+
+        return asyncio.run(count())
+
+    def run_one(self, setup: str) -> dict[str, Any]:
+        a = self.a
+        nodes = 2 if setup.endswith("x2") else 1
+        dsn = None if setup.startswith("sqlite") else self.new_database()
+        ports = self.start_nodes(nodes, dsn)
+        try:
+            per_node = a.n // nodes
+            sessions = max(1, a.conc // nodes)
+            node_pids = [p.pid for p in self.nodes]
+            cpu_nodes0 = cpu_seconds(node_pids)
+            cpu_pg0 = self.pg_cpu()
+            start = time.monotonic()
+            sources = [
+                subprocess.Popen(
+                    [
+                        SMTP_SOURCE,
+                        "-s",
+                        str(sessions),
+                        "-m",
+                        str(per_node),
+                        "-l",
+                        str(a.size),
+                        "-f",
+                        "load@bench.local",
+                        "-t",
+                        "user@bench.test",
+                        f"127.0.0.1:{port}",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+                for port in ports
+            ]
+            errors = b""
+            for src in sources:
+                _, err = src.communicate()
+                errors += err
+            accepted_s = time.monotonic() - start
+            deadline = time.monotonic() + 300
+            while self.queue_size(dsn, self.root / "node0") > 0:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{setup}: the queue did not drain in 300 s")
+                time.sleep(0.05)
+            e2e_s = time.monotonic() - start
+            cpu_nodes = cpu_seconds(node_pids) - cpu_nodes0
+            cpu_pg = self.pg_cpu() - cpu_pg0 if dsn is not None else 0.0
+        finally:
+            self.stop_nodes()
+        total = per_node * nodes
+        run = {
+            "setup": setup,
+            "n": total,
+            "conc": sessions * nodes,
+            "accepted_per_s": total / accepted_s,
+            "e2e_per_s": total / e2e_s,
+            "node_cpu_ms_per_msg": 1000 * cpu_nodes / total,
+            "pg_cpu_ms_per_msg": 1000 * cpu_pg / total,
+            "load_errors": errors.decode(errors="replace").strip()[-500:],
+        }
+        say(
+            f"   {setup:10s} accepted {run['accepted_per_s']:7.0f} msg/s, "
+            f"end-to-end {run['e2e_per_s']:7.0f} msg/s, CPU ms/msg nodes "
+            f"{run['node_cpu_ms_per_msg']:.2f} PostgreSQL {run['pg_cpu_ms_per_msg']:.2f}"
+            + (f"  (load errors: {run['load_errors'][:80]})" if run["load_errors"] else "")
+        )
+        return run
+
+    def run(self) -> None:
+        a = self.a
+        say(f"== cluster bench: N={a.n} CONC={a.conc} SIZE={a.size} REPS={a.reps}")
+        say(f"   results in {self.out}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.pg = PostgresServer().start()
+        say(f"   PostgreSQL {self.pg.bin.parent.name} on 127.0.0.1:{self.pg.port} (fsync on)")
+        self.start_sink()
+        try:
+            for rep in range(a.reps):
+                order = SETUPS[rep % 3 :] + SETUPS[: rep % 3]  # rotate the order per round
+                say(f"-- round {rep + 1}")
+                for setup in order:
+                    run = self.run_one(setup)
+                    run["round"] = rep + 1
+                    self.runs.append(run)
+                    with open(self.out / "runs.jsonl", "a") as f:
+                        f.write(json.dumps(run) + "\n")
+        finally:
+            self.stop_nodes()
+            if self.sink is not None:
+                self.sink.kill()
+                self.sink.wait()
+            self.pg.cleanup()
+        summary = self.report()
+        (self.out / "summary.md").write_text(summary)
+        say(summary)
+
+    def report(self) -> str:
+        def med(setup: str, key: str) -> tuple[float, float, float]:
+            vals = [r[key] for r in self.runs if r["setup"] == setup]
+            return statistics.median(vals), min(vals), max(vals)
+
+        lines = [
+            f"## postillon cluster bench ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+            "",
+            f"N={self.a.n}, CONC={self.a.conc}, SIZE={self.a.size}, REPS={self.a.reps}, "
+            f"{os.cpu_count()} CPUs (load generator, sink, PostgreSQL and nodes all share them)",
+            "",
+            "| setup | accepted msg/s | end-to-end msg/s | CPU ms/msg: nodes + PostgreSQL |",
+            "|---|---|---|---|",
+        ]
+        for setup in SETUPS:
+            acc, e2e = med(setup, "accepted_per_s"), med(setup, "e2e_per_s")
+            cpu_n, cpu_p = med(setup, "node_cpu_ms_per_msg")[0], med(setup, "pg_cpu_ms_per_msg")[0]
+            lines.append(
+                f"| {setup} | {acc[0]:.0f} ({acc[1]:.0f}\u2013{acc[2]:.0f}) "
+                f"| {e2e[0]:.0f} ({e2e[1]:.0f}\u2013{e2e[2]:.0f}) "
+                f"| {cpu_n:.2f} + {cpu_p:.2f} |"
+            )
+        one, two = med("pg x1", "accepted_per_s")[0], med("pg x2", "accepted_per_s")[0]
+        one_e, two_e = med("pg x1", "e2e_per_s")[0], med("pg x2", "e2e_per_s")[0]
+        lines += [
+            "",
+            f"Scaling 1 \u2192 2 PostgreSQL nodes: accepted x{two / one:.2f}, "
+            f"end-to-end x{two_e / one_e:.2f}.",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--reps", type=int, default=env_int("CLUSTER_REPS", 3), help="rounds (3)")
+    ap.add_argument("--n", type=int, default=env_int("CLUSTER_N", 4000), help="messages per run")
+    ap.add_argument("--conc", type=int, default=env_int("CONC", 20), help="sessions in total")
+    ap.add_argument("--size", type=int, default=env_int("SIZE", 4096), help="body bytes")
+    a = ap.parse_args()
+    # SIGTERM (timeout, Ctrl-C from make) still stops the nodes, the sink and PostgreSQL.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
+    for tool in (SMTP_SOURCE, SMTP_SINK):
+        if not os.access(tool, os.X_OK):
+            raise SystemExit(f"{tool} is missing: make system-deps (package postfix)")
+    Bench(a).run()
+
+
+if __name__ == "__main__":
+    main()
