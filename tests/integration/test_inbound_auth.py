@@ -356,8 +356,27 @@ def test_forged_results_for_this_host_are_removed(server: ServerProcess) -> None
 
 def test_trusted_relay_clients_are_not_checked(strict_server: ServerProcess) -> None:
     subject = f"trusted{next(_counter)}"
-    body = message("bob@reject.test", subject)
+    forged = f"Authentication-Results: {HOST}; dmarc=pass header.from=reject.test\r\n"
+    body = message("bob@reject.test", subject, forged)
     code, reply = send(strict_server, "bob@fail.test", body, source="127.0.0.6")
     assert code == OK, reply
     msg = delivered(strict_server, subject)
+    # Not checked, and still no verdict in our name: the forged one is gone.
     assert not [v for v in msg.get_all("Authentication-Results", []) if HOST in v]
+
+
+def test_odd_messages_get_a_verdict_not_a_crash(server: ServerProcess) -> None:
+    """No From:, null sender, an address-literal HELO, no body at all."""
+    subject = f"odd{next(_counter)}"
+    body = f"Subject: {subject}\r\nX-Note: header section only".encode()
+    code, reply = send(server, "", body, helo="[127.0.0.2]")
+    assert code == OK, reply
+    results = our_results(delivered(server, subject))
+    assert "spf=none" in results and "dkim=none" in results
+    assert "dmarc=permerror (0 From: fields)" in results
+    # A signature that cannot be parsed is a permerror, not a failure of the session.
+    subject = f"badsig{next(_counter)}"
+    broken = "DKIM-Signature: v=1; a=rsa-sha256; d=signed.test; garbage\r\n"
+    code, reply = send(server, "bob@pass.test", message("bob@pass.test", subject, broken))
+    assert code == OK, reply
+    assert "dkim=permerror" in our_results(delivered(server, subject))

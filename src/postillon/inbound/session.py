@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from postillon.checks.authentication import InboundAuthentication, MessageFacts
+from postillon.checks.authresults import strip_own_results
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.checks.sender_policy import (
@@ -374,10 +375,19 @@ class Session:
         local mail never gets here.
         """
         checks = self.deps.authentication
-        if checks is None or self.client.authenticated or self.deps.submission:
+        if checks is None:
             return None
-        if self.deps.relay.is_trusted(self.client.ip) and not checks.config.check_trusted_networks:
-            return None  # our own relay clients, like submission
+        trusted = self.deps.relay.is_trusted(self.client.ip)
+        if (
+            self.client.authenticated
+            or self.deps.submission
+            or (trusted and not checks.config.check_trusted_networks)
+        ):
+            # Our own senders are not checked, but may not forge our verdicts either.
+            header, removed = strip_own_results(tx.header_block, checks.authserv_id)
+            if removed:
+                tx.rewrite_header(b"", header)
+            return None
         too_big = tx.size > checks.config.max_verify_size
         facts = MessageFacts(
             client_ip=self.client.ip,
