@@ -104,7 +104,7 @@ def admin_setup(
         "outbound": {"connect_timeout": 2.0},
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
         "dns": {"nameservers": [dns.nameserver], "timeout": 1.0, "attempts": 1},
-        # 127.0.0.0/8 is trusted (to relay): check its mail all the same.
+        # The test client relays (trusted network); check its mail anyway.
         "authentication": {"enabled": True, "check_trusted_networks": True},
     }
     a = make_server(**extra)

@@ -373,8 +373,8 @@ class App:
             # commands that import this module never serve HTTP.
             from postillon.admin.queue_ops import QueueOps
             from postillon.admin.server import AdminContext, AdminServer, build_app
+            from postillon.admin.tls import admin_tls_context
             from postillon.admin.token import TokenVerifier, token_path
-            from postillon.admin.wiring import admin_tls_context
             from postillon.observability.routes import add_ops_routes
 
             runner = self.runner

@@ -160,6 +160,10 @@ def test_log_in_see_deferred_retry_and_see_delivered(
     # Nothing may stick out sideways on a phone.
     assert mobile.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     shoot(mobile, "admin-dashboard-phone.png")
+    mobile.goto(f"{setup.base}/#/queue")
+    mobile.wait_for_selector(f"tr[data-queue-id='{queue_id}']")
+    assert mobile.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    shoot(mobile, "admin-queue-phone.png")
     mobile.goto(f"{setup.base}/#/message/{queue_id}")
     mobile.wait_for_selector("[data-event=deferred]")
     assert mobile.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]

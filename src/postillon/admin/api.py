@@ -27,7 +27,7 @@ from postillon.admin.queue_ops import (
 )
 from postillon.admin.server import CONTEXT, AdminContext, json_error
 from postillon.core.queueid import is_queue_id
-from postillon.queue.store import DeliveryState
+from postillon.queue.store import DeliveryState, StoreError
 
 MAX_PAGE = 500
 MAX_HOURS = 24 * 14
@@ -200,14 +200,18 @@ async def raw_message(request: web.Request) -> web.StreamResponse:
     chunks: Iterator[bytes] = ctx.ops.raw(queue_id)
     sentinel = object()
 
+    broken = object()
+
     def next_chunk() -> Any:
         try:
             return next(chunks, sentinel)
         except KeyError:
             return None
+        except StoreError:  # deleted while being read: never a silently short file
+            return broken
 
     first = await asyncio.to_thread(next_chunk)
-    if first is None:
+    if first is None or first is broken:
         return json_error(404, f"no message {queue_id} in the queue")
     response = web.StreamResponse(
         headers={
@@ -218,6 +222,11 @@ async def raw_message(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     chunk = first
     while chunk is not sentinel:
+        if chunk is broken or chunk is None:
+            # Headers are sent: cutting the connection is the only way to say so.
+            if request.transport is not None:
+                request.transport.close()
+            return response
         await response.write(chunk)
         chunk = await asyncio.to_thread(next_chunk)
     await response.write_eof()

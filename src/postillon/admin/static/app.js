@@ -213,19 +213,20 @@ function bucketFor(hours) {
 function drawChart(activity) {
   // Draw at the container's own width so labels keep their size on a phone.
   const W = Math.max(300, Math.round($("chart").clientWidth || 720));
-  const H = W < 560 ? 190 : 240, L = 36, R = 10, T = 10, B = 26;
+  const H = Math.round(Math.min(280, Math.max(190, W * 0.28))), L = 36, R = 10, T = 10, B = 26;
   const n = activity.buckets.length;
   const max = Math.max(4, ...SERIES.flatMap((k) => activity.series[k]));
   // A "nice" tick (1, 2 or 5 times a power of ten) so the axis reads in round numbers.
-  const rough = max / 4;
+  const rough = max / 5;
   const power = Math.pow(10, Math.floor(Math.log10(rough)));
   const tick = [1, 2, 5, 10].map((m) => m * power).find((t) => t >= rough);
-  const top = tick * 4;
+  const lines = Math.ceil(max / tick);
+  const top = tick * lines;
   const x = (i) => L + (n <= 1 ? 0 : (i * (W - L - R)) / (n - 1));
   const y = (v) => T + (H - T - B) * (1 - v / top);
   const parts = [];
-  for (let i = 0; i <= 4; i++) {
-    const v = (top * i) / 4;
+  for (let i = 0; i <= lines; i++) {
+    const v = tick * i;
     parts.push(svg("line", { class: "grid", x1: L, x2: W - R, y1: y(v), y2: y(v) }));
     parts.push(svg("text", { class: "axis", x: L - 6, y: y(v) + 4, "text-anchor": "end" }, v));
   }

@@ -9,7 +9,8 @@ from postillon.inbound.tls import server_context
 
 
 class AdminTlsError(Exception):
-    """admin.tls_from_server without a server certificate."""
+    """admin.tls_from_server without a server certificate (the config model refuses it
+    first; this guards a server whose certificate could not be loaded)."""
 
 
 def admin_tls_context(
