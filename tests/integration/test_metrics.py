@@ -83,6 +83,8 @@ def test_metrics_after_real_traffic(make_server) -> None:  # type: ignore[no-unt
         transport=[{"domain": "remote.test", "route": f"smtp:[127.0.0.1]:{b_port}"}],
         queue={"first_retry": 3600.0, "max_retry": 3600.0},
         admin={"listen": f"127.0.0.1:{admin_port}"},
+        # On here: an untrusted client's mail is checked (and, without DNS, deferred).
+        authentication={"enabled": True},
     ).start()
     token = a.cli("admin", "token").stdout.strip()
     url = f"http://127.0.0.1:{admin_port}/metrics"
@@ -106,6 +108,12 @@ def test_metrics_after_real_traffic(make_server) -> None:  # type: ignore[no-unt
         c.ehlo()
         c.mail("s@sender.test")
         assert c.rcpt("x@elsewhere.test")[0] == 554  # relay_denied
+        c.rset()
+        # Its mail is checked (SPF/DMARC); without DNS the check defers it.
+        with pytest.raises(smtplib.SMTPDataError) as deferred:
+            message = "From: s@sender.test\r\nSubject: x\r\n\r\ny\r\n"
+            c.sendmail("s@sender.test", ["alice@example.org"], message)
+        assert deferred.value.smtp_code == 451  # authentication
     # STARTTLS in, then a wrong password on the submission port.
     with smtplib.SMTP("127.0.0.1", submission_port, timeout=10) as c:
         c.starttls(context=_unverified())
@@ -141,7 +149,7 @@ def test_metrics_after_real_traffic(make_server) -> None:  # type: ignore[no-unt
         for (name, labels), v in s.items()
         if name == "postillon_messages_rejected_total" and v
     }
-    assert rejected == {"unknown_recipient": 1, "relay_denied": 1}
+    assert rejected == {"unknown_recipient": 1, "relay_denied": 1, "authentication": 1}
     assert (
         value(s, "postillon_messages_rejected_total", listener=smtp_label, reason="relay_denied")
         == 1

@@ -402,6 +402,7 @@ class Session:
         except Exception:
             logging.getLogger("postillon.inbound").exception("authentication checks failed")
             tx.abort()
+            self._count_rejected("local_error")
             return TEMP_LOCAL_ERROR
         log_fields = {"results": verdict.summary(), "action": verdict.decision.action}
         if verdict.decision.reason:
@@ -409,6 +410,7 @@ class Session:
         self.deps.maillog.event("authentication", tx.queue_id, **log_fields)
         if verdict.decision.reply is not None:
             tx.abort()
+            self._count_rejected("authentication")
             self.deps.maillog.event(
                 "rejected",
                 tx.queue_id,

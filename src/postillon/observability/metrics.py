@@ -25,7 +25,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -70,6 +77,7 @@ REJECT_REASONS = (
     "sender_policy",  # submission: MAIL FROM / From: not owned by the user
     "data",  # the body was refused while it arrived (size, bare LF, ...)
     "loop",  # too many Received: headers (5.4.6)
+    "authentication",  # SPF/DKIM/DMARC refused it (5.7.x), or DNS failed (451 4.7.x)
     "local_error",  # the queue could not take the message (4.3.x)
     "connection_limit",  # too many connections (421 4.7.0 at connect)
 )
@@ -156,6 +164,9 @@ class Metrics:
     """All of postillon's metrics, registered in ``self.registry``."""
 
     def __init__(self) -> None:
+        # No ``*_created`` series: they double the output and Prometheus does
+        # not need them for rates. (A process-wide switch of the library.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         registry = self.registry = CollectorRegistry(auto_describe=True)
         # -- inbound -------------------------------------------------------------------
         self.received = Counter(
