@@ -17,6 +17,8 @@ import signal
 import socket
 import sqlite3
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import asyncpg
 import pytest
 
 from postillon.testing.postgres import PostgresServer
-from postillon.testing.server import ServerProcess
+from postillon.testing.server import ServerProcess, free_port
 
 from .cluster_load import Load, delivered_counts, greeting, node_config
 
@@ -54,13 +56,33 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 
 
 def start_cluster(
-    make_server: MakeServer, dsn: str, sink_port: int, count: int, **options: Any
+    make_server: MakeServer,
+    dsn: str,
+    sink_port: int,
+    count: int,
+    first_node: dict[str, Any] | None = None,
+    **options: Any,
 ) -> list[ServerProcess]:
-    nodes = [make_server(**node_config(dsn, sink_port, **options)) for _ in range(count)]
+    """``count`` nodes on ``dsn`` (migrated first); ``first_node``: extra config for node 0."""
+    nodes = [
+        make_server(**node_config(dsn, sink_port, **options), **(first_node if i == 0 else {}))
+        for i in range(count)
+    ]
     nodes[0].write_config()
     migrated = nodes[0].cli("db", "migrate")
     assert "applied migration 1" in migrated.stdout
     return [node.start() for node in nodes]
+
+
+def healthz(port: int) -> int:
+    """The admin server's /healthz status code (0 if it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
 
 
 def owner_of(node: ServerProcess) -> str:
@@ -155,7 +177,16 @@ def test_database_restart_under_load(
 ) -> None:
     total = 600
     target = sink()
-    nodes = start_cluster(make_server, postgres_dsn, target.port, 2, lease=8.0)
+    admin_port = free_port()
+    nodes = start_cluster(
+        make_server,
+        postgres_dsn,
+        target.port,
+        2,
+        first_node={"admin": {"listen": f"127.0.0.1:{admin_port}"}},
+        lease=8.0,
+    )
+    assert healthz(admin_port) == 200
     load = Load(nodes, total=total, connections=4)
     load.start()
     try:
@@ -163,9 +194,12 @@ def test_database_restart_under_load(
         postgres_server.kill()  # SIGKILL: crash recovery at the next start
         # While the database is away the nodes refuse mail: 421 4.3.0 at the greeting.
         wait_until(lambda: all(greeting(n).startswith("421 4.3.0") for n in nodes), 30, "421 4.3.0")
+        # ... and a load balancer polling /healthz takes the node out (503).
+        assert healthz(admin_port) == 503
     finally:
         postgres_server.start()
     wait_until(lambda: all(greeting(n).startswith("220") for n in nodes), 30, "220 again")
+    assert healthz(admin_port) == 200
     load.join(timeout=120)
 
     def all_delivered() -> bool:

@@ -111,6 +111,12 @@ _DEADLOCK_RETRIES: Final = 5
 _HEALTH_INTERVAL: Final = 1.0
 _HEALTH_TIMEOUT: Final = 2.0
 _CONNECT_TIMEOUT: Final = 5.0
+# No wait on the database is unbounded: a connection that went half-dead while
+# the server restarted must fail its operation (and be replaced), not hang it.
+# The acquire timeout also bounds the release (asyncpg resets or closes the
+# connection then); the command timeout bounds every statement.
+_ACQUIRE_TIMEOUT: Final = 10.0
+_COMMAND_TIMEOUT: Final = 30.0
 _OUTCOME_STATES: Final = frozenset(
     {DeliveryState.DELIVERED, DeliveryState.DEFERRED, DeliveryState.FAILED}
 )
@@ -381,7 +387,7 @@ class PostgresStore:
                 min_size=1,
                 max_size=self._pool_size,
                 timeout=_CONNECT_TIMEOUT,
-                command_timeout=None,
+                command_timeout=_COMMAND_TIMEOUT,
             )
         except _CONNECTION_ERRORS as e:
             self.available = False
@@ -389,7 +395,7 @@ class PostgresStore:
         except (asyncpg.PostgresError, ValueError) as e:
             raise StoreError(f"cannot open the queue database ([queue] dsn): {e}") from e
         try:
-            async with pool.acquire() as conn:
+            async with pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
                 if self._create_schema:
                     await migrate(conn)
                 await check_schema(conn)
@@ -454,7 +460,7 @@ class PostgresStore:
         assert self._pool is not None
         try:
             async with asyncio.timeout(_HEALTH_TIMEOUT):
-                async with self._pool.acquire() as conn:
+                async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
                     await conn.fetchval("SELECT 1")
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as e:
             self._lost_connection(e)
@@ -509,7 +515,7 @@ class PostgresStore:
         assert pool is not None
         for attempt in range(_DEADLOCK_RETRIES):
             try:
-                async with pool.acquire() as conn, conn.transaction():
+                async with pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn, conn.transaction():
                     if not any(op.durable for op in batch):
                         # Only queue bookkeeping (claims, outcomes, operator commands):
                         # see "Durability of bookkeeping" in the module docstring.
@@ -610,7 +616,7 @@ class PostgresStore:
         body = prepared.message.body
         queue_id = prepared.message.queue_id
         try:
-            async with pool.acquire() as conn, conn.transaction():
+            async with pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn, conn.transaction():
                 prepared.chunks = []
                 await _insert_commits(conn, [prepared])  # envelope and records
                 if body.seekable():
@@ -827,7 +833,7 @@ class PostgresStore:
     async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         pool = await self._ready()
         try:
-            async with pool.acquire() as conn:
+            async with pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
                 return await fn(conn)
         except _CONNECTION_ERRORS as e:
             self._lost_connection(e)
