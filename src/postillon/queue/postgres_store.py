@@ -136,6 +136,9 @@ _CONNECTION_ERRORS: Final = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    # asyncpg's own state machine gives up when the socket dies mid-operation
+    # ("cannot switch to state ..."): treat it as a lost connection.
+    asyncpg.exceptions.InternalClientError,
     TimeoutError,
 )
 _RETRY_BATCH: Final = (
@@ -473,7 +476,11 @@ class PostgresStore:
     async def _watch_health(self) -> None:
         while not self._closed:
             await asyncio.sleep(self._health_interval)
-            await self._probe()
+            try:
+                await self._probe()
+            except Exception as e:  # the watch must outlive any surprise
+                log.exception("queue database health probe failed")
+                self._lost_connection(e)
 
     # ------------------------------------------------------------ the writers
 
