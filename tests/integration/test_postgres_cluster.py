@@ -65,7 +65,9 @@ def start_cluster(
 ) -> list[ServerProcess]:
     """``count`` nodes on ``dsn`` (migrated first); ``first_node``: extra config for node 0."""
     nodes = [
-        make_server(**node_config(dsn, sink_port, **options), **(first_node if i == 0 else {}))
+        make_server(
+            **node_config(dsn, sink_port, **options), **((first_node or {}) if i == 0 else {})
+        )
         for i in range(count)
     ]
     nodes[0].write_config()
