@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import smtplib
 import socket
 import sqlite3
 import time
@@ -29,7 +30,7 @@ import pytest
 from postillon.testing.postgres import PostgresServer
 from postillon.testing.server import ServerProcess, free_port
 
-from .cluster_load import Load, delivered_counts, greeting, node_config
+from .cluster_load import Load, delivered_counts, greeting, node_config, smtp_address
 
 pytestmark = pytest.mark.integration
 
@@ -263,3 +264,19 @@ def test_export_from_sqlite_import_into_postgresql(
     wait_until(lambda: len(delivered_counts(target.dump)) == 40, 60, "the released one")
     counts = delivered_counts(target.dump)
     assert set(counts) == set(range(40)) and max(counts.values()) == 1
+
+
+def test_large_message_streams_through_the_shared_queue(
+    make_server: MakeServer, sink: Callable[..., Any], postgres_dsn: str
+) -> None:
+    # Over 1 MiB the body is streamed into PostgreSQL in its own transaction;
+    # another node (not the one that accepted it) may deliver it from there.
+    target = sink()
+    accepting, _delivering = start_cluster(make_server, postgres_dsn, target.port, 2)
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz" * 2 + b"\r\n"
+    body = b"Subject: big\r\nX-Seq: 7\r\n\r\n" + line * (3 * 1024 * 1024 // len(line))
+    with smtplib.SMTP(*smtp_address(accepting), timeout=60) as client:
+        client.sendmail("load@example.org", ["big@sink.test"], body)
+    wait_until(lambda: delivered_counts(target.dump) == {7: 1}, 60, "the big message")
+    (dump,) = target.dumps(1)
+    assert dump.count("0123456789abcdefghijklmnopqrstuvwxyz" * 2) == body.count(line)
