@@ -395,6 +395,7 @@ class App:
                     listeners=self.listeners,
                     limiter=limiter,
                     in_flight=lambda: runner.in_flight,
+                    queue_available=queue_available(self.store) or (lambda: True),
                 )
             )
             # Further admin routes (e.g. /metrics) are added to admin_app here.

@@ -4,6 +4,7 @@ this catches two stores drifting apart in combinations nobody wrote down)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import random
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from postillon.core.envelope import MailParams
 from postillon.core.reply import Reply
 from postillon.queue.memory_store import MemoryStore
+from postillon.queue.postgres_store import PostgresStore
 from postillon.queue.sqlite_store import SqliteStore
 from postillon.queue.store import (
     DeliveryRecord,
@@ -173,3 +175,28 @@ async def test_memory_and_sqlite_agree(seed: int, tmp_path: Path) -> None:
     finally:
         await memory.store.close()
         await sqlite.store.close()
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_memory_and_postgresql_agree(seed: int, postgres_dsn: str) -> None:
+    """The same random sequences against the PostgreSQL store (a real server)."""
+    memory = Side(MemoryStore(clock_now=lambda: T0))
+    postgres = Side(
+        PostgresStore(postgres_dsn, clock_now=lambda: T0, create_schema=True, health_interval=0)
+    )
+    try:
+        for step, op in enumerate(random_ops(random.Random(seed), 120)):
+            got_memory = await apply(memory, op)
+            got_postgres = await apply(postgres, op)
+            context = f"seed {seed}, step {step}: {op}"
+            assert got_memory == got_postgres, context
+            assert await memory.snapshot() == await postgres.snapshot(), context
+        for info in await memory.store.list_messages(limit=10_000):
+            want = b"".join(memory.store.open_body(info.queue_id))
+            got = await asyncio.to_thread(
+                lambda q=info.queue_id: b"".join(postgres.store.open_body(q))
+            )
+            assert got == want
+    finally:
+        await memory.store.close()
+        await postgres.store.close()

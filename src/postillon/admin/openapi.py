@@ -253,7 +253,13 @@ def spec() -> dict[str, Any]:
                 "get": {
                     "summary": "Liveness (no token needed)",
                     "security": [],
-                    "responses": {"200": _json({"type": "object"}, "The server runs")},
+                    "responses": {
+                        "200": _json({"type": "object"}, "The server runs"),
+                        "503": _json(
+                            {"type": "object"},
+                            "The server runs but its shared queue database is unreachable",
+                        ),
+                    },
                 }
             },
             "/api/status": _get(

@@ -49,6 +49,9 @@ class AdminContext:
     limiter: ConnectionLimiter | None = None
     in_flight: Callable[[], int] = lambda: 0
     started_at: float = field(default_factory=time.time)
+    # False while a shared (PostgreSQL) queue is unreachable: /healthz answers 503,
+    # so a load balancer sends mail to the other nodes meanwhile.
+    queue_available: Callable[[], bool] = lambda: True
 
 
 CONTEXT: Final = web.AppKey("postillon_admin_context", AdminContext)
@@ -126,6 +129,10 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    if not request.app[CONTEXT].queue_available():
+        return web.json_response(
+            {"status": "queue unavailable", "version": __version__}, status=503
+        )
     return web.json_response({"status": "ok", "version": __version__})
 
 

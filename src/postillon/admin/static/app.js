@@ -433,13 +433,15 @@ async function loadMessage(queueId) {
       actionButtons(message, false)));
     out.push(h("div", { class: "card" }, h("h2", {}, "Recipients"),
       h("table", { class: "stack" },
-        h("thead", {}, h("tr", {}, ["Recipient", "State", "Attempts", "Next try", "Last reply"].map((t) => h("th", {}, t)))),
+        h("thead", {}, h("tr", {}, ["Recipient", "State", "Attempts", "Next try", "Last reply", "Lease holder"].map((t) => h("th", {}, t)))),
         h("tbody", {}, message.recipients.map((r) => h("tr", { "data-recipient": r.recipient },
           h("td", { "data-label": "Recipient", class: "mono wrap" }, r.recipient, r.original_recipient ? h("div", { class: "muted" }, `was ${r.original_recipient}`) : null),
           h("td", { "data-label": "State" }, badge(r.state)),
           h("td", { "data-label": "Attempts", class: "num" }, r.attempts),
           h("td", { "data-label": "Next try" }, r.next_try ? when(r.next_try) : "–"),
-          h("td", { "data-label": "Last reply", class: "reply" }, r.last_reply || "–")))))));
+          h("td", { "data-label": "Last reply", class: "reply" }, r.last_reply || "–"),
+          // the node (host:pid) delivering it right now; several share a PostgreSQL queue
+          h("td", { "data-label": "Lease holder", class: "mono" }, r.lease_owner || "–")))))));
   } else {
     // Gone from the queue: tell its story from the history alone.
     const received = history.events.find((e) => e.event === "received");
