@@ -210,6 +210,9 @@ def default_config(root: Path, **overrides: Any) -> dict[str, Any]:
         # Inbound SPF/DKIM/DMARC checks need DNS, which most tests do not
         # serve (they would all get 451); tests of the checks turn them on.
         "authentication": {"enabled": False},
+        # A test that stops a server with a delivery stuck in flight should not
+        # wait the production grace (30 s) for it.
+        "shutdown": {"grace": 5.0},
     }
     config.update(overrides)
     return config
