@@ -226,3 +226,32 @@ async def test_outcome_recorded_once_the_store_is_back(env, monkeypatch) -> None
     assert failures == []
     assert await store.get_message(qid) is None  # delivered and recorded
     assert len(remote.calls) == 1
+
+
+async def test_failed_recipient_stays_queued_while_its_bounce_cannot_be(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The store refuses the bounce (disk full, database down): the failed
+    # recipient must not be recorded as failed, or the notice is lost for good.
+    clock, store, intake, _ = env
+    remote = Scripted({"bob@remote.test": [PermFail(GONE), PermFail(GONE)]})
+    runner, capture = make_runner(env, remote)
+    qid = await submit(intake, ["bob@remote.test"])
+    real_submit = intake.submit
+    refusals = [StoreError("disk full")]
+
+    async def refusing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if refusals:
+            raise refusals.pop(0)
+        return await real_submit(*args, **kwargs)
+
+    monkeypatch.setattr(intake, "submit", refusing)
+    assert await runner.run_once() == 1
+    info = await store.get_message(qid)
+    assert info is not None and info.records[0].state is DeliveryState.DEFERRED
+    assert info.records[0].attempts == 0  # not counted: it is the bounce that waits
+    assert capture.delivered == []
+    clock.advance(60)
+    assert await runner.run_once() == 1  # the same failure, and now the bounce is queued
+    await runner.run_once()
+    assert await store.get_message(qid) is None
+    ((rcpt, dsn),) = capture.delivered
+    assert rcpt == "alice@local.test" and b"Final-Recipient: rfc822; bob@remote.test" in dsn

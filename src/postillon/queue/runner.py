@@ -29,7 +29,7 @@ import socket
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from postillon.core.clock import Clock, SystemClock
@@ -85,6 +85,24 @@ class Transport(Protocol):
         ...
 
 
+def _keep_unnotified(
+    updates: list[OutcomeUpdate], record_ids: set[int], now: float
+) -> list[OutcomeUpdate]:
+    """The updates with the given records' FAILED outcomes turned into a
+    deferral that counts no attempt: they stay queued until their bounce can be."""
+    return [
+        replace(
+            update,
+            state=DeliveryState.DEFERRED,
+            next_try=now + UNNOTIFIED_RETRY_DELAY,
+            attempted=False,
+        )
+        if update.record_id in record_ids and update.state is DeliveryState.FAILED
+        else update
+        for update in updates
+    ]
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -97,6 +115,8 @@ def _process_alive(pid: int) -> bool:
 
 # Work a transport could not even start is offered again after about this long.
 NOT_ATTEMPTED_DELAY = 2.0
+# How soon recipients whose failure notice could not be queued are tried again.
+UNNOTIFIED_RETRY_DELAY = 60.0
 
 NO_TRANSPORT = Reply.of(451, "4.3.5", "No transport configured for this destination")
 EXPIRED = "message expired in queue"
@@ -294,6 +314,7 @@ class Runner:
         now = self.clock.now()
         updates: list[OutcomeUpdate] = []
         failed: list[DsnRecipient] = []
+        failed_record_ids: set[int] = set()  # the records the failure notice is about
         delayed: list[DsnRecipient] = []
         succeeded: list[DsnRecipient] = []
         expired = self.retry.expired(message.received_at, now)
@@ -407,6 +428,7 @@ class Runner:
                 self.metrics.bounced.labels(route.kind, reason).inc()
                 self.metrics.delivery_seconds.labels("bounced").observe(delay)
             if wants_notice(record.rcpt_params, "failed"):
+                failed_record_ids.add(record.record_id)
                 failed.append(
                     DsnRecipient(
                         record.recipient,
@@ -420,8 +442,12 @@ class Runner:
         # gives a duplicate notice, never a lost one. Never notify the null sender.
         if message.sender:
             for notice in (failed, delayed, succeeded):
-                if notice:
-                    await self._send_dsn(message, notice, now)
+                if notice and not await self._send_dsn(message, notice, now) and notice is failed:
+                    # The failure notice could not be queued (the store is down,
+                    # the disk is full): recording these recipients as failed now
+                    # would lose the bounce for good. Keep them queued instead; the
+                    # next attempt meets the same failure and queues the notice then.
+                    updates = _keep_unnotified(updates, failed_record_ids, now)
         if updates:
             completed = await self._record_outcomes(updates)
             for queue_id in completed:
@@ -460,7 +486,8 @@ class Runner:
         threshold = message.received_at + self.delay_warning
         return record.next_try <= threshold < next_try
 
-    async def _send_dsn(self, message: MessageInfo, notice: list[DsnRecipient], now: float) -> None:
+    async def _send_dsn(self, message: MessageInfo, notice: list[DsnRecipient], now: float) -> bool:
+        """Queue one notice to the sender; False when it could not be queued."""
         full = returns_full_message(message.mail_params, message.size, notice[0].action)
         body_chunks = await asyncio.to_thread(
             read_for_dsn, self.store.open_body(message.queue_id), full
@@ -482,5 +509,6 @@ class Runner:
             )
         except Exception:
             log.exception("could not queue the bounce for %s", message.queue_id)
-            return
+            return False
         self.maillog.event("bounce", message.queue_id, dsn_id=bounce_id, to=message.sender)
+        return True
