@@ -46,7 +46,7 @@ def test_message_reaches_maildir_with_trace_headers(server: ServerProcess) -> No
     assert b"by mx.test.example (postillon) with ESMTP id " in content
     assert b"\n.leading dot line\n" in content  # dot-unstuffed, LF line endings in Maildir
     assert b"\r" not in content
-    log = server.maillog()
+    log = server.wait_for_log("delivered: to=<alice@example.org>")
     assert "received: from=<carol@sender.test>" in log
     assert "delivered: to=<alice@example.org>" in log
 

@@ -121,15 +121,16 @@ def test_addresses_default_to_username(store: AccountStore) -> None:
 
 
 def test_scrypt_parameters_recorded_per_user(store: AccountStore) -> None:
-    store.add("alice@example.com", "pw")
+    password = "correct horse battery staple"  # spaces: never in base64 or hex by chance
+    store.add("alice@example.com", password)
     data = json.loads(store.path.read_text())
     rec = data["users"]["alice@example.com"]["scrypt"]
     assert (rec["n"], rec["r"], rec["p"]) == (FAST_N, 8, 1)
     assert len(base64.b64decode(rec["salt"])) == 16
-    assert "pw" not in store.path.read_text()
+    assert password not in store.path.read_text()
     # A store with other defaults still verifies the recorded parameters.
     other = AccountStore(store.path, scrypt_n=1 << 11)
-    assert other.verify_password("alice@example.com", "pw") is not None
+    assert other.verify_password("alice@example.com", password) is not None
 
 
 def test_same_password_gets_different_salts(store: AccountStore) -> None:

@@ -135,6 +135,14 @@ class ServerProcess:
         except OSError:
             return ""
 
+    def wait_for_log(self, text: str, timeout: float = 20.0) -> str:
+        """The mail log once it contains ``text`` (or as it is after ``timeout``):
+        a delivery's log line is written just after the file lands in the Maildir."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.maillog()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return log
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
