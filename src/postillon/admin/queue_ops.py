@@ -26,11 +26,9 @@ from postillon.core.clock import Clock
 from postillon.core.reply import Reply
 from postillon.dsn.bounce import (
     DsnRecipient,
-    build_dsn,
-    read_for_dsn,
-    returns_full_message,
     wants_notice,
 )
+from postillon.dsn.notify import queue_notice
 from postillon.intake.intake import Intake
 from postillon.observability.maillog import MailLog
 from postillon.queue.history import HistoryRecorder
@@ -39,7 +37,6 @@ from postillon.queue.store import (
     DeliveryState,
     EventCount,
     MessageInfo,
-    NewRecipient,
     QueueEvent,
     QueueStore,
 )
@@ -460,20 +457,7 @@ class QueueOps:
         ]
         if not info.sender or not notice or self.intake is None:
             return None  # never a notice to the null sender (RFC 3461 6.2)
-        full = returns_full_message(info.mail_params, info.size, "failed")
-        original = await asyncio.to_thread(read_for_dsn, self.store.open_body(info.queue_id), full)
-        dsn = build_dsn(
-            hostname=self.hostname,
-            queue_id=info.queue_id,
-            sender=info.sender,
-            mail_params=info.mail_params,
-            received_at=info.received_at,
-            recipients=notice,
-            original=original,
-            original_size=info.size,
-            now=now,
-        )
-        dsn_id = await self.intake.submit("", [NewRecipient(info.sender)], dsn, source="bounce")
+        dsn_id = await queue_notice(self.store, self.intake, self.hostname, info, notice, now)
         self._emit("bounce", info.queue_id, {"dsn_id": dsn_id, "to": info.sender})
         return dsn_id
 

@@ -37,11 +37,9 @@ from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail
 from postillon.core.reply import Reply
 from postillon.dsn.bounce import (
     DsnRecipient,
-    build_dsn,
-    read_for_dsn,
-    returns_full_message,
     wants_notice,
 )
+from postillon.dsn.notify import queue_notice
 from postillon.intake.intake import Intake
 from postillon.observability.maillog import MailLog
 from postillon.observability.metrics import Metrics, outcome_reason
@@ -50,7 +48,6 @@ from postillon.queue.store import (
     DeliveryRecord,
     DeliveryState,
     MessageInfo,
-    NewRecipient,
     OutcomeUpdate,
     QueueStore,
     StoreError,
@@ -488,24 +485,9 @@ class Runner:
 
     async def _send_dsn(self, message: MessageInfo, notice: list[DsnRecipient], now: float) -> bool:
         """Queue one notice to the sender; False when it could not be queued."""
-        full = returns_full_message(message.mail_params, message.size, notice[0].action)
-        body_chunks = await asyncio.to_thread(
-            read_for_dsn, self.store.open_body(message.queue_id), full
-        )
-        dsn = build_dsn(
-            hostname=self.hostname,
-            queue_id=message.queue_id,
-            sender=message.sender,
-            mail_params=message.mail_params,
-            received_at=message.received_at,
-            recipients=notice,
-            original=body_chunks,
-            original_size=message.size,
-            now=now,
-        )
         try:
-            bounce_id = await self.intake.submit(
-                "", [NewRecipient(message.sender)], dsn, source="bounce"
+            bounce_id = await queue_notice(
+                self.store, self.intake, self.hostname, message, notice, now
             )
         except Exception:
             log.exception("could not queue the bounce for %s", message.queue_id)
