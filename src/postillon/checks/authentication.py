@@ -130,23 +130,26 @@ class InboundAuthentication:
         )
 
     def _blocking_checks(
-        self, bridge: BlockingDns, facts: MessageFacts
+        self,
+        bridge: BlockingDns,
+        facts: MessageFacts,
+        signatures: list[dict[bytes, bytes]],
     ) -> tuple[SpfOutcome, list[MethodResult], ArcOutcome | None]:
         spf = check_spf(bridge, facts.client_ip, facts.mail_from, facts.helo)
         if facts.message is None:
             too_big = MethodResult("dkim", "policy", "message too large to verify")
             return spf, [too_big], None
-        dkim = verify_dkim(bridge, facts.message)
+        dkim = verify_dkim(bridge, facts.message, signatures)
         arc = verify_arc(bridge, facts.message)
         return spf, dkim, arc
 
     @staticmethod
-    def _names_to_prefetch(facts: MessageFacts) -> list[str]:
+    def _names_to_prefetch(facts: MessageFacts, signatures: list[dict[bytes, bytes]]) -> list[str]:
         """TXT names the checks will certainly ask: the SPF records of both
         identities and each signature's DKIM key."""
         names = [_domain_of(facts.mail_from) or facts.helo.lower(), facts.helo.lower()]
         if facts.message is not None:
-            for tags in signature_fields(facts.message):
+            for tags in signatures:
                 domain = tags.get(b"d", b"").decode("ascii", errors="replace")
                 selector = tags.get(b"s", b"").decode("ascii", errors="replace")
                 if domain and selector:
@@ -162,9 +165,13 @@ class InboundAuthentication:
             if from_domain
             else None
         )
-        await bridge.prefetch_txt(self._names_to_prefetch(facts))
+        # The DKIM-Signature fields, parsed once: for the prefetch and the verifier.
+        signatures = signature_fields(facts.message) if facts.message is not None else []
+        await bridge.prefetch_txt(self._names_to_prefetch(facts, signatures))
         try:
-            spf, dkim_results, arc = await asyncio.to_thread(self._blocking_checks, bridge, facts)
+            spf, dkim_results, arc = await asyncio.to_thread(
+                self._blocking_checks, bridge, facts, signatures
+            )
         finally:
             if dmarc_lookup is not None and not dmarc_lookup.done():
                 await asyncio.wait([dmarc_lookup])

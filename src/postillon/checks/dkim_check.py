@@ -60,9 +60,17 @@ def signature_fields(message: bytes) -> list[dict[bytes, bytes]]:
     return out
 
 
-def verify_dkim(bridge: BlockingDns, message: bytes) -> list[MethodResult]:
-    """One result per signature; ``[dkim=none]`` for an unsigned message."""
-    signatures = signature_fields(message)
+def verify_dkim(
+    bridge: BlockingDns,
+    message: bytes,
+    signatures: list[dict[bytes, bytes]] | None = None,
+) -> list[MethodResult]:
+    """One result per signature; ``[dkim=none]`` for an unsigned message.
+
+    ``signatures``: ``signature_fields(message)`` when the caller already has it.
+    """
+    if signatures is None:
+        signatures = signature_fields(message)
     if not signatures:
         return [MethodResult("dkim", "none", "message not signed")]
     verifier = dkim.DKIM(message, logger=_quiet, minkey=MIN_RSA_BITS, timeout=KEY_LOOKUP_TIMEOUT)
