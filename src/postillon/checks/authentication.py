@@ -38,7 +38,7 @@ from postillon.checks.dmarc_check import (
     from_domain_of,
     organizational_domain,
 )
-from postillon.checks.spf_check import SpfOutcome, check_spf
+from postillon.checks.spf_check import SpfCache, SpfOutcome, check_spf
 from postillon.config.model import AuthenticationConfig
 from postillon.routing.resolver import Resolver
 from postillon.signing.keys import KeyStore
@@ -116,6 +116,8 @@ class InboundAuthentication:
         self.local_domains = local_domains
         self.sealing_keys = sealing_keys
         self._networks = [ipaddress.ip_network(n, strict=False) for n in config.allow_networks]
+        # Per instance (so per resolver): results live at most a minute (spf_check.SpfCache).
+        self.spf_cache = SpfCache()
 
     def _allowlisted(self, facts: MessageFacts, from_domain: str) -> bool:
         try:
@@ -135,7 +137,7 @@ class InboundAuthentication:
         facts: MessageFacts,
         signatures: list[dict[bytes, bytes]],
     ) -> tuple[SpfOutcome, list[MethodResult], ArcOutcome | None]:
-        spf = check_spf(bridge, facts.client_ip, facts.mail_from, facts.helo)
+        spf = check_spf(bridge, facts.client_ip, facts.mail_from, facts.helo, self.spf_cache)
         if facts.message is None:
             too_big = MethodResult("dkim", "policy", "message too large to verify")
             return spf, [too_big], None
