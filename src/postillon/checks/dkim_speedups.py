@@ -15,6 +15,13 @@ bench/README.md "Inbound authentication"):
   ``bytes.find`` (memchr speed) whether there is anything to change, and
   then only match runs that change; the output is byte-for-byte the same.
 
+* Removing the b= value from the signature field before hashing it
+  (``dkim.RE_BTAG``) tried folding whitespace before every base64
+  character: about 40 us per RSA signature. ``FWS`` there can only match
+  a (possibly empty) run of whitespace, so "any run of whitespace and
+  base64 characters, up to its last base64 character" is the same match
+  in one pass (4 us).
+
 * Every signature parsed its public key record again (base64 and a
   pure-Python ASN.1 walk for RSA). ``load_pk_from_dns`` still asks DNS each
   time (postillon's resolver caches by TTL), but the parsing of a record
@@ -49,6 +56,10 @@ _ORIGINAL_UNFOLD: Callable[[bytes], bytes] = dkim.canonicalization.unfold_header
 _CHANGING_BLANKS = re.compile(rb"\t[\t ]*| [\t ]+")
 _TRAILING_BLANKS = re.compile(rb"[\t ]+\r\n")
 _LINE_BREAK = re.compile(rb"\r?\n")
+
+_ORIGINAL_BTAG: re.Pattern[bytes] = dkim.RE_BTAG
+_FWS = rb"(?:(?:\s*\r?\n)?\s+)?"
+RE_BTAG = re.compile(rb"([;\s]b" + _FWS + rb"=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
 
 _DIGESTS: dict[str, hashes.HashAlgorithm] = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}
 
@@ -117,6 +128,8 @@ def install() -> None:
         dkim.RSASSA_PKCS1_v1_5_verify = rsa_pkcs1_v1_5_verify
     if dkim.evaluate_pk is _ORIGINAL_EVALUATE_PK:
         dkim.evaluate_pk = evaluate_pk
+    if dkim.RE_BTAG is _ORIGINAL_BTAG:
+        dkim.RE_BTAG = RE_BTAG
     canon = dkim.canonicalization
     if canon.compress_whitespace is _ORIGINAL_COMPRESS:
         canon.compress_whitespace = compress_whitespace
