@@ -51,6 +51,8 @@ def _value(text: str) -> str:
 
 def _printable(text: str) -> str:
     """No CR, LF or other controls in our header, whatever DNS or a sender gave us."""
+    if text.isprintable():  # the usual case: nothing to replace
+        return text
     return "".join(c if c.isprintable() else " " for c in text)
 
 
