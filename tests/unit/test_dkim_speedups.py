@@ -70,3 +70,21 @@ SIGNATURE_BYTES = st.binary(max_size=60).map(
 @given(SIGNATURE_BYTES)
 def test_btag_removal_matches_dkimpy(data: bytes) -> None:
     assert fast.RE_BTAG.sub(b"\\1", data) == fast._ORIGINAL_BTAG.sub(b"\\1", data)
+
+
+_MESSAGE_ALPHABET = b"\r\n\n \tA:b-From x\r\n"
+MESSAGE_BYTES = st.binary(max_size=80).map(
+    lambda b: bytes(_MESSAGE_ALPHABET[x % len(_MESSAGE_ALPHABET)] for x in b)
+)
+
+
+def _parse_or_error(parse: object, message: bytes) -> object:
+    try:
+        return parse(message)  # type: ignore[operator]
+    except Exception as exc:
+        return type(exc).__name__
+
+
+@given(MESSAGE_BYTES)
+def test_rfc822_parse_matches_dkimpy(data: bytes) -> None:
+    assert _parse_or_error(fast.rfc822_parse, data) == _parse_or_error(fast._ORIGINAL_PARSE, data)

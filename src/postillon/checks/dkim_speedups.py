@@ -22,6 +22,11 @@ bench/README.md "Inbound authentication"):
   base64 characters, up to its last base64 character" is the same match
   in one pass (4 us).
 
+* ``dkim.rfc822_parse`` split the whole message into lines (body included)
+  and joined the body lines again with CRLF. The header lines are split
+  as before; the body is taken as is when its line ends are all CRLF
+  already (the same bytes as the join).
+
 * Every signature parsed its public key record again (base64 and a
   pure-Python ASN.1 walk for RSA). ``load_pk_from_dns`` still asks DNS each
   time (postillon's resolver caches by TTL), but the parsing of a record
@@ -60,6 +65,36 @@ _LINE_BREAK = re.compile(rb"\r?\n")
 _ORIGINAL_BTAG: re.Pattern[bytes] = dkim.RE_BTAG
 _FWS = rb"(?:(?:\s*\r?\n)?\s+)?"
 RE_BTAG = re.compile(rb"([;\s]b" + _FWS + rb"=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
+
+_ORIGINAL_PARSE: Callable[[bytes], Any] = dkim.rfc822_parse
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+_HEADER_NAME = re.compile(rb"([\x21-\x7e]+?):")
+
+
+def rfc822_parse(message: Any) -> Any:
+    """dkimpy's rfc822_parse: ([[name, value + CRLF], ...], body with CRLF line ends)."""
+    if not isinstance(message, bytes):
+        return _ORIGINAL_PARSE(message)
+    end = _BLANK_LINE.search(message)
+    if end is None or message[:1] == b"\n" or message[:2] == b"\r\n":
+        return _ORIGINAL_PARSE(message)
+    headers: list[list[bytes]] = []
+    for line in _LINE_BREAK.split(message[: end.start()]):
+        if line[:1] in (b"\t", b" "):
+            headers[-1][1] += line + b"\r\n"
+        else:
+            m = _HEADER_NAME.match(line)
+            if m is not None:
+                headers.append([m.group(1), line[m.end(0) :] + b"\r\n"])
+            elif line.startswith(b"From "):
+                pass
+            else:
+                return _ORIGINAL_PARSE(message)  # it raises
+    rest = message[end.end() :]
+    if rest.count(b"\n") != rest.count(b"\r\n"):
+        rest = _LINE_BREAK.sub(b"\r\n", rest)
+    return headers, rest
+
 
 _DIGESTS: dict[str, hashes.HashAlgorithm] = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}
 
@@ -128,6 +163,8 @@ def install() -> None:
         dkim.RSASSA_PKCS1_v1_5_verify = rsa_pkcs1_v1_5_verify
     if dkim.evaluate_pk is _ORIGINAL_EVALUATE_PK:
         dkim.evaluate_pk = evaluate_pk
+    if dkim.rfc822_parse is _ORIGINAL_PARSE:
+        dkim.rfc822_parse = rfc822_parse
     if dkim.RE_BTAG is _ORIGINAL_BTAG:
         dkim.RE_BTAG = RE_BTAG
     canon = dkim.canonicalization
