@@ -117,7 +117,9 @@ def unfold_header_value(content: bytes) -> bytes:
     """RFC 6376 3.4.2: unfold (drop the CRLF of each continuation)."""
     if b"\n" not in content:
         return content
-    return _LINE_BREAK.sub(b"", content)
+    # The same as removing every match of \r?\n: a CR counts only right before
+    # an LF, and CRLF occurrences never overlap. bytes.replace runs in C.
+    return content.replace(b"\r\n", b"").replace(b"\n", b"")
 
 
 @functools.lru_cache(maxsize=512)
