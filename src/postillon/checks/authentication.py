@@ -120,13 +120,16 @@ class InboundAuthentication:
         self.spf_cache = SpfCache()
 
     def _allowlisted(self, facts: MessageFacts, from_domain: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(facts.client_ip)
-        except ValueError:
-            ip = None
-        if ip is not None and any(ip in net for net in self._networks):
-            return True
+        if self._networks:
+            try:
+                ip = ipaddress.ip_address(facts.client_ip)
+            except ValueError:
+                ip = None
+            if ip is not None and any(ip in net for net in self._networks):
+                return True
         domains = self.config.allow_domains
+        if not domains:
+            return False
         return _within(_domain_of(facts.mail_from), domains) or (
             bool(from_domain) and _within(from_domain, domains)
         )
