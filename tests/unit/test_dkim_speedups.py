@@ -88,3 +88,20 @@ def _parse_or_error(parse: object, message: bytes) -> object:
 @given(MESSAGE_BYTES)
 def test_rfc822_parse_matches_dkimpy(data: bytes) -> None:
     assert _parse_or_error(fast.rfc822_parse, data) == _parse_or_error(fast._ORIGINAL_PARSE, data)
+
+
+_TAG_ALPHABET = b" ;=aZ0_\t\xe9"
+TAG_LISTS = st.binary(max_size=40).map(
+    lambda b: bytes(_TAG_ALPHABET[x % len(_TAG_ALPHABET)] for x in b)
+)
+
+
+@given(TAG_LISTS)
+def test_parse_tag_value_matches_dkimpy(data: bytes) -> None:
+    def outcome(parse: object) -> object:
+        try:
+            return parse(data)  # type: ignore[operator]
+        except Exception as exc:
+            return type(exc).__name__, exc.args
+
+    assert outcome(fast.parse_tag_value) == outcome(fast._ORIGINAL_TAGS)

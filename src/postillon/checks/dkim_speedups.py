@@ -27,6 +27,11 @@ bench/README.md "Inbound authentication"):
   as before; the body is taken as is when its line ends are all CRLF
   already (the same bytes as the join).
 
+* ``dkim.util.parse_tag_value`` (each signature, key record and ARC field)
+  looked its tag-name regex up in ``re``'s cache for every tag; a tag name
+  is valid exactly when its first byte is an ASCII letter, which
+  ``bytes.isalpha`` answers directly.
+
 * Every signature parsed its public key record again (base64 and a
   pure-Python ASN.1 walk for RSA). ``load_pk_from_dns`` still asks DNS each
   time (postillon's resolver caches by TTL), but the parsing of a record
@@ -47,6 +52,7 @@ from typing import Any
 import dkim
 import dkim.canonicalization
 import dkim.crypto
+import dkim.util
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
@@ -94,6 +100,27 @@ def rfc822_parse(message: Any) -> Any:
     if rest.count(b"\n") != rest.count(b"\r\n"):
         rest = _LINE_BREAK.sub(b"\r\n", rest)
     return headers, rest
+
+
+_ORIGINAL_TAGS: Callable[[bytes], dict[bytes, bytes]] = dkim.util.parse_tag_value
+
+
+def parse_tag_value(tag_list: bytes) -> dict[bytes, bytes]:
+    """dkimpy's parse_tag_value (RFC 6376 §3.2), same results and exceptions."""
+    tags: dict[bytes, bytes] = {}
+    tag_specs = tag_list.strip().split(b";")
+    if not tag_specs[-1]:  # trailing semicolons are valid
+        tag_specs.pop()
+    for tag_spec in tag_specs:
+        key, sep, value = tag_spec.partition(b"=")
+        # re.match(rb"^[a-zA-Z](\w)*", key) only needs an ASCII letter first.
+        key = key.strip()
+        if not sep or not key[:1].isalpha():
+            raise dkim.util.InvalidTagSpec(tag_spec)
+        if key in tags:
+            raise dkim.util.DuplicateTag(key)
+        tags[key] = value.strip()
+    return tags
 
 
 _DIGESTS: dict[str, hashes.HashAlgorithm] = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}
@@ -165,6 +192,10 @@ def install() -> None:
         dkim.RSASSA_PKCS1_v1_5_verify = rsa_pkcs1_v1_5_verify
     if dkim.evaluate_pk is _ORIGINAL_EVALUATE_PK:
         dkim.evaluate_pk = evaluate_pk
+    if dkim.util.parse_tag_value is _ORIGINAL_TAGS:
+        dkim.util.parse_tag_value = parse_tag_value
+    if getattr(dkim, "parse_tag_value", None) is _ORIGINAL_TAGS:
+        dkim.parse_tag_value = parse_tag_value
     if dkim.rfc822_parse is _ORIGINAL_PARSE:
         dkim.rfc822_parse = rfc822_parse
     if dkim.RE_BTAG is _ORIGINAL_BTAG:
