@@ -255,7 +255,9 @@ class _Negative:
     reason: str
 
 
-_CacheKey = tuple[dns.name.Name, int]
+# (lower-case name text, rdtype): the same equality as dns.name.Name's (case-insensitive),
+# without dnspython's per-call Name hashing (it lower-cases every label each time).
+_CacheKey = tuple[str, int]
 _CacheValue = Answer[Any] | _Negative
 
 
@@ -495,7 +497,7 @@ class DnsResolver:
     ) -> Answer[T]:
         rdtype_text = _rdtype_text(rdtype)
         qname, qtext = self._qname(name, rdtype_text)
-        key: _CacheKey = (qname, int(rdtype))
+        key: _CacheKey = (qtext, int(rdtype))
         started = time.perf_counter()
         value = self._cache.get(key)
         cached = value is not None
@@ -535,7 +537,7 @@ class DnsResolver:
         DnsTempError."""
         rdtype_text = dns.rdatatype.to_text(rdtype)
         name = _text(qname)
-        key: _CacheKey = (qname, int(rdtype))
+        key: _CacheKey = (name, int(rdtype))
         try:
             answer = await self._resolver.resolve(qname, rdtype, search=False)
         except dns.resolver.NXDOMAIN as exc:
