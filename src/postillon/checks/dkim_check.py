@@ -51,7 +51,8 @@ def _tags(value: bytes) -> dict[bytes, bytes]:
 
 def signature_fields(message: bytes) -> list[dict[bytes, bytes]]:
     """The tags of each DKIM-Signature field, top first (for results and DMARC)."""
-    header = message.split(b"\r\n\r\n", 1)[0]
+    end = message.find(b"\r\n\r\n")  # the header section, without copying the body
+    header = message if end < 0 else message[:end]
     out = []
     for match in re.finditer(
         rb"(?im)^dkim-signature[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", header
