@@ -241,3 +241,24 @@ def test_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="header field name"):
         AuthenticationConfig(quarantine_header="X Bad:")
     assert AuthenticationConfig(allow_domains=("Example.ORG.",)).allow_domains == ("example.org",)
+
+
+def test_spf_cache_lifetime_is_bounded_by_ttl_and_a_minute() -> None:
+    from postillon.checks.spf_check import SpfCache
+
+    now = [100.0]
+    cache = SpfCache(max_entries=2, max_age=60.0, clock=lambda: now[0])
+    key = ("192.0.2.1", "bob@example.org", "mx.example.org")
+    cache.put(key, ("pass", "ok"), ttl=10)
+    assert cache.get(key) == ("pass", "ok")
+    now[0] += 10
+    assert cache.get(key) is None  # the smallest TTL consulted ended
+    cache.put(key, ("fail", "no"), ttl=3600)
+    now[0] += 59
+    assert cache.get(key) == ("fail", "no")
+    now[0] += 1
+    assert cache.get(key) is None  # never beyond max_age
+    for i in range(3):
+        cache.put((str(i), "", ""), ("pass", ""), ttl=30)
+    assert cache.get(("0", "", "")) is None  # bounded: the oldest went first
+    assert cache.get(("2", "", "")) == ("pass", "")

@@ -60,3 +60,48 @@ def test_installed_and_signed_mail_still_verifies() -> None:
     )
     assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: record)
     assert not dkim.verify(signed.replace(b"body", b"bodY"), dnsfunc=lambda n, timeout=5: record)
+
+
+SIGNATURE_BYTES = st.binary(max_size=60).map(
+    lambda b: bytes(b" \t\r\n\x0bb=;aZ+/0x"[x % 14] for x in b)
+)
+
+
+@given(SIGNATURE_BYTES)
+def test_btag_removal_matches_dkimpy(data: bytes) -> None:
+    assert fast.RE_BTAG.sub(b"\\1", data) == fast._ORIGINAL_BTAG.sub(b"\\1", data)
+
+
+_MESSAGE_ALPHABET = b"\r\n\n \tA:b-From x\r\n"
+MESSAGE_BYTES = st.binary(max_size=80).map(
+    lambda b: bytes(_MESSAGE_ALPHABET[x % len(_MESSAGE_ALPHABET)] for x in b)
+)
+
+
+def _parse_or_error(parse: object, message: bytes) -> object:
+    try:
+        return parse(message)  # type: ignore[operator]
+    except Exception as exc:
+        return type(exc).__name__
+
+
+@given(MESSAGE_BYTES)
+def test_rfc822_parse_matches_dkimpy(data: bytes) -> None:
+    assert _parse_or_error(fast.rfc822_parse, data) == _parse_or_error(fast._ORIGINAL_PARSE, data)
+
+
+_TAG_ALPHABET = b" ;=aZ0_\t\xe9"
+TAG_LISTS = st.binary(max_size=40).map(
+    lambda b: bytes(_TAG_ALPHABET[x % len(_TAG_ALPHABET)] for x in b)
+)
+
+
+@given(TAG_LISTS)
+def test_parse_tag_value_matches_dkimpy(data: bytes) -> None:
+    def outcome(parse: object) -> object:
+        try:
+            return parse(data)  # type: ignore[operator]
+        except Exception as exc:
+            return type(exc).__name__, exc.args
+
+    assert outcome(fast.parse_tag_value) == outcome(fast._ORIGINAL_TAGS)

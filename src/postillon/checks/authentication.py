@@ -38,7 +38,7 @@ from postillon.checks.dmarc_check import (
     from_domain_of,
     organizational_domain,
 )
-from postillon.checks.spf_check import SpfOutcome, check_spf
+from postillon.checks.spf_check import SpfCache, SpfOutcome, check_spf
 from postillon.config.model import AuthenticationConfig
 from postillon.routing.resolver import Resolver
 from postillon.signing.keys import KeyStore
@@ -116,37 +116,45 @@ class InboundAuthentication:
         self.local_domains = local_domains
         self.sealing_keys = sealing_keys
         self._networks = [ipaddress.ip_network(n, strict=False) for n in config.allow_networks]
+        # Per instance (so per resolver): results live at most a minute (spf_check.SpfCache).
+        self.spf_cache = SpfCache()
 
     def _allowlisted(self, facts: MessageFacts, from_domain: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(facts.client_ip)
-        except ValueError:
-            ip = None
-        if ip is not None and any(ip in net for net in self._networks):
-            return True
+        if self._networks:
+            try:
+                ip = ipaddress.ip_address(facts.client_ip)
+            except ValueError:
+                ip = None
+            if ip is not None and any(ip in net for net in self._networks):
+                return True
         domains = self.config.allow_domains
+        if not domains:
+            return False
         return _within(_domain_of(facts.mail_from), domains) or (
             bool(from_domain) and _within(from_domain, domains)
         )
 
     def _blocking_checks(
-        self, bridge: BlockingDns, facts: MessageFacts
+        self,
+        bridge: BlockingDns,
+        facts: MessageFacts,
+        signatures: list[dict[bytes, bytes]],
     ) -> tuple[SpfOutcome, list[MethodResult], ArcOutcome | None]:
-        spf = check_spf(bridge, facts.client_ip, facts.mail_from, facts.helo)
+        spf = check_spf(bridge, facts.client_ip, facts.mail_from, facts.helo, self.spf_cache)
         if facts.message is None:
             too_big = MethodResult("dkim", "policy", "message too large to verify")
             return spf, [too_big], None
-        dkim = verify_dkim(bridge, facts.message)
+        dkim = verify_dkim(bridge, facts.message, signatures)
         arc = verify_arc(bridge, facts.message)
         return spf, dkim, arc
 
     @staticmethod
-    def _names_to_prefetch(facts: MessageFacts) -> list[str]:
+    def _names_to_prefetch(facts: MessageFacts, signatures: list[dict[bytes, bytes]]) -> list[str]:
         """TXT names the checks will certainly ask: the SPF records of both
         identities and each signature's DKIM key."""
         names = [_domain_of(facts.mail_from) or facts.helo.lower(), facts.helo.lower()]
         if facts.message is not None:
-            for tags in signature_fields(facts.message):
+            for tags in signatures:
                 domain = tags.get(b"d", b"").decode("ascii", errors="replace")
                 selector = tags.get(b"s", b"").decode("ascii", errors="replace")
                 if domain and selector:
@@ -162,9 +170,13 @@ class InboundAuthentication:
             if from_domain
             else None
         )
-        await bridge.prefetch_txt(self._names_to_prefetch(facts))
+        # The DKIM-Signature fields, parsed once: for the prefetch and the verifier.
+        signatures = signature_fields(facts.message) if facts.message is not None else []
+        await bridge.prefetch_txt(self._names_to_prefetch(facts, signatures))
         try:
-            spf, dkim_results, arc = await asyncio.to_thread(self._blocking_checks, bridge, facts)
+            spf, dkim_results, arc = await asyncio.to_thread(
+                self._blocking_checks, bridge, facts, signatures
+            )
         finally:
             if dmarc_lookup is not None and not dmarc_lookup.done():
                 await asyncio.wait([dmarc_lookup])

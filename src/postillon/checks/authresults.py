@@ -51,6 +51,8 @@ def _value(text: str) -> str:
 
 def _printable(text: str) -> str:
     """No CR, LF or other controls in our header, whatever DNS or a sender gave us."""
+    if text.isprintable():  # the usual case: nothing to replace
+        return text
     return "".join(c if c.isprintable() else " " for c in text)
 
 
@@ -103,6 +105,8 @@ def strip_own_results(header: bytes, authserv_id: str) -> tuple[bytes, int]:
     Returns the new header section and how many fields were removed. Fields
     naming other hosts stay: they are someone else's (possibly useful) claims.
     """
+    if _HEADER_NAME not in header.lower():  # the usual case: no such field at all
+        return header, 0
     own = authserv_id.lower().rstrip(".")
     kept: list[bytes] = []
     removed = 0

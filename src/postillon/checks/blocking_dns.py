@@ -38,6 +38,9 @@ class BlockingDns:
         # TXT answers fetched on the loop before the worker starts (prefetch_txt):
         # the names a check is sure to ask save a thread round trip each.
         self._txt: dict[str, list[tuple[bytes, ...]]] = {}
+        # The TTL of each answer served (name -> seconds, as received), so a result
+        # computed from them (the SPF cache) lives no longer than they do.
+        self.ttls: dict[str, int] = {}
 
     async def prefetch_txt(self, names: list[str]) -> None:
         """Look these TXT names up now, on the event loop, all at once."""
@@ -55,6 +58,7 @@ class BlockingDns:
                 self.temp_failures[key] = repr(exc)
             else:
                 self._txt[key] = [r.strings for r in answer.records]
+                self.ttls[key] = answer.ttl
 
         await asyncio.gather(*(one(n) for n in dict.fromkeys(names) if n))
 
@@ -70,7 +74,7 @@ class BlockingDns:
         """The answer, None when the data does not exist; DnsTempError otherwise."""
         key = name.lower().rstrip(".")
         try:
-            return self._wait(coro)
+            answer = self._wait(coro)
         except DnsNotFound:
             self.missing.add(key)
             return None
@@ -80,6 +84,10 @@ class BlockingDns:
         except Exception as exc:  # anything unexpected is temporary (resolver contract)
             self.temp_failures[key] = repr(exc)
             raise DnsTempError(name, "?", repr(exc)) from exc
+        ttl = getattr(answer, "ttl", None)
+        if isinstance(ttl, int):
+            self.ttls[key] = min(ttl, self.ttls.get(key, ttl))
+        return answer
 
     def txt(self, name: str) -> list[tuple[bytes, ...]]:
         key = name.lower().rstrip(".")

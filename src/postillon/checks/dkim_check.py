@@ -45,13 +45,14 @@ def dkim_dnsfunc(bridge: BlockingDns) -> object:
 
 
 def _tags(value: bytes) -> dict[bytes, bytes]:
-    unfolded = re.sub(rb"\s+", b"", value)
+    unfolded = b"".join(value.split())  # no whitespace at all (bytes.split: \s in C)
     return {m.group(1).lower(): m.group(2) for m in _TAG.finditer(unfolded)}
 
 
 def signature_fields(message: bytes) -> list[dict[bytes, bytes]]:
     """The tags of each DKIM-Signature field, top first (for results and DMARC)."""
-    header = message.split(b"\r\n\r\n", 1)[0]
+    end = message.find(b"\r\n\r\n")  # the header section, without copying the body
+    header = message if end < 0 else message[:end]
     out = []
     for match in re.finditer(
         rb"(?im)^dkim-signature[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", header
@@ -60,9 +61,17 @@ def signature_fields(message: bytes) -> list[dict[bytes, bytes]]:
     return out
 
 
-def verify_dkim(bridge: BlockingDns, message: bytes) -> list[MethodResult]:
-    """One result per signature; ``[dkim=none]`` for an unsigned message."""
-    signatures = signature_fields(message)
+def verify_dkim(
+    bridge: BlockingDns,
+    message: bytes,
+    signatures: list[dict[bytes, bytes]] | None = None,
+) -> list[MethodResult]:
+    """One result per signature; ``[dkim=none]`` for an unsigned message.
+
+    ``signatures``: ``signature_fields(message)`` when the caller already has it.
+    """
+    if signatures is None:
+        signatures = signature_fields(message)
     if not signatures:
         return [MethodResult("dkim", "none", "message not signed")]
     verifier = dkim.DKIM(message, logger=_quiet, minkey=MIN_RSA_BITS, timeout=KEY_LOOKUP_TIMEOUT)

@@ -29,6 +29,7 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@functools.lru_cache(maxsize=4096)
 def organizational_domain(domain: str) -> str:
     """RFC 7489 §3.2: the registrable domain (public suffix + one label)."""
     domain = domain.lower().rstrip(".")
@@ -131,6 +132,13 @@ def from_domain_of(from_values: list[str]) -> tuple[str, str]:
     """
     if len(from_values) != 1:
         return "", f"{len(from_values)} From: fields"
+    return _from_domain(from_values[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _from_domain(from_value: str) -> tuple[str, str]:
+    """from_domain_of for one From: value (pure, so memoised: bulk senders repeat it)."""
+    from_values = [from_value]
     addresses = [addr for _name, addr in getaddresses(from_values) if addr]
     domains = {addr.rpartition("@")[2].lower().rstrip(".") for addr in addresses}
     domains.discard("")

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import time
 from collections import OrderedDict
@@ -254,7 +255,9 @@ class _Negative:
     reason: str
 
 
-_CacheKey = tuple[dns.name.Name, int]
+# (lower-case name text, rdtype): the same equality as dns.name.Name's (case-insensitive),
+# without dnspython's per-call Name hashing (it lower-cases every label each time).
+_CacheKey = tuple[str, int]
 _CacheValue = Answer[Any] | _Negative
 
 
@@ -297,6 +300,22 @@ class DnsCache:
 
 def _text(name: dns.name.Name) -> str:
     return name.to_text(omit_final_dot=True).lower()
+
+
+@functools.lru_cache(maxsize=4096)
+def _wire_name(text: str) -> tuple[dns.name.Name, str]:
+    """A name as asked (stripped, ASCII) and its text for events, memoised: a busy
+    server asks the same few names over and over, and dnspython's parsing is pure
+    Python. Names are immutable; invalid ones raise and are not memoised."""
+    if not text.isascii():
+        text = domain_to_ascii(text.rstrip("."))
+    name = dns.name.from_text(text)
+    return name, _text(name)
+
+
+@functools.lru_cache(maxsize=64)
+def _rdtype_text(rdtype: dns.rdatatype.RdataType) -> str:
+    return dns.rdatatype.to_text(rdtype)
 
 
 def _negative_ttl(response: object) -> int:
@@ -459,14 +478,13 @@ class DnsResolver:
 
     # -- machinery --
 
-    def _qname(self, name: str, rdtype_text: str) -> dns.name.Name:
+    def _qname(self, name: str, rdtype_text: str) -> tuple[dns.name.Name, str]:
+        """The name to ask and its text (for lookup events)."""
         text = name.strip()
         try:
             if not text:
                 raise ValueError("empty name")
-            if not text.isascii():
-                text = domain_to_ascii(text.rstrip("."))
-            return dns.name.from_text(text)
+            return _wire_name(text)
         except (ValueError, AddressError, dns.exception.DNSException) as exc:
             # A name that cannot be put on the wire can never exist.
             raise DnsNotFound(name, rdtype_text, f"invalid name: {exc}", nxdomain=True) from None
@@ -477,9 +495,9 @@ class DnsResolver:
         rdtype: dns.rdatatype.RdataType,
         convert: Callable[[dns.rdata.Rdata], T],
     ) -> Answer[T]:
-        rdtype_text = dns.rdatatype.to_text(rdtype)
-        qname = self._qname(name, rdtype_text)
-        key: _CacheKey = (qname, int(rdtype))
+        rdtype_text = _rdtype_text(rdtype)
+        qname, qtext = self._qname(name, rdtype_text)
+        key: _CacheKey = (qtext, int(rdtype))
         started = time.perf_counter()
         value = self._cache.get(key)
         cached = value is not None
@@ -494,13 +512,13 @@ class DnsResolver:
             try:
                 value = await asyncio.shield(future)
             except DnsTempError as exc:
-                self._emit(qname, rdtype_text, "tempfail", started, cached)
+                self._emit(qtext, rdtype_text, "tempfail", started, cached)
                 raise DnsTempError(name, rdtype_text, exc.reason) from None
         if isinstance(value, _Negative):
             result: LookupResult = "nxdomain" if value.nxdomain else "nodata"
-            self._emit(qname, rdtype_text, result, started, cached)
+            self._emit(qtext, rdtype_text, result, started, cached)
             raise DnsNotFound(name, rdtype_text, value.reason, nxdomain=value.nxdomain)
-        self._emit(qname, rdtype_text, "answer", started, cached)
+        self._emit(qtext, rdtype_text, "answer", started, cached)
         return cast(Answer[T], value)
 
     def _forget(self, key: _CacheKey, future: asyncio.Future[_CacheValue]) -> None:
@@ -519,7 +537,7 @@ class DnsResolver:
         DnsTempError."""
         rdtype_text = dns.rdatatype.to_text(rdtype)
         name = _text(qname)
-        key: _CacheKey = (qname, int(rdtype))
+        key: _CacheKey = (name, int(rdtype))
         try:
             answer = await self._resolver.resolve(qname, rdtype, search=False)
         except dns.resolver.NXDOMAIN as exc:
@@ -558,7 +576,7 @@ class DnsResolver:
 
     def _emit(
         self,
-        qname: dns.name.Name,
+        qtext: str,
         rdtype_text: str,
         result: LookupResult,
         started: float,
@@ -566,9 +584,7 @@ class DnsResolver:
     ) -> None:
         if self._on_lookup is None:
             return
-        event = LookupEvent(
-            _text(qname), rdtype_text, result, time.perf_counter() - started, cached
-        )
+        event = LookupEvent(qtext, rdtype_text, result, time.perf_counter() - started, cached)
         with contextlib.suppress(Exception):  # metrics must never break a lookup
             self._on_lookup(event)
 
