@@ -378,3 +378,27 @@ def test_reload_new_certificate_on_implicit_tls_listener(make_server, tmp_path: 
     _wait_log(server, "configuration reloaded", 1)
     assert presented() == second
     assert _presented_certificate(("127.0.0.1", smtp_port)) == second
+
+
+def test_newaliases_checks_the_aliases_and_reloads_the_server(make_server) -> None:  # type: ignore[no-untyped-def]
+    # What an operator types after editing /etc/aliases.
+    server: ServerProcess = make_server(aliases={"files": ["aliases"]})
+    aliases = server.root / "aliases"
+    aliases.write_text("sales: alice\n")
+    server.start()
+    address = _addr(server)
+    assert _rcpt(address, "support@example.org") == 550
+
+    aliases.write_text("sales: alice\nsupport: bob\n")
+    result = server.cli("newaliases")
+    assert "aliases checked" in result.stdout and "reload requested" in result.stdout
+    _wait_log(server, "configuration reloaded", 1)
+    assert _rcpt(address, "support@example.org") == 250
+
+    # A broken file is reported, names the file and line, and nothing is signalled.
+    aliases.write_text("sales: alice\nbroken line without a colon\n")
+    result = server.cli("newaliases", check=False)
+    assert result.returncode == 78  # EX_CONFIG
+    assert "aliases" in result.stderr and "keeps its aliases" in result.stderr
+    assert server.maillog().count("configuration reloaded") == 1
+    assert _rcpt(address, "support@example.org") == 250

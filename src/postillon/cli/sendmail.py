@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,10 +62,6 @@ EX_CONFIG = 78
 _WITH_ARG = frozenset("ABCFLNORVXbefhopr")
 _FLAGS = frozenset("GIUcimntvx")
 _RECIPIENT_HEADERS = ("to", "cc", "bcc")
-_NEWALIASES_TEXT = (
-    "postillon: no alias database to build: aliases are read from the configuration "
-    "when the server starts or reloads"
-)
 
 
 class UsageError(Exception):
@@ -341,9 +338,6 @@ def run(
     except UsageError as exc:
         _err(str(exc))
         return EX_USAGE
-    if opts.mode == "i":
-        print(_NEWALIASES_TEXT)
-        return EX_OK
     try:
         config = _load_config(opts.config or config_path)
     except ConfigError as exc:
@@ -352,6 +346,8 @@ def run(
     except PermissionError as exc:
         _err(f"cannot read the configuration: {exc}")
         return EX_CONFIG
+    if opts.mode == "i":
+        return _newaliases(config)
     try:
         if opts.mode == "p":
             return _queue(config, "list")
@@ -401,6 +397,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def mailq_main(argv: Sequence[str] | None = None) -> int:
     return run(["-bp", *(sys.argv[1:] if argv is None else argv)])
+
+
+def _newaliases(config: Config) -> int:
+    """``newaliases``: there is no alias database to build (postillon reads the
+    aliases files themselves), so check them and make the running server
+    re-read them, as an operator who just edited /etc/aliases expects."""
+    # Imported here: the server's modules are not needed by sendmail's hot path.
+    from postillon.app import build_local_recipients, pid_path
+    from postillon.cli.reload_cmd import read_pid
+
+    try:
+        build_local_recipients(config)
+    except (ValueError, OSError) as exc:  # AliasesError is a ValueError
+        _err(f"{exc}\nthe running server keeps its aliases")
+        return EX_CONFIG
+    print("postillon: aliases checked")
+    pid = read_pid(pid_path(config.data_dir))
+    if pid is None:
+        print("postillon: no running server; it reads the aliases when it starts")
+        return EX_OK
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except PermissionError:
+        _err(f"not allowed to signal the server (pid {pid}); run as its user or root")
+        return EX_NOPERM
+    print(f"postillon: reload requested (pid {pid}); see the log for the result")
+    return EX_OK
 
 
 def newaliases_main(argv: Sequence[str] | None = None) -> int:
