@@ -87,7 +87,13 @@ def test_options() -> None:
 
 def test_unknown_flag_exits_ex_usage() -> None:
     assert sendmail.run(["-Z"]) == sendmail.EX_USAGE
-    assert sendmail.run(["-bi"]) == sendmail.EX_OK
+
+
+def test_newaliases_needs_the_config_to_find_the_aliases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POSTILLON_CONFIG", str(tmp_path / "missing.toml"))
+    assert sendmail.run(["-bi"]) == sendmail.EX_CONFIG
 
 
 def test_dot_handling() -> None:
