@@ -36,11 +36,11 @@ import time
 from collections.abc import Iterator
 from typing import IO, Any, Final
 
-from postillon.queue.sqlite_store import (
-    _decode_mail_params,
-    _decode_rcpt_params,
-    _encode_mail_params,
-    _encode_rcpt_params,
+from postillon.queue.codec import (
+    decode_mail_params,
+    decode_rcpt_params,
+    encode_mail_params,
+    encode_rcpt_params,
 )
 from postillon.queue.store import (
     DeliveryState,
@@ -94,7 +94,7 @@ def _message_line(info: MessageInfo, body: bytes) -> dict[str, Any] | None:
     return {
         "queue_id": info.queue_id,
         "sender": info.sender,
-        "mail_params": json.loads(_encode_mail_params(info.mail_params)),
+        "mail_params": json.loads(encode_mail_params(info.mail_params)),
         "size": info.size,
         "received_at": info.received_at,
         "client": info.client,
@@ -103,7 +103,7 @@ def _message_line(info: MessageInfo, body: bytes) -> dict[str, Any] | None:
             {
                 "address": r.recipient,
                 "original": r.original_recipient,
-                "params": json.loads(_encode_rcpt_params(r.rcpt_params)),
+                "params": json.loads(encode_rcpt_params(r.rcpt_params)),
                 "held": r.state is DeliveryState.HELD,
             }
             for r in waiting
@@ -172,7 +172,7 @@ def _new_message(data: dict[str, Any]) -> tuple[NewMessage, bool]:
     recipients = [
         NewRecipient(
             address=r["address"],
-            params=_decode_rcpt_params(json.dumps(r.get("params", {}))),
+            params=decode_rcpt_params(json.dumps(r.get("params", {}))),
             original=r.get("original"),
         )
         for r in data["recipients"]
@@ -182,7 +182,7 @@ def _new_message(data: dict[str, Any]) -> tuple[NewMessage, bool]:
     message = NewMessage(
         queue_id=str(data["queue_id"]),
         sender=str(data["sender"]),
-        mail_params=_decode_mail_params(json.dumps(data.get("mail_params", {}))),
+        mail_params=decode_mail_params(json.dumps(data.get("mail_params", {}))),
         recipients=recipients,
         body=io.BytesIO(body),
         size=len(body),

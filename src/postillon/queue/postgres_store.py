@@ -78,14 +78,14 @@ from typing import IO, Any, Final, TypeAlias, TypeVar
 import asyncpg
 
 from postillon.core.reply import Reply
-from postillon.queue.postgres_schema import check_schema, migrate
-from postillon.queue.sqlite_store import (
-    _encode_mail_params,
-    _encode_rcpt_params,
-    _encode_reply,
-    _message,
-    _record,
+from postillon.queue.codec import (
+    encode_mail_params,
+    encode_reply,
+    message_from_row,
+    record_from_row,
+    record_rows,
 )
+from postillon.queue.postgres_schema import check_schema, migrate
 from postillon.queue.store import (
     DeliveryRecord,
     DeliveryState,
@@ -195,17 +195,7 @@ class _Commit:
 
     def __init__(self, message: NewMessage, updated_at: float) -> None:
         self.message = message
-        self.record_rows = [
-            (
-                message.queue_id,
-                r.address,
-                r.original,
-                _encode_rcpt_params(r.params),
-                message.received_at,  # due at once
-                updated_at,
-            )
-            for r in message.recipients
-        ]
+        self.record_rows = record_rows(message, updated_at)
         self.chunks: list[bytes] = []
 
     @property
@@ -217,7 +207,7 @@ class _Commit:
         return (
             m.queue_id,
             m.sender,
-            _encode_mail_params(m.mail_params),
+            encode_mail_params(m.mail_params),
             m.size,
             m.received_at,
             m.client,
@@ -272,7 +262,7 @@ async def _apply_outcomes(conn: Conn, groups: Sequence[Sequence[OutcomeUpdate]])
         [u.lease_token for u in updates],
         [u.state.value for u in updates],
         [u.next_try for u in updates],
-        [_encode_reply(u.reply) for u in updates],
+        [encode_reply(u.reply) for u in updates],
         [u.now for u in updates],
         [u.attempted for u in updates],
     )
@@ -688,7 +678,7 @@ class PostgresStore:
                 expires,
                 now,
             )
-            by_id = {row[0]: _record(row) for row in rows}
+            by_id = {row[0]: record_from_row(row) for row in rows}
             return [by_id[i] for i in ids]
 
         result: list[DeliveryRecord] = await self._write(op, durable=False)
@@ -793,7 +783,7 @@ class PostgresStore:
                 f" RETURNING {_RECORD_COLUMNS}",
                 now,
                 queue_id,
-                _encode_reply(reply),
+                encode_reply(reply),
             )
             if not rows:
                 return []
@@ -804,7 +794,7 @@ class PostgresStore:
             )
             if unfinished is None:
                 await conn.execute("DELETE FROM messages WHERE queue_id = $1", queue_id)
-            return sorted(map(_record, rows), key=lambda r: r.record_id)
+            return sorted(map(record_from_row, rows), key=lambda r: r.record_id)
 
         result: list[DeliveryRecord] = await self._write(op)
         return result
@@ -932,7 +922,7 @@ class PostgresStore:
                 f"SELECT {_RECORD_COLUMNS} FROM records WHERE queue_id = $1 ORDER BY record_id",
                 queue_id,
             )
-            return _message(row, map(_record, records))
+            return message_from_row(row, map(record_from_row, records))
 
         return await self._read(fn)
 
@@ -963,8 +953,8 @@ class PostgresStore:
                 " ORDER BY record_id",
                 list(by_message),
             ):
-                by_message[rec[1]].append(_record(rec))
-            return [_message(row, by_message[row[0]]) for row in rows]
+                by_message[rec[1]].append(record_from_row(rec))
+            return [message_from_row(row, by_message[row[0]]) for row in rows]
 
         return await self._read(fn)
 

@@ -80,8 +80,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Final, TypeAlias, TypeVar
 
-from postillon.core.envelope import BodyType, DsnRet, MailParams, RcptParams
 from postillon.core.reply import Reply
+from postillon.queue.codec import (
+    encode_mail_params,
+    encode_reply,
+    message_from_row,
+    record_from_row,
+    record_rows,
+)
 from postillon.queue.store import (
     DeliveryRecord,
     DeliveryState,
@@ -172,106 +178,6 @@ _MESSAGE_COLUMNS: Final = "queue_id, sender, mail_params, size, received_at, cli
 
 # A record that is HELD but still carries a running lease has a delivery in flight.
 _IN_FLIGHT: Final = "(lease_token IS NOT NULL AND lease_expires > :now)"
-
-
-# ---------------------------------------------------------------- encoding
-
-
-def _dumps(value: dict[str, Any]) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _encode_mail_params(p: MailParams) -> str:
-    d: dict[str, Any] = {}
-    if p.size is not None:
-        d["size"] = p.size
-    if p.body is not BodyType.SEVEN_BIT:
-        d["body"] = p.body.value
-    if p.smtputf8:
-        d["smtputf8"] = True
-    if p.ret is not None:
-        d["ret"] = p.ret.value
-    if p.envid is not None:
-        d["envid"] = p.envid
-    if p.auth is not None:
-        d["auth"] = p.auth
-    return _dumps(d)
-
-
-def _decode_mail_params(text: str) -> MailParams:
-    d = json.loads(text)
-    ret = d.get("ret")
-    return MailParams(
-        size=d.get("size"),
-        body=BodyType(d.get("body", BodyType.SEVEN_BIT.value)),
-        smtputf8=bool(d.get("smtputf8", False)),
-        ret=DsnRet(ret) if ret is not None else None,
-        envid=d.get("envid"),
-        auth=d.get("auth"),
-    )
-
-
-_DEFAULT_RCPT_PARAMS: Final = "{}"
-
-
-def _encode_rcpt_params(p: RcptParams) -> str:
-    if not p.notify and p.orcpt is None:
-        return _DEFAULT_RCPT_PARAMS
-    d: dict[str, Any] = {}
-    if p.notify:
-        d["notify"] = sorted(p.notify)
-    if p.orcpt is not None:
-        d["orcpt"] = p.orcpt
-    return _dumps(d)
-
-
-def _decode_rcpt_params(text: str) -> RcptParams:
-    if text == _DEFAULT_RCPT_PARAMS:
-        return RcptParams()
-    d = json.loads(text)
-    return RcptParams(notify=frozenset(d.get("notify", ())), orcpt=d.get("orcpt"))
-
-
-def _encode_reply(r: Reply) -> str:
-    return _dumps({"code": r.code, "status": r.status, "lines": list(r.lines)})
-
-
-def _decode_reply(text: str | None) -> Reply | None:
-    if text is None:
-        return None
-    d = json.loads(text)
-    return Reply(int(d["code"]), d.get("status"), tuple(d.get("lines", ())))
-
-
-def _record(row: Sequence[Any]) -> DeliveryRecord:
-    return DeliveryRecord(
-        record_id=row[0],
-        queue_id=row[1],
-        recipient=row[2],
-        original_recipient=row[3],
-        rcpt_params=_decode_rcpt_params(row[4]),
-        state=DeliveryState(row[5]),
-        attempts=row[6],
-        next_try=row[7],
-        last_reply=_decode_reply(row[8]),
-        lease_token=row[9],
-        lease_owner=row[10],
-        lease_expires=row[11],
-        updated_at=row[12],
-    )
-
-
-def _message(row: Sequence[Any], records: Iterable[DeliveryRecord]) -> MessageInfo:
-    return MessageInfo(
-        queue_id=row[0],
-        sender=row[1],
-        mail_params=_decode_mail_params(row[2]),
-        size=row[3],
-        received_at=row[4],
-        client=row[5],
-        source=row[6],
-        records=tuple(records),
-    )
 
 
 # ---------------------------------------------------------------- connections
@@ -417,23 +323,13 @@ class _Commit:
         self.message_row = (
             message.queue_id,
             message.sender,
-            _encode_mail_params(message.mail_params),
+            encode_mail_params(message.mail_params),
             message.size,
             message.received_at,
             message.client,
             message.source,
         )
-        self.record_rows = [
-            (
-                message.queue_id,
-                r.address,
-                r.original,
-                _encode_rcpt_params(r.params),
-                message.received_at,  # due at once
-                updated_at,
-            )
-            for r in message.recipients
-        ]
+        self.record_rows = record_rows(message, updated_at)
         self.chunks: list[bytes] | None = None  # set once read for a multi-row insert
 
     @property
@@ -812,7 +708,7 @@ class SqliteStore:
                     (
                         new_state,
                         u.next_try if u.state is DeliveryState.DEFERRED else u.now,
-                        _encode_reply(u.reply),
+                        encode_reply(u.reply),
                         u.now,
                         u.record_id,
                     ),
@@ -927,7 +823,7 @@ class SqliteStore:
                 "UPDATE records SET state = 'failed', last_reply = ?, next_try = ?,"
                 " lease_token = NULL, lease_owner = NULL, lease_expires = NULL, updated_at = ?"
                 " WHERE record_id = ?",
-                [(_encode_reply(reply), now, now, rid) for rid in ids],
+                [(encode_reply(reply), now, now, rid) for rid in ids],
             )
             failed = _records_by_id(conn, ids)
             unfinished = conn.execute(
@@ -1038,7 +934,7 @@ class SqliteStore:
                 f"SELECT {_RECORD_COLUMNS} FROM records WHERE queue_id = ? ORDER BY record_id",
                 (queue_id,),
             )
-            return _message(row, map(_record, records))
+            return message_from_row(row, map(record_from_row, records))
 
         return await self._read(fn)
 
@@ -1072,8 +968,8 @@ class SqliteStore:
                     " ORDER BY record_id",
                     part,
                 ):
-                    by_message[rec[1]].append(_record(rec))
-            return [_message(row, by_message[row[0]]) for row in rows]
+                    by_message[rec[1]].append(record_from_row(rec))
+            return [message_from_row(row, by_message[row[0]]) for row in rows]
 
         return await self._read(fn)
 
@@ -1138,7 +1034,7 @@ def _records_by_id(conn: sqlite3.Connection, ids: Sequence[int]) -> list[Deliver
         for row in conn.execute(
             f"SELECT {_RECORD_COLUMNS} FROM records WHERE record_id IN ({marks})", part
         ):
-            by_id[row[0]] = _record(row)
+            by_id[row[0]] = record_from_row(row)
     return [by_id[i] for i in ids]
 
 
