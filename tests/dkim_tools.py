@@ -129,14 +129,11 @@ def postillon_verify(message: bytes, nameserver: str) -> list[str]:
     keys fetched through its resolver from the fixture DNS: one result per signature."""
     import asyncio
 
-    from postillon.checks.blocking_dns import BlockingDns
-    from postillon.checks.dkim_check import verify_dkim
+    from postillon.checks.dkim_check import check_dkim
     from postillon.routing.resolver import DnsResolver
 
     async def run() -> list[str]:
         resolver = DnsResolver([nameserver], timeout=1.0, attempts=1)
-        bridge = BlockingDns(resolver, asyncio.get_running_loop())
-        results = await asyncio.to_thread(verify_dkim, bridge, message)
-        return [r.result for r in results]
+        return [r.result for r in await check_dkim(resolver, message)]
 
     return asyncio.run(run())

@@ -148,18 +148,41 @@ def test_submitted_and_local_mail_is_signed_and_verifies(
 
 
 def test_mail_signed_by_opendkim_verifies_here(tmp_path: Path) -> None:
-    """opendkim-genkey + opendkim-testmsg sign; postillon's verifier (checks/dkim_check.py)
-    and plain dkimpy verify against the record opendkim-genkey wrote, served by the fixture
-    DNS."""
+    """opendkim-genkey + opendkim-testmsg sign; postillon's verifier (checks/dkim_check.py,
+    on dkimcore) and plain dkimpy verify against the record opendkim-genkey wrote, served
+    by the fixture DNS.
+
+    opendkim-testmsg can only sign a=rsa-sha1 (it has no option for sha256), so the key
+    is generated to allow sha1 (h=sha1:sha256). With opendkim-genkey's default record
+    (h=sha256) the key itself forbids a sha1 signature (RFC 6376 3.6.1, h=): postillon
+    says permerror where dkimpy, which ignores the key's h=, says it verifies."""
     require_root_for_opendkim()
     subprocess.run(
-        ["opendkim-genkey", "-b", "2048", "-d", "example.net", "-s", "od", "-D", str(tmp_path)],
+        [
+            "opendkim-genkey",
+            "-b",
+            "2048",
+            "-d",
+            "example.net",
+            "-s",
+            "od",
+            "-D",
+            str(tmp_path),
+            "--hash-algorithms=sha1:sha256",
+        ],
         check=True,
         timeout=60,
     )
     record = (tmp_path / "od.txt").read_text()
     value = "".join(part for i, part in enumerate(record.split('"')) if i % 2 == 1)
-    zones = {"example.net": {"od._domainkey.example.net": {"TXT": txt_rdata(value)}}}
+    assert "h=sha1:sha256;" in value
+    sha256_only = value.replace("h=sha1:sha256;", "h=sha256;")
+    zones = {
+        "example.net": {
+            "od._domainkey.example.net": {"TXT": txt_rdata(value)},
+            "only256._domainkey.example.net": {"TXT": txt_rdata(sha256_only)},
+        }
+    }
     message = (
         b"From: Carol <carol@example.net>\r\nTo: alice@example.org\r\nSubject: from OpenDKIM\r\n"
         b"Date: Sat, 28 Nov 2026 18:00:00 +0000\r\n\r\nSigned   elsewhere.\r\n"
@@ -169,15 +192,17 @@ def test_mail_signed_by_opendkim_verifies_here(tmp_path: Path) -> None:
     )
     assert signed.returncode == 0, signed.stderr.decode()
     assert signed.stdout.startswith(b"DKIM-Signature:")
+    assert b"a=rsa-sha1;" in signed.stdout
     with DnsServer(zones) as dns_server:
         assert dkimpy_verify_all(signed.stdout, dns_server.nameserver) == [True]
-        # NB: opendkim-testmsg signs a=rsa-sha1 (it has no option for sha256), which RFC
-        # 8301 3.1 tells verifiers to reject, and opendkim-genkey's record says h=sha256;
-        # dkimpy and the verifier built on it accept it today (reported, not changed here).
         assert postillon_verify(signed.stdout, dns_server.nameserver) == ["pass"]
         forged = signed.stdout.replace(b"elsewhere", b"here")
         assert dkimpy_verify_all(forged, dns_server.nameserver) == [False]
         assert postillon_verify(forged, dns_server.nameserver) == ["fail"]
+        # The same signature under a selector whose record allows sha256 only.
+        renamed = signed.stdout.replace(b"s=od;", b"s=only256;", 1)
+        assert renamed != signed.stdout
+        assert postillon_verify(renamed, dns_server.nameserver) == ["permerror"]
 
 
 def test_a_bad_key_stops_the_server_with_a_clear_message(make_server: Any) -> None:

@@ -1,7 +1,8 @@
 """ARC (RFC 8617): verify the chain on inbound mail, seal mail we forward.
 
-Verification uses dkimpy's ``arc_verify`` with key lookups through
-:class:`BlockingDns`; blocking, so it runs in a worker thread. The result is
+Verification uses dkimpy's ``arc_verify`` (with ``dkim_speedups``) and key lookups
+through :class:`BlockingDns`; blocking, so it runs in a worker thread. Only mail that
+carries ARC sets pays for it; DKIM itself is verified by ``dkimcore``. The result is
 ``arc=none|pass|fail`` (RFC 8617 §4.4) with the sealing domain of the newest
 set, and the newest ARC-Authentication-Results, so local policy may trust a
 known forwarder's earlier DMARC verdict (§7.2).
@@ -15,16 +16,24 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dkim
 
 from postillon.checks.authresults import MethodResult
 from postillon.checks.blocking_dns import BlockingDns
-from postillon.checks.dkim_check import MIN_RSA_BITS, dkim_dnsfunc
+from postillon.checks.dkim_speedups import install as install_speedups
+from postillon.dkimcore.tags import MIN_RSA_BITS
+from postillon.routing.resolver import DnsTempError
+
+# dkimpy's key lookups time out after this many seconds.
+KEY_LOOKUP_TIMEOUT = 5
 
 _quiet = logging.getLogger("postillon.checks.arc")
+install_speedups()
 _ARC_FIELD = re.compile(rb"(?im)^arc-(?:seal|message-signature|authentication-results)[ \t]*:")
+_ARC_NAMES = frozenset((b"arc-seal", b"arc-message-signature", b"arc-authentication-results"))
 _HEADER_FROM = re.compile(r"header\.from=([^\s;()]+)", re.IGNORECASE)
 
 
@@ -38,10 +47,31 @@ class ArcOutcome:
     sealed_from: str = ""
 
 
+def dkim_dnsfunc(bridge: BlockingDns) -> object:
+    """dkimpy's ``dnsfunc(name, timeout=5) -> bytes | None`` over our resolver."""
+
+    def lookup(name: bytes | str, timeout: float = KEY_LOOKUP_TIMEOUT) -> bytes | None:
+        text = name.decode("ascii", errors="replace") if isinstance(name, bytes) else name
+        try:
+            records = bridge.txt(text)
+        except DnsTempError as exc:
+            raise dkim.DnsTimeoutError(str(exc)) from None
+        # RFC 6376 §3.6.2.2: the strings of one record are concatenated; with several
+        # records the result is undefined: take the first.
+        return b"".join(records[0]) if records else None
+
+    return lookup
+
+
 def _as_text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     return str(value) if value is not None else ""
+
+
+def has_arc_fields(fields: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether a parsed header section carries any ARC field (RFC 8617 §4.1)."""
+    return any(name.lower().rstrip() in _ARC_NAMES for name, _ in fields)
 
 
 def has_arc_headers(header: bytes) -> bool:

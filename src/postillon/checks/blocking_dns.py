@@ -89,6 +89,15 @@ class BlockingDns:
             self.ttls[key] = min(ttl, self.ttls.get(key, ttl))
         return answer
 
+    def prefetched_txt(self, name: str) -> list[tuple[bytes, ...]]:
+        """What :meth:`prefetch_txt` got for ``name``, without a lookup, so safe on the
+        event loop: the records ([] when there are none); DnsTempError when the lookup
+        failed; KeyError when the name was not prefetched."""
+        key = name.lower().rstrip(".")
+        if key in self.temp_failures:
+            raise DnsTempError(name, "TXT", self.temp_failures[key])
+        return self._txt[key]
+
     def txt(self, name: str) -> list[tuple[bytes, ...]]:
         key = name.lower().rstrip(".")
         if key in self._txt:

@@ -56,6 +56,7 @@ class DmarcRecord:
     pct: int = 100
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_record(text: str) -> DmarcRecord | None:
     """A DMARC record, or None when it is not one (§6.3: v=DMARC1 first, p= required)."""
     tags: dict[str, str] = {}
