@@ -1026,7 +1026,7 @@ def main() -> None:
     if a.verify:
         from verify_bench import run_verify  # bench/ is on sys.path as the script's dir
 
-        run_verify(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep)
+        run_verify(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep, a.profile)
         return
     b = Bench(a)
     b.preflight()

@@ -33,7 +33,7 @@ from postillon.routing.resolver import DnsResolver
 from postillon.testing.dns_server import DnsServer
 
 
-async def run(n: int, profile: bool, nameserver: str, message: bytes) -> None:
+async def run(n: int, profile: bool, nameserver: str, message: bytes, sort: str) -> None:
     resolver = DnsResolver([nameserver], timeout=2.0, attempts=1)
     checks = InboundAuthentication(
         AuthenticationConfig(enabled=True), resolver, "postillon.bench.local"
@@ -63,7 +63,7 @@ async def run(n: int, profile: bool, nameserver: str, message: bytes) -> None:
     cpu, wall = time.process_time() - start_cpu, time.perf_counter() - start_wall
     print(f"{n} messages: {cpu / n * 1e6:.0f} µs CPU, {wall / n * 1e6:.0f} µs wall per message")
     if profiler is not None:
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profiler).sort_stats(sort).print_stats(30)
 
 
 def main() -> None:
@@ -71,11 +71,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--sort", default="tottime", help="cProfile order: tottime, cumulative")
     args = ap.parse_args()
     rsa_pem, ed_seed, zone = make_keys()
     message = signed_message(args.size, rsa_pem, ed_seed).replace(b"\n", b"\r\n")
     with DnsServer({SENDER_DOMAIN: zone}) as dns:
-        asyncio.run(run(args.n, args.profile, dns.nameserver, message))
+        asyncio.run(run(args.n, args.profile, dns.nameserver, message, args.sort))
 
 
 if __name__ == "__main__":

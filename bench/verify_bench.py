@@ -255,7 +255,31 @@ def _wait_received(server: Server, total: int) -> str:
     return server.log()
 
 
-def run_verify(reps: int, n: int, conc: int, size: int, results_dir: Path, keep: bool) -> None:
+def profile(server: Server, message: Path, n: int, conc: int, out: Path) -> list[str]:
+    """One extra run under py-spy (not counted): raw stacks, a flame graph, hot spots."""
+    from accept_bench import hot_spots
+
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
+    for fmt, ext in (("raw", "txt"), ("flamegraph", "svg")):
+        dest = out / f"pyspy-{server.name}.{ext}"
+        spying = subprocess.Popen(
+            [str(spy), "record", "--pid", str(server.proc.pid), "--gil", "--rate", "250",
+             "--format", fmt, "--output", str(dest)],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)
+        load(server, message, n, conc)
+        spying.send_signal(signal.SIGINT)
+        spying.wait(60)
+    return hot_spots(out / f"pyspy-{server.name}.txt", server.name, REPO)
+
+
+def run_verify(
+    reps: int, n: int, conc: int, size: int, results_dir: Path, keep: bool, with_profile: bool
+) -> None:
     if not os.access(SMTP_SOURCE, os.X_OK):
         raise SystemExit(f"{SMTP_SOURCE} missing: run `make system-deps` (Debian package postfix)")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -283,6 +307,11 @@ def run_verify(reps: int, n: int, conc: int, size: int, results_dir: Path, keep:
                         f"  round {rep + 1} {server.name}: {rate:.0f} msg/s, "
                         f"{cpu:.2f} CPU ms/msg ({loop:.2f} in the event-loop thread)"
                     )
+            hot: list[str] = []
+            if with_profile:
+                for server in servers:
+                    hot += profile(server, message, n, conc, out)
+                    done[server.name] += 2 * n
             verify = servers[1]
             log = _wait_received(verify, done["verify"])
             verdicts = len(
@@ -329,6 +358,8 @@ def run_verify(reps: int, n: int, conc: int, size: int, results_dir: Path, keep:
         "dkim=pass twice, dmarc=pass",
         "",
     ]
+    if hot:
+        lines += ["## Hot spots (py-spy, one extra run per server)", "", *hot, ""]
     text = "\n".join(lines)
     (out / "summary.md").write_text(text)
     print("\n" + text)
@@ -348,8 +379,9 @@ def main() -> None:
         default=Path(os.environ.get("RESULTS_DIR", "/tmp/postillon-bench")),
     )
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="one extra run per server under py-spy")
     a = ap.parse_args()
-    run_verify(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep)
+    run_verify(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep, a.profile)
 
 
 if __name__ == "__main__":

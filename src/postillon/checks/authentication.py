@@ -165,14 +165,19 @@ class InboundAuthentication:
     async def evaluate(self, facts: MessageFacts) -> Verdict:
         loop = asyncio.get_running_loop()
         bridge = BlockingDns(self.resolver, loop)
-        from_domain, from_problem = from_domain_of(header_values(facts.header, "From"))
+        # Header fields and DKIM-Signatures, parsed once for the prefetch and the verifier.
+        parsed = ParsedMessage(facts.message) if facts.message is not None else None
+        from_values = (
+            parsed.values(b"from")
+            if parsed is not None and not parsed.problem
+            else header_values(facts.header, "From")
+        )
+        from_domain, from_problem = from_domain_of(from_values)
         dmarc_lookup = (
             asyncio.ensure_future(discover_policy(self.resolver, from_domain))
             if from_domain
             else None
         )
-        # Header fields and DKIM-Signatures, parsed once for the prefetch and the verifier.
-        parsed = ParsedMessage(facts.message) if facts.message is not None else None
         await bridge.prefetch_txt(self._names_to_prefetch(facts, parsed))
         try:
             if parsed is None:

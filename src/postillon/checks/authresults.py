@@ -79,6 +79,9 @@ def render(authserv_id: str, results: list[MethodResult]) -> bytes:
     return f"{head};\r\n\t{clauses}\r\n".encode()
 
 
+_FOLD = re.compile(r"\r?\n[ \t]")
+
+
 def _authserv_id(value: bytes) -> str:
     """The authserv-id of a field body: the first token, comments skipped."""
     text = value.decode("utf-8", errors="replace")
@@ -127,6 +130,10 @@ def header_values(header: bytes, name: str) -> list[str]:
     for field in split_fields(header):
         match = _FIELD.match(field)
         if match is not None and match.group(1).lower() == wanted:
-            raw = field[match.end() :].decode("utf-8", errors="replace")
-            out.append(re.sub(r"\r?\n[ \t]", " ", raw).strip())
+            out.append(unfold(field[match.end() :].decode("utf-8", errors="replace")))
     return out
+
+
+def unfold(raw: str) -> str:
+    """A field value on one line: each line break with the blank after it becomes a space."""
+    return _FOLD.sub(" ", raw).strip() if "\n" in raw else raw.strip()

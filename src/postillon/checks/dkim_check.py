@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from postillon.checks.authresults import MethodResult
+from postillon.checks.authresults import MethodResult, unfold
 from postillon.checks.blocking_dns import BlockingDns
 from postillon.dkimcore.canonical import Field, HeaderFormatError, header_fields, split_message
 from postillon.dkimcore.verify import (
@@ -50,6 +50,15 @@ class ParsedMessage:
     @property
     def key_names(self) -> list[str]:
         return [s.key_name for s in self.signatures if s.key_name]
+
+    def values(self, name: bytes) -> list[str]:
+        """The unfolded values of every field called ``name`` (lower-case), as
+        :func:`postillon.checks.authresults.header_values` gives them."""
+        return [
+            unfold(value.decode("utf-8", errors="replace"))
+            for field_name, value in self.fields
+            if field_name.lower() == name
+        ]
 
 
 def prefetched_keys(bridge: BlockingDns) -> Callable[[str], bytes | None]:

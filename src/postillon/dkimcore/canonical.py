@@ -17,6 +17,8 @@ class HeaderFormatError(ValueError):
 
 
 _WSP = re.compile(rb"[ \t]+")
+# One field: a name, a colon, the value with its continuation lines, the CRLF.
+_FIELD = re.compile(rb"([^ \t\r\n:][^:\r\n]*):([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n")
 # Only runs that relaxed canonicalisation changes: a tab, or a space followed by more WSP.
 # Single spaces (most of any text) are left alone, which makes the common case cheap.
 _WSP_RUN = re.compile(rb"\t[ \t]*| [ \t]+")
@@ -26,20 +28,20 @@ _LFCR_RUN = re.compile(rb"(?:\n\r)*")
 
 def header_fields(header: bytes) -> list[Field]:
     """The fields of a header section (CRLF lines, with or without the final CRLF)."""
+    if not header.endswith(b"\r\n"):
+        header += b"\r\n"
     fields: list[Field] = []
-    for line in header.split(b"\r\n"):
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t"):
-            if not fields:
-                raise HeaderFormatError("the header section starts with a continuation line")
-            name, value = fields[-1]
-            fields[-1] = (name, value + b"\r\n" + line)
-            continue
-        name, colon, value = line.partition(b":")
-        if not colon or not name:
+    match = _FIELD.match
+    pos, end = 0, len(header)
+    while pos < end:
+        found = match(header, pos)
+        if found is None:
+            line = header[pos : header.find(b"\r\n", pos)]
+            if not line:  # an empty line: the header section has ended
+                break
             raise HeaderFormatError(f"not a header field: {line[:40]!r}")
-        fields.append((name, value))
+        fields.append((found.group(1), found.group(2)))
+        pos = found.end()
     return fields
 
 

@@ -74,7 +74,8 @@ KeyLookup = Callable[[str], bytes | None]
 
 @dataclass(slots=True)
 class Signature:
-    """One DKIM-Signature field, parsed; ``problem`` set when it cannot be verified."""
+    """One DKIM-Signature field, parsed and checked; ``problem`` set when it cannot be
+    verified. The tag values the verifier needs are decoded here, once."""
 
     index: int  # position among the header fields
     header_field: Field  # the DKIM-Signature field itself
@@ -84,6 +85,14 @@ class Signature:
     selector: str = ""  # s=
     # The TXT name of the key; "" when the signature is unusable before any lookup.
     key_name: str = ""
+    hash_name: str = ""  # from a=: "sha256" | "sha1"
+    key_type: str = ""  # from a=: "rsa" | "ed25519"
+    header_canon: str = ""  # from c=: "simple" | "relaxed"
+    body_canon: str = ""
+    body_length: int = -1  # l=, -1 without
+    signed_names: list[bytes] = field(default_factory=list)  # h=, lower-case
+    body_hash: bytes = b""  # bh=, decoded
+    signature: bytes = b""  # b=, decoded
 
     def tag(self, name: bytes) -> str:
         return self.tags.get(name, b"").decode("ascii", errors="replace")
@@ -109,29 +118,36 @@ def parse_signatures(fields: Sequence[Field], now: float | None = None) -> list[
         except TagListError as exc:
             signature.problem = str(exc)
         else:
-            signature.problem = _tag_problem(signature.tags, clock)
             signature.domain = signature.tag(b"d").lower()
             signature.selector = signature.tag(b"s")
+            signature.problem = _read_tags(signature, clock)
             if not signature.problem:
                 signature.key_name = f"{signature.selector}._domainkey.{signature.domain}"
         out.append(signature)
     return out
 
 
-def _tag_problem(tags: dict[bytes, bytes], now: int) -> str:
-    """Why these signature tags cannot be verified, or "" (RFC 6376 §3.5, §6.1.1)."""
+def _read_tags(sig: Signature, now: int) -> str:
+    """Fill ``sig`` from its tags; why they cannot be verified, or "" (RFC 6376 §3.5,
+    §6.1.1)."""
+    tags = sig.tags
     for name in REQUIRED_TAGS:
         if name not in tags:
             return f"signature has no {name.decode()}="
     if tags[b"v"] != b"1":
         return "v= is not 1"
-    if tags[b"a"] not in ALGORITHMS:
+    algorithm = ALGORITHMS.get(tags[b"a"])
+    if algorithm is None:
         return f"unknown algorithm a={tags[b'a'][:30].decode('ascii', 'replace')}"
-    for name in (b"b", b"bh"):
-        try:
-            decode_base64(tags[name])
-        except binascii.Error:
-            return f"{name.decode()}= is not base64"
+    sig.hash_name, sig.key_type = algorithm
+    try:
+        sig.signature = decode_base64(tags[b"b"])
+    except binascii.Error:
+        return "b= is not base64"
+    try:
+        sig.body_hash = decode_base64(tags[b"bh"])
+    except binascii.Error:
+        return "bh= is not base64"
     domain = tags[b"d"]
     if not domain or _DOMAIN_SPECIALS.search(domain):
         return "d= is not a domain"
@@ -140,13 +156,17 @@ def _tag_problem(tags: dict[bytes, bytes], now: int) -> str:
         d = domain.lower()
         if not identity.endswith(d) or identity[-len(d) - 1 : -len(d)] not in (b"@", b"."):
             return "i= is not in d= or a subdomain of it"
-    if b"from" not in [n.lower() for n in _H_SEPARATOR.split(tags[b"h"])]:
+    sig.signed_names = [n.lower() for n in _H_SEPARATOR.split(tags[b"h"].strip())]
+    if b"from" not in sig.signed_names:
         return "h= does not include From (RFC 6376 6.1.1)"
-    if b"l" in tags and not (tags[b"l"].isdigit() and len(tags[b"l"]) <= 76):
-        return "l= is not a number"
+    if b"l" in tags:
+        if not (tags[b"l"].isdigit() and len(tags[b"l"]) <= 76):
+            return "l= is not a number"
+        sig.body_length = int(tags[b"l"])
     if b"q" in tags and tags[b"q"] != b"dns/txt":
         return "q= is not dns/txt"
-    if not _canonicalization(tags.get(b"c", b"simple/simple"))[0]:
+    sig.header_canon, sig.body_canon = _canonicalization(tags.get(b"c", b"simple/simple"))
+    if not sig.header_canon:
         return "unknown canonicalization c="
     signed_at = None
     if b"t" in tags:
@@ -200,8 +220,8 @@ def verify_signatures(
     fields: Sequence[Field], body: bytes, signatures: Sequence[Signature], lookup: KeyLookup
 ) -> list[Result]:
     """One result per signature, in order. Pure CPU apart from ``lookup``."""
-    bodies = _Bodies(body)
-    return [_verify(fields, bodies, s, lookup) for s in signatures]
+    message = _Message(fields, body)
+    return [_verify(message, s, lookup) for s in signatures]
 
 
 def verify_message(message: bytes, lookup: KeyLookup, now: float | None = None) -> list[Result]:
@@ -211,11 +231,42 @@ def verify_message(message: bytes, lookup: KeyLookup, now: float | None = None) 
     return verify_signatures(fields, body, parse_signatures(fields, now), lookup)
 
 
-def _verify(fields: Sequence[Field], bodies: _Bodies, sig: Signature, lookup: KeyLookup) -> Result:
+class _Message:
+    """What every signature of one message shares, each part computed once: the body
+    hashes, and the header fields indexed by name for each canonicalisation."""
+
+    def __init__(self, fields: Sequence[Field], body: bytes) -> None:
+        self.fields = fields
+        self._body = body
+        self._canonical: dict[str, bytes] = {}
+        self._digests: dict[tuple[str, str, int], bytes] = {}
+        self._relaxed_fields: list[Field] | None = None
+
+    def body_digest(self, canonicalization: str, hash_name: str, length: int) -> bytes:
+        key = (canonicalization, hash_name, length)
+        found = self._digests.get(key)
+        if found is None:
+            canonical = self._canonical.get(canonicalization)
+            if canonical is None:
+                canon = relaxed_body if canonicalization == "relaxed" else simple_body
+                canonical = self._canonical[canonicalization] = canon(self._body)
+            data = canonical if length < 0 else memoryview(canonical)[:length]
+            found = self._digests[key] = hashlib.new(hash_name, data).digest()
+        return found
+
+    def fields_for(self, relaxed: bool) -> Sequence[Field]:
+        """Relaxed names are compared without the blanks before the colon (§3.4.2)."""
+        if not relaxed:
+            return self.fields
+        if self._relaxed_fields is None:
+            self._relaxed_fields = [(n.rstrip(), v) for n, v in self.fields]
+        return self._relaxed_fields
+
+
+def _verify(message: _Message, sig: Signature, lookup: KeyLookup) -> Result:
     if sig.problem:
         return Result("permerror", sig.problem, sig)
     tags = sig.tags
-    hash_name, key_type = ALGORITHMS[tags[b"a"]]
     try:
         record = lookup(sig.key_name)
     except KeyUnavailable as exc:
@@ -226,33 +277,26 @@ def _verify(fields: Sequence[Field], bodies: _Bodies, sig: Signature, lookup: Ke
         key = parse_key_record(record)
     except KeyRecordError as exc:
         return Result("permerror", str(exc), sig)
-    if key.key_type != key_type:
-        return Result("permerror", f"a= needs a {key_type} key, k={key.key_type}", sig)
-    if key.hashes and hash_name not in key.hashes:
-        return Result("permerror", f"key record does not allow {hash_name} (h=)", sig)
+    if key.key_type != sig.key_type:
+        return Result("permerror", f"a= needs a {sig.key_type} key, k={key.key_type}", sig)
+    if key.hashes and sig.hash_name not in key.hashes:
+        return Result("permerror", f"key record does not allow {sig.hash_name} (h=)", sig)
     identity_domain = tags.get(b"i", b"").rpartition(b"@")[2].lower()
     if key.strict_identity and identity_domain and identity_domain != tags[b"d"].lower():
         return Result("permerror", "key record has t=s and i= is a subdomain", sig)
 
-    header_c, body_c = _canonicalization(tags.get(b"c", b"simple/simple"))
-    length = int(tags[b"l"]) if b"l" in tags else -1
-    if bodies.digest(body_c, hash_name, length) != decode_base64(tags[b"bh"]):
+    if message.body_digest(sig.body_canon, sig.hash_name, sig.body_length) != sig.body_hash:
         return Result("fail", "body hash did not verify", sig)
 
-    relaxed = header_c == "relaxed"
+    relaxed = sig.header_canon == "relaxed"
     canon = relaxed_header if relaxed else simple_header
-    names = [n.lower() for n in _H_SEPARATOR.split(tags[b"h"])]
-    names.append(b"from")  # a From: beyond the signed ones breaks the signature (see above)
-    hasher = hashlib.new(hash_name)
-    if relaxed:
-        # Relaxed names are compared without the blanks before the colon (§3.4.2).
-        selected = select_headers([(n.rstrip(), v) for n, v in fields], names)
-    else:
-        selected = select_headers(fields, names)
-    for name, value in selected:
+    # A From: beyond the signed ones breaks the signature (see the module docstring).
+    names = [*sig.signed_names, b"from"]
+    hasher = hashlib.new(sig.hash_name)
+    for name, value in select_headers(message.fields_for(relaxed), names):
         hasher.update(canon(name, value))
     name, value = sig.header_field
     hasher.update(canon(name, _B_VALUE.sub(rb"\1", value)).rstrip())
-    if not key.verifies(decode_base64(tags[b"b"]), hasher.digest(), hash_name):
+    if not key.verifies(sig.signature, hasher.digest(), sig.hash_name):
         return Result("fail", "signature did not verify", sig)
     return Result("pass", "", sig)
