@@ -262,11 +262,11 @@ def profile(server: Server, message: Path, n: int, conc: int, out: Path) -> list
     spy = Path(sys.executable).parent / "py-spy"
     if not spy.exists():
         raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
+    spying_args = [str(spy), "record", "--pid", str(server.proc.pid), "--gil", "--rate", "250"]
     for fmt, ext in (("raw", "txt"), ("flamegraph", "svg")):
         dest = out / f"pyspy-{server.name}.{ext}"
         spying = subprocess.Popen(
-            [str(spy), "record", "--pid", str(server.proc.pid), "--gil", "--rate", "250",
-             "--format", fmt, "--output", str(dest)],  # fmt: skip
+            [*spying_args, "--format", fmt, "--output", str(dest)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
