@@ -170,11 +170,11 @@ def test_header_canonicalisation_and_selection_match_dkimpy(
 ) -> None:
     from dkim.canonicalization import Relaxed
 
-    from postillon.signing.signer import _relaxed_header, _select_headers
+    from postillon.dkimcore.canonical import relaxed_header, select_headers
 
-    assert _select_headers(headers, names) == dkim.select_headers(headers, names)
+    assert select_headers(headers, names) == dkim.select_headers(headers, names)
     expected = [n + b":" + v for n, v in Relaxed.canonicalize_headers(headers)]
-    assert [_relaxed_header(n, v) for n, v in headers] == expected
+    assert [relaxed_header(n, v) for n, v in headers] == expected
 
 
 async def test_signatures_are_counted(tmp_path: Path, keys: KeyStore) -> None:

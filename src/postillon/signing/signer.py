@@ -30,20 +30,21 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from dkim import MessageFormatError, rfc822_parse
-
 from postillon.config.loader import ConfigError
 from postillon.config.model import Config
+from postillon.dkimcore.canonical import (
+    Field,
+    HeaderFormatError,
+    header_fields,
+    relaxed_header,
+    select_headers,
+)
 from postillon.signing.body_hash import RelaxedBodyHash
 from postillon.signing.keys import DkimKey, KeyStore, KeyStoreError, key_store_from_config
 
 log = logging.getLogger("postillon.dkim")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-_Header = tuple[bytes, bytes]
 
 # Client addresses whose trusted-network verdict is remembered (then the memo starts over).
 TRUSTED_CACHE_SIZE = 4096
@@ -115,10 +116,8 @@ class DkimSigner:
         if len(self.keys) == 0 or not self.eligible(client_ip, authenticated):
             return None
         try:
-            headers: list[_Header] = [
-                (bytes(name), bytes(value)) for name, value in rfc822_parse(header_section)[0]
-            ]
-        except MessageFormatError as exc:
+            headers = header_fields(header_section)
+        except HeaderFormatError as exc:
             log.info("not signing: unparseable header section (%s)", exc)
             return None
         keys = self._keys_for(headers, sender)
@@ -126,7 +125,7 @@ class DkimSigner:
             return None
         return MessageSigning(keys, headers, self._header_list(headers))
 
-    def _keys_for(self, headers: Sequence[_Header], sender: str) -> tuple[DkimKey, ...]:
+    def _keys_for(self, headers: Sequence[Field], sender: str) -> tuple[DkimKey, ...]:
         for name, value in headers:
             if name.lower() == b"from":
                 domain = _author_domain(value)
@@ -137,7 +136,7 @@ class DkimSigner:
         _, _, sender_domain = sender.rpartition("@")
         return self.keys.signing_keys(sender_domain) if sender_domain else ()
 
-    def _header_list(self, headers: Sequence[_Header]) -> tuple[bytes, ...]:
+    def _header_list(self, headers: Sequence[Field]) -> tuple[bytes, ...]:
         """h=: each configured field as often as it occurs (bottom-up, RFC 6376 §5.4.2), plus
         once more for oversigned ones so a further instance cannot be added (§8.15)."""
         counts: dict[bytes, int] = {}
@@ -175,7 +174,7 @@ class MessageSigning:
     """One message being signed: hashes its body as it streams, then makes the fields."""
 
     def __init__(
-        self, keys: tuple[DkimKey, ...], headers: list[_Header], header_list: tuple[bytes, ...]
+        self, keys: tuple[DkimKey, ...], headers: list[Field], header_list: tuple[bytes, ...]
     ) -> None:
         self.keys = keys
         self._headers = headers
@@ -199,8 +198,8 @@ class MessageSigning:
         """The ``DKIM-Signature:`` fields, one per key, CRLF-terminated, to put on top."""
         body_hash = base64.b64encode(self._body.digest())
         signed = b"".join(
-            _relaxed_header(name, value)
-            for name, value in _select_headers(self._headers, self._header_list)
+            relaxed_header(name, value)
+            for name, value in select_headers(self._headers, self._header_list)
         )
         return b"".join(self._field(key, body_hash, signed, int(now)) for key in self.keys)
 
@@ -228,21 +227,13 @@ class MessageSigning:
         )
         # The field itself is hashed last, with an empty b= and no CRLF (RFC 6376 §3.7).
         digest = hashlib.sha256(
-            signed + _relaxed_header(b"DKIM-Signature", unsigned[15:])[:-2]
+            signed + relaxed_header(b"DKIM-Signature", unsigned[15:])[:-2]
         ).digest()
-        signature = base64.b64encode(_sign(key, digest))
+        signature = base64.b64encode(key.sign(digest))
         folded = b"\r\n\t".join(
             signature[i : i + B64_PER_LINE] for i in range(0, len(signature), B64_PER_LINE)
         )
         return unsigned + folded + b"\r\n"
-
-
-def _sign(key: DkimKey, digest: bytes) -> bytes:
-    private = key.private_key
-    if isinstance(private, ed25519.Ed25519PrivateKey):
-        # RFC 8463 §3: PureEdDSA over the SHA-256 hash.
-        return private.sign(digest)
-    return private.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
 
 
 @functools.lru_cache(maxsize=256)
@@ -260,38 +251,6 @@ def _fold_list(names: tuple[bytes, ...]) -> bytes:
             current += piece
     lines.append(current)
     return b"\r\n\t".join(lines)
-
-
-_FOLDING = re.compile(rb"\r?\n")
-_WSP = re.compile(rb"[ \t]+")
-
-
-def _relaxed_header(name: bytes, value: bytes) -> bytes:
-    """RFC 6376 §3.4.2: lower-case name, unfolded value with WSP runs as one space and none
-    at either end; ``name:value\\r\\n``. The substitutions run only when needed."""
-    if b"\n" in value:
-        value = _FOLDING.sub(b"", value)
-    if b"\t" in value or b"  " in value:
-        value = _WSP.sub(b" ", value)
-    return name.lower().rstrip(b" \t") + b":" + value.strip(b" \t") + b"\r\n"
-
-
-def _select_headers(headers: Sequence[_Header], names: Sequence[bytes]) -> list[_Header]:
-    """RFC 6376 §5.4.2: each name in h= takes the last instance not yet taken (bottom-up);
-    a name listed more often than it occurs takes nothing. (dkimpy's ``select_headers``, in
-    one pass over the header instead of one per name.)"""
-    by_name: dict[bytes, list[_Header]] = {}
-    for header in headers:
-        by_name.setdefault(header[0].lower(), []).append(header)
-    taken: dict[bytes, int] = {}
-    out: list[_Header] = []
-    for name in names:
-        instances = by_name.get(name)
-        used = taken.get(name, 0)
-        if instances and used < len(instances):
-            out.append(instances[-1 - used])
-            taken[name] = used + 1
-    return out
 
 
 class SigningSetupError(ConfigError):
