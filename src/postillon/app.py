@@ -15,6 +15,7 @@ import contextlib
 # first IDN domain or public-suffix-list load then failed with "unknown encoding: punycode"
 # (seen as 451s in make bench). Import it while still root.
 import encodings.punycode  # noqa: F401
+import gc
 import logging
 import os
 import signal
@@ -644,6 +645,12 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
         with contextlib.suppress(Exception):
             await app.stop()
         raise SystemExit(f"postillon: {exc}") from None
+    # Everything built at start-up (modules, config, policy tables, TLS contexts) lives as
+    # long as the process: move it out of the collector's sight. Every full collection
+    # otherwise walks it again; measured, that was 0.1-0.25 ms of CPU per message under
+    # load (bench/README.md, "Garbage collection").
+    gc.collect()
+    gc.freeze()
     try:
         await stop.wait()
     finally:
