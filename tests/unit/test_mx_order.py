@@ -69,6 +69,9 @@ class FakeResolver:
     async def txt(self, name: str) -> Answer[TxtRecord]:
         raise NXDOMAIN
 
+    def cached_txt(self, name: str) -> Answer[TxtRecord] | None:
+        return None
+
     async def tlsa(self, name: str) -> Answer[TlsaRecord]:
         raise NXDOMAIN
 

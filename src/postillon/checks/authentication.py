@@ -42,6 +42,7 @@ from postillon.checks.dkim_check import ParsedMessage, verify_dkim
 from postillon.checks.dmarc_check import (
     AuthIdentity,
     PolicyLookup,
+    cached_policy,
     discover_policy,
     evaluate,
     from_domain_of,
@@ -173,11 +174,15 @@ class InboundAuthentication:
             else header_values(facts.header, "From")
         )
         from_domain, from_problem = from_domain_of(from_values)
-        dmarc_lookup = (
-            asyncio.ensure_future(discover_policy(self.resolver, from_domain))
-            if from_domain
-            else None
-        )
+        # The DMARC record: from the resolver's cache, or looked up alongside the rest.
+        dmarc_lookup: asyncio.Future[PolicyLookup] | None = None
+        if from_domain:
+            known = cached_policy(self.resolver, from_domain)
+            if known is not None:
+                dmarc_lookup = loop.create_future()
+                dmarc_lookup.set_result(known)
+            else:
+                dmarc_lookup = asyncio.ensure_future(discover_policy(self.resolver, from_domain))
         await bridge.prefetch_txt(self._names_to_prefetch(facts, parsed))
         try:
             if parsed is None:

@@ -60,7 +60,24 @@ class BlockingDns:
                 self._txt[key] = [r.strings for r in answer.records]
                 self.ttls[key] = answer.ttl
 
-        await asyncio.gather(*(one(n) for n in dict.fromkeys(names) if n))
+        missing = []
+        for name in dict.fromkeys(names):
+            if not name:
+                continue
+            key = name.lower().rstrip(".")
+            try:
+                cached = self._resolver.cached_txt(name)
+            except DnsNotFound:
+                self.missing.add(key)
+                self._txt[key] = []
+                continue
+            if cached is None:
+                missing.append(name)
+            else:
+                self._txt[key] = [r.strings for r in cached.records]
+                self.ttls[key] = cached.ttl
+        if missing:  # only what the cache lacks costs a task each
+            await asyncio.gather(*(one(n) for n in missing))
 
     def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)

@@ -18,7 +18,7 @@ from typing import Literal
 from publicsuffixlist import PublicSuffixList
 
 from postillon.checks.authresults import MethodResult
-from postillon.routing.resolver import DnsNotFound, DnsTempError, Resolver
+from postillon.routing.resolver import Answer, DnsNotFound, DnsTempError, Resolver, TxtRecord
 
 Policy = Literal["none", "quarantine", "reject"]
 _POLICIES = ("none", "quarantine", "reject")
@@ -95,12 +95,24 @@ class PolicyLookup:
     permerror: str = ""  # non-empty: more than one record or a broken one
 
 
+def _records(answer: Answer[TxtRecord]) -> list[str]:
+    return [r.text for r in answer.records if r.text.replace(" ", "").startswith("v=DMARC1")]
+
+
 async def _fetch(resolver: Resolver, domain: str) -> list[str]:
     try:
         answer = await resolver.txt(f"_dmarc.{domain}")
     except DnsNotFound:
         return []
-    return [r.text for r in answer.records if r.text.replace(" ", "").startswith("v=DMARC1")]
+    return _records(answer)
+
+
+def _cached_records(resolver: Resolver, domain: str) -> list[str] | None:
+    try:
+        answer = resolver.cached_txt(f"_dmarc.{domain}")
+    except DnsNotFound:
+        return []
+    return None if answer is None else _records(answer)
 
 
 async def discover_policy(resolver: Resolver, from_domain: str) -> PolicyLookup:
@@ -114,6 +126,22 @@ async def discover_policy(resolver: Resolver, from_domain: str) -> PolicyLookup:
             record_domain = org
     except DnsTempError as exc:
         return PolicyLookup(None, "none", temperror=f"DMARC record lookup: {exc.reason}")
+    return _policy(found, record_domain, from_domain)
+
+
+def cached_policy(resolver: Resolver, from_domain: str) -> PolicyLookup | None:
+    """What :func:`discover_policy` would find, when the resolver's cache already holds
+    every record it needs; None when DNS has to be asked."""
+    found = _cached_records(resolver, from_domain)
+    record_domain = from_domain
+    org = organizational_domain(from_domain)
+    if found == [] and org != from_domain:
+        found = _cached_records(resolver, org)
+        record_domain = org
+    return None if found is None else _policy(found, record_domain, from_domain)
+
+
+def _policy(found: list[str], record_domain: str, from_domain: str) -> PolicyLookup:
     if not found:
         return PolicyLookup(None, "none")
     if len(found) > 1:
