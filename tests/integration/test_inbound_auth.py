@@ -62,6 +62,8 @@ def base_zones(dkim_record: str) -> dict[str, Any]:
         "reject.test": {"@": spf(only_2), "_dmarc.reject.test": dmarc("reject")},
         "quarantine.test": {"@": spf(only_2), "_dmarc.quarantine.test": dmarc("quarantine")},
         "monitor.test": {"@": spf(only_2), "_dmarc.monitor.test": dmarc("none")},
+        # p=reject rolled out to 0% of failing mail: they get the next weaker policy.
+        "rollout.test": {"@": spf(only_2), "_dmarc.rollout.test": dmarc("reject; pct=0")},
         "dmarctemp.test": {"@": spf(only_2), "_dmarc.dmarctemp.test": dmarc("reject")},
         "signed.test": {
             "@": spf("v=spf1 -all"),
@@ -285,6 +287,16 @@ def test_dmarc_none_policy_only_reports(server: ServerProcess) -> None:
     assert msg["X-Postillon-Quarantine"] is None
     results, _ = accept(server, "bob@monitor.test", "bob@monitor.test")
     assert "dmarc=pass" in results
+
+
+def test_dmarc_pct_below_100_applies_the_weaker_policy_to_unsampled_mail(
+    server: ServerProcess,
+) -> None:
+    """RFC 7489 6.6.4: p=reject with pct=0 picks no failing message for rejection;
+    each gets quarantine instead."""
+    results, msg = accept(server, "bob@pass.test", "bob@rollout.test")
+    assert "dmarc=fail" in results and "pct=0 dis=quarantine" in results
+    assert "quarantine" in msg["X-Postillon-Quarantine"]
 
 
 def test_dmarc_dns_failure_defers(server: ServerProcess) -> None:

@@ -180,6 +180,29 @@ def test_dmarc_temperror_when_an_aligned_identifier_could_not_be_checked() -> No
     assert evaluate("example.org", lookup_failed, None, [])[0].result == "temperror"
 
 
+@pytest.mark.parametrize(
+    ("record_policy", "pct", "sampled", "applied"),
+    [
+        ("reject", 100, 0.99, "reject"),
+        ("reject", 50, 0.49, "reject"),  # picked: the record's policy
+        ("reject", 50, 0.50, "quarantine"),  # not picked: the next weaker one
+        ("quarantine", 50, 0.50, "none"),
+        ("reject", 0, 0.0, "quarantine"),
+    ],
+)
+def test_dmarc_pct_samples_failing_mail(
+    record_policy: str, pct: int, sampled: float, applied: str
+) -> None:
+    """RFC 7489 6.6.4."""
+    record = DmarcRecord(record_policy, record_policy, pct=pct)  # type: ignore[arg-type]
+    lookup = PolicyLookup(record, record_policy, "example.org")  # type: ignore[arg-type]
+    clause, policy = evaluate(
+        "example.org", lookup, AuthIdentity("other.net", "pass"), [], sample=lambda: sampled
+    )
+    assert (clause.result, policy) == ("fail", applied)
+    assert f"dis={applied}" in clause.comment
+
+
 def test_dmarc_none_without_record() -> None:
     clause, policy = evaluate("example.org", PolicyLookup(None, "none"), None, [])
     assert (clause.result, policy) == ("none", "none")

@@ -10,7 +10,9 @@ and then ``_dmarc.<organisational domain>`` (§6.6.3).
 from __future__ import annotations
 
 import functools
+import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import getaddresses
 from typing import Literal
@@ -187,17 +189,25 @@ class AuthIdentity:
     result: str  # the SPF or DKIM result
 
 
+# §6.6.4: a failing message not picked by pct= gets the next weaker policy.
+_WEAKER: dict[Policy, Policy] = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+
+
 def evaluate(
     from_domain: str,
     lookup: PolicyLookup,
     spf: AuthIdentity | None,
     dkim: list[AuthIdentity],
+    sample: Callable[[], float] = random.random,
 ) -> tuple[MethodResult, Policy]:
     """§6.6.2: pass if an aligned SPF or DKIM identifier passed.
 
     Returns the A-R clause and the policy to apply on failure ("none" on pass).
     A temporary failure of an identifier that could have been aligned makes
     the result ``temperror`` (it might have passed), as does a failed lookup.
+    With ``pct=`` below 100, a failing message gets the record's policy only if
+    ``sample()`` (uniform in [0, 1)) falls below pct/100, else the next weaker
+    one (§6.6.4): the way a domain owner rolls a policy out gradually.
     """
     props = (("header.from", from_domain),)
     if lookup.temperror:
@@ -209,7 +219,11 @@ def evaluate(
         return MethodResult("dmarc", "none", "no DMARC record", props), "none"
     spf_aligned = spf is not None and aligned(spf.domain, from_domain, record.aspf)
     dkim_aligned = [d for d in dkim if aligned(d.domain, from_domain, record.adkim)]
-    comment = f"p={record.policy} sp={record.subdomain_policy} dis={lookup.policy}"
+    policy = lookup.policy
+    if record.pct < 100 and policy != "none" and sample() * 100 >= record.pct:
+        policy = _WEAKER[policy]
+    pct = f" pct={record.pct}" if record.pct < 100 else ""
+    comment = f"p={record.policy} sp={record.subdomain_policy}{pct} dis={policy}"
     if (spf_aligned and spf is not None and spf.result == "pass") or any(
         d.result == "pass" for d in dkim_aligned
     ):
@@ -223,4 +237,4 @@ def evaluate(
     )
     if maybe:
         return MethodResult("dmarc", "temperror", "aligned identifier lookup failed", props), "none"
-    return MethodResult("dmarc", "fail", comment, props), lookup.policy
+    return MethodResult("dmarc", "fail", comment, props), policy
