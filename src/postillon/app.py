@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
+from postillon.checks.dkim_pool import DkimVerifierPool
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.config.changes import effective, restart_needed
@@ -159,6 +160,9 @@ class App:
         self._reload_lock = asyncio.Lock()
         self._stopping = False
         self._auth_guard: AuthGuard | None = None
+        # DKIM verifier processes, started after privileges are dropped; kept across
+        # reloads (a reload only changes their number).
+        self._verifiers = DkimVerifierPool(config.authentication.verify_process_count())
         self._policy: _Policy | None = None
         self._intake: Intake | None = None
         self._limiter: ConnectionLimiter | None = None
@@ -309,6 +313,8 @@ class App:
             drop_privileges(drop_to)
             log.info("dropped privileges to user %s", drop_to)
 
+        if config.authentication.enabled and self._verifiers.processes:
+            await self._verifiers.start()  # as the server's user, like everything from here
         self.store = open_queue_store(config)
         if isinstance(self.store, PostgresStore):
             # Connect and check the schema version now: a node with an unreachable or
@@ -414,6 +420,9 @@ class App:
         """SPF/DKIM/DMARC/ARC for the MX listeners, through postillon's resolver."""
         if not config.authentication.enabled:
             return None
+        processes = config.authentication.verify_process_count()
+        if processes != self._verifiers.processes:
+            self._verifiers.resize(processes)
         resolver = DnsResolver(
             list(config.dns.nameservers) or None,
             timeout=config.dns.timeout,
@@ -426,6 +435,7 @@ class App:
             config.hostname,
             local_domains=config.local_domains,
             sealing_keys=arc_sealing_keys(key_store_from_config(config.dkim, config.data_dir)),
+            verifier_pool=self._verifiers if processes else None,
         )
 
     def _transports(self, local: LocalRecipients) -> dict[str, Transport]:
@@ -601,6 +611,7 @@ class App:
         log.debug("stop: transports done")
         if self.history is not None:
             await self.history.stop()
+        await self._verifiers.close()
         if self.store is not None:
             await self.store.close()
         with contextlib.suppress(OSError):

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import email
 import email.policy
+import os
 import re
 import shutil
+import signal
 import smtplib
 import subprocess
 from collections.abc import Iterator
@@ -334,6 +336,55 @@ def test_opendkim_signed_mail_verifies(server: ServerProcess, dkim_key: tuple[Pa
     results = our_results(delivered(server, subject))
     assert "dkim=pass" in results and "header.d=signed.test" in results
     assert "header.s=sel" in results and "dmarc=pass" in results and "spf=fail" in results
+
+
+def verifier_pids(server: ServerProcess) -> list[int]:
+    """The server's DKIM verifier processes (python -m postillon.checks.dkim_worker)."""
+    assert server.proc is not None
+    pids = []
+    for task in Path(f"/proc/{server.proc.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"postillon.checks.dkim_worker" in cmdline:
+                pids.append(int(child))
+    return pids
+
+
+def test_dkim_is_still_verified_when_the_verifier_process_dies(
+    tmp_path: Path, dns: DnsServer, dkim_key: tuple[Path, str]
+) -> None:
+    """checks/dkim_pool.py: signatures are verified in a separate process; killed, the
+    server verifies inline (same verdict, nothing refused or lost), and stopping the
+    server leaves no verifier behind."""
+    server = start_server(tmp_path / "srv", dns, verify_processes=1)
+    try:
+        (pid,) = verifier_pids(server)
+        subject = f"dkim{next(_counter)}"
+        signed = opendkim_sign(dkim_key[0], message("Alice <a@signed.test>", subject))
+        assert send(server, "a@signed.test", signed)[0] == OK
+        assert "dkim=pass" in our_results(delivered(server, subject))
+        os.kill(pid, signal.SIGKILL)
+        subject = f"dkim{next(_counter)}"
+        signed = opendkim_sign(dkim_key[0], message("Alice <a@signed.test>", subject))
+        assert send(server, "a@signed.test", signed)[0] == OK
+        results = our_results(delivered(server, subject))
+        assert "dkim=pass" in results and "dmarc=pass" in results
+    finally:
+        running = [pid, *verifier_pids(server)]
+        server.stop()
+    assert verifier_pids_left(*running) == []
+
+
+def verifier_pids_left(*pids: int) -> list[int]:
+    """Those of ``pids`` still running as a verifier (not reused by another program)."""
+    left = []
+    for pid in pids:
+        try:
+            if b"dkim_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                left.append(pid)
+        except OSError:
+            continue
+    return left
 
 
 def test_opendkim_signed_mail_altered_in_transit_is_refused(

@@ -34,11 +34,12 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from postillon.checks.arc_check import ArcOutcome, arc_seal, has_arc_fields, verify_arc
+from postillon.checks.arc_check import ArcOutcome, arc_seal, has_arc_headers, verify_arc
 from postillon.checks.auth_policy import Decision, decide
 from postillon.checks.authresults import MethodResult, header_values, render, strip_own_results
 from postillon.checks.blocking_dns import BlockingDns
-from postillon.checks.dkim_check import ParsedMessage, verify_dkim
+from postillon.checks.dkim_check import dkim_key_names, verify_dkim_message
+from postillon.checks.dkim_pool import DkimVerifierPool
 from postillon.checks.dmarc_check import (
     AuthIdentity,
     PolicyLookup,
@@ -119,8 +120,10 @@ class InboundAuthentication:
         *,
         local_domains: frozenset[str] = frozenset(),
         sealing_keys: SealingKeys | None = None,
+        verifier_pool: DkimVerifierPool | None = None,
     ) -> None:
         self.config = config
+        self.verifier_pool = verifier_pool
         self.resolver = resolver
         self.authserv_id = authserv_id
         self.local_domains = local_domains
@@ -155,25 +158,18 @@ class InboundAuthentication:
         return spf, verify_arc(bridge, facts.message)
 
     @staticmethod
-    def _names_to_prefetch(facts: MessageFacts, parsed: ParsedMessage | None) -> list[str]:
+    def _names_to_prefetch(facts: MessageFacts, key_names: list[str]) -> list[str]:
         """TXT names the checks will certainly ask: the SPF records of both
         identities and each signature's DKIM key."""
         names = [_domain_of(facts.mail_from) or facts.helo.lower(), facts.helo.lower()]
-        if parsed is not None:
-            names.extend(parsed.key_names)
+        names.extend(key_names)
         return [n for n in names if "." in n and not n.startswith("[")]
 
     async def evaluate(self, facts: MessageFacts) -> Verdict:
         loop = asyncio.get_running_loop()
         bridge = BlockingDns(self.resolver, loop)
-        # Header fields and DKIM-Signatures, parsed once for the prefetch and the verifier.
-        parsed = ParsedMessage(facts.message) if facts.message is not None else None
-        from_values = (
-            parsed.values(b"from")
-            if parsed is not None and not parsed.problem
-            else header_values(facts.header, "From")
-        )
-        from_domain, from_problem = from_domain_of(from_values)
+        key_names = dkim_key_names(facts.header) if facts.message is not None else []
+        from_domain, from_problem = from_domain_of(header_values(facts.header, "From"))
         # The DMARC record: from the resolver's cache, or looked up alongside the rest.
         dmarc_lookup: asyncio.Future[PolicyLookup] | None = None
         if from_domain:
@@ -183,16 +179,20 @@ class InboundAuthentication:
                 dmarc_lookup.set_result(known)
             else:
                 dmarc_lookup = asyncio.ensure_future(discover_policy(self.resolver, from_domain))
-        await bridge.prefetch_txt(self._names_to_prefetch(facts, parsed))
+        await bridge.prefetch_txt(self._names_to_prefetch(facts, key_names))
         try:
-            if parsed is None:
+            if facts.message is None:
                 too_big = MethodResult("dkim", "policy", "message too large to verify")
                 dkim_results = [too_big]
             else:
-                dkim_results = await verify_dkim(parsed, bridge)
+                dkim_results = await verify_dkim_message(
+                    facts.message, key_names, bridge, self.verifier_pool
+                )
             cached = cached_spf(self.spf_cache, facts.client_ip, facts.mail_from, facts.helo)
-            wants_arc = parsed is not None and has_arc_fields(parsed.fields)
-            arc: ArcOutcome | None = ArcOutcome(MethodResult("arc", "none")) if parsed else None
+            wants_arc = facts.message is not None and has_arc_headers(facts.header)
+            arc: ArcOutcome | None = None
+            if facts.message is not None:
+                arc = ArcOutcome(MethodResult("arc", "none"))
             if cached is not None and not wants_arc:
                 spf = cached
             else:

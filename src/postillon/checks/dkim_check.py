@@ -17,13 +17,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from postillon.checks.authresults import MethodResult, unfold
+from postillon.checks.authresults import MethodResult
 from postillon.checks.blocking_dns import BlockingDns
+from postillon.checks.dkim_pool import DkimVerifierPool
+from postillon.checks.dkim_worker import KeyAnswer, ResultRow
 from postillon.dkimcore.canonical import Field, HeaderFormatError, header_fields, split_message
 from postillon.dkimcore.verify import (
     KeyUnavailable,
     Result,
     Signature,
+    key_names,
     parse_signatures,
     verify_signatures,
 )
@@ -50,15 +53,6 @@ class ParsedMessage:
     @property
     def key_names(self) -> list[str]:
         return [s.key_name for s in self.signatures if s.key_name]
-
-    def values(self, name: bytes) -> list[str]:
-        """The unfolded values of every field called ``name`` (lower-case), as
-        :func:`postillon.checks.authresults.header_values` gives them."""
-        return [
-            unfold(value.decode("utf-8", errors="replace"))
-            for field_name, value in self.fields
-            if field_name.lower() == name
-        ]
 
 
 def prefetched_keys(bridge: BlockingDns) -> Callable[[str], bytes | None]:
@@ -106,6 +100,54 @@ async def verify_dkim(parsed: ParsedMessage, bridge: BlockingDns) -> list[Method
     if parsed.size <= INLINE_VERIFY_BYTES:
         return _verify(parsed, lookup)
     return await asyncio.to_thread(_verify, parsed, lookup)
+
+
+def dkim_key_names(header: bytes) -> list[str]:
+    """The keys a message's signatures need (to fetch them before verifying)."""
+    return key_names(header)
+
+
+def _keys_to_send(bridge: BlockingDns, names: list[str]) -> dict[str, KeyAnswer]:
+    """The prefetched key records, in the verifier process's form (see dkim_worker)."""
+    keys: dict[str, KeyAnswer] = {}
+    for name in names:
+        try:
+            records = bridge.prefetched_txt(name)
+        except DnsTempError as exc:
+            keys[name] = exc.reason or "temporary DNS failure"
+        except KeyError:
+            continue  # not fetched: the worker answers None, the message is verified here
+        else:
+            keys[name] = b"".join(records[0]) if records else None
+    return keys
+
+
+def _row_result(row: ResultRow) -> MethodResult:
+    result, reason, domain, selector, algorithm, b_prefix = row
+    props = (
+        ("header.d", domain),
+        ("header.s", selector),
+        ("header.a", algorithm),
+        ("header.b", b_prefix),
+    )
+    return MethodResult("dkim", result, reason, props if domain else ())
+
+
+async def verify_dkim_message(
+    message: bytes,
+    names: list[str],
+    bridge: BlockingDns,
+    pool: DkimVerifierPool | None,
+) -> list[MethodResult]:
+    """Every signature's result: by a verifier process when there is ``pool``, else (or
+    when it cannot answer) here. ``names``: :func:`dkim_key_names`, prefetched."""
+    if pool is not None:
+        rows = await pool.verify(message, _keys_to_send(bridge, names))
+        if rows is not None:
+            return [_row_result(r) for r in rows] or [
+                MethodResult("dkim", "none", "message not signed")
+            ]
+    return await verify_dkim(ParsedMessage(message), bridge)
 
 
 async def check_dkim(resolver: Resolver, message: bytes) -> list[MethodResult]:

@@ -8,6 +8,7 @@ configuration; ``app.py`` hands each component the part it needs.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -348,6 +349,24 @@ class AuthenticationConfig(_Frozen):
     # Seal forwarded mail (aliases to other domains) with ARC (RFC 8617 5.1)
     # using the forwarding domain's DKIM RSA key, when it has one.
     arc_seal: bool = True
+    # Processes that verify DKIM signatures beside the server (checks/dkim_pool.py):
+    # the server's event loop is its limit, and verifying costs more than the rest of
+    # accepting a message. "auto": one on a machine with more than one CPU, else none
+    # (0: verify in the server process).
+    verify_processes: int | Literal["auto"] = "auto"
+
+    @field_validator("verify_processes")
+    @classmethod
+    def _processes(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 <= value <= 64:
+            raise ValueError('must be between 0 and 64, or "auto"')
+        return value
+
+    def verify_process_count(self) -> int:
+        """``verify_processes`` with "auto" resolved for this machine."""
+        if self.verify_processes == "auto":
+            return 1 if (os.cpu_count() or 1) > 1 else 0
+        return self.verify_processes
 
     @field_validator("allow_networks")
     @classmethod

@@ -105,6 +105,25 @@ class Result:
     signature: Signature
 
 
+_SIGNATURE_FIELD = re.compile(rb"(?im)^dkim-signature[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)")
+_D_TAG = re.compile(rb"(?:^|;)d=([^;]*)")
+_S_TAG = re.compile(rb"(?:^|;)s=([^;]*)")
+
+
+def key_names(header: bytes) -> list[str]:
+    """The key names the DKIM-Signature fields of a header section point to, found
+    cheaply (regular expressions, no tag parsing), to look them up before verifying.
+    For a well-formed signature this is its :attr:`Signature.key_name`."""
+    names = []
+    for match in _SIGNATURE_FIELD.finditer(header):
+        value = b"".join(match.group(1).split())
+        domain, selector = _D_TAG.search(value), _S_TAG.search(value)
+        if domain and selector and domain.group(1) and selector.group(1):
+            d = domain.group(1).decode("ascii", errors="replace").lower()
+            names.append(f"{selector.group(1).decode('ascii', errors='replace')}._domainkey.{d}")
+    return names
+
+
 def parse_signatures(fields: Sequence[Field], now: float | None = None) -> list[Signature]:
     """Every DKIM-Signature field, top first, with its tags checked (§6.1.1)."""
     out = []
