@@ -313,7 +313,8 @@ class App:
             drop_privileges(drop_to)
             log.info("dropped privileges to user %s", drop_to)
 
-        if config.authentication.enabled and self._verifiers.processes:
+        checks_mail = any(listen.kind == "smtp" for listen in config.listen)
+        if config.authentication.enabled and self._verifiers.processes and checks_mail:
             await self._verifiers.start()  # as the server's user, like everything from here
         self.store = open_queue_store(config)
         if isinstance(self.store, PostgresStore):

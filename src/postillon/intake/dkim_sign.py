@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import io
 import logging
+from functools import partial
 from typing import IO, cast
 
-from postillon.signing.signer import DkimSigner, MessageSigning
+from postillon.signing.signer import DkimSigner, MessageSigning, assemble
 from postillon.signing.worker_thread import WorkerThread
 
 log = logging.getLogger("postillon.dkim")
@@ -45,15 +46,21 @@ async def signature_fields(signing: MessageSigning, now: float) -> bytes:
     """The DKIM-Signature fields, or b"" (logged) if signing failed.
 
     An RSA-2048 signature costs about 0.27 ms of OpenSSL time, several times the rest of
-    the signing; ``cryptography`` releases the GIL for it, so it runs in a worker thread and
-    the event loop serves other sessions meanwhile. That thread is a :class:`WorkerThread`,
-    not ``asyncio.to_thread``: under load its hand-offs are batched, which halved what
-    the hop cost (bench/README.md). Ed25519 (0.02 ms) is cheaper than any hop and runs
-    inline."""
+    the signing; ``cryptography`` releases the GIL for it, so that one call runs in a
+    worker thread and the event loop serves other sessions meanwhile (the Python part,
+    hashing and building the fields, stays here: in the thread it would have to win the
+    GIL back from the busy loop). The thread is a :class:`WorkerThread`, not
+    ``asyncio.to_thread``: under load its hand-offs are batched, which halved what the
+    hop cost (bench/README.md). Ed25519 (0.02 ms) is cheaper than any hop: inline."""
     try:
-        if signing.uses_rsa:
-            return await _RSA_WORKER.run(lambda: signing.finish(now))
-        return signing.finish(now)
+        fields = signing.prepare(now)
+        signatures = []
+        for field in fields:
+            if field.key.algorithm == "rsa":
+                signatures.append(await _RSA_WORKER.run(partial(field.key.sign, field.digest)))
+            else:
+                signatures.append(field.key.sign(field.digest))
+        return assemble(fields, signatures)
     except Exception:
         log.exception("DKIM signing failed; the message goes unsigned")
         return b""

@@ -181,14 +181,9 @@ class MessageSigning:
         self._header_list = header_list
         self._body = RelaxedBodyHash()
         self._folded_list: bytes | None = None
-        self._uses_rsa = any(key.algorithm == "rsa" for key in keys)
 
     def update(self, data: bytes) -> None:
         self._body.update(data)
-
-    @property
-    def uses_rsa(self) -> bool:
-        return self._uses_rsa
 
     def describe(self) -> str:
         """For the mail log: ``example.org:rsa202611+ed202611`` (the domain, then selectors)."""
@@ -196,14 +191,22 @@ class MessageSigning:
 
     def finish(self, now: float) -> bytes:
         """The ``DKIM-Signature:`` fields, one per key, CRLF-terminated, to put on top."""
+        unsigned = self.prepare(now)
+        return assemble(unsigned, [field.key.sign(field.digest) for field in unsigned])
+
+    def prepare(self, now: float) -> list[UnsignedField]:
+        """:meth:`finish` up to the private-key operations, which the caller performs
+        (``field.key.sign(field.digest)``, where it likes) and hands to :func:`assemble`."""
         body_hash = base64.b64encode(self._body.digest())
         signed = b"".join(
             relaxed_header(name, value)
             for name, value in select_headers(self._headers, self._header_list)
         )
-        return b"".join(self._field(key, body_hash, signed, int(now)) for key in self.keys)
+        return [self._field(key, body_hash, signed, int(now)) for key in self.keys]
 
-    def _field(self, key: DkimKey, body_hash: bytes, signed: bytes, timestamp: int) -> bytes:
+    def _field(
+        self, key: DkimKey, body_hash: bytes, signed: bytes, timestamp: int
+    ) -> UnsignedField:
         # Fixed layout: short tags first, h= on lines of its own (folded after its colons,
         # computed once per message), bh=, then b= (FWS is allowed in all, RFC 6376 §3.5).
         if self._folded_list is None:
@@ -229,11 +232,28 @@ class MessageSigning:
         digest = hashlib.sha256(
             signed + relaxed_header(b"DKIM-Signature", unsigned[15:])[:-2]
         ).digest()
-        signature = base64.b64encode(key.sign(digest))
+        return UnsignedField(key, unsigned, digest)
+
+
+@dataclass(frozen=True, slots=True)
+class UnsignedField:
+    """A DKIM-Signature field up to its ``b=`` value, and what its key must sign."""
+
+    key: DkimKey
+    text: bytes  # ends with "b="
+    digest: bytes  # SHA-256 of the signed header fields and this field (RFC 6376 §3.7)
+
+
+def assemble(fields: Sequence[UnsignedField], signatures: Sequence[bytes]) -> bytes:
+    """The finished fields: each one's signature in base64, folded, CRLF-terminated."""
+    out = []
+    for field, signature in zip(fields, signatures, strict=True):
+        encoded = base64.b64encode(signature)
         folded = b"\r\n\t".join(
-            signature[i : i + B64_PER_LINE] for i in range(0, len(signature), B64_PER_LINE)
+            encoded[i : i + B64_PER_LINE] for i in range(0, len(encoded), B64_PER_LINE)
         )
-        return unsigned + folded + b"\r\n"
+        out.append(field.text + folded + b"\r\n")
+    return b"".join(out)
 
 
 @functools.lru_cache(maxsize=256)
