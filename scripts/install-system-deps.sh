@@ -1,6 +1,7 @@
 #!/bin/sh
 # Debian packages the tests and benchmarks use: real peers, not mocks.
-#   swaks            a real SMTP client (STARTTLS, BDAT, pipelining)
+#   swaks            a real SMTP client (STARTTLS, BDAT, pipelining), with
+#   libnet-ssleay-perl   the Perl TLS module its STARTTLS needs
 #   postfix          smtp-source / smtp-sink load tools and the benchmark peer
 #   iproute2         `ip` for the loopback-only network namespace tests run in
 #   dovecot-core     a real LMTP server (the MDA postillon hands local mail to),
@@ -14,6 +15,9 @@
 set -eu
 need=""
 command -v swaks >/dev/null 2>&1 || need="$need swaks"
+# swaks only recommends Net::SSLeay, and recommends are not installed: without it
+# swaks has no STARTTLS ("TLS not available: requires Net::SSLeay").
+perl -MNet::SSLeay -e 1 >/dev/null 2>&1 || need="$need libnet-ssleay-perl"
 command -v ip >/dev/null 2>&1 || need="$need iproute2"
 [ -x /usr/sbin/smtp-source ] || need="$need postfix"
 [ -x /usr/sbin/dovecot ] || need="$need dovecot-core"
