@@ -60,6 +60,9 @@ class _Worker:
                     "DKIM verifier process %s ended: verifying inline until it is replaced",
                     self.process.pid,
                 )
+                if self.process.returncode is None:  # unreadable, so useless: end it
+                    with contextlib.suppress(ProcessLookupError):
+                        self.process.kill()
             self.fail_pending()
 
     def fail_pending(self) -> None:
