@@ -214,27 +214,6 @@ def _canonicalization(value: bytes) -> tuple[str, str]:
     return names
 
 
-class _Bodies:
-    """The body hashes one message needs, each computed once."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self._canonical: dict[str, bytes] = {}
-        self._digests: dict[tuple[str, str, int], bytes] = {}
-
-    def digest(self, canonicalization: str, hash_name: str, length: int) -> bytes:
-        key = (canonicalization, hash_name, length)
-        found = self._digests.get(key)
-        if found is None:
-            canonical = self._canonical.get(canonicalization)
-            if canonical is None:
-                canon = relaxed_body if canonicalization == "relaxed" else simple_body
-                canonical = self._canonical[canonicalization] = canon(self._body)
-            data = canonical if length < 0 else memoryview(canonical)[:length]
-            found = self._digests[key] = hashlib.new(hash_name, data).digest()
-        return found
-
-
 def verify_signatures(
     fields: Sequence[Field], body: bytes, signatures: Sequence[Signature], lookup: KeyLookup
 ) -> list[Result]:
