@@ -99,3 +99,24 @@ async def test_resize(count: int) -> None:
         assert len(pool.worker_pids) == count
     finally:
         await pool.close()
+
+
+async def test_keys_the_quick_scan_missed_are_fetched_for_inline_verification() -> None:
+    """The fallback when no verifier answers: a signature whose key the server did not
+    prefetch is looked up then, not reported as a temporary error."""
+    from postillon.checks.blocking_dns import BlockingDns
+    from postillon.checks.dkim_check import verify_dkim_message
+    from postillon.routing.resolver import Answer, DnsNotFound, TxtRecord
+
+    class Records:
+        def cached_txt(self, name: str) -> Answer[TxtRecord] | None:
+            return None
+
+        async def txt(self, name: str) -> Answer[TxtRecord]:
+            if name not in RECORDS:
+                raise DnsNotFound(name, "TXT", "NXDOMAIN")
+            return Answer(name, (TxtRecord((RECORDS[name],)),), 300, name)
+
+    bridge = BlockingDns(Records(), asyncio.get_running_loop())  # type: ignore[arg-type]
+    results = await verify_dkim_message(signed_twice(), [], bridge, None)
+    assert [r.result for r in results] == ["pass", "pass"]

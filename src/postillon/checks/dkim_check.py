@@ -7,9 +7,12 @@ once, then verifies with those answers. Each ``DKIM-Signature`` field gets its o
 (malformed signature, missing or unusable key); ``temperror`` (the key lookup failed
 temporarily); ``none`` when the message is unsigned.
 
-Small messages are verified inline (a few hundred microseconds, less than a hand-off to
-a worker thread costs); above :data:`INLINE_VERIFY_BYTES` the hashing runs in a worker
-thread (``hashlib`` releases the GIL), so a large message never stalls other sessions.
+With a verifier pool (``[authentication] verify_processes``, see ``dkim_pool.py``) the
+message and its prefetched keys go to a verifier process. Without one, or when it cannot
+answer, small messages are verified inline (a few hundred microseconds, less than a
+hand-off to a worker thread costs); above :data:`INLINE_VERIFY_BYTES` the hashing runs in
+a worker thread (``hashlib`` releases the GIL), so a large message never stalls other
+sessions.
 """
 
 from __future__ import annotations
@@ -147,7 +150,11 @@ async def verify_dkim_message(
             return [_row_result(r) for r in rows] or [
                 MethodResult("dkim", "none", "message not signed")
             ]
-    return await verify_dkim(ParsedMessage(message), bridge)
+    parsed = ParsedMessage(message)
+    unfetched = [name for name in parsed.key_names if name not in names]
+    if unfetched:  # keys the quick scan did not find: fetch them now, not temperror
+        await bridge.prefetch_txt(unfetched)
+    return await verify_dkim(parsed, bridge)
 
 
 async def check_dkim(resolver: Resolver, message: bytes) -> list[MethodResult]:
