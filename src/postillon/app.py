@@ -310,12 +310,21 @@ class App:
         # Keys are read before dropping root, as OpenDKIM does: they may be readable by root only.
         signer: DkimSigner | None = build_signer(config)
         if drop_to is not None:
+            # Everything imported from here on must be readable by the server's user; the
+            # interpreter's own library may not be (a Python under /root). Import now what
+            # is otherwise imported late, and start the DKIM verifier processes now: each
+            # drops to the same user itself once it has imported what it needs.
+            if config.admin.listen is not None:
+                import postillon.observability.routes  # noqa: F401
+                from postillon.admin.server import static_dir
+
+                static_dir()
+            await self._start_verifiers(config, drop_to)
             drop_privileges(drop_to)
             log.info("dropped privileges to user %s", drop_to)
+        else:
+            await self._start_verifiers(config, None)
 
-        checks_mail = any(listen.kind == "smtp" for listen in config.listen)
-        if config.authentication.enabled and self._verifiers.processes and checks_mail:
-            await self._verifiers.start()  # as the server's user, like everything from here
         self.store = open_queue_store(config)
         if isinstance(self.store, PostgresStore):
             # Connect and check the schema version now: a node with an unreachable or
@@ -416,6 +425,13 @@ class App:
             await self.admin.start()
         pid_path(data_dir).write_text(f"{os.getpid()}\n")
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
+
+    async def _start_verifiers(self, config: Config, user: str | None) -> None:
+        """The DKIM verifier processes, when an MX listener checks mail."""
+        checks_mail = any(listen.kind == "smtp" for listen in config.listen)
+        if config.authentication.enabled and self._verifiers.processes and checks_mail:
+            self._verifiers.user = user
+            await self._verifiers.start()
 
     def _authentication(self, config: Config) -> InboundAuthentication | None:
         """SPF/DKIM/DMARC/ARC for the MX listeners, through postillon's resolver."""

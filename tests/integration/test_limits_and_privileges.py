@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from postillon.testing.server import ServerProcess, default_config
+from postillon.testing.server import ServerProcess, default_config, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -146,5 +146,53 @@ def test_root_drops_privileges_after_binding() -> None:
         (path,) = server.wait_for_mail("alice@example.org")
         assert path.stat().st_uid == entry.pw_uid
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root (CI runs as root)")
+def test_after_dropping_privileges_the_verifier_and_admin_server_work() -> None:
+    """The DKIM verifier process is started before the drop and drops to the same user
+    itself, and what the admin server loads late is loaded before the drop: both must
+    work when the server's user cannot read the interpreter's own library (a Python
+    under /root, as on CI)."""
+    entry = pwd.getpwnam("postillon")
+    root = Path(tempfile.mkdtemp(prefix="postillon-priv-"))
+    root.chmod(0o755)
+    admin_port = free_port()
+    config = default_config(
+        root,
+        authentication={"enabled": True, "verify_processes": 1, "temperror": "accept"},
+        dns={"nameservers": ["127.0.0.1:9"], "timeout": 0.5, "attempts": 1},
+        admin={"listen": f"127.0.0.1:{admin_port}"},
+    )
+    config["user"] = "postillon"
+    server = ServerProcess(root, config)
+    try:
+        server.start()
+        assert server.proc is not None
+        workers = [
+            int(child)
+            for task in Path(f"/proc/{server.proc.pid}/task").iterdir()
+            for child in (task / "children").read_text().split()
+            if b"dkim_worker" in Path(f"/proc/{child}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 1, server.maillog()
+        status = Path(f"/proc/{workers[0]}/status").read_text()
+        for _ in range(100):  # it drops right after its imports
+            uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            if set(uid_line.split()[1:]) == {str(entry.pw_uid)}:
+                break
+            time.sleep(0.05)
+            status = Path(f"/proc/{workers[0]}/status").read_text()
+        assert set(uid_line.split()[1:]) == {str(entry.pw_uid)}
+        with socket.create_connection(("127.0.0.1", admin_port), timeout=10) as conn:
+            conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert conn.recv(64).split(b" ")[1] == b"200"
+        host, _, port = config["listen"][0]["address"].rpartition(":")
+        with smtplib.SMTP(host, int(port), timeout=10) as s:
+            s.sendmail("a@sender.test", ["alice@example.org"], b"Subject: x\r\n\r\nbody\r\n")
+        server.wait_for_mail("alice@example.org")
+        assert "dkim=none" in server.maillog() and "Traceback" not in server.maillog()
     finally:
         server.stop()

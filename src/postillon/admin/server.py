@@ -15,6 +15,7 @@ cookies there is nothing for another site to forge (no CSRF).
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import time
@@ -75,7 +76,10 @@ def make_public(app: web.Application, path: str) -> None:
     app[PUBLIC_PATHS].add(path)
 
 
+@functools.cache
 def static_dir() -> Path:
+    """Where the page's files are (found once: the lookup imports parts of the standard
+    library, which must happen before the server drops privileges)."""
     return Path(str(resources.files("postillon.admin") / "static"))
 
 

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import marshal
+import os
 import sys
 import time
 
@@ -54,15 +55,15 @@ class _Worker:
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, EOFError) as exc:
             if not isinstance(exc, asyncio.IncompleteReadError) or exc.partial:
                 log.warning("DKIM verifier %s: unreadable answer (%r)", self.process.pid, exc)
-        finally:
             if self.alive:  # not stopped by us
                 log.warning(
                     "DKIM verifier process %s ended: verifying inline until it is replaced",
                     self.process.pid,
                 )
                 if self.process.returncode is None:  # unreadable, so useless: end it
-                    with contextlib.suppress(ProcessLookupError):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
                         self.process.kill()
+        finally:
             self.fail_pending()
 
     def fail_pending(self) -> None:
@@ -101,6 +102,10 @@ class DkimVerifierPool:
 
     def __init__(self, processes: int, restart_interval: float = RESTART_INTERVAL) -> None:
         self.processes = processes
+        # Started as root (before the server drops privileges), a worker drops to this
+        # user itself once it has imported what it needs.
+        self.user: str | None = None
+        self._unstartable = False
         self._restart_interval = restart_interval
         self._workers: list[_Worker] = []
         self._ids = itertools.count(1)
@@ -117,16 +122,26 @@ class DkimVerifierPool:
         self._last_start = time.monotonic()
         self._workers = [w for w in self._workers if w.alive]
         while len(self._workers) < self.processes and not self._closed:
+            user = ["--user", self.user] if self.user and os.geteuid() == 0 else []
             try:
                 process = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
                     "postillon.checks.dkim_worker",
+                    *user,
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                 )
             except OSError as exc:
-                log.warning("DKIM verifier process could not start (%s): verifying inline", exc)
+                log.warning(
+                    "DKIM verifier process could not start (%s%s): verifying inline",
+                    exc,
+                    f"; is {sys.executable} readable by the server's user?"
+                    if isinstance(exc, PermissionError)
+                    else "",
+                )
+                # Once refused, always refused (a Python the server's user cannot run).
+                self._unstartable = isinstance(exc, PermissionError)
                 return
             self._workers.append(_Worker(process))
             log.info("DKIM verifier process %s started", process.pid)
@@ -179,7 +194,9 @@ class DkimVerifierPool:
         self._restart_later()
 
     def _restart_later(self) -> None:
-        if self._closed or (self._starting is not None and not self._starting.done()):
+        if self._closed or self._unstartable:
+            return
+        if self._starting is not None and not self._starting.done():
             return
         if len([w for w in self._workers if w.alive]) >= self.processes:
             return

@@ -97,9 +97,19 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
 
 
 def main() -> None:
-    # Ctrl-C in a terminal reaches the whole process group: the server decides when
-    # this process ends (it closes the pipe), so no traceback here.
+    """``python -m postillon.checks.dkim_worker [--user NAME]``: started as root (by a
+    server that has not dropped privileges yet), it drops to ``NAME`` after its imports,
+    as the server does."""
+    # Ctrl-C in a terminal, and a service manager's SIGTERM, reach the whole process
+    # group: the server decides when this process ends (it closes the pipe; if the server
+    # dies, the pipe closes too), so a shutdown stays orderly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    args = sys.argv[1:]
+    if args[:1] == ["--user"] and len(args) == 2:
+        from postillon.inbound.privileges import drop_privileges
+
+        drop_privileges(args[1])
     serve(sys.stdin.buffer, sys.stdout.buffer)
 
 
