@@ -6,11 +6,12 @@ import hashlib
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dkim_tools import rsa_key_and_record
 from postillon.checks import dkim_speedups as fast
 
 BLANKY = st.binary(max_size=200).map(
@@ -42,18 +43,7 @@ def test_rsa_verify_matches_dkimpy(algorithm: str) -> None:
 def test_installed_and_signed_mail_still_verifies() -> None:
     fast.install()
     assert dkim.RSASSA_PKCS1_v1_5_verify is fast.rsa_pkcs1_v1_5_verify
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    import base64
-
-    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+    pem, record = rsa_key_and_record()
     message = b"From: a@x.example\r\nSubject:  two  blanks\t tab\r\n\r\nbody  text \r\n\r\n"
     signed = (
         dkim.sign(message, b"s", b"x.example", pem, canonicalize=(b"relaxed", b"relaxed")) + message

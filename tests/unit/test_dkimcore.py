@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dkim_tools import rsa_key_and_record
 from postillon.dkimcore.canonical import (
     header_fields,
     relaxed_body,
@@ -28,19 +29,6 @@ from postillon.dkimcore.tags import KeyRecordError, TagListError, parse_key_reco
 from postillon.dkimcore.verify import KeyUnavailable, verify_message
 
 DOMAIN = "x.example"
-
-
-def _rsa(bits: int) -> tuple[bytes, bytes]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
 
 
 def _ed25519() -> tuple[bytes, bytes]:
@@ -63,7 +51,7 @@ def _short_rsa_record() -> bytes:
 
 
 SHORT_RSA_RECORD = _short_rsa_record()
-RSA_PEM, RSA_RECORD = _rsa(2048)
+RSA_PEM, RSA_RECORD = rsa_key_and_record()
 ED_SEED, ED_RECORD = _ed25519()
 RECORDS = {f"rsa._domainkey.{DOMAIN}": RSA_RECORD, f"ed._domainkey.{DOMAIN}": ED_RECORD}
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from postillon.signing.worker_thread import WorkerThread
+from postillon.worker_thread import WorkerThread
 
 
 async def test_results_and_errors_reach_their_callers() -> None:

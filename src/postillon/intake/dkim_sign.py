@@ -14,7 +14,7 @@ from functools import partial
 from typing import IO, cast
 
 from postillon.signing.signer import DkimSigner, MessageSigning, assemble
-from postillon.signing.worker_thread import WorkerThread
+from postillon.worker_thread import WorkerThread
 
 log = logging.getLogger("postillon.dkim")
 

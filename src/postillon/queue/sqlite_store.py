@@ -98,6 +98,7 @@ from postillon.queue.store import (
     QueueEvent,
     StoreError,
 )
+from postillon.worker_thread import Outcome, deliver_results
 
 __all__ = ["BUSY_TIMEOUT", "CHUNK_SIZE", "SCHEMA_VERSION", "SqliteStore"]
 
@@ -392,18 +393,7 @@ class _Op:
 
 _STOP: Final = object()
 
-_Result: TypeAlias = tuple["asyncio.Future[Any]", Any, BaseException | None]
-
-
-def _resolve(results: list[_Result]) -> None:
-    """Runs in the event loop: hand each caller its result or exception."""
-    for future, value, error in results:
-        if future.done():  # the caller was cancelled meanwhile
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
+_Result: TypeAlias = Outcome
 
 
 class SqliteStore:
@@ -622,7 +612,7 @@ class SqliteStore:
             by_loop.setdefault(op.loop, []).append((op.future, value, error))
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(_resolve, items)
+                loop.call_soon_threadsafe(deliver_results, items)
 
     # ------------------------------------------------------------ writes
 

@@ -10,6 +10,9 @@ serves a whole batch; with a single call it costs no more than ``to_thread``.
 
 Calls run in order, one at a time: use it only for calls that release the GIL and are
 short, so a long one cannot hold up the others.
+
+:func:`deliver_results` is the loop-side half, shared with the SQLite store's writer
+thread: each waiting caller gets its result or exception, unless it gave up.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _Call = tuple[Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
-_Done = tuple["asyncio.Future[Any]", Any, BaseException | None]
+# (the caller's future, the result, the exception or None)
+Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
 class WorkerThread:
@@ -59,23 +63,24 @@ class WorkerThread:
                     batch.append(self._calls.get_nowait())
                 except queue.Empty:
                     break
-            done: dict[asyncio.AbstractEventLoop, list[_Done]] = {}
+            done: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
             for fn, future, loop in batch:
                 try:
-                    outcome: _Done = (future, fn(), None)
+                    outcome: Outcome = (future, fn(), None)
                 except BaseException as exc:  # handed to the awaiting coroutine
                     outcome = (future, None, exc)
                 done.setdefault(loop, []).append(outcome)
             for loop, outcomes in done.items():
                 try:
-                    loop.call_soon_threadsafe(_deliver, outcomes)
+                    loop.call_soon_threadsafe(deliver_results, outcomes)
                 except RuntimeError:  # the loop is closed: nobody is waiting any more
                     pass
 
 
-def _deliver(outcomes: list[_Done]) -> None:
+def deliver_results(outcomes: list[Outcome]) -> None:
+    """Runs in the event loop: hand each caller its result or exception."""
     for future, result, exc in outcomes:
-        if future.done():  # the awaiting coroutine was cancelled
+        if future.done():  # the awaiting coroutine was cancelled meanwhile
             continue
         if exc is not None:
             future.set_exception(exc)
