@@ -1,4 +1,4 @@
-"""signing.worker_thread: calls run in its one thread; results, errors and cancellation
+"""postillon.worker_thread: calls run in its one thread; results, errors and cancellation
 reach the right awaiting coroutine; concurrent calls share wake-ups."""
 
 from __future__ import annotations
