@@ -10,7 +10,7 @@ in alternating order::
     git worktree add /tmp/before HEAD~3
     .venv/bin/python bench/ab_verify.py /tmp/before/src src --reps 6
 
-It prints msg/s, CPU ms/msg (with verifier processes) and the event loop's ms/msg of
+It prints msg/s, CPU ms/msg (with helper processes) and the event loop's ms/msg of
 each round and the medians.
 """
 

@@ -10,7 +10,7 @@ checks can be measured in seconds::
     .venv/bin/python bench/auth_micro.py [--n 3000] [--profile] [--processes 1]
 
 It prints CPU microseconds per message in this process (the event loop and any worker
-threads; with ``--processes`` the verifier processes' share is not in it: that is the
+threads; with ``--processes`` the helper processes' share is not in it: that is the
 point), and with ``--profile`` the top functions by own time (cProfile).
 """
 
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from verify_bench import SENDER_DOMAIN, make_keys, signed_message
 
 from postillon.checks.authentication import InboundAuthentication, MessageFacts
-from postillon.checks.dkim_pool import DkimVerifierPool
 from postillon.config.model import AuthenticationConfig
+from postillon.helpers.pool import HelperPool
 from postillon.routing.resolver import DnsResolver
 from postillon.testing.dns_server import DnsServer
 
@@ -39,11 +39,11 @@ async def run(
     n: int, profile: bool, nameserver: str, message: bytes, sort: str, processes: int
 ) -> None:
     resolver = DnsResolver([nameserver], timeout=2.0, attempts=1)
-    pool = DkimVerifierPool(processes) if processes else None
+    pool = HelperPool(processes) if processes else None
     if pool is not None:
         await pool.start()
     checks = InboundAuthentication(
-        AuthenticationConfig(enabled=True), resolver, "postillon.bench.local", verifier_pool=pool
+        AuthenticationConfig(enabled=True), resolver, "postillon.bench.local", helpers=pool
     )
     header = message[: message.index(b"\r\n\r\n") + 2]
     facts = MessageFacts(
@@ -83,7 +83,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--processes", type=int, default=0, help="DKIM verifier processes (0: inline)")
+    ap.add_argument(
+        "--processes", type=int, default=0, help="helper processes verifying DKIM (0: inline)"
+    )
     ap.add_argument("--sort", default="tottime", help="cProfile order: tottime, cumulative")
     args = ap.parse_args()
     rsa_pem, ed_seed, zone = make_keys()

@@ -172,7 +172,7 @@ route = "discard"
 
 
 def _cpu_seconds(pid: int, thread: int | None = None) -> float:
-    """User+system CPU of a process and its live child processes (the DKIM verifier
+    """User+system CPU of a process and its live child processes (the helper
     processes), or of one thread of the process."""
     if thread:
         return _stat_cpu(f"/proc/{pid}/task/{thread}/stat")
@@ -364,7 +364,7 @@ def run_verify(
         "verify = SPF (MAIL FROM + HELO), both DKIM signatures, ARC, DMARC, one",
         "Authentication-Results header; plain = the same server with checks off.",
         "",
-        "| run | accepted msg/s median (min-max) | server CPU ms/msg (with verifier processes) "
+        "| run | accepted msg/s median (min-max) | server CPU ms/msg (with helper processes) "
         "| of it, event loop |",
         "|---|---|---|---|",
     ]

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
-from postillon.checks.dkim_pool import DkimVerifierPool
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.config.changes import effective, restart_needed
@@ -34,6 +33,7 @@ from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
+from postillon.helpers.pool import HelperPool
 from postillon.inbound.accounts import AccountError, AccountStore, accounts_path
 from postillon.inbound.auth import DEFAULT_MECHANISMS, Authenticator, AuthGuard
 from postillon.inbound.limits import ConnectionLimiter
@@ -69,6 +69,7 @@ from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
 from postillon.signing.keys import key_store_from_config
+from postillon.signing.remote_keys import shared_keys
 from postillon.signing.signer import DkimSigner, build_signer
 
 if TYPE_CHECKING:
@@ -160,9 +161,11 @@ class App:
         self._reload_lock = asyncio.Lock()
         self._stopping = False
         self._auth_guard: AuthGuard | None = None
-        # DKIM verifier processes, started after privileges are dropped; kept across
-        # reloads (a reload only changes their number).
-        self._verifiers = DkimVerifierPool(config.authentication.verify_process_count())
+        # Helper processes (DKIM verification, RSA signing), started just before
+        # privileges are dropped; kept across reloads (a reload only changes their number).
+        self._helpers = HelperPool(
+            config.helper_process_count(), on_answer=self.metrics.helper_observer()
+        )
         self._policy: _Policy | None = None
         self._intake: Intake | None = None
         self._limiter: ConnectionLimiter | None = None
@@ -312,18 +315,18 @@ class App:
         if drop_to is not None:
             # Everything imported from here on must be readable by the server's user; the
             # interpreter's own library may not be (a Python under /root). Import now what
-            # is otherwise imported late, and start the DKIM verifier processes now: each
-            # drops to the same user itself once it has imported what it needs.
+            # is otherwise imported late, and start the helper processes now: each drops
+            # to the same user itself once it has imported what it needs.
             if config.admin.listen is not None:
                 import postillon.observability.routes  # noqa: F401
                 from postillon.admin.server import static_dir
 
                 static_dir()
-            await self._start_verifiers(config, drop_to)
+            await self._start_helpers(config, signer, drop_to)
             drop_privileges(drop_to)
             log.info("dropped privileges to user %s", drop_to)
         else:
-            await self._start_verifiers(config, None)
+            await self._start_helpers(config, signer, None)
 
         self.store = open_queue_store(config)
         if isinstance(self.store, PostgresStore):
@@ -343,6 +346,7 @@ class App:
             maillog=self.maillog,
             max_hops=config.limits.max_hops,
             signer=signer,
+            helpers=self._helpers if self._helpers.processes else None,
             metrics=self.metrics,
         )
         self._intake = intake
@@ -426,20 +430,28 @@ class App:
         pid_path(data_dir).write_text(f"{os.getpid()}\n")
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
 
-    async def _start_verifiers(self, config: Config, user: str | None) -> None:
-        """The DKIM verifier processes, when an MX listener checks mail."""
-        checks_mail = any(listen.kind == "smtp" for listen in config.listen)
-        if config.authentication.enabled and self._verifiers.processes and checks_mail:
-            self._verifiers.user = user
-            await self._verifiers.start()
+    async def _start_helpers(
+        self, config: Config, signer: DkimSigner | None, user: str | None
+    ) -> None:
+        """The helper processes, when they have work: an MX listener that checks mail,
+        or RSA keys to sign with."""
+        self._share_keys(signer)
+        checks_mail = config.authentication.enabled and any(
+            listen.kind == "smtp" for listen in config.listen
+        )
+        signs_rsa = signer is not None and any(k.algorithm == "rsa" for k in signer.keys)
+        if self._helpers.processes and (checks_mail or signs_rsa):
+            self._helpers.user = user
+            await self._helpers.start()
+
+    def _share_keys(self, signer: DkimSigner | None) -> None:
+        """The helpers sign with the signer's RSA keys (and no others: a reload replaces)."""
+        self._helpers.share("keys", shared_keys(list(signer.keys) if signer else []))
 
     def _authentication(self, config: Config) -> InboundAuthentication | None:
         """SPF/DKIM/DMARC/ARC for the MX listeners, through postillon's resolver."""
         if not config.authentication.enabled:
             return None
-        processes = config.authentication.verify_process_count()
-        if processes != self._verifiers.processes:
-            self._verifiers.resize(processes)
         resolver = DnsResolver(
             list(config.dns.nameservers) or None,
             timeout=config.dns.timeout,
@@ -452,7 +464,7 @@ class App:
             config.hostname,
             local_domains=config.local_domains,
             sealing_keys=arc_sealing_keys(key_store_from_config(config.dkim, config.data_dir)),
-            verifier_pool=self._verifiers if processes else None,
+            helpers=self._helpers if config.helper_process_count() else None,
         )
 
     def _transports(self, local: LocalRecipients) -> dict[str, Transport]:
@@ -574,6 +586,11 @@ class App:
         intake.hostname = config.hostname
         intake.max_hops = config.limits.max_hops
         intake.signer = policy.signer
+        helpers = config.helper_process_count()
+        if helpers != self._helpers.processes:
+            self._helpers.resize(helpers)
+        self._share_keys(policy.signer)
+        intake.helpers = self._helpers if helpers else None
         if self._limiter is not None:
             self._limiter.total = config.limits.connections
             self._limiter.per_ip = config.limits.connections_per_ip
@@ -628,7 +645,7 @@ class App:
         log.debug("stop: transports done")
         if self.history is not None:
             await self.history.stop()
-        await self._verifiers.close()
+        await self._helpers.close()
         if self.store is not None:
             await self.store.close()
         with contextlib.suppress(OSError):

@@ -11,6 +11,7 @@ and the other way round: opendkim-testmsg signs, postillon's verifier (and dkimp
 from __future__ import annotations
 
 import os
+import signal
 import smtplib
 import ssl
 import subprocess
@@ -33,6 +34,7 @@ from dkim_tools import (
     without_signature,
 )
 from postillon.testing.dns_server import DnsServer
+from postillon.testing.metrics import scrape, value
 from postillon.testing.server import ServerProcess, free_port
 
 pytestmark = pytest.mark.integration
@@ -287,3 +289,45 @@ def test_a_key_made_while_running_signs_after_reload(make_server: Any) -> None:
     )
     assert b"DKIM-Signature" not in first.read_bytes()
     assert b"s=new1" in second.read_bytes()
+
+
+def test_rsa_signatures_are_made_by_the_helper_and_survive_its_death(make_server: Any) -> None:
+    """postillon.helpers: the RSA operation runs in a helper process (the metrics say who
+    signed); killed with SIGKILL, the server signs itself, and the mail verifies the same."""
+    admin_port = free_port()
+    server = make_server(helper_processes=1, admin={"listen": f"127.0.0.1:{admin_port}"})
+    server.write_config()
+    server.data_dir.mkdir(exist_ok=True)
+    server.cli("dkim", "keygen", "example.org", "--selector", "rsa1")
+    keys = listed_keys(server.cli("dkim", "list", "--json").stdout)
+    server.start()
+    token = server.cli("admin", "token").stdout.strip()
+    env = dict(os.environ, POSTILLON_CONFIG=str(server.config_path))
+
+    def send(subject: str) -> None:
+        sent = subprocess.run(
+            [str(SENDMAIL), "-i", "-f", "alice@example.org", "bob@example.org"],
+            input=f"From: alice@example.org\nSubject: {subject}\n\nhello  there\n".encode(),
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stderr
+
+    def signed_by(done_by: str) -> float:
+        samples = scrape(f"http://127.0.0.1:{admin_port}/metrics", token)
+        return value(samples, "postillon_helper_requests_total", kind="sign", done_by=done_by)
+
+    (helper,) = server.helper_pids()
+    send("by the helper")
+    server.wait_for_mail("bob@example.org", count=1)
+    assert (signed_by("helper"), signed_by("server")) == (1, 0)
+    os.kill(helper, signal.SIGKILL)
+    server.wait_for_log("ended: the server does its work")
+    send("by the server")
+    messages = server.wait_for_mail("bob@example.org", count=2)
+    assert (signed_by("helper"), signed_by("server")) == (1, 1)
+    with DnsServer(key_zone(keys)) as dns_server:
+        for path in messages:
+            message = to_crlf(path.read_bytes())
+            assert dkimpy_verify_all(message, dns_server.nameserver) == [True]

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from postillon.testing.dns_server import DnsServer
-from postillon.testing.server import ServerProcess, default_config
+from postillon.testing.server import ServerProcess, default_config, is_helper
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +104,11 @@ def dns(dkim_key: tuple[Path, str]) -> Iterator[DnsServer]:
 
 
 def start_server(
-    root: Path, dns: DnsServer, relay: dict[str, Any] | None = None, **authentication: Any
+    root: Path,
+    dns: DnsServer,
+    relay: dict[str, Any] | None = None,
+    helper_processes: int | str = "auto",
+    **authentication: Any,
 ) -> ServerProcess:
     root.mkdir()
     config = default_config(
@@ -112,6 +116,7 @@ def start_server(
         dns={"nameservers": [dns.nameserver], "timeout": 1.0, "attempts": 1},
         authentication={"enabled": True, **authentication},
         relay=relay or {"trusted_networks": []},
+        helper_processes=helper_processes,
     )
     return ServerProcess(root, config).start()
 
@@ -338,27 +343,15 @@ def test_opendkim_signed_mail_verifies(server: ServerProcess, dkim_key: tuple[Pa
     assert "header.s=sel" in results and "dmarc=pass" in results and "spf=fail" in results
 
 
-def verifier_pids(server: ServerProcess) -> list[int]:
-    """The server's DKIM verifier processes (python -m postillon.checks.dkim_worker)."""
-    assert server.proc is not None
-    pids = []
-    for task in Path(f"/proc/{server.proc.pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"postillon.checks.dkim_worker" in cmdline:
-                pids.append(int(child))
-    return pids
-
-
-def test_dkim_is_still_verified_when_the_verifier_process_dies(
+def test_dkim_is_still_verified_when_the_helper_process_dies(
     tmp_path: Path, dns: DnsServer, dkim_key: tuple[Path, str]
 ) -> None:
-    """checks/dkim_pool.py: signatures are verified in a separate process; killed, the
+    """postillon.helpers: signatures are verified in a helper process; killed, the
     server verifies inline (same verdict, nothing refused or lost), and stopping the
-    server leaves no verifier behind."""
-    server = start_server(tmp_path / "srv", dns, verify_processes=1)
+    server leaves no helper behind."""
+    server = start_server(tmp_path / "srv", dns, helper_processes=1)
     try:
-        (pid,) = verifier_pids(server)
+        (pid,) = server.helper_pids()
         subject = f"dkim{next(_counter)}"
         signed = opendkim_sign(dkim_key[0], message("Alice <a@signed.test>", subject))
         assert send(server, "a@signed.test", signed)[0] == OK
@@ -370,21 +363,9 @@ def test_dkim_is_still_verified_when_the_verifier_process_dies(
         results = our_results(delivered(server, subject))
         assert "dkim=pass" in results and "dmarc=pass" in results
     finally:
-        running = [pid, *verifier_pids(server)]
+        running = [pid, *server.helper_pids()]
         server.stop()
-    assert verifier_pids_left(*running) == []
-
-
-def verifier_pids_left(*pids: int) -> list[int]:
-    """Those of ``pids`` still running as a verifier (not reused by another program)."""
-    left = []
-    for pid in pids:
-        try:
-            if b"dkim_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                left.append(pid)
-        except OSError:
-            continue
-    return left
+    assert [pid for pid in running if is_helper(pid)] == []
 
 
 def test_opendkim_signed_mail_altered_in_transit_is_refused(

@@ -151,8 +151,8 @@ def test_root_drops_privileges_after_binding() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root (CI runs as root)")
-def test_after_dropping_privileges_the_verifier_and_admin_server_work() -> None:
-    """The DKIM verifier process is started before the drop and drops to the same user
+def test_after_dropping_privileges_the_helper_and_admin_server_work() -> None:
+    """The helper process is started before the drop and drops to the same user
     itself, and what the admin server loads late is loaded before the drop: both must
     work when the server's user cannot read the interpreter's own library (a Python
     under /root, as on CI)."""
@@ -162,7 +162,8 @@ def test_after_dropping_privileges_the_verifier_and_admin_server_work() -> None:
     admin_port = free_port()
     config = default_config(
         root,
-        authentication={"enabled": True, "verify_processes": 1, "temperror": "accept"},
+        authentication={"enabled": True, "temperror": "accept"},
+        helper_processes=1,
         dns={"nameservers": ["127.0.0.1:9"], "timeout": 0.5, "attempts": 1},
         admin={"listen": f"127.0.0.1:{admin_port}"},
     )
@@ -171,12 +172,7 @@ def test_after_dropping_privileges_the_verifier_and_admin_server_work() -> None:
     try:
         server.start()
         assert server.proc is not None
-        workers = [
-            int(child)
-            for task in Path(f"/proc/{server.proc.pid}/task").iterdir()
-            for child in (task / "children").read_text().split()
-            if b"dkim_worker" in Path(f"/proc/{child}/cmdline").read_bytes()
-        ]
+        workers = server.helper_pids()
         assert len(workers) == 1, server.maillog()
         status = Path(f"/proc/{workers[0]}/status").read_text()
         for _ in range(100):  # it drops right after its imports

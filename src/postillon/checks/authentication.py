@@ -39,7 +39,6 @@ from postillon.checks.auth_policy import Decision, decide
 from postillon.checks.authresults import MethodResult, header_values, render, strip_own_results
 from postillon.checks.blocking_dns import BlockingDns
 from postillon.checks.dkim_check import dkim_key_names, verify_dkim_message
-from postillon.checks.dkim_pool import DkimVerifierPool
 from postillon.checks.dmarc_check import (
     AuthIdentity,
     PolicyLookup,
@@ -51,6 +50,7 @@ from postillon.checks.dmarc_check import (
 )
 from postillon.checks.spf_check import SpfCache, SpfOutcome, cached_spf, check_spf
 from postillon.config.model import AuthenticationConfig
+from postillon.helpers.pool import HelperPool
 from postillon.routing.resolver import Resolver
 from postillon.signing.keys import KeyStore
 
@@ -120,10 +120,10 @@ class InboundAuthentication:
         *,
         local_domains: frozenset[str] = frozenset(),
         sealing_keys: SealingKeys | None = None,
-        verifier_pool: DkimVerifierPool | None = None,
+        helpers: HelperPool | None = None,
     ) -> None:
         self.config = config
-        self.verifier_pool = verifier_pool
+        self.helpers = helpers
         self.resolver = resolver
         self.authserv_id = authserv_id
         self.local_domains = local_domains
@@ -186,7 +186,7 @@ class InboundAuthentication:
                 dkim_results = [too_big]
             else:
                 dkim_results = await verify_dkim_message(
-                    facts.message, key_names, bridge, self.verifier_pool
+                    facts.message, key_names, bridge, self.helpers
                 )
             cached = cached_spf(self.spf_cache, facts.client_ip, facts.mail_from, facts.helo)
             wants_arc = facts.message is not None and has_arc_headers(facts.header)

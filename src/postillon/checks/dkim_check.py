@@ -7,12 +7,12 @@ once, then verifies with those answers. Each ``DKIM-Signature`` field gets its o
 (malformed signature, missing or unusable key); ``temperror`` (the key lookup failed
 temporarily); ``none`` when the message is unsigned.
 
-With a verifier pool (``[authentication] verify_processes``, see ``dkim_pool.py``) the
-message and its prefetched keys go to a verifier process. Without one, or when it cannot
-answer, small messages are verified inline (a few hundred microseconds, less than a
-hand-off to a worker thread costs); above :data:`INLINE_VERIFY_BYTES` the hashing runs in
-a worker thread (``hashlib`` releases the GIL), so a large message never stalls other
-sessions.
+With helper processes (``helper_processes``, see ``postillon.helpers`` and
+``dkim_remote.py``) the message and its prefetched keys go to one of them. Without
+them, or when none answers, small messages are verified inline (a few hundred
+microseconds, less than a hand-off to a worker thread costs); above
+:data:`INLINE_VERIFY_BYTES` the hashing runs in a worker thread (``hashlib`` releases the
+GIL), so a large message never stalls other sessions.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from collections.abc import Callable
 
 from postillon.checks.authresults import MethodResult
 from postillon.checks.blocking_dns import BlockingDns
-from postillon.checks.dkim_pool import DkimVerifierPool
-from postillon.checks.dkim_worker import KeyAnswer, ResultRow
+from postillon.checks.dkim_remote import KeyAnswer, ResultRow
 from postillon.dkimcore.canonical import Field, HeaderFormatError, header_fields, split_message
 from postillon.dkimcore.verify import (
     KeyUnavailable,
@@ -33,6 +32,7 @@ from postillon.dkimcore.verify import (
     parse_signatures,
     verify_signatures,
 )
+from postillon.helpers.pool import HelperPool
 from postillon.routing.resolver import DnsTempError, Resolver
 
 # Above this many bytes of message, hashing moves to a worker thread.
@@ -111,7 +111,7 @@ def dkim_key_names(header: bytes) -> list[str]:
 
 
 def _keys_to_send(bridge: BlockingDns, names: list[str]) -> dict[str, KeyAnswer]:
-    """The prefetched key records, in the verifier process's form (see dkim_worker)."""
+    """The prefetched key records, in the verifier process's form (see dkim_remote)."""
     keys: dict[str, KeyAnswer] = {}
     for name in names:
         try:
@@ -140,12 +140,12 @@ async def verify_dkim_message(
     message: bytes,
     names: list[str],
     bridge: BlockingDns,
-    pool: DkimVerifierPool | None,
+    helpers: HelperPool | None,
 ) -> list[MethodResult]:
-    """Every signature's result: by a verifier process when there is ``pool``, else (or
-    when it cannot answer) here. ``names``: :func:`dkim_key_names`, prefetched."""
-    if pool is not None:
-        rows = await pool.verify(message, _keys_to_send(bridge, names))
+    """Every signature's result: by a helper process when there are ``helpers``, else
+    (or when none answers) here. ``names``: :func:`dkim_key_names`, prefetched."""
+    if helpers is not None:
+        rows = await helpers.call("verify", (message, _keys_to_send(bridge, names)))
         if rows is not None:
             return [_row_result(r) for r in rows] or [
                 MethodResult("dkim", "none", "message not signed")

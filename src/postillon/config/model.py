@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -349,24 +349,16 @@ class AuthenticationConfig(_Frozen):
     # Seal forwarded mail (aliases to other domains) with ARC (RFC 8617 5.1)
     # using the forwarding domain's DKIM RSA key, when it has one.
     arc_seal: bool = True
-    # Processes that verify DKIM signatures beside the server (checks/dkim_pool.py):
-    # the server's event loop is its limit, and verifying costs more than the rest of
-    # accepting a message. "auto": one on a machine with more than one CPU, else none
-    # (0: verify in the server process).
-    verify_processes: int | Literal["auto"] = "auto"
 
-    @field_validator("verify_processes")
+    @model_validator(mode="before")
     @classmethod
-    def _processes(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and not 0 <= value <= 64:
-            raise ValueError('must be between 0 and 64, or "auto"')
-        return value
-
-    def verify_process_count(self) -> int:
-        """``verify_processes`` with "auto" resolved for this machine."""
-        if self.verify_processes == "auto":
-            return 1 if (os.cpu_count() or 1) > 1 else 0
-        return self.verify_processes
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "verify_processes" in data:
+            raise ValueError(
+                "authentication.verify_processes is now helper_processes, at the top "
+                "level: the helper processes also make RSA signatures"
+            )
+        return data
 
     @field_validator("allow_networks")
     @classmethod
@@ -514,6 +506,12 @@ class Config(_Frozen):
     data_dir: Path = Path("./var")
     # Drop to this user after binding ports when started as root.
     user: str = "postillon"
+    # Processes beside the server for its CPU-bound cryptography (postillon.helpers):
+    # verifying inbound DKIM signatures and making RSA signatures for outgoing mail.
+    # The server's event loop is its limit, and that work costs more than the rest of
+    # accepting a message. "auto": one on a machine with more than one CPU, else none
+    # (0: the server does the work itself).
+    helper_processes: int | Literal["auto"] = "auto"
     listen: tuple[ListenConfig, ...] = (ListenConfig(kind="smtp", address="127.0.0.1:2525"),)
     tls: TlsConfig = TlsConfig()
     relay: RelayConfig = RelayConfig()
@@ -530,6 +528,19 @@ class Config(_Frozen):
     dkim: DkimConfig = DkimConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     admin: AdminConfig = AdminConfig()
+
+    @field_validator("helper_processes")
+    @classmethod
+    def _processes(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 <= value <= 64:
+            raise ValueError('must be between 0 and 64, or "auto"')
+        return value
+
+    def helper_process_count(self) -> int:
+        """``helper_processes`` with "auto" resolved for this machine."""
+        if self.helper_processes == "auto":
+            return 1 if (os.cpu_count() or 1) > 1 else 0
+        return self.helper_processes
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import io
 import logging
-from functools import partial
 from typing import IO, cast
 
+from postillon.helpers.pool import HelperPool
 from postillon.signing.signer import DkimSigner, MessageSigning, assemble
-from postillon.worker_thread import WorkerThread
 
 log = logging.getLogger("postillon.dkim")
-
-# RSA signatures of every transaction, one thread, one event-loop wake-up per batch.
-_RSA_WORKER = WorkerThread("postillon-dkim-rsa")
 
 
 def start_signing(
@@ -42,24 +38,30 @@ def start_signing(
         return None
 
 
-async def signature_fields(signing: MessageSigning, now: float) -> bytes:
+async def signature_fields(
+    signing: MessageSigning, now: float, helpers: HelperPool | None = None
+) -> bytes:
     """The DKIM-Signature fields, or b"" (logged) if signing failed.
 
-    An RSA-2048 signature costs about 0.27 ms of OpenSSL time, several times the rest of
-    the signing; ``cryptography`` releases the GIL for it, so that one call runs in a
-    worker thread and the event loop serves other sessions meanwhile (the Python part,
-    hashing and building the fields, stays here: in the thread it would have to win the
-    GIL back from the busy loop). The thread is a :class:`WorkerThread`, not
-    ``asyncio.to_thread``: under load its hand-offs are batched, which halved what the
-    hop cost (bench/README.md). Ed25519 (0.02 ms) is cheaper than any hop: inline."""
+    An RSA-2048 signature costs about 0.27 ms of CPU, several times the rest of the
+    signing, and ``cryptography`` holds the GIL for part of it: with helper processes
+    (``postillon.helpers``) that one operation runs in one of them, on another core, and
+    the event loop serves other sessions meanwhile; the Python part (building the fields)
+    stays here. Without helpers, or when none answers, the server signs itself. Ed25519
+    (0.02 ms) costs less than the trip: inline, while an RSA signature is being made."""
     try:
         fields = signing.prepare(now)
-        signatures = []
-        for field in fields:
-            if field.key.algorithm == "rsa":
-                signatures.append(await _RSA_WORKER.run(partial(field.key.sign, field.digest)))
-            else:
-                signatures.append(field.key.sign(field.digest))
+        remote = {
+            index: helpers.submit("sign", (field.key.fingerprint, field.digest))
+            for index, field in enumerate(fields)
+            if helpers is not None and field.key.algorithm == "rsa"
+        }
+        signatures: list[bytes] = []
+        for index, field in enumerate(fields):
+            signature = None
+            if helpers is not None and index in remote:
+                signature = await helpers.answer(remote[index], "sign")
+            signatures.append(signature or field.key.sign(field.digest))
         return assemble(fields, signatures)
     except Exception:
         log.exception("DKIM signing failed; the message goes unsigned")

@@ -17,6 +17,7 @@ from postillon.core.clock import Clock, SystemClock
 from postillon.core.envelope import MailParams
 from postillon.core.queueid import new_queue_id
 from postillon.core.reply import Reply
+from postillon.helpers.pool import HelperPool
 from postillon.intake.dkim_sign import PrefixedBody, signature_fields, start_signing
 from postillon.intake.headers import ClientInfo, received_header
 from postillon.intake.recent import MAX_CACHED_BODY, RecentMessages
@@ -233,7 +234,9 @@ class IntakeTransaction:
         signed_by = None
         if self._signing is not None:
             # On top of everything, so the store keeps (and retries send) the signed bytes.
-            fields = await signature_fields(self._signing, self._intake.clock.now())
+            fields = await signature_fields(
+                self._signing, self._intake.clock.now(), self._intake.helpers
+            )
             body = PrefixedBody(fields, self._body).as_file()
             self._size += len(fields)
             signed_by = self._signing.describe() if fields else None
@@ -307,10 +310,13 @@ class Intake:
         maillog: MailLog | None = None,
         max_hops: int = MAX_HOPS,
         signer: DkimSigner | None = None,
+        helpers: HelperPool | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.signer = signer
+        # Processes that make RSA signatures (postillon.helpers), or None: sign here.
+        self.helpers = helpers
         self.max_hops = max_hops
         self.hostname = hostname
         self.spool_dir = spool_dir

@@ -266,6 +266,13 @@ class Metrics:
             registry=registry,
         )
         # -- process -------------------------------------------------------------------
+        self.helper_requests = Counter(
+            "postillon_helper_requests",
+            "Work sent to the helper processes (kind: verify, sign), by who did it: "
+            "helper, or server (no helper answered: dead, stuck, or lacking a key)",
+            ["kind", "done_by"],
+            registry=registry,
+        )
         self.reloads = Counter(
             "postillon_config_reloads",
             "Configuration reloads (SIGHUP, postillon reload), by result (ok, refused)",
@@ -291,6 +298,21 @@ class Metrics:
                 cached.labels(event.rdtype).inc()
             else:
                 seconds.labels(event.rdtype, event.result).observe(event.seconds)
+
+        return observe
+
+    def helper_observer(self) -> Callable[[str, bool], None]:
+        """A ``HelperPool(on_answer=...)`` callback: (kind, answered by a helper)."""
+        requests = self.helper_requests
+        children: dict[tuple[str, bool], Counter] = {}
+
+        def observe(kind: str, answered: bool) -> None:
+            child = children.get((kind, answered))
+            if child is None:
+                child = children[(kind, answered)] = requests.labels(
+                    kind, "helper" if answered else "server"
+                )
+            child.inc()
 
         return observe
 

@@ -98,7 +98,6 @@ from postillon.queue.store import (
     QueueEvent,
     StoreError,
 )
-from postillon.worker_thread import Outcome, deliver_results
 
 __all__ = ["BUSY_TIMEOUT", "CHUNK_SIZE", "SCHEMA_VERSION", "SqliteStore"]
 
@@ -393,7 +392,20 @@ class _Op:
 
 _STOP: Final = object()
 
-_Result: TypeAlias = Outcome
+# (the caller's future, the result, the exception or None)
+_Result: TypeAlias = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+def _hand_back(results: list[_Result]) -> None:
+    """Runs in the event loop: each waiting caller gets its result or exception, unless
+    it gave up (cancelled) meanwhile."""
+    for future, result, exc in results:
+        if future.done():
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
 
 
 class SqliteStore:
@@ -612,7 +624,7 @@ class SqliteStore:
             by_loop.setdefault(op.loop, []).append((op.future, value, error))
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(deliver_results, items)
+                loop.call_soon_threadsafe(_hand_back, items)
 
     # ------------------------------------------------------------ writes
 

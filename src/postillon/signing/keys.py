@@ -19,6 +19,7 @@ Anything else that signs (ARC sealing) uses :meth:`KeyStore.keys_for` and, for d
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import stat
@@ -50,6 +51,11 @@ RSA_BITS = 2048
 TXT_STRING_MAX = 255
 
 
+def rsa_sign(private_key: rsa.RSAPrivateKey, digest: bytes) -> bytes:
+    """RSASSA-PKCS1-v1_5 over a SHA-256 ``digest`` (RFC 6376 §3.3.1)."""
+    return private_key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+
+
 class KeyStoreError(Exception):
     """A key cannot be loaded or written; ``str()`` names the file and what to do."""
 
@@ -65,6 +71,9 @@ class DkimKey:
     algorithm: Algorithm = field(init=False)
     # Ed25519 signs through libsodium (PyNaCl): 20 us against OpenSSL's 32 us per signature.
     _ed25519: nacl.signing.SigningKey | None = field(init=False, repr=False, compare=False)
+    # Names the key's material (helper processes hold keys by it): a hash of the public
+    # key, so a reload that replaces a selector's key gets a new name.
+    fingerprint: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ed = isinstance(self.private_key, ed25519.Ed25519PrivateKey)
@@ -79,6 +88,8 @@ class DkimKey:
             else None
         )
         object.__setattr__(self, "_ed25519", nacl.signing.SigningKey(seed) if seed else None)
+        public = hashlib.sha256(self.public_key_base64().encode()).hexdigest()[:32]
+        object.__setattr__(self, "fingerprint", public)
 
     def sign(self, digest: bytes) -> bytes:
         """The signature over a SHA-256 ``digest``: RSASSA-PKCS1-v1_5 (RFC 6376 §3.3.1), or
@@ -86,7 +97,7 @@ class DkimKey:
         if self._ed25519 is not None:
             return self._ed25519.sign(digest).signature
         assert isinstance(self.private_key, rsa.RSAPrivateKey)
-        return self.private_key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        return rsa_sign(self.private_key, digest)
 
     @property
     def signature_algorithm(self) -> bytes:

@@ -156,6 +156,16 @@ class ServerProcess:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def helper_pids(self) -> list[int]:
+        """The server's helper processes (``python -m postillon.helpers.process``)."""
+        assert self.proc is not None
+        return [
+            int(child)
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir()
+            for child in (task / "children").read_text().split()
+            if is_helper(int(child))
+        ]
+
     def cli_command(self) -> list[str]:
         """``postillon --config <this server's config>`` as an argv prefix."""
         return [sys.executable, "-m", "postillon.cli.main", "--config", str(self.config_path)]
@@ -191,6 +201,14 @@ class ServerProcess:
                     f"log:\n{self.maillog()[-3000:]}\nstderr:\n{self.stderr()}"
                 )
             time.sleep(0.05)
+
+
+def is_helper(pid: int) -> bool:
+    """Whether ``pid`` runs a postillon helper process (not a reused pid)."""
+    try:
+        return b"postillon.helpers.process" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def default_config(root: Path, **overrides: Any) -> dict[str, Any]:
