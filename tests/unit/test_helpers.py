@@ -230,3 +230,20 @@ def test_helper_processes_config() -> None:
     # The key's old name and place: refused, naming the new one.
     with pytest.raises(ConfigError, match="now helper_processes, at the top level"):
         parse_config({"authentication": {"verify_processes": 1}})
+
+
+def test_the_helper_program_stays_small() -> None:
+    """Each helper costs memory for as long as the server runs: it must not load the
+    config model (pydantic) or the server's other parts, only what its work needs."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, postillon.helpers.process\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('pydantic', 'postillon.config',"
+        " 'postillon.inbound.', 'postillon.queue', 'asyncio', 'dkim'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert loaded.stdout.strip() == "[]", loaded.stdout

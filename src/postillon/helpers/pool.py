@@ -131,10 +131,6 @@ class HelperPool:
     def pids(self) -> list[int]:
         return [h.process.pid for h in self._helpers if h.alive]
 
-    @property
-    def started(self) -> bool:
-        return bool(self._helpers) or self._unstartable
-
     async def start(self) -> None:
         self._last_start = time.monotonic()
         self._helpers = [h for h in self._helpers if h.alive]

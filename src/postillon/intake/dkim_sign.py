@@ -56,12 +56,14 @@ async def signature_fields(
             for index, field in enumerate(fields)
             if helpers is not None and field.key.algorithm == "rsa"
         }
-        signatures: list[bytes] = []
-        for index, field in enumerate(fields):
-            signature = None
-            if helpers is not None and index in remote:
-                signature = await helpers.answer(remote[index], "sign")
-            signatures.append(signature or field.key.sign(field.digest))
+        signatures = [
+            b"" if index in remote else field.key.sign(field.digest)
+            for index, field in enumerate(fields)
+        ]
+        for index, request in remote.items():
+            assert helpers is not None
+            answer = await helpers.answer(request, "sign")
+            signatures[index] = answer or fields[index].key.sign(fields[index].digest)
         return assemble(fields, signatures)
     except Exception:
         log.exception("DKIM signing failed; the message goes unsigned")

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Literal
 
 import nacl.signing
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from postillon.config.model import DkimConfig
 from postillon.core.address import AddressError, domain_to_ascii
+from postillon.signing.remote_keys import rsa_sign
 
 log = logging.getLogger("postillon.dkim")
 
@@ -49,11 +49,6 @@ RSA_BITS = 2048
 # values (any RSA-2048 key) are split into several strings, which DKIM joins
 # back (RFC 6376 §3.6.2.2).
 TXT_STRING_MAX = 255
-
-
-def rsa_sign(private_key: rsa.RSAPrivateKey, digest: bytes) -> bytes:
-    """RSASSA-PKCS1-v1_5 over a SHA-256 ``digest`` (RFC 6376 §3.3.1)."""
-    return private_key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
 
 
 class KeyStoreError(Exception):

@@ -16,12 +16,21 @@ same user and held nothing less: the server read the same keys from disk.
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from typing import TYPE_CHECKING
 
-from postillon.signing.keys import DkimKey, rsa_sign
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+if TYPE_CHECKING:  # the helper must not import keys.py: it pulls in the config model
+    from postillon.signing.keys import DkimKey
 
 SignRequest = tuple[str, bytes]
+
+
+def rsa_sign(private_key: rsa.RSAPrivateKey, digest: bytes) -> bytes:
+    """RSASSA-PKCS1-v1_5 over a SHA-256 ``digest`` (RFC 6376 §3.3.1)."""
+    return private_key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
 
 
 def shared_keys(keys: list[DkimKey]) -> dict[str, bytes]:
