@@ -51,9 +51,12 @@ async def test_everything_fine(key: DkimKey) -> None:
         "DKIM s1 (ed25519)": "ok",
         "DMARC": "ok",
         "MTA-STS": "ok",
+        # The record announces a policy, but mta-sts.example.org does not exist.
+        "MTA-STS policy": "fail",
         "TLS-RPT": "ok",
     }
     assert verdicts["Reverse DNS"][0] == "warn"  # no PTR zone served
+    assert "mta-sts.example.org has no A or AAAA record" in verdicts["MTA-STS policy"][1]
 
 
 @pytest.mark.parametrize(

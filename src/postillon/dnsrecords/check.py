@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from postillon.dnsrecords.records import DomainPlan
+from postillon.dnsrecords.sts_fetch import PolicyFetchError, fetch_policy, policy_url
+from postillon.dnsrecords.sts_policy import PolicyError, parse_policy
 from postillon.routing.resolver import DnsNotFound, DnsTempError, Resolver, TxtRecord
 from postillon.signing.keys import DkimKey
 
@@ -225,9 +227,38 @@ async def check_plan(
             return CheckItem(
                 "fail", "MTA-STS", f"{found[0]!r}: id= must be 1-32 letters and digits"
             )
-        return CheckItem(
-            "ok", "MTA-STS", f"{found[0]} (the policy file itself is not fetched by this check)"
-        )
+        return CheckItem("ok", "MTA-STS", found[0])
+
+    async def mta_sts_policy() -> CheckItem:
+        """The policy file the _mta-sts record announces: fetched as a sender would, and
+        checked against the domain's MX hosts."""
+        url = policy_url(domain)
+        try:
+            policy = parse_policy(await fetch_policy(domain, resolver))
+        except (PolicyFetchError, PolicyError) as exc:
+            return CheckItem(
+                "fail", "MTA-STS policy", f"{url}: {exc}; senders apply no MTA-STS policy"
+            )
+        try:
+            hosts = [r.exchange for r in (await resolver.mx(domain)).records if not r.is_null]
+        except DnsNotFound:
+            hosts = []
+        uncovered = [h for h in hosts or [host] if not policy.covers(h)]
+        summary = f"mode {policy.mode}, mx {', '.join(policy.mx) or '-'}, max_age {policy.max_age}"
+        if uncovered and policy.mode == "enforce":
+            return CheckItem(
+                "fail",
+                "MTA-STS policy",
+                f"{summary}: {', '.join(uncovered)} not listed; senders that enforce "
+                "MTA-STS will not deliver there (RFC 8461 4.1)",
+            )
+        if uncovered:
+            return CheckItem(
+                "warn", "MTA-STS policy", f"{summary}: {', '.join(uncovered)} not listed"
+            )
+        if policy.mode == "none":
+            return CheckItem("warn", "MTA-STS policy", f"{summary}: the policy is switched off")
+        return CheckItem("ok", "MTA-STS policy", summary)
 
     async def tls_rpt() -> CheckItem:
         name = f"_smtp._tls.{domain}"
@@ -249,5 +280,7 @@ async def check_plan(
     await run("DKIM", dkim)
     await run("DMARC", dmarc)
     await run("MTA-STS", mta_sts)
+    if items[-1].title == "MTA-STS" and items[-1].status == "ok":
+        await run("MTA-STS policy", mta_sts_policy)
     await run("TLS-RPT", tls_rpt)
     return items

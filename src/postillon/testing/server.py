@@ -170,13 +170,17 @@ class ServerProcess:
         """``postillon --config <this server's config>`` as an argv prefix."""
         return [sys.executable, "-m", "postillon.cli.main", "--config", str(self.config_path)]
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``postillon <args>`` on this server's config; ``env``: variables to add."""
         return subprocess.run(
             [*self.cli_command(), *args],
             capture_output=True,
             text=True,
             check=check,
             timeout=60,
+            env={**os.environ, **env} if env else None,
         )
 
     def maildir_messages(self, address: str) -> list[Path]:

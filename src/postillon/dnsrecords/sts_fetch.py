@@ -1,0 +1,108 @@
+"""Fetching a domain's MTA-STS policy file (RFC 8461 §3.3) over HTTPS.
+
+``https://mta-sts.<domain>/.well-known/mta-sts.txt``, with the rules a sending MTA
+applies, so a problem shows here before senders meet it: the certificate must be valid
+for ``mta-sts.<domain>`` (the system's CA store, or ``SSL_CERT_FILE``), the answer a 200
+with ``Content-Type: text/plain``, and redirects are not followed (§3.3: "MUST NOT").
+The host's address comes from postillon's resolver (``[dns] nameservers``), like every
+other lookup of ``dns check``.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import Any
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from postillon.dnsrecords.sts_policy import MAX_POLICY_BYTES
+from postillon.routing.resolver import DnsNotFound, DnsTempError, Resolver
+
+TIMEOUT = 10.0
+
+
+class PolicyFetchError(Exception):
+    """The policy file could not be fetched; ``str()`` says why."""
+
+
+def policy_url(domain: str) -> str:
+    return f"https://mta-sts.{domain}/.well-known/mta-sts.txt"
+
+
+class _ResolverBridge(AbstractResolver):
+    """aiohttp's name lookups through postillon's resolver."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self._resolver = resolver
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        try:
+            answer = await self._resolver.addresses(host)
+        except DnsNotFound as exc:
+            raise OSError(f"{host} has no A or AAAA record") from exc
+        except DnsTempError as exc:
+            raise OSError(f"{host}: DNS lookup failed ({exc})") from exc
+        return [
+            ResolveResult(
+                hostname=host,
+                host=ip,
+                port=port,
+                family=socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for ip in answer.records
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+async def fetch_policy(domain: str, resolver: Resolver, timeout: float = TIMEOUT) -> str:
+    """The policy file's text; raises :class:`PolicyFetchError`."""
+    url = policy_url(domain)
+    connector = aiohttp.TCPConnector(
+        resolver=_ResolverBridge(resolver), ssl=ssl.create_default_context()
+    )
+    try:
+        async with (
+            aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as session,
+            session.get(url, allow_redirects=False) as response,
+        ):
+            return await _policy_text(response)
+    except aiohttp.ClientConnectorCertificateError as exc:
+        error = exc.certificate_error
+        why = getattr(error, "verify_message", None) or str(error)
+        raise PolicyFetchError(f"the certificate is not valid ({why})") from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise PolicyFetchError(f"cannot connect ({exc.os_error})") from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise PolicyFetchError(str(exc) or type(exc).__name__) from exc
+
+
+async def _policy_text(response: Any) -> str:
+    if 300 <= response.status < 400:
+        raise PolicyFetchError(
+            f"HTTP {response.status} redirect to {response.headers.get('Location', '?')}: "
+            "senders do not follow redirects (RFC 8461 3.3)"
+        )
+    if response.status != 200:
+        raise PolicyFetchError(f"HTTP {response.status} {response.reason or ''}".rstrip())
+    if response.content_type != "text/plain":
+        raise PolicyFetchError(
+            f"Content-Type is {response.content_type!r}, not text/plain (RFC 8461 3.2)"
+        )
+    body = await response.content.read(MAX_POLICY_BYTES + 1)
+    if len(body) > MAX_POLICY_BYTES:
+        raise PolicyFetchError(f"the file is larger than {MAX_POLICY_BYTES // 1024} KiB")
+    try:
+        text: str = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyFetchError("the file is not UTF-8 text") from exc
+    return text

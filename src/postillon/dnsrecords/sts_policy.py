@@ -1,0 +1,70 @@
+"""MTA-STS policy files (RFC 8461 §3.2): parsing and MX matching, sans-IO.
+
+A policy is lines of ``key: value``; ``version``, ``mode`` and ``max_age`` appear once,
+``mx`` once per pattern. Unknown keys are ignored (§3.2: extensions). An ``mx`` pattern
+is a host name or ``*.`` plus a name, which matches exactly one more leftmost label
+(§4.1: ``*.example.com`` matches ``mx1.example.com``, not ``a.b.example.com``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Mode = Literal["enforce", "testing", "none"]
+# RFC 8461 §3.2: max_age is at most 31557600 seconds (about a year).
+MAX_AGE_LIMIT = 31_557_600
+# §3.3 lets senders cap the policy's size; 64 KiB is what common senders accept.
+MAX_POLICY_BYTES = 64 * 1024
+
+_LINE = re.compile(r"([A-Za-z0-9_]+)[ \t]*:[ \t]*(.*?)[ \t]*")
+
+
+class PolicyError(ValueError):
+    """The policy text breaks RFC 8461 §3.2; ``str()`` says which rule."""
+
+
+@dataclass(frozen=True, slots=True)
+class StsPolicy:
+    mode: Mode
+    max_age: int
+    mx: tuple[str, ...]
+
+    def covers(self, host: str) -> bool:
+        """Whether an MX host ``host`` matches one of the ``mx`` patterns (§4.1)."""
+        return any(mx_matches(pattern, host) for pattern in self.mx)
+
+
+def mx_matches(pattern: str, host: str) -> bool:
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if pattern.startswith("*."):
+        first, _, rest = host.partition(".")
+        return bool(first) and rest == pattern[2:]
+    return host == pattern
+
+
+def parse_policy(text: str) -> StsPolicy:
+    """The policy in ``text``; raises :class:`PolicyError` naming the broken rule."""
+    fields: dict[str, list[str]] = {}
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if not line.strip():
+            continue
+        match = _LINE.fullmatch(line)
+        if match is None:
+            raise PolicyError(f"{line[:60]!r} is not a 'key: value' line (RFC 8461 3.2)")
+        fields.setdefault(match.group(1).lower(), []).append(match.group(2))
+    version = fields.get("version", [])
+    if version != ["STSv1"]:
+        raise PolicyError("the policy must have one line 'version: STSv1' (RFC 8461 3.2)")
+    modes = fields.get("mode", [])
+    if len(modes) != 1 or modes[0] not in ("enforce", "testing", "none"):
+        raise PolicyError("the policy must have one 'mode:' of enforce, testing or none")
+    ages = fields.get("max_age", [])
+    if len(ages) != 1 or not ages[0].isdigit() or int(ages[0]) > MAX_AGE_LIMIT:
+        raise PolicyError(f"the policy must have one 'max_age:' of 0 to {MAX_AGE_LIMIT} seconds")
+    patterns = tuple(fields.get("mx", []))
+    mode: Mode = modes[0]  # type: ignore[assignment]
+    if not patterns and mode != "none":
+        raise PolicyError(f"mode {mode} needs at least one 'mx:' line (RFC 8461 3.2)")
+    return StsPolicy(mode, int(ages[0]), patterns)
