@@ -111,7 +111,7 @@ def dkim_key_names(header: bytes) -> list[str]:
 
 
 def _keys_to_send(bridge: BlockingDns, names: list[str]) -> dict[str, KeyAnswer]:
-    """The prefetched key records, in the verifier process's form (see dkim_remote)."""
+    """The prefetched key records, in the form a helper process takes (see dkim_remote)."""
     keys: dict[str, KeyAnswer] = {}
     for name in names:
         try:
