@@ -12,7 +12,6 @@ with 550 5.7.1 (DMARC p=reject), so the override is what made the difference.
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import smtplib
@@ -20,9 +19,8 @@ import time
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
+from dkim_tools import rsa_key_and_record, txt_rdata
 from postillon.testing.dns_server import DnsServer
 from postillon.testing.server import ServerProcess, free_port
 
@@ -33,21 +31,6 @@ MESSAGE = (
     b"Date: Sat, 28 Nov 2026 18:00:00 +0000\r\nMessage-ID: <arc1@origin.test>\r\n\r\n"
     b"forwarded through an alias\r\n"
 )
-
-
-def rsa_key() -> tuple[bytes, str]:
-    """A PEM private key and its DKIM TXT record (split into 255-octet strings)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    value = f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
-    return pem, " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
 
 
 def zones(dkim_record: str, mx_host: str) -> dict[str, Any]:
@@ -99,7 +82,8 @@ def install_key(a: ServerProcess, pem: bytes) -> None:
 def run_forward(
     make_server: Any, make_dns_server: Any, receiver_host: str, **receiver_auth: Any
 ) -> tuple[ServerProcess, ServerProcess]:
-    pem, record = rsa_key()
+    pem, record_value = rsa_key_and_record()
+    record = txt_rdata(record_value.decode())
     dns: DnsServer = make_dns_server(zones(record, receiver_host))
     port = 25 if os.geteuid() == 0 else free_port(receiver_host)
     b = receiver(make_server, dns, receiver_host, port, **receiver_auth)

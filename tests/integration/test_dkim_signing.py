@@ -260,22 +260,23 @@ def test_a_retry_sends_the_bytes_signed_at_intake(make_server: Any) -> None:
         assert dkimpy_verify_all(message, dns_server.nameserver) == [True]
 
 
+def sendmail_to_bob(server: ServerProcess, subject: str, body: str = "x") -> None:
+    """alice@example.org -> bob@example.org through ``sendmail`` (local: signed)."""
+    sent = subprocess.run(
+        [str(SENDMAIL), "-i", "-f", "alice@example.org", "bob@example.org"],
+        input=f"From: alice@example.org\nSubject: {subject}\n\n{body}\n".encode(),
+        env=dict(os.environ, POSTILLON_CONFIG=str(server.config_path)),
+        capture_output=True,
+        timeout=60,
+    )
+    assert sent.returncode == 0, sent.stderr
+
+
 def test_a_key_made_while_running_signs_after_reload(make_server: Any) -> None:
     """sendmail ──▶ A (no key: unsigned); dkim keygen; postillon reload; sendmail ──▶ signed."""
     server = make_server().start()
-    env = dict(os.environ, POSTILLON_CONFIG=str(server.config_path))
 
-    def send(subject: str) -> None:
-        sent = subprocess.run(
-            [str(SENDMAIL), "-i", "-f", "alice@example.org", "bob@example.org"],
-            input=f"From: alice@example.org\nSubject: {subject}\n\nx\n".encode(),
-            env=env,
-            capture_output=True,
-            timeout=60,
-        )
-        assert sent.returncode == 0, sent.stderr
-
-    send("before")
+    sendmail_to_bob(server, "before")
     server.wait_for_mail("bob@example.org", count=1)
     server.cli("dkim", "keygen", "example.org", "--selector", "new1", "--algorithm", "ed25519")
     assert server.cli("reload").returncode == 0
@@ -283,7 +284,7 @@ def test_a_key_made_while_running_signs_after_reload(make_server: Any) -> None:
     while "configuration reloaded" not in server.maillog():
         assert time.monotonic() < deadline, server.maillog()[-2000:]
         time.sleep(0.05)
-    send("after")
+    sendmail_to_bob(server, "after")
     first, second = sorted(
         server.wait_for_mail("bob@example.org", count=2), key=lambda p: p.stat().st_mtime_ns
     )
@@ -302,29 +303,18 @@ def test_rsa_signatures_are_made_by_the_helper_and_survive_its_death(make_server
     keys = listed_keys(server.cli("dkim", "list", "--json").stdout)
     server.start()
     token = server.cli("admin", "token").stdout.strip()
-    env = dict(os.environ, POSTILLON_CONFIG=str(server.config_path))
-
-    def send(subject: str) -> None:
-        sent = subprocess.run(
-            [str(SENDMAIL), "-i", "-f", "alice@example.org", "bob@example.org"],
-            input=f"From: alice@example.org\nSubject: {subject}\n\nhello  there\n".encode(),
-            env=env,
-            capture_output=True,
-            timeout=60,
-        )
-        assert sent.returncode == 0, sent.stderr
 
     def signed_by(done_by: str) -> float:
         samples = scrape(f"http://127.0.0.1:{admin_port}/metrics", token)
         return value(samples, "postillon_helper_requests_total", kind="sign", done_by=done_by)
 
     (helper,) = server.helper_pids()
-    send("by the helper")
+    sendmail_to_bob(server, "by the helper")
     server.wait_for_mail("bob@example.org", count=1)
     assert (signed_by("helper"), signed_by("server")) == (1, 0)
     os.kill(helper, signal.SIGKILL)
     server.wait_for_log("ended: the server does its work")
-    send("by the server")
+    sendmail_to_bob(server, "by the server")
     messages = server.wait_for_mail("bob@example.org", count=2)
     assert (signed_by("helper"), signed_by("server")) == (1, 1)
     with DnsServer(key_zone(keys)) as dns_server:
