@@ -321,3 +321,33 @@ def test_rsa_signatures_are_made_by_the_helper_and_survive_its_death(make_server
         for path in messages:
             message = to_crlf(path.read_bytes())
             assert dkimpy_verify_all(message, dns_server.nameserver) == [True]
+
+
+def test_a_reload_changes_the_number_of_helpers(make_server: Any) -> None:
+    """helper_processes 1 -> 2 -> 0 by `postillon reload`: missing helpers start with
+    the next request, extra ones stop, and mail is signed throughout."""
+    server = make_server(helper_processes=1)
+    server.write_config()
+    server.data_dir.mkdir(exist_ok=True)
+    server.cli("dkim", "keygen", "example.org", "--selector", "rsa1")
+    server.start()
+    assert len(server.helper_pids()) == 1
+    total = 0
+    for count, reloads in ((2, 1), (0, 2)):
+        server.config["helper_processes"] = count
+        server.write_config()
+        assert server.cli("reload").returncode == 0
+        deadline = time.monotonic() + 20
+        while server.maillog().count("configuration reloaded") < reloads:
+            assert time.monotonic() < deadline, server.maillog()[-2000:]
+            time.sleep(0.05)
+        sent = 0
+        while len(server.helper_pids()) != count:
+            assert time.monotonic() < deadline, (count, server.helper_pids())
+            sendmail_to_bob(server, f"step {count}")  # a request starts missing helpers
+            sent += 1
+            time.sleep(0.2)
+        sendmail_to_bob(server, f"after step {count}")
+        total += sent + 1
+    for message in server.wait_for_mail("bob@example.org", count=total):
+        assert b"s=rsa1" in message.read_bytes()

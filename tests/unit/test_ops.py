@@ -89,10 +89,12 @@ def test_restart_needed_names_keys() -> None:
             "admin": {"listen": "127.0.0.1:8025"},
             "queue": {"first_retry": 10.0},
             "data_dir": "/elsewhere",
+            "helper_processes": 3,
         }
     )
     assert sorted(restart_needed(old, new)) == ["admin.listen", "data_dir", "listen"]
     applied = effective(old, new)
+    assert applied.helper_processes == 3
     assert applied.hostname == "mx2" and applied.queue.first_retry == 10.0
     assert applied.outbound.port == 2526
     assert applied.listen == old.listen and applied.admin == old.admin

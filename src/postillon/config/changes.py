@@ -38,6 +38,7 @@ RELOADABLE = frozenset(
         "outbound",  # on the old ones
         "authentication",  # rebuilt with the policy on reload
         "dkim",  # keys re-read on reload
+        "helper_processes",  # extra helpers stop, missing ones start on the next request
     }
 )
 # [queue] settings a reload applies (retry curve and runner limits); every
