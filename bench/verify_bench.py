@@ -39,8 +39,9 @@ from typing import Any
 
 import dkim
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from postillon.testing.dkim_keys import rsa_key_and_record, txt_rdata
 from postillon.testing.dns_server import DnsServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,21 +55,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _txt(value: str) -> str:
-    return " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
-
-
 def make_keys() -> tuple[bytes, bytes, dict[str, Any]]:
     """(RSA PEM, Ed25519 seed for dkimpy, the zone with SPF, both keys and DMARC)."""
-    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    rsa_pem = rsa_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    rsa_pub = rsa_key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    rsa_pem, rsa_record = rsa_key_and_record()
     ed_key = ed25519.Ed25519PrivateKey.generate()
     ed_seed = ed_key.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
@@ -78,11 +67,9 @@ def make_keys() -> tuple[bytes, bytes, dict[str, Any]]:
     )
     zone = {
         "@": {"TXT": '"v=spf1 ip4:127.0.0.0/8 -all"', "A": "127.0.0.1"},
-        f"rsa._domainkey.{SENDER_DOMAIN}": {
-            "TXT": _txt(f"v=DKIM1; k=rsa; p={base64.b64encode(rsa_pub).decode()}")
-        },
+        f"rsa._domainkey.{SENDER_DOMAIN}": {"TXT": txt_rdata(rsa_record.decode())},
         f"ed._domainkey.{SENDER_DOMAIN}": {
-            "TXT": _txt(f"v=DKIM1; k=ed25519; p={base64.b64encode(ed_pub).decode()}")
+            "TXT": txt_rdata(f"v=DKIM1; k=ed25519; p={base64.b64encode(ed_pub).decode()}")
         },
         f"_dmarc.{SENDER_DOMAIN}": {"TXT": '"v=DMARC1; p=reject"'},
     }

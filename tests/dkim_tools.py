@@ -25,33 +25,12 @@ import dns.query
 import dns.rdatatype
 import pytest
 
+from postillon.testing.dkim_keys import rsa_key_and_record, txt_rdata
 from postillon.testing.dns_server import DnsServer
 
 OPENDKIM_DNS_HOST = "127.0.0.153"
-
-
-def rsa_key_and_record(bits: int = 2048) -> tuple[bytes, bytes]:
-    """A new RSA key as dkimpy signs with it (PKCS#1 PEM) and its DKIM key record."""
-    import base64
-
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
-
-
-def txt_rdata(value: str) -> str:
-    """A TXT value as zone-file rdata: <=255-byte quoted strings."""
-    return " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
+# Re-exported: the tests take every DKIM helper from here.
+__all__ = ["rsa_key_and_record", "txt_rdata"]
 
 
 def key_zone(keys: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -86,7 +85,7 @@ async def fetch_policy(domain: str, resolver: Resolver, timeout: float = TIMEOUT
         raise PolicyFetchError(str(exc) or type(exc).__name__) from exc
 
 
-async def _policy_text(response: Any) -> str:
+async def _policy_text(response: aiohttp.ClientResponse) -> str:
     if 300 <= response.status < 400:
         raise PolicyFetchError(
             f"HTTP {response.status} redirect to {response.headers.get('Location', '?')}: "
