@@ -13,7 +13,7 @@ per session) and relay everything to one ``smtp-sink``:
 For each run: **accepted msg/s** (N / wall time of the load generator, up to the last
 250) and **end-to-end msg/s** (N / time from the first send until the queue is empty,
 i.e. every message was delivered to the sink and removed). The PostgreSQL server is a
-private cluster started for the run (``postillon.testing.postgres``: initdb in a temp
+private cluster started for the run (``tests/support/postgres.py``: initdb in a temp
 dir, loopback only, fsync on); each run gets a fresh, migrated database. The sink runs
 with ``-c`` off (no counting cost) and a fresh queue per run; everything lives under
 ``BENCH_ROOT`` (default /var/tmp/postillon-cluster-bench), results (``summary.md``,
@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,8 +41,11 @@ import asyncpg
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
+# The harnesses shared with the tests (tests/support/: PostgreSQL, free ports).
+sys.path.insert(0, str(REPO / "tests"))
 
-from postillon.testing.postgres import PostgresServer  # noqa: E402
+from support.ports import accepts, free_port  # noqa: E402
+from support.postgres import PostgresServer  # noqa: E402
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -54,18 +56,8 @@ def env_int(name: str, default: int) -> int:
     return int(os.environ.get(name) or default)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+    return accepts("127.0.0.1", port)
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")

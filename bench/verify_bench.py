@@ -45,14 +45,12 @@ from postillon.testing.dkim_keys import rsa_key_and_record, txt_rdata
 from postillon.testing.dns_server import DnsServer
 
 REPO = Path(__file__).resolve().parent.parent
+# The harnesses shared with the tests (tests/support/: free ports).
+sys.path.insert(0, str(REPO / "tests"))
+from support.ports import free_port  # noqa: E402
+
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 SENDER_DOMAIN = "sender.bench"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_keys() -> tuple[bytes, bytes, dict[str, Any]]:
@@ -191,7 +189,7 @@ class Server:
     def __init__(self, root: Path, dns: str, verify: bool) -> None:
         self.name = "verify" if verify else "plain"
         self.root = root / self.name
-        self.port = _free_port()
+        self.port = free_port()
         cfg = postillon_config(self.root, self.port, dns, verify)
         exe = Path(sys.executable).parent / "postillon"
         self.proc = subprocess.Popen(

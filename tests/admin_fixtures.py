@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from postillon.testing.server import ServerProcess, free_port
+from support.ports import free_port
+from support.server import ServerProcess
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\nTo: bob@remote.test\r\n"

@@ -6,14 +6,14 @@ from typing import Any
 
 import pytest
 
-from postillon.testing.server import ServerProcess, default_config
+from support.server import ServerProcess, default_config
 
 pytest_plugins = [
     "dns_fixtures",
-    "dovecot_fixtures",
+    "support.dovecot_fixtures",
     "sink_fixtures",
-    "postfix_fixtures",
-    "postgres_fixtures",
+    "support.postfix_fixtures",
+    "support.postgres_fixtures",
     "admin_fixtures",
 ]
 
@@ -39,5 +39,5 @@ def make_server(tmp_path: Path) -> Iterator[MakeServer]:
 
 @pytest.fixture
 def server(make_server: MakeServer) -> ServerProcess:
-    """A running postillon with the default test config (see testing/server.py)."""
+    """A running postillon with the default test config (see tests/support/server.py)."""
     return make_server().start()

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from support.ports import free_port
+
 SMTP_SINK = "/usr/sbin/smtp-sink"
 
 
@@ -40,12 +42,6 @@ class Sink:
             if len(files) >= count or time.monotonic() > deadline:
                 return [f.read_bytes().decode("utf-8", "replace") for f in files]
             time.sleep(0.05)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_listening(port: int | None, unix: str | None) -> None:
@@ -77,7 +73,7 @@ def sink(tmp_path: Path) -> Iterator[Callable[..., Sink]]:
         dump = shared / f"dump{len(procs)}"
         dump.mkdir()
         dump.chmod(0o777)
-        port = _free_port()
+        port = free_port()
         path = str(tmp_path / f"lmtp{len(procs)}.sock") if unix else None
         where = f"unix:{path}" if path else f"127.0.0.1:{port}"
         user = ["-u", "nobody"] if os.geteuid() == 0 else []

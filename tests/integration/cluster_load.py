@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from postillon.testing.server import ServerProcess
+from support.server import ServerProcess
 
 _SEQ = re.compile(rb"^X-Seq: (\d+)\r?$", re.MULTILINE)
 

@@ -17,7 +17,7 @@ import pytest
 import trustme
 
 from admin_fixtures import AdminSetup, wait_port
-from postillon.testing.server import free_port
+from support.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,8 @@ import pytest
 
 from dkim_tools import rsa_key_and_record, txt_rdata
 from postillon.testing.dns_server import DnsServer
-from postillon.testing.server import ServerProcess, free_port
+from support.ports import free_port
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 
-from postillon.testing.server import ServerProcess
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -34,8 +34,9 @@ from dkim_tools import (
     without_signature,
 )
 from postillon.testing.dns_server import DnsServer
-from postillon.testing.metrics import scrape, value
-from postillon.testing.server import ServerProcess, free_port
+from support.metrics import scrape, value
+from support.ports import free_port
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ import pytest
 
 from postillon.dnsrecords.records import mta_sts_policy
 from postillon.testing.dns_server import DnsServer
-from postillon.testing.https_server import Answer, HttpsServer, make_tls_files
-from postillon.testing.server import ServerProcess
+from support.https_server import Answer, HttpsServer, make_tls_files
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

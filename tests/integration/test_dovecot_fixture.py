@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from postillon.testing import dovecot as dovecot_module
-from postillon.testing.dovecot import DovecotLmtp, lmtp_deliver
+from support import dovecot as dovecot_module
+from support.dovecot import DovecotLmtp, lmtp_deliver
 
-pytest_plugins = ["dovecot_fixtures"]
+pytest_plugins = ["support.dovecot_fixtures"]
 pytestmark = pytest.mark.integration
 
 # Not imported from dovecot_fixtures: importing a plugin module before pytest registers it

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from postillon.testing.dns_server import DnsServer
-from postillon.testing.server import ServerProcess, default_config, is_helper
+from support.server import ServerProcess, default_config, is_helper
 
 pytestmark = pytest.mark.integration
 

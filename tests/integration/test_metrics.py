@@ -21,8 +21,9 @@ from collections.abc import Callable
 
 import pytest
 
-from postillon.testing.metrics import scrape, total, value
-from postillon.testing.server import ServerProcess, free_port
+from support.metrics import scrape, total, value
+from support.ports import free_port
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from postillon.testing.server import ServerProcess, free_port
+from support.ports import free_port
+from support.server import ServerProcess
 
 if TYPE_CHECKING:
     from sink_fixtures import Sink

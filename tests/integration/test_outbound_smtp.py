@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from postillon.testing.dns_server import DnsServer
-from postillon.testing.server import ServerProcess, free_port
+from support.ports import free_port
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

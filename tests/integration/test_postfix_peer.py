@@ -1,10 +1,10 @@
 """Interoperability with a real Postfix MTA, both ways, over loopback only.
 
-Postfix runs as a private instance (``postillon.testing.postfix``, fixtures in
-``tests/postfix_fixtures.py``): SMTP on 127.0.0.4:25 with STARTTLS (self-signed certificate),
-Maildir delivery for ``pf.test``, relaying to postillon only for the domains a test routes
-there (``transport_maps``), and no DNS at all. postillon finds Postfix through an MX record
-served by the test DNS server (``make_dns_server``), so its real MX path is exercised.
+Postfix runs as a private instance (``tests/support/postfix.py``, fixtures in
+``tests/support/postfix_fixtures.py``): SMTP on 127.0.0.4:25 with STARTTLS (self-signed
+certificate), Maildir delivery for ``pf.test``, relaying to postillon only for the domains a
+test routes there (``transport_maps``), and no DNS at all. postillon finds Postfix through an
+MX record served by the test DNS server (``make_dns_server``), so its real MX path is exercised.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from postillon.testing.dns_server import DnsServer
-from postillon.testing.postfix import PostfixInstance, smtp_route
-from postillon.testing.server import ServerProcess
+from support.postfix import PostfixInstance, smtp_route
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

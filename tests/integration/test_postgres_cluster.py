@@ -27,8 +27,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from postillon.testing.postgres import PostgresServer
-from postillon.testing.server import ServerProcess, free_port
+from support.ports import free_port
+from support.postgres import PostgresServer
+from support.server import ServerProcess
 
 from .cluster_load import Load, delivered_counts, greeting, node_config, smtp_address
 

@@ -27,7 +27,7 @@ from postillon.queue.store import (
     OutcomeUpdate,
     StoreError,
 )
-from postillon.testing.postgres import PostgresServer
+from support.postgres import PostgresServer
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from postillon.testing.server import ServerProcess
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

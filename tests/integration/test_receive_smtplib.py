@@ -10,7 +10,7 @@ import ssl
 
 import pytest
 
-from postillon.testing.server import ServerProcess
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +170,7 @@ def test_vrfy_does_not_enumerate(server: ServerProcess) -> None:
 
 
 def test_lmtp_listener_answers_per_recipient(make_server) -> None:  # type: ignore[no-untyped-def]
-    from postillon.testing.server import free_port
+    from support.ports import free_port
 
     port = free_port()
     server = make_server(listen=[{"kind": "lmtp", "address": f"127.0.0.1:{port}"}]).start()

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from postillon.testing.server import ServerProcess
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

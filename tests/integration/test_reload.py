@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from postillon.testing.server import ServerProcess, free_port
+from support.ports import free_port
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

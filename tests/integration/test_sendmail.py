@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import postillon.app
-from postillon.testing.server import ServerProcess, default_config
+from support.server import ServerProcess, default_config
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,6 @@ import hashlib
 import hmac
 import shutil
 import smtplib
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from postillon.observability.maillog import MailLog
 from postillon.protocol.server import ServerSettings
 from postillon.queue.memory_store import MemoryStore
 from postillon.routing.local import LocalRecipients
+from support.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -86,12 +86,6 @@ class Server:
     store: MemoryStore
     log: RecordingLog
     delays: list[float] = field(default_factory=list)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def start(tmp_path: Path, kind: str) -> AsyncIterator[Server]:

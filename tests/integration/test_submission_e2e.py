@@ -14,7 +14,8 @@ import subprocess
 
 import pytest
 
-from postillon.testing.server import ServerProcess, free_port
+from support.ports import free_port
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from postillon.testing.server import ServerProcess
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

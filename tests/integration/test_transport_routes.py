@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from postillon.testing.dovecot import DovecotLmtp
-from postillon.testing.server import ServerProcess
+from support.dovecot import DovecotLmtp
+from support.server import ServerProcess
 
 if TYPE_CHECKING:
     from sink_fixtures import Sink

@@ -1,7 +1,7 @@
 """The queue store contract (store.py), run against every store.
 
 A new store joins by adding a factory to ``STORE_FACTORIES``. The PostgreSQL
-store runs against a real server (``tests/postgres_fixtures.py``), one fresh
+store runs against a real server (``tests/support/postgres_fixtures.py``), one fresh
 database per test; the fixture fails (not skips) when PostgreSQL is missing. Times are explicit
 numbers near T0: no test sleeps or reads the clock.
 """

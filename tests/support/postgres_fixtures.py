@@ -1,4 +1,4 @@
-"""pytest fixtures for a real PostgreSQL server (``postillon.testing.postgres``).
+"""pytest fixtures for a real PostgreSQL server (``tests/support/postgres.py``).
 
 Fixtures:
 
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from postillon.testing.postgres import PostgresNotInstalled, PostgresServer
+from support.postgres import PostgresNotInstalled, PostgresServer
 
 _databases = itertools.count(1)
 

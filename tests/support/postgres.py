@@ -39,13 +39,14 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Final
+
+from support.ports import free_port, kill_group
 
 __all__ = ["PostgresNotInstalled", "PostgresServer", "find_postgres_bin"]
 
@@ -90,12 +91,6 @@ def find_postgres_bin() -> Path:
     return Path(found[-1]).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run_as() -> pwd.struct_passwd | None:
     """The unprivileged user to run PostgreSQL as, or None to run as ourselves."""
     if os.geteuid() != 0:
@@ -118,7 +113,7 @@ class PostgresServer:
         self.directory = Path(tempfile.mkdtemp(prefix="pg-"))
         self.data_dir = self.directory / "data"
         self.log_file = self.directory / "postgres.log"
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self._initialized = False
         os.chmod(self.directory, 0o755)
@@ -218,8 +213,7 @@ class PostgresServer:
         proc, self.process = self.process, None
         if proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc.pid)
         proc.wait()
 
     def cleanup(self) -> None:

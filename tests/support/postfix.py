@@ -106,7 +106,6 @@ import pwd
 import re
 import select
 import shutil
-import signal
 import smtplib
 import socket
 import subprocess
@@ -117,6 +116,7 @@ from pathlib import Path
 from types import TracebackType
 
 from postillon.inbound.tls import ensure_self_signed
+from support.ports import group_members, kill_group
 
 DEBIAN_PACKAGES = ("postfix",)
 MISSING_MESSAGE = (
@@ -156,22 +156,6 @@ def find_postfix() -> Path:
 def smtp_route(host: str, port: int) -> str:
     """A ``transport_maps`` value: SMTP to ``host:port`` with no MX lookup (``[host]``)."""
     return f"smtp:[{host}]:{port}"
-
-
-def _group_members(pgid: int) -> dict[int, str]:
-    """Processes in process group ``pgid`` and their states (``Z`` is a zombie), from /proc."""
-    found: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # state ppid pgrp ...
-        if int(fields[2]) == pgid:
-            found[int(entry)] = fields[0]
-    return found
 
 
 def _cool_down(directory: Path) -> None:
@@ -365,7 +349,7 @@ class PostfixInstance:
         """Live (non-zombie) processes of this instance: the master and its children."""
         if self.master_pid is None:
             return []
-        members = _group_members(self.master_pid)
+        members = group_members(self.master_pid)
         return sorted(p for p, state in members.items() if state != "Z")
 
     # ----------------------------------------------------------------- injecting mail
@@ -544,7 +528,7 @@ class PostfixInstance:
             "scache     unix  - - n - 1 scache",
             "postlog    unix-dgram n - n - 1 postlogd",
         ]
-        header = "# Written by postillon.testing.postfix: no chroot, one loopback listener.\n"
+        header = "# Written by tests/support/postfix.py: no chroot, one loopback listener.\n"
         return header + "\n".join(services) + "\n"
 
     def _write_files(self) -> None:
@@ -568,7 +552,7 @@ class PostfixInstance:
         self._write_recipient_access()
         params = self._main_cf(uid, gid)
         (etc / "main.cf").write_text(
-            "# Written by postillon.testing.postfix; self-contained, loopback only.\n"
+            "# Written by tests/support/postfix.py; self-contained, loopback only.\n"
             + "".join(f"{k} = {v}\n" for k, v in params.items())
         )
         (etc / "master.cf").write_text(self._master_cf())
@@ -763,8 +747,7 @@ class PostfixInstance:
         while self.processes():
             now = time.monotonic()
             if now - began > 10:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGKILL)
+                kill_group(pgid)
             if now - began > 20:
                 raise PostfixError(f"Postfix processes left running: {self.processes()}")
             time.sleep(0.01)

@@ -60,7 +60,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import os
 import pwd
@@ -76,6 +75,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from support.ports import free_port, group_members, kill_group, signal_each
 
 DEBIAN_PACKAGES = ("dovecot-core", "dovecot-lmtpd")
 MISSING_MESSAGE = (
@@ -111,12 +112,6 @@ def find_dovecot() -> tuple[Path, Path]:
     if master is None or lmtp is None:
         raise DovecotNotInstalled(MISSING_MESSAGE)
     return Path(master), Path(lmtp)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _split(user: str) -> tuple[str, str]:
@@ -164,28 +159,6 @@ def lmtp_deliver(
     else:
         client.rset()
     return LmtpResult(mail, rcpt, data)
-
-
-def _group_members(pgid: int) -> dict[int, str]:
-    """Processes in process group ``pgid`` and their states (``Z`` is a zombie), from /proc."""
-    found: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # state ppid pgrp ...
-        if int(fields[2]) == pgid:
-            found[int(entry)] = fields[0]
-    return found
-
-
-def _signal_each(pids: Iterable[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
 
 
 class DovecotLmtp:
@@ -273,7 +246,7 @@ class DovecotLmtp:
         """Live (non-zombie) processes of this Dovecot: the master and its children."""
         if self.proc is None:
             return []
-        return sorted(p for p, state in _group_members(self.proc.pid).items() if state != "Z")
+        return sorted(p for p, state in group_members(self.proc.pid).items() if state != "Z")
 
     def home(self, user: str) -> Path:
         local, domain = _split(_check_user(user))
@@ -343,7 +316,7 @@ class DovecotLmtp:
     def _config(self, run_as: str) -> str:
         d = self._dir()
         lines = [
-            "# Written by postillon.testing.dovecot; self-contained, loopback only.",
+            "# Written by tests/support/dovecot.py; self-contained, loopback only.",
             f"base_dir = {self.base_dir}",
             f"state_dir = {d / 'state'}",
             f"instance_name = postillon-test-{d.name}",
@@ -437,14 +410,14 @@ class DovecotLmtp:
                     f"temporary directory path too long for unix sockets: "
                     f"{self.directory} (use a shorter parent)"
                 )
-            self.port = _free_port()
+            self.port = free_port()
             self._write_files()
             for _attempt in range(5):
                 try:
                     self._spawn(master)
                     break
                 except _PortTaken:
-                    self.port = _free_port()
+                    self.port = free_port()
                     self.config_path.write_text(self._config(self._mail_ids()[2]))
             else:
                 raise DovecotError("could not find a free port for Dovecot\n" + self.log())
@@ -540,7 +513,7 @@ class DovecotLmtp:
         children_termed: float | None = None
         childless_since: float | None = None
         while True:
-            members = _group_members(pgid)
+            members = group_members(pgid)
             master_alive = proc.poll() is None
             if not master_alive and all(state == "Z" for state in members.values()):
                 return
@@ -550,17 +523,16 @@ class DovecotLmtp:
                 childless_since = None
                 if children_termed is None and now - began > 0.05:
                     children_termed = now
-                    _signal_each(live, signal.SIGTERM)
+                    signal_each(live, signal.SIGTERM)
                 elif children_termed is not None and now - children_termed > 0.5:
-                    _signal_each(live, signal.SIGKILL)
+                    signal_each(live, signal.SIGKILL)
             elif master_alive:
                 childless_since = childless_since or now
                 if now - childless_since > 0.15:
                     proc.kill()
                     proc.wait()
             if now - began > 10:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGKILL)
+                kill_group(pgid)
                 if now - began > 20:
                     raise DovecotError(f"dovecot processes left running: {sorted(members)}")
             time.sleep(0.002)

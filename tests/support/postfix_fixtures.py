@@ -1,11 +1,11 @@
-"""pytest fixtures for a real, private Postfix MTA (``postillon.testing.postfix``).
+"""pytest fixtures for a real, private Postfix MTA (``tests/support/postfix.py``).
 
 Each fixture starts a ``PostfixInstance``: ``postfix -c <tmp>/etc start`` with its own queue,
 mail log and Maildirs in a temporary directory, SMTP on ``127.0.0.4:25``, delivering
 ``pf.test`` to Maildir, relaying only where a test says (``transports``), never using DNS.
 At teardown it is stopped with ``postfix stop`` and nothing stays running. Opt in per module
-with ``pytest_plugins = ["postfix_fixtures"]`` (``tests/`` is on ``sys.path`` because
-``tests/conftest.py`` sits there).
+with ``pytest_plugins = ["support.postfix_fixtures"]`` (``tests/`` is on ``sys.path``: see
+``pythonpath`` in ``pyproject.toml``), or suite-wide from ``tests/conftest.py``.
 
 Fixtures:
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from postillon.testing.postfix import PostfixInstance, PostfixNeedsRoot, PostfixNotInstalled
+from support.postfix import PostfixInstance, PostfixNeedsRoot, PostfixNotInstalled
 
 MakePostfix = Callable[..., PostfixInstance]
 
@@ -76,5 +76,5 @@ def make_postfix(request: pytest.FixtureRequest) -> Iterator[MakePostfix]:
 
 @pytest.fixture
 def postfix(make_postfix: MakePostfix) -> PostfixInstance:
-    """A running Postfix with the default options (see ``postillon.testing.postfix``)."""
+    """A running Postfix with the default options (see ``tests/support/postfix.py``)."""
     return make_postfix()

@@ -1,9 +1,9 @@
-"""pytest fixtures for a real Dovecot LMTP server (``postillon.testing.dovecot``).
+"""pytest fixtures for a real Dovecot LMTP server (``tests/support/dovecot.py``).
 
 Each fixture starts a private ``dovecot -F`` in a temporary directory, listening for LMTP on
 ``127.0.0.1:<free port>`` and on a unix socket, and stops it at teardown (nothing stays
-running). Opt in per module with ``pytest_plugins = ["dovecot_fixtures"]`` (``tests/`` is on
-``sys.path`` because ``tests/conftest.py`` sits there), or suite-wide from
+running). Opt in per module with ``pytest_plugins = ["support.dovecot_fixtures"]``
+(``tests/`` is on ``sys.path``: see ``pythonpath`` in ``pyproject.toml``), or suite-wide from
 ``tests/conftest.py``.
 
 Fixtures:
@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from postillon.testing.dovecot import DovecotLmtp, DovecotNotInstalled
+from support.dovecot import DovecotLmtp, DovecotNotInstalled
 
 DEFAULT_USERS = ("alice@example.org", "bob@example.org")
 
