@@ -28,6 +28,7 @@ from postillon.outbound.client_session import (
     SmtpClientSession,
     TransactionResult,
 )
+from support.ports import accepts, wait_until_async
 
 pytestmark = pytest.mark.integration
 
@@ -353,7 +354,7 @@ async def test_554_greeting_is_permanent_and_quits(
     with pytest.raises(SessionError) as info:
         await connect(server)
     assert info.value.permanent and info.value.reply is not None
-    await asyncio.sleep(0.05)
+    await wait_until_async(lambda: server.commands, what="the server has read the QUIT")
     assert server.commands == ["QUIT"]
 
 
@@ -361,7 +362,7 @@ async def test_connection_refused_is_temporary() -> None:
     server = ScriptServer(Script())
     port = await server.start()
     await server.stop()
-    await asyncio.sleep(0.05)
+    await wait_until_async(lambda: not accepts("127.0.0.1", port), what="the listener closed")
     with pytest.raises(SessionError) as info:
         await SmtpClientSession.connect("127.0.0.1", port, helo_name="c.test", timeouts=FAST)
     assert not info.value.permanent and "failed" in info.value.detail
@@ -753,9 +754,5 @@ async def test_idle_session_closed_by_server_is_not_usable(
     server = await make_server(close_after_message=goodbye)
     session = await connect(server)
     assert (await send_one(session, b"x\r\n")).per_recipient[0].code == 250
-    for _ in range(100):
-        if not session.usable:
-            break
-        await asyncio.sleep(0.01)
-    assert not session.usable
+    await wait_until_async(lambda: not session.usable, what="the session sees the close")
     await session.quit()

@@ -35,7 +35,7 @@ from dkim_tools import (
 )
 from postillon.testing.dns_server import DnsServer
 from support.metrics import scrape, value
-from support.ports import free_port
+from support.ports import free_port, wait_until
 from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -251,7 +251,8 @@ def test_a_retry_sends_the_bytes_signed_at_intake(make_server: Any) -> None:
         assert time.monotonic() < deadline, a.maillog()
         time.sleep(0.05)
     signed_at = int(time.time())
-    time.sleep(1.1)  # so a signature made now would have a later t=
+    # Until the clock's second moves on, so a signature made now would have a later t=.
+    wait_until(lambda: int(time.time()) > signed_at, 5, "the next second")
     b.start()
     (path,) = b.wait_for_mail("bob@example.net")
     message = to_crlf(path.read_bytes())

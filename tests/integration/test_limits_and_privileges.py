@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from support.ports import free_port
+from support.ports import accepts, free_port, wait_until
 from support.server import ServerProcess, default_config
 
 pytestmark = pytest.mark.integration
@@ -25,6 +25,17 @@ pytestmark = pytest.mark.integration
 def _connect(server: ServerProcess) -> socket.socket:
     host, _, port = server.config["listen"][0]["address"].rpartition(":")
     return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _read_ehlo(sock: socket.socket) -> bytes:
+    """The whole multi-line EHLO reply (up to its ``250 `` line)."""
+    data = b""
+    while not (data.startswith(b"250 ") or b"\r\n250 " in data) or not data.endswith(b"\r\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _read_reply(sock: socket.socket) -> bytes:
@@ -37,19 +48,31 @@ def _read_reply(sock: socket.socket) -> bytes:
     return data
 
 
+def _greeted(server: ServerProcess, count: int) -> list[socket.socket]:
+    """``count`` sessions that each got ``220``, once the server has freed enough slots
+    (it frees one when it notices a close: start()'s probe, or a test's own close)."""
+    opened: list[socket.socket] = []
+
+    def attempt() -> list[socket.socket] | None:
+        while len(opened) < count:
+            sock = _connect(server)
+            if not _read_reply(sock).startswith(b"220"):  # 421: that slot is not free yet
+                sock.close()
+                return None
+            opened.append(sock)
+        return opened
+
+    return wait_until(attempt, 10, f"{count} free connection slot(s)")
+
+
 def test_connections_per_ip_limit(make_server) -> None:  # type: ignore[no-untyped-def]
     server = make_server(limits={"connections_per_ip": 2}).start()
-    time.sleep(0.3)  # start() probed the port; let the server release that slot
-    first, second = _connect(server), _connect(server)
-    assert _read_reply(first).startswith(b"220")
-    assert _read_reply(second).startswith(b"220")
+    first, second = _greeted(server, 2)
     third = _connect(server)
     assert _read_reply(third).startswith(b"421 4.7.0")
     third.close()
     first.close()
-    time.sleep(0.2)  # the server notices the close and frees the slot
-    fourth = _connect(server)
-    assert _read_reply(fourth).startswith(b"220")
+    (fourth,) = _greeted(server, 1)
     for s in (second, fourth):
         s.close()
 
@@ -68,7 +91,7 @@ def test_slow_data_times_out_and_nothing_is_queued(make_server) -> None:  # type
     sock = _connect(server)
     _read_reply(sock)
     sock.sendall(b"EHLO c.test\r\n")
-    time.sleep(0.1)
+    _read_ehlo(sock)  # EHLO ends a pipelined group (RFC 2920 §3.1): wait for its reply
     sock.sendall(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
     deadline = time.monotonic() + 5
     buf = b""
@@ -111,8 +134,8 @@ def test_sigterm_lets_a_transaction_finish(make_server) -> None:  # type: ignore
     s.rcpt("alice@example.org")
     assert server.proc is not None
     server.proc.send_signal(15)
-    time.sleep(0.3)
     # New connections are refused while the running session may finish.
+    wait_until(lambda: not accepts(host, int(port)), 10, "the listener closed")
     with pytest.raises(OSError):
         _connect(server).recv(10)
     code, _ = s.data(b"Subject: during shutdown\r\n\r\nbody\r\n")

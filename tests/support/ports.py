@@ -17,6 +17,7 @@ needs the same few things, so they live once, in this module:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -38,6 +39,7 @@ __all__ = [
     "stop_process",
     "wait_listening",
     "wait_until",
+    "wait_until_async",
 ]
 
 
@@ -79,6 +81,26 @@ def wait_until(
                 return result
             raise TimeoutError(f"{what}: not after {timeout} s")
         time.sleep(interval)
+
+
+async def wait_until_async(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    what: str = "the condition",
+    interval: float = 0.01,
+) -> T:
+    """:func:`wait_until` for a test inside the event loop: the loop runs between polls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            result = predicate()
+            if result:
+                return result
+            raise TimeoutError(f"{what}: not after {timeout} s")
+        await asyncio.sleep(interval)
 
 
 def wait_listening(

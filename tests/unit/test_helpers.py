@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from postillon.intake.dkim_sign import signature_fields
 from postillon.signing.keys import KeyStore, load_key_store, write_new_key
 from postillon.signing.remote_keys import shared_keys
 from postillon.signing.signer import DkimSigner, MessageSigning, SigningPolicy
+from support.ports import wait_until_async
 
 MESSAGE = b"From: A <a@x.example>\r\nSubject: pooled\r\n\r\nbody  text\r\n"
 
@@ -63,25 +66,85 @@ async def test_verify_answers_match_the_server() -> None:
     assert pool.pids == []
 
 
-async def test_a_killed_helper_means_inline_then_a_new_helper() -> None:
-    pool = HelperPool(1, restart_interval=0.2)
+class ManualClock:
+    """A ``LoopClock`` moved by hand: timers fire when :meth:`advance` reaches them."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.timers: list[ManualTimer] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> ManualTimer:
+        timer = ManualTimer(self.now + delay, callback)
+        self.timers.append(timer)
+        return timer
+
+    def pending(self) -> list[ManualTimer]:
+        return [t for t in self.timers if not t.cancelled]
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = [t for t in self.pending() if t.when <= self.now]
+        self.timers = [t for t in self.pending() if t not in due]
+        for timer in sorted(due, key=lambda t: t.when):
+            timer.callback()
+
+
+@dataclass
+class ManualTimer:
+    when: float
+    callback: Callable[[], object]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+async def test_a_killed_helper_means_inline_then_a_new_helper_after_the_interval() -> None:
+    clock = ManualClock()
+    pool = HelperPool(1, restart_interval=5.0, clock=clock)
     pool.share("keys", {})
     await pool.start()
     try:
         (pid,) = pool.pids
         os.kill(pid, signal.SIGKILL)
-        for _ in range(100):  # the reader sees the pipe close
-            if not pool.pids:
-                break
-            await asyncio.sleep(0.02)
-        assert await pool.call("verify", (signed_twice(), dict(RECORDS))) is None  # meanwhile
-        for _ in range(200):
-            await asyncio.sleep(0.05)
-            rows = await pool.call("verify", (signed_twice(), dict(RECORDS)))
-            if rows is not None:
-                break
+        await wait_until_async(lambda: not pool.pids, what="the reader sees the pipe close")
+        assert await pool.call("verify", (signed_twice(), dict(RECORDS))) is None  # inline
+        clock.advance(4.9)  # within the restart interval: no new helper yet
+        assert await pool.call("verify", (signed_twice(), dict(RECORDS))) is None
+        await asyncio.sleep(0)
+        assert pool.pids == []
+        clock.advance(0.1)
+        assert await pool.call("verify", (signed_twice(), dict(RECORDS))) is None  # starts one
+        await wait_until_async(lambda: pool.pids, what="a new helper")
+        rows = await pool.call("verify", (signed_twice(), dict(RECORDS)))
         assert rows is not None and [r[0] for r in rows] == ["pass", "pass"]
-        assert pool.pids and pool.pids[0] != pid
+        assert pool.pids[0] != pid
+    finally:
+        await pool.close()
+
+
+async def test_a_stuck_helper_is_answered_for_after_the_timeout_and_replaced() -> None:
+    clock = ManualClock()
+    pool = HelperPool(1, restart_interval=0.0, clock=clock, answer_timeout=10.0)
+    await pool.start()
+    try:
+        (pid,) = pool.pids
+        os.kill(pid, signal.SIGSTOP)  # alive, holding the request, never answering
+        call = asyncio.ensure_future(pool.call("verify", (signed_twice(), dict(RECORDS))))
+        await wait_until_async(clock.pending, what="the answer timer")
+        clock.advance(9.9)
+        await asyncio.sleep(0.05)
+        assert not call.done()
+        clock.advance(0.1)
+        assert await call is None  # the caller does the work itself
+        await wait_until_async(lambda: pid not in pool.pids, what="the stuck helper killed")
+        pool.submit("verify", (MESSAGE, {}))  # a request starts the missing helper
+        await wait_until_async(lambda: pool.pids, what="a new helper")
+        assert await pool.call("verify", (MESSAGE, {})) == []
+        assert clock.pending() == []  # answered in time: every timer cancelled
     finally:
         await pool.close()
 

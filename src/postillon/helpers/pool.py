@@ -11,6 +11,10 @@ is started again on a later request, at most once per :data:`RESTART_INTERVAL`.
 
 State that every helper needs (the signing keys) is set with :meth:`HelperPool.share`: it
 is sent to each running helper and to each one started later, before any request.
+
+Both of its times (the answer timeout and the restart interval) come from an injected
+:class:`LoopClock`, by default the running event loop's own ``time``/``call_later``, so a test
+moves time by hand (as with Twisted's ``task.Clock``) instead of sleeping.
 """
 
 from __future__ import annotations
@@ -22,9 +26,8 @@ import logging
 import marshal
 import os
 import sys
-import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from postillon.helpers.wire import LENGTH, MAX_FRAME, NO_ANSWER, encode
 
@@ -32,6 +35,19 @@ log = logging.getLogger("postillon.helpers")
 
 ANSWER_TIMEOUT = 10.0
 RESTART_INTERVAL = 5.0
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class LoopClock(Protocol):
+    """Monotonic time and timers: the subset of :class:`asyncio.AbstractEventLoop` the pool
+    uses, so the running loop itself is the real clock."""
+
+    def time(self) -> float: ...
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> TimerHandle: ...
 
 
 class _Helper:
@@ -112,8 +128,13 @@ class HelperPool:
         processes: int,
         restart_interval: float = RESTART_INTERVAL,
         on_answer: Callable[[str, bool], None] | None = None,
+        clock: LoopClock | None = None,
+        answer_timeout: float = ANSWER_TIMEOUT,
     ) -> None:
         self.processes = processes
+        # None: the running event loop (the pool may be built before the loop runs).
+        self._clock_override = clock
+        self._answer_timeout = answer_timeout
         # Told of every request's end: its kind, and whether a helper answered it.
         self._on_answer = on_answer
         self.user: str | None = None
@@ -128,11 +149,15 @@ class HelperPool:
         self._stopping: set[asyncio.Future[None]] = set()
 
     @property
+    def _clock(self) -> LoopClock:
+        return self._clock_override or asyncio.get_running_loop()
+
+    @property
     def pids(self) -> list[int]:
         return [h.process.pid for h in self._helpers if h.alive]
 
     async def start(self) -> None:
-        self._last_start = time.monotonic()
+        self._last_start = self._clock.time()
         self._helpers = [h for h in self._helpers if h.alive]
         while len(self._helpers) < self.processes and not self._closed:
             user = ["--user", self.user] if self.user and os.geteuid() == 0 else []
@@ -201,8 +226,9 @@ class HelperPool:
         return await self.answer(self.submit(kind, payload), kind)
 
     async def answer(self, future: asyncio.Future[Any], kind: str) -> Any:
-        """The result of a :meth:`submit`, waited for at most :data:`ANSWER_TIMEOUT`
-        (then None, and the helper that holds it is replaced: it is stuck)."""
+        """The result of a :meth:`submit`, waited for at most ``answer_timeout``
+        (:data:`ANSWER_TIMEOUT`; then None, and the helper that holds it is replaced: it is
+        stuck)."""
         result = await self._wait(future, kind)
         if self._on_answer is not None:
             self._on_answer(kind, result is not None)
@@ -211,18 +237,24 @@ class HelperPool:
     async def _wait(self, future: asyncio.Future[Any], kind: str) -> Any:
         if future.done():
             return future.result()
+        timer = self._clock.call_later(self._answer_timeout, lambda: self._time_out(future, kind))
         try:
-            async with asyncio.timeout(ANSWER_TIMEOUT):
-                return await asyncio.shield(future)
-        except TimeoutError:
-            log.warning(
-                "helper process took over %.0f s for %s: the server does it", ANSWER_TIMEOUT, kind
-            )
-            for helper in self._helpers:
-                if future in helper.pending.values():
-                    with contextlib.suppress(ProcessLookupError):
-                        helper.process.kill()  # stuck: its reader sees EOF, it is replaced
-            return None
+            # Shielded: a caller cancelled meanwhile leaves the request to its helper.
+            return await asyncio.shield(future)
+        finally:
+            timer.cancel()
+
+    def _time_out(self, future: asyncio.Future[Any], kind: str) -> None:
+        if future.done():
+            return
+        log.warning(
+            "helper process took over %.0f s for %s: the server does it", self._answer_timeout, kind
+        )
+        for helper in self._helpers:
+            if future in helper.pending.values():
+                with contextlib.suppress(ProcessLookupError):
+                    helper.process.kill()  # stuck: its reader sees EOF, it is replaced
+        future.set_result(None)  # the caller does the work now, not when the helper is gone
 
     def resize(self, processes: int) -> None:
         """A new helper count (reload): extra helpers stop (the server does their
@@ -243,7 +275,7 @@ class HelperPool:
             return
         if len([h for h in self._helpers if h.alive]) >= self.processes:
             return
-        if time.monotonic() - self._last_start < self._restart_interval:
+        if self._clock.time() - self._last_start < self._restart_interval:
             return
         self._starting = asyncio.ensure_future(self.start())
 
