@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-# The idna codec imports punycode on first use. After dropping root the interpreter's own
-# files may no longer be readable (a Python under /root, as on the bench machine), and the
-# first IDN domain or public-suffix-list load then failed with "unknown encoding: punycode"
-# (seen as 451s in make bench). Import it while still root.
+# IDNA (core/address.py) imports punycode and its UTS 46 table on first use. After dropping
+# root the interpreter's own files may no longer be readable (a Python under /root, as on
+# the bench machine), and the first IDN domain or public-suffix-list load then failed with
+# "unknown encoding: punycode" (seen as 451s in make bench). Import them while still root.
 import encodings.punycode  # noqa: F401
 import gc
 import logging
@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import idna.uts46data  # noqa: F401 (see encodings.punycode above)
 
 from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
 from postillon.checks.rate_limit import SubmissionRateLimits

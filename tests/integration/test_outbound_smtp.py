@@ -32,6 +32,9 @@ def zones(port_b_host: str = "127.0.0.3") -> dict[str, Any]:
             "mx2.remote.test": {"A": port_b_host},
         },
         "nullmx.test": {"@": {"MX": "0 ."}},
+        # faß.de in IDNA 2008 / UTS 46; IDNA 2003 would ask for fass.de, served to catch it.
+        "xn--fa-hia.de": {"@": {"MX": "10 mx2.remote.test"}},
+        "fass.de": {"@": {"MX": "10 mx1.remote.test"}},
         "implicit.test": {"@": {"A": "127.0.0.3"}},
         "broken.test": {"@": {"A": "127.0.0.9"}},
     }
@@ -49,6 +52,7 @@ def pair(make_server, make_dns_server):  # type: ignore[no-untyped-def]
         domain=[
             {"name": "remote.test", "mailboxes": ["bob", "carol"]},
             {"name": "implicit.test", "mailboxes": ["dave"]},
+            {"name": "faß.de", "mailboxes": ["user"]},
         ],
     )
     a = make_server(
@@ -94,6 +98,23 @@ def test_mx_order_fallback_and_opportunistic_tls(pair) -> None:  # type: ignore[
     log = wait_log(a, f"{qid}: delivered: to=<carol@remote.test>")
     assert "relay=(mx2.remote.test[127.0.0.3]" in log and "tls=TLSv1.3/unverified" in log
     # both recipients travelled in one transaction: B logged one message
+    assert b.maillog().count("received:") == 1
+
+
+def test_idn_domain_is_routed_by_the_mx_of_its_idna_2008_a_label(pair) -> None:  # type: ignore[no-untyped-def]
+    """smtplib ─SMTPUTF8─▶ A ──DNS MX xn--fa-hia.de (not fass.de)──▶ B (faß.de) ──▶ Maildir"""
+    a, b, dns = pair
+    host, _, port = a.config["listen"][0]["address"].rpartition(":")
+    with smtplib.SMTP(host, int(port), timeout=10) as s:
+        s.ehlo("client.test")
+        assert s.mail("alice@example.org", ["SMTPUTF8"])[0] == 250
+        assert s.rcpt("user@faß.de")[0] == 250
+        code, msg = s.data(MESSAGE)
+    assert code == 250
+    qid = msg.decode().rsplit(" ", 1)[1]
+    wait_log(a, f"{qid}: delivered: to=<user@faß.de>")
+    assert dns.query_count("xn--fa-hia.de", "MX") >= 1
+    assert dns.query_count("fass.de") == 0
     assert b.maillog().count("received:") == 1
 
 

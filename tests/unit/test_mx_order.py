@@ -306,6 +306,14 @@ async def test_idn_domain_is_looked_up_as_a_labels() -> None:
     assert resolver.asked[0] == ("MX", "xn--bcher-kva.example")
 
 
+async def test_idn_domain_is_looked_up_by_its_idna_2008_a_label() -> None:
+    """IDNA 2008: faß.de is xn--fa-hia.de (IDNA 2003 made it fass.de, another domain)."""
+    resolver = FakeResolver(mx={"xn--fa-hia.de": [(10, "mx")]}, addresses={"mx": ["192.0.2.1"]})
+    result = await resolve_next_hops("faß.de", resolver)
+    assert result.ok
+    assert resolver.asked[0] == ("MX", "xn--fa-hia.de")
+
+
 async def test_ip_and_loopback_targets_are_ordinary_names() -> None:
     resolver = FakeResolver(
         mx={"example.org": [(10, "192.0.2.1"), (20, "localhost")]},

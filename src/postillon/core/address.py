@@ -71,11 +71,20 @@ NULL_PATH: Address | None = None
 
 
 def domain_to_ascii(domain: str) -> str:
+    """The domain in A-label form: the one place a domain becomes what DNS and peers
+    without SMTPUTF8 see. IDNA 2008 with the UTS #46 mapping (case and width folded,
+    non-transitional), never the standard library's ``idna`` codec: that is IDNA 2003,
+    which turns ``faß.de`` into ``fass.de``, someone else's domain. ASCII names and
+    address literals are only lower-cased."""
     if domain.isascii() or domain.startswith("["):
         return domain.lower()
+    # Imported on first use: most processes (sendmail, the CLI) never meet an IDN. The
+    # server imports it while still root (app.py), as it does punycode.
+    import idna
+
     try:
-        return domain.encode("idna").decode("ascii").lower()
-    except UnicodeError as exc:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except UnicodeError as exc:  # idna.IDNAError is one
         raise AddressError(f"domain {domain!r} is not a valid IDN") from exc
 
 
