@@ -16,16 +16,26 @@ same user and held nothing less: the server read the same keys from disk.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-if TYPE_CHECKING:  # the helper must not import keys.py: it pulls in the config model
-    from postillon.signing.keys import DkimKey
-
 SignRequest = tuple[str, bytes]
+
+
+class ServerKey(Protocol):
+    """What the helpers need of one of the server's keys (``keys.DkimKey`` is one). Named
+    here, not imported: keys.py imports this module for :func:`rsa_sign`, and the helper
+    must not import keys.py (it pulls in the config model)."""
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def private_key(self) -> object: ...
 
 
 def rsa_sign(private_key: rsa.RSAPrivateKey, digest: bytes) -> bytes:
@@ -33,7 +43,7 @@ def rsa_sign(private_key: rsa.RSAPrivateKey, digest: bytes) -> bytes:
     return private_key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
 
 
-def shared_keys(keys: list[DkimKey]) -> dict[str, bytes]:
+def shared_keys(keys: Iterable[ServerKey]) -> dict[str, bytes]:
     """The ``keys`` state for the helpers: the RSA keys among ``keys``."""
     return {
         key.fingerprint: key.private_key.private_bytes(
@@ -42,7 +52,7 @@ def shared_keys(keys: list[DkimKey]) -> dict[str, bytes]:
             serialization.NoEncryption(),
         )
         for key in keys
-        if key.algorithm == "rsa"
+        if isinstance(key.private_key, rsa.RSAPrivateKey)
     }
 
 
