@@ -26,8 +26,14 @@ protocol/ imports no hashing library (its purity rule), so SCRAM gets SHA-256,
 HMAC-SHA-256 and its nonce source from the adapter (``ScramPrimitives``);
 base64 (an encoding, not cryptography) is done here.
 
-Not done: SASLprep (RFC 4013) - names and passwords are compared as the UTF-8
-the client sent. SCRAM-SHA-256-PLUS (channel binding ``tls-exporter``, RFC
+SASLprep (RFC 4013) is not done here but where credentials are checked: the
+mechanisms pass on the UTF-8 the client sent, and ``inbound/accounts.py``
+SASLpreps passwords before both of its hashes (the PLAIN/LOGIN check and the
+stored SCRAM keys, whose client side SASLpreps too, RFC 5802 §2.2), so PLAIN
+and SCRAM agree on a non-ASCII password. Usernames are compared after
+``strip().lower()``, not SASLprep.
+
+Not done: SCRAM-SHA-256-PLUS (channel binding ``tls-exporter``, RFC
 9266) needs the TLS exporter, and Python 3.11's ``ssl`` has no API for it
 (no ``export_keying_material``; ``tls-unique`` does not exist for TLS 1.3), so
 -PLUS is never offered and a client that asks for binding (``p=``) fails.
