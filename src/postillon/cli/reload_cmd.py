@@ -20,9 +20,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from postillon.app import pid_path
 from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config, split_host_port
+from postillon.paths import pid_path
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

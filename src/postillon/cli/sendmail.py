@@ -404,8 +404,9 @@ def _newaliases(config: Config) -> int:
     aliases files themselves), so check them and make the running server
     re-read them, as an operator who just edited /etc/aliases expects."""
     # Imported here: the server's modules are not needed by sendmail's hot path.
-    from postillon.app import build_local_recipients, pid_path
+    from postillon.build import build_local_recipients
     from postillon.cli.reload_cmd import read_pid
+    from postillon.paths import pid_path
 
     try:
         build_local_recipients(config)

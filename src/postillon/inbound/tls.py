@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -55,17 +56,37 @@ def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def _minimum(min_version: str) -> ssl.TLSVersion:
+    return ssl.TLSVersion.TLSv1_3 if min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+
+
 def server_context(
     certificate: Path, private_key: Path, min_version: str = "TLSv1.2"
 ) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
-    )
+    ctx.minimum_version = _minimum(min_version)
     ctx.load_cert_chain(certificate, private_key)
     # Session tickets and compression stay at the library's safe defaults.
     ctx.options |= ssl.OP_NO_COMPRESSION
     return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCertificate:
+    """The listeners' certificate and key files, and the oldest TLS version accepted."""
+
+    certificate: Path
+    private_key: Path
+    min_version: str = "TLSv1.2"
+
+    def context(self) -> ssl.SSLContext:
+        return server_context(self.certificate, self.private_key, self.min_version)
+
+    def load_into(self, ctx: ssl.SSLContext) -> None:
+        """Put this certificate into a context a socket already holds (reload):
+        handshakes from now on present it."""
+        ctx.minimum_version = _minimum(self.min_version)
+        ctx.load_cert_chain(self.certificate, self.private_key)
 
 
 def describe(obj: ssl.SSLObject | ssl.SSLSocket | None) -> str:
