@@ -229,8 +229,9 @@ class App:
     ) -> None:
         # Imported here: aiohttp takes a while to import, and the CLI
         # commands that import this module never serve HTTP.
+        from postillon.admin.context import AdminContext
         from postillon.admin.queue_ops import QueueOps
-        from postillon.admin.server import AdminContext, AdminServer, build_app
+        from postillon.admin.server import AdminServer, build_app
         from postillon.admin.tls import admin_tls_context
         from postillon.admin.token import TokenVerifier, token_path
         from postillon.observability.routes import add_ops_routes
