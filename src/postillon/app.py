@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from postillon.build import (
     Builder,
+    configured_certificate,
     maildir_transport,
     open_queue_store,
     queue_available,
@@ -39,7 +40,13 @@ from postillon.core.clock import SystemClock
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.listener import Listener
-from postillon.inbound.privileges import drop_privileges, prepare_data_dir, running_as_root
+from postillon.inbound.privileges import (
+    PrivilegeError,
+    drop_privileges,
+    prepare_data_dir,
+    running_as_root,
+)
+from postillon.inbound.tls import empty_server_context
 from postillon.intake.intake import Intake
 from postillon.intake.pickup import Pickup
 from postillon.observability.maillog import MailLog, configure_logging
@@ -98,8 +105,16 @@ class App:
         config = self.config
         data_dir = config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        certificate = tls_certificate(config)
-        tls_context = certificate.context() if certificate is not None else None
+        # A configured certificate is read now: its files may be root's only. A
+        # self-signed one is made (and read) after the drop, by the server's user in
+        # its own data_dir/tls: root never writes where that user could plant a link.
+        certificate = configured_certificate(config)
+        if certificate is not None:
+            tls_context: ssl.SSLContext | None = certificate.context()
+        elif config.tls.self_signed:
+            tls_context = empty_server_context(config.tls.min_version)
+        else:
+            tls_context = None
         clock = SystemClock()
         drop_to = config.user if running_as_root() and config.user else None
         maildrop = data_dir / "maildrop"
@@ -132,6 +147,10 @@ class App:
             log.info("dropped privileges to user %s", drop_to)
         else:
             await self._start_helpers(config, signer, None)
+        if certificate is None and tls_context is not None:
+            self_signed = tls_certificate(config)
+            assert self_signed is not None
+            self_signed.load_into(tls_context)
 
         self.store = open_queue_store(config)
         self._builder.store = self.store
@@ -343,7 +362,8 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await app.start()
-    except (StoreError, SchemaError) as exc:  # the queue database: unreachable, unmigrated
+    except (StoreError, SchemaError, PrivilegeError) as exc:
+        # The queue database unreachable or unmigrated; data_dir or the user unusable.
         log.error("cannot start: %s", exc)
         loop.remove_signal_handler(signal.SIGHUP)
         with contextlib.suppress(Exception):

@@ -98,12 +98,22 @@ def maildir_transport(config: Config, local: LocalRecipients) -> MaildirTranspor
     )
 
 
-def tls_certificate(config: Config) -> ServerCertificate | None:
-    """The listeners' certificate: the configured one, else a self-signed pair (made in
-    ``data_dir/tls`` when missing), else none (no STARTTLS, no implicit TLS)."""
+def configured_certificate(config: Config) -> ServerCertificate | None:
+    """``[tls] certificate`` and ``private_key``, when both are set."""
     tls = config.tls
     if tls.certificate is not None and tls.private_key is not None:
         return ServerCertificate(tls.certificate, tls.private_key, tls.min_version)
+    return None
+
+
+def tls_certificate(config: Config) -> ServerCertificate | None:
+    """The listeners' certificate: the configured one, else a self-signed pair (made in
+    ``data_dir/tls`` when missing: call this as the server's user, never as root, since
+    that directory is the user's), else none (no STARTTLS, no implicit TLS)."""
+    tls = config.tls
+    configured = configured_certificate(config)
+    if configured is not None:
+        return configured
     if tls.self_signed:
         cert, key = ensure_self_signed(tls_dir(config.data_dir), config.hostname)
         return ServerCertificate(cert, key, tls.min_version)
