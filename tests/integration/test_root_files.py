@@ -254,3 +254,61 @@ def test_reload_and_newaliases_never_signal_a_process_the_pid_file_names_wrongly
         bystander.send_signal(signal.SIGKILL)
         bystander.wait()
         server.stop()
+
+
+def test_user_add_as_root_never_opens_or_chowns_a_planted_lock_link(
+    root_dir: Path, user: pwd.struct_passwd
+) -> None:
+    """`postillon user add` as root locks ``accounts.json.lock`` in data_dir and gives
+    it to the directory's owner: through a planted link that was /etc/shadow's
+    owner handed to the service user."""
+    server = _server(root_dir)
+    try:
+        server.start()
+        victim = _victim(root_dir, "lock-victim")
+        _plant_link(_data_dir(root_dir) / "accounts.json.lock", victim, user)
+        done = subprocess.run(
+            [*server.cli_command(), "user", "add", "carol@example.org", "--password-stdin"],
+            input="a long enough password\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        _assert_untouched(victim)
+        assert done.returncode != 0 and "accounts.json.lock" in done.stderr, done.stderr
+    finally:
+        server.stop()
+
+
+def test_dkim_keygen_as_root_never_writes_or_chowns_through_planted_links(
+    root_dir: Path, user: pwd.struct_passwd
+) -> None:
+    """`postillon dkim keygen` as root writes into <data_dir>/dkim/<domain>/ and gives
+    both directories and the key to the server's user: none of it by a name the
+    user may have pointed elsewhere."""
+    server = _server(root_dir)
+    try:
+        server.start()
+        dkim = _data_dir(root_dir) / "dkim"
+        dkim.mkdir()
+        _give(dkim, user)
+        victim_dir = root_dir / "victim-dir"
+        victim_dir.mkdir()
+        victim_dir.chmod(0o755)
+        _plant_link(dkim / "example.org", victim_dir, user)
+        done = server.cli("dkim", "keygen", "example.org", "--selector", "s1", check=False)
+        st = os.stat(victim_dir)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o755), "a linked dir was taken"
+        assert not (victim_dir / "s1.key").exists(), "a key was written through the link"
+        assert done.returncode != 0, done.stdout
+        (dkim / "example.org").unlink()
+        victim = _victim(root_dir, "key-victim")
+        (dkim / "example.org").mkdir()
+        _give(dkim, user)
+        _plant_link(dkim / "example.org" / ".s2.key.tmp", victim, user)
+        server.cli("dkim", "keygen", "example.org", "--selector", "s2")
+        _assert_untouched(victim)
+        key = dkim / "example.org" / "s2.key"
+        assert (os.stat(key).st_uid, stat.S_IMODE(os.stat(key).st_mode)) == (user.pw_uid, 0o600)
+    finally:
+        server.stop()

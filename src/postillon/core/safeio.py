@@ -23,7 +23,7 @@ import os
 import secrets
 from pathlib import Path
 
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -33,7 +33,7 @@ def write_file(
     """Durably replace ``path`` with ``data`` (rules 1 and 2); ``owner``: (uid, gid)
     to give it before it appears under its name. Raises OSError."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, _NEW_FILE, mode)
+    fd = os.open(tmp, NEW_FILE, mode)
     try:
         try:
             os.fchmod(fd, mode)
