@@ -1,8 +1,9 @@
 """The composition root: build every component from one frozen Config.
 
-No other module reads configuration; each gets the values it needs here.
-Start-up order matters: prepare data_dir, bind listeners (as root if need be),
-drop privileges, open the queue, then start serving and delivering.
+No other module reads configuration; each gets the values it needs here (the
+builders are in ``build.py``, shared with ``reload.py``). Start-up order matters:
+prepare data_dir, bind listeners (as root if need be), drop privileges, open the
+queue, then start serving and delivering.
 """
 
 from __future__ import annotations
@@ -20,58 +21,48 @@ import logging
 import os
 import signal
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import idna.uts46data  # noqa: F401 (see encodings.punycode above)
 
-from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
-from postillon.checks.rate_limit import SubmissionRateLimits
-from postillon.checks.relay import RelayPolicy
-from postillon.config.changes import effective, restart_needed
-from postillon.config.loader import ConfigError, load_config
+from postillon.build import (
+    Builder,
+    configured_certificate,
+    maildir_transport,
+    open_queue_store,
+    queue_available,
+    retry_policy,
+    router,
+    tls_certificate,
+)
 from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
 from postillon.helpers.pool import HelperPool
-from postillon.inbound.accounts import AccountError, AccountStore, accounts_path
-from postillon.inbound.auth import DEFAULT_MECHANISMS, Authenticator, AuthGuard
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.listener import Listener
 from postillon.inbound.privileges import (
-    chown_tree,
+    PrivilegeError,
     drop_privileges,
-    lookup_user,
+    prepare_data_dir,
     running_as_root,
 )
-from postillon.inbound.session import SessionDeps
-from postillon.inbound.tls import ensure_self_signed, server_context
+from postillon.inbound.tls import empty_server_context
 from postillon.intake.intake import Intake
-from postillon.intake.maildrop import prepare_maildrop
 from postillon.intake.pickup import Pickup
-from postillon.local.maildir import MaildirDelivery
-from postillon.local.transport import MaildirTransport
 from postillon.observability.maillog import MailLog, configure_logging
-from postillon.observability.metrics import ListenerMetrics, Metrics
-from postillon.outbound.client_session import ClientTimeouts
+from postillon.observability.metrics import Metrics
 from postillon.outbound.simple import DiscardTransport, ErrorTransport
-from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
-from postillon.protocol.server import ServerSettings
+from postillon.outbound.smtp_transport import SmtpTransport
+from postillon.paths import pid_path
 from postillon.queue.history import HistoryRecorder
 from postillon.queue.postgres_schema import SchemaError
 from postillon.queue.postgres_store import PostgresStore
-from postillon.queue.retry import RetryPolicy
 from postillon.queue.runner import Runner, Transport
-from postillon.queue.sqlite_store import SqliteStore
 from postillon.queue.store import QueueStore, StoreError
-from postillon.routing.aliases import AliasesError, load_aliases
-from postillon.routing.local import LocalRecipients, RecipientAccepted
-from postillon.routing.resolver import DnsResolver
-from postillon.routing.router import Router, TransportEntry, parse_smarthost
-from postillon.signing.keys import key_store_from_config
-from postillon.signing.remote_keys import shared_keys
+from postillon.reload import Reloader, ReloadResult, share_keys
+from postillon.routing.local import RecipientAccepted
 from postillon.signing.signer import DkimSigner, build_signer
 
 if TYPE_CHECKING:
@@ -80,74 +71,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("postillon")
 
 
-def queue_path(config: Config) -> Path:
-    return config.data_dir / "queue" / "queue.db"
-
-
-def open_queue_store(config: Config) -> QueueStore:
-    """The queue store the config names: the embedded SQLite file, or PostgreSQL at ``dsn``."""
-    if config.queue.store == "postgresql":
-        assert config.queue.dsn is not None  # the config model requires it
-        return PostgresStore(config.queue.dsn)
-    queue_path(config).parent.mkdir(parents=True, exist_ok=True)
-    return SqliteStore(queue_path(config))
-
-
-def queue_available(store: QueueStore) -> Callable[[], bool] | None:
-    """How listeners learn that a shared queue's database is unreachable (421 4.3.0)."""
-    if isinstance(store, PostgresStore):
-        return lambda: store.available
-    return None  # an embedded store is as available as the local disk
-
-
-def build_local_recipients(config: Config) -> LocalRecipients:
-    aliases: dict[str, tuple[str, ...]] = {}
-    for file in config.aliases.files:
-        loaded = load_aliases(file)
-        aliases.update(loaded)
-    aliases.update({k.lower(): v for k, v in config.aliases.map.items()})
-    return LocalRecipients(
-        config.domain,
-        aliases,
-        recipient_delimiter=config.aliases.recipient_delimiter,
-        hostname=config.hostname,
-    )
-
-
-def pid_path(data_dir: Path) -> Path:
-    """The running server's pid file (``postillon reload`` signals it)."""
-    return data_dir / "postillon.pid"
-
-
-@dataclass(frozen=True, slots=True)
-class ReloadResult:
-    """What a reload did: applied or refused (``error`` says why), and the
-    changed settings that only a restart applies."""
-
-    applied: bool
-    error: str = ""
-    restart_needed: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class _Policy:
-    """The parts built from reloadable settings that sessions share."""
-
-    local: LocalRecipients
-    relay: RelayPolicy
-    auth: Authenticator
-    rate_limits: SubmissionRateLimits
-    # DKIM signing of local/authenticated mail; None = no keys configured.
-    signer: DkimSigner | None
-    # SPF/DKIM/DMARC/ARC on the MX listeners; None = checks off.
-    authentication: InboundAuthentication | None
-
-
 class App:
     def __init__(
         self, config: Config, maillog: MailLog | None = None, config_path: Path | None = None
     ) -> None:
-        self.config = config
+        self._config = config
         self.config_path = config_path
         self.metrics = Metrics()
         self.maillog = maillog or configure_logging(config.log, hostname=config.hostname)
@@ -155,155 +83,47 @@ class App:
         self.store: QueueStore | None = None
         self.runner: Runner | None = None
         self.pickup: Pickup | None = None
-        self._smtp: SmtpTransport | None = None
-        self._lmtp: SmtpTransport | None = None
         self.history: HistoryRecorder | None = None
         self.admin: AdminServer | None = None
         self._stopped = asyncio.Event()
-        self._reload_lock = asyncio.Lock()
         self._stopping = False
-        self._auth_guard: AuthGuard | None = None
         # Helper processes (DKIM verification, RSA signing), started just before
         # privileges are dropped; kept across reloads (a reload only changes their number).
         self._helpers = HelperPool(
             config.helper_process_count(), on_answer=self.metrics.helper_observer()
         )
-        self._policy: _Policy | None = None
-        self._intake: Intake | None = None
-        self._limiter: ConnectionLimiter | None = None
-        self._listener_metrics: dict[str, ListenerMetrics] = {}
-        # SMTP transports replaced by a reload, closed again at stop.
-        self._retired: list[SmtpTransport] = []
-        self._background: set[asyncio.Task[None]] = set()
+        self._builder = Builder(self.metrics, self.maillog, self._helpers)
+        # Made once everything is built: from then on it owns the reloadable settings
+        # (and the SMTP transports: a reload may replace them).
+        self._reloader: Reloader | None = None
+        self._smtp: tuple[SmtpTransport, SmtpTransport] | None = None
 
-    def _tls_context(self, config: Config | None = None) -> ssl.SSLContext | None:
-        config = config or self.config
-        tls = config.tls
-        if tls.certificate is not None and tls.private_key is not None:
-            return server_context(tls.certificate, tls.private_key, tls.min_version)
-        if tls.self_signed:
-            cert, key = ensure_self_signed(config.data_dir / "tls", config.hostname)
-            return server_context(cert, key, tls.min_version)
-        return None
-
-    def _build_policy(
-        self, config: Config, previous: _Policy | None, signer: DkimSigner | None = None
-    ) -> _Policy:
-        """Aliases, relay rules, accounts, rate limits, DKIM keys and the inbound
-        checks; raises when a file is broken. ``signer`` is the one read at start
-        (before dropping root); a reload reads the keys again."""
-        local = build_local_recipients(config)
-        submit = config.submission
-        # One account store, one AUTH failure budget and one set of rate
-        # limits for the whole process: the budgets are per client IP and user.
-        accounts = AccountStore(accounts_path(config.data_dir, submit.accounts_file))
-        if self._auth_guard is None:
-            self._auth_guard = AuthGuard(SystemClock())
-        rate_limits = SubmissionRateLimits(
-            SystemClock(),
-            messages_per_hour=submit.messages_per_hour,
-            recipients_per_hour=submit.recipients_per_hour,
-            ip_messages_per_hour=submit.ip_messages_per_hour,
-        )
-        if previous is not None and (
-            self.config.submission.messages_per_hour,
-            self.config.submission.recipients_per_hour,
-            self.config.submission.ip_messages_per_hour,
-        ) == (submit.messages_per_hour, submit.recipients_per_hour, submit.ip_messages_per_hour):
-            rate_limits = previous.rate_limits  # keep the counts of the last hour
-        return _Policy(
-            local=local,
-            relay=RelayPolicy(local, config.relay.trusted_networks),
-            auth=Authenticator.create(accounts, self._auth_guard),
-            rate_limits=rate_limits,
-            signer=signer if signer is not None else build_signer(config),
-            authentication=self._authentication(config),
-        )
-
-    def _session_deps(
-        self,
-        config: Config,
-        listener: Listener,
-        intake: Intake,
-        policy: _Policy,
-        tls_context: ssl.SSLContext | None,
-    ) -> SessionDeps:
-        kind = listener.config.kind
-        submission = kind in ("submission", "submissions")
-        settings = ServerSettings(
-            hostname=config.hostname,
-            max_message_size=config.limits.message_size,
-            max_recipients=config.limits.recipients,
-            max_errors=config.limits.errors,
-            max_command_line=config.limits.command_line,
-            starttls=tls_context is not None and kind != "submissions",
-            tls_active=kind == "submissions",
-            lmtp=kind == "lmtp",
-            # AUTH only on submission listeners, and only after TLS (RFC 4954 4).
-            auth_mechanisms=DEFAULT_MECHANISMS if submission else (),
-            require_auth=submission,
-        )
-        label = listener.config.label
-        metrics = self._listener_metrics.get(label)
-        if metrics is None:
-            metrics = self._listener_metrics[label] = ListenerMetrics(self.metrics, label)
-        return SessionDeps(
-            settings=settings,
-            intake=intake,
-            relay=policy.relay,
-            maillog=self.maillog,
-            limits=config.limits,
-            listener=label,
-            tls_context=tls_context,
-            auth=policy.auth if submission else None,
-            submission=submission,
-            sender_policy=config.submission.sender_policy,
-            rate_limits=policy.rate_limits,
-            hide_client_ip=config.submission.hide_client_ip,
-            recipient_delimiter=config.aliases.recipient_delimiter,
-            metrics=metrics,
-            # Inbound checks on MX (smtp) listeners only, never submission or LMTP.
-            authentication=policy.authentication if kind == "smtp" else None,
-            queue_available=queue_available(self.store) if self.store is not None else None,
-        )
-
-    def _router(self, config: Config, local: LocalRecipients) -> Router:
-        return Router(
-            local,
-            [TransportEntry(rule.domain, rule.route) for rule in config.transport],
-            smarthost=parse_smarthost(config.relay.smarthost) if config.relay.smarthost else None,
-            smtp_port=config.outbound.port,
-        )
-
-    def _retry_policy(self, config: Config) -> RetryPolicy:
-        return RetryPolicy(
-            first_delay=config.queue.first_retry,
-            max_delay=config.queue.max_retry,
-            max_lifetime=config.queue.lifetime,
-        )
+    @property
+    def config(self) -> Config:
+        """The config in effect: the one started with, or the last reload's."""
+        return self._reloader.config if self._reloader is not None else self._config
 
     async def start(self) -> None:
         config = self.config
         data_dir = config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        tls_context = self._tls_context()
+        # A configured certificate is read now: its files may be root's only. A
+        # self-signed one is made (and read) after the drop, by the server's user in
+        # its own data_dir/tls: root never writes where that user could plant a link.
+        certificate = configured_certificate(config)
+        if certificate is not None:
+            tls_context: ssl.SSLContext | None = certificate.context()
+        elif config.tls.self_signed:
+            tls_context = empty_server_context(config.tls.min_version)
+        else:
+            tls_context = None
         clock = SystemClock()
         drop_to = config.user if running_as_root() and config.user else None
-        # Maildrop files owned by these uids may set their envelope sender (-f).
-        server_uids = {0, os.geteuid()}
         maildrop = data_dir / "maildrop"
-        if drop_to is None:
-            prepare_maildrop(maildrop)
-        else:
-            entry = lookup_user(drop_to)
-            for sub in ("queue", "spool", "mail"):
-                (data_dir / sub).mkdir(exist_ok=True)
-            chown_tree(data_dir, entry.pw_uid, entry.pw_gid, skip=(maildrop,))
-            prepare_maildrop(maildrop, entry.pw_uid, entry.pw_gid)
-            server_uids.add(entry.pw_uid)
+        # Maildrop files owned by these uids may set their envelope sender (-f).
+        server_uids = prepare_data_dir(data_dir, maildrop, drop_to)
 
         limiter = ConnectionLimiter(config.limits.connections, config.limits.connections_per_ip)
-        self._limiter = limiter
         for listen in config.listen:
             listener = Listener(
                 listen,
@@ -329,8 +149,13 @@ class App:
             log.info("dropped privileges to user %s", drop_to)
         else:
             await self._start_helpers(config, signer, None)
+        if certificate is None and tls_context is not None:
+            self_signed = tls_certificate(config)
+            assert self_signed is not None
+            self_signed.load_into(tls_context)
 
         self.store = open_queue_store(config)
+        self._builder.store = self.store
         if isinstance(self.store, PostgresStore):
             # Connect and check the schema version now: a node with an unreachable or
             # unmigrated database refuses to start instead of refusing every message.
@@ -351,19 +176,25 @@ class App:
             helpers=self._helpers if self._helpers.processes else None,
             metrics=self.metrics,
         )
-        self._intake = intake
-        policy = self._policy = self._build_policy(config, None, signer)
+        policy = self._builder.policy(config, None, signer)
         serving = [
-            (listener, self._session_deps(config, listener, intake, policy, tls_context))
+            (listener, self._builder.session_deps(config, listener, intake, policy, tls_context))
             for listener in self.listeners
         ]
-        transports = self._transports(policy.local)
+        smtp, lmtp = self._smtp = self._builder.smtp_transports(config)
+        transports: dict[str, Transport] = {
+            "maildir": maildir_transport(config, policy.local),
+            "smtp": smtp,
+            "lmtp": lmtp,
+            "discard": DiscardTransport(),
+            "error": ErrorTransport(),
+        }
         self.runner = Runner(
             self.store,
-            self._router(config, policy.local),
+            router(config, policy.local),
             transports,
             intake,
-            self._retry_policy(config),
+            retry_policy(config),
             self.maillog,
             config.hostname,
             concurrency=config.queue.concurrency,
@@ -379,8 +210,8 @@ class App:
             # Local submission is trusted: relay allowed, aliases expand; an
             # unknown local recipient is queued and bounces like any other.
             # (The policy of the moment: a reload may have replaced it.)
-            assert self._policy is not None
-            decision = self._policy.relay.check_recipient(address, "", authenticated=True)
+            assert self._reloader is not None
+            decision = self._reloader.policy.relay.check_recipient(address, "", authenticated=True)
             if isinstance(decision, RecipientAccepted):
                 return decision.targets
             return (str(address),)
@@ -388,56 +219,82 @@ class App:
         self.pickup = Pickup(
             maildrop, intake, config.hostname, clock, expand=expand, trusted_uids=server_uids
         )
+        self._reloader = Reloader(
+            config=config,
+            config_path=self.config_path,
+            builder=self._builder,
+            maillog=self.maillog,
+            policy=policy,
+            smtp=(smtp, lmtp),
+            intake=intake,
+            runner=self.runner,
+            pickup=self.pickup,
+            limiter=limiter,
+            listeners=self.listeners,
+            helpers=self._helpers,
+        )
         self.pickup.start()
         for listener, deps in serving:
             await listener.start(deps)
         if config.admin.listen is not None:
-            # Imported here: aiohttp takes a while to import, and the CLI
-            # commands that import this module never serve HTTP.
-            from postillon.admin.queue_ops import QueueOps
-            from postillon.admin.server import AdminContext, AdminServer, build_app
-            from postillon.admin.tls import admin_tls_context
-            from postillon.admin.token import TokenVerifier, token_path
-            from postillon.observability.routes import add_ops_routes
-
-            runner = self.runner
-            admin_app = build_app(
-                AdminContext(
-                    ops=QueueOps(
-                        self.store,
-                        clock,
-                        intake=intake,
-                        hostname=config.hostname,
-                        maillog=self.maillog,
-                        history=self.history,
-                        wake_runner=runner.wake,
-                        actor="api",
-                    ),
-                    token=TokenVerifier(token_path(data_dir)),
-                    hostname=config.hostname,
-                    listeners=self.listeners,
-                    limiter=limiter,
-                    in_flight=lambda: runner.in_flight,
-                    queue_available=queue_available(self.store) or (lambda: True),
-                )
-            )
-            # Further admin routes (e.g. /metrics) are added to admin_app here.
-            add_ops_routes(admin_app, self.metrics, self.reload)
-            self.admin = AdminServer(
-                admin_app,
-                config.admin.listen,
-                admin_tls_context(config.admin, config.tls, tls_context),
-            )
-            await self.admin.start()
+            await self._start_admin(config, intake, limiter, tls_context)
         pid_path(data_dir).write_text(f"{os.getpid()}\n")
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
+
+    async def _start_admin(
+        self,
+        config: Config,
+        intake: Intake,
+        limiter: ConnectionLimiter,
+        tls_context: ssl.SSLContext | None,
+    ) -> None:
+        # Imported here: aiohttp takes a while to import, and the CLI
+        # commands that import this module never serve HTTP.
+        from postillon.admin.context import AdminContext
+        from postillon.admin.queue_ops import QueueOps
+        from postillon.admin.server import AdminServer, build_app
+        from postillon.admin.tls import admin_tls_context
+        from postillon.admin.token import TokenVerifier, token_path
+        from postillon.observability.routes import add_ops_routes
+
+        assert config.admin.listen is not None
+        assert self.store is not None and self.runner is not None
+        runner = self.runner
+        admin_app = build_app(
+            AdminContext(
+                ops=QueueOps(
+                    self.store,
+                    SystemClock(),
+                    intake=intake,
+                    hostname=config.hostname,
+                    maillog=self.maillog,
+                    history=self.history,
+                    wake_runner=runner.wake,
+                    actor="api",
+                ),
+                token=TokenVerifier(token_path(config.data_dir)),
+                hostname=config.hostname,
+                listeners=self.listeners,
+                limiter=limiter,
+                in_flight=lambda: runner.in_flight,
+                queue_available=queue_available(self.store) or (lambda: True),
+            )
+        )
+        # Further admin routes (e.g. /metrics) are added to admin_app here.
+        add_ops_routes(admin_app, self.metrics, self.reload)
+        self.admin = AdminServer(
+            admin_app,
+            config.admin.listen,
+            admin_tls_context(config.admin, config.tls, tls_context),
+        )
+        await self.admin.start()
 
     async def _start_helpers(
         self, config: Config, signer: DkimSigner | None, user: str | None
     ) -> None:
         """The helper processes, when they have work: an MX listener that checks mail,
         or RSA keys to sign with."""
-        self._share_keys(signer)
+        share_keys(self._helpers, signer)
         checks_mail = config.authentication.enabled and any(
             listen.kind == "smtp" for listen in config.listen
         )
@@ -446,188 +303,19 @@ class App:
             self._helpers.user = user
             await self._helpers.start()
 
-    def _share_keys(self, signer: DkimSigner | None) -> None:
-        """The helpers sign with the signer's RSA keys (and no others: a reload replaces)."""
-        self._helpers.share("keys", shared_keys(list(signer.keys) if signer else []))
-
-    def _authentication(self, config: Config) -> InboundAuthentication | None:
-        """SPF/DKIM/DMARC/ARC for the MX listeners, through postillon's resolver."""
-        if not config.authentication.enabled:
-            return None
-        resolver = DnsResolver(
-            list(config.dns.nameservers) or None,
-            timeout=config.dns.timeout,
-            attempts=config.dns.attempts,
-            on_lookup=self.metrics.dns_observer(),
-        )
-        return InboundAuthentication(
-            config.authentication,
-            resolver,
-            config.hostname,
-            local_domains=config.local_domains,
-            sealing_keys=arc_sealing_keys(key_store_from_config(config.dkim, config.data_dir)),
-            helpers=self._helpers if config.helper_process_count() else None,
-        )
-
-    def _transports(self, local: LocalRecipients) -> dict[str, Transport]:
-        self._smtp, self._lmtp = self._smtp_transports(self.config)
-        return {
-            "maildir": self._maildir_transport(self.config, local),
-            "smtp": self._smtp,
-            "lmtp": self._lmtp,
-            "discard": DiscardTransport(),
-            "error": ErrorTransport(),
-        }
-
-    def _smtp_transports(self, config: Config) -> tuple[SmtpTransport, SmtpTransport]:
-        """SMTP and LMTP transports sharing one resolver; raises ValueError
-        for unusable [dns] settings."""
-        out = config.outbound
-        resolver = DnsResolver(
-            list(config.dns.nameservers) or None,
-            timeout=config.dns.timeout,
-            attempts=config.dns.attempts,
-            ipv4=out.ipv4,
-            ipv6=out.ipv6,
-            on_lookup=self.metrics.dns_observer(),
-        )
-        settings = OutboundSettings(
-            helo_name=out.helo_name or config.hostname,
-            port=out.port,
-            tls=out.tls,
-            prefer_ipv6=out.prefer_ipv6,
-            concurrency=out.concurrency,
-            per_destination=out.per_destination,
-            messages_per_connection=out.messages_per_connection,
-            idle_reuse=out.idle_reuse,
-            timeouts=ClientTimeouts(
-                connect=out.connect_timeout,
-                greeting=out.greeting_timeout,
-                command=out.command_timeout,
-                data_block=out.data_block_timeout,
-                data_end=out.data_end_timeout,
-            ),
-        )
-        return (
-            SmtpTransport(resolver, settings, metrics=self.metrics),
-            SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics),
-        )
-
-    @staticmethod
-    def _maildir_transport(config: Config, local: LocalRecipients) -> MaildirTransport:
-        return MaildirTransport(
-            MaildirDelivery(config.data_dir / "mail", hostname=config.hostname), local
-        )
-
     async def reload(self) -> ReloadResult:
-        """Reopen the log, re-read the config file, certificates, aliases and
-        accounts, and apply them without closing a connection.
-
-        Sessions already running finish with the settings they started with;
-        new sessions and the next deliveries get the new ones. Anything that
-        fails (a config error, a missing certificate, a broken aliases or
-        accounts file) refuses the whole reload: the errors are logged and
-        the running configuration stays.
-        """
-        async with self._reload_lock:
-            if self._stopping or self._intake is None or self.runner is None:
-                log.warning("reload ignored: the server is starting or stopping")
-                return ReloadResult(False, "the server is starting or stopping")
-            # First reopen the log under the running config (logrotate's
-            # postrotate runs `postillon reload`): whatever follows, the log
-            # goes to the new file.
-            with contextlib.suppress(ConfigError):  # e.g. syslog away: keep the old handler
-                configure_logging(self.config.log, self.maillog, self.config.hostname)
-            try:
-                new = load_config(self.config_path) if self.config_path else self.config
-                restart = restart_needed(self.config, new)
-                new = effective(self.config, new)
-                tls_context = self._tls_context(new)
-                policy = self._build_policy(new, self._policy)
-                smtp = None
-                if (new.outbound, new.dns, new.hostname) != (
-                    self.config.outbound,
-                    self.config.dns,
-                    self.config.hostname,
-                ):
-                    smtp = self._smtp_transports(new)
-                # Last: from here on the log is written as the new config says.
-                configure_logging(new.log, self.maillog, new.hostname)
-            except (ConfigError, AccountError, AliasesError, OSError, ValueError) as exc:
-                self.metrics.reloads.labels("refused").inc()
-                log.error("reload refused, the running configuration stays:\n%s", exc)
-                return ReloadResult(False, str(exc))
-            except Exception as exc:
-                self.metrics.reloads.labels("refused").inc()
-                log.exception("reload refused, the running configuration stays")
-                return ReloadResult(False, f"{type(exc).__name__}: {exc}")
-            self._apply(new, policy, tls_context, smtp)
-            self.metrics.reloads.labels("ok").inc()
-            if restart:
-                log.warning(
-                    "reload: these settings changed but need a restart to take effect: %s",
-                    ", ".join(restart),
-                )
-            log.info(
-                "configuration reloaded%s", f" from {self.config_path}" if self.config_path else ""
-            )
-            return ReloadResult(True, restart_needed=tuple(restart))
-
-    def _apply(
-        self,
-        config: Config,
-        policy: _Policy,
-        tls_context: ssl.SSLContext | None,
-        smtp: tuple[SmtpTransport, SmtpTransport] | None,
-    ) -> None:
-        """Swap the new parts in; nothing here may fail half-way (no I/O)."""
-        assert self._intake is not None and self.runner is not None
-        self.config = config
-        self._policy = policy
-        intake = self._intake
-        intake.hostname = config.hostname
-        intake.max_hops = config.limits.max_hops
-        intake.signer = policy.signer
-        helpers = config.helper_process_count()
-        if helpers != self._helpers.processes:
-            self._helpers.resize(helpers)
-        self._share_keys(policy.signer)
-        intake.helpers = self._helpers if helpers else None
-        if self._limiter is not None:
-            self._limiter.total = config.limits.connections
-            self._limiter.per_ip = config.limits.connections_per_ip
-        for listener in self.listeners:
-            if listener.implicit_tls is not None and tls_context is not None:
-                # The listening socket keeps its context object; load the new
-                # certificate into it so new handshakes present it.
-                _reload_context(listener.implicit_tls, config)
-            listener.deps = self._session_deps(config, listener, intake, policy, tls_context)
-        runner = self.runner
-        runner.router = self._router(config, policy.local)
-        runner.retry = self._retry_policy(config)
-        runner.hostname = config.hostname
-        runner.concurrency = config.queue.concurrency
-        runner.lease_seconds = config.queue.lease
-        runner.delay_warning = config.queue.delay_warning
-        runner.transports["maildir"] = self._maildir_transport(config, policy.local)
-        if smtp is not None:
-            # Deliveries in flight finish on the old transports; their pools
-            # close idle connections now and reap the rest as they come back.
-            for old in (self._smtp, self._lmtp):
-                if old is not None:
-                    self._retired.append(old)
-                    task = asyncio.create_task(old.close())
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
-            self._smtp, self._lmtp = smtp
-            runner.transports["smtp"], runner.transports["lmtp"] = smtp
-        if self.pickup is not None:
-            self.pickup.hostname = config.hostname
-        runner.wake()
+        """Re-read the config and apply it (``reload.Reloader``); declined until the
+        server is built and once it is stopping."""
+        if self._reloader is None or self._stopping:
+            log.warning("reload ignored: the server is starting or stopping")
+            return ReloadResult(False, "the server is starting or stopping")
+        return await self._reloader.reload()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let sessions finish (bounded), return leases, close the queue."""
         self._stopping = True
+        if self._reloader is not None:
+            self._reloader.stopping = True
         if grace is None:
             grace = self.config.shutdown.grace
         if self.admin is not None:
@@ -641,8 +329,10 @@ class App:
         if self.runner is not None:
             await self.runner.stop(grace)
         log.debug("stop: runner done")
-        for transport in (self._smtp, self._lmtp, *self._retired):
-            if transport is not None:
+        if self._reloader is not None:
+            await self._reloader.close()
+        elif self._smtp is not None:  # start failed before the reloader was made
+            for transport in self._smtp:
                 await transport.close()
         log.debug("stop: transports done")
         if self.history is not None:
@@ -654,18 +344,6 @@ class App:
             pid_path(self.config.data_dir).unlink()
         log.info("postillon stopped")
         self._stopped.set()
-
-
-def _reload_context(ctx: ssl.SSLContext, config: Config) -> None:
-    tls = config.tls
-    if tls.certificate is not None and tls.private_key is not None:
-        cert, key = tls.certificate, tls.private_key
-    else:
-        cert, key = ensure_self_signed(config.data_dir / "tls", config.hostname)
-    ctx.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
-    )
-    ctx.load_cert_chain(cert, key)
 
 
 async def serve(config: Config, config_path: Path | None = None) -> None:
@@ -686,7 +364,8 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await app.start()
-    except (StoreError, SchemaError) as exc:  # the queue database: unreachable, unmigrated
+    except (StoreError, SchemaError, PrivilegeError) as exc:
+        # The queue database unreachable or unmigrated; data_dir or the user unusable.
         log.error("cannot start: %s", exc)
         loop.remove_signal_handler(signal.SIGHUP)
         with contextlib.suppress(Exception):

@@ -41,7 +41,8 @@ PICKUP_IN_SERVER = "Pickup(" in inspect.getsource(postillon.app)
 _SIDECAR = """
 import asyncio, signal, sys
 from pathlib import Path
-from postillon.app import build_local_recipients, queue_path
+from postillon.build import build_local_recipients
+from postillon.paths import queue_path
 from postillon.checks.relay import RelayPolicy
 from postillon.config.loader import load_config
 from postillon.intake.intake import Intake

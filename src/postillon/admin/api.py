@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from postillon import __version__
+from postillon.admin.context import CONTEXT, AdminContext, json_error
 from postillon.admin.openapi import spec
 from postillon.admin.queue_ops import (
     ACTIONS,
@@ -25,7 +26,6 @@ from postillon.admin.queue_ops import (
     iso,
     message_json,
 )
-from postillon.admin.server import CONTEXT, AdminContext, json_error
 from postillon.core.queueid import is_queue_id
 from postillon.queue.store import DeliveryState, StoreError
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import ssl
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Final
@@ -28,34 +26,15 @@ from typing import Final
 from aiohttp import web
 
 from postillon import __version__
-from postillon.admin.queue_ops import QueueOps
-from postillon.admin.token import TokenVerifier
+from postillon.admin import api
+from postillon.admin.context import CONTEXT, AdminContext, json_error
 from postillon.config.model import split_host_port
-from postillon.inbound.limits import ConnectionLimiter
-from postillon.inbound.listener import Listener
 
 log = logging.getLogger("postillon.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@dataclass
-class AdminContext:
-    """What the admin routes may read or act on (built by the composition root)."""
-
-    ops: QueueOps
-    token: TokenVerifier
-    hostname: str
-    listeners: Sequence[Listener] = ()
-    limiter: ConnectionLimiter | None = None
-    in_flight: Callable[[], int] = lambda: 0
-    started_at: float = field(default_factory=time.time)
-    # False while a shared (PostgreSQL) queue is unreachable: /healthz answers 503,
-    # so a load balancer sends mail to the other nodes meanwhile.
-    queue_available: Callable[[], bool] = lambda: True
-
-
-CONTEXT: Final = web.AppKey("postillon_admin_context", AdminContext)
 PUBLIC_PATHS: Final = web.AppKey("postillon_admin_public_paths", set[str])
 STATIC_PREFIX: Final = "/static/"
 
@@ -91,10 +70,6 @@ def _bearer(request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     return value.strip() if scheme.lower() == "bearer" else ""
-
-
-def json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 @web.middleware
@@ -145,8 +120,6 @@ async def index(request: web.Request) -> web.FileResponse:
 
 
 def build_app(context: AdminContext) -> web.Application:
-    from postillon.admin import api
-
     # 1 MiB of request body is plenty: the API takes no uploads.
     app = web.Application(middlewares=[_guard], client_max_size=1024 * 1024)
     app[CONTEXT] = context

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from postillon.core.safeio import write_file
 
 TOKEN_FILE = "admin-token.json"
 
@@ -28,23 +29,17 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def generate_token(path: Path) -> str:
-    """Make a new token, store its hash durably (0600), return the token itself."""
+def generate_token(path: Path, owner: tuple[int, int] | None = None) -> str:
+    """Make a new token, store its hash durably (0600), return the token itself.
+
+    ``owner`` (uid, gid): who the file is given to, for ``postillon admin token`` run
+    as root while the server runs as its own user and must read the file. The file
+    is written under a fresh name and renamed (core/safeio.py): a link the server's
+    user planted in data_dir is replaced, never written through."""
     token = secrets.token_urlsafe(32)
     record = {"sha256": _digest(token), "created": time.time()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_file(path, json.dumps(record).encode("utf-8"), 0o600, owner)
     return token
 
 

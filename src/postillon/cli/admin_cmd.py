@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from postillon.admin.token import generate_token, token_path
 from postillon.config.model import Config
+from postillon.core.safeio import owner_of
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,7 +40,12 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if args.admin_command == "token":
         path = token_path(config.data_dir)
         try:
-            token = generate_token(path)
+            # Run as root, the file goes to whoever owns data_dir: the server's user
+            # after its first start, who must be able to read it (the server checks
+            # every request against it).
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            owner = owner_of(config.data_dir) if os.geteuid() == 0 else None
+            token = generate_token(path, owner)
         except OSError as exc:
             print(f"postillon: cannot write {path}: {exc.strerror}", file=sys.stderr)
             return 1

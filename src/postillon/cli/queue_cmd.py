@@ -29,11 +29,12 @@ from postillon.admin.queue_ops import (
     event_json,
     message_json,
 )
-from postillon.app import open_queue_store, queue_path
+from postillon.build import open_queue_store
 from postillon.cli import queue_transfer
 from postillon.config.model import Config
 from postillon.core.clock import SystemClock
 from postillon.intake.intake import Intake
+from postillon.paths import queue_path
 from postillon.queue.postgres_schema import SchemaError
 from postillon.queue.store import DeliveryState, MessageInfo, StoreError
 

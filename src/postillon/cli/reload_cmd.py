@@ -20,9 +20,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from postillon.app import pid_path
 from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config, split_host_port
+from postillon.paths import pid_path
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,19 +45,85 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
 
 
-def read_pid(path: Path) -> int | None:
-    """The pid in the pid file if that process is alive, else None."""
+class NotOurServer(Exception):
+    """The pid file names a process that is not the postillon server it should be."""
+
+
+def _read_pid_file(path: Path) -> tuple[int, int] | None:
+    """(pid, the file's owner), or None when there is no usable pid file."""
     try:
-        pid = int(path.read_text().strip())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None  # missing, or a symlink in its place: no server wrote that
+    try:
+        owner = os.fstat(fd).st_uid
+        pid = int(os.read(fd, 64).decode("ascii", "replace").strip())
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(fd)
+    return (pid, owner) if pid > 1 else None
+
+
+def signal_server(path: Path, sig: int = signal.SIGHUP) -> int | None:
+    """Send ``sig`` to the server named in the pid file ``path``; return its pid, or
+    None when no server runs. Raises NotOurServer (see ``check_server``) and
+    PermissionError (not allowed to signal it).
+
+    Through a pidfd where there is one: it pins the process first, so a pid that is
+    reused between the check and the signal is not hit."""
+    found = _read_pid_file(path)
+    if found is None:
+        return None
+    pid, owner = found
+    pidfd_open = getattr(os, "pidfd_open", None)
     try:
-        os.kill(pid, 0)
+        pidfd = pidfd_open(pid) if pidfd_open is not None else None
     except ProcessLookupError:
         return None
-    except PermissionError:
-        pass  # alive, owned by another user: signalling may still fail below
+    try:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's: check_server decides, then the kernel
+        check_server(pid, owner)
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, sig)
+        else:
+            os.kill(pid, sig)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     return pid
+
+
+def check_server(pid: int, owner: int) -> None:
+    """Refuse to signal ``pid`` unless it is a ``postillon ... serve`` process run by
+    ``owner``, the pid file's owner (NotOurServer otherwise).
+
+    The server writes its pid file after dropping root, so the file is its user's to
+    rewrite: without this check root's ``postillon reload`` would send SIGHUP (whose
+    default action is to terminate) to any process that user names. A process of the
+    file's own owner is one that user could signal anyway; its command line must
+    still be the server's. Linux's /proc is required to tell; elsewhere, only a
+    non-root caller (whom the kernel already limits to their own processes) signals.
+    """
+    proc = Path(f"/proc/{pid}")
+    try:
+        status = (proc / "status").read_text()
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        if os.geteuid() == 0:
+            raise NotOurServer(f"pid {pid}: cannot read /proc/{pid}") from None
+        return
+    uids = next((line.split()[1:] for line in status.splitlines() if line.startswith("Uid:")), [])
+    if not uids or {int(u) for u in uids} != {owner}:
+        raise NotOurServer(f"pid {pid} does not run as the pid file's owner (uid {owner})")
+    names = [os.path.basename(a.decode("utf-8", "replace")) for a in argv if a]
+    if "serve" not in names or not any(n.startswith("postillon") for n in names):
+        raise NotOurServer(f"pid {pid} is not postillon serve: {' '.join(names)[:200]}")
 
 
 def run(config: Config, config_file: Path | None, api: bool = False) -> int:
@@ -70,16 +136,19 @@ def run(config: Config, config_file: Path | None, api: bool = False) -> int:
     if api:
         return _via_api(config)
     path = pid_path(config.data_dir)
-    pid = read_pid(path)
-    if pid is None:
-        print(f"postillon: no running server ({path} is missing or stale)", file=sys.stderr)
-        return 1
     try:
-        os.kill(pid, signal.SIGHUP)
+        pid = signal_server(path)
+    except NotOurServer as exc:
+        print(f"postillon: not signalling: {exc}; {path} is not postillon's", file=sys.stderr)
+        return 1
     except PermissionError:
         print(
-            f"postillon: not allowed to signal pid {pid}; run as its user or root", file=sys.stderr
+            f"postillon: not allowed to signal the server in {path}; run as its user or root",
+            file=sys.stderr,
         )
+        return 1
+    if pid is None:
+        print(f"postillon: no running server ({path} is missing or stale)", file=sys.stderr)
         return 1
     print(f"postillon: reload requested (pid {pid}); see the log for the result")
     return 0

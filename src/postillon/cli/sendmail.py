@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
-import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -404,8 +403,9 @@ def _newaliases(config: Config) -> int:
     aliases files themselves), so check them and make the running server
     re-read them, as an operator who just edited /etc/aliases expects."""
     # Imported here: the server's modules are not needed by sendmail's hot path.
-    from postillon.app import build_local_recipients, pid_path
-    from postillon.cli.reload_cmd import read_pid
+    from postillon.build import build_local_recipients
+    from postillon.cli.reload_cmd import NotOurServer, signal_server
+    from postillon.paths import pid_path
 
     try:
         build_local_recipients(config)
@@ -413,15 +413,17 @@ def _newaliases(config: Config) -> int:
         _err(f"{exc}\nthe running server keeps its aliases")
         return EX_CONFIG
     print("postillon: aliases checked")
-    pid = read_pid(pid_path(config.data_dir))
+    try:
+        pid = signal_server(pid_path(config.data_dir))
+    except NotOurServer as exc:
+        _err(f"not signalling: {exc}")
+        return EX_NOPERM
+    except PermissionError:
+        _err("not allowed to signal the server; run as its user or root")
+        return EX_NOPERM
     if pid is None:
         print("postillon: no running server; it reads the aliases when it starts")
         return EX_OK
-    try:
-        os.kill(pid, signal.SIGHUP)
-    except PermissionError:
-        _err(f"not allowed to signal the server (pid {pid}); run as its user or root")
-        return EX_NOPERM
     print(f"postillon: reload requested (pid {pid}); see the log for the result")
     return EX_OK
 

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import stringprep
 import threading
 import time
@@ -411,8 +412,17 @@ class AccountStore:
     def _transaction(self) -> Iterator[dict[str, dict[str, Any]]]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Root (``postillon user add``) locks here in the server user's directory:
+        # never through a link planted in the lock's place, and never a file that is
+        # also linked elsewhere, since the lock is then given to that user.
         try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise AccountError(f"{lock_path}: cannot open the lock file ({exc.strerror})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise AccountError(f"{lock_path}: not a plain file of its own; remove it")
             _give_to_dir_owner(fd, self.path.parent)
             fcntl.flock(fd, fcntl.LOCK_EX)
             users = self._read_raw()  # raises rather than overwrite a damaged file

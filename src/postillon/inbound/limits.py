@@ -17,6 +17,12 @@ class ConnectionLimiter:
         self._by_ip: Counter[str] = Counter()
         self._count = 0
 
+    def reconfigure(self, total: int, per_ip: int) -> None:
+        """New limits from a reload. Sessions already admitted stay; a lower limit
+        only refuses new connections until enough of them have ended."""
+        self.total = total
+        self.per_ip = per_ip
+
     @property
     def active(self) -> int:
         return self._count

@@ -12,6 +12,7 @@ from postillon.config.model import ListenConfig, split_host_port
 from postillon.core.reply import Reply
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.session import Session, SessionDeps
+from postillon.inbound.tls import ServerCertificate
 
 log = logging.getLogger("postillon.inbound")
 
@@ -67,6 +68,14 @@ class Listener:
         self.deps = deps
         assert self.server is not None
         await self.server.start_serving()
+
+    def reconfigure(self, deps: SessionDeps, certificate: ServerCertificate | None) -> None:
+        """New settings from a reload: sessions that start from now on get ``deps``
+        (running ones keep theirs). An implicit-TLS socket keeps its context object,
+        so the new certificate is loaded into it and new handshakes present it."""
+        if self.implicit_tls is not None and certificate is not None:
+            certificate.load_into(self.implicit_tls)
+        self.deps = deps
 
     @property
     def bound_port(self) -> int:

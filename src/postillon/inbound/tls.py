@@ -9,8 +9,8 @@ cannot be verified, and SMTP senders do not verify by default.
 from __future__ import annotations
 
 import datetime
-import os
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -18,9 +18,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from postillon.core.safeio import write_file
+
 
 def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
-    """Return (certificate, key) paths, creating a self-signed pair if missing."""
+    """Return (certificate, key) paths, creating a self-signed pair if missing.
+
+    The server calls this after dropping root (``app.App.start``): the directory is
+    its user's, so root never writes there."""
     cert_path = directory / "selfsigned-cert.pem"
     key_path = directory / "selfsigned-key.pem"
     if cert_path.exists() and key_path.exists():
@@ -40,32 +45,56 @@ def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    tmp_key = key_path.with_suffix(".tmp")
-    fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    os.replace(tmp_key, key_path)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    # Fresh temporary names (O_EXCL|O_NOFOLLOW), then rename: a link planted under
+    # either final name is replaced, never written through (core/safeio.py).
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    write_file(key_path, key_pem, 0o600)
+    write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path
+
+
+def _minimum(min_version: str) -> ssl.TLSVersion:
+    return ssl.TLSVersion.TLSv1_3 if min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
 
 
 def server_context(
     certificate: Path, private_key: Path, min_version: str = "TLSv1.2"
 ) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
-    )
+    ctx = empty_server_context(min_version)
     ctx.load_cert_chain(certificate, private_key)
+    return ctx
+
+
+def empty_server_context(min_version: str = "TLSv1.2") -> ssl.SSLContext:
+    """A server context without a certificate yet: a listener binds with it before the
+    privilege drop, and the certificate made afterwards is loaded into it."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = _minimum(min_version)
     # Session tickets and compression stay at the library's safe defaults.
     ctx.options |= ssl.OP_NO_COMPRESSION
     return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCertificate:
+    """The listeners' certificate and key files, and the oldest TLS version accepted."""
+
+    certificate: Path
+    private_key: Path
+    min_version: str = "TLSv1.2"
+
+    def context(self) -> ssl.SSLContext:
+        return server_context(self.certificate, self.private_key, self.min_version)
+
+    def load_into(self, ctx: ssl.SSLContext) -> None:
+        """Put this certificate into a context a socket already holds (reload):
+        handshakes from now on present it."""
+        ctx.minimum_version = _minimum(self.min_version)
+        ctx.load_cert_chain(self.certificate, self.private_key)
 
 
 def describe(obj: ssl.SSLObject | ssl.SSLSocket | None) -> str:

@@ -330,6 +330,20 @@ class Intake:
         self._received: dict[str, Counter] = {}
         spool_dir.mkdir(parents=True, exist_ok=True)
 
+    def reconfigure(
+        self,
+        hostname: str,
+        max_hops: int,
+        signer: DkimSigner | None,
+        helpers: HelperPool | None,
+    ) -> None:
+        """New settings from a reload; transactions already open keep what they
+        read at their start (hostname in Received:), later ones get these."""
+        self.hostname = hostname
+        self.max_hops = max_hops
+        self.signer = signer
+        self.helpers = helpers
+
     def count_received(self, source: str) -> None:
         if self.metrics is None:
             return

@@ -42,6 +42,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from postillon.core.safeio import open_dir, set_dir_owner
+
 MAGIC = b"POSTILLON-MAILDROP 1\n"
 DIR_MODE = 0o1733
 FILE_MODE = 0o644
@@ -203,12 +205,18 @@ def prepare_maildrop(directory: Path, uid: int | None = None, gid: int | None = 
     submitted them. ``corrupt/`` (mode 0700) holds files pickup could not use.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CORRUPT).mkdir(mode=0o700, exist_ok=True)
-    if uid is not None and gid is not None:
-        os.chown(directory, uid, gid)
-        os.chown(directory / CORRUPT, uid, gid)
-    os.chmod(directory, DIR_MODE)
-    os.chmod(directory / CORRUPT, 0o700)
+    owner = (uid, gid) if uid is not None and gid is not None else None
+    # As root in the server user's data_dir: through descriptors that refuse a
+    # symlink in a directory's place (core/safeio.py), never mkdir/chown/chmod by a
+    # path the user could redirect between two steps.
+    fd = open_dir(directory)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(CORRUPT, 0o700, dir_fd=fd)
+        set_dir_owner(directory, owner, DIR_MODE, fd=fd)
+        set_dir_owner(Path(CORRUPT), owner, 0o700, dir_fd=fd)
+    finally:
+        os.close(fd)
     return directory
 
 

@@ -89,6 +89,10 @@ class Pickup:
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------
+    def reconfigure(self, hostname: str) -> None:
+        """A reload's hostname: for unqualified addresses and added headers."""
+        self.hostname = hostname
+
     def wake(self) -> None:
         self._wake.set()
 

@@ -28,7 +28,7 @@ import random
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -161,6 +161,29 @@ class Runner:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def reconfigure(
+        self,
+        router: Router,
+        retry: RetryPolicy,
+        hostname: str,
+        *,
+        concurrency: int,
+        lease_seconds: float,
+        delay_warning: float,
+        transports: Mapping[str, Transport],
+    ) -> None:
+        """New settings from a reload. Deliveries in flight finish with what they
+        started with; the next claim uses these. ``transports`` replaces the named
+        transports only (the others stay)."""
+        self.router = router
+        self.retry = retry
+        self.hostname = hostname
+        self.concurrency = concurrency
+        self.lease_seconds = lease_seconds
+        self.delay_warning = delay_warning
+        self.transports.update(transports)
+        self.wake()  # a larger active set or a new route may have work now
 
     @property
     def in_flight(self) -> int:

@@ -19,9 +19,11 @@ Anything else that signs (ARC sealing) uses :meth:`KeyStore.keys_for` and, for d
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from postillon.config.model import DkimConfig
 from postillon.core.address import AddressError, domain_to_ascii
+from postillon.core.safeio import NEW_FILE, open_dir, set_dir_owner
 from postillon.signing.remote_keys import rsa_sign
 
 log = logging.getLogger("postillon.dkim")
@@ -318,37 +321,57 @@ def write_new_key(
         raise KeyStoreError(f"selector {selector!r} must be DNS labels (letters, digits, '-')")
     directory = keys_dir / name
     path = directory / (selector + KEY_SUFFIX)
-    if path.exists():
-        raise KeyStoreError(
-            f"{path} exists: selector {selector!r} of {name} already has a key "
-            "(choose another --selector to rotate)"
+    # Run as root in the server user's data_dir: every step goes through directory
+    # descriptors opened without following links (core/safeio.py), so a link the user
+    # put in place of a directory or of the temporary file is refused, never followed.
+    keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.ExitStack() as fds:
+        keys_fd = _open_own_dir(keys_dir, None, fds)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=keys_fd)
+        dir_fd = _open_own_dir(directory, keys_fd, fds)
+        try:
+            os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            raise KeyStoreError(
+                f"{path} exists: selector {selector!r} of {name} already has a key "
+                "(choose another --selector to rotate)"
+            )
+        if owner is not None:
+            set_dir_owner(keys_dir, owner, fd=keys_fd)
+            set_dir_owner(directory, owner, fd=dir_fd)
+        key = generate_private_key(algorithm)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
-    for d in (keys_dir, directory):
-        d.mkdir(mode=0o700, exist_ok=True)
-        if owner is not None:
-            os.chown(d, *owner)
-    key = generate_private_key(algorithm)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    tmp = directory / f".{selector}.key.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, pem)
-        os.fsync(fd)
-        if owner is not None:
-            os.fchown(fd, *owner)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
+        tmp = f".{selector}.key.{secrets.token_hex(8)}.tmp"
+        fd = os.open(tmp, NEW_FILE, 0o600, dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, pem)
+            os.fsync(fd)
+            if owner is not None:
+                os.fchown(fd, *owner)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
     return DkimKey(name, selector, key, path)
+
+
+def _open_own_dir(directory: Path, parent_fd: int | None, fds: contextlib.ExitStack) -> int:
+    """A no-follow descriptor of ``directory`` (its last component, relative to
+    ``parent_fd`` when given), closed with ``fds``."""
+    try:
+        fd = open_dir(Path(directory.name) if parent_fd is not None else directory, parent_fd)
+    except OSError as exc:
+        raise KeyStoreError(f"{directory}: not a directory of its own ({exc.strerror})") from None
+    fds.callback(os.close, fd)
+    return fd
 
 
 def key_store_from_config(dkim: DkimConfig, data_dir: Path) -> KeyStore:

@@ -1,0 +1,44 @@
+"""What the admin routes work with: the context the composition root builds, the
+application key it is stored under, and the JSON error body every route answers with.
+
+A module of its own so that the routes (``api.py``) and the server that mounts them
+(``server.py``) both import it and neither imports the other's importer: ``server``
+imports ``api``, never the reverse.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from aiohttp import web
+
+from postillon.admin.queue_ops import QueueOps
+from postillon.admin.token import TokenVerifier
+from postillon.inbound.limits import ConnectionLimiter
+from postillon.inbound.listener import Listener
+
+
+@dataclass
+class AdminContext:
+    """What the admin routes may read or act on (built by the composition root)."""
+
+    ops: QueueOps
+    token: TokenVerifier
+    hostname: str
+    listeners: Sequence[Listener] = ()
+    limiter: ConnectionLimiter | None = None
+    in_flight: Callable[[], int] = lambda: 0
+    started_at: float = field(default_factory=time.time)
+    # False while a shared (PostgreSQL) queue is unreachable: /healthz answers 503,
+    # so a load balancer sends mail to the other nodes meanwhile.
+    queue_available: Callable[[], bool] = lambda: True
+
+
+CONTEXT: Final = web.AppKey("postillon_admin_context", AdminContext)
+
+
+def json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)

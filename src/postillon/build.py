@@ -1,0 +1,287 @@
+"""Building components from a Config: the part of the composition root that start and
+reload share.
+
+``app.App.start`` builds everything once with these; ``reload.Reloader`` builds the
+reloadable parts again from a new config and hands them to the running components'
+``reconfigure``. Nothing here starts a task or keeps state beyond what a builder
+must share between builds (one AUTH failure budget, metrics per listener).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
+from postillon.checks.rate_limit import SubmissionRateLimits
+from postillon.checks.relay import RelayPolicy
+from postillon.config.model import Config
+from postillon.core.clock import SystemClock
+from postillon.helpers.pool import HelperPool
+from postillon.inbound.accounts import AccountStore, accounts_path
+from postillon.inbound.auth import DEFAULT_MECHANISMS, Authenticator, AuthGuard
+from postillon.inbound.listener import Listener
+from postillon.inbound.session import SessionDeps
+from postillon.inbound.tls import ServerCertificate, ensure_self_signed
+from postillon.intake.intake import Intake
+from postillon.local.maildir import MaildirDelivery
+from postillon.local.transport import MaildirTransport
+from postillon.observability.maillog import MailLog
+from postillon.observability.metrics import ListenerMetrics, Metrics
+from postillon.outbound.client_session import ClientTimeouts
+from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
+from postillon.paths import queue_path, tls_dir
+from postillon.protocol.server import ServerSettings
+from postillon.queue.postgres_store import PostgresStore
+from postillon.queue.retry import RetryPolicy
+from postillon.queue.sqlite_store import SqliteStore
+from postillon.queue.store import QueueStore
+from postillon.routing.aliases import load_aliases
+from postillon.routing.local import LocalRecipients
+from postillon.routing.resolver import DnsResolver
+from postillon.routing.router import Router, TransportEntry, parse_smarthost
+from postillon.signing.keys import key_store_from_config
+from postillon.signing.signer import DkimSigner, build_signer
+
+
+def open_queue_store(config: Config) -> QueueStore:
+    """The queue store the config names: the embedded SQLite file, or PostgreSQL at ``dsn``."""
+    if config.queue.store == "postgresql":
+        assert config.queue.dsn is not None  # the config model requires it
+        return PostgresStore(config.queue.dsn)
+    queue_path(config).parent.mkdir(parents=True, exist_ok=True)
+    return SqliteStore(queue_path(config))
+
+
+def queue_available(store: QueueStore) -> Callable[[], bool] | None:
+    """How listeners learn that a shared queue's database is unreachable (421 4.3.0)."""
+    if isinstance(store, PostgresStore):
+        return lambda: store.available
+    return None  # an embedded store is as available as the local disk
+
+
+def build_local_recipients(config: Config) -> LocalRecipients:
+    aliases: dict[str, tuple[str, ...]] = {}
+    for file in config.aliases.files:
+        loaded = load_aliases(file)
+        aliases.update(loaded)
+    aliases.update({k.lower(): v for k, v in config.aliases.map.items()})
+    return LocalRecipients(
+        config.domain,
+        aliases,
+        recipient_delimiter=config.aliases.recipient_delimiter,
+        hostname=config.hostname,
+    )
+
+
+def retry_policy(config: Config) -> RetryPolicy:
+    return RetryPolicy(
+        first_delay=config.queue.first_retry,
+        max_delay=config.queue.max_retry,
+        max_lifetime=config.queue.lifetime,
+    )
+
+
+def router(config: Config, local: LocalRecipients) -> Router:
+    return Router(
+        local,
+        [TransportEntry(rule.domain, rule.route) for rule in config.transport],
+        smarthost=parse_smarthost(config.relay.smarthost) if config.relay.smarthost else None,
+        smtp_port=config.outbound.port,
+    )
+
+
+def maildir_transport(config: Config, local: LocalRecipients) -> MaildirTransport:
+    return MaildirTransport(
+        MaildirDelivery(config.data_dir / "mail", hostname=config.hostname), local
+    )
+
+
+def configured_certificate(config: Config) -> ServerCertificate | None:
+    """``[tls] certificate`` and ``private_key``, when both are set."""
+    tls = config.tls
+    if tls.certificate is not None and tls.private_key is not None:
+        return ServerCertificate(tls.certificate, tls.private_key, tls.min_version)
+    return None
+
+
+def tls_certificate(config: Config) -> ServerCertificate | None:
+    """The listeners' certificate: the configured one, else a self-signed pair (made in
+    ``data_dir/tls`` when missing: call this as the server's user, never as root, since
+    that directory is the user's), else none (no STARTTLS, no implicit TLS)."""
+    tls = config.tls
+    configured = configured_certificate(config)
+    if configured is not None:
+        return configured
+    if tls.self_signed:
+        cert, key = ensure_self_signed(tls_dir(config.data_dir), config.hostname)
+        return ServerCertificate(cert, key, tls.min_version)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The parts built from reloadable settings that sessions share."""
+
+    local: LocalRecipients
+    relay: RelayPolicy
+    auth: Authenticator
+    rate_limits: SubmissionRateLimits
+    # DKIM signing of local/authenticated mail; None = no keys configured.
+    signer: DkimSigner | None
+    # SPF/DKIM/DMARC/ARC on the MX listeners; None = checks off.
+    authentication: InboundAuthentication | None
+
+
+class Builder:
+    """Builds what needs the process's shared parts (metrics, helpers, the AUTH
+    failure budget, the queue once it is open)."""
+
+    def __init__(self, metrics: Metrics, maillog: MailLog, helpers: HelperPool) -> None:
+        self.metrics = metrics
+        self.maillog = maillog
+        self.helpers = helpers
+        # Set once the queue is open; sessions ask it whether a shared queue is reachable.
+        self.store: QueueStore | None = None
+        # One AUTH failure budget for the whole process, across reloads: it is per
+        # client IP and user, and a reload must not forgive anyone.
+        self._auth_guard = AuthGuard(SystemClock())
+        self._listener_metrics: dict[str, ListenerMetrics] = {}
+
+    def policy(
+        self,
+        config: Config,
+        previous: tuple[Config, Policy] | None = None,
+        signer: DkimSigner | None = None,
+    ) -> Policy:
+        """Aliases, relay rules, accounts, rate limits, DKIM keys and the inbound
+        checks; raises when a file is broken. ``signer`` is the one read at start
+        (before dropping root); a reload reads the keys again. ``previous`` (a
+        reload's running config and policy) keeps the rate limits' counts when
+        their settings did not change."""
+        local = build_local_recipients(config)
+        submit = config.submission
+        accounts = AccountStore(accounts_path(config.data_dir, submit.accounts_file))
+        limits = (submit.messages_per_hour, submit.recipients_per_hour, submit.ip_messages_per_hour)
+        if previous is not None and limits == (
+            previous[0].submission.messages_per_hour,
+            previous[0].submission.recipients_per_hour,
+            previous[0].submission.ip_messages_per_hour,
+        ):
+            rate_limits = previous[1].rate_limits  # keep the counts of the last hour
+        else:
+            rate_limits = SubmissionRateLimits(
+                SystemClock(),
+                messages_per_hour=submit.messages_per_hour,
+                recipients_per_hour=submit.recipients_per_hour,
+                ip_messages_per_hour=submit.ip_messages_per_hour,
+            )
+        return Policy(
+            local=local,
+            relay=RelayPolicy(local, config.relay.trusted_networks),
+            auth=Authenticator.create(accounts, self._auth_guard),
+            rate_limits=rate_limits,
+            signer=signer if signer is not None else build_signer(config),
+            authentication=self.authentication(config),
+        )
+
+    def authentication(self, config: Config) -> InboundAuthentication | None:
+        """SPF/DKIM/DMARC/ARC for the MX listeners, through postillon's resolver."""
+        if not config.authentication.enabled:
+            return None
+        resolver = DnsResolver(
+            list(config.dns.nameservers) or None,
+            timeout=config.dns.timeout,
+            attempts=config.dns.attempts,
+            on_lookup=self.metrics.dns_observer(),
+        )
+        return InboundAuthentication(
+            config.authentication,
+            resolver,
+            config.hostname,
+            local_domains=config.local_domains,
+            sealing_keys=arc_sealing_keys(key_store_from_config(config.dkim, config.data_dir)),
+            helpers=self.helpers if config.helper_process_count() else None,
+        )
+
+    def session_deps(
+        self,
+        config: Config,
+        listener: Listener,
+        intake: Intake,
+        policy: Policy,
+        tls_context: ssl.SSLContext | None,
+    ) -> SessionDeps:
+        kind = listener.config.kind
+        submission = kind in ("submission", "submissions")
+        settings = ServerSettings(
+            hostname=config.hostname,
+            max_message_size=config.limits.message_size,
+            max_recipients=config.limits.recipients,
+            max_errors=config.limits.errors,
+            max_command_line=config.limits.command_line,
+            starttls=tls_context is not None and kind != "submissions",
+            tls_active=kind == "submissions",
+            lmtp=kind == "lmtp",
+            # AUTH only on submission listeners, and only after TLS (RFC 4954 4).
+            auth_mechanisms=DEFAULT_MECHANISMS if submission else (),
+            require_auth=submission,
+        )
+        label = listener.config.label
+        metrics = self._listener_metrics.get(label)
+        if metrics is None:
+            metrics = self._listener_metrics[label] = ListenerMetrics(self.metrics, label)
+        return SessionDeps(
+            settings=settings,
+            intake=intake,
+            relay=policy.relay,
+            maillog=self.maillog,
+            limits=config.limits,
+            listener=label,
+            tls_context=tls_context,
+            auth=policy.auth if submission else None,
+            submission=submission,
+            sender_policy=config.submission.sender_policy,
+            rate_limits=policy.rate_limits,
+            hide_client_ip=config.submission.hide_client_ip,
+            recipient_delimiter=config.aliases.recipient_delimiter,
+            metrics=metrics,
+            # Inbound checks on MX (smtp) listeners only, never submission or LMTP.
+            authentication=policy.authentication if kind == "smtp" else None,
+            queue_available=queue_available(self.store) if self.store is not None else None,
+        )
+
+    def smtp_transports(self, config: Config) -> tuple[SmtpTransport, SmtpTransport]:
+        """SMTP and LMTP transports sharing one resolver; raises ValueError
+        for unusable [dns] settings."""
+        out = config.outbound
+        resolver = DnsResolver(
+            list(config.dns.nameservers) or None,
+            timeout=config.dns.timeout,
+            attempts=config.dns.attempts,
+            ipv4=out.ipv4,
+            ipv6=out.ipv6,
+            on_lookup=self.metrics.dns_observer(),
+        )
+        settings = OutboundSettings(
+            helo_name=out.helo_name or config.hostname,
+            port=out.port,
+            tls=out.tls,
+            prefer_ipv6=out.prefer_ipv6,
+            concurrency=out.concurrency,
+            per_destination=out.per_destination,
+            messages_per_connection=out.messages_per_connection,
+            idle_reuse=out.idle_reuse,
+            timeouts=ClientTimeouts(
+                connect=out.connect_timeout,
+                greeting=out.greeting_timeout,
+                command=out.command_timeout,
+                data_block=out.data_block_timeout,
+                data_end=out.data_end_timeout,
+            ),
+        )
+        return (
+            SmtpTransport(resolver, settings, metrics=self.metrics),
+            SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics),
+        )

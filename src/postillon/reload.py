@@ -1,0 +1,224 @@
+"""Reload: new settings for a running server without closing a connection.
+
+A reload has two halves, and only the first may fail:
+
+1. **Build** everything the new config describes that can fail: read the config
+   file, the certificate, aliases, accounts and DKIM keys, make resolvers and
+   transports. Any error refuses the whole reload; the running config stays.
+2. **Apply**: give each running component its new settings through its own
+   ``reconfigure`` (intake, the connection limiter, every listener, the runner,
+   pickup, the helper pool). No I/O, nothing that can fail half-way.
+
+Sessions already running finish with the settings they started with; new sessions
+and the next deliveries get the new ones. Settings that only a restart can apply
+(listen addresses, data_dir, user, the queue store, ``[admin]``) keep their old
+values and are reported (``config.changes``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from postillon.build import (
+    Builder,
+    Policy,
+    maildir_transport,
+    retry_policy,
+    router,
+    tls_certificate,
+)
+from postillon.config.changes import effective, restart_needed
+from postillon.config.loader import ConfigError, load_config
+from postillon.config.model import Config
+from postillon.helpers.pool import HelperPool
+from postillon.inbound.accounts import AccountError
+from postillon.inbound.limits import ConnectionLimiter
+from postillon.inbound.listener import Listener
+from postillon.inbound.tls import ServerCertificate
+from postillon.intake.intake import Intake
+from postillon.intake.pickup import Pickup
+from postillon.observability.maillog import MailLog, configure_logging
+from postillon.outbound.smtp_transport import SmtpTransport
+from postillon.queue.runner import Runner, Transport
+from postillon.routing.aliases import AliasesError
+from postillon.signing.remote_keys import shared_keys
+from postillon.signing.signer import DkimSigner
+
+log = logging.getLogger("postillon")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    """What a reload did: applied or refused (``error`` says why), and the
+    changed settings that only a restart applies."""
+
+    applied: bool
+    error: str = ""
+    restart_needed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Built:
+    """Step 1's result: everything step 2 hands out."""
+
+    config: Config
+    restart: tuple[str, ...]
+    certificate: ServerCertificate | None
+    tls_context: ssl.SSLContext | None
+    policy: Policy
+    # New SMTP/LMTP transports when [outbound], [dns] or the hostname changed.
+    smtp: tuple[SmtpTransport, SmtpTransport] | None
+
+
+def share_keys(helpers: HelperPool, signer: DkimSigner | None) -> None:
+    """The helpers sign with the signer's RSA keys (and no others: a reload replaces)."""
+    helpers.share("keys", shared_keys(list(signer.keys) if signer else []))
+
+
+class Reloader:
+    """Owns the settings that change on reload (the config, the shared policy, the
+    SMTP transports) for the composition root, and the running components it
+    reconfigures. Made once the server is built (``App.start``)."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        config_path: Path | None,
+        builder: Builder,
+        maillog: MailLog,
+        policy: Policy,
+        smtp: tuple[SmtpTransport, SmtpTransport],
+        intake: Intake,
+        runner: Runner,
+        pickup: Pickup,
+        limiter: ConnectionLimiter,
+        listeners: list[Listener],
+        helpers: HelperPool,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.policy = policy
+        self.smtp = smtp
+        self.stopping = False
+        self._builder = builder
+        self._maillog = maillog
+        self._intake = intake
+        self._runner = runner
+        self._pickup = pickup
+        self._limiter = limiter
+        self._listeners = listeners
+        self._helpers = helpers
+        self._lock = asyncio.Lock()
+        # SMTP transports replaced by a reload, closed again at stop.
+        self._retired: list[SmtpTransport] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def reload(self) -> ReloadResult:
+        """Reopen the log, re-read the config file, certificates, aliases and
+        accounts, and apply them without closing a connection. Anything that
+        fails (a config error, a missing certificate, a broken aliases or
+        accounts file) refuses the whole reload: the errors are logged and
+        the running configuration stays."""
+        metrics = self._builder.metrics
+        async with self._lock:
+            if self.stopping:
+                log.warning("reload ignored: the server is starting or stopping")
+                return ReloadResult(False, "the server is starting or stopping")
+            # First reopen the log under the running config (logrotate's
+            # postrotate runs `postillon reload`): whatever follows, the log
+            # goes to the new file.
+            with contextlib.suppress(ConfigError):  # e.g. syslog away: keep the old handler
+                configure_logging(self.config.log, self._maillog, self.config.hostname)
+            try:
+                built = self._build()
+            except (ConfigError, AccountError, AliasesError, OSError, ValueError) as exc:
+                metrics.reloads.labels("refused").inc()
+                log.error("reload refused, the running configuration stays:\n%s", exc)
+                return ReloadResult(False, str(exc))
+            except Exception as exc:
+                metrics.reloads.labels("refused").inc()
+                log.exception("reload refused, the running configuration stays")
+                return ReloadResult(False, f"{type(exc).__name__}: {exc}")
+            self._apply(built)
+            metrics.reloads.labels("ok").inc()
+            if built.restart:
+                log.warning(
+                    "reload: these settings changed but need a restart to take effect: %s",
+                    ", ".join(built.restart),
+                )
+            log.info(
+                "configuration reloaded%s", f" from {self.config_path}" if self.config_path else ""
+            )
+            return ReloadResult(True, restart_needed=built.restart)
+
+    def _build(self) -> _Built:
+        """Step 1: everything that can fail; raises, and changes nothing running."""
+        new = load_config(self.config_path) if self.config_path else self.config
+        restart = tuple(restart_needed(self.config, new))
+        new = effective(self.config, new)
+        certificate = tls_certificate(new)
+        tls_context = certificate.context() if certificate is not None else None
+        policy = self._builder.policy(new, (self.config, self.policy))
+        smtp = None
+        if (new.outbound, new.dns, new.hostname) != (
+            self.config.outbound,
+            self.config.dns,
+            self.config.hostname,
+        ):
+            smtp = self._builder.smtp_transports(new)
+        # Last: from here on the log is written as the new config says.
+        configure_logging(new.log, self._maillog, new.hostname)
+        return _Built(new, restart, certificate, tls_context, policy, smtp)
+
+    def _apply(self, built: _Built) -> None:
+        """Step 2: each component takes its new settings; nothing here may fail half-way."""
+        config, policy = built.config, built.policy
+        self.config, self.policy = config, policy
+        processes = config.helper_process_count()
+        if processes != self._helpers.processes:
+            self._helpers.resize(processes)
+        share_keys(self._helpers, policy.signer)
+        self._intake.reconfigure(
+            config.hostname,
+            config.limits.max_hops,
+            policy.signer,
+            self._helpers if processes else None,
+        )
+        self._limiter.reconfigure(config.limits.connections, config.limits.connections_per_ip)
+        for listener in self._listeners:
+            deps = self._builder.session_deps(
+                config, listener, self._intake, policy, built.tls_context
+            )
+            listener.reconfigure(deps, built.certificate)
+        transports: dict[str, Transport] = {"maildir": maildir_transport(config, policy.local)}
+        if built.smtp is not None:
+            # Deliveries in flight finish on the old transports; their pools
+            # close idle connections now and reap the rest as they come back.
+            for old in self.smtp:
+                self._retired.append(old)
+                task = asyncio.create_task(old.close())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            self.smtp = built.smtp
+            transports["smtp"], transports["lmtp"] = built.smtp
+        self._runner.reconfigure(
+            router(config, policy.local),
+            retry_policy(config),
+            config.hostname,
+            concurrency=config.queue.concurrency,
+            lease_seconds=config.queue.lease,
+            delay_warning=config.queue.delay_warning,
+            transports=transports,
+        )
+        self._pickup.reconfigure(config.hostname)
+
+    async def close(self) -> None:
+        """At stop: close the SMTP transports, the running ones and those a reload retired."""
+        for transport in (*self.smtp, *self._retired):
+            await transport.close()
