@@ -18,7 +18,12 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from postillon.checks.authentication import InboundAuthentication, MessageFacts
+from postillon.checks.authentication import (
+    VERIFY_BUSY,
+    InboundAuthentication,
+    MessageFacts,
+    VerifyBusy,
+)
 from postillon.checks.authresults import strip_own_results
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
@@ -393,16 +398,23 @@ class Session:
                 tx.rewrite_header(b"", header)
             return None
         too_big = tx.size > checks.config.max_verify_size
-        facts = MessageFacts(
-            client_ip=self.client.ip,
-            helo=self.client.helo,
-            mail_from=tx.sender,
-            header=tx.header_block,
-            message=None if too_big else tx.message_bytes(),
-            recipients=[(r.address, r.original or r.address) for r in tx.recipients],
-        )
         try:
-            verdict = await checks.evaluate(facts)
+            # The message is read into memory only once it has a slot.
+            async with checks.verify_slot():
+                facts = MessageFacts(
+                    client_ip=self.client.ip,
+                    helo=self.client.helo,
+                    mail_from=tx.sender,
+                    header=tx.header_block,
+                    message=None if too_big else tx.message_bytes(),
+                    recipients=[(r.address, r.original or r.address) for r in tx.recipients],
+                )
+                verdict = await checks.evaluate(facts)
+        except VerifyBusy:
+            tx.abort()
+            self._count_rejected("local_error")
+            self.deps.maillog.event("rejected", tx.queue_id, reason=str(VERIFY_BUSY))
+            return VERIFY_BUSY
         except Exception:
             logging.getLogger("postillon.inbound").exception("authentication checks failed")
             tx.abort()
