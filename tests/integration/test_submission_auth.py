@@ -17,7 +17,10 @@ import hmac
 import shutil
 import smtplib
 import ssl
+import threading
+import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,22 +88,28 @@ class Server:
     port: int
     store: MemoryStore
     log: RecordingLog
+    kind: str = ""
+    credentials: MemoryCredentials | None = None
     delays: list[float] = field(default_factory=list)
 
 
-async def start(tmp_path: Path, kind: str) -> AsyncIterator[Server]:
+async def start(
+    tmp_path: Path, kind: str, credentials: MemoryCredentials | None = None
+) -> AsyncIterator[Server]:
     cert, key = ensure_self_signed(tmp_path / "tls", "mx.test")
     ctx = server_context(cert, key)
     store = MemoryStore()
     log = RecordingLog()
-    server = Server(0, store, log)
+    server = Server(0, store, log, kind)
 
     async def sleep(delay: float) -> None:
         server.delays.append(delay)
         await asyncio.sleep(0)
 
     guard = AuthGuard(delay_after=3, delay_step=0.5, max_failures=10, sleep=sleep)
-    auth = Authenticator(MemoryCredentials(), guard, mechanism_factories(scram_primitives()))
+    auth = Authenticator(
+        credentials or MemoryCredentials(), guard, mechanism_factories(scram_primitives())
+    )
     local = LocalRecipients(
         [DomainConfig(name="example.org", mailboxes=("alice",))], {}, hostname="mx.test"
     )
@@ -323,3 +332,75 @@ async def test_brute_force_is_slowed_and_cut_off_per_ip(submission: Server) -> N
 
     assert await asyncio.to_thread(legit, "127.0.0.2") == 235
     assert await asyncio.to_thread(legit, "127.0.0.1") == 421  # that address is blocked
+
+
+class GatedCredentials(MemoryCredentials):
+    """Holds every password check until the test opens the gate: the slow hash,
+    stretched so that every parallel guess is in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.checked = 0
+
+    def verify_password(self, username: str, password: str) -> Account | None:
+        with self.lock:
+            self.checked += 1
+        self.gate.wait(60)
+        return super().verify_password(username, password)
+
+
+@pytest.fixture(params=["submission", "submissions"])
+async def gated(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Server]:
+    creds = GatedCredentials()
+    # Enough worker threads that every check the server starts is running (and
+    # counted) at once: the default pool of 2 cores' size would queue them.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(40))
+    async for server in start(tmp_path, request.param, creds):
+        server.credentials = creds
+        yield server
+
+
+async def test_parallel_guesses_stay_within_the_failure_budget(gated: Server) -> None:
+    """30 sessions from one address guess at once (STARTTLS and implicit TLS);
+    the budget is 10 failures.
+
+    The guard used to be asked before the check and told after it, so every
+    guess in flight passed (30 checked). Now an attempt takes its slot first:
+    10 are checked, the others get 454 4.7.0 without a check.
+    """
+    creds = gated.credentials
+    assert isinstance(creds, GatedCredentials)
+    answers: list[int] = []
+
+    def guess(n: int) -> None:
+        try:
+            if gated.kind == "submissions":
+                s = smtplib.SMTP_SSL("127.0.0.1", gated.port, timeout=60, context=client_tls())
+                s.ehlo("client.test")
+            else:
+                s = starttls_client(gated.port)
+            with s:
+                answers.append(s.docmd("AUTH", plain("alice", f"guess{n}"))[0])
+        except smtplib.SMTPServerDisconnected:
+            answers.append(-1)  # the 10th failure: 421 and closed
+
+    threads = [threading.Thread(target=guess, args=(n,)) for n in range(30)]
+
+    def run() -> None:
+        for t in threads:
+            t.start()
+        # Every guess is either held in a check or answered without one.
+        deadline = time.monotonic() + 60
+        while creds.checked + len(answers) < 30 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        creds.gate.set()
+        for t in threads:
+            t.join(60)
+
+    await asyncio.to_thread(run)
+    assert creds.checked == 10
+    assert answers.count(454) == 20  # refused unchecked: "try again later"
+    assert answers.count(535) == 9
+    assert answers.count(421) + answers.count(-1) == 1

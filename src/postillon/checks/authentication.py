@@ -24,14 +24,21 @@ marks (the quarantine header), the client's header section with forged
 results for this host removed, and, when the message is forwarded off
 this server through an alias, an ARC set sealed with the forwarding
 domain's key (RFC 8617 §5.1). Policy itself is ``auth_policy.decide``.
+
+At most ``max_verify_concurrency`` messages are verified at once
+(``verify_slot``): each holds its whole message in memory, up to
+``max_verify_size``, so without a bound the memory a client could make the
+server hold grew with the number of its sessions. A message that gets no slot
+within ``verify_wait`` seconds is answered ``VERIFY_BUSY``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from postillon.checks.arc_check import ArcOutcome, arc_seal, has_arc_headers, verify_arc
@@ -50,11 +57,20 @@ from postillon.checks.dmarc_check import (
 )
 from postillon.checks.spf_check import SpfCache, SpfOutcome, cached_spf, check_spf
 from postillon.config.model import AuthenticationConfig
+from postillon.core.reply import Reply
 from postillon.helpers.pool import HelperPool
 from postillon.routing.resolver import Resolver
 from postillon.signing.keys import KeyStore
 
 log = logging.getLogger("postillon.checks.authentication")
+
+# RFC 3463 X.3.2 "system not accepting network messages": busy, try later.
+VERIFY_BUSY = Reply.of(451, "4.3.2", "Too busy to check this message now, try again later")
+
+
+class VerifyBusy(Exception):
+    """No verification slot came free within ``verify_wait`` seconds."""
+
 
 # A forwarding domain's ARC key: (selector, PEM private key), or None.
 SealingKey = tuple[str, bytes]
@@ -131,6 +147,23 @@ class InboundAuthentication:
         self._networks = [ipaddress.ip_network(n, strict=False) for n in config.allow_networks]
         # Per instance (so per resolver): results live at most a minute (spf_check.SpfCache).
         self.spf_cache = SpfCache()
+        # One bound for every listener of the process (one instance per policy;
+        # a reload makes a new one while messages in flight finish on the old).
+        self._slots = asyncio.Semaphore(config.max_verify_concurrency)
+
+    @contextlib.asynccontextmanager
+    async def verify_slot(self) -> AsyncIterator[None]:
+        """Hold one of ``max_verify_concurrency`` slots while a message is read
+        into memory and verified; ``VerifyBusy`` after ``verify_wait`` seconds."""
+        try:
+            async with asyncio.timeout(self.config.verify_wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise VerifyBusy from None
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     def _allowlisted(self, facts: MessageFacts, from_domain: str) -> bool:
         if self._networks:

@@ -16,16 +16,17 @@ decision, for the log.
 Memory is bounded: a bucket that has refilled is the same as no bucket, so it
 is dropped; beyond ``max_keys`` the least recently used buckets go (a key
 evicted that way starts full again: the cost of the bound). IPv6 clients are
-counted per /64, as one host usually owns a whole /64. The clock is injected
+counted per /64, as one host usually owns a whole /64 (``core/client.py``: the
+key every per-client limit shares). The clock is injected
 (``Clock`` protocol); tests move it by hand.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from postillon.core.client import client_key as ip_key
 from postillon.core.clock import Clock
 from postillon.core.reply import Reply
 
@@ -94,19 +95,6 @@ class TokenBucketLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
-
-
-def ip_key(ip: str) -> str:
-    """The counting key of a client address: IPv4 as is, IPv6 by its /64."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(addr)
 
 
 @dataclass(frozen=True, slots=True)

@@ -346,6 +346,13 @@ class AuthenticationConfig(_Frozen):
     # Messages larger than this get SPF only (DKIM/ARC need the whole message
     # in memory); DMARC then relies on SPF.
     max_verify_size: int = Field(10 * 1024 * 1024, ge=0)
+    # Messages verified at once (each may hold max_verify_size in memory: 16 x
+    # 10 MiB by default). A message that finds every slot taken waits up to
+    # verify_wait seconds (well within the 10 minutes a client waits for the
+    # reply to its final dot, RFC 5321 4.5.3.2.6), then gets 451 4.3.2 and
+    # nothing is queued; the client retries later.
+    max_verify_concurrency: int = Field(16, ge=1)
+    verify_wait: float = Field(60.0, gt=0)
     # Seal forwarded mail (aliases to other domains) with ARC (RFC 8617 5.1)
     # using the forwarding domain's DKIM RSA key, when it has one.
     arc_seal: bool = True

@@ -23,6 +23,15 @@ connection is closed, and every AUTH from that address is refused with 421
 for ``block_for`` seconds, without looking at the password. Other addresses
 are not affected, so a brute force from one address cannot lock a user out
 (the attack is slowed per source, not per account).
+
+An attempt is counted *before* its password is checked (``begin``), not only
+after: checking "blocked?" first and counting the failure once the slow hash
+(or the thread hop) is done let 30 parallel sessions get 30 guesses checked
+where the budget is 10. So attempts in flight plus failures in the window may
+not exceed ``max_failures``; a further attempt is refused unchecked
+(``"busy"``, 454 4.7.0: it may try again once one in flight is settled).
+``release`` gives a slot back (a success, or an exchange that never reached
+a verdict); a failure is ``release`` then ``failure``, with no await between.
 """
 
 from __future__ import annotations
@@ -34,9 +43,10 @@ import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
-from postillon.checks.rate_limit import ip_key
 from postillon.core.account import CredentialStore, ScramCredentials
+from postillon.core.client import client_key as ip_key
 from postillon.core.clock import Clock, SystemClock
 from postillon.inbound.accounts import scram_sha256_credentials
 from postillon.protocol.sasl import Login, Plain, ScramPrimitives, ScramSha256
@@ -117,6 +127,33 @@ class AuthGuard:
         self.sleep = sleep
         self._failures: dict[str, deque[float]] = {}
         self._blocked: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}
+
+    def begin(self, ip: str) -> Literal["blocked", "busy"] | None:
+        """Reserve one attempt for ``ip`` before its credentials are checked:
+        None when reserved (settle it with ``release``, then ``failure`` if it
+        failed); "blocked" after ``max_failures``; "busy" when the failures in
+        the window plus the attempts in flight already use up the budget."""
+        if self.blocked(ip):
+            return "blocked"
+        key = ip_key(ip)
+        flying = self._in_flight.get(key, 0)
+        if flying + self.failures(ip) >= self.max_failures:
+            return "busy"
+        self._in_flight[key] = flying + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        """Give back a slot taken by ``begin``."""
+        key = ip_key(ip)
+        flying = self._in_flight.get(key, 0) - 1
+        if flying > 0:
+            self._in_flight[key] = flying
+        else:
+            self._in_flight.pop(key, None)
+
+    def in_flight(self, ip: str) -> int:
+        return self._in_flight.get(ip_key(ip), 0)
 
     def blocked(self, ip: str) -> bool:
         key = ip_key(ip)

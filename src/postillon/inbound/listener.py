@@ -1,12 +1,25 @@
-"""Listeners: bind sockets, admit connections, start sessions."""
+"""Listeners: bind sockets, admit connections, start sessions.
+
+Implicit TLS (``submissions``, RFC 8314) is admitted before its handshake.
+With ``ssl=`` on the server, asyncio runs the handshake before the session
+callback, so a flood of handshakes (a private-key operation each, and up to
+30 s of a held socket for a silent client) escaped the connection limits.
+So an implicit-TLS listener is a plain server whose protocol (``_TlsAccept``)
+takes the accepted socket over before anything is read from it (the
+ClientHello stays in the kernel), and the listener admits the client, then
+runs the handshake itself (``loop.connect_accepted_socket``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import ssl
 import weakref
+from typing import cast
 
 from postillon.config.model import ListenConfig, split_host_port
 from postillon.core.reply import Reply
@@ -19,6 +32,34 @@ log = logging.getLogger("postillon.inbound")
 # Deep accept queue: bursts of new connections (one message per session) must
 # not overflow it; every dropped SYN costs a client a one-second retransmit.
 BACKLOG = 1024
+TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds an admitted implicit-TLS client has to finish it
+STREAM_LIMIT = 2**16  # asyncio's default StreamReader buffer limit, as start_server uses
+
+
+class _TlsAccept(asyncio.Protocol):
+    """Hands each accepted socket of an implicit-TLS listener to ``Listener._tls_client``.
+
+    ``connection_made`` runs before the event loop reads from the socket (asyncio
+    and uvloop alike; uvloop starts reading right after it, and ignores a
+    ``pause_reading`` there), so a duplicate of the descriptor is taken and the
+    transport dropped: the socket stays open, its unread bytes in the kernel.
+    """
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)
+        raw = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        try:
+            sock = socket.socket(fileno=os.dup(raw.fileno()))
+        except OSError:
+            transport.abort()
+            return
+        transport.abort()
+        task = asyncio.ensure_future(self.listener._tls_client(sock, peer))
+        self.listener.sessions.add(task)
 
 
 class Listener:
@@ -42,26 +83,36 @@ class Listener:
     async def bind(self) -> None:
         """Bind (possibly a privileged port) without serving yet."""
         address = self.config.address
+        loop = asyncio.get_running_loop()
         if address.startswith("unix:"):
-            self.server = await asyncio.start_unix_server(
-                self._on_client,
-                address[5:],
-                backlog=BACKLOG,
-                ssl=self.implicit_tls,
-                start_serving=False,
-            )
+            if self.implicit_tls is not None:
+                self.server = await loop.create_unix_server(
+                    lambda: _TlsAccept(self), address[5:], backlog=BACKLOG, start_serving=False
+                )
+            else:
+                self.server = await asyncio.start_unix_server(
+                    self._on_client, address[5:], backlog=BACKLOG, start_serving=False
+                )
         else:
             host, port = split_host_port(address)
-            self.server = await asyncio.start_server(
-                self._on_client,
-                host,
-                port,
-                backlog=BACKLOG,
-                reuse_address=True,
-                ssl=self.implicit_tls,
-                ssl_handshake_timeout=30 if self.implicit_tls else None,
-                start_serving=False,
-            )
+            if self.implicit_tls is not None:
+                self.server = await loop.create_server(
+                    lambda: _TlsAccept(self),
+                    host,
+                    port,
+                    backlog=BACKLOG,
+                    reuse_address=True,
+                    start_serving=False,
+                )
+            else:
+                self.server = await asyncio.start_server(
+                    self._on_client,
+                    host,
+                    port,
+                    backlog=BACKLOG,
+                    reuse_address=True,
+                    start_serving=False,
+                )
         log.info("listening on %s (%s)", address, self.config.kind)
 
     async def start(self, deps: SessionDeps) -> None:
@@ -85,13 +136,62 @@ class Listener:
         return int(name[1]) if isinstance(name, tuple) else 0
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        deps = self.deps
-        assert deps is not None
+        """A plaintext connection (port 25, 587, LMTP): admit it, then run its session."""
         task = asyncio.current_task()
         if task is not None:
             self.sessions.add(task)
         peer = writer.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) else "local"
+        refusal = self._admit(ip)
+        if refusal is not None:
+            assert self.deps is not None
+            with contextlib.suppress(Exception):
+                writer.write(
+                    Reply.of(
+                        421, "4.7.0", f"{self.deps.settings.hostname} {refusal}, try later"
+                    ).to_bytes()
+                )
+                await asyncio.wait_for(writer.drain(), 5)
+            writer.close()
+            return
+        await self._session(reader, writer, ip)
+
+    async def _tls_client(self, sock: socket.socket, peer: object) -> None:
+        """An implicit-TLS connection: admit it, then the handshake, then its session."""
+        ip = peer[0] if isinstance(peer, tuple) else "local"
+        if self._admit(ip) is not None:
+            # A 421 would cost the handshake the limit is there to spare:
+            # the client of an implicit-TLS port sees the connection close.
+            sock.close()
+            return
+        assert self.implicit_tls is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                sock,
+                ssl=self.implicit_tls,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.debug("TLS handshake with %s failed: %s", ip, exc)
+            sock.close()
+            self.limiter.release(ip)
+            return
+        except BaseException:
+            sock.close()
+            self.limiter.release(ip)
+            raise
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        await self._session(reader, writer, ip)
+
+    def _admit(self, ip: str) -> str | None:
+        """Count one connection at accept: None if admitted (release it later),
+        else the refusal, already counted and logged."""
+        deps = self.deps
+        assert deps is not None
         metrics = deps.metrics
         if metrics is not None:
             metrics.connections.inc()
@@ -100,15 +200,15 @@ class Listener:
             if metrics is not None:
                 metrics.rejected("connection_limit")
             deps.maillog.event("rejected", client=ip, reason=f"421 4.7.0 {refusal}")
-            with contextlib.suppress(Exception):
-                writer.write(
-                    Reply.of(
-                        421, "4.7.0", f"{deps.settings.hostname} {refusal}, try later"
-                    ).to_bytes()
-                )
-                await asyncio.wait_for(writer.drain(), 5)
-            writer.close()
-            return
+        return refusal
+
+    async def _session(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ip: str
+    ) -> None:
+        """Run the session of an admitted connection, and give its slot back."""
+        deps = self.deps
+        assert deps is not None
+        metrics = deps.metrics
         session = Session(deps, reader, writer)
         self.active.add(session)
         if metrics is not None:

@@ -18,7 +18,12 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from postillon.checks.authentication import InboundAuthentication, MessageFacts
+from postillon.checks.authentication import (
+    VERIFY_BUSY,
+    InboundAuthentication,
+    MessageFacts,
+    VerifyBusy,
+)
 from postillon.checks.authresults import strip_own_results
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
@@ -127,6 +132,7 @@ class Session:
         self.in_data = False
         self._stop_after_transaction = False
         self._idle_reader: asyncio.Task[bytes] | None = None
+        self._auth_slot = False  # holds one slot of the AUTH failure budget
 
     def request_shutdown(self) -> None:
         """The server is stopping: an idle session gets 421 now; a session in
@@ -167,6 +173,7 @@ class Session:
             pass
         finally:
             self._abort_tx()
+            self._release_auth_slot()
             self.writer.close()
             # A TLS close waits for the peer's close_notify; a peer that does
             # not answer must not hold the session (or a shutdown) open.
@@ -271,6 +278,8 @@ class Session:
                 await self._starttls()
             case ev.AuthPassword() | ev.AuthScramLookup() | ev.AuthProof():
                 await self._auth(event)
+            case ev.AuthAborted():  # a SCRAM exchange cancelled before its proof
+                self._release_auth_slot()
             case ev.Authenticated(mechanism=mechanism, username=username):
                 self.auth_user = username
                 self.account = self.deps.auth.store.get(username) if self.deps.auth else None
@@ -389,16 +398,23 @@ class Session:
                 tx.rewrite_header(b"", header)
             return None
         too_big = tx.size > checks.config.max_verify_size
-        facts = MessageFacts(
-            client_ip=self.client.ip,
-            helo=self.client.helo,
-            mail_from=tx.sender,
-            header=tx.header_block,
-            message=None if too_big else tx.message_bytes(),
-            recipients=[(r.address, r.original or r.address) for r in tx.recipients],
-        )
         try:
-            verdict = await checks.evaluate(facts)
+            # The message is read into memory only once it has a slot.
+            async with checks.verify_slot():
+                facts = MessageFacts(
+                    client_ip=self.client.ip,
+                    helo=self.client.helo,
+                    mail_from=tx.sender,
+                    header=tx.header_block,
+                    message=None if too_big else tx.message_bytes(),
+                    recipients=[(r.address, r.original or r.address) for r in tx.recipients],
+                )
+                verdict = await checks.evaluate(facts)
+        except VerifyBusy:
+            tx.abort()
+            self._count_rejected("local_error")
+            self.deps.maillog.event("rejected", tx.queue_id, reason=str(VERIFY_BUSY))
+            return VERIFY_BUSY
         except Exception:
             logging.getLogger("postillon.inbound").exception("authentication checks failed")
             tx.abort()
@@ -489,18 +505,26 @@ class Session:
             conn.reply(R.AUTH_UNAVAILABLE)
             return
         ip = self.client.ip
-        if auth.guard.blocked(ip):
-            if self.deps.metrics is not None:
-                self.deps.metrics.auth_failed(event.mechanism)
-            self.deps.maillog.event(
-                "auth_failed",
-                client=self.client.describe(),
-                username=_loggable_name(event.username),
-                mechanism=event.mechanism,
-                reason="blocked after too many failures",
-            )
-            conn.reply(R.AUTH_TOO_MANY_FAILURES)
-            return
+        # One attempt = one slot of the failure budget, taken before anything is
+        # checked (inbound/auth.py); SCRAM takes it at the lookup, settles it at the proof.
+        if not (isinstance(event, ev.AuthProof) and self._auth_slot):
+            self._release_auth_slot()
+            refused = auth.guard.begin(ip)
+            if refused is not None:
+                if self.deps.metrics is not None:
+                    self.deps.metrics.auth_failed(event.mechanism)
+                self.deps.maillog.event(
+                    "auth_failed",
+                    client=self.client.describe(),
+                    username=_loggable_name(event.username),
+                    mechanism=event.mechanism,
+                    reason="blocked after too many failures"
+                    if refused == "blocked"
+                    else "too many attempts in progress",
+                )
+                conn.reply(R.AUTH_TOO_MANY_FAILURES if refused == "blocked" else R.AUTH_UNAVAILABLE)
+                return
+            self._auth_slot = True
         # Acting as someone else (a different authzid) is not supported.
         own = event.authzid in ("", event.username)
         try:
@@ -520,9 +544,11 @@ class Session:
                     is not None
                 )
         except Exception:
+            self._release_auth_slot()
             logging.getLogger("postillon.inbound").exception("credential store failed")
             conn.reply(R.AUTH_UNAVAILABLE)
             return
+        self._release_auth_slot()
         if ok:
             conn.auth_accept()
             return
@@ -539,6 +565,11 @@ class Session:
         if penalty.delay > 0:
             await auth.guard.sleep(penalty.delay)
         conn.reply(R.AUTH_TOO_MANY_FAILURES if penalty.disconnect else R.AUTH_FAILED)
+
+    def _release_auth_slot(self) -> None:
+        if self._auth_slot and self.deps.auth is not None:
+            self.deps.auth.guard.release(self.client.ip)
+        self._auth_slot = False
 
     def _count_rejected(self, reason: str) -> None:
         if self.deps.metrics is not None:
