@@ -18,7 +18,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from postillon.testing.server import ServerProcess, free_port
+from support.ports import free_port
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

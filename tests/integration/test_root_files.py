@@ -33,7 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from postillon.testing.server import ServerProcess, default_config, free_port
+from support.ports import free_port
+from support.server import ServerProcess, default_config
 
 pytestmark = [
     pytest.mark.integration,

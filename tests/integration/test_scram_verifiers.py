@@ -20,7 +20,8 @@ import pytest
 
 from integration.test_submission_auth import scram_login
 from postillon.inbound.accounts import scram_sha256_credentials
-from postillon.testing.server import ServerProcess, free_port
+from support.ports import free_port
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import dns.message
 import dns.rcode
 import pytest
 
-from postillon.testing.server import ServerProcess
+from support.server import ServerProcess
 
 pytestmark = pytest.mark.integration
 
