@@ -33,6 +33,7 @@ from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
+from postillon.core.credentials import redact
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.accounts import AccountError, AccountStore, accounts_path
 from postillon.inbound.auth import DEFAULT_MECHANISMS, Authenticator, AuthGuard
@@ -554,11 +555,11 @@ class App:
             except (ConfigError, AccountError, AliasesError, OSError, ValueError) as exc:
                 self.metrics.reloads.labels("refused").inc()
                 log.error("reload refused, the running configuration stays:\n%s", exc)
-                return ReloadResult(False, str(exc))
+                return ReloadResult(False, redact(str(exc)))
             except Exception as exc:
                 self.metrics.reloads.labels("refused").inc()
                 log.exception("reload refused, the running configuration stays")
-                return ReloadResult(False, f"{type(exc).__name__}: {exc}")
+                return ReloadResult(False, redact(f"{type(exc).__name__}: {exc}"))
             self._apply(new, policy, tls_context, smtp)
             self.metrics.reloads.labels("ok").inc()
             if restart:
