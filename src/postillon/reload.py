@@ -35,6 +35,7 @@ from postillon.build import (
 from postillon.config.changes import effective, restart_needed
 from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
+from postillon.core.credentials import redact
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.accounts import AccountError
 from postillon.inbound.limits import ConnectionLimiter
@@ -140,11 +141,11 @@ class Reloader:
             except (ConfigError, AccountError, AliasesError, OSError, ValueError) as exc:
                 metrics.reloads.labels("refused").inc()
                 log.error("reload refused, the running configuration stays:\n%s", exc)
-                return ReloadResult(False, str(exc))
+                return ReloadResult(False, redact(str(exc)))
             except Exception as exc:
                 metrics.reloads.labels("refused").inc()
                 log.exception("reload refused, the running configuration stays")
-                return ReloadResult(False, f"{type(exc).__name__}: {exc}")
+                return ReloadResult(False, redact(f"{type(exc).__name__}: {exc}"))
             self._apply(built)
             metrics.reloads.labels("ok").inc()
             if built.restart:

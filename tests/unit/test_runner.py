@@ -235,15 +235,16 @@ async def test_failed_recipient_stays_queued_while_its_bounce_cannot_be(env, mon
     remote = Scripted({"bob@remote.test": [PermFail(GONE), PermFail(GONE)]})
     runner, capture = make_runner(env, remote)
     qid = await submit(intake, ["bob@remote.test"])
-    real_submit = intake.submit
+    # The notice streams into an intake transaction: refuse its commit.
+    real_commit = store.commit
     refusals = [StoreError("disk full")]
 
     async def refusing(*args, **kwargs):  # type: ignore[no-untyped-def]
         if refusals:
             raise refusals.pop(0)
-        return await real_submit(*args, **kwargs)
+        return await real_commit(*args, **kwargs)
 
-    monkeypatch.setattr(intake, "submit", refusing)
+    monkeypatch.setattr(store, "commit", refusing)
     assert await runner.run_once() == 1
     info = await store.get_message(qid)
     assert info is not None and info.records[0].state is DeliveryState.DEFERRED

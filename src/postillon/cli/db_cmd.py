@@ -9,6 +9,7 @@ import sys
 import asyncpg
 
 from postillon.config.model import Config
+from postillon.core.credentials import redact, url_password
 from postillon.queue.postgres_schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -47,7 +48,11 @@ async def _run(args: argparse.Namespace, dsn: str) -> int:
     try:
         conn = await asyncpg.connect(dsn, timeout=10)
     except (OSError, asyncpg.PostgresError, ValueError, TimeoutError) as exc:
-        print(f"postillon: cannot connect to [queue] dsn: {exc}", file=sys.stderr)
+        # asyncpg may quote the DSN, or the piece of it it could not parse.
+        reason = "the URL does not parse"
+        if not isinstance(exc, ValueError):
+            reason = redact(str(exc), *url_password(dsn))
+        print(f"postillon: cannot connect to [queue] dsn: {reason}", file=sys.stderr)
         return 1
     try:
         if args.db_command == "status":

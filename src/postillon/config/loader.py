@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from postillon.config.model import Config
+from postillon.core.credentials import redact, url_password
 
 
 class ConfigError(Exception):
@@ -44,8 +45,21 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling; see README 'Configuration')"
             lines.append(f"{source}: {_key_path(loc, data)}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+        # A message may quote a URL with its password (or, for a URL that does
+        # not parse, pieces of it): never print either.
+        raise ConfigError(redact("\n".join(lines), *_passwords(data))) from None
     return _resolve_relative(config, Path(source).parent if source != "<config>" else None)
+
+
+def _passwords(data: dict[str, Any]) -> tuple[str, ...]:
+    """The passwords in the config's URLs, found leniently, to redact them."""
+    urls = []
+    for section, key in (("relay", "smarthost"), ("queue", "dsn")):
+        table = data.get(section)
+        value = table.get(key) if isinstance(table, dict) else None
+        if isinstance(value, str):
+            urls.append(value)
+    return tuple(secret for url in urls for secret in url_password(url))
 
 
 def _resolve_relative(config: Config, base: Path | None) -> Config:

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from postillon.core.credentials import check_postgresql_url, parse_smarthost_url
+
 
 def split_host_port(value: str) -> tuple[str, int]:
     if value.startswith("["):
@@ -84,15 +86,9 @@ class RelayConfig(_Frozen):
     @field_validator("smarthost")
     @classmethod
     def _check_smarthost(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(value)
-        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-            raise ValueError(
-                f"smarthost {value!r} must look like smtp://user:password@host:587 or smtps://host:465"
-            )
+        if value is not None:
+            # The parser the server uses at start: what passes here starts.
+            parse_smarthost_url(value)
         return value
 
     @field_validator("trusted_networks")
@@ -160,8 +156,8 @@ class QueueConfig(_Frozen):
     def _dsn_for_postgresql(self) -> QueueConfig:
         if self.store == "postgresql" and not self.dsn:
             raise ValueError('dsn is required when store = "postgresql" (postgresql://...)')
-        if self.dsn and not self.dsn.startswith(("postgresql://", "postgres://")):
-            raise ValueError("dsn must be a postgresql:// URL")
+        if self.dsn:
+            check_postgresql_url(self.dsn)
         if self.dsn and self.store != "postgresql":
             raise ValueError('dsn is set but store is not "postgresql"')
         return self

@@ -64,6 +64,18 @@ def xtext_decode(text: str) -> str:
     return out.decode("utf-8", errors="replace")
 
 
+def is_printable_ascii(text: str) -> bool:
+    """RFC 3461 §4.2 and §4.4: a decoded ENVID or ORCPT address is printable
+    US-ASCII (space through "~"). Anything else (CR, LF, escapes) would be
+    written into a DSN or a log, so the protocol core refuses it."""
+    return all(32 <= ord(c) <= 126 for c in text)
+
+
+def has_controls(text: str) -> bool:
+    """C0 controls, DEL or C1 controls: never part of a value we write out."""
+    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+
+
 def xtext_encode(text: str) -> str:
     out = []
     for b in text.encode("utf-8"):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 
-from postillon.core.envelope import DsnRet, MailParams, RcptParams
+from postillon.core.envelope import DsnRet, MailParams, RcptParams, xtext_encode
 from postillon.core.reply import Reply
 
 # Returning the whole message is the default only up to this size; larger
@@ -49,25 +49,45 @@ def returns_full_message(params: MailParams, size: int, action: str) -> bool:
     return params.ret is None and size <= FULL_RETURN_LIMIT
 
 
-def read_for_dsn(chunks: Iterator[bytes], full: bool) -> list[bytes]:
-    """The part of the stored message a notification returns (blocking)."""
-    if full:
-        return list(chunks)
-    head = b""
-    for chunk in chunks:
-        head += chunk
-        end = head.find(b"\r\n\r\n")
-        if end >= 0:
-            return [head[: end + 2]]
-        if len(head) > HEADER_LIMIT:
-            break
-    return [head[:HEADER_LIMIT]]
-
-
 def _status(reply: Reply) -> str:
     if reply.status:
         return reply.status
     return f"{str(reply.code)[0]}.0.0"
+
+
+def _text(value: str) -> str:
+    """A remote server's words as header or report text: no control character
+    (a terminal escape, a stray CR) gets through; CR and LF cannot be in a
+    ``Reply`` line to begin with."""
+    return "".join("?" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in value)
+
+
+def _orcpt(orcpt: str) -> str:
+    """RFC 3464 §2.3.1: ``addr-type;xtext`` as the ORCPT parameter carried it
+    (the stored value is decoded; encoding it again keeps any "+", "=" or
+    space, and anything that slipped past the protocol core, inert)."""
+    kind, _, address = orcpt.partition(";")
+    return f"{kind};{xtext_encode(address)}"
+
+
+def diagnostic_code(reply: Reply) -> list[str]:
+    """RFC 3464 §2.3.6 ``Diagnostic-Code: smtp; ...``; a multi-line reply is
+    folded (each further line starts with whitespace, RFC 5322 §2.2.3) so it
+    stays one field instead of becoming lines of its own."""
+    first, *rest = reply.lines
+    head = f"Diagnostic-Code: smtp; {reply.code} {_status(reply)} {_text(first)}".rstrip()
+    return [head, *(f"    {_text(line)}" for line in rest if line.strip())]
+
+
+@dataclass(frozen=True, slots=True)
+class DsnFrame:
+    """A notification around the part of the original it returns: ``head``,
+    then the original's bytes (whole when ``full``, else its header section),
+    then ``tail``. Lets the original stream from the store into intake."""
+
+    head: bytes
+    tail: bytes
+    full: bool
 
 
 def build_dsn(
@@ -82,7 +102,39 @@ def build_dsn(
     original_size: int,
     now: float,
 ) -> bytes:
-    """The complete notification message (CRLF line endings)."""
+    """The complete notification message (CRLF line endings), for a caller
+    that holds the original in memory; ``dsn/notify.py`` streams it instead."""
+    frame = dsn_frame(
+        hostname=hostname,
+        queue_id=queue_id,
+        sender=sender,
+        mail_params=mail_params,
+        received_at=received_at,
+        recipients=recipients,
+        original_size=original_size,
+        now=now,
+    )
+    body = b"".join(original)
+    if not frame.full:
+        end = body.find(b"\r\n\r\n")
+        body = body[: end + 2] if end >= 0 else body[:HEADER_LIMIT]
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return frame.head + body + frame.tail
+
+
+def dsn_frame(
+    *,
+    hostname: str,
+    queue_id: str,
+    sender: str,
+    mail_params: MailParams,
+    received_at: float,
+    recipients: Sequence[DsnRecipient],
+    original_size: int,
+    now: float,
+) -> DsnFrame:
+    """The notification without the original's bytes (see ``DsnFrame``)."""
     boundary = f"{queue_id}.{secrets.token_hex(6)}/{hostname}"
     delayed = all(r.action == "delayed" for r in recipients)
     success = all(r.action in ("delivered", "relayed") for r in recipients)
@@ -126,7 +178,7 @@ def build_dsn(
     lines.append("")
     for r in recipients:
         via = f" (remote host {r.remote})" if r.remote else ""
-        lines.append(f"<{r.recipient}>: {r.action}{via}: {r.reply}")
+        lines.append(f"<{r.recipient}>: {r.action}{via}: {_text(str(r.reply))}")
     lines += [
         "",
         f"--{boundary}",
@@ -137,20 +189,21 @@ def build_dsn(
         f"X-Postillon-Queue-ID: {queue_id}",
     ]
     if mail_params.envid:
-        lines.append(f"Original-Envelope-Id: {mail_params.envid}")
+        # RFC 3464 §2.2.1: the envelope id as the ENVID parameter carried it (xtext).
+        lines.append(f"Original-Envelope-Id: {xtext_encode(mail_params.envid)}")
     lines.append(f"Arrival-Date: {formatdate(received_at, usegmt=True)}")
     for r in recipients:
         lines.append("")
         lines.append(f"Final-Recipient: rfc822; {r.recipient}")
         if r.params.orcpt:
-            lines.append(f"Original-Recipient: {r.params.orcpt}")
+            lines.append(f"Original-Recipient: {_orcpt(r.params.orcpt)}")
         elif r.original:
             lines.append(f"Original-Recipient: rfc822; {r.original}")
         lines.append(f"Action: {r.action}")
         lines.append(f"Status: {_status(r.reply)}")
         if r.remote:
             lines.append(f"Remote-MTA: dns; {r.remote}")
-        lines.append(f"Diagnostic-Code: smtp; {r.reply.code} {_status(r.reply)} {r.reply.text}")
+        lines += diagnostic_code(r.reply)
         lines.append(f"Last-Attempt-Date: {formatdate(now, usegmt=True)}")
     full = returns_full_message(mail_params, original_size, recipients[0].action)
     lines += ["", f"--{boundary}"]
@@ -163,11 +216,4 @@ def build_dsn(
             "",
         ]
     head = ("\r\n".join(lines) + "\r\n").encode("utf-8")
-    body = b"".join(original)
-    if not full:
-        end = body.find(b"\r\n\r\n")
-        body = body[: end + 2] if end >= 0 else body[:HEADER_LIMIT]
-    if body and not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    tail = f"\r\n--{boundary}--\r\n".encode()
-    return head + body + tail
+    return DsnFrame(head, f"\r\n--{boundary}--\r\n".encode(), full)

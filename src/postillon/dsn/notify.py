@@ -2,16 +2,27 @@
 
 The runner (failures, delays, successes) and the operator's bounce (admin API
 and ``postillon queue bounce``) send the same kind of notice the same way:
-read what the notice returns of the original, build the RFC 3464 report, and
-hand it to intake like any other message, from the null sender.
+build the RFC 3464 report around what it returns of the original, and hand it
+to intake like any other message, from the null sender.
+
+The original streams from the store into the notice's intake transaction a
+chunk at a time (RET=FULL may return up to ``FULL_RETURN_HARD_LIMIT`` bytes);
+intake spools it to disk past its memory limit, as it does for any message.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
-from postillon.dsn.bounce import DsnRecipient, build_dsn, read_for_dsn, returns_full_message
+from postillon.core.envelope import MailParams
+from postillon.dsn.bounce import (
+    HEADER_LIMIT,
+    DsnRecipient,
+    dsn_frame,
+    returns_full_message,
+)
+from postillon.intake.headers import ClientInfo
 from postillon.intake.intake import Intake
 from postillon.queue.store import MessageInfo, NewRecipient, QueueStore
 
@@ -28,17 +39,63 @@ async def queue_notice(
     to its sender and return the notice's queue id. The caller makes sure the
     sender is not the null sender (RFC 3461 6.2). Raises what intake raises."""
     full = returns_full_message(message.mail_params, message.size, recipients[0].action)
-    # Reading a body may block (the PostgreSQL store fetches it): off the loop.
-    original = await asyncio.to_thread(read_for_dsn, store.open_body(message.queue_id), full)
-    report = build_dsn(
+    frame = dsn_frame(
         hostname=hostname,
         queue_id=message.queue_id,
         sender=message.sender,
         mail_params=message.mail_params,
         received_at=message.received_at,
         recipients=recipients,
-        original=original,
         original_size=message.size,
         now=now,
     )
-    return await intake.submit("", [NewRecipient(message.sender)], report, source="bounce")
+    tx = intake.begin("", MailParams(), ClientInfo(), source="bounce")
+    tx.add_recipient(NewRecipient(message.sender))
+    try:
+        tx.start_body()
+        tx.write(frame.head)
+        last = b""
+        async for chunk in _returned(store, message.queue_id, full):
+            tx.write(chunk)
+            last = (last + chunk)[-2:]
+        if last and last != b"\r\n":
+            tx.write(b"\r\n")
+        tx.write(frame.tail)
+    except BaseException:
+        tx.abort()
+        raise
+    return await tx.commit()
+
+
+async def _returned(store: QueueStore, queue_id: str, full: bool) -> AsyncIterator[bytes]:
+    """What the notice returns of the original: all of it, or its header section."""
+    if full:
+        async for chunk in _stored_body(store, queue_id):
+            yield chunk
+        return
+    head = b""
+    async for chunk in _stored_body(store, queue_id):
+        head += chunk
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:
+            yield head[: end + 2]
+            return
+        if len(head) > HEADER_LIMIT:
+            break
+    yield head[:HEADER_LIMIT]
+
+
+async def _stored_body(store: QueueStore, queue_id: str) -> AsyncIterator[bytes]:
+    """The original's body, chunk by chunk: the one place a notice reads it.
+
+    ``open_body`` blocks (the PostgreSQL store fetches each chunk), so each
+    step runs in a thread; an async ``read_body`` would replace this loop.
+    """
+    chunks = store.open_body(queue_id)
+    try:
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)  # a generator: let it finish now
+        if close is not None:
+            close()

@@ -6,13 +6,16 @@ Events: ``received``, ``rejected``, ``delivered``, ``deferred``, ``bounced``,
 ``auth_failed`` (never with the password), ``warning`` (sender policy in warn
 mode), ``error``.
 Text lines look like ``QUEUEID: delivered: to=<a@b>, relay=maildir, ...``;
-JSON lines carry the same fields as keys.
+JSON lines carry the same fields as keys. Values from outside (remote
+replies, client names) are written as they are here; ``logtext.SafeFormatter``,
+on every handler, escapes their control characters on the way out.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +24,7 @@ from typing import Any, Literal
 
 from postillon.config.loader import ConfigError
 from postillon.config.model import LogConfig
+from postillon.observability.logtext import SafeFormatter, json_line
 from postillon.observability.syslog import SyslogHandler
 
 # Called with (event, queue_id, fields) for every event; must not block or raise.
@@ -52,7 +56,7 @@ class MailLog:
             if queue_id:
                 record["queue_id"] = queue_id
             record.update({k: v for k, v in fields.items() if v is not None})
-            self._logger.info(json.dumps(record, default=str, ensure_ascii=False))
+            self._logger.info(json_line(json.dumps(record, default=str, ensure_ascii=False)))
             return
         parts = []
         for key, value in fields.items():
@@ -112,19 +116,22 @@ def _handler(config: LogConfig, hostname: str | None) -> logging.Handler:
             path, rfc=config.syslog_format, facility=config.syslog_facility, hostname=hostname
         )
         # Syslog adds its own timestamp, host and program name.
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(SafeFormatter("%(message)s"))
         return handler
     if kind == "file":
         assert path is not None
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Created 0640, not with the umask's usual 0644: the mail log names
+        # every sender and recipient, which is not for every local user.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
         handler = logging.FileHandler(path, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
     if config.format == "json":
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(SafeFormatter("%(message)s"))
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s postillon[%(process)d]: %(message)s", "%b %d %H:%M:%S")
+            SafeFormatter("%(asctime)s postillon[%(process)d]: %(message)s", "%b %d %H:%M:%S")
         )
     return handler
 

@@ -288,7 +288,7 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
         return PermFail(reply, detail)
     if reply.is_permanent:
         # Some host failed temporarily: try again later rather than bounce.
-        reply = Reply.of(451, "4.4.1", f"{reply.code} {reply.text}"[:400])
+        reply = Reply.of(451, "4.4.1", f"{reply.code} {' / '.join(reply.lines)}"[:400])
     return TempFail(reply, detail)
 
 

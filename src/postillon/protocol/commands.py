@@ -11,7 +11,15 @@ import re
 from dataclasses import dataclass
 
 from postillon.core.address import Address, AddressError, parse_domain, parse_path
-from postillon.core.envelope import BodyType, DsnRet, MailParams, RcptParams, xtext_decode
+from postillon.core.envelope import (
+    BodyType,
+    DsnRet,
+    MailParams,
+    RcptParams,
+    has_controls,
+    is_printable_ascii,
+    xtext_decode,
+)
 from postillon.protocol import replies as R
 from postillon.protocol.errors import ProtocolError
 from postillon.protocol.settings import ServerSettings
@@ -119,13 +127,21 @@ def _split_param(param: str) -> tuple[str, str | None]:
     return key.upper(), (value if eq else None)
 
 
-def _xtext(value: str, limit: int) -> str:
+def _xtext(value: str, limit: int, *, printable: bool = True) -> str:
+    """Decode an xtext parameter. ``printable``: the decoded value must be
+    printable US-ASCII (RFC 3461's ENVID and ORCPT); otherwise only control
+    characters are refused. Decoded values reach DSN fields and log lines, and
+    "+0D+0A" would otherwise become a line break there."""
     if len(value) > limit:
         raise ProtocolError(R.BAD_PARAM, "xtext value too long")
     try:
-        return xtext_decode(value)
+        decoded = xtext_decode(value)
     except (ValueError, UnicodeError):
         raise ProtocolError(R.BAD_PARAM, "invalid xtext") from None
+    bad = not is_printable_ascii(decoded) if printable else has_controls(decoded)
+    if bad:
+        raise ProtocolError(R.BAD_PARAM_VALUE, "xtext decodes to non-printable characters")
+    return decoded
 
 
 def _address(path: str, *, smtputf8: bool, rcpt: bool) -> Address | None:
@@ -197,7 +213,7 @@ def parse_mail_params(raw: list[str], settings: ServerSettings) -> MailParams:
         elif key == "AUTH" and settings.auth_mechanisms:  # RFC 4954 §5
             if value is None:
                 raise ProtocolError(R.BAD_PARAM, "AUTH needs a value")
-            auth = "<>" if value == "<>" else _xtext(value, 500)
+            auth = "<>" if value == "<>" else _xtext(value, 500, printable=False)
         else:
             raise ProtocolError(R.BAD_PARAM, f"unsupported parameter {key[:20]}")
 

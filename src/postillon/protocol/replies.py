@@ -33,6 +33,7 @@ __all__ = [
     "AUTH_UNAVAILABLE",
     "AUTH_UNKNOWN_MECHANISM",
     "BAD_PARAM",
+    "BAD_PARAM_VALUE",
     "BAD_RECIPIENT",
     "BAD_SENDER",
     "BAD_SEQUENCE",
@@ -90,6 +91,9 @@ BAD_SENDER = Reply.of(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = Reply.of(501, "5.1.3", "Bad recipient address syntax")
 NEEDS_SMTPUTF8 = Reply.of(553, "5.6.7", "Non-ASCII address requires SMTPUTF8 (RFC 6531)")
 BAD_PARAM = Reply.of(555, "5.5.4", "Unsupported or malformed parameter")
+# A well-formed xtext whose decoded value holds control characters (e.g.
+# "+0D+0A"): it would end up in a DSN or a log line (RFC 3461 §4.2, §4.4).
+BAD_PARAM_VALUE = Reply.of(501, "5.5.4", "Parameter value must be printable US-ASCII")
 
 # Limits.
 MESSAGE_TOO_BIG = Reply.of(552, "5.3.4", "Message size exceeds fixed maximum message size")

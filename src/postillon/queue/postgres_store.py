@@ -77,6 +77,7 @@ from typing import IO, Any, Final, TypeAlias, TypeVar
 
 import asyncpg
 
+from postillon.core.credentials import redact, url_password
 from postillon.core.reply import Reply
 from postillon.queue.codec import (
     encode_mail_params,
@@ -357,6 +358,10 @@ class PostgresStore:
         self._closed = False
         self.available = True  # see "Health" in the module docstring
 
+    def _safe(self, error: BaseException) -> str:
+        """``error``'s message without the password of ``[queue] dsn``."""
+        return redact(str(error), *url_password(self._dsn))
+
     # ------------------------------------------------------------ lifecycle
 
     async def open(self) -> PostgresStore:
@@ -384,9 +389,18 @@ class PostgresStore:
             )
         except _CONNECTION_ERRORS as e:
             self.available = False
-            raise StoreError(f"cannot connect to the queue database: {e}") from e
-        except (asyncpg.PostgresError, ValueError) as e:
-            raise StoreError(f"cannot open the queue database ([queue] dsn): {e}") from e
+            raise StoreError(f"cannot connect to the queue database: {self._safe(e)}") from None
+        except ValueError:
+            # asyncpg's message for a DSN it cannot parse quotes the piece it
+            # choked on, which may be part of the password: say nothing of it.
+            raise StoreError(
+                "cannot open the queue database: [queue] dsn does not parse "
+                "(percent-encode '/', '?', '#' and '@' in the password)"
+            ) from None
+        except asyncpg.PostgresError as e:
+            raise StoreError(
+                f"cannot open the queue database ([queue] dsn): {self._safe(e)}"
+            ) from None
         try:
             async with pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
                 if self._create_schema:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
+from postillon.core.credentials import parse_smarthost_url
 from postillon.core.reply import Reply
 from postillon.routing.local import LocalRecipients
 
@@ -100,14 +100,15 @@ def _host_port(text: str, default_port: int) -> tuple[str, int]:
 
 
 def parse_smarthost(url: str) -> NextHop:
-    parts = urlsplit(url)
-    implicit = parts.scheme == "smtps"
+    """The next hop for ``[relay] smarthost``; the config check ran the same
+    parser (``core.credentials``), so this does not fail on a checked config."""
+    parsed = parse_smarthost_url(url)
     return NextHop(
-        host=parts.hostname or "",
-        port=parts.port or (465 if implicit else 587),
-        implicit_tls=implicit,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
+        host=parsed.host,
+        port=parsed.port,
+        implicit_tls=parsed.implicit_tls,
+        username=parsed.username,
+        password=parsed.password,
     )
 
 
