@@ -20,6 +20,9 @@ Where things live:
   chunk boundaries; a huge body streams through in the pieces it arrives in.
 * ``commands.py`` - argument parsing: hello names, paths and ESMTP parameters
   into ``core.envelope`` values.
+* ``_server_message.py`` - the transaction, DATA and BDAT content, and the end
+  of a message; ``_server_auth.py`` - AUTH and the SASL exchange (``sasl.py``
+  has the mechanisms). Both are parts of ``ServerConnection`` (mixins).
 * ``extensions.py`` - the EHLO keyword list; ``replies.py`` - every reply the
   core sends itself; ``events.py``; ``settings.py``; ``errors.py``.
 
