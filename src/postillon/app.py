@@ -33,6 +33,7 @@ from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
+from postillon.dns.dnspython_resolver import DnsResolver
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.accounts import AccountError, AccountStore, accounts_path
 from postillon.inbound.auth import DEFAULT_MECHANISMS, Authenticator, AuthGuard
@@ -66,7 +67,6 @@ from postillon.queue.sqlite_store import SqliteStore
 from postillon.queue.store import QueueStore, StoreError
 from postillon.routing.aliases import AliasesError, load_aliases
 from postillon.routing.local import LocalRecipients, RecipientAccepted
-from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
 from postillon.signing.keys import key_store_from_config
 from postillon.signing.remote_keys import shared_keys
