@@ -30,8 +30,8 @@ from verify_bench import SENDER_DOMAIN, make_keys, signed_message
 
 from postillon.checks.authentication import InboundAuthentication, MessageFacts
 from postillon.config.model import AuthenticationConfig
+from postillon.dns.dnspython_resolver import DnsResolver
 from postillon.helpers.pool import HelperPool
-from postillon.routing.resolver import DnsResolver
 from postillon.testing.dns_server import DnsServer
 
 

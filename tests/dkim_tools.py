@@ -128,7 +128,7 @@ def postillon_verify(message: bytes, nameserver: str) -> list[str]:
     import asyncio
 
     from postillon.checks.dkim_check import check_dkim
-    from postillon.routing.resolver import DnsResolver
+    from postillon.dns.dnspython_resolver import DnsResolver
 
     async def run() -> list[str]:
         resolver = DnsResolver([nameserver], timeout=1.0, attempts=1)

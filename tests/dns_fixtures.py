@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from postillon.core.clock import FakeClock
-from postillon.routing.resolver import DnsResolver
+from postillon.dns.dnspython_resolver import DnsResolver
 from postillon.testing.dns_server import DnsServer, Zones
 
 # Documentation ranges only: 192.0.2.0/24, 198.51.100.0/24 (RFC 5737), 2001:db8::/32 (RFC 3849).

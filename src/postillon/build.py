@@ -18,6 +18,7 @@ from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.config.model import Config
 from postillon.core.clock import SystemClock
+from postillon.dns.dnspython_resolver import DnsResolver
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.accounts import AccountStore, accounts_path
 from postillon.inbound.auth import DEFAULT_MECHANISMS, Authenticator, AuthGuard
@@ -39,7 +40,6 @@ from postillon.queue.sqlite_store import SqliteStore
 from postillon.queue.store import QueueStore
 from postillon.routing.aliases import load_aliases
 from postillon.routing.local import LocalRecipients
-from postillon.routing.resolver import DnsResolver
 from postillon.routing.router import Router, TransportEntry, parse_smarthost
 from postillon.signing.keys import key_store_from_config
 from postillon.signing.signer import DkimSigner, build_signer

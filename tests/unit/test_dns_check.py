@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from postillon.dns.dnspython_resolver import DnsResolver
 from postillon.dnsrecords.check import check_plan
 from postillon.dnsrecords.records import plan_for
-from postillon.routing.resolver import DnsResolver
 from postillon.signing.keys import DkimKey, write_new_key
 from postillon.testing.dns_server import DnsServer
 

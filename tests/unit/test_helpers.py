@@ -175,7 +175,7 @@ async def test_keys_the_quick_scan_missed_are_fetched_for_inline_verification() 
     prefetch is looked up then, not reported as a temporary error."""
     from postillon.checks.blocking_dns import BlockingDns
     from postillon.checks.dkim_check import verify_dkim_message
-    from postillon.routing.resolver import Answer, DnsNotFound, TxtRecord
+    from postillon.dns.resolver import Answer, DnsNotFound, TxtRecord
 
     class Records:
         def cached_txt(self, name: str) -> Answer[TxtRecord] | None:

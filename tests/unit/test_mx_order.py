@@ -9,6 +9,15 @@ from collections.abc import Mapping, Sequence
 import pytest
 
 from postillon.core.outcome import PermFail, TempFail
+from postillon.dns.resolver import (
+    Answer,
+    DnsNotFound,
+    DnsTempError,
+    MxRecord,
+    Resolver,
+    TlsaRecord,
+    TxtRecord,
+)
 from postillon.routing.mx import (
     DNS_TEMP_FAILURE,
     NO_ROUTE,
@@ -17,15 +26,6 @@ from postillon.routing.mx import (
     NextHop,
     order_mx,
     resolve_next_hops,
-)
-from postillon.routing.resolver import (
-    Answer,
-    DnsNotFound,
-    DnsTempError,
-    MxRecord,
-    Resolver,
-    TlsaRecord,
-    TxtRecord,
 )
 
 NXDOMAIN = DnsNotFound("x", "MX", "NXDOMAIN", nxdomain=True)

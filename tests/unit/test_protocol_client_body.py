@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 
 from postillon.core.envelope import BodyType, MailParams, RcptParams
 from postillon.protocol._readers import DataReader
-from postillon.protocol.client import NEED_DATA, ClientConnection, _b64, _BodyEncoder
+from postillon.protocol._writers import BodyEncoder as _BodyEncoder
+from postillon.protocol.client import NEED_DATA, ClientConnection
 from postillon.protocol.client_events import BodyRequested
+from postillon.protocol.sasl import b64encode as _b64
 
 
 def encode(pieces: list[bytes], *, stuff: bool = True, fix: bool = True) -> bytes:

@@ -8,16 +8,8 @@ import dns.name
 import pytest
 
 from postillon.core.clock import FakeClock
-from postillon.routing.resolver import (
-    Answer,
-    DnsCache,
-    DnsNotFound,
-    DnsResolver,
-    DnsTempError,
-    MxRecord,
-    TxtRecord,
-    parse_nameserver,
-)
+from postillon.dns.dnspython_resolver import DnsCache, DnsResolver, parse_nameserver
+from postillon.dns.resolver import Answer, DnsNotFound, DnsTempError, MxRecord, TxtRecord
 
 
 @pytest.mark.parametrize(

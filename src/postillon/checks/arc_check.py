@@ -25,7 +25,7 @@ from postillon.checks.authresults import MethodResult
 from postillon.checks.blocking_dns import BlockingDns
 from postillon.checks.dkim_speedups import install as install_speedups
 from postillon.dkimcore.tags import MIN_RSA_BITS
-from postillon.routing.resolver import DnsTempError
+from postillon.dns.resolver import DnsTempError
 
 # dkimpy's key lookups time out after this many seconds.
 KEY_LOOKUP_TIMEOUT = 5

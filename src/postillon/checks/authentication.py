@@ -58,8 +58,8 @@ from postillon.checks.dmarc_check import (
 from postillon.checks.spf_check import SpfCache, SpfOutcome, cached_spf, check_spf
 from postillon.config.model import AuthenticationConfig
 from postillon.core.reply import Reply
+from postillon.dns.resolver import Resolver
 from postillon.helpers.pool import HelperPool
-from postillon.routing.resolver import Resolver
 from postillon.signing.keys import KeyStore
 
 log = logging.getLogger("postillon.checks.authentication")

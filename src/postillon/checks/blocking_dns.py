@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from postillon.routing.resolver import DnsNotFound, DnsTempError, Resolver
+from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
 
 T = TypeVar("T")
 

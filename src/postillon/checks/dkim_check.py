@@ -32,8 +32,8 @@ from postillon.dkimcore.verify import (
     parse_signatures,
     verify_signatures,
 )
+from postillon.dns.resolver import DnsTempError, Resolver
 from postillon.helpers.pool import HelperPool
-from postillon.routing.resolver import DnsTempError, Resolver
 
 # Above this many bytes of message, hashing moves to a worker thread.
 INLINE_VERIFY_BYTES = 256 * 1024

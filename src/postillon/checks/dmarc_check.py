@@ -20,7 +20,7 @@ from typing import Literal
 from publicsuffixlist import PublicSuffixList
 
 from postillon.checks.authresults import MethodResult
-from postillon.routing.resolver import Answer, DnsNotFound, DnsTempError, Resolver, TxtRecord
+from postillon.dns.resolver import Answer, DnsNotFound, DnsTempError, Resolver, TxtRecord
 
 Policy = Literal["none", "quarantine", "reject"]
 _POLICIES = ("none", "quarantine", "reject")

@@ -23,7 +23,7 @@ import spf
 
 from postillon.checks.authresults import MethodResult
 from postillon.checks.blocking_dns import BlockingDns
-from postillon.routing.resolver import DnsTempError
+from postillon.dns.resolver import DnsTempError
 
 # RFC 7208 §11.1: the whole evaluation should be bounded (20 s suggested).
 SPF_TIMEOUT = 20

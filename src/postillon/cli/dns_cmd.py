@@ -16,9 +16,9 @@ from rich.console import Console
 
 from postillon.config.model import Config
 from postillon.core.address import AddressError, domain_to_ascii
+from postillon.dns.dnspython_resolver import DnsResolver
 from postillon.dnsrecords.check import CheckItem, check_plan
 from postillon.dnsrecords.records import DomainPlan, plan_for
-from postillon.routing.resolver import DnsResolver
 from postillon.signing.keys import DkimKey, KeyStoreError, key_store_from_config
 
 _NOT_LOCAL = (

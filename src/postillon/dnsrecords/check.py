@@ -1,6 +1,6 @@
 """Look up what a domain publishes and say, item by item, what is missing or wrong.
 
-Every lookup goes through postillon's :class:`~postillon.routing.resolver.Resolver` (so
+Every lookup goes through postillon's :class:`~postillon.dns.resolver.Resolver` (so
 ``[dns] nameservers`` applies, and tests use the loopback DNS fixture). A temporary DNS failure
 is reported as a failure of that item, with the reason, never as "missing".
 """
@@ -12,10 +12,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver, TxtRecord
 from postillon.dnsrecords.records import DomainPlan
 from postillon.dnsrecords.sts_fetch import PolicyFetchError, fetch_policy, policy_url
 from postillon.dnsrecords.sts_policy import PolicyError, parse_policy
-from postillon.routing.resolver import DnsNotFound, DnsTempError, Resolver, TxtRecord
 from postillon.signing.keys import DkimKey
 
 Status = Literal["ok", "warn", "fail"]

@@ -16,8 +16,8 @@ import ssl
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
 from postillon.dnsrecords.sts_policy import MAX_POLICY_BYTES
-from postillon.routing.resolver import DnsNotFound, DnsTempError, Resolver
 
 TIMEOUT = 10.0
 

@@ -117,7 +117,7 @@ def outcome_reason(reply: Reply) -> str:
 
 
 class DnsLookup(Protocol):
-    """What a DNS lookup event carries (``routing.resolver.LookupEvent``)."""
+    """What a DNS lookup event carries (``dns.resolver.LookupEvent``)."""
 
     @property
     def rdtype(self) -> str: ...

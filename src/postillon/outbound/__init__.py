@@ -11,5 +11,7 @@ idle connections to the same destination, and bounds concurrency in total and
 per destination. Every result comes back as one outcome per recipient
 (``Delivered`` / ``TempFail`` / ``PermFail``); nothing is raised across the
 boundary. TLS is opportunistic by default (RFC 7435): used when offered, the
-certificate's verification result logged but not required.
+certificate's verification result logged but not required. ``tls.py`` holds
+the TLS decisions (the client context, the name to verify, whether the
+certificate verified), so TLS policy grows there and the driver stays thin.
 """

@@ -20,8 +20,23 @@ Where things live:
   chunk boundaries; a huge body streams through in the pieces it arrives in.
 * ``commands.py`` - argument parsing: hello names, paths and ESMTP parameters
   into ``core.envelope`` values.
+* ``_server_message.py`` - the transaction, DATA and BDAT content, and the end
+  of a message; ``_server_auth.py`` - AUTH and the SASL exchange (``sasl.py``
+  has the mechanisms). Both are parts of ``ServerConnection`` (mixins).
 * ``extensions.py`` - the EHLO keyword list; ``replies.py`` - every reply the
   core sends itself; ``events.py``; ``settings.py``; ``errors.py``.
+
+``ClientConnection`` (client.py) is the same kind of machine for the other
+side (events in ``client_events.py``):
+
+* ``_client_state.py`` - THE client state table, and what each outstanding
+  reply answers.
+* ``_reply_reader.py`` - the server's replies into ``Reply`` values (multi-line,
+  enhanced status codes, line and count limits).
+* ``_writers.py`` - what the client writes: MAIL/RCPT with their parameters,
+  and the body (CRLF repair, dot-stuffing) streaming across pieces.
+* ``_client_transaction.py`` - the transaction's state and the replies that
+  move it (MAIL to the last final reply).
 
 Rules kept everywhere:
 

@@ -48,14 +48,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
-from postillon.core.account import ScramCredentials
-from postillon.core.address import Address
-from postillon.core.envelope import MailParams
 from postillon.core.reply import Reply
 from postillon.protocol import replies as R
-from postillon.protocol._readers import BdatBody, ChunkReader, DataReader, discard_line, read_line
+from postillon.protocol._readers import ChunkReader, DataReader, discard_line, read_line
+from postillon.protocol._server_auth import AuthExchange
+from postillon.protocol._server_message import MessageContent, Transaction
 from postillon.protocol._state import (
     READS_LINES,
     Command,
@@ -66,7 +64,6 @@ from postillon.protocol._state import (
 )
 from postillon.protocol.commands import (
     BdatCommand,
-    parse_bdat,
     parse_hello,
     parse_mail,
     parse_no_args,
@@ -76,12 +73,9 @@ from postillon.protocol.commands import (
 from postillon.protocol.errors import ProtocolError
 from postillon.protocol.events import (
     NEED_DATA,
-    AuthAborted,
-    Authenticated,
     AuthPassword,
     AuthProof,
     AuthScramLookup,
-    BodyData,
     CommandRejected,
     ConnectionClosed,
     DataRequested,
@@ -89,7 +83,6 @@ from postillon.protocol.events import (
     Event,
     Hello,
     MailFrom,
-    MessageAborted,
     MessageComplete,
     QuitRequested,
     RcptTo,
@@ -99,18 +92,9 @@ from postillon.protocol.events import (
 )
 from postillon.protocol.extensions import ehlo_keywords
 from postillon.protocol.sasl import (
-    Challenge,
-    CheckPassword,
     Login,
     Mechanism,
-    NeedScramCredentials,
     Plain,
-    SaslError,
-    ScramVerdict,
-    Step,
-    Success,
-    b64decode,
-    b64encode,
 )
 from postillon.protocol.settings import ServerSettings
 
@@ -145,21 +129,7 @@ def _loggable(verb: str, line: str) -> str:
     return _printable(line)
 
 
-@dataclass(slots=True)
-class _Transaction:
-    """One mail transaction (OpenSMTPD smtp_tx): from MAIL to the end of the message."""
-
-    sender: Address | None
-    params: MailParams
-    accepted: int = 0  # recipients the adapter answered with 2xx
-    bdat: BdatBody | None = None  # set by the first accepted BDAT chunk
-
-    @property
-    def bdat_size(self) -> int:
-        return self.bdat.size if self.bdat is not None else 0
-
-
-class ServerConnection:
+class ServerConnection(AuthExchange, MessageContent):
     """The server side of one SMTP or LMTP connection, without I/O.
 
     Public attributes: ``settings``, ``closing`` (a 221/421 is queued or the
@@ -201,7 +171,7 @@ class ServerConnection:
         self._eof_reported = False
         self._errors = 0
         self._hello: Hello | None = None
-        self._txn: _Transaction | None = None
+        self._txn: Transaction | None = None
         self._body: DataReader | None = None
         self._chunk: ChunkReader | None = None
         self._overlong: bytes | None = None  # start of a line being discarded
@@ -324,27 +294,6 @@ class ServerConnection:
         self._pending = None
         self._check_error_limit()
 
-    def auth_accept(self) -> None:
-        """Say yes to a pending ``AuthPassword``, or to an ``AuthProof`` that is valid."""
-        event = self._pending
-        if isinstance(event, AuthProof) and event.valid:
-            self._pending = None
-            self._send_challenge(self._auth_final)  # the client answers with an empty line
-        elif isinstance(event, AuthPassword):
-            self._pending = None
-            self._auth_success()
-        else:
-            raise RuntimeError("auth_accept() answers AuthPassword or a valid AuthProof only")
-
-    def auth_credentials(self, creds: ScramCredentials | None) -> None:
-        """Answer ``AuthScramLookup``: the user's stored SCRAM keys, or None if unknown."""
-        event = self._pending
-        mech = self._auth
-        if not isinstance(event, AuthScramLookup) or mech is None:
-            raise RuntimeError("auth_credentials() answers a pending AuthScramLookup only")
-        self._pending = None
-        self._auth_step(mech.credentials(creds))
-
     def shutdown(self, reply: Reply) -> None:
         """Queue a reply outside the dialogue and close: 421 4.4.2 on a timeout,
         421 4.3.2 when the server stops (RFC 5321 §3.8). Any pending decision is
@@ -382,7 +331,7 @@ class ServerConnection:
             self._hello = event
             self._state = transition(self._state, Trigger.HELLO_ACCEPTED)
         elif isinstance(event, MailFrom):
-            self._txn = _Transaction(event.sender, event.params)
+            self._txn = Transaction(event.sender, event.params)
             self._state = transition(self._state, Trigger.MAIL_ACCEPTED)
         elif isinstance(event, RcptTo):
             assert self._txn is not None
@@ -394,18 +343,6 @@ class ServerConnection:
         elif isinstance(event, StartTlsRequested):
             self._in.clear()  # nothing pipelined after STARTTLS survives (CVE-2011-0411)
             self._state = transition(self._state, Trigger.STARTTLS_ACCEPTED)
-
-    def _answer_bdat(self, cmd: BdatCommand, reply: Reply) -> None:
-        """The answer to the first BDAT of a transaction (RFC 3030 §2)."""
-        self._pending_bdat = None
-        if reply.code < 400:  # go: the core answers the chunk itself
-            self._state = transition(self._state, Trigger.BDAT_ACCEPTED)
-            self._start_chunk(cmd)
-            return
-        self._send(reply)
-        if not self.closing:
-            self._chunk = ChunkReader(cmd.size, cmd.last, None)  # still consumed
-            self._reset(announce=True)  # a failed BDAT fails the transaction
 
     # --- the input loop --------------------------------------------------------
 
@@ -446,48 +383,6 @@ class ServerConnection:
             self._auth_abort(R.LINE_TOO_LONG)
         else:
             self._reject(R.LINE_TOO_LONG, _printable_raw(start) + "...")
-        self._check_error_limit()
-        return True
-
-    def _step_body(self) -> bool:
-        body = self._body
-        assert body is not None
-        data, done = body.read(self._in)
-        if data:
-            self._events.append(BodyData(data))
-        if not done:
-            return bool(data)
-        self._body = None
-        if body.failure is not None:
-            self._abort_message(body.failure, final=True)
-        else:
-            self._message_complete(body.size)
-        self._check_error_limit()
-        return True
-
-    def _step_chunk(self) -> bool:
-        chunk = self._chunk
-        assert chunk is not None
-        data, done = chunk.read(self._in)
-        if data:
-            self._events.append(BodyData(data))
-        if not done:
-            return bool(data)
-        self._chunk = None
-        body = chunk.body
-        if body is None:
-            if chunk.refusal is not None:  # a chunk over the size limit, now consumed
-                self._abort_message(chunk.refusal, final=chunk.last)
-                self._check_error_limit()
-            return True  # a refused chunk, now consumed
-        if chunk.last:
-            body.finish()
-        if body.failure is not None:
-            self._abort_message(body.failure, final=chunk.last)
-        elif chunk.last:
-            self._message_complete(body.size)
-        else:
-            self._send(R.chunk_received(chunk.size))
         self._check_error_limit()
         return True
 
@@ -558,27 +453,6 @@ class ServerConnection:
         parse_no_args(args)
         self._events.append(DataRequested())
 
-    def _cmd_bdat(self, verb: str, args: str) -> None:
-        cmd = parse_bdat(args)  # on a syntax error the count is unknown: nothing consumed
-        try:
-            if not self.settings.chunking:
-                raise ProtocolError(R.NOT_IMPLEMENTED)
-            self._check(Command.BDAT)
-        except ProtocolError:
-            self._chunk = ChunkReader(cmd.size, cmd.last, None)  # stay in sync
-            raise
-        txn = self._txn
-        assert txn is not None
-        limit = self.settings.max_message_size
-        if limit and txn.bdat_size + cmd.size > limit:
-            # RFC 1870 across chunks: consume the chunk, then refuse the message.
-            self._chunk = ChunkReader(cmd.size, cmd.last, None, R.MESSAGE_TOO_BIG)
-        elif self._state is State.RCPT:
-            self._pending_bdat = cmd
-            self._events.append(DataRequested())
-        else:
-            self._start_chunk(cmd)
-
     def _cmd_rset(self, verb: str, args: str) -> None:
         parse_no_args(args)
         self._reset(announce=True)
@@ -612,117 +486,7 @@ class ServerConnection:
         parse_no_args(args)
         self._events.append(StartTlsRequested())
 
-    def _cmd_auth(self, verb: str, args: str) -> None:
-        """``AUTH mechanism [initial-response]`` (RFC 4954 §4)."""
-        mechanisms = self.settings.auth_mechanisms
-        if not mechanisms:
-            raise ProtocolError(R.NOT_IMPLEMENTED)
-        if not self.auth_offered:
-            raise ProtocolError(R.AUTH_ENCRYPTION_REQUIRED)
-        if self._authenticated:
-            raise ProtocolError(R.AUTH_ALREADY)
-        self._check(Command.AUTH)
-        words = args.split(" ")
-        if not words[0] or len(words) > 2:
-            raise ProtocolError(R.PARAM_SYNTAX)
-        name = words[0].upper()
-        if name not in mechanisms:
-            raise ProtocolError(R.AUTH_UNKNOWN_MECHANISM)
-        initial: bytes | None = None
-        if len(words) == 2:
-            try:  # "=" is an empty initial response
-                initial = b"" if words[1] == "=" else b64decode(words[1])
-            except SaslError:
-                raise ProtocolError(R.AUTH_MALFORMED) from None
-        mech = self._mechanisms[name]()
-        try:
-            step = mech.start(initial)
-        except SaslError:
-            raise ProtocolError(R.AUTH_MALFORMED) from None
-        self._auth = mech
-        self._auth_name = name
-        self._state = transition(self._state, Trigger.AUTH_STARTED)
-        self._auth_step(step)
-
-    # --- the SASL exchange ---------------------------------------------------------
-
-    def _auth_line(self, raw: bytes) -> None:
-        """One client response inside AUTH: base64, or "*" to cancel."""
-        mech = self._auth
-        assert mech is not None
-        if raw == b"*":
-            self._auth_abort(R.AUTH_CANCELLED)
-            return
-        try:
-            step = mech.respond(b64decode(raw.decode("ascii")))
-        except (SaslError, UnicodeDecodeError):
-            self._auth_abort(R.AUTH_MALFORMED)
-            return
-        self._auth_step(step)
-
-    def _auth_step(self, step: Step) -> None:
-        name = self._auth_name
-        if isinstance(step, Challenge):
-            self._send_challenge(step.data)
-        elif isinstance(step, CheckPassword):
-            self._auth_user = (step.username, step.authzid)
-            self._events.append(AuthPassword(name, step.username, step.authzid, step.password))
-        elif isinstance(step, NeedScramCredentials):
-            self._events.append(AuthScramLookup(name, step.username, step.authzid))
-        elif isinstance(step, ScramVerdict):
-            self._auth_final = step.server_final
-            self._auth_user = (step.username, step.authzid)
-            self._events.append(AuthProof(name, step.username, step.authzid, step.valid))
-        elif isinstance(step, Success):
-            self._auth_success()
-
-    def _send_challenge(self, data: bytes) -> None:
-        self._out += b"334 " + b64encode(data).encode("ascii") + b"\r\n"
-
-    def _auth_success(self) -> None:
-        self._send(R.AUTH_SUCCEEDED)
-        self._authenticated = True
-        self._events.append(Authenticated(self._auth_name, *self._auth_user))
-        self._auth_end()
-
-    def _auth_abort(self, reply: Reply) -> None:
-        self._send(reply)
-        self._events.append(AuthAborted(self._auth_name, reply))
-        if not self.closing:
-            self._auth_end()
-
-    def _auth_end(self) -> None:
-        self._auth = None
-        self._auth_final = b""
-        self._state = transition(self._state, Trigger.AUTH_DONE)
-
     # --- helpers ---------------------------------------------------------------
-
-    def _start_chunk(self, cmd: BdatCommand) -> None:
-        txn = self._txn
-        assert txn is not None
-        if txn.bdat is None:
-            txn.bdat = BdatBody()
-        self._chunk = ChunkReader(cmd.size, cmd.last, txn.bdat)
-
-    def _message_complete(self, size: int) -> None:
-        txn = self._txn
-        assert txn is not None
-        lmtp = self.settings.lmtp
-        self._replies_due = txn.accepted if lmtp else 1
-        self._events.append(MessageComplete(size, txn.accepted if lmtp else None))
-
-    def _abort_message(self, reply: Reply, *, final: bool) -> None:
-        """Refuse the message: one reply, or one per recipient after LMTP's end of data."""
-        txn = self._txn
-        count = txn.accepted if txn is not None and final and self.settings.lmtp else 1
-        for _ in range(count):
-            self._send(reply)
-        self._events.append(MessageAborted(reply))
-        self._txn = None
-        trigger = Trigger.MESSAGE_DONE if self._state is State.DATA else Trigger.RESET
-        if not self.closing:
-            self._state = transition(self._state, trigger)
 
     def _reset(self, *, announce: bool) -> None:
         self._txn = None

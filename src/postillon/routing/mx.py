@@ -49,13 +49,7 @@ from dataclasses import dataclass
 from postillon.core.address import AddressError, domain_to_ascii
 from postillon.core.outcome import PermFail, TempFail
 from postillon.core.reply import Reply
-from postillon.routing.resolver import (
-    Answer,
-    DnsNotFound,
-    DnsTempError,
-    MxRecord,
-    Resolver,
-)
+from postillon.dns.resolver import Answer, DnsNotFound, DnsTempError, MxRecord, Resolver
 
 __all__ = [
     "DEFAULT_MAX_HOSTS",
