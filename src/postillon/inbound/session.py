@@ -334,6 +334,14 @@ class Session:
             for _ in range(max(1, replies_needed)):
                 self.conn.reply(TEMP_LOCAL_ERROR)
             return
+        if tx.failure is not None:
+            # The spool failed mid-body (disk full: 452 4.3.1; intake logged it): no
+            # checks on a truncated message, just the reply.
+            tx.abort()
+            self._count_rejected(reject_reason_for_commit(tx.failure))
+            for _ in range(max(1, replies_needed)):
+                self.conn.reply(tx.failure)
+            return
         if self.account is not None:
             decision = check_from_header(
                 self.account,
