@@ -384,7 +384,13 @@ class App:
             return (str(address),)
 
         self.pickup = Pickup(
-            maildrop, intake, config.hostname, clock, expand=expand, trusted_uids=server_uids
+            maildrop,
+            intake,
+            config.hostname,
+            clock,
+            expand=expand,
+            trusted_uids=server_uids,
+            max_message_size=config.limits.message_size,
         )
         self.pickup.start()
         for listener, deps in serving:
@@ -621,6 +627,7 @@ class App:
             runner.transports["smtp"], runner.transports["lmtp"] = smtp
         if self.pickup is not None:
             self.pickup.hostname = config.hostname
+            self.pickup.max_message_size = config.limits.message_size
         runner.wake()
 
     async def stop(self, grace: float | None = None) -> None:
