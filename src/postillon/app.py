@@ -104,12 +104,18 @@ def build_local_recipients(config: Config) -> LocalRecipients:
         loaded = load_aliases(file)
         aliases.update(loaded)
     aliases.update({k.lower(): v for k, v in config.aliases.map.items()})
-    return LocalRecipients(
+    local = LocalRecipients(
         config.domain,
         aliases,
         recipient_delimiter=config.aliases.recipient_delimiter,
         hostname=config.hostname,
     )
+    # A catch-all or alias naming nothing would lose mail quietly: refuse the config
+    # (check-config, start and reload all build the table here).
+    problems = local.unresolved_references(config.domain, config.aliases.map)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return local
 
 
 def pid_path(data_dir: Path) -> Path:
@@ -691,7 +697,8 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await app.start()
-    except (StoreError, SchemaError) as exc:  # the queue database: unreachable, unmigrated
+    # The queue database unreachable or unmigrated; aliases that name nothing.
+    except (StoreError, SchemaError, ConfigError, AliasesError) as exc:
         log.error("cannot start: %s", exc)
         loop.remove_signal_handler(signal.SIGHUP)
         with contextlib.suppress(Exception):
