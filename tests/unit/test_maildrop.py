@@ -142,6 +142,26 @@ def test_deliver_writes_maildrop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert sendmail.run(["bad address@"], stdin=io.BytesIO(b"x\n")) == sendmail.EX_NOUSER
 
 
+@pytest.mark.parametrize("options", [["-i"], []], ids=["-i", "dot ends"])
+def test_command_reads_no_more_than_the_size_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: list[str]
+) -> None:
+    # A runaway job piping gigabytes into sendmail: the command stops reading just
+    # past [limits] message_size instead of holding it all, and writes nothing.
+    (tmp_path / "c.toml").write_text(
+        'hostname = "mx.test"\ndata_dir = "var"\n[limits]\nmessage_size = 10000\n'
+    )
+    monkeypatch.setenv("POSTILLON_CONFIG", str(tmp_path / "c.toml"))
+    drop = prepare_maildrop(tmp_path / "var" / "maildrop")
+    stdin = io.BytesIO(b"Subject: s\n\n" + (b"y" * 99 + b"\n") * 100_000)  # 10 MB
+    assert sendmail.run([*options, "a@example.org"], stdin=stdin) == sendmail.EX_DATAERR
+    assert stdin.tell() < 20_000
+    assert [p for p in drop.iterdir() if p.is_file()] == []
+    # Within the limit (even with a From_ line on top): accepted.
+    small = io.BytesIO(b"From me Mon Jan  1 00:00:00 2024\nSubject: s\n\n" + b"z" * 9000)
+    assert sendmail.run([*options, "a@example.org"], stdin=small) == 0
+
+
 def test_bs_dialogue_writes_maildrop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "c.toml").write_text('hostname = "mx.test"\ndata_dir = "var"\n')
     monkeypatch.setenv("POSTILLON_CONFIG", str(tmp_path / "c.toml"))
