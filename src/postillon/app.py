@@ -36,6 +36,7 @@ from postillon.build import (
     router,
     tls_certificate,
 )
+from postillon.config.loader import ConfigError
 from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
@@ -62,6 +63,7 @@ from postillon.queue.postgres_store import PostgresStore
 from postillon.queue.runner import Runner, Transport
 from postillon.queue.store import QueueStore, StoreError
 from postillon.reload import Reloader, ReloadResult, share_keys
+from postillon.routing.aliases import AliasesError
 from postillon.routing.local import RecipientAccepted
 from postillon.signing.signer import DkimSigner, build_signer
 
@@ -217,7 +219,13 @@ class App:
             return (str(address),)
 
         self.pickup = Pickup(
-            maildrop, intake, config.hostname, clock, expand=expand, trusted_uids=server_uids
+            maildrop,
+            intake,
+            config.hostname,
+            clock,
+            expand=expand,
+            trusted_uids=server_uids,
+            max_message_size=config.limits.message_size,
         )
         self._reloader = Reloader(
             config=config,
@@ -364,8 +372,9 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await app.start()
-    except (StoreError, SchemaError, PrivilegeError) as exc:
-        # The queue database unreachable or unmigrated; data_dir or the user unusable.
+    except (StoreError, SchemaError, PrivilegeError, ConfigError, AliasesError) as exc:
+        # The queue database unreachable or unmigrated; data_dir or the user unusable;
+        # aliases or a catch-all that name nothing.
         log.error("cannot start: %s", exc)
         loop.remove_signal_handler(signal.SIGHUP)
         with contextlib.suppress(Exception):

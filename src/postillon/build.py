@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
+from postillon.config.loader import ConfigError
 from postillon.config.model import Config
 from postillon.core.clock import SystemClock
 from postillon.dns.dnspython_resolver import DnsResolver
@@ -67,12 +68,18 @@ def build_local_recipients(config: Config) -> LocalRecipients:
         loaded = load_aliases(file)
         aliases.update(loaded)
     aliases.update({k.lower(): v for k, v in config.aliases.map.items()})
-    return LocalRecipients(
+    local = LocalRecipients(
         config.domain,
         aliases,
         recipient_delimiter=config.aliases.recipient_delimiter,
         hostname=config.hostname,
     )
+    # A catch-all or alias naming nothing would lose mail quietly: refuse the config
+    # (check-config, start and reload all build the table here).
+    problems = local.unresolved_references(config.domain, config.aliases.map)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return local
 
 
 def retry_policy(config: Config) -> RetryPolicy:

@@ -217,7 +217,7 @@ class Reloader:
             delay_warning=config.queue.delay_warning,
             transports=transports,
         )
-        self._pickup.reconfigure(config.hostname)
+        self._pickup.reconfigure(config.hostname, config.limits.message_size)
 
     async def close(self) -> None:
         """At stop: close the SMTP transports, the running ones and those a reload retired."""

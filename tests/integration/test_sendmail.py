@@ -209,3 +209,28 @@ def test_works_as_an_unprivileged_user(make: Callable[[Path], Server]) -> None:
         assert b"Return-Path: <ceo@bank.example>" not in body
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_oversized_maildrop_file_is_set_aside(make_server) -> None:  # type: ignore[no-untyped-def]
+    # A maildrop file written without the command (which checks the size itself):
+    #   write_drop ──▶ maildrop/ ──▶ pickup: larger than [limits] message_size
+    #                                  ──▶ maildrop/corrupt/ + a log line, nothing queued
+    from postillon.intake.maildrop import DropEnvelope, write_drop
+
+    server: ServerProcess = make_server(limits={"message_size": 100_000}).start()
+    maildrop = server.data_dir / "maildrop"
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 200  # 200 KB
+    name = write_drop(maildrop, DropEnvelope(("alice@example.org",)), big).name
+    small = write_drop(
+        maildrop, DropEnvelope(("bob@example.org",)), b"Subject: small\r\n\r\nhi\r\n"
+    )
+    server.wait_for_mail("bob@example.org")  # scanned after the big one (names sort by time)
+    assert not small.exists()
+    assert (maildrop / "corrupt" / name).exists()
+    log = server.wait_for_log(f"maildrop file {name}")
+    assert f"maildrop file {name}: message too large (200016 octets" in log
+    assert server.maildir_messages("alice@example.org") == []
+    deadline = time.monotonic() + 20  # bob's record is final just after his file lands
+    while server.cli("queue", "list", "--json").stdout.strip() != "[]":
+        assert time.monotonic() < deadline, server.cli("queue", "list").stdout
+        time.sleep(0.2)

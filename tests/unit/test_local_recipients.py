@@ -474,3 +474,63 @@ def test_resolve_never_raises(text: str) -> None:
                 assert local.mailbox_exists(target) or not local.is_local_domain(
                     target.rpartition("@")[2]
                 )
+
+
+# -- names the config refers to that resolve to nothing (check-config, start, reload) --
+
+
+def _problems(domains: list[DomainConfig], global_map: dict[str, tuple[str, ...]]) -> list[str]:
+    local = LocalRecipients(domains, global_map, hostname="mx.example.org")
+    return local.unresolved_references(domains, global_map)
+
+
+def test_a_clean_config_has_no_unresolved_references() -> None:
+    domains = [
+        DomainConfig(name="example.org", mailboxes=("alice", "bob"), aliases={"team": ("alice",)}),
+        DomainConfig(name="catchall.test", mailboxes=("info",), catch_all="info"),
+        DomainConfig(name="other.test", catch_all="alice@example.org"),
+        DomainConfig(name="remote.test", catch_all="x@elsewhere.example"),
+        DomainConfig(name="via-alias.test", catch_all="all", aliases={"all": ("bob@example.org",)}),
+        DomainConfig(
+            name="self.test",
+            mailboxes=("carol",),
+            aliases={"carol": ("carol", "x@elsewhere.example"), "d": ("\\carol",)},
+        ),
+        DomainConfig(
+            name="ca.test", catch_all="info", aliases={"x": ("nobody",), "info": ("y@z.example",)}
+        ),
+    ]
+    assert _problems(domains, {"root": ("alice",), "hostmaster": ("postmaster",)}) == []
+
+
+def test_every_dangling_reference_is_reported_by_key() -> None:
+    domains = [
+        DomainConfig(name="example.org", mailboxes=("alice",)),
+        DomainConfig(
+            name="example.net",
+            mailboxes=("erin",),
+            aliases={
+                "sales": ("erin", "ghost"),
+                "cross": ("nobody@example.org",),
+                "direct": ("\\nomailbox",),
+                "selfish": ("selfish",),
+                "ping": ("pong",),
+                "pong": ("ping",),
+            },
+        ),
+        DomainConfig(name="catchall.test", mailboxes=("info",), catch_all="catchall"),
+    ]
+    assert _problems(domains, {"root": ("admin",), "abuse": ("nobody@example.org",)}) == [
+        'domain[1].aliases.sales: "ghost" is not a mailbox or alias of example.net',
+        'domain[1].aliases.cross: "nobody@example.org" is not a mailbox or alias of example.org',
+        'domain[1].aliases.direct: "\\nomailbox" is not a mailbox or alias of example.net',
+        'domain[1].aliases.selfish: "selfish": alias selfish@example.net names itself and is '
+        "no mailbox",
+        'domain[1].aliases.ping: "pong": alias loop: ping@example.net -> pong@example.net '
+        "-> ping@example.net",
+        'domain[1].aliases.pong: "ping": alias loop: pong@example.net -> ping@example.net '
+        "-> pong@example.net",
+        'domain[2].catch_all: "catchall" is not a mailbox or alias of catchall.test',
+        'aliases.map.root: "admin" is not a mailbox or alias in any local domain',
+        'aliases.map.abuse: "nobody@example.org" is not a mailbox or alias of example.org',
+    ]

@@ -411,6 +411,72 @@ def test_hard_links_unsupported_falls_back_to_rename(
     assert _only_message(maildir).read_bytes().endswith(b"\nbody\n")
 
 
+# -- crash recovery: the queue's deliveries use a deterministic name (delivery_key) -----
+
+KEY = "1700000000.QID0001R7"
+BODY = [b"Subject: crash\r\n\r\nthe whole body\r\n"]
+
+
+def _stale_tmp(maildir: MaildirDelivery, content: bytes) -> Path:
+    """tmp/<key>.<host> as a kill -9 in the middle of step 4 leaves it."""
+    box = _box(maildir)
+    for sub in ("tmp", "new", "cur"):
+        (box / sub).mkdir(parents=True, exist_ok=True)
+    tmp = box / "tmp" / f"{KEY}.mx.example.org"
+    tmp.write_bytes(content)
+    tmp.chmod(0o600)
+    return tmp
+
+
+def test_stale_partial_tmp_file_is_replaced_at_once(maildir: MaildirDelivery) -> None:
+    _stale_tmp(maildir, b"Return-Path: <>\nDelivered-To: alice@example.org\nSubj")
+    outcome = maildir.deliver(ADDRESS, BODY, return_path="", delivery_key=KEY)
+    assert isinstance(outcome, Delivered), outcome
+    path = _only_message(maildir)
+    assert path.name.startswith(f"{KEY}.mx.example.org,S=")
+    assert path.read_bytes().endswith(b"Subject: crash\n\nthe whole body\n")
+
+
+def test_stale_tmp_already_linked_is_not_delivered_twice(maildir: MaildirDelivery) -> None:
+    # The crash came after the link into new/, and a mail reader has since moved the
+    # message to cur/ (same inode): the retry must not put a second copy in new/.
+    content = b"Return-Path: <>\nDelivered-To: alice@example.org\n\nthe whole body\n"
+    tmp = _stale_tmp(maildir, content)
+    seen = _box(maildir) / "cur" / f"{KEY}.mx.example.org,S={len(content)}:2,S"
+    os.link(tmp, seen)
+    outcome = maildir.deliver(ADDRESS, BODY, return_path="", delivery_key=KEY)
+    assert isinstance(outcome, Delivered), outcome
+    assert _files(_box(maildir) / "new") == []
+    assert _files(_box(maildir) / "tmp") == []
+    assert _files(_box(maildir) / "cur") == [seen]
+    assert seen.read_bytes() == content
+
+
+def test_stale_tmp_already_in_new_is_delivered_once(maildir: MaildirDelivery) -> None:
+    content = b"Return-Path: <>\nDelivered-To: alice@example.org\n\nthe whole body\n"
+    tmp = _stale_tmp(maildir, content)
+    final = _box(maildir) / "new" / f"{KEY}.mx.example.org,S={len(content)}"
+    os.link(tmp, final)
+    outcome = maildir.deliver(ADDRESS, BODY, return_path="", delivery_key=KEY)
+    assert isinstance(outcome, Delivered), outcome
+    assert outcome.detail == str(final)
+    assert _only_message(maildir) == final
+
+
+def test_idempotent_retry_without_hard_links(
+    maildir: MaildirDelivery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file system without link(2): the first attempt renamed into new/, the crash
+    # came before the queue recorded it; the retry finds the name taken.
+    _failing(monkeypatch, "link", errno.EPERM)
+    first = maildir.deliver(ADDRESS, BODY, return_path="", delivery_key=KEY)
+    again = maildir.deliver(ADDRESS, BODY, return_path="", delivery_key=KEY)
+    monkeypatch.undo()
+    assert isinstance(first, Delivered), first
+    assert isinstance(again, Delivered), again
+    assert _only_message(maildir).name == Path(first.detail).name
+
+
 PATHS: list[tuple[str, str]] = [
     ("alice@example.org", "example.org/alice"),
     ("Alice@Example.ORG", "example.org/alice"),

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from postillon.cli import sendmail
-from postillon.intake.intake import Intake
+from postillon.intake import pickup as pickup_module
+from postillon.intake.intake import Intake, IntakeTransaction
 from postillon.intake.maildrop import (
     DropEnvelope,
     MaildropError,
@@ -141,6 +142,26 @@ def test_deliver_writes_maildrop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert sendmail.run(["bad address@"], stdin=io.BytesIO(b"x\n")) == sendmail.EX_NOUSER
 
 
+@pytest.mark.parametrize("options", [["-i"], []], ids=["-i", "dot ends"])
+def test_command_reads_no_more_than_the_size_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: list[str]
+) -> None:
+    # A runaway job piping gigabytes into sendmail: the command stops reading just
+    # past [limits] message_size instead of holding it all, and writes nothing.
+    (tmp_path / "c.toml").write_text(
+        'hostname = "mx.test"\ndata_dir = "var"\n[limits]\nmessage_size = 10000\n'
+    )
+    monkeypatch.setenv("POSTILLON_CONFIG", str(tmp_path / "c.toml"))
+    drop = prepare_maildrop(tmp_path / "var" / "maildrop")
+    stdin = io.BytesIO(b"Subject: s\n\n" + (b"y" * 99 + b"\n") * 100_000)  # 10 MB
+    assert sendmail.run([*options, "a@example.org"], stdin=stdin) == sendmail.EX_DATAERR
+    assert stdin.tell() < 20_000
+    assert [p for p in drop.iterdir() if p.is_file()] == []
+    # Within the limit (even with a From_ line on top): accepted.
+    small = io.BytesIO(b"From me Mon Jan  1 00:00:00 2024\nSubject: s\n\n" + b"z" * 9000)
+    assert sendmail.run([*options, "a@example.org"], stdin=small) == 0
+
+
 def test_bs_dialogue_writes_maildrop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "c.toml").write_text('hostname = "mx.test"\ndata_dir = "var"\n')
     monkeypatch.setenv("POSTILLON_CONFIG", str(tmp_path / "c.toml"))
@@ -192,3 +213,88 @@ async def test_pickup_queues_and_adds_headers(tmp_path: Path) -> None:
     write_drop(drop, DropEnvelope(("bob@example.org",), "ceo@bank.example"), b"A: b\r\n\r\n")
     assert await trusting.scan_once() == 1
     assert "ceo@bank.example" in {m.sender for m in await store.list_messages()}
+
+
+# -- pickup reads at most what it checked, within [limits] message_size ------------
+
+
+def _pickup(tmp_path: Path, **kwargs: object) -> tuple[Pickup, MemoryStore, Path, list[str]]:
+    store = MemoryStore()
+    reasons: list[str] = []
+    intake = Intake(store, "mx.test", tmp_path / "spool")
+    intake.maillog.subscribe(lambda _e, _q, fields: reasons.append(str(fields.get("reason"))))
+    drop = prepare_maildrop(tmp_path / "maildrop")
+    return Pickup(drop, intake, "mx.test", **kwargs), store, drop, reasons  # type: ignore[arg-type]
+
+
+async def test_pickup_refuses_a_message_over_the_size_limit(tmp_path: Path) -> None:
+    pickup, store, drop, reasons = _pickup(tmp_path, max_message_size=1000)
+    path = write_drop(drop, DropEnvelope(("alice",)), b"Subject: s\r\n\r\n" + b"x" * 1000)
+    assert await pickup.scan_once() == 0
+    assert (drop / "corrupt" / path.name).exists()
+    assert await store.list_messages() == []
+    assert reasons == [
+        f"maildrop file {path.name}: message too large (1014 octets; [limits] message_size is 1000)"
+    ]
+    # At the limit exactly: queued.
+    write_drop(drop, DropEnvelope(("alice",)), b"Subject: s\r\n\r\n" + b"x" * 986)
+    assert await pickup.scan_once() == 1
+
+
+async def test_pickup_streams_the_message_in_bounded_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pickup, store, drop, _ = _pickup(tmp_path)
+    message = b"Subject: s\r\n\r\n" + (b"y" * 998 + b"\r\n") * 3000  # 3 MB
+    write_drop(drop, DropEnvelope(("alice",)), message)
+    chunks: list[int] = []
+    real_write = IntakeTransaction.write
+
+    def write(self: IntakeTransaction, data: bytes) -> None:
+        chunks.append(len(data))
+        real_write(self, data)
+
+    monkeypatch.setattr(IntakeTransaction, "write", write)
+    assert await pickup.scan_once() == 1
+    assert max(chunks) <= pickup_module.READ_SIZE
+    (info,) = await store.list_messages()
+    assert b"".join(store.open_body(info.queue_id)).endswith(message)
+
+
+async def test_pickup_refuses_a_file_grown_after_the_size_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The owner appends to the file between pickup's fstat and its reads: only the
+    # checked size is read, and the changed file is set aside, not queued.
+    pickup, store, drop, reasons = _pickup(tmp_path)
+    path = write_drop(drop, DropEnvelope(("alice",)), b"Subject: s\r\n\r\nhi\r\n")
+    real_open = pickup_module._DropFile.open
+
+    def open_then_grow(p: Path) -> pickup_module._DropFile:
+        opened = real_open(p)
+        with open(p, "ab") as f:
+            f.write(b"x" * 10_000_000)
+        return opened
+
+    monkeypatch.setattr(pickup_module._DropFile, "open", open_then_grow)
+    assert await pickup.scan_once() == 0
+    assert await store.list_messages() == []
+    assert (drop / "corrupt" / path.name).exists()
+    assert reasons == [f"maildrop file {path.name}: file changed while being read"]
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "no maildrop magic line"),
+        (b"POSTILLON-MAILDROP 1\nRecipient: a\nSize: 5\n\nabc", "Size 5 does not match"),
+        (b"POSTILLON-MAILDROP 1\nRecipient: a\nSize: 2\n\nabc", "Size 2 does not match"),
+        (b"POSTILLON-MAILDROP 1\nRecipient: a\n", "header section not terminated"),
+    ],
+)
+async def test_pickup_sets_aside_malformed_files(tmp_path: Path, data: bytes, reason: str) -> None:
+    pickup, _store, drop, reasons = _pickup(tmp_path)
+    (drop / "f1").write_bytes(data)
+    assert await pickup.scan_once() == 0
+    assert (drop / "corrupt" / "f1").exists()
+    assert len(reasons) == 1 and reason in reasons[0], reasons

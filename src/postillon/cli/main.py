@@ -76,7 +76,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
             config = load_config(path)
+            from postillon.build import build_local_recipients
+            from postillon.routing.aliases import AliasesError
             from postillon.signing.signer import build_signer
+
+            try:
+                # Alias files and every name the domains refer to (catch-all, aliases).
+                build_local_recipients(config)
+            except ConfigError as exc:
+                lines = (f"{path}: {line}" for line in str(exc).splitlines())
+                raise ConfigError("\n".join(lines)) from None
+            except AliasesError as exc:
+                raise ConfigError(str(exc)) from None
 
             signer = build_signer(config)  # loads the DKIM keys: a bad one is reported here
             print(

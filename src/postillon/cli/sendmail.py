@@ -140,21 +140,42 @@ def _apply(opts: Options, letter: str, value: str) -> None:
 # -- the message --------------------------------------------------------------------
 
 
-def read_message(stream: BinaryIO, dot_ends: bool) -> bytes:
+class MessageTooLarge(Exception):
+    """stdin holds more than ``[limits] message_size`` octets."""
+
+
+def read_message(stream: BinaryIO, dot_ends: bool, limit: int = 0) -> bytes:
     """Read stdin. Without -i a line holding only "." ends the message (it is not
-    part of it); a leading mbox "From " line is dropped (as Postfix does)."""
+    part of it); a leading mbox "From " line is dropped (as Postfix does).
+
+    With a ``limit`` (``[limits] message_size``), at most that many octets (and a
+    line's worth) are read: a runaway cron job's output raises MessageTooLarge
+    instead of filling this process's memory. CRLF conversion only makes a message
+    longer, so a raw message over the limit is over it after conversion too.
+    """
+    # The From_ line dropped below may be up to one line longer than the limit.
+    budget = limit + _MAX_FROM_LINE if limit else -1
     if not dot_ends:
-        data = stream.read()
+        data = stream.read(budget + 1) if limit else stream.read()
+        if limit and len(data) > budget:
+            raise MessageTooLarge
     else:
         lines: list[bytes] = []
-        for line in stream:
+        total = 0
+        while line := stream.readline(budget + 1 - total if limit else -1):
             if line in (b".\n", b".\r\n", b"."):
                 break
             lines.append(line)
+            total += len(line)
+            if limit and total > budget:
+                raise MessageTooLarge
         data = b"".join(lines)
     if data.startswith(b"From "):
         data = data.partition(b"\n")[2]
     return data
+
+
+_MAX_FROM_LINE = 1000  # octets of an mbox "From " line allowed on top of the limit
 
 
 def extract_recipients(message: bytes) -> tuple[list[str], bytes]:
@@ -225,7 +246,12 @@ def _deliver(opts: Options, config: Config, stdin: BinaryIO) -> int:
     if not recipients and not opts.extract:
         _err("Recipient addresses must be specified on the command line or via the -t option")
         return EX_USAGE
-    message = to_crlf(read_message(stdin, opts.dot_ends))
+    limit = config.limits.message_size
+    try:
+        message = to_crlf(read_message(stdin, opts.dot_ends, limit))
+    except MessageTooLarge:
+        _err(f"message too large (more than {limit} octets)")
+        return EX_DATAERR
     if opts.extract:
         found, message = extract_recipients(message)
         recipients += found
@@ -238,7 +264,6 @@ def _deliver(opts: Options, config: Config, stdin: BinaryIO) -> int:
         except AddressError as exc:
             _err(f"bad recipient address {rcpt!r}: {exc}")
             return EX_NOUSER
-    limit = config.limits.message_size
     if limit and len(message) > limit:
         _err(f"message too large ({len(message)} > {limit} octets)")
         return EX_DATAERR

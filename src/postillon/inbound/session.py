@@ -63,6 +63,7 @@ READ_SIZE = 256 * 1024
 # RFC 5321 3.8: 421 when the service cannot go on; 4.3.0: a mail system problem.
 QUEUE_UNAVAILABLE = Reply.of(421, "4.3.0", "Queue temporarily unavailable, try again later")
 CLOSE_TIMEOUT = 2.0
+LOCAL_IO_ERROR = Reply.of(421, "4.3.0", "Local error, closing connection; try again later")
 _LOG_NAME = 64  # characters of a client-supplied username kept in the log
 
 
@@ -169,8 +170,18 @@ class Session:
                 await self._run(greeting)
         except TimeoutError:
             await self._say_and_close(TIMEOUT)
-        except (ConnectionError, ssl.SSLError, OSError):
-            pass
+        except (ConnectionError, ssl.SSLError):
+            pass  # the peer went away
+        except OSError as exc:
+            # Not the peer leaving (that is a ConnectionError): a local I/O error
+            # (disk, spool, a file some step needed). Log it and say 421, never a
+            # silent reset; the details stay in the log.
+            logging.getLogger("postillon.inbound").warning(
+                "session from %s ended by a local I/O error: %s", self.client.ip, exc
+            )
+            with contextlib.suppress(Exception):  # replies already due (pipelining) first
+                self.writer.write(self.conn.data_to_send())
+            await self._say_and_close(LOCAL_IO_ERROR)
         finally:
             self._abort_tx()
             self._release_auth_slot()
@@ -342,6 +353,14 @@ class Session:
         if tx is None:
             for _ in range(max(1, replies_needed)):
                 self.conn.reply(TEMP_LOCAL_ERROR)
+            return
+        if tx.failure is not None:
+            # The spool failed mid-body (disk full: 452 4.3.1; intake logged it): no
+            # checks on a truncated message, just the reply.
+            tx.abort()
+            self._count_rejected(reject_reason_for_commit(tx.failure))
+            for _ in range(max(1, replies_needed)):
+                self.conn.reply(tx.failure)
             return
         if self.account is not None:
             decision = check_from_header(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import shutil
@@ -21,6 +22,7 @@ from postillon.helpers.pool import HelperPool
 from postillon.intake.dkim_sign import PrefixedBody, signature_fields, start_signing
 from postillon.intake.headers import ClientInfo, received_header
 from postillon.intake.recent import MAX_CACHED_BODY, RecentMessages
+from postillon.intake.storage_errors import reply_for_storage_error
 from postillon.observability.maillog import MailLog, null_maillog
 from postillon.observability.metrics import Metrics
 from postillon.queue.store import MessageInfo, NewMessage, NewRecipient, QueueStore
@@ -78,6 +80,10 @@ class IntakeTransaction:
         self._signing: MessageSigning | None = None  # DKIM, for local/authenticated senders
         self._trace_len = 0  # bytes of our Received: at the start of the spool
         self.closed = False
+        # Set when the spool could not take the body (disk full, I/O error): the rest
+        # of the body is discarded and commit() refuses with this reply. The client
+        # is still sending; raising out of write() would only reset its connection.
+        self.failure: Reply | None = None
         # Submission (RFC 6409 §8): add Date: and Message-ID: when missing.
         self.add_missing_headers = False
 
@@ -89,7 +95,7 @@ class IntakeTransaction:
     def start_body(self, trace: bool = True) -> None:
         """Open the spool and write our Received: header first (its timestamp
         is the start of DATA, which is when the transfer began)."""
-        if self._body is not None:
+        if self._body is not None or self.failure is not None:
             raise RuntimeError("body already started")
         self._body = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in commit/abort
             max_size=SPOOL_MEMORY_LIMIT, dir=str(self._intake.spool_dir)
@@ -108,6 +114,29 @@ class IntakeTransaction:
             self._trace_len = len(header)
 
     def write(self, data: bytes) -> None:
+        """Add body bytes. Never raises for the spool's I/O errors: see ``failure``."""
+        if self.failure is not None:
+            return
+        try:
+            self._write(data)
+        except OSError as exc:
+            self._spool_failed(exc)
+
+    def _spool_failed(self, exc: OSError) -> None:
+        self.failure = reply_for_storage_error(exc)
+        self._intake.maillog.event(
+            "error",
+            self.queue_id,
+            reason=f"spool write failed: {exc.strerror or exc}",
+            reply=str(self.failure),
+        )
+        # Give the space back now: the client may send the next message at once.
+        body, self._body = self._body, None
+        if body is not None:
+            with contextlib.suppress(OSError):
+                body.close()
+
+    def _write(self, data: bytes) -> None:
         if self._body is None:
             self.start_body()
         assert self._body is not None
@@ -181,11 +210,15 @@ class IntakeTransaction:
         that need the body (DKIM, ARC). Call only once the body is complete."""
         if self._body is None:
             return b""
-        if not self._header_done:  # the message ended inside its header section
-            self._finish_headers(self._header_buf, b"", complete=True)
-        self._body.seek(self._trace_len)
-        data = self._body.read()
-        self._body.seek(0, 2)
+        try:
+            if not self._header_done:  # the message ended inside its header section
+                self._finish_headers(self._header_buf, b"", complete=True)
+            self._body.seek(self._trace_len)
+            data = self._body.read()
+            self._body.seek(0, 2)
+        except OSError as exc:
+            self._spool_failed(exc)  # commit() refuses; the checks see nothing
+            return b""
         return data
 
     def rewrite_header(self, prepend: bytes, header: bytes) -> None:
@@ -194,6 +227,12 @@ class IntakeTransaction:
         old = self._body
         if old is None or (not prepend and header == self._header_buf):
             return
+        try:
+            self._rewrite_header(old, prepend, header)
+        except OSError as exc:
+            self._spool_failed(exc)
+
+    def _rewrite_header(self, old: IO[bytes], prepend: bytes, header: bytes) -> None:
         if not self._header_done:  # the message ended inside its header section
             self._finish_headers(self._header_buf, b"", complete=True)
         new = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in commit/abort
@@ -220,16 +259,27 @@ class IntakeTransaction:
         if not self.recipients:
             self.abort()
             raise IntakeError(Reply.of(554, "5.5.1", "No valid recipients"))
-        if self._body is not None and not self._header_done:
+        if self._body is not None and not self._header_done and self.failure is None:
             # The message ended inside its header section (no empty line).
-            self._finish_headers(self._header_buf, b"", complete=True)
+            try:
+                self._finish_headers(self._header_buf, b"", complete=True)
+            except OSError as exc:
+                self._spool_failed(exc)
+        if self.failure is not None:  # logged when it happened
+            self.abort()
+            raise IntakeError(self.failure)
         if self._hops > self._intake.max_hops:
             self.abort()
             raise IntakeError(TOO_MANY_HOPS)
         if self._body is None:
             self.start_body()
         assert self._body is not None
-        self._body.seek(0)
+        try:
+            self._body.seek(0)
+        except OSError as exc:
+            self._spool_failed(exc)
+            self.abort()
+            raise IntakeError(self.failure or reply_for_storage_error(exc)) from exc
         body: IO[bytes] = self._body
         signed_by = None
         if self._signing is not None:
@@ -262,12 +312,12 @@ class IntakeTransaction:
             else:
                 self._intake.recent.put(MessageInfo.envelope_of(message), None)
         except Exception as exc:
+            # A full disk is 452 4.3.1 (try later, nothing wrong with the message).
+            reply = reply_for_storage_error(exc)
             self._intake.maillog.event(
-                "error", self.queue_id, reason=f"queue commit failed: {exc!r}"
+                "error", self.queue_id, reason=f"queue commit failed: {exc!r}", reply=str(reply)
             )
-            raise IntakeError(
-                Reply.of(451, "4.3.0", "Queue write failed, try again later")
-            ) from exc
+            raise IntakeError(reply) from exc
         finally:
             self._close_body()
         self._intake.maillog.event(

@@ -102,7 +102,19 @@ def encode(envelope: DropEnvelope, message: bytes) -> bytes:
 
 
 def decode(data: bytes) -> tuple[DropEnvelope, bytes]:
-    """Parse a maildrop file. Raises MaildropError."""
+    """Parse a maildrop file held whole in memory. Raises MaildropError."""
+    envelope, size, pos = decode_envelope(data)
+    message = data[pos:]
+    if size != len(message):
+        raise MaildropError(f"Size {size} does not match the message ({len(message)} octets)")
+    return envelope, message
+
+
+def decode_envelope(data: bytes) -> tuple[DropEnvelope, int, int]:
+    """Parse the envelope section at the start of a maildrop file: (envelope, the
+    message's ``Size:``, the offset where the message starts). ``data`` needs to hold
+    only the envelope section (pickup streams the message after it). Raises
+    MaildropError, also when the section does not end within ``data``."""
     if not data.startswith(MAGIC):
         raise MaildropError("no maildrop magic line")
     pos = len(MAGIC)
@@ -151,12 +163,11 @@ def decode(data: bytes) -> tuple[DropEnvelope, bytes]:
                     raise MaildropError("bad Size") from None
             case _:
                 pass  # a newer writer's field
-    message = data[pos:]
-    if size is None or size != len(message):
-        raise MaildropError(f"Size {size} does not match the message ({len(message)} octets)")
+    if size is None or size < 0:
+        raise MaildropError(f"Size {size} is missing or negative")
     if not recipients:
         raise MaildropError("no recipients")
-    return DropEnvelope(tuple(recipients), sender, full_name, uid, user), message
+    return DropEnvelope(tuple(recipients), sender, full_name, uid, user), size, pos
 
 
 def to_crlf(message: bytes) -> bytes:

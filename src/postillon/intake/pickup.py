@@ -6,8 +6,16 @@ maildrop directory and hands each complete file (see ``intake.maildrop``) to
 local (uid N)`` trace, and ``Date:``, ``Message-ID:`` and ``From:`` added when
 missing. The file is removed only after the queue commit, so a crash in
 between gives at most a duplicate, never a loss. A file that cannot be used
-(not a maildrop file, no valid recipient, refused by intake with a 5xx) is
-moved to ``maildrop/corrupt/`` and logged; a 4xx leaves it for the next scan.
+(not a maildrop file, no valid recipient, larger than ``[limits] message_size``,
+refused by intake with a 5xx) is moved to ``maildrop/corrupt/`` and logged; a 4xx
+leaves it for the next scan.
+
+Reading: the file's owner can still write it while pickup reads, so the size is
+taken once, from ``fstat`` on the opened file; the envelope section must end
+within :data:`MAX_ENVELOPE` octets and its ``Size:`` must account for exactly the
+rest of that size, which must be within the limit. Then exactly that many octets
+are read, in chunks streamed into intake (never the whole message in memory), and
+a file that changed size meanwhile is refused.
 
 Who sent it: the file owner (``fstat``), never the uid written in the file.
 The envelope sender defaults to ``<user>@<hostname>``. ``-f`` is honoured for
@@ -46,7 +54,7 @@ from postillon.intake.maildrop import (
     TEMP_PREFIX,
     DropEnvelope,
     MaildropError,
-    decode,
+    decode_envelope,
     field_name,
     split_header,
 )
@@ -60,9 +68,15 @@ Expand = Callable[[Address], Sequence[str]]
 
 # A temporary file this old belongs to a writer that died before its rename.
 STALE_TEMP_SECONDS = 3600.0
-# A maildrop file larger than this is refused (the command already enforces
-# the configured message size; this guards the server's memory).
+# A maildrop file larger than this is refused even when [limits] message_size
+# is 0 (unlimited): the spool and the queue still have to hold it.
 MAX_FILE = 512 * 1024 * 1024
+# The envelope section (magic, User/Uid/Sender/Full-Name, one line per recipient,
+# Size) ends within this many octets: room for thousands of recipients.
+MAX_ENVELOPE = 4 * 1024 * 1024
+# One read(2) of the message, handed to intake as one chunk. The first chunk is
+# also where missing From:/Date:/Message-ID: are looked for.
+READ_SIZE = 1024 * 1024
 
 
 class Pickup:
@@ -76,6 +90,7 @@ class Pickup:
         expand: Expand | None = None,
         trusted_uids: Collection[int] | None = None,
         interval: float = 0.5,
+        max_message_size: int = 0,
     ) -> None:
         self.directory = directory
         self.intake = intake
@@ -84,14 +99,17 @@ class Pickup:
         self.expand = expand
         self.trusted_uids = frozenset(trusted_uids or {0, os.geteuid()})
         self.interval = interval
+        # [limits] message_size (0 = unlimited); the app updates it on reload.
+        self.max_message_size = max_message_size
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------
-    def reconfigure(self, hostname: str) -> None:
-        """A reload's hostname: for unqualified addresses and added headers."""
+    def reconfigure(self, hostname: str, max_message_size: int) -> None:
+        """A reload's hostname (for unqualified addresses and added headers) and size limit."""
         self.hostname = hostname
+        self.max_message_size = max_message_size
 
     def wake(self) -> None:
         self._wake.set()
@@ -149,19 +167,31 @@ class Pickup:
     async def process(self, path: Path) -> bool:
         """Queue one file; True if it was committed (and removed)."""
         try:
-            uid, data = await asyncio.to_thread(_read_owned, path)
+            drop = await asyncio.to_thread(_DropFile.open, path)
         except FileNotFoundError:
             return False
         except (OSError, MaildropError) as exc:
             self._corrupt(path, f"unreadable: {exc}")
             return False
         try:
-            envelope, message = decode(data)
+            return await self._process(path, drop)
+        finally:
+            drop.close()
+
+    async def _process(self, path: Path, drop: _DropFile) -> bool:
+        try:
+            envelope, first = await asyncio.to_thread(drop.read_envelope, self.max_message_size)
+        except OSError as exc:
+            self._corrupt(path, f"unreadable: {exc}")
+            return False
         except MaildropError as exc:
             self._corrupt(path, str(exc))
             return False
         try:
-            queue_id = await self._submit(uid, envelope, message)
+            queue_id = await self._submit(drop, envelope, first)
+        except OSError as exc:
+            self._corrupt(path, f"unreadable: {exc}")
+            return False
         except IntakeError as exc:
             if exc.reply.code < 500:
                 log.warning("pickup: %s deferred: %s", path.name, exc.reply)
@@ -191,7 +221,10 @@ class Pickup:
     def qualify(self, address: str) -> str:
         return address if "@" in address else f"{address}@{self.hostname}"
 
-    async def _submit(self, uid: int, envelope: DropEnvelope, message: bytes) -> str:
+    async def _submit(self, drop: _DropFile, envelope: DropEnvelope, first: bytes) -> str:
+        """Queue the message whose first chunk is ``first``; the rest is read from
+        ``drop`` as it goes into intake. Raises IntakeError, MaildropError, OSError."""
+        uid = drop.uid
         user = _user_name(uid)
         own = f"{user}@{self.hostname}"
         requested = envelope.sender
@@ -224,8 +257,15 @@ class Pickup:
             f"\tby {self.hostname} (postillon) with local id {tx.queue_id};\r\n"
             f"\t{formatdate(now, localtime=False, usegmt=True)}\r\n"
         ).encode()
-        tx.write(header + warning + self._missing_headers(message, envelope, sender or own, now))
-        tx.write(message)
+        try:
+            tx.write(header + warning + self._missing_headers(first, envelope, sender or own, now))
+            tx.write(first)
+            while chunk := await asyncio.to_thread(drop.read_chunk):
+                tx.write(chunk)
+            drop.check_unchanged()
+        except BaseException:
+            tx.abort()
+            raise
         return await tx.commit()
 
     def _recipients(self, given: tuple[str, ...]) -> list[NewRecipient]:
@@ -263,26 +303,81 @@ class Pickup:
         return "".join(f"{line}\r\n" for line in added).encode("utf-8")
 
 
-def _read_owned(path: Path) -> tuple[int, bytes]:
-    """Open without following links; return (owner uid, content). Only a plain
-    file with one link counts: a (hard or symbolic) link could make the server
-    read something the submitter may not."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            raise MaildropError("not a regular file with one link")
-        if st.st_size > MAX_FILE:
-            raise MaildropError(f"file too large ({st.st_size} octets)")
-        chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 20)
+class _DropFile:
+    """One maildrop file, opened and checked; read at most the size checked.
+
+    The methods block (file I/O): pickup calls them in a thread.
+    """
+
+    def __init__(self, fd: int, st: os.stat_result) -> None:
+        self._fd = fd
+        self._st = st
+        self.uid = st.st_uid
+        self._left = 0  # message octets not read yet
+
+    @classmethod
+    def open(cls, path: Path) -> _DropFile:
+        """Open without following links. Only a plain file with one link counts:
+        a (hard or symbolic) link could make the server read something the
+        submitter may not."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise MaildropError("not a regular file with one link")
+            if st.st_size > MAX_FILE:
+                raise MaildropError(f"file too large ({st.st_size} octets)")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, st)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    def read_envelope(self, max_message_size: int) -> tuple[DropEnvelope, bytes]:
+        """The envelope and the first chunk of the message (up to READ_SIZE)."""
+        total = self._st.st_size
+        head = b""
+        while b"\n\n" not in head:
+            if len(head) >= min(total, MAX_ENVELOPE):
+                decode_envelope(head)  # the more precise complaint (magic, a long line)
+                raise MaildropError("envelope section not terminated")
+            chunk = os.read(self._fd, min(READ_SIZE, min(total, MAX_ENVELOPE) - len(head)))
             if not chunk:
-                break
-            chunks.append(chunk)
-        return st.st_uid, b"".join(chunks)
-    finally:
-        os.close(fd)
+                raise MaildropError("file shrank while being read")
+            head += chunk
+        envelope, size, offset = decode_envelope(head)
+        if offset + size != total:
+            raise MaildropError(f"Size {size} does not match the message ({total - offset} octets)")
+        if max_message_size and size > max_message_size:
+            raise MaildropError(
+                f"message too large ({size} octets; [limits] message_size is {max_message_size})"
+            )
+        first = head[offset:]  # never past the checked size: reads stopped at it
+        self._left = size - len(first)
+        if len(first) < READ_SIZE and self._left:
+            first += self._read(min(READ_SIZE - len(first), self._left))
+        return envelope, first
+
+    def read_chunk(self) -> bytes:
+        """The next chunk of the message; b"" once all of the checked size is read."""
+        return self._read(min(READ_SIZE, self._left)) if self._left else b""
+
+    def _read(self, count: int) -> bytes:
+        data = os.read(self._fd, count)
+        if not data:
+            raise MaildropError("file shrank while being read")
+        self._left -= len(data)
+        return data
+
+    def check_unchanged(self) -> None:
+        """The owner may have written the file while it was read: refuse it then
+        (what was read is what was checked, but not what the file now says)."""
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns) != (self._st.st_size, self._st.st_mtime_ns):
+            raise MaildropError("file changed while being read")
 
 
 def _user_name(uid: int) -> str:

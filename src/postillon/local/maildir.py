@@ -22,6 +22,19 @@ those after 36 hours). If the directory fsync fails after the link, the new file
 unlinked again and the delivery is reported temporary: a retry may at worst duplicate
 the message, never lose it (SMTP's at-least-once).
 
+With a ``delivery_key`` (the queue's deliveries) the ``tmp/`` name is the same on every
+attempt, so the retry after a crash (``kill -9``, power cut) meets the file the dead
+attempt left, before step 4. It is ours, and no other attempt can be writing it (the
+queue's lease), so it is recovered at once instead of failing with ``File exists``
+and waiting a retry interval:
+
+- more than one link: the crash came after step 5's link (the file is in ``new/``, or
+  a mail reader already moved it to ``cur/``, which keeps the inode): the message was
+  delivered; ``new/`` is fsynced, the tmp name unlinked, and the outcome is Delivered
+  without writing it again;
+- one link: a half-written (or complete but never linked) file: unlinked, and the
+  delivery starts afresh.
+
 The body's CRLF line endings become LF (Maildir files use the local convention); a
 CR that ends one chunk is held back until the next chunk shows whether an LF follows.
 Bare CRs and bare LFs are left as they are. The ``Delivered-To:`` loop check looks only
@@ -41,6 +54,7 @@ import errno
 import itertools
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -268,6 +282,10 @@ class MaildirDelivery:
         fd = -1
         try:
             unique = f"{delivery_key}.{self._host}" if delivery_key else self._unique_name()
+            if delivery_key:
+                delivered = self._recover_stale(mailbox, unique)
+                if delivered is not None:
+                    return Delivered(DELIVERED, str(delivered))
             header = self._trace_header(address, return_path, original_recipient)
             scanner = _DeliveredToScanner(address)
             convert = _CrlfToLf()
@@ -355,6 +373,28 @@ class MaildirDelivery:
         lines.append(f"Delivered-To: {_safe_header_value(address)}\n")
         return "".join(lines).encode("utf-8", "surrogateescape")
 
+    def _recover_stale(self, mailbox: Path, unique: str) -> Path | None:
+        """Clear what a crashed attempt left at ``tmp/<unique>`` (see the module note).
+
+        Returns the delivered file's path when that attempt had already linked it,
+        else None (nothing there, or a partial file that is now removed).
+        """
+        tmp = mailbox / "tmp" / unique
+        try:
+            st = os.lstat(tmp)
+        except FileNotFoundError:
+            return None  # the normal case: one lstat per delivery
+        if stat.S_ISDIR(st.st_mode):
+            return None  # not something a crash of ours leaves; O_EXCL reports it
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            # Linked before the crash: the name in new/ carries the size of that
+            # very inode. Make the link durable before forgetting the tmp name.
+            _fsync_dir(mailbox / "new")
+            os.unlink(tmp)
+            return mailbox / "new" / f"{unique},S={st.st_size}"
+        os.unlink(tmp)
+        return None
+
     def _open_tmp(self, mailbox: Path, tmp: Path) -> int:
         self._prepare(mailbox)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -401,6 +441,10 @@ class MaildirDelivery:
                     raise
                 # A file system without hard links: rename (atomic; the name is unique).
                 if final.exists():
+                    if idempotent:
+                        # Renamed into new/ before a crash kept the queue from recording it.
+                        _unlink_quietly(tmp)
+                        return final
                     raise
                 os.rename(tmp, final)
                 return final

@@ -289,6 +289,77 @@ class LocalRecipients:
             return _unknown(shown, f"aliases expand to nothing deliverable (unknown: {dropped})")
         return RecipientAccepted(tuple(expansion.targets), tuple(expansion.dropped))
 
+    def unresolved_references(
+        self, domains: Sequence[DomainConfig], global_map: Mapping[str, Sequence[str]]
+    ) -> list[str]:
+        """Names the configuration refers to that resolve to nothing, one message per
+        problem, each naming its key: a domain's ``catch_all`` and its ``aliases``
+        targets, and the targets of ``[aliases] map`` (``domains`` and ``global_map``
+        are the config these tables were built from).
+
+        At run time such a name silently loses mail (every unknown recipient of a
+        domain whose catch-all names nothing gets 550 5.1.1; an alias target that names
+        nothing is dropped), so ``check-config``, the start and a reload refuse it.
+        Alias *files* are not checked: system files name accounts that may not exist.
+        """
+        problems: list[str] = []
+        for i, config in enumerate(domains):
+            dom = self._domain(config.name)
+            if dom is None or dom.name != config.name:
+                continue  # an invalid or duplicate domain: refused elsewhere
+            key = f"domain[{i}]"
+            if dom.catch_all is not None:
+                problem = self._unresolved(dom.catch_all, dom, (), catch_all=False)
+                if problem:
+                    problems.append(f"{key}.catch_all: {problem}")
+            for name, targets in dom.aliases.items():
+                for target in targets:
+                    problem = self._unresolved(target, dom, ((name, dom.key),), catch_all=True)
+                    if problem:
+                        problems.append(f"{key}.aliases.{name}: {problem}")
+        domains_in_effect = list(self._domains.values())
+        for name in global_map:
+            name = name.lower()
+            if any(name in dom.aliases for dom in domains_in_effect):
+                continue  # every domain has its own alias of that name
+            for target in self._global.get(name, ()):
+                found = [
+                    self._unresolved(target, dom, ((name, dom.key),), catch_all=True)
+                    for dom in domains_in_effect
+                    if name not in dom.aliases
+                ]
+                if found and all(found):
+                    # A bare name is looked up in each domain: it must work in one.
+                    problem = (
+                        found[0]
+                        if target.domain
+                        else f'"{target}" is not a mailbox or alias in any local domain'
+                    )
+                    problems.append(f"aliases.map.{name}: {problem}")
+        return problems
+
+    def _unresolved(
+        self,
+        target: AliasTarget,
+        dom: _Domain,
+        path: tuple[tuple[str, str], ...],
+        *,
+        catch_all: bool,
+    ) -> str | None:
+        """Why ``target`` (as met in ``dom``) delivers nowhere, or None if it does."""
+        expansion = _Expansion()
+        try:
+            known = self._resolve_target(target, dom, expansion, path, catch_all=catch_all)
+        except _Loop as loop:
+            return f'"{target}": {loop.detail}'
+        target_dom = self._domain(target.domain) if target.domain else dom
+        where = target_dom.name if target_dom is not None else target.domain
+        if not known:
+            return f'"{target}" is not a mailbox or alias of {where}'
+        if not expansion.targets:
+            return f'"{target}" expands to nothing deliverable in {where}'
+        return None
+
     # -- internals -------------------------------------------------------------------
 
     def _domain(self, domain: str) -> _Domain | None:
