@@ -8,12 +8,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from postillon.config.model import Config
+from postillon.config.model import Config, ConfigError
+
+__all__ = ["ConfigError", "load_config", "parse_config"]
 from postillon.core.credentials import redact, url_password
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; ``str()`` is a message for the operator."""
 
 
 def _key_path(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:

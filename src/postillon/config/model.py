@@ -32,6 +32,13 @@ def split_host_port(value: str) -> tuple[str, int]:
 ListenerKind = Literal["smtp", "submission", "submissions", "lmtp"]
 
 
+class ConfigError(Exception):
+    """The configuration cannot be used; ``str()`` is a message for the operator.
+
+    Defined beside the model (not in the loader) so that every room may raise it
+    while importing only the config's model types (DESIGN.md)."""
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -22,8 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from postillon.config.loader import ConfigError
-from postillon.config.model import LogConfig
+from postillon.config.model import ConfigError, LogConfig
 from postillon.observability.logtext import SafeFormatter, json_line
 from postillon.observability.syslog import SyslogHandler
 

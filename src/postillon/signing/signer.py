@@ -30,8 +30,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from postillon.config.loader import ConfigError
-from postillon.config.model import Config
+from postillon.config.model import Config, ConfigError
 from postillon.dkimcore.canonical import (
     Field,
     HeaderFormatError,
