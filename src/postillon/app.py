@@ -40,6 +40,7 @@ from postillon.config.loader import ConfigError
 from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
+from postillon.core.recipient import RecipientAccepted
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.listener import Listener
@@ -64,7 +65,6 @@ from postillon.queue.runner import Runner, Transport
 from postillon.queue.store import QueueStore, StoreError
 from postillon.reload import Reloader, ReloadResult, share_keys
 from postillon.routing.aliases import AliasesError
-from postillon.routing.local import RecipientAccepted
 from postillon.signing.signer import DkimSigner, build_signer
 
 if TYPE_CHECKING:

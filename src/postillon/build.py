@@ -13,7 +13,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
+from postillon.checks.authentication import InboundAuthentication
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.config.loader import ConfigError
@@ -208,7 +208,7 @@ class Builder:
             resolver,
             config.hostname,
             local_domains=config.local_domains,
-            sealing_keys=arc_sealing_keys(key_store_from_config(config.dkim, config.data_dir)),
+            sealing_keys=key_store_from_config(config.dkim, config.data_dir).arc_sealing_key,
             helpers=self.helpers if config.helper_process_count() else None,
         )
 

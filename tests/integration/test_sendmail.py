@@ -49,7 +49,7 @@ from postillon.intake.intake import Intake
 from postillon.intake.maildrop import prepare_maildrop
 from postillon.intake.pickup import Pickup
 from postillon.queue.sqlite_store import SqliteStore
-from postillon.routing.local import RecipientAccepted
+from postillon.core.recipient import RecipientAccepted
 
 async def main():
     config = load_config(Path(sys.argv[1]))

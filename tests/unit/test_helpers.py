@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from test_dkimcore import RECORDS, lookup, sign
 
-from postillon.checks.dkim_remote import verify
 from postillon.config.loader import ConfigError, parse_config
 from postillon.config.model import DkimConfig
+from postillon.dkimcore.remote import verify
 from postillon.dkimcore.verify import verify_message
 from postillon.helpers.pool import HelperPool
 from postillon.intake.dkim_sign import signature_fields

@@ -60,7 +60,6 @@ from postillon.config.model import AuthenticationConfig
 from postillon.core.reply import Reply
 from postillon.dns.resolver import Resolver
 from postillon.helpers.pool import HelperPool
-from postillon.signing.keys import KeyStore
 
 log = logging.getLogger("postillon.checks.authentication")
 
@@ -72,22 +71,10 @@ class VerifyBusy(Exception):
     """No verification slot came free within ``verify_wait`` seconds."""
 
 
-# A forwarding domain's ARC key: (selector, PEM private key), or None.
+# A forwarding domain's ARC key: (selector, PEM private key), or None
+# (``signing.keys.KeyStore.arc_sealing_key``, handed in by the composition root).
 SealingKey = tuple[str, bytes]
 SealingKeys = Callable[[str], SealingKey | None]
-
-
-def arc_sealing_keys(store: KeyStore) -> SealingKeys:
-    """ARC seals with a domain's first RSA DKIM key (dkimpy seals with rsa-sha256 only;
-    RFC 8617 §4.1.3 allows no other algorithm yet)."""
-
-    def lookup(domain: str) -> SealingKey | None:
-        for key in store.keys_for(domain):
-            if key.algorithm == "rsa":
-                return key.selector, key.dkimpy_private_key()
-        return None
-
-    return lookup
 
 
 @dataclass(frozen=True, slots=True)

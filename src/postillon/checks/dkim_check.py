@@ -8,7 +8,7 @@ once, then verifies with those answers. Each ``DKIM-Signature`` field gets its o
 temporarily); ``none`` when the message is unsigned.
 
 With helper processes (``helper_processes``, see ``postillon.helpers`` and
-``dkim_remote.py``) the message and its prefetched keys go to one of them. Without
+``dkimcore/remote.py``) the message and its prefetched keys go to one of them. Without
 them, or when none answers, small messages are verified inline (a few hundred
 microseconds, less than a hand-off to a worker thread costs); above
 :data:`INLINE_VERIFY_BYTES` the hashing runs in a worker thread (``hashlib`` releases the
@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 from postillon.checks.authresults import MethodResult
 from postillon.checks.blocking_dns import BlockingDns
-from postillon.checks.dkim_remote import KeyAnswer, ResultRow
 from postillon.dkimcore.canonical import Field, HeaderFormatError, header_fields, split_message
+from postillon.dkimcore.remote import KeyAnswer, ResultRow
 from postillon.dkimcore.verify import (
     KeyUnavailable,
     Result,
@@ -111,7 +111,7 @@ def dkim_key_names(header: bytes) -> list[str]:
 
 
 def _keys_to_send(bridge: BlockingDns, names: list[str]) -> dict[str, KeyAnswer]:
-    """The prefetched key records, in the form a helper process takes (see dkim_remote)."""
+    """The prefetched key records, in the form a helper process takes (see dkimcore.remote)."""
     keys: dict[str, KeyAnswer] = {}
     for name in names:
         try:

@@ -15,8 +15,9 @@ import ipaddress
 from collections.abc import Sequence
 
 from postillon.core.address import Address
+from postillon.core.recipient import RecipientAccepted, RecipientRejected
 from postillon.core.reply import Reply
-from postillon.routing.local import LocalRecipients, RecipientAccepted, RecipientRejected
+from postillon.routing.local import LocalRecipients
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -13,4 +13,6 @@ message. ``bench/verify_bench.py`` has the figures.
 * :mod:`.canonical`: header fields, header selection, canonicalisation of headers and body.
 * :mod:`.tags`: tag=value lists (§3.2) and key records (§3.6.1).
 * :mod:`.verify`: verifying every DKIM-Signature of a message.
+* :mod:`.remote`: the same, as a helper process answers one request (message and
+  prefetched keys in, result rows out); here so that ``helpers`` needs no ``checks``.
 """

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import IO, Any
 
-from postillon.checks.dkim_remote import verify_request
+from postillon.dkimcore.remote import verify_request
 from postillon.helpers.wire import NO_ANSWER, encode, read_frame
 from postillon.signing.remote_keys import RemoteKeys
 
@@ -50,7 +50,7 @@ def main() -> None:
     args = sys.argv[1:]
     table = handlers()
     if args[:1] == ["--user"] and len(args) == 2:
-        from postillon.inbound.privileges import drop_privileges
+        from postillon.core.privilege import drop_privileges
 
         drop_privileges(args[1])
     serve(sys.stdin.buffer, sys.stdout.buffer, table)

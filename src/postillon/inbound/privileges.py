@@ -6,32 +6,28 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pwd
 import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from postillon.core.privilege import (  # re-exported: the server and CLI use them here
+    PrivilegeError,
+    drop_privileges,
+    lookup_user,
+    running_as_root,
+)
 from postillon.intake.maildrop import prepare_maildrop
 
 log = logging.getLogger("postillon")
 
-
-class PrivilegeError(Exception):
-    pass
-
-
-def running_as_root() -> bool:
-    return os.geteuid() == 0
-
-
-def lookup_user(user: str) -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(user)
-    except KeyError:
-        raise PrivilegeError(
-            f"user = {user!r}: no such system user. Create it (useradd --system --no-create-home "
-            f"{user}) or set `user` in the config to an existing unprivileged account."
-        ) from None
+__all__ = [
+    "PrivilegeError",
+    "chown_tree",
+    "drop_privileges",
+    "lookup_user",
+    "prepare_data_dir",
+    "running_as_root",
+]
 
 
 def chown_tree(path: Path, uid: int, gid: int, skip: Iterable[Path] = ()) -> list[str]:
@@ -119,13 +115,3 @@ def prepare_data_dir(data_dir: Path, maildrop: Path, user: str | None) -> frozen
         ) from None
     server_uids.add(entry.pw_uid)
     return frozenset(server_uids)
-
-
-def drop_privileges(user: str) -> None:
-    entry = lookup_user(user)
-    if entry.pw_uid == 0:
-        raise PrivilegeError(f"user = {user!r} is root; choose an unprivileged account")
-    os.setgroups([])
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
-    os.environ["HOME"] = entry.pw_dir

@@ -37,6 +37,7 @@ from postillon.config.model import LimitsConfig
 from postillon.core.account import Account, ScramCredentials
 from postillon.core.address import Address
 from postillon.core.envelope import RcptParams
+from postillon.core.recipient import RecipientAccepted
 from postillon.core.reply import SHUTTING_DOWN, TEMP_LOCAL_ERROR, TIMEOUT, Reply
 from postillon.inbound.auth import Authenticator
 from postillon.inbound.tls import describe as describe_tls
@@ -57,7 +58,6 @@ from postillon.protocol.server import (
     ServerSettings,
 )
 from postillon.queue.store import NewRecipient
-from postillon.routing.local import RecipientAccepted
 
 READ_SIZE = 256 * 1024
 # RFC 5321 3.8: 421 when the service cannot go on; 4.3.0: a mail system problem.

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from postillon.core.address import Address, AddressError, domain_to_ascii, unquote_local_part
+from postillon.core.recipient import RecipientAccepted, RecipientRejected
 from postillon.core.reply import Reply
 from postillon.routing.aliases import (
     AliasesError,
@@ -78,25 +79,6 @@ MAX_ALIAS_DEPTH = 20
 _UNSAFE_CHARS = frozenset("@%!/\\")
 
 POSTMASTER = "postmaster"
-
-
-@dataclass(frozen=True, slots=True)
-class RecipientAccepted:
-    """The recipient is ours. ``targets`` are the final delivery addresses: local
-    mailboxes as ``localpart@domain`` (lower-cased, :meth:`LocalRecipients.mailbox_exists`
-    is true for them) and remote addresses exactly as the alias table wrote them.
-    ``dropped`` lists alias targets that named nothing (for the mail log)."""
-
-    targets: tuple[str, ...]
-    dropped: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class RecipientRejected:
-    """The recipient is refused with ``reply``; ``detail`` is for the log only."""
-
-    reply: Reply
-    detail: str = ""
 
 
 def is_safe_local_part(local: str) -> bool:

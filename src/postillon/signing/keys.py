@@ -179,6 +179,14 @@ class KeyStore:
         """The keys of exactly this domain (empty if none)."""
         return self._by_domain.get(_normalise_domain(domain) or "", ())
 
+    def arc_sealing_key(self, domain: str) -> tuple[str, bytes] | None:
+        """(selector, PEM private key) ARC seals with for ``domain``: its first RSA key.
+        dkimpy seals with rsa-sha256 only (RFC 8617 §4.1.3 allows no other algorithm yet)."""
+        for key in self.keys_for(domain):
+            if key.algorithm == "rsa":
+                return key.selector, key.dkimpy_private_key()
+        return None
+
     def signing_keys(self, domain: str) -> tuple[DkimKey, ...]:
         """Keys for ``domain`` or, failing that, its nearest parent that has keys: mail from
         ``news.example.org`` signed with ``d=example.org`` still aligns under DMARC's relaxed
