@@ -33,6 +33,8 @@ from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
+from postillon.delivery.retry import RetryPolicy
+from postillon.delivery.runner import Runner, Transport
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.accounts import AccountError, AccountStore, accounts_path
 from postillon.inbound.auth import DEFAULT_MECHANISMS, Authenticator, AuthGuard
@@ -49,19 +51,17 @@ from postillon.inbound.tls import ensure_self_signed, server_context
 from postillon.intake.intake import Intake
 from postillon.intake.maildrop import prepare_maildrop
 from postillon.intake.pickup import Pickup
+from postillon.local.discard import DiscardTransport, ErrorTransport
 from postillon.local.maildir import MaildirDelivery
 from postillon.local.transport import MaildirTransport
 from postillon.observability.maillog import MailLog, configure_logging
 from postillon.observability.metrics import ListenerMetrics, Metrics
 from postillon.outbound.client_session import ClientTimeouts
-from postillon.outbound.simple import DiscardTransport, ErrorTransport
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.protocol.server import ServerSettings
 from postillon.queue.history import HistoryRecorder
 from postillon.queue.postgres_schema import SchemaError
 from postillon.queue.postgres_store import PostgresStore
-from postillon.queue.retry import RetryPolicy
-from postillon.queue.runner import Runner, Transport
 from postillon.queue.sqlite_store import SqliteStore
 from postillon.queue.store import QueueStore, StoreError
 from postillon.routing.aliases import AliasesError, load_aliases

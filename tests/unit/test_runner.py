@@ -15,11 +15,11 @@ from postillon.core.clock import FakeClock
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail
 from postillon.core.reply import Reply
+from postillon.delivery.retry import RetryPolicy
+from postillon.delivery.runner import DeliveryJob, Runner
 from postillon.intake.intake import Intake
 from postillon.observability.maillog import null_maillog
 from postillon.queue.memory_store import MemoryStore
-from postillon.queue.retry import RetryPolicy
-from postillon.queue.runner import DeliveryJob, Runner
 from postillon.queue.store import DeliveryState, NewRecipient, StoreError
 from postillon.routing.local import LocalRecipients
 from postillon.routing.router import Router

@@ -12,6 +12,7 @@ from typing import Literal
 from postillon.core.envelope import BodyType
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
+from postillon.delivery.runner import DeliveryJob
 from postillon.observability.metrics import Metrics
 from postillon.outbound.client_session import (
     ClientTimeouts,
@@ -20,7 +21,6 @@ from postillon.outbound.client_session import (
     TransactionResult,
 )
 from postillon.outbound.pool import ConnectionPool, Limits
-from postillon.queue.runner import DeliveryJob
 from postillon.routing.mx import resolve_next_hops
 from postillon.routing.resolver import DnsNotFound, DnsTempError, Resolver
 from postillon.routing.router import NextHop, Route

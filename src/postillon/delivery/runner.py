@@ -35,6 +35,7 @@ from typing import Protocol
 from postillon.core.clock import Clock, SystemClock
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail
 from postillon.core.reply import Reply
+from postillon.delivery.retry import RetryPolicy
 from postillon.dsn.bounce import (
     DsnRecipient,
     wants_notice,
@@ -43,7 +44,6 @@ from postillon.dsn.notify import queue_notice
 from postillon.intake.intake import Intake
 from postillon.observability.maillog import MailLog
 from postillon.observability.metrics import Metrics, outcome_reason
-from postillon.queue.retry import RetryPolicy
 from postillon.queue.store import (
     DeliveryRecord,
     DeliveryState,

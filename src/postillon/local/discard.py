@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail
 from postillon.core.reply import Reply
-from postillon.queue.runner import DeliveryJob
+from postillon.delivery.runner import DeliveryJob
 
 DISCARDED = Reply.of(250, "2.0.0", "Discarded by configuration")
 
