@@ -34,7 +34,8 @@ from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
 from postillon.delivery.retry import RetryPolicy
-from postillon.delivery.runner import Runner, Transport
+from postillon.delivery.runner import Runner
+from postillon.delivery.transport import Transport
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.accounts import AccountError, AccountStore, accounts_path
 from postillon.inbound.auth import DEFAULT_MECHANISMS, Authenticator, AuthGuard
@@ -369,7 +370,9 @@ class App:
             clock=clock,
             delay_warning=config.queue.delay_warning,
             metrics=self.metrics,
+            recent=intake.recent,
         )
+        intake.on_commit(self.runner.wake)
         await self.runner.recover_dead_leases()
         self.runner.start()
 

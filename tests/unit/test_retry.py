@@ -1,4 +1,4 @@
-"""The retry curve (queue/retry.py), table-driven."""
+"""The retry curve (delivery/retry.py), table-driven."""
 
 from __future__ import annotations
 

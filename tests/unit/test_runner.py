@@ -16,7 +16,8 @@ from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail
 from postillon.core.reply import Reply
 from postillon.delivery.retry import RetryPolicy
-from postillon.delivery.runner import DeliveryJob, Runner
+from postillon.delivery.runner import Runner
+from postillon.delivery.transport import DeliveryJob
 from postillon.intake.intake import Intake
 from postillon.observability.maillog import null_maillog
 from postillon.queue.memory_store import MemoryStore
@@ -78,8 +79,10 @@ def make_runner(env, remote: Scripted, **kw):  # type: ignore[no-untyped-def]
         null_maillog(),
         "mx.test",
         clock=clock,
+        recent=intake.recent,
         **kw,
     )
+    intake.on_commit(runner.wake)
     return runner, capture
 
 

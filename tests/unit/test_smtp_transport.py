@@ -12,7 +12,7 @@ import pytest
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.outcome import Delivered, PermFail, TempFail
 from postillon.core.reply import Reply
-from postillon.delivery.runner import DeliveryJob
+from postillon.delivery.transport import DeliveryJob
 from postillon.outbound import smtp_transport
 from postillon.outbound.client_session import SessionError, TransactionResult
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport

@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Protocol
 
 from postillon.dsn.bounce import DsnRecipient, build_dsn, read_for_dsn, returns_full_message
-from postillon.intake.intake import Intake
 from postillon.queue.store import MessageInfo, NewRecipient, QueueStore
+
+
+class NoticeIntake(Protocol):
+    """What a notice needs of intake (``intake.Intake`` is one): the runner,
+    which may not import intake, passes it through."""
+
+    async def submit(
+        self, sender: str, recipients: Sequence[NewRecipient], body: bytes, *, source: str
+    ) -> str: ...
 
 
 async def queue_notice(
     store: QueueStore,
-    intake: Intake,
+    intake: NoticeIntake,
     hostname: str,
     message: MessageInfo,
     recipients: Sequence[DsnRecipient],

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from postillon.core.outcome import Outcome, PermFail
 from postillon.core.reply import Reply
-from postillon.delivery.runner import DeliveryJob
+from postillon.delivery.transport import DeliveryJob
 from postillon.local.maildir import MaildirDelivery
 from postillon.routing.local import LocalRecipients
 

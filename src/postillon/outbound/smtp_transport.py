@@ -12,7 +12,7 @@ from typing import Literal
 from postillon.core.envelope import BodyType
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
-from postillon.delivery.runner import DeliveryJob
+from postillon.delivery.transport import DeliveryJob
 from postillon.observability.metrics import Metrics
 from postillon.outbound.client_session import (
     ClientTimeouts,

@@ -5,8 +5,8 @@ Design note (read this before changing a store)
 A message is stored once (its body is immutable after commit) and tracked per
 recipient: one ``DeliveryRecord`` per recipient, each with its own state,
 attempts, next try and last reply (OpenSMTPD's envelopes). The store keeps
-state; *when* to retry is decided by ``queue/retry.py`` and *what* to do by
-``queue/runner.py`` (OpenSMTPD's queue_backend vs scheduler_backend split).
+state; *when* to retry is decided by ``delivery/retry.py`` and *what* to do by
+``delivery/`` (OpenSMTPD's queue_backend vs scheduler_backend split).
 
 Contract, as a transaction:
 
