@@ -39,7 +39,7 @@ class Scripted:
 
     async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
         self.calls.append(tuple(r.recipient for r in job.records))
-        body = b"".join(job.body())
+        body = b"".join([c async for c in job.body()])
         assert body.endswith(b"body\r\n")
         return [self.script[r.recipient].pop(0) for r in job.records]
 
@@ -51,7 +51,7 @@ class Capture:
         self.delivered: list[tuple[str, bytes]] = []
 
     async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
-        body = b"".join(job.body())
+        body = b"".join([c async for c in job.body()])
         self.delivered.extend((r.recipient, body) for r in job.records)
         return [Delivered(OK, "capture") for _ in job.records]
 

@@ -93,13 +93,8 @@ def message(
     )
 
 
-def read_body(store: QueueStore, queue_id: str) -> bytes:
-    return b"".join(store.open_body(queue_id))
-
-
 async def body_of(store: QueueStore, queue_id: str) -> bytes:
-    """``open_body`` blocks (store.py): read it from a thread, as transports do."""
-    return await asyncio.to_thread(read_body, store, queue_id)
+    return b"".join([chunk async for chunk in store.read_body(queue_id)])
 
 
 def outcome(
@@ -220,7 +215,7 @@ async def test_duplicate_queue_id_fails_and_keeps_the_first(store: QueueStore) -
 async def test_body_round_trip(store: QueueStore, size: int) -> None:
     body = os.urandom(size)
     await store.commit(message("QBODY", body=body))
-    chunks = await asyncio.to_thread(lambda: list(store.open_body("QBODY")))
+    chunks = [chunk async for chunk in store.read_body("QBODY")]
     assert b"".join(chunks) == body
     assert all(chunks), "no empty chunks"
     info = await store.get_message("QBODY")
@@ -240,10 +235,10 @@ async def test_body_of_unknown_message_raises_keyerror(store: QueueStore) -> Non
         await body_of(store, "NOPE")
 
 
-async def test_body_read_from_a_thread(store: QueueStore) -> None:
-    await store.commit(message("QTHREAD", body=b"x" * 600_000))
-    body = await asyncio.to_thread(read_body, store, "QTHREAD")
-    assert body == b"x" * 600_000
+async def test_body_reads_run_side_by_side(store: QueueStore) -> None:
+    await store.commit(message("QTWO", body=b"x" * 600_000))
+    first, second = await asyncio.gather(body_of(store, "QTWO"), body_of(store, "QTWO"))
+    assert first == second == b"x" * 600_000
 
 
 # ---------------------------------------------------------------- claiming

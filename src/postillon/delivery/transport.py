@@ -23,7 +23,7 @@ Contract, as a transaction:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,11 +43,13 @@ class DeliveryJob:
     store: QueueStore
     cached_body: bytes | None = None  # from the recent-message cache of this process
 
-    def body(self) -> Iterator[bytes]:
-        """The stored body in chunks; blocking, so call it from a thread."""
+    async def body(self) -> AsyncIterator[bytes]:
+        """The stored body in chunks (KeyError at the first chunk if the message is gone)."""
         if self.cached_body is not None:
-            return iter((self.cached_body,))
-        return self.store.open_body(self.message.queue_id)
+            yield self.cached_body
+            return
+        async for chunk in self.store.read_body(self.message.queue_id):
+            yield chunk
 
 
 class Transport(Protocol):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 
@@ -49,12 +49,12 @@ def returns_full_message(params: MailParams, size: int, action: str) -> bool:
     return params.ret is None and size <= FULL_RETURN_LIMIT
 
 
-def read_for_dsn(chunks: Iterator[bytes], full: bool) -> list[bytes]:
-    """The part of the stored message a notification returns (blocking)."""
+async def read_for_dsn(chunks: AsyncIterator[bytes], full: bool) -> list[bytes]:
+    """The part of the stored message a notification returns."""
     if full:
-        return list(chunks)
+        return [chunk async for chunk in chunks]
     head = b""
-    for chunk in chunks:
+    async for chunk in chunks:
         head += chunk
         end = head.find(b"\r\n\r\n")
         if end >= 0:

@@ -8,7 +8,6 @@ hand it to intake like any other message, from the null sender.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -37,8 +36,7 @@ async def queue_notice(
     to its sender and return the notice's queue id. The caller makes sure the
     sender is not the null sender (RFC 3461 6.2). Raises what intake raises."""
     full = returns_full_message(message.mail_params, message.size, recipients[0].action)
-    # Reading a body may block (the PostgreSQL store fetches it): off the loop.
-    original = await asyncio.to_thread(read_for_dsn, store.open_body(message.queue_id), full)
+    original = await read_for_dsn(store.read_body(message.queue_id), full)
     report = build_dsn(
         hostname=hostname,
         queue_id=message.queue_id,

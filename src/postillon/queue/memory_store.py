@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from postillon.core.reply import Reply
@@ -215,12 +215,13 @@ class MemoryStore:
         present = [t for t in times if t is not None]
         return min(present) if present else None
 
-    def open_body(self, queue_id: str) -> Iterator[bytes]:
+    async def read_body(self, queue_id: str) -> AsyncIterator[bytes]:
         self._check_open()
         msg = self._messages.get(queue_id)
         if msg is None:
             raise KeyError(queue_id)
-        yield from list(msg.chunks)
+        for chunk in list(msg.chunks):
+            yield chunk
 
     async def get_message(self, queue_id: str) -> MessageInfo | None:
         self._check_open()

@@ -51,11 +51,9 @@ fresh random lease token; ``record_outcomes`` applies an outcome only while the 
 still matches (fencing), in one set-based UPDATE, so a node that comes back after its
 lease expired cannot record a stale outcome over the newer holder's.
 
-**Bodies from a thread.** ``open_body`` is the protocol's blocking iterator (transports
-read it from a worker thread). Each chunk is one query run on the store's event loop
-(``run_coroutine_threadsafe``), like the SQLite store's one short read per chunk; no
-transaction stays open while a slow peer takes the data. Calling it on the event loop
-thread itself would deadlock, so that raises ``RuntimeError`` at once.
+**Bodies stream.** ``read_body`` is an async generator: each chunk is one query on the
+pool, like the SQLite store's one short read per chunk; no transaction stays open while
+a slow peer takes the data.
 
 **Health.** ``available`` turns False as soon as an operation loses its database
 connection (or a periodic ``SELECT 1`` fails) and True again when the probe succeeds.
@@ -72,7 +70,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import IO, Any, Final, TypeAlias, TypeVar
 
 import asyncpg
@@ -345,7 +343,6 @@ class PostgresStore:
         self._create_schema = create_schema
         self._health_interval = health_interval
         self._pool: asyncpg.Pool | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._open_lock: asyncio.Lock | None = None
         # Two lanes: message commits (a 250 waits on them) never queue behind the
         # runner's bookkeeping, and vice versa; each lane batches on its own.
@@ -395,7 +392,6 @@ class PostgresStore:
         except BaseException:
             await pool.close()
             raise
-        self._loop = asyncio.get_running_loop()
         self._pool = pool
         self.available = True
         self._writers = [
@@ -853,26 +849,13 @@ class PostgresStore:
 
         return await self._read(fn)
 
-    def open_body(self, queue_id: str) -> Iterator[bytes]:
-        """Yield the body in chunks; raises KeyError (at the first ``next``) if unknown.
+    async def read_body(self, queue_id: str) -> AsyncIterator[bytes]:
+        """Yield the body in chunks; raises KeyError (at the first chunk) if unknown.
 
-        Blocking: iterate it from a worker thread, never on the event loop thread
-        (each chunk is fetched by the store's loop). If the message is deleted while
-        it is read, the next chunk raises ``StoreError`` (never a truncated body).
+        Each chunk is its own short query: no transaction stays open while a slow
+        peer takes the data. If the message is deleted while it is read, the next
+        chunk raises ``StoreError`` (never a truncated body).
         """
-        loop = self._loop
-        if loop is None:
-            # Not opened yet: nothing could have been committed through this store.
-            raise KeyError(queue_id)
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            raise RuntimeError("open_body() blocks: iterate it in a thread (asyncio.to_thread)")
-
-        def run(coro: Awaitable[T]) -> T:
-            return asyncio.run_coroutine_threadsafe(coro, loop).result()  # type: ignore[arg-type]
 
         async def first(conn: Conn) -> tuple[list[int], bytes | None] | None:
             if await conn.fetchval("SELECT 1 FROM messages WHERE queue_id = $1", queue_id) is None:
@@ -899,14 +882,14 @@ class PostgresStore:
 
             return fn
 
-        found = run(self._read(first))
+        found = await self._read(first)
         if found is None:
             raise KeyError(queue_id)
         seqs, data = found
         if data is not None:
             yield bytes(data)
         for seq in seqs[1:]:
-            piece = run(self._read(chunk(seq)))
+            piece = await self._read(chunk(seq))
             if piece is None:
                 raise StoreError(f"message {queue_id} was deleted while its body was read")
             yield piece

@@ -37,7 +37,7 @@ transient.
 
 **Readers** use a small pool of separate read connections (WAL lets readers
 run beside the writer and see only committed data); the async read methods run
-on a dedicated two-thread executor. ``open_body`` reads chunk by chunk, each in
+on a dedicated two-thread executor. ``read_body`` reads chunk by chunk, each in
 its own short read, so a slow delivery never pins a WAL snapshot (which would
 stop checkpoints and let the WAL grow without bound).
 
@@ -76,7 +76,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Final, TypeAlias, TypeVar
 
@@ -878,10 +878,10 @@ class SqliteStore:
 
         return await self._read(fn)
 
-    def open_body(self, queue_id: str) -> Iterator[bytes]:
-        """Yield the body in chunks; raises KeyError (at the first ``next``) if unknown.
+    async def read_body(self, queue_id: str) -> AsyncIterator[bytes]:
+        """Yield the body in chunks; raises KeyError (at the first chunk) if unknown.
 
-        Blocking: iterate it in a thread from async code. No read transaction
+        Each chunk is one short read on the reader threads. No read transaction
         (and no connection) is held between chunks: a delivery to a slow peer
         can take minutes, and a reader pinning its WAL snapshot that long would
         stop checkpoints from recycling the WAL, which then grows without bound.
@@ -916,11 +916,11 @@ class SqliteStore:
 
             return fn
 
-        seqs, data = self._run_read(first)
+        seqs, data = await self._read(first)
         if data is not None:
             yield data
         for seq in seqs[1:]:
-            data = self._run_read(chunk(seq))
+            data = await self._read(chunk(seq))
             if data is None:
                 raise StoreError(f"message {queue_id} was deleted while its body was read")
             yield data

@@ -35,7 +35,7 @@ they work from another process while the server runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import IO, Any, Protocol
@@ -192,8 +192,16 @@ class QueueStore(Protocol):
         """The earliest ``next_try`` of a claimable record, or None if nothing waits."""
         ...
 
-    def open_body(self, queue_id: str) -> Iterator[bytes]:
-        """The committed body in chunks (blocking; run it in a thread from async code)."""
+    def read_body(self, queue_id: str) -> AsyncIterator[bytes]:
+        """The committed body in chunks: ``async for chunk in store.read_body(queue_id)``.
+
+        Implemented as an async generator (``async def ... yield``), so it never
+        blocks the event loop: the SQLite store reads each chunk on its reader
+        threads, PostgreSQL natively. It raises ``KeyError`` at the first chunk
+        if the message is unknown, and ``StoreError`` if the message is deleted
+        while it is read (never a silently truncated body). No transaction is
+        held between chunks: a delivery to a slow peer must not pin a snapshot.
+        """
         ...
 
     async def get_message(self, queue_id: str) -> MessageInfo | None: ...
