@@ -200,7 +200,7 @@ class FailingCommit(sqlite3.Connection):
 
 async def test_a_failed_commit_fails_the_whole_batch(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "queue.db")
-    store._writer_factory = FailingCommit
+    store._writer.factory = FailingCommit
     try:
         await store.commit(message("QBEFORE"))
         FailingCommit.fail = True
@@ -259,7 +259,7 @@ async def test_a_writer_that_cannot_start_fails_its_callers(tmp_path: Path) -> N
             raise sqlite3.OperationalError("unable to open database file (injected)")
 
     store = SqliteStore(tmp_path / "queue.db")
-    store._writer_factory = Unopenable
+    store._writer.factory = Unopenable
     with pytest.raises(StoreError):
         await store.commit(message("QX"))
     with pytest.raises(StoreError):
