@@ -17,14 +17,16 @@ batch of concurrent callers, in two lanes so a ``250`` never waits behind the ru
 bookkeeping); this file the queries. ``postgres_schema.py`` has the migrations.
 
 **Durability of bookkeeping.** A batch that commits a message or runs an operator
-command (hold, release, delete, flush, bounce) waits for its WAL flush
-(``synchronous_commit = on``: the 250 depends on it). A batch of only claims, outcomes,
-released leases and history events commits with ``synchronous_commit = off``: it returns without
-waiting for the flush, which the next message commit (or the WAL writer, within
-``wal_writer_delay``) does anyway. If the database server crashes in between, the last
-few outcomes or claims are lost, so a delivery is repeated (a duplicate, SMTP's
-at-least-once) but never lost; this halves the fsyncs per relayed message. Fencing does
-not depend on it: tokens are checked inside the database either way.
+command (hold, release, delete, flush, bounce) waits for its WAL flush: it says ``SET
+LOCAL synchronous_commit = on`` itself, so a server tuned to ``off`` cannot make a 250
+go out before the flush (``postgres_connection.py``, "Durability"). A batch of only
+claims, outcomes, released leases and history events commits with ``synchronous_commit =
+off``: it returns without waiting for the flush, which the next message commit (or the
+WAL writer, within ``wal_writer_delay``) does anyway. If the database server crashes in
+between, the last few outcomes or claims are lost, so a delivery is repeated (a
+duplicate, SMTP's at-least-once) but never lost; this halves the fsyncs per relayed
+message. Fencing does not depend on it: tokens are checked inside the database either
+way.
 
 **Large bodies stream.** A message over 1 MiB does not join a batch: it
 is written in its own transaction, chunk by chunk, read from the spool file in a thread,

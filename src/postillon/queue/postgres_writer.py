@@ -286,8 +286,12 @@ class BatchWriter:
         for attempt in range(_DEADLOCK_RETRIES):
             try:
                 async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
-                    if not any(op.durable for op in batch):
-                        # Only queue bookkeeping (claims, outcomes, operator commands):
+                    if any(op.durable for op in batch):
+                        # A 250 (or an operator's command) waits on this COMMIT: it
+                        # must wait for the WAL flush whatever the server's default.
+                        await conn.execute(self._db.durable_statement)
+                    else:
+                        # Only queue bookkeeping (claims, outcomes, released leases):
                         # see "Durability of bookkeeping" in postgres_store.py.
                         await conn.execute("SET LOCAL synchronous_commit = off")
                     results = await self._apply(conn, batch)
@@ -375,6 +379,7 @@ class BatchWriter:
         queue_id = prepared.message.queue_id
         try:
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+                await conn.execute(self._db.durable_statement)
                 prepared.chunks = []
                 await _insert_commits(conn, [prepared])  # envelope and records
                 if body.seekable():
