@@ -23,7 +23,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
 from postillon.checks.rate_limit import SubmissionRateLimits
@@ -60,11 +60,12 @@ from postillon.observability.metrics import ListenerMetrics, Metrics
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.protocol.server import ServerSettings
+from postillon.queue.health import wait_unrecoverable
 from postillon.queue.history import HistoryRecorder
 from postillon.queue.postgres_schema import SchemaError
 from postillon.queue.postgres_store import PostgresStore
 from postillon.queue.sqlite_store import SqliteStore
-from postillon.queue.store import QueueStore, StoreError
+from postillon.queue.store import QueueStore, StoreError, StoreHealth
 from postillon.routing.aliases import AliasesError, load_aliases
 from postillon.routing.local import LocalRecipients, RecipientAccepted
 from postillon.routing.resolver import DnsResolver
@@ -92,11 +93,10 @@ def open_queue_store(config: Config) -> QueueStore:
     return SqliteStore(queue_path(config))
 
 
-def queue_available(store: QueueStore) -> Callable[[], bool] | None:
-    """How listeners learn that a shared queue's database is unreachable (421 4.3.0)."""
-    if isinstance(store, PostgresStore):
-        return lambda: store.available
-    return None  # an embedded store is as available as the local disk
+def queue_available(store: QueueStore) -> Callable[[], bool]:
+    """How listeners learn that the queue cannot take mail (421 4.3.0): a shared
+    queue's database unreachable, the embedded store's writer gone."""
+    return lambda: store.health().ok
 
 
 def build_local_recipients(config: Config) -> LocalRecipients:
@@ -174,6 +174,8 @@ class App:
         # SMTP transports replaced by a reload, closed again at stop.
         self._retired: list[SmtpTransport] = []
         self._background: set[asyncio.Task[None]] = set()
+        # Done when the queue store has failed for good (the server then exits).
+        self.store_failure: asyncio.Task[StoreHealth] | None = None
 
     def _tls_context(self, config: Config | None = None) -> ssl.SSLContext | None:
         config = config or self.config
@@ -373,6 +375,7 @@ class App:
             recent=intake.recent,
         )
         intake.on_commit(self.runner.wake)
+        self.store_failure = asyncio.create_task(wait_unrecoverable(self.store))
         await self.runner.recover_dead_leases()
         self.runner.start()
 
@@ -419,7 +422,7 @@ class App:
                     listeners=self.listeners,
                     limiter=limiter,
                     in_flight=lambda: runner.in_flight,
-                    queue_available=queue_available(self.store) or (lambda: True),
+                    queue_health=self.store.health,
                 )
             )
             # Further admin routes (e.g. /metrics) are added to admin_app here.
@@ -646,6 +649,8 @@ class App:
             if transport is not None:
                 await transport.close()
         log.debug("stop: transports done")
+        if self.store_failure is not None:
+            self.store_failure.cancel()
         if self.history is not None:
             await self.history.stop()
         await self._helpers.close()
@@ -699,12 +704,27 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
     # load (bench/README.md, "Garbage collection").
     gc.collect()
     gc.freeze()
+    failure: StoreHealth | None = None
+    stopping = asyncio.ensure_future(stop.wait())
+    waits: set[asyncio.Future[Any]] = {stopping}
+    if app.store_failure is not None:
+        waits.add(app.store_failure)
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if app.store_failure is not None and app.store_failure.done():
+            failure = app.store_failure.result()
+            log.critical(
+                "the queue store cannot recover (%s): stopping, for a supervisor to restart"
+                " postillon",
+                failure.reason,
+            )
     finally:
+        stopping.cancel()
         loop.remove_signal_handler(signal.SIGHUP)
         with contextlib.suppress(Exception):
             await app.stop()
+    if failure is not None:
+        raise SystemExit(f"postillon: the queue store failed: {failure.reason}")
 
 
 def run(config: Config, config_path: Path | None = None) -> None:

@@ -793,3 +793,11 @@ async def test_closed_store_refuses_work(store: QueueStore) -> None:
     with pytest.raises(Exception):  # noqa: B017
         await store.commit(message("QCLOSE2"))
     await store.close()  # idempotent
+
+
+async def test_health_of_an_open_and_a_closed_store(store: QueueStore) -> None:
+    await store.commit(message("QHEALTH"))
+    assert store.health().ok
+    await store.close()
+    health = store.health()
+    assert not health.ok and not health.recoverable and health.reason

@@ -600,3 +600,21 @@ def test_committed_messages_survive_sigkill(tmp_path: Path) -> None:
             await store.close()
 
     asyncio.run(check())
+
+
+async def test_a_dead_writer_makes_the_store_unhealthy_for_good(store: SqliteStore) -> None:
+    class Killed(BaseException):
+        pass
+
+    def explode(conn: sqlite3.Connection) -> None:
+        raise Killed("a bug in the writer thread")
+
+    await store.commit(message("QBEFORE"))
+    assert store.health().ok
+    with pytest.raises(StoreError, match="writer failed"):
+        await store._write(explode)
+    health = store.health()
+    assert not health.ok and not health.recoverable
+    assert "writer thread died" in health.reason
+    with pytest.raises(StoreError):
+        await store.commit(message("QAFTER"))

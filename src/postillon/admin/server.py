@@ -33,6 +33,7 @@ from postillon.admin.token import TokenVerifier
 from postillon.config.model import split_host_port
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.listener import Listener
+from postillon.queue.store import HEALTHY, StoreHealth
 
 log = logging.getLogger("postillon.admin")
 
@@ -50,9 +51,10 @@ class AdminContext:
     limiter: ConnectionLimiter | None = None
     in_flight: Callable[[], int] = lambda: 0
     started_at: float = field(default_factory=time.time)
-    # False while a shared (PostgreSQL) queue is unreachable: /healthz answers 503,
-    # so a load balancer sends mail to the other nodes meanwhile.
-    queue_available: Callable[[], bool] = lambda: True
+    # The queue store's health: /healthz answers 503 with the reason while the store
+    # cannot take mail (a shared queue's database unreachable, the SQLite writer
+    # gone), so a load balancer or supervisor acts on it.
+    queue_health: Callable[[], StoreHealth] = lambda: HEALTHY
 
 
 CONTEXT: Final = web.AppKey("postillon_admin_context", AdminContext)
@@ -133,9 +135,11 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    if not request.app[CONTEXT].queue_available():
+    health = request.app[CONTEXT].queue_health()
+    if not health.ok:
         return web.json_response(
-            {"status": "queue unavailable", "version": __version__}, status=503
+            {"status": "queue unavailable", "reason": health.reason, "version": __version__},
+            status=503,
         )
     return web.json_response({"status": "ok", "version": __version__})
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from postillon.core.reply import Reply
 from postillon.queue.store import (
+    HEALTHY,
     DeliveryRecord,
     DeliveryState,
     EventCount,
@@ -25,6 +26,7 @@ from postillon.queue.store import (
     OutcomeUpdate,
     QueueEvent,
     StoreError,
+    StoreHealth,
 )
 
 __all__ = ["MemoryStore"]
@@ -342,6 +344,11 @@ class MemoryStore:
         for rec in self._records.values():
             counts[rec.state.value] += 1
         return counts
+
+    def health(self) -> StoreHealth:
+        if self._closed:
+            return StoreHealth(False, "store is closed", recoverable=False)
+        return HEALTHY
 
     async def close(self) -> None:
         self._closed = True

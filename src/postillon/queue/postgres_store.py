@@ -69,6 +69,7 @@ from postillon.queue.postgres_connection import (
 )
 from postillon.queue.postgres_writer import CHUNK_SIZE, WRITERS, BatchWriter, Commit, OpFn
 from postillon.queue.store import (
+    HEALTHY,
     DeliveryRecord,
     DeliveryState,
     EventCount,
@@ -77,6 +78,7 @@ from postillon.queue.store import (
     OutcomeUpdate,
     QueueEvent,
     StoreError,
+    StoreHealth,
 )
 
 __all__ = ["CHUNK_SIZE", "WRITERS", "PostgresStore"]
@@ -158,6 +160,16 @@ class PostgresStore:
     ) -> Any:
         await self._ready()
         return await self._writer.submit(fn, commit, outcomes, durable=durable)
+
+    def health(self) -> StoreHealth:
+        if self._closed:
+            return StoreHealth(False, "store is closed", recoverable=False)
+        problem = self._writer.problem()
+        if problem is not None:
+            return StoreHealth(False, problem, recoverable=False)
+        if not self._db.available:
+            return StoreHealth(False, "queue database unreachable")
+        return HEALTHY
 
     async def close(self) -> None:
         """Finish every operation already submitted, then close the connections."""

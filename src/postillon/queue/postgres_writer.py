@@ -239,6 +239,13 @@ class BatchWriter:
             for n in range(self._writers_wanted)
         ]
 
+    def problem(self) -> str | None:
+        """Why a writer task is gone while the store is open (a bug), or None."""
+        for task in self._writers:
+            if task.done():
+                return f"queue writer task {task.get_name()} ended"
+        return None
+
     async def close(self) -> None:
         """Finish every operation already submitted, then stop the writer tasks."""
         for _ in range(self._writers_wanted):

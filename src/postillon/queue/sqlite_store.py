@@ -83,6 +83,7 @@ from postillon.queue.sqlite_schema import (
 )
 from postillon.queue.sqlite_writer import CHUNK_SIZE, Commit, GroupCommitWriter
 from postillon.queue.store import (
+    HEALTHY,
     DeliveryRecord,
     DeliveryState,
     EventCount,
@@ -91,6 +92,7 @@ from postillon.queue.store import (
     OutcomeUpdate,
     QueueEvent,
     StoreError,
+    StoreHealth,
 )
 
 __all__ = ["BUSY_TIMEOUT", "CHUNK_SIZE", "SCHEMA_VERSION", "SqliteStore"]
@@ -534,6 +536,14 @@ class SqliteStore:
         return await self._read(fn)
 
     # ------------------------------------------------------------ lifecycle
+
+    def health(self) -> StoreHealth:
+        """Unhealthy for good once the writer thread is gone: nothing restarts it
+        (a restart of the process does, with the same file)."""
+        problem = self._writer.problem()
+        if problem is not None:
+            return StoreHealth(False, problem, recoverable=False)
+        return HEALTHY
 
     async def close(self) -> None:
         """Finish every operation already submitted, then stop the writer and readers."""

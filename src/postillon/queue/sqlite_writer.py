@@ -168,6 +168,17 @@ class GroupCommitWriter:
         self.failure: BaseException | None = None
         self._stats = {"batches": 0, "ops": 0, "failed_ops": 0, "failed_batches": 0}
 
+    def problem(self) -> str | None:
+        """Why the writer cannot write, or None while it can."""
+        if self.failure is not None:
+            return f"queue writer thread died: {self.failure!r}"
+        if self.closed:
+            return "store is closed"
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            return "queue writer thread ended"
+        return None
+
     def stats(self) -> dict[str, int]:
         """Group-commit counters: batches (= COMMITs = WAL fsyncs), ops, failures."""
         return dict(self._stats)

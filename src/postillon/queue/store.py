@@ -31,6 +31,10 @@ Contract, as a transaction:
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
+
+``health()`` tells whether the store can take and keep mail, and whether it can
+recover by itself; ``/healthz`` answers 503 while it cannot, and the server exits
+(non-zero) when it never will, so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -55,6 +59,21 @@ class DeliveryState(StrEnum):
     @property
     def is_final(self) -> bool:
         return self in (DeliveryState.DELIVERED, DeliveryState.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """What ``QueueStore.health()`` says: can the store take and keep mail now?"""
+
+    ok: bool
+    reason: str = ""  # why not, for /healthz and the log
+    # False: the store cannot come back by itself (the SQLite writer thread died,
+    # the store was closed). The server exits then, for its supervisor to restart
+    # it; a PostgreSQL database that is unreachable may come back (recoverable).
+    recoverable: bool = True
+
+
+HEALTHY = StoreHealth(True)
 
 
 class StoreError(Exception):
@@ -249,6 +268,11 @@ class QueueStore(Protocol):
 
     async def count_by_state(self) -> dict[str, int]:
         """Number of delivery records per state (every ``DeliveryState`` value is a key)."""
+        ...
+
+    def health(self) -> StoreHealth:
+        """Whether the store can take and keep mail now (cheap: no I/O; /healthz and
+        the server's watchdog call it every second)."""
         ...
 
     async def close(self) -> None: ...
