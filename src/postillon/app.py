@@ -373,6 +373,7 @@ class App:
             delay_warning=config.queue.delay_warning,
             metrics=self.metrics,
             recent=intake.recent,
+            node_timeout=config.queue.node_timeout,
         )
         intake.on_commit(self.runner.wake)
         self.store_failure = asyncio.create_task(wait_unrecoverable(self.store))
@@ -613,6 +614,7 @@ class App:
         runner.concurrency = config.queue.concurrency
         runner.lease_seconds = config.queue.lease
         runner.delay_warning = config.queue.delay_warning
+        runner.node_timeout = config.queue.node_timeout
         runner.transports["maildir"] = self._maildir_transport(config, policy.local)
         if smtp is not None:
             # Deliveries in flight finish on the old transports; their pools

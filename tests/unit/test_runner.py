@@ -258,3 +258,18 @@ async def test_failed_recipient_stays_queued_while_its_bounce_cannot_be(env, mon
     assert await store.get_message(qid) is None
     ((rcpt, dsn),) = capture.delivered
     assert rcpt == "alice@local.test" and b"Final-Recipient: rfc822; bob@remote.test" in dsn
+
+
+async def test_beat_takes_over_the_leases_of_a_silent_runner(env) -> None:  # type: ignore[no-untyped-def]
+    clock, store, intake, _ = env
+    remote = Scripted({"bob@remote.test": [Delivered(OK)]})
+    runner, _ = make_runner(env, remote, lease_seconds=600, node_timeout=30)
+    qid = await submit(intake, ["bob@remote.test"])
+    await store.heartbeat("other-node:1", clock.now())
+    assert len(await store.claim_due(clock.now(), 10, 600, "other-node:1")) == 1
+    assert await runner.beat() == 0  # the other runner beat just now
+    assert await runner.run_once() == 0  # its lease holds
+    clock.advance(31)  # ... then it fell silent, its lease still has 9 minutes
+    assert await runner.beat() == 1
+    assert await runner.run_once() == 1
+    assert await store.get_message(qid) is None

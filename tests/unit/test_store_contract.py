@@ -801,3 +801,26 @@ async def test_health_of_an_open_and_a_closed_store(store: QueueStore) -> None:
     await store.close()
     health = store.health()
     assert not health.ok and not health.recoverable and health.reason
+
+
+async def test_leases_of_an_owner_whose_heartbeat_is_stale_come_back(store: QueueStore) -> None:
+    """A dead node's work is taken over after node_timeout, not after the lease;
+    a live owner's leases stay however long its delivery takes; fencing holds."""
+    await store.commit(message("QDEAD", rcpts=("a@example.net", "b@example.net")))
+    dead = await store.claim_due(T0, 10, 600.0, "dead")
+    await store.commit(message("QLIVE"))
+    live = await store.claim_due(T0, 10, 600.0, "live")
+    assert len(dead) == 2 and len(live) == 1
+    await store.heartbeat("dead", T0)
+    await store.heartbeat("live", T0)
+    assert await store.release_dead_owners(T0 + 20, 30.0) == 0  # nobody silent that long
+    await store.heartbeat("live", T0 + 25)  # the live node keeps beating
+    assert await store.release_dead_owners(T0 + 40, 30.0) == 2
+    assert await store.release_dead_owners(T0 + 41, 30.0) == 0  # taken over once
+    again = await store.claim_due(T0 + 41, 10, 600.0, "other")
+    assert sorted(r.record_id for r in again) == sorted(r.record_id for r in dead)
+    # the dead owner's late outcome is fenced out
+    late = outcome(dead[0], DeliveryState.DELIVERED, now=T0 + 50)
+    assert await store.record_outcomes([late]) == []
+    info = await store.get_message("QLIVE")
+    assert info is not None and info.records[0].lease_owner == "live"

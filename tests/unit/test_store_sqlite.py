@@ -393,6 +393,7 @@ async def test_version_1_queue_gains_the_history_table(tmp_path: Path) -> None:
     await store.close()
     conn = sqlite3.connect(path)
     conn.execute("DROP TABLE events")
+    conn.execute("DROP TABLE nodes")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
@@ -401,6 +402,26 @@ async def test_version_1_queue_gains_the_history_table(tmp_path: Path) -> None:
         assert await store.get_message("QOLD") is not None
         await store.add_events([QueueEvent("QOLD", T0, "received", {})])
         assert [e.event for e in await store.events("QOLD")] == ["received"]
+        await store.heartbeat("me", T0)  # and the heartbeats of version 3
+    finally:
+        await store.close()
+
+
+async def test_version_2_queue_gains_the_heartbeats(tmp_path: Path) -> None:
+    path = tmp_path / "queue.db"
+    store = SqliteStore(path)
+    await store.commit(message("QOLD"))
+    await store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE nodes")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    store = SqliteStore(path)
+    try:
+        assert await store.get_message("QOLD") is not None
+        await store.heartbeat("me", T0)
+        assert await store.release_dead_owners(T0 + 60, 30.0) == 0
     finally:
         await store.close()
 

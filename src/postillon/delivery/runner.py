@@ -20,6 +20,13 @@ connects intake's commit hook to ``wake``), and polls the store every
 ``poll_interval`` seconds so that work made due from elsewhere (the
 ``postillon queue flush`` command, another node) is seen. Messages just
 committed here come from the injected recent-message cache, not the store.
+
+Every few seconds the runner writes a heartbeat to the store and hands back the
+leases of runners whose heartbeat is older than ``node_timeout``: on a shared
+queue a dead node's work is taken over in about that time, not after its
+leases (``lease_seconds``) expire; a live node's long delivery keeps its lease,
+because the node keeps beating. Fencing makes a runner wrongly declared dead
+harmless (its late outcome is not recorded; the delivery may happen twice).
 """
 
 from __future__ import annotations
@@ -109,6 +116,7 @@ class Runner:
         delay_warning: float = 0.0,
         metrics: Metrics | None = None,
         recent: RecentMessages | None = None,
+        node_timeout: float = 30.0,
     ) -> None:
         self.store = store
         self.router = router
@@ -124,6 +132,8 @@ class Runner:
         self.clock: Clock = clock or SystemClock()
         self.metrics = metrics
         self.recent = recent
+        self.node_timeout = node_timeout
+        self._heartbeat: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self._wake = asyncio.Event()
@@ -142,6 +152,36 @@ class Runner:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="queue-runner")
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="queue-heartbeat")
+
+    async def beat(self) -> int:
+        """Say this runner is alive; take over the leases of runners that are not.
+
+        Returns how many records came back to the queue. Runs every
+        ``node_timeout / 3`` seconds (at most 5), so a live runner is never
+        taken for dead while it merely delivers something slowly.
+        """
+        now = self.clock.now()
+        await self.store.heartbeat(self.owner, now)
+        released = await self.store.release_dead_owners(now, self.node_timeout)
+        if released:
+            log.warning(
+                "took over %d delivery lease(s) of runner(s) silent for over %.0f s",
+                released,
+                self.node_timeout,
+            )
+            self._wake.set()
+        return released
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.beat()
+            except Exception:  # the store is down: the claims notice and log it too
+                log.debug("queue heartbeat failed", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(self.node_timeout / 3, 5.0)):
+                    await self._stop.wait()
 
     async def recover_dead_leases(self) -> int:
         """Hand back leases of earlier processes on this host that no longer run.
@@ -174,6 +214,9 @@ class Runner:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._heartbeat is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
         if self._active:
             _, pending = await asyncio.wait(self._active, timeout=grace)
             for task in pending:

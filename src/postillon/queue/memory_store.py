@@ -63,6 +63,7 @@ class MemoryStore:
         self._next_record_id = 1
         self._events: list[QueueEvent] = []
         self._closed = False
+        self._heartbeats: dict[str, float] = {}  # lease owner -> last heartbeat
 
     def _check_open(self) -> None:
         if self._closed:
@@ -203,6 +204,19 @@ class MemoryStore:
                     rec, lease_token=None, lease_owner=None, lease_expires=None
                 )
         return count
+
+    async def heartbeat(self, owner: str, now: float) -> None:
+        self._check_open()
+        self._heartbeats[owner] = now
+
+    async def release_dead_owners(self, now: float, timeout: float) -> int:
+        self._check_open()
+        dead = [o for o, at in self._heartbeats.items() if at < now - timeout]
+        released = 0
+        for owner in dead:
+            del self._heartbeats[owner]
+            released += await self.release_leases(owner)
+        return released
 
     async def next_due(self) -> float | None:
         self._check_open()

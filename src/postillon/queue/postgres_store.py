@@ -254,21 +254,34 @@ class PostgresStore:
         now = self._now()
 
         async def op(conn: Conn) -> int:
-            status = await conn.execute(
-                "UPDATE records SET"
-                " state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'pending' END,"
-                " lease_token = NULL, lease_owner = NULL, lease_expires = NULL, updated_at = $1"
-                " WHERE state = 'leased' AND lease_owner = $2",
-                now,
-                owner,
-            )
-            # Held records keep a lease only while their delivery is in flight; it is not.
+            return await _release(conn, [owner], now)
+
+        result: int = await self._write(op, durable=False)
+        return result
+
+    async def heartbeat(self, owner: str, now: float) -> None:
+        async def op(conn: Conn) -> None:
             await conn.execute(
-                "UPDATE records SET lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
-                " WHERE state = 'held' AND lease_owner = $1",
+                "INSERT INTO nodes (owner, heartbeat) VALUES ($1, $2)"
+                " ON CONFLICT (owner) DO UPDATE SET heartbeat = EXCLUDED.heartbeat",
                 owner,
+                now,
             )
-            return _rowcount(status)
+
+        # Bookkeeping: a heartbeat lost in a database crash is sent again in seconds.
+        await self._write(op, durable=False)
+
+    async def release_dead_owners(self, now: float, timeout: float) -> int:
+        async def op(conn: Conn) -> int:
+            # Deleting the rows first makes concurrent callers (every live node runs
+            # this) take over each dead owner once; the row lock serialises them.
+            dead = [
+                row[0]
+                for row in await conn.fetch(
+                    "DELETE FROM nodes WHERE heartbeat < $1 RETURNING owner", now - timeout
+                )
+            ]
+            return await _release(conn, dead, now) if dead else 0
 
         result: int = await self._write(op, durable=False)
         return result
@@ -544,3 +557,22 @@ class PostgresStore:
 def _rowcount(status: str) -> int:
     """The row count of a command status such as ``UPDATE 3`` or ``DELETE 1``."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+async def _release(conn: Conn, owners: list[str], now: float) -> int:
+    """Hand the leased records of ``owners`` back; how many."""
+    status = await conn.execute(
+        "UPDATE records SET"
+        " state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'pending' END,"
+        " lease_token = NULL, lease_owner = NULL, lease_expires = NULL, updated_at = $1"
+        " WHERE state = 'leased' AND lease_owner = ANY($2)",
+        now,
+        owners,
+    )
+    # Held records keep a lease only while their delivery is in flight; it is not.
+    await conn.execute(
+        "UPDATE records SET lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
+        " WHERE state = 'held' AND lease_owner = ANY($1)",
+        owners,
+    )
+    return _rowcount(status)

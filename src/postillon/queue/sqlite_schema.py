@@ -39,7 +39,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 2  # PRAGMA user_version
+SCHEMA_VERSION: Final = 3  # PRAGMA user_version
 BUSY_TIMEOUT: Final = 10.0  # seconds a connection waits for another writer
 _MAX_IDLE_READERS: Final = 4
 
@@ -91,6 +91,15 @@ _SCHEMA_V2: Final = (
     )""",
     "CREATE INDEX events_by_message ON events(queue_id, at)",
     "CREATE INDEX events_by_time ON events(at)",
+)
+
+# Version 3 adds the runners' heartbeats (the same table as in PostgreSQL, so that
+# every store takes over a dead owner's leases the same way).
+_SCHEMA_V3: Final = (
+    """CREATE TABLE nodes (
+        owner TEXT PRIMARY KEY,
+        heartbeat REAL NOT NULL
+    ) WITHOUT ROWID""",
 )
 
 RECORD_COLUMNS: Final = (
@@ -155,8 +164,9 @@ def init_database(path: Path) -> None:
         _retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version in (0, 1):
-                for statement in (_SCHEMA if version == 0 else ()) + _SCHEMA_V2:
+            if version in (0, 1, 2):
+                steps = (_SCHEMA, _SCHEMA_V2, _SCHEMA_V3)[version:]
+                for statement in (s for step in steps for s in step):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:

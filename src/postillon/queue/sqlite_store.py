@@ -260,20 +260,29 @@ class SqliteStore:
         now = self._now()
 
         def op(conn: sqlite3.Connection) -> int:
-            count = conn.execute(
-                "UPDATE records SET"
-                f" state = CASE WHEN attempts > 0 THEN '{_DEFERRED}' ELSE '{_PENDING}' END,"
-                " lease_token = NULL, lease_owner = NULL, lease_expires = NULL, updated_at = ?"
-                " WHERE state = 'leased' AND lease_owner = ?",
-                (now, owner),
-            ).rowcount
-            # Held records keep a lease only while their delivery is in flight; it is not.
+            return _release(conn, owner, now)
+
+        return await self._write(op)
+
+    async def heartbeat(self, owner: str, now: float) -> None:
+        def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE records SET lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
-                " WHERE state = 'held' AND lease_owner = ?",
-                (owner,),
+                "INSERT INTO nodes (owner, heartbeat) VALUES (?, ?)"
+                " ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat",
+                (owner, now),
             )
-            return int(count)
+
+        await self._write(op)
+
+    async def release_dead_owners(self, now: float, timeout: float) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            dead = [
+                row[0]
+                for row in conn.execute(
+                    "DELETE FROM nodes WHERE heartbeat < ? RETURNING owner", (now - timeout,)
+                )
+            ]
+            return sum(_release(conn, owner, now) for owner in dead)
 
         return await self._write(op)
 
@@ -571,3 +580,21 @@ def _delete_message(conn: sqlite3.Connection, queue_id: str) -> bool:
     conn.execute("DELETE FROM bodies WHERE queue_id = ?", (queue_id,))
     conn.execute("DELETE FROM records WHERE queue_id = ?", (queue_id,))
     return bool(conn.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,)).rowcount)
+
+
+def _release(conn: sqlite3.Connection, owner: str, now: float) -> int:
+    """Hand ``owner``'s leased records back; how many."""
+    count = conn.execute(
+        "UPDATE records SET"
+        f" state = CASE WHEN attempts > 0 THEN '{_DEFERRED}' ELSE '{_PENDING}' END,"
+        " lease_token = NULL, lease_owner = NULL, lease_expires = NULL, updated_at = ?"
+        " WHERE state = 'leased' AND lease_owner = ?",
+        (now, owner),
+    ).rowcount
+    # Held records keep a lease only while their delivery is in flight; it is not.
+    conn.execute(
+        "UPDATE records SET lease_token = NULL, lease_owner = NULL, lease_expires = NULL"
+        " WHERE state = 'held' AND lease_owner = ?",
+        (owner,),
+    )
+    return int(count)

@@ -22,6 +22,11 @@ Contract, as a transaction:
    newer result). It returns the ids of messages whose records are now all
    final, and the store deletes those messages' bodies.
 4. ``release_leases(owner)`` hands an owner's leased records back (shutdown).
+   ``heartbeat(owner, now)`` says an owner (a node's runner) is alive;
+   ``release_dead_owners(now, timeout)`` hands back the leases of every owner
+   whose last heartbeat is older than ``timeout`` and forgets it, so a dead
+   node's work is taken over long before its leases expire. Fencing is as in 3:
+   a node declared dead that was only slow cannot record over the new holder.
 5. ``add_events`` appends to a message's history (received, each delivery
    attempt with the remote reply, operator actions). History is kept apart
    from the message: it outlives delivery, so "what happened to this
@@ -206,6 +211,15 @@ class QueueStore(Protocol):
         ...
 
     async def release_leases(self, owner: str) -> int: ...
+
+    async def heartbeat(self, owner: str, now: float) -> None:
+        """Record that ``owner`` is alive at ``now`` (a node's runner, every few seconds)."""
+        ...
+
+    async def release_dead_owners(self, now: float, timeout: float) -> int:
+        """Hand back the leases of owners whose heartbeat is older than ``now - timeout``
+        (as ``release_leases``), forget those owners; return how many records."""
+        ...
 
     async def next_due(self) -> float | None:
         """The earliest ``next_try`` of a claimable record, or None if nothing waits."""
