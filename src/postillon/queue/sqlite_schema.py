@@ -208,6 +208,18 @@ class ReadPool:
         conn.execute("PRAGMA query_only = ON")
         return conn
 
+    def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` on an idle connection, in one read snapshot (blocking: a reader thread)."""
+        conn = self.acquire()
+        try:
+            conn.execute("BEGIN")  # one snapshot for all the queries of fn
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+        finally:
+            self.release(conn)
+
     def release(self, conn: sqlite3.Connection) -> None:
         if conn.in_transaction:  # an abandoned iterator, an error: never reuse a snapshot
             with contextlib.suppress(sqlite3.Error):

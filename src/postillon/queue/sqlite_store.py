@@ -139,18 +139,7 @@ class SqliteStore:
         if self._writer.closed:
             raise StoreError("store is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._read_executor, self._run_read, fn)
-
-    def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._reads.acquire()
-        try:
-            conn.execute("BEGIN")  # one snapshot for all the queries of fn
-            try:
-                return fn(conn)
-            finally:
-                conn.execute("COMMIT")
-        finally:
-            self._reads.release(conn)
+        return await loop.run_in_executor(self._read_executor, self._reads.run, fn)
 
     # ------------------------------------------------------------ writes
 
