@@ -22,7 +22,7 @@ import os
 import signal
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import idna.uts46data  # noqa: F401 (see encodings.punycode above)
 
@@ -31,7 +31,6 @@ from postillon.build import (
     configured_certificate,
     maildir_transport,
     open_queue_store,
-    queue_available,
     retry_policy,
     router,
     tls_certificate,
@@ -41,6 +40,8 @@ from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
 from postillon.core.recipient import RecipientAccepted
+from postillon.delivery.runner import Runner
+from postillon.delivery.transport import Transport
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.listener import Listener
@@ -53,16 +54,16 @@ from postillon.inbound.privileges import (
 from postillon.inbound.tls import empty_server_context
 from postillon.intake.intake import Intake
 from postillon.intake.pickup import Pickup
+from postillon.local.discard import DiscardTransport, ErrorTransport
 from postillon.observability.maillog import MailLog, configure_logging
 from postillon.observability.metrics import Metrics
-from postillon.outbound.simple import DiscardTransport, ErrorTransport
 from postillon.outbound.smtp_transport import SmtpTransport
 from postillon.paths import pid_path
+from postillon.queue.health import wait_unrecoverable
 from postillon.queue.history import HistoryRecorder
 from postillon.queue.postgres_schema import SchemaError
 from postillon.queue.postgres_store import PostgresStore
-from postillon.queue.runner import Runner, Transport
-from postillon.queue.store import QueueStore, StoreError
+from postillon.queue.store import QueueStore, StoreError, StoreHealth
 from postillon.reload import Reloader, ReloadResult, share_keys
 from postillon.routing.aliases import AliasesError
 from postillon.signing.signer import DkimSigner, build_signer
@@ -99,6 +100,8 @@ class App:
         # (and the SMTP transports: a reload may replace them).
         self._reloader: Reloader | None = None
         self._smtp: tuple[SmtpTransport, SmtpTransport] | None = None
+        # Done when the queue store has failed for good (the server then exits).
+        self.store_failure: asyncio.Task[StoreHealth] | None = None
 
     @property
     def config(self) -> Config:
@@ -204,7 +207,11 @@ class App:
             clock=clock,
             delay_warning=config.queue.delay_warning,
             metrics=self.metrics,
+            recent=intake.recent,
+            node_timeout=config.queue.node_timeout,
         )
+        intake.on_commit(self.runner.wake)
+        self.store_failure = asyncio.create_task(wait_unrecoverable(self.store))
         await self.runner.recover_dead_leases()
         self.runner.start()
 
@@ -285,7 +292,7 @@ class App:
                 listeners=self.listeners,
                 limiter=limiter,
                 in_flight=lambda: runner.in_flight,
-                queue_available=queue_available(self.store) or (lambda: True),
+                queue_health=self.store.health,
             )
         )
         # Further admin routes (e.g. /metrics) are added to admin_app here.
@@ -343,6 +350,8 @@ class App:
             for transport in self._smtp:
                 await transport.close()
         log.debug("stop: transports done")
+        if self.store_failure is not None:
+            self.store_failure.cancel()
         if self.history is not None:
             await self.history.stop()
         await self._helpers.close()
@@ -386,12 +395,27 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
     # load (bench/README.md, "Garbage collection").
     gc.collect()
     gc.freeze()
+    failure: StoreHealth | None = None
+    stopping = asyncio.ensure_future(stop.wait())
+    waits: set[asyncio.Future[Any]] = {stopping}
+    if app.store_failure is not None:
+        waits.add(app.store_failure)
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if app.store_failure is not None and app.store_failure.done():
+            failure = app.store_failure.result()
+            log.critical(
+                "the queue store cannot recover (%s): stopping, for a supervisor to restart"
+                " postillon",
+                failure.reason,
+            )
     finally:
+        stopping.cancel()
         loop.remove_signal_handler(signal.SIGHUP)
         with contextlib.suppress(Exception):
             await app.stop()
+    if failure is not None:
+        raise SystemExit(f"postillon: the queue store failed: {failure.reason}")
 
 
 def run(config: Config, config_path: Path | None = None) -> None:

@@ -19,6 +19,7 @@ from postillon.checks.relay import RelayPolicy
 from postillon.config.loader import ConfigError
 from postillon.config.model import Config
 from postillon.core.clock import SystemClock
+from postillon.delivery.retry import RetryPolicy
 from postillon.dns.dnspython_resolver import DnsResolver
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.accounts import AccountStore, accounts_path
@@ -36,7 +37,6 @@ from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.paths import queue_path, tls_dir
 from postillon.protocol.server import ServerSettings
 from postillon.queue.postgres_store import PostgresStore
-from postillon.queue.retry import RetryPolicy
 from postillon.queue.sqlite_store import SqliteStore
 from postillon.queue.store import QueueStore
 from postillon.routing.aliases import load_aliases
@@ -55,11 +55,10 @@ def open_queue_store(config: Config) -> QueueStore:
     return SqliteStore(queue_path(config))
 
 
-def queue_available(store: QueueStore) -> Callable[[], bool] | None:
-    """How listeners learn that a shared queue's database is unreachable (421 4.3.0)."""
-    if isinstance(store, PostgresStore):
-        return lambda: store.available
-    return None  # an embedded store is as available as the local disk
+def queue_available(store: QueueStore) -> Callable[[], bool]:
+    """How listeners learn that the queue cannot take mail (421 4.3.0): a shared
+    queue's database unreachable, the embedded store's writer gone."""
+    return lambda: store.health().ok
 
 
 def build_local_recipients(config: Config) -> LocalRecipients:

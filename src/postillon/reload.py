@@ -36,6 +36,8 @@ from postillon.config.changes import effective, restart_needed
 from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
 from postillon.core.credentials import redact
+from postillon.delivery.runner import Runner
+from postillon.delivery.transport import Transport
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.accounts import AccountError
 from postillon.inbound.limits import ConnectionLimiter
@@ -45,7 +47,6 @@ from postillon.intake.intake import Intake
 from postillon.intake.pickup import Pickup
 from postillon.observability.maillog import MailLog, configure_logging
 from postillon.outbound.smtp_transport import SmtpTransport
-from postillon.queue.runner import Runner, Transport
 from postillon.routing.aliases import AliasesError
 from postillon.signing.remote_keys import shared_keys
 from postillon.signing.signer import DkimSigner
@@ -215,6 +216,7 @@ class Reloader:
             concurrency=config.queue.concurrency,
             lease_seconds=config.queue.lease,
             delay_warning=config.queue.delay_warning,
+            node_timeout=config.queue.node_timeout,
             transports=transports,
         )
         self._pickup.reconfigure(config.hostname, config.limits.message_size)

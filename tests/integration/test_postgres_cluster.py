@@ -281,5 +281,68 @@ def test_large_message_streams_through_the_shared_queue(
     with smtplib.SMTP(*smtp_address(accepting), timeout=60) as client:
         client.sendmail("load@example.org", ["big@sink.test"], body)
     wait_until(lambda: delivered_counts(target.dump) == {7: 1}, 60, "the big message")
+    # smtp-sink writes its dump as the data arrives: wait for the last line, not the first.
+    wanted = body.count(line)
+    wait_until(
+        lambda: target.dumps(1)[0].count("0123456789abcdefghijklmnopqrstuvwxyz" * 2) >= wanted,
+        60,
+        "the whole body in the dump",
+    )
     (dump,) = target.dumps(1)
-    assert dump.count("0123456789abcdefghijklmnopqrstuvwxyz" * 2) == body.count(line)
+    assert dump.count("0123456789abcdefghijklmnopqrstuvwxyz" * 2) == wanted
+
+
+def test_a_dead_nodes_leases_are_taken_over_after_node_timeout(
+    make_server: MakeServer, sink: Callable[..., Any], postgres_dsn: str
+) -> None:
+    """Issue 18, item 12: kill -9 a node holding leases; the others deliver its
+    messages after [queue] node_timeout (3 s here), long before [queue] lease
+    (10 minutes) would have let them. Every delivery takes longer than the node
+    timeout (the sink waits 4 s before answering DATA): a live node keeps its
+    leases meanwhile, so nothing is delivered twice.
+
+        smtplib ──► victim (claims everything, stuck in DATA) ─┐
+                    node B, node C ───── PostgreSQL queue ──────┴──► slow smtp-sink
+    """
+    total = 6
+    target = sink("-w", "4")
+
+    def config() -> dict[str, Any]:
+        options = node_config(postgres_dsn, target.port, lease=600.0)
+        options["queue"]["node_timeout"] = 3.0
+        return options
+
+    victim, *others = (make_server(**config()) for _ in range(3))
+    victim.write_config()
+    assert "applied migration 3" in victim.cli("db", "migrate").stdout
+    victim.start()
+    with smtplib.SMTP(*smtp_address(victim), timeout=30) as client:
+        for seq in range(total):
+            body = f"Subject: takeover\r\nX-Seq: {seq}\r\n\r\nhi\r\n"
+            client.sendmail("load@example.org", [f"r{seq}@sink.test"], body)
+
+    def leased_by(node: ServerProcess) -> int:
+        return int(
+            query(
+                postgres_dsn,
+                "SELECT count(*) FROM records WHERE state = 'leased' AND lease_owner = $1",
+                owner_of(node),
+            )[0][0]
+        )
+
+    wait_until(lambda: leased_by(victim) == total, 30, "the victim leasing every message")
+    for node in others:
+        node.start()
+    victim.kill()  # SIGKILL: its leases stay in the database, valid for 10 minutes
+    assert leased_by(victim) == total
+
+    wait_until(lambda: set(delivered_counts(target.dump)) == set(range(total)), 60, "takeover")
+    wait_until(
+        lambda: query(postgres_dsn, "SELECT count(*) FROM records")[0][0] == 0,
+        60,
+        "an empty queue",
+    )
+    counts = delivered_counts(target.dump)
+    assert max(counts.values()) == 1, counts  # no live node lost its lease
+    took_over = "".join(node.maillog() for node in others)
+    assert "took over" in took_over

@@ -143,17 +143,8 @@ async def test_large_body_streams_in_its_own_transaction(
     a, b = two_nodes
     big = os.urandom(5 * 1024 * 1024 + 17)
     await asyncio.gather(a.commit(message("QBIG", big)), a.commit(message("QSMALL")))
-    read = await asyncio.to_thread(lambda: b"".join(b.open_body("QBIG")))  # the other node
+    read = b"".join([c async for c in b.read_body("QBIG")])  # the other node
     assert read == big
-
-
-async def test_open_body_on_the_event_loop_is_refused(
-    two_nodes: tuple[PostgresStore, PostgresStore],
-) -> None:
-    a, _ = two_nodes
-    await a.commit(message("QLOOP"))
-    with pytest.raises(RuntimeError, match="thread"):
-        next(iter(a.open_body("QLOOP")))
 
 
 async def test_database_loss_is_noticed_and_recovered(
@@ -179,3 +170,49 @@ async def test_database_loss_is_noticed_and_recovered(
     finally:
         postgres_server.start()
         await store.close()
+
+
+async def test_message_commits_flush_the_wal_on_a_server_tuned_to_off(
+    postgres_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 18, item 9: a server (here: the database) set to ``synchronous_commit =
+    off`` must not make a 250 go out before the WAL flush. A trigger records the
+    setting in force inside every transaction that inserts a message."""
+    setup = PostgresStore(postgres_dsn, create_schema=True, health_interval=0)
+    await setup.open()
+    await setup.close()
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        name = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
+        await conn.execute(
+            """
+            CREATE TABLE seen (setting text NOT NULL);
+            CREATE FUNCTION note_setting() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                INSERT INTO seen VALUES (current_setting('synchronous_commit'));
+                RETURN NULL;
+            END $$;
+            CREATE TRIGGER note AFTER INSERT ON messages
+                FOR EACH STATEMENT EXECUTE FUNCTION note_setting();
+            """
+        )
+    finally:
+        await conn.close()
+    store = PostgresStore(postgres_dsn, clock_now=lambda: T0, health_interval=0)
+    with caplog.at_level("WARNING", logger="postillon.queue.postgres_store"):
+        await store.open()
+    try:
+        assert any("synchronous_commit" in r.getMessage() for r in caplog.records)
+        await asyncio.gather(*(store.commit(message(f"QSMALL{i}")) for i in range(3)))
+        await store.commit(message("QLARGE", os.urandom(2 * 1024 * 1024)))  # streamed alone
+        claimed = await store.claim_due(T0, 10, LEASE, "n")  # bookkeeping stays cheap
+        assert len(claimed) == 4
+    finally:
+        await store.close()
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        seen = [row[0] for row in await conn.fetch("SELECT setting FROM seen")]
+    finally:
+        await conn.close()
+    assert seen and set(seen) == {"on"}, seen

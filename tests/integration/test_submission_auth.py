@@ -183,7 +183,9 @@ def plain(user: str, password: str) -> str:
 async def received_headers(store: MemoryStore) -> list[bytes]:
     out = []
     for info in await store.list_messages():
-        out.append(b"".join(store.open_body(info.queue_id)).split(b"\r\n\r\n")[0])
+        out.append(
+            b"".join([c async for c in store.read_body(info.queue_id)]).split(b"\r\n\r\n")[0]
+        )
     return out
 
 

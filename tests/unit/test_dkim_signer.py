@@ -105,7 +105,7 @@ async def test_intake_stores_signed_bytes(tmp_path: Path, keys: KeyStore) -> Non
     for i in range(0, len(message), 1000):  # arrives in pieces, the header split too
         tx.write(message[i : i + 1000])
     queue_id = await tx.commit()
-    stored = b"".join(store.open_body(queue_id))
+    stored = b"".join([c async for c in store.read_body(queue_id)])
     assert stored.startswith(b"DKIM-Signature:")
     assert stored.endswith(message)
     (info,) = await store.list_messages()
@@ -123,15 +123,15 @@ async def test_intake_without_keys_or_for_relayed_mail(tmp_path: Path, keys: Key
         HEADER + b"\r\nbody\r\n",
         client=relayed,
     )
-    assert b"DKIM-Signature" not in b"".join(store.open_body(queue_id))
+    assert b"DKIM-Signature" not in b"".join([c async for c in store.read_body(queue_id)])
     # A bounce (local, null sender) from the hostname's domain has no key: unsigned.
     bounce = await intake.submit(
         "", [NewRecipient("x@example.org")], b"From: MAILER-DAEMON@mx.test\r\n\r\nx\r\n"
     )
-    assert b"DKIM-Signature" not in b"".join(store.open_body(bounce))
+    assert b"DKIM-Signature" not in b"".join([c async for c in store.read_body(bounce)])
     # Ended inside the header section: still signed, with an empty body.
     local = await intake.submit("", [NewRecipient("x@example.org")], HEADER, trace=False)
-    stored = b"".join(store.open_body(local))
+    stored = b"".join([c async for c in store.read_body(local)])
     assert stored.startswith(b"DKIM-Signature:")
 
 

@@ -80,7 +80,9 @@ def _imports(path: Path) -> list[tuple[int, str]]:
                 names = [f"{node.module}.{alias.name}" for alias in node.names]
         else:
             continue
-        found += [(node.lineno, n.removeprefix("postillon.")) for n in names if n.startswith("postillon.")]
+        found += [
+            (node.lineno, n.removeprefix("postillon.")) for n in names if n.startswith("postillon.")
+        ]
     return found
 
 
@@ -122,7 +124,9 @@ def test_no_two_rooms_import_each_other() -> None:
             target = module.split(".")[0]
             if target != _room_of(path):
                 edges[_room_of(path)].add(target)
-    mutual = sorted({tuple(sorted((a, b))) for a in list(edges) for b in edges[a] if a in edges.get(b, ())})
+    mutual = sorted(
+        {tuple(sorted((a, b))) for a in list(edges) for b in edges[a] if a in edges.get(b, ())}
+    )
     assert not mutual, f"rooms importing each other: {mutual}"
 
 

@@ -14,7 +14,7 @@ import io
 import logging
 import sys
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +203,7 @@ class StreamingStore:
     def __init__(self) -> None:
         self.committed: list[tuple[NewMessage, str, int]] = []
 
-    def open_body(self, queue_id: str) -> Iterator[bytes]:
+    async def read_body(self, queue_id: str) -> AsyncIterator[bytes]:
         yield b"Subject: big\r\n\r\n"
         for i in range(BIG // CHUNK):
             yield bytes([65 + i % 26]) * (CHUNK - 2) + b"\r\n"

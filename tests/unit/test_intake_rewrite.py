@@ -29,7 +29,7 @@ async def test_message_bytes_and_rewrite(tmp_path: Path) -> None:
     cleaned = b"From: a@x.example\r\nSubject: s\r\n"
     tx.rewrite_header(b"Authentication-Results: mx; spf=pass\r\n", cleaned)
     queue_id = await tx.commit()
-    stored = b"".join(store.open_body(queue_id))
+    stored = b"".join([c async for c in store.read_body(queue_id)])
     assert stored.startswith(b"Authentication-Results: mx; spf=pass\r\nReceived: from ")
     assert stored.endswith(cleaned + BODY)
     assert b"forged" not in stored

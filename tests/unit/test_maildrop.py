@@ -197,7 +197,7 @@ async def test_pickup_queues_and_adds_headers(tmp_path: Path) -> None:
     (info,) = await store.list_messages()
     assert [r.recipient for r in info.records] == ["alice@mx.test"]
     assert info.source == "sendmail"
-    body = b"".join(store.open_body(info.queue_id))
+    body = b"".join([c async for c in store.read_body(info.queue_id)])
     assert body.startswith(f"Received: from local (uid {me})".encode())
     assert b"From: Ann <x@mx.test>" not in body  # the name in the file is not trusted
     assert b"From: Ann <" in body and b"Message-ID: <" in body and b"Date: " in body
@@ -258,7 +258,7 @@ async def test_pickup_streams_the_message_in_bounded_chunks(
     assert await pickup.scan_once() == 1
     assert max(chunks) <= pickup_module.READ_SIZE
     (info,) = await store.list_messages()
-    assert b"".join(store.open_body(info.queue_id)).endswith(message)
+    assert b"".join([chunk async for chunk in store.read_body(info.queue_id)]).endswith(message)
 
 
 async def test_pickup_refuses_a_file_grown_after_the_size_check(

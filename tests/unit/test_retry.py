@@ -1,4 +1,4 @@
-"""The retry curve (queue/retry.py), table-driven."""
+"""The retry curve (delivery/retry.py), table-driven."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from postillon.queue.retry import RetryPolicy
+from postillon.delivery.retry import RetryPolicy
 
 NOW = 1_800_000_000.0
 NO_JITTER = RetryPolicy(jitter=0.0)

@@ -15,11 +15,12 @@ from postillon.core.clock import FakeClock
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail
 from postillon.core.reply import Reply
+from postillon.delivery.retry import RetryPolicy
+from postillon.delivery.runner import Runner
+from postillon.delivery.transport import DeliveryJob
 from postillon.intake.intake import Intake
 from postillon.observability.maillog import null_maillog
 from postillon.queue.memory_store import MemoryStore
-from postillon.queue.retry import RetryPolicy
-from postillon.queue.runner import DeliveryJob, Runner
 from postillon.queue.store import DeliveryState, NewRecipient, StoreError
 from postillon.routing.local import LocalRecipients
 from postillon.routing.router import Router
@@ -38,7 +39,7 @@ class Scripted:
 
     async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
         self.calls.append(tuple(r.recipient for r in job.records))
-        body = b"".join(job.body())
+        body = b"".join([c async for c in job.body()])
         assert body.endswith(b"body\r\n")
         return [self.script[r.recipient].pop(0) for r in job.records]
 
@@ -50,7 +51,7 @@ class Capture:
         self.delivered: list[tuple[str, bytes]] = []
 
     async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
-        body = b"".join(job.body())
+        body = b"".join([c async for c in job.body()])
         self.delivered.extend((r.recipient, body) for r in job.records)
         return [Delivered(OK, "capture") for _ in job.records]
 
@@ -78,8 +79,10 @@ def make_runner(env, remote: Scripted, **kw):  # type: ignore[no-untyped-def]
         null_maillog(),
         "mx.test",
         clock=clock,
+        recent=intake.recent,
         **kw,
     )
+    intake.on_commit(runner.wake)
     return runner, capture
 
 
@@ -256,3 +259,18 @@ async def test_failed_recipient_stays_queued_while_its_bounce_cannot_be(env, mon
     assert await store.get_message(qid) is None
     ((rcpt, dsn),) = capture.delivered
     assert rcpt == "alice@local.test" and b"Final-Recipient: rfc822; bob@remote.test" in dsn
+
+
+async def test_beat_takes_over_the_leases_of_a_silent_runner(env) -> None:  # type: ignore[no-untyped-def]
+    clock, store, intake, _ = env
+    remote = Scripted({"bob@remote.test": [Delivered(OK)]})
+    runner, _ = make_runner(env, remote, lease_seconds=600, node_timeout=30)
+    qid = await submit(intake, ["bob@remote.test"])
+    await store.heartbeat("other-node:1", clock.now())
+    assert len(await store.claim_due(clock.now(), 10, 600, "other-node:1")) == 1
+    assert await runner.beat() == 0  # the other runner beat just now
+    assert await runner.run_once() == 0  # its lease holds
+    clock.advance(31)  # ... then it fell silent, its lease still has 9 minutes
+    assert await runner.beat() == 1
+    assert await runner.run_once() == 1
+    assert await store.get_message(qid) is None

@@ -12,10 +12,10 @@ import pytest
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.outcome import Delivered, PermFail, TempFail
 from postillon.core.reply import Reply
+from postillon.delivery.transport import DeliveryJob
 from postillon.outbound import smtp_transport
 from postillon.outbound.client_session import SessionError, TransactionResult
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
-from postillon.queue.runner import DeliveryJob
 from postillon.queue.store import DeliveryRecord, DeliveryState, MessageInfo
 from postillon.routing.router import NextHop, Route
 

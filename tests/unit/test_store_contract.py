@@ -93,13 +93,8 @@ def message(
     )
 
 
-def read_body(store: QueueStore, queue_id: str) -> bytes:
-    return b"".join(store.open_body(queue_id))
-
-
 async def body_of(store: QueueStore, queue_id: str) -> bytes:
-    """``open_body`` blocks (store.py): read it from a thread, as transports do."""
-    return await asyncio.to_thread(read_body, store, queue_id)
+    return b"".join([chunk async for chunk in store.read_body(queue_id)])
 
 
 def outcome(
@@ -220,7 +215,7 @@ async def test_duplicate_queue_id_fails_and_keeps_the_first(store: QueueStore) -
 async def test_body_round_trip(store: QueueStore, size: int) -> None:
     body = os.urandom(size)
     await store.commit(message("QBODY", body=body))
-    chunks = await asyncio.to_thread(lambda: list(store.open_body("QBODY")))
+    chunks = [chunk async for chunk in store.read_body("QBODY")]
     assert b"".join(chunks) == body
     assert all(chunks), "no empty chunks"
     info = await store.get_message("QBODY")
@@ -240,10 +235,10 @@ async def test_body_of_unknown_message_raises_keyerror(store: QueueStore) -> Non
         await body_of(store, "NOPE")
 
 
-async def test_body_read_from_a_thread(store: QueueStore) -> None:
-    await store.commit(message("QTHREAD", body=b"x" * 600_000))
-    body = await asyncio.to_thread(read_body, store, "QTHREAD")
-    assert body == b"x" * 600_000
+async def test_body_reads_run_side_by_side(store: QueueStore) -> None:
+    await store.commit(message("QTWO", body=b"x" * 600_000))
+    first, second = await asyncio.gather(body_of(store, "QTWO"), body_of(store, "QTWO"))
+    assert first == second == b"x" * 600_000
 
 
 # ---------------------------------------------------------------- claiming
@@ -798,3 +793,34 @@ async def test_closed_store_refuses_work(store: QueueStore) -> None:
     with pytest.raises(Exception):  # noqa: B017
         await store.commit(message("QCLOSE2"))
     await store.close()  # idempotent
+
+
+async def test_health_of_an_open_and_a_closed_store(store: QueueStore) -> None:
+    await store.commit(message("QHEALTH"))
+    assert store.health().ok
+    await store.close()
+    health = store.health()
+    assert not health.ok and not health.recoverable and health.reason
+
+
+async def test_leases_of_an_owner_whose_heartbeat_is_stale_come_back(store: QueueStore) -> None:
+    """A dead node's work is taken over after node_timeout, not after the lease;
+    a live owner's leases stay however long its delivery takes; fencing holds."""
+    await store.commit(message("QDEAD", rcpts=("a@example.net", "b@example.net")))
+    dead = await store.claim_due(T0, 10, 600.0, "dead")
+    await store.commit(message("QLIVE"))
+    live = await store.claim_due(T0, 10, 600.0, "live")
+    assert len(dead) == 2 and len(live) == 1
+    await store.heartbeat("dead", T0)
+    await store.heartbeat("live", T0)
+    assert await store.release_dead_owners(T0 + 20, 30.0) == 0  # nobody silent that long
+    await store.heartbeat("live", T0 + 25)  # the live node keeps beating
+    assert await store.release_dead_owners(T0 + 40, 30.0) == 2
+    assert await store.release_dead_owners(T0 + 41, 30.0) == 0  # taken over once
+    again = await store.claim_due(T0 + 41, 10, 600.0, "other")
+    assert sorted(r.record_id for r in again) == sorted(r.record_id for r in dead)
+    # the dead owner's late outcome is fenced out
+    late = outcome(dead[0], DeliveryState.DELIVERED, now=T0 + 50)
+    assert await store.record_outcomes([late]) == []
+    info = await store.get_message("QLIVE")
+    assert info is not None and info.records[0].lease_owner == "live"

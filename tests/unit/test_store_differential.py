@@ -4,7 +4,6 @@ this catches two stores drifting apart in combinations nobody wrote down)."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import random
 from pathlib import Path
@@ -170,8 +169,8 @@ async def test_memory_and_sqlite_agree(seed: int, tmp_path: Path) -> None:
             assert await memory.snapshot() == await sqlite.snapshot(), context
         # the bodies that are left are the same too
         for info in await memory.store.list_messages(limit=10_000):
-            want = b"".join(memory.store.open_body(info.queue_id))
-            assert b"".join(sqlite.store.open_body(info.queue_id)) == want
+            want = b"".join([c async for c in memory.store.read_body(info.queue_id)])
+            assert b"".join([c async for c in sqlite.store.read_body(info.queue_id)]) == want
     finally:
         await memory.store.close()
         await sqlite.store.close()
@@ -192,10 +191,8 @@ async def test_memory_and_postgresql_agree(seed: int, postgres_dsn: str) -> None
             assert got_memory == got_postgres, context
             assert await memory.snapshot() == await postgres.snapshot(), context
         for info in await memory.store.list_messages(limit=10_000):
-            want = b"".join(memory.store.open_body(info.queue_id))
-            got = await asyncio.to_thread(
-                lambda q=info.queue_id: b"".join(postgres.store.open_body(q))
-            )
+            want = b"".join([c async for c in memory.store.read_body(info.queue_id)])
+            got = b"".join([c async for c in postgres.store.read_body(info.queue_id)])
             assert got == want
     finally:
         await memory.store.close()

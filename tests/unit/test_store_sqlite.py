@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,10 @@ class Gate:
             await self.task
 
 
+async def read_all(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
+
+
 async def settle() -> None:
     """Let every ready task run up to its first real wait (its submission)."""
     for _ in range(5):
@@ -118,7 +122,7 @@ async def test_a_big_batch_spans_several_multi_row_inserts(store: SqliteStore) -
     await asyncio.gather(*tasks)
     assert store.stats()["batches"] == 2
     assert (await store.count_by_state())["pending"] == 6000
-    assert b"".join(store.open_body("QBIG0599")) == b"599"
+    assert b"".join([c async for c in store.read_body("QBIG0599")]) == b"599"
 
 
 async def test_a_mixed_batch(store: SqliteStore) -> None:
@@ -138,8 +142,8 @@ async def test_a_mixed_batch(store: SqliteStore) -> None:
     claimed = await claim
     assert {r.queue_id for r in claimed} <= {"QDUE", "QS0", "QS1", "QS2", "QLARGE", "QTWICE"}
     assert "QDUE" in {r.queue_id for r in claimed}
-    assert b"".join(store.open_body("QLARGE")) == large
-    assert b"".join(store.open_body("QTWICE")) == b"one"
+    assert b"".join([c async for c in store.read_body("QLARGE")]) == large
+    assert b"".join([c async for c in store.read_body("QTWICE")]) == b"one"
     assert len(await store.list_messages()) == 6
 
 
@@ -164,8 +168,8 @@ async def test_a_failing_op_fails_only_its_caller(store: SqliteStore) -> None:
     # the failed ops left nothing behind, the others are all there
     assert await store.get_message("QBOOM") is None
     with pytest.raises(KeyError):
-        b"".join(store.open_body("QBOOM"))
-    assert b"".join(store.open_body("QEXISTS")) == b"original"
+        b"".join([c async for c in store.read_body("QBOOM")])
+    assert b"".join([c async for c in store.read_body("QEXISTS")]) == b"original"
     ids = [m.queue_id for m in await store.list_messages()]
     assert ids == ["QEXISTS"] + [f"QOK{i}" for i in range(10)]
     assert (await store.count_by_state())["pending"] == 11
@@ -196,7 +200,7 @@ class FailingCommit(sqlite3.Connection):
 
 async def test_a_failed_commit_fails_the_whole_batch(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "queue.db")
-    store._writer_factory = FailingCommit
+    store._writer.factory = FailingCommit
     try:
         await store.commit(message("QBEFORE"))
         FailingCommit.fail = True
@@ -255,7 +259,7 @@ async def test_a_writer_that_cannot_start_fails_its_callers(tmp_path: Path) -> N
             raise sqlite3.OperationalError("unable to open database file (injected)")
 
     store = SqliteStore(tmp_path / "queue.db")
-    store._writer_factory = Unopenable
+    store._writer.factory = Unopenable
     with pytest.raises(StoreError):
         await store.commit(message("QX"))
     with pytest.raises(StoreError):
@@ -272,27 +276,25 @@ async def test_readers_do_not_wait_for_the_writer(store: SqliteStore) -> None:
         info = await asyncio.wait_for(store.get_message("QREAD"), 5)
         assert info is not None
         assert await asyncio.wait_for(store.next_due(), 5) == T0
-        body = await asyncio.wait_for(
-            asyncio.to_thread(lambda: b"".join(store.open_body("QREAD"))), 5
-        )
+        body = await asyncio.wait_for(read_all(store.read_body("QREAD")), 5)
         assert body == b"z" * 700_000
 
 
 async def test_body_deleted_while_read_raises_instead_of_truncating(store: SqliteStore) -> None:
     body = os.urandom(900_000)  # four chunks
     await store.commit(message("QSNAP", body=body))
-    chunks = store.open_body("QSNAP")
-    next(chunks)
+    chunks = store.read_body("QSNAP")
+    await anext(chunks)
     assert await store.delete("QSNAP") is True
     with pytest.raises(StoreError, match="deleted"):
-        b"".join(chunks)
+        await read_all(chunks)
 
 
 async def test_a_slow_body_reader_does_not_pin_the_wal(store: SqliteStore, tmp_path: Path) -> None:
     body = os.urandom(900_000)
     await store.commit(message("QSLOW", body=body))
-    chunks = store.open_body("QSLOW")
-    got = next(chunks)  # a delivery to a slow peer, paused between chunks
+    chunks = store.read_body("QSLOW")
+    got = await anext(chunks)  # a delivery to a slow peer, paused between chunks
     for i in range(20):
         await store.commit(message(f"QMORE{i:02d}", body=b"m" * 10_000))
     conn = sqlite3.connect(tmp_path / "queue.db")
@@ -301,16 +303,16 @@ async def test_a_slow_body_reader_does_not_pin_the_wal(store: SqliteStore, tmp_p
         assert busy == 0  # the WAL could be checkpointed and reset to zero
     finally:
         conn.close()
-    assert got + b"".join(chunks) == body
+    assert got + await read_all(chunks) == body
 
 
 async def test_abandoned_body_iterator_returns_its_connection(store: SqliteStore) -> None:
     await store.commit(message("QABANDON", body=b"a" * 600_000))
     for _ in range(20):
-        it = store.open_body("QABANDON")
-        next(it)
-        assert isinstance(it, Generator)
-        it.close()  # what the garbage collector does with a dropped generator
+        it = store.read_body("QABANDON")
+        await anext(it)
+        assert isinstance(it, AsyncGenerator)
+        await it.aclose()  # what the event loop does with a dropped async generator
     assert await store.delete("QABANDON") is True  # no reader snapshot blocks anything
 
 
@@ -369,7 +371,7 @@ async def test_reopening_keeps_everything(tmp_path: Path) -> None:
     try:
         info = await second.get_message("QREOPEN")
         assert info is not None and len(info.records) == 2
-        assert b"".join(second.open_body("QREOPEN")) == b"body"
+        assert b"".join([c async for c in second.read_body("QREOPEN")]) == b"body"
     finally:
         await second.close()
 
@@ -391,6 +393,7 @@ async def test_version_1_queue_gains_the_history_table(tmp_path: Path) -> None:
     await store.close()
     conn = sqlite3.connect(path)
     conn.execute("DROP TABLE events")
+    conn.execute("DROP TABLE nodes")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
@@ -399,6 +402,26 @@ async def test_version_1_queue_gains_the_history_table(tmp_path: Path) -> None:
         assert await store.get_message("QOLD") is not None
         await store.add_events([QueueEvent("QOLD", T0, "received", {})])
         assert [e.event for e in await store.events("QOLD")] == ["received"]
+        await store.heartbeat("me", T0)  # and the heartbeats of version 3
+    finally:
+        await store.close()
+
+
+async def test_version_2_queue_gains_the_heartbeats(tmp_path: Path) -> None:
+    path = tmp_path / "queue.db"
+    store = SqliteStore(path)
+    await store.commit(message("QOLD"))
+    await store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE nodes")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    store = SqliteStore(path)
+    try:
+        assert await store.get_message("QOLD") is not None
+        await store.heartbeat("me", T0)
+        assert await store.release_dead_owners(T0 + 60, 30.0) == 0
     finally:
         await store.close()
 
@@ -587,12 +610,32 @@ def test_committed_messages_survive_sigkill(tmp_path: Path) -> None:
                 info = await store.get_message(qid)
                 assert info is not None, qid
                 assert [r.recipient for r in info.records] == ["r0@example.net", "r1@example.net"]
-                assert b"".join(store.open_body(qid)) == body_for(qid), qid
+                assert b"".join([c async for c in store.read_body(qid)]) == body_for(qid), qid
             # and nothing half-written: every stored message is whole
             for info in await store.list_messages(limit=100_000):
                 assert len(info.records) == 2
-                assert b"".join(store.open_body(info.queue_id)) == body_for(info.queue_id)
+                assert b"".join([c async for c in store.read_body(info.queue_id)]) == body_for(
+                    info.queue_id
+                )
         finally:
             await store.close()
 
     asyncio.run(check())
+
+
+async def test_a_dead_writer_makes_the_store_unhealthy_for_good(store: SqliteStore) -> None:
+    class Killed(BaseException):
+        pass
+
+    def explode(conn: sqlite3.Connection) -> None:
+        raise Killed("a bug in the writer thread")
+
+    await store.commit(message("QBEFORE"))
+    assert store.health().ok
+    with pytest.raises(StoreError, match="writer failed"):
+        await store._write(explode)
+    health = store.health()
+    assert not health.ok and not health.recoverable
+    assert "writer thread died" in health.reason
+    with pytest.raises(StoreError):
+        await store.commit(message("QAFTER"))

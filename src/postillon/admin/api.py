@@ -7,10 +7,9 @@ serialise with the shared ``*_json`` functions.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -197,20 +196,20 @@ async def message_events(request: web.Request) -> web.Response:
 async def raw_message(request: web.Request) -> web.StreamResponse:
     ctx = _ctx(request)
     queue_id = _queue_id(request)
-    chunks: Iterator[bytes] = ctx.ops.raw(queue_id)
+    chunks: AsyncIterator[bytes] = ctx.ops.raw(queue_id)
     sentinel = object()
 
     broken = object()
 
-    def next_chunk() -> Any:
+    async def next_chunk() -> Any:
         try:
-            return next(chunks, sentinel)
+            return await anext(chunks, sentinel)
         except KeyError:
             return None
         except StoreError:  # deleted while being read: never a silently short file
             return broken
 
-    first = await asyncio.to_thread(next_chunk)
+    first = await next_chunk()
     if first is None or first is broken:
         return json_error(404, f"no message {queue_id} in the queue")
     response = web.StreamResponse(
@@ -228,7 +227,7 @@ async def raw_message(request: web.Request) -> web.StreamResponse:
                 request.transport.close()
             return response
         await response.write(chunk)
-        chunk = await asyncio.to_thread(next_chunk)
+        chunk = await next_chunk()
     await response.write_eof()
     return response
 

@@ -19,6 +19,7 @@ from postillon.admin.queue_ops import QueueOps
 from postillon.admin.token import TokenVerifier
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.listener import Listener
+from postillon.queue.store import HEALTHY, StoreHealth
 
 
 @dataclass
@@ -32,9 +33,10 @@ class AdminContext:
     limiter: ConnectionLimiter | None = None
     in_flight: Callable[[], int] = lambda: 0
     started_at: float = field(default_factory=time.time)
-    # False while a shared (PostgreSQL) queue is unreachable: /healthz answers 503,
-    # so a load balancer sends mail to the other nodes meanwhile.
-    queue_available: Callable[[], bool] = lambda: True
+    # The queue store's health: /healthz answers 503 with the reason while the store
+    # cannot take mail (a shared queue's database unreachable, the SQLite writer
+    # gone), so a load balancer or supervisor acts on it.
+    queue_health: Callable[[], StoreHealth] = lambda: HEALTHY
 
 
 CONTEXT: Final = web.AppKey("postillon_admin_context", AdminContext)

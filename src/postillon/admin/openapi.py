@@ -257,7 +257,8 @@ def spec() -> dict[str, Any]:
                         "200": _json({"type": "object"}, "The server runs"),
                         "503": _json(
                             {"type": "object"},
-                            "The server runs but its shared queue database is unreachable",
+                            "The server runs but its queue store cannot take mail (a shared"
+                            " queue's database unreachable, the writer gone): `reason` says why",
                         ),
                     },
                 }

@@ -12,10 +12,9 @@ that is not.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy
@@ -243,9 +242,9 @@ def parse_headers(head: bytes) -> list[tuple[str, str]]:
         return [(name, str(value)) for name, value in raw.items()]
 
 
-def _read_head(chunks: Iterator[bytes]) -> bytes:
+async def _read_head(chunks: AsyncIterator[bytes]) -> bytes:
     head = b""
-    for chunk in chunks:
+    async for chunk in chunks:
         head += chunk
         if b"\r\n\r\n" in head or len(head) >= HEADER_LIMIT:
             break
@@ -321,14 +320,14 @@ class QueueOps:
 
     async def headers(self, queue_id: str) -> list[tuple[str, str]]:
         try:
-            head = await asyncio.to_thread(_read_head, self.store.open_body(queue_id))
+            head = await _read_head(self.store.read_body(queue_id))
         except KeyError:
             raise NotInQueue(queue_id) from None
         return parse_headers(head)
 
-    def raw(self, queue_id: str) -> Iterator[bytes]:
-        """The stored message in chunks (blocking; KeyError at the first chunk if unknown)."""
-        return self.store.open_body(queue_id)
+    def raw(self, queue_id: str) -> AsyncIterator[bytes]:
+        """The stored message in chunks (KeyError at the first chunk if unknown)."""
+        return self.store.read_body(queue_id)
 
     async def events(self, queue_id: str, limit: int = 500) -> list[QueueEvent]:
         if self.history is not None:

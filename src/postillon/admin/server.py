@@ -108,9 +108,11 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    if not request.app[CONTEXT].queue_available():
+    health = request.app[CONTEXT].queue_health()
+    if not health.ok:
         return web.json_response(
-            {"status": "queue unavailable", "version": __version__}, status=503
+            {"status": "queue unavailable", "reason": health.reason, "version": __version__},
+            status=503,
         )
     return web.json_response({"status": "ok", "version": __version__})
 

@@ -364,10 +364,9 @@ async def _print_events(console: Console, ops: QueueOps, queue_id: str) -> None:
 
 
 async def _raw(args: argparse.Namespace, ops: QueueOps) -> int:
-    chunks = ops.raw(args.queue_id)
     out = sys.stdout.buffer
     try:
-        for chunk in await asyncio.to_thread(list, chunks):
+        for chunk in [chunk async for chunk in ops.raw(args.queue_id)]:
             out.write(chunk)
     except KeyError:
         print(f"postillon: no message {args.queue_id} in the queue", file=sys.stderr)

@@ -112,8 +112,8 @@ def _message_line(info: MessageInfo, body: bytes) -> dict[str, Any] | None:
     }
 
 
-def _read_body(store: QueueStore, queue_id: str) -> bytes:
-    return b"".join(store.open_body(queue_id))  # blocking: runs in a thread
+async def _read_body(store: QueueStore, queue_id: str) -> bytes:
+    return b"".join([chunk async for chunk in store.read_body(queue_id)])
 
 
 async def _export(path: str, store: QueueStore) -> int:
@@ -124,7 +124,7 @@ async def _export(path: str, store: QueueStore) -> int:
         out.write(json.dumps({"format": FORMAT, "version": VERSION}) + "\n")
         for info in messages:
             try:
-                body = await asyncio.to_thread(_read_body, store, info.queue_id)
+                body = await _read_body(store, info.queue_id)
             except KeyError:  # delivered and removed since the listing
                 continue
             line = _message_line(info, body)

@@ -44,7 +44,15 @@ RELOADABLE = frozenset(
 # [queue] settings a reload applies (retry curve and runner limits); every
 # other [queue] field chooses or configures the store.
 RELOADABLE_QUEUE = frozenset(
-    {"first_retry", "max_retry", "lifetime", "concurrency", "lease", "delay_warning"}
+    {
+        "first_retry",
+        "max_retry",
+        "lifetime",
+        "concurrency",
+        "lease",
+        "delay_warning",
+        "node_timeout",
+    }
 )
 
 

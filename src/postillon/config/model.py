@@ -156,6 +156,9 @@ class QueueConfig(_Frozen):
     lifetime: float = Field(5 * 86400.0, gt=0)  # then bounce (Postfix maximal_queue_lifetime)
     concurrency: int = Field(50, ge=1)  # deliveries in flight at once
     lease: float = Field(300.0, gt=0)  # claimed work returns to the queue after this
+    # A runner whose heartbeat is older than this is dead: the other nodes (or this
+    # node's next process) take over its leases at once, not after ``lease``.
+    node_timeout: float = Field(30.0, gt=0)
     # Tell the sender once when a message has waited this long (0 = never).
     delay_warning: float = Field(4 * 3600.0, ge=0)
 

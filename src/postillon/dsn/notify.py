@@ -12,8 +12,8 @@ intake spools it to disk past its memory limit, as it does for any message.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
 
 from postillon.core.envelope import MailParams
 from postillon.dsn.bounce import (
@@ -23,13 +23,22 @@ from postillon.dsn.bounce import (
     returns_full_message,
 )
 from postillon.intake.headers import ClientInfo
-from postillon.intake.intake import Intake
+from postillon.intake.intake import IntakeTransaction
 from postillon.queue.store import MessageInfo, NewRecipient, QueueStore
+
+
+class NoticeIntake(Protocol):
+    """What a notice needs of intake (``intake.Intake`` is one): the runner,
+    which may not import intake, passes it through."""
+
+    def begin(
+        self, sender: str, params: MailParams, client: ClientInfo, source: str = ...
+    ) -> IntakeTransaction: ...
 
 
 async def queue_notice(
     store: QueueStore,
-    intake: Intake,
+    intake: NoticeIntake,
     hostname: str,
     message: MessageInfo,
     recipients: Sequence[DsnRecipient],
@@ -70,11 +79,11 @@ async def queue_notice(
 async def _returned(store: QueueStore, queue_id: str, full: bool) -> AsyncIterator[bytes]:
     """What the notice returns of the original: all of it, or its header section."""
     if full:
-        async for chunk in _stored_body(store, queue_id):
+        async for chunk in store.read_body(queue_id):
             yield chunk
         return
     head = b""
-    async for chunk in _stored_body(store, queue_id):
+    async for chunk in store.read_body(queue_id):
         head += chunk
         end = head.find(b"\r\n\r\n")
         if end >= 0:
@@ -83,19 +92,3 @@ async def _returned(store: QueueStore, queue_id: str, full: bool) -> AsyncIterat
         if len(head) > HEADER_LIMIT:
             break
     yield head[:HEADER_LIMIT]
-
-
-async def _stored_body(store: QueueStore, queue_id: str) -> AsyncIterator[bytes]:
-    """The original's body, chunk by chunk: the one place a notice reads it.
-
-    ``open_body`` blocks (the PostgreSQL store fetches each chunk), so each
-    step runs in a thread; an async ``read_body`` would replace this loop.
-    """
-    chunks = store.open_body(queue_id)
-    try:
-        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-            yield chunk
-    finally:
-        close = getattr(chunks, "close", None)  # a generator: let it finish now
-        if close is not None:
-            close()

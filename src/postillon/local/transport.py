@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO
 
 from postillon.core.outcome import Outcome, PermFail
 from postillon.core.reply import Reply
+from postillon.delivery.transport import DeliveryJob
 from postillon.local.maildir import MaildirDelivery
-from postillon.queue.runner import DeliveryJob
 from postillon.routing.local import LocalRecipients
+
+# Bodies up to this size are held in memory for the delivery; larger ones are
+# spooled to a temporary file first, so a big message never sits in memory.
+_IN_MEMORY = 1024 * 1024
+_READ_SIZE = 256 * 1024
 
 
 class MaildirTransport:
@@ -18,10 +25,17 @@ class MaildirTransport:
         self.local = local
 
     async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
-        # File writes and fsyncs block: one thread hop per message, not per chunk.
-        return await asyncio.to_thread(self._deliver_sync, job)
+        # The body is read on the event loop (the store's read is async), then the
+        # file writes and fsyncs, which block, run in one thread hop per message.
+        if job.cached_body is not None or job.message.size <= _IN_MEMORY:
+            chunks = [chunk async for chunk in job.body()]
+            return await asyncio.to_thread(self._deliver_sync, job, lambda: iter(chunks))
+        with tempfile.TemporaryFile() as spool:
+            async for chunk in job.body():
+                await asyncio.to_thread(spool.write, chunk)
+            return await asyncio.to_thread(self._deliver_sync, job, lambda: _read_from(spool))
 
-    def _deliver_sync(self, job: DeliveryJob) -> list[Outcome]:
+    def _deliver_sync(self, job: DeliveryJob, body: Callable[[], Iterator[bytes]]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         for record in job.records:
             if not self.local.mailbox_exists(record.recipient):
@@ -34,10 +48,17 @@ class MaildirTransport:
             outcomes.append(
                 self.maildir.deliver(
                     record.recipient,
-                    job.body(),
+                    body(),
                     return_path=job.message.sender,
                     original_recipient=record.original_recipient,
                     delivery_key=f"{int(job.message.received_at)}.{record.queue_id}R{record.record_id}",
                 )
             )
         return outcomes
+
+
+def _read_from(spool: IO[bytes]) -> Iterator[bytes]:
+    """The spooled body from the start (called once per recipient, in the thread)."""
+    spool.seek(0)
+    while data := spool.read(_READ_SIZE):
+        yield data

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from postillon.core.envelope import BodyType
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
+from postillon.delivery.transport import DeliveryJob
 from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
 from postillon.observability.metrics import Metrics
 from postillon.outbound.client_session import (
@@ -21,15 +22,11 @@ from postillon.outbound.client_session import (
     TransactionResult,
 )
 from postillon.outbound.pool import ConnectionPool, Limits
-from postillon.queue.runner import DeliveryJob
 from postillon.routing.mx import resolve_next_hops
 from postillon.routing.router import NextHop, Route
 
 log = logging.getLogger("postillon.outbound")
 
-# Bodies up to this size are read from the store in one thread hop; larger
-# ones are streamed chunk by chunk so a big message never sits in memory.
-READ_WHOLE_LIMIT = 1024 * 1024
 # Addresses tried per delivery attempt across all hosts (Postfix's
 # smtp_mx_address_limit), so a domain with dozens of MX records cannot keep
 # one delivery busy for hours.
@@ -65,26 +62,6 @@ class _Target:
     address: str  # IP address, or "" for a unix socket
     port: int
     hop: NextHop | None
-
-
-async def _body(job: DeliveryJob) -> AsyncIterator[bytes]:
-    if job.cached_body is not None:  # just committed by this process: no store read
-        yield job.cached_body
-        return
-    if job.message.size <= READ_WHOLE_LIMIT:
-        for chunk in await asyncio.to_thread(lambda: list(job.body())):
-            yield chunk
-        return
-    iterator = job.body()
-
-    def next_chunk() -> bytes | None:
-        return next(iterator, None)
-
-    while True:
-        piece = await asyncio.to_thread(next_chunk)
-        if piece is None:
-            return
-        yield piece
 
 
 class SmtpTransport:
@@ -220,7 +197,7 @@ class SmtpTransport:
             job.message.sender,
             params,
             [(r.recipient, r.rcpt_params) for r in job.records],
-            _body(job),
+            job.body(),
             job.message.size,
             needs_smtputf8=params.smtputf8,
             eight_bit=params.body is not BodyType.SEVEN_BIT,

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from postillon.core.reply import Reply
 from postillon.queue.store import (
+    HEALTHY,
     DeliveryRecord,
     DeliveryState,
     EventCount,
@@ -25,6 +26,7 @@ from postillon.queue.store import (
     OutcomeUpdate,
     QueueEvent,
     StoreError,
+    StoreHealth,
 )
 
 __all__ = ["MemoryStore"]
@@ -61,6 +63,7 @@ class MemoryStore:
         self._next_record_id = 1
         self._events: list[QueueEvent] = []
         self._closed = False
+        self._heartbeats: dict[str, float] = {}  # lease owner -> last heartbeat
 
     def _check_open(self) -> None:
         if self._closed:
@@ -202,6 +205,19 @@ class MemoryStore:
                 )
         return count
 
+    async def heartbeat(self, owner: str, now: float) -> None:
+        self._check_open()
+        self._heartbeats[owner] = now
+
+    async def release_dead_owners(self, now: float, timeout: float) -> int:
+        self._check_open()
+        dead = [o for o, at in self._heartbeats.items() if at < now - timeout]
+        released = 0
+        for owner in dead:
+            del self._heartbeats[owner]
+            released += await self.release_leases(owner)
+        return released
+
     async def next_due(self) -> float | None:
         self._check_open()
         times = [
@@ -215,12 +231,13 @@ class MemoryStore:
         present = [t for t in times if t is not None]
         return min(present) if present else None
 
-    def open_body(self, queue_id: str) -> Iterator[bytes]:
+    async def read_body(self, queue_id: str) -> AsyncIterator[bytes]:
         self._check_open()
         msg = self._messages.get(queue_id)
         if msg is None:
             raise KeyError(queue_id)
-        yield from list(msg.chunks)
+        for chunk in list(msg.chunks):
+            yield chunk
 
     async def get_message(self, queue_id: str) -> MessageInfo | None:
         self._check_open()
@@ -341,6 +358,11 @@ class MemoryStore:
         for rec in self._records.values():
             counts[rec.state.value] += 1
         return counts
+
+    def health(self) -> StoreHealth:
+        if self._closed:
+            return StoreHealth(False, "store is closed", recoverable=False)
+        return HEALTHY
 
     async def close(self) -> None:
         self._closed = True

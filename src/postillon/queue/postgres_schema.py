@@ -108,6 +108,16 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX events_by_time ON events (at)",
         ),
     ),
+    Migration(
+        3,
+        "node heartbeats: a dead node's leases are taken over after [queue] node_timeout",
+        (
+            """CREATE TABLE nodes (
+                owner text PRIMARY KEY,  -- the runner's lease owner name, host:pid
+                heartbeat double precision NOT NULL
+            )""",
+        ),
+    ),
 )
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version

@@ -5,8 +5,8 @@ Design note (read this before changing a store)
 A message is stored once (its body is immutable after commit) and tracked per
 recipient: one ``DeliveryRecord`` per recipient, each with its own state,
 attempts, next try and last reply (OpenSMTPD's envelopes). The store keeps
-state; *when* to retry is decided by ``queue/retry.py`` and *what* to do by
-``queue/runner.py`` (OpenSMTPD's queue_backend vs scheduler_backend split).
+state; *when* to retry is decided by ``delivery/retry.py`` and *what* to do by
+``delivery/`` (OpenSMTPD's queue_backend vs scheduler_backend split).
 
 Contract, as a transaction:
 
@@ -22,6 +22,11 @@ Contract, as a transaction:
    newer result). It returns the ids of messages whose records are now all
    final, and the store deletes those messages' bodies.
 4. ``release_leases(owner)`` hands an owner's leased records back (shutdown).
+   ``heartbeat(owner, now)`` says an owner (a node's runner) is alive;
+   ``release_dead_owners(now, timeout)`` hands back the leases of every owner
+   whose last heartbeat is older than ``timeout`` and forgets it, so a dead
+   node's work is taken over long before its leases expire. Fencing is as in 3:
+   a node declared dead that was only slow cannot record over the new holder.
 5. ``add_events`` appends to a message's history (received, each delivery
    attempt with the remote reply, operator actions). History is kept apart
    from the message: it outlives delivery, so "what happened to this
@@ -31,11 +36,15 @@ Contract, as a transaction:
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
+
+``health()`` tells whether the store can take and keep mail, and whether it can
+recover by itself; ``/healthz`` answers 503 while it cannot, and the server exits
+(non-zero) when it never will, so that a supervisor restarts it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import IO, Any, Protocol
@@ -55,6 +64,21 @@ class DeliveryState(StrEnum):
     @property
     def is_final(self) -> bool:
         return self in (DeliveryState.DELIVERED, DeliveryState.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """What ``QueueStore.health()`` says: can the store take and keep mail now?"""
+
+    ok: bool
+    reason: str = ""  # why not, for /healthz and the log
+    # False: the store cannot come back by itself (the SQLite writer thread died,
+    # the store was closed). The server exits then, for its supervisor to restart
+    # it; a PostgreSQL database that is unreachable may come back (recoverable).
+    recoverable: bool = True
+
+
+HEALTHY = StoreHealth(True)
 
 
 class StoreError(Exception):
@@ -188,12 +212,29 @@ class QueueStore(Protocol):
 
     async def release_leases(self, owner: str) -> int: ...
 
+    async def heartbeat(self, owner: str, now: float) -> None:
+        """Record that ``owner`` is alive at ``now`` (a node's runner, every few seconds)."""
+        ...
+
+    async def release_dead_owners(self, now: float, timeout: float) -> int:
+        """Hand back the leases of owners whose heartbeat is older than ``now - timeout``
+        (as ``release_leases``), forget those owners; return how many records."""
+        ...
+
     async def next_due(self) -> float | None:
         """The earliest ``next_try`` of a claimable record, or None if nothing waits."""
         ...
 
-    def open_body(self, queue_id: str) -> Iterator[bytes]:
-        """The committed body in chunks (blocking; run it in a thread from async code)."""
+    def read_body(self, queue_id: str) -> AsyncIterator[bytes]:
+        """The committed body in chunks: ``async for chunk in store.read_body(queue_id)``.
+
+        Implemented as an async generator (``async def ... yield``), so it never
+        blocks the event loop: the SQLite store reads each chunk on its reader
+        threads, PostgreSQL natively. It raises ``KeyError`` at the first chunk
+        if the message is unknown, and ``StoreError`` if the message is deleted
+        while it is read (never a silently truncated body). No transaction is
+        held between chunks: a delivery to a slow peer must not pin a snapshot.
+        """
         ...
 
     async def get_message(self, queue_id: str) -> MessageInfo | None: ...
@@ -241,6 +282,11 @@ class QueueStore(Protocol):
 
     async def count_by_state(self) -> dict[str, int]:
         """Number of delivery records per state (every ``DeliveryState`` value is a key)."""
+        ...
+
+    def health(self) -> StoreHealth:
+        """Whether the store can take and keep mail now (cheap: no I/O; /healthz and
+        the server's watchdog call it every second)."""
         ...
 
     async def close(self) -> None: ...

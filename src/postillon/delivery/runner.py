@@ -7,15 +7,26 @@ The runner keeps a bounded active set (``concurrency`` deliveries in flight).
 It claims due records with a lease, so a crashed process's work returns to
 the queue when the lease expires; on shutdown it hands its leases back.
 Records of one message with the same route travel together (one transport
-call, one body read). Each outcome is recorded with the fenced lease token:
-delivered → done; temporary → deferred with the next try from the pure
-``RetryPolicy``, until the message's lifetime runs out; permanent or
-expired → failed, and a delivery status notification goes to the sender
-through intake (never for a null sender).
+call, one body read; the contract is ``delivery/transport.py``). What the
+outcomes change is decided by the pure ``outcomes.plan_outcomes`` (delivered →
+done; temporary → deferred with the next try from ``RetryPolicy``, until the
+message's lifetime runs out; permanent or expired → failed, with a delivery
+status notification to the sender, never to a null sender); the runner only
+applies its plan: notices first (through intake), then the updates with the
+fenced lease tokens, then the log events and metrics.
 
-The runner wakes when intake commits (same process), and polls the store
-every ``poll_interval`` seconds so that work made due from elsewhere (the
-``postillon queue flush`` command, another node) is seen.
+The runner wakes when intake commits in this process (the composition root
+connects intake's commit hook to ``wake``), and polls the store every
+``poll_interval`` seconds so that work made due from elsewhere (the
+``postillon queue flush`` command, another node) is seen. Messages just
+committed here come from the injected recent-message cache, not the store.
+
+Every few seconds the runner writes a heartbeat to the store and hands back the
+leases of runners whose heartbeat is older than ``node_timeout``: on a shared
+queue a dead node's work is taken over in about that time, not after its
+leases (``lease_seconds``) expire; a live node's long delivery keeps its lease,
+because the node keeps beating. Fencing makes a runner wrongly declared dead
+harmless (its late outcome is not recorded; the delivery may happen twice).
 """
 
 from __future__ import annotations
@@ -28,22 +39,19 @@ import random
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from postillon.core.clock import Clock, SystemClock
-from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail
+from postillon.core.outcome import Outcome, TempFail
 from postillon.core.reply import Reply
-from postillon.dsn.bounce import (
-    DsnRecipient,
-    wants_notice,
-)
-from postillon.dsn.notify import queue_notice
-from postillon.intake.intake import Intake
+from postillon.delivery.outcomes import MetricTick, keep_unnotified, plan_outcomes
+from postillon.delivery.retry import RetryPolicy
+from postillon.delivery.transport import DeliveryJob, Transport, checked_outcomes, group_by_route
+from postillon.dsn.bounce import DsnRecipient
+from postillon.dsn.notify import NoticeIntake, queue_notice
 from postillon.observability.maillog import MailLog
-from postillon.observability.metrics import Metrics, outcome_reason
-from postillon.queue.retry import RetryPolicy
+from postillon.observability.metrics import Metrics
 from postillon.queue.store import (
     DeliveryRecord,
     DeliveryState,
@@ -57,47 +65,23 @@ from postillon.routing.router import Route, Router
 log = logging.getLogger("postillon.runner")
 
 
-@dataclass(frozen=True, slots=True)
-class DeliveryJob:
-    message: MessageInfo
-    records: tuple[DeliveryRecord, ...]
-    route: Route
-    store: QueueStore
-    cached_body: bytes | None = None  # from intake's recent-message cache
+class CachedMessage(Protocol):
+    """A message this process just committed (intake's recent-message cache)."""
 
-    def body(self) -> Iterator[bytes]:
-        """The stored body in chunks; blocking, so call it from a thread."""
-        if self.cached_body is not None:
-            return iter((self.cached_body,))
-        return self.store.open_body(self.message.queue_id)
+    @property
+    def info(self) -> MessageInfo: ...  # the envelope; ``records`` is empty
+
+    @property
+    def body(self) -> bytes | None: ...  # None: too large to cache, read the store
 
 
-class Transport(Protocol):
-    async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
-        """Deliver ``job.records``; return one outcome per record, in order.
+class RecentMessages(Protocol):
+    """The recent-message cache the runner reads instead of the store (injected:
+    the runner never reaches into intake)."""
 
-        Contract: never raises for delivery problems (they are outcomes); an
-        exception that escapes anyway is recorded as a temporary failure.
-        """
-        ...
+    def get(self, queue_id: str) -> CachedMessage | None: ...
 
-
-def _keep_unnotified(
-    updates: list[OutcomeUpdate], record_ids: set[int], now: float
-) -> list[OutcomeUpdate]:
-    """The updates with the given records' FAILED outcomes turned into a
-    deferral that counts no attempt: they stay queued until their bounce can be."""
-    return [
-        replace(
-            update,
-            state=DeliveryState.DEFERRED,
-            next_try=now + UNNOTIFIED_RETRY_DELAY,
-            attempted=False,
-        )
-        if update.record_id in record_ids and update.state is DeliveryState.FAILED
-        else update
-        for update in updates
-    ]
+    def drop(self, queue_id: str) -> None: ...
 
 
 def _process_alive(pid: int) -> bool:
@@ -110,13 +94,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-# Work a transport could not even start is offered again after about this long.
-NOT_ATTEMPTED_DELAY = 2.0
-# How soon recipients whose failure notice could not be queued are tried again.
-UNNOTIFIED_RETRY_DELAY = 60.0
-
 NO_TRANSPORT = Reply.of(451, "4.3.5", "No transport configured for this destination")
-EXPIRED = "message expired in queue"
 
 
 class Runner:
@@ -125,7 +103,7 @@ class Runner:
         store: QueueStore,
         router: Router,
         transports: dict[str, Transport],
-        intake: Intake,
+        intake: NoticeIntake,
         retry: RetryPolicy,
         maillog: MailLog,
         hostname: str,
@@ -137,6 +115,8 @@ class Runner:
         owner: str | None = None,
         delay_warning: float = 0.0,
         metrics: Metrics | None = None,
+        recent: RecentMessages | None = None,
+        node_timeout: float = 30.0,
     ) -> None:
         self.store = store
         self.router = router
@@ -151,13 +131,16 @@ class Runner:
         self.delay_warning = delay_warning
         self.clock: Clock = clock or SystemClock()
         self.metrics = metrics
+        self.recent = recent
+        self.node_timeout = node_timeout
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._rng = random.Random()
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self._wake = asyncio.Event()
         self._active: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        intake.on_commit(self.wake)
 
     def wake(self) -> None:
         self._wake.set()
@@ -171,6 +154,7 @@ class Runner:
         concurrency: int,
         lease_seconds: float,
         delay_warning: float,
+        node_timeout: float,
         transports: Mapping[str, Transport],
     ) -> None:
         """New settings from a reload. Deliveries in flight finish with what they
@@ -182,6 +166,7 @@ class Runner:
         self.concurrency = concurrency
         self.lease_seconds = lease_seconds
         self.delay_warning = delay_warning
+        self.node_timeout = node_timeout
         self.transports.update(transports)
         self.wake()  # a larger active set or a new route may have work now
 
@@ -192,6 +177,36 @@ class Runner:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="queue-runner")
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="queue-heartbeat")
+
+    async def beat(self) -> int:
+        """Say this runner is alive; take over the leases of runners that are not.
+
+        Returns how many records came back to the queue. Runs every
+        ``node_timeout / 3`` seconds (at most 5), so a live runner is never
+        taken for dead while it merely delivers something slowly.
+        """
+        now = self.clock.now()
+        await self.store.heartbeat(self.owner, now)
+        released = await self.store.release_dead_owners(now, self.node_timeout)
+        if released:
+            log.warning(
+                "took over %d delivery lease(s) of runner(s) silent for over %.0f s",
+                released,
+                self.node_timeout,
+            )
+            self._wake.set()
+        return released
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.beat()
+            except Exception:  # the store is down: the claims notice and log it too
+                log.debug("queue heartbeat failed", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(self.node_timeout / 3, 5.0)):
+                    await self._stop.wait()
 
     async def recover_dead_leases(self) -> int:
         """Hand back leases of earlier processes on this host that no longer run.
@@ -224,6 +239,9 @@ class Runner:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._heartbeat is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
         if self._active:
             _, pending = await asyncio.wait(self._active, timeout=grace)
             for task in pending:
@@ -282,17 +300,13 @@ class Runner:
 
     async def _deliver_message(self, queue_id: str, records: list[DeliveryRecord]) -> None:
         try:
-            recent = self.intake.recent.get(queue_id)
+            recent = self.recent.get(queue_id) if self.recent is not None else None
             message = recent.info if recent else await self.store.get_message(queue_id)
             if message is None:
                 return
             cached_body = recent.body if recent else None
-            groups: dict[str, tuple[Route, list[DeliveryRecord]]] = {}
-            for record in records:
-                route = self.router.route(record.recipient)
-                groups.setdefault(route.key, (route, []))[1].append(record)
             results: list[tuple[DeliveryRecord, Outcome, Route]] = []
-            for route, recs in groups.values():
+            for route, recs in group_by_route(records, self.router.route):
                 outcomes = await self._run_transport(message, route, recs, cached_body)
                 results.extend((r, o, route) for r, o in zip(recs, outcomes, strict=True))
             await self._record(message, results)
@@ -323,155 +337,49 @@ class Runner:
                 451, "4.3.0", f"Local error in {route.kind} transport: {type(exc).__name__}"
             )
             return [TempFail(reply) for _ in records]
-        if len(outcomes) != len(records):
-            reply = Reply.of(451, "4.3.0", "Transport returned a wrong number of results")
-            return [TempFail(reply) for _ in records]
-        return outcomes
+        return checked_outcomes(outcomes, records)
 
     async def _record(
         self, message: MessageInfo, results: list[tuple[DeliveryRecord, Outcome, Route]]
     ) -> None:
+        """Apply what ``plan_outcomes`` decided about this attempt."""
         now = self.clock.now()
-        updates: list[OutcomeUpdate] = []
-        failed: list[DsnRecipient] = []
-        failed_record_ids: set[int] = set()  # the records the failure notice is about
-        delayed: list[DsnRecipient] = []
-        succeeded: list[DsnRecipient] = []
-        expired = self.retry.expired(message.received_at, now)
-        for record, outcome, route in results:
-            delay = now - message.received_at
-            fields = {
-                "to": record.recipient,
-                "orig_to": record.original_recipient,
-                "relay": outcome.detail or route.kind,
-                "delay": f"{delay:.2f}",
-                "attempts": record.attempts + 1,
-                "status": f"{outcome.reply.code} {outcome.reply.status or ''}".strip(),
-                "reply": outcome.reply.text,
-            }
-            if isinstance(outcome, Delivered):
-                updates.append(
-                    OutcomeUpdate(
-                        record.record_id,
-                        record.lease_token or "",
-                        DeliveryState.DELIVERED,
-                        outcome.reply,
-                        now,
-                        now,
-                    )
-                )
-                self.maillog.event("delivered", message.queue_id, **fields)
-                if self.metrics is not None:
-                    self.metrics.delivered.labels(route.kind).inc()
-                    self.metrics.delivery_seconds.labels("delivered").observe(delay)
-                action = "relayed" if outcome.relayed_without_dsn else "delivered"
-                notify = route.kind in ("maildir", "lmtp") or outcome.relayed_without_dsn
-                if notify and wants_notice(record.rcpt_params, action):
-                    succeeded.append(
-                        DsnRecipient(
-                            record.recipient,
-                            record.original_recipient,
-                            record.rcpt_params,
-                            outcome.reply,
-                            remote=outcome.detail if action == "relayed" else "",
-                            action=action,
-                        )
-                    )
-                continue
-            if isinstance(outcome, TempFail) and not outcome.attempted:
-                # Not tried (destination slots busy): back in a few seconds,
-                # no attempt counted, nothing to log at info level.
-                updates.append(
-                    OutcomeUpdate(
-                        record.record_id,
-                        record.lease_token or "",
-                        DeliveryState.DEFERRED,
-                        outcome.reply,
-                        now + NOT_ATTEMPTED_DELAY * (0.5 + random.random()),
-                        now,
-                        attempted=False,
-                    )
-                )
-                continue
-            if isinstance(outcome, TempFail) and not expired:
-                next_try = self.retry.next_try(record.attempts + 1, now)
-                updates.append(
-                    OutcomeUpdate(
-                        record.record_id,
-                        record.lease_token or "",
-                        DeliveryState.DEFERRED,
-                        outcome.reply,
-                        next_try,
-                        now,
-                    )
-                )
-                self.maillog.event(
-                    "deferred", message.queue_id, **fields, next_try=f"{next_try - now:.0f}s"
-                )
-                if self.metrics is not None:
-                    self.metrics.deferred.labels(route.kind, outcome_reason(outcome.reply)).inc()
-                if self._crosses_delay_warning(message, record, next_try) and wants_notice(
-                    record.rcpt_params, "delayed"
-                ):
-                    delayed.append(
-                        DsnRecipient(
-                            record.recipient,
-                            record.original_recipient,
-                            record.rcpt_params,
-                            outcome.reply,
-                            remote=outcome.detail,
-                            action="delayed",
-                        )
-                    )
-                continue
-            reply = outcome.reply
-            if isinstance(outcome, TempFail):
-                reply = Reply(
-                    outcome.reply.code + 100 if outcome.reply.code < 500 else outcome.reply.code,
-                    "5" + (outcome.reply.status or "4.4.7")[1:],
-                    (*outcome.reply.lines[:1], EXPIRED),
-                )
-                self.maillog.event("expired", message.queue_id, **fields)
-            updates.append(
-                OutcomeUpdate(
-                    record.record_id,
-                    record.lease_token or "",
-                    DeliveryState.FAILED,
-                    reply,
-                    now,
-                    now,
-                )
-            )
-            self.maillog.event("bounced", message.queue_id, **{**fields, "status": str(reply.code)})
-            if self.metrics is not None:
-                reason = "expired" if isinstance(outcome, TempFail) else outcome_reason(reply)
-                self.metrics.bounced.labels(route.kind, reason).inc()
-                self.metrics.delivery_seconds.labels("bounced").observe(delay)
-            if wants_notice(record.rcpt_params, "failed"):
-                failed_record_ids.add(record.record_id)
-                failed.append(
-                    DsnRecipient(
-                        record.recipient,
-                        record.original_recipient,
-                        record.rcpt_params,
-                        reply,
-                        remote=outcome.detail if isinstance(outcome, PermFail) else "",
-                    )
-                )
+        plan = plan_outcomes(
+            message, results, now, self.retry, delay_warning=self.delay_warning, rng=self._rng
+        )
+        for event in plan.events:
+            self.maillog.event(event.event, message.queue_id, **event.fields)
+        if self.metrics is not None:
+            self._count(plan.metrics)
+        updates = plan.updates
         # Queue notifications before recording the outcomes: a crash in between
-        # gives a duplicate notice, never a lost one. Never notify the null sender.
-        if message.sender:
-            for notice in (failed, delayed, succeeded):
-                if notice and not await self._send_dsn(message, notice, now) and notice is failed:
-                    # The failure notice could not be queued (the store is down,
-                    # the disk is full): recording these recipients as failed now
-                    # would lose the bounce for good. Keep them queued instead; the
-                    # next attempt meets the same failure and queues the notice then.
-                    updates = _keep_unnotified(updates, failed_record_ids, now)
+        # gives a duplicate notice, never a lost one.
+        for notice in plan.notices:
+            sent = await self._send_dsn(message, list(notice.recipients), now)
+            if not sent and notice.kind == "failed":
+                # The failure notice could not be queued (the store is down,
+                # the disk is full): recording these recipients as failed now
+                # would lose the bounce for good. Keep them queued instead; the
+                # next attempt meets the same failure and queues the notice then.
+                updates = keep_unnotified(updates, notice.record_ids, now)
         if updates:
-            completed = await self._record_outcomes(updates)
-            for queue_id in completed:
-                self.intake.recent.drop(queue_id)
+            completed = await self._record_outcomes(list(updates))
+            if self.recent is not None:
+                for queue_id in completed:
+                    self.recent.drop(queue_id)
+
+    def _count(self, ticks: Sequence[MetricTick]) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        for tick in ticks:
+            if tick.kind == "delivered":
+                metrics.delivered.labels(tick.route_kind).inc()
+            elif tick.kind == "deferred":
+                metrics.deferred.labels(tick.route_kind, tick.reason).inc()
+            else:
+                metrics.bounced.labels(tick.route_kind, tick.reason).inc()
+            if tick.delay is not None:
+                metrics.delivery_seconds.labels(tick.kind).observe(tick.delay)
 
     async def _record_outcomes(self, updates: list[OutcomeUpdate]) -> list[str]:
         """Record outcomes, retrying while the store is unreachable (a shared queue's
@@ -490,21 +398,6 @@ class Runner:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-
-    def _crosses_delay_warning(
-        self, message: MessageInfo, record: DeliveryRecord, next_try: float
-    ) -> bool:
-        """True for exactly one attempt: the last one due before the warning
-        threshold whose retry falls after it.
-
-        Due times grow with every attempt, so exactly one attempt brackets the
-        threshold; no "already warned" state needs storing. (``queue flush``
-        moves due times and may, rarely, cause a second warning.)
-        """
-        if self.delay_warning <= 0:
-            return False
-        threshold = message.received_at + self.delay_warning
-        return record.next_try <= threshold < next_try
 
     async def _send_dsn(self, message: MessageInfo, notice: list[DsnRecipient], now: float) -> bool:
         """Queue one notice to the sender; False when it could not be queued."""

@@ -1,4 +1,7 @@
-"""Transports that need no peer: ``discard`` and ``error:5.x.y text``."""
+"""Transports that need no peer: ``discard`` and ``error:5.x.y text``.
+
+Local transports: nothing leaves the machine (DESIGN's ``local/`` room).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from collections.abc import Sequence
 
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail
 from postillon.core.reply import Reply
-from postillon.queue.runner import DeliveryJob
+from postillon.delivery.transport import DeliveryJob
 
 DISCARDED = Reply.of(250, "2.0.0", "Discarded by configuration")
 
