@@ -20,7 +20,7 @@ import pytest
 from postillon.core.clock import FakeClock
 from postillon.dns.dnspython_resolver import DnsResolver
 from postillon.dns.resolver import DnsNotFound, DnsTempError, LookupEvent, MxRecord, TlsaRecord
-from postillon.routing.mx import resolve_next_hops
+from postillon.outbound.mx import resolve_next_hops
 from postillon.testing.dns_server import DnsServer, Zones
 
 pytest_plugins = ["dns_fixtures"]

@@ -35,12 +35,23 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "signing": ("dkimcore",),
     "observability": (),
     "queue": (),
-    "checks": ("protocol", "dns.resolver", "dkimcore", "queue.store", "routing.local"),
-    "intake": ("checks", "signing", "queue.store"),
+    # checks: the relay policy asks the local recipient table; DKIM goes to a helper
+    # process through the pool (helpers sits below checks and intake).
+    "checks": (
+        "protocol",
+        "dns.resolver",
+        "dkimcore",
+        "queue.store",
+        "routing.local",
+        "helpers.pool",
+    ),
+    "intake": ("checks", "signing", "queue.store", "helpers.pool"),
     "routing": ("dns.resolver",),
     "delivery": ("queue.store", "routing", "dsn"),
-    "outbound": ("protocol", "dns.resolver", "delivery.transport", "routing"),
-    "local": ("protocol", "delivery.transport", "routing"),
+    # outbound and local take the route's values (routing.router's NextHop and Route, the
+    # local recipient table that maps an address to its mailbox) with the job.
+    "outbound": ("protocol", "dns.resolver", "delivery.transport", "routing.router"),
+    "local": ("protocol", "delivery.transport", "routing.local"),
     "dsn": ("intake", "queue.store"),
     "inbound": ("protocol", "checks", "intake"),
     "helpers": ("dkimcore", "signing"),
@@ -151,7 +162,7 @@ def test_no_file_level_import_cycle() -> None:
         stack.append(node)
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                cycles.append(stack[stack.index(nxt) :] + [nxt])
+                cycles.append([*stack[stack.index(nxt) :], nxt])
             elif nxt not in state:
                 visit(nxt, stack)
         stack.pop()

@@ -18,7 +18,7 @@ from postillon.dns.resolver import (
     TlsaRecord,
     TxtRecord,
 )
-from postillon.routing.mx import (
+from postillon.outbound.mx import (
     DNS_TEMP_FAILURE,
     NO_ROUTE,
     NO_SUCH_DOMAIN,

@@ -84,3 +84,13 @@ def xtext_encode(text: str) -> str:
         else:
             out.append(f"+{b:02X}")
     return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecipient:
+    """One recipient as a transaction hands it to the queue: the session makes it,
+    intake and the store take it (``queue.store`` re-exports it)."""
+
+    address: str  # the mailbox to deliver to (after alias/catch-all resolution)
+    params: RcptParams = field(default_factory=RcptParams)
+    original: str | None = None  # the address the client gave, if it differs

@@ -36,7 +36,7 @@ from postillon.checks.sender_policy import (
 from postillon.config.model import LimitsConfig
 from postillon.core.account import Account, ScramCredentials
 from postillon.core.address import Address
-from postillon.core.envelope import RcptParams
+from postillon.core.envelope import NewRecipient, RcptParams
 from postillon.core.recipient import RecipientAccepted
 from postillon.core.reply import SHUTTING_DOWN, TEMP_LOCAL_ERROR, TIMEOUT, Reply
 from postillon.inbound.auth import Authenticator
@@ -57,7 +57,6 @@ from postillon.protocol.server import (
     ServerConnection,
     ServerSettings,
 )
-from postillon.queue.store import NewRecipient
 
 READ_SIZE = 256 * 1024
 # RFC 5321 3.8: 421 when the service cannot go on; 4.3.0: a mail system problem.

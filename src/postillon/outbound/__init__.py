@@ -5,7 +5,9 @@ Design note
 ``client_session.SmtpClientSession`` is the thin asyncio adapter around the
 sans-IO ``protocol.client.ClientConnection``. ``smtp_transport.SmtpTransport``
 is what the queue runner calls: it finds the next hops (a transport-table
-host, the smarthost, or the domain's MX hosts in RFC 5321 §5.1 order), tries
+host, the smarthost, or the domain's MX hosts in RFC 5321 §5.1 order, worked
+out by ``mx.py`` with null MX (RFC 7505); a DNS problem is a value there, the
+outcome of every recipient of that domain), tries
 each host and each of its addresses until one takes the transaction, reuses
 idle connections to the same destination, and bounds concurrency in total and
 per destination. Every result comes back as one outcome per recipient

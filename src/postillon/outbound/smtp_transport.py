@@ -21,8 +21,8 @@ from postillon.outbound.client_session import (
     SmtpClientSession,
     TransactionResult,
 )
+from postillon.outbound.mx import resolve_next_hops
 from postillon.outbound.pool import ConnectionPool, Limits
-from postillon.routing.mx import resolve_next_hops
 from postillon.routing.router import NextHop, Route
 
 log = logging.getLogger("postillon.outbound")

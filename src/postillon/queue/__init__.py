@@ -6,12 +6,14 @@ Design note (two minutes)
 it before changing a store): a message is stored once, its body immutable after commit,
 and tracked per recipient (one delivery record each: state, attempts, next try, last
 reply); claims take leases; outcomes are fenced by the lease token. The stores:
-``sqlite_store.py`` (the embedded default: WAL, ``synchronous=FULL``, group commit),
-``postgres_store.py`` with ``postgres_schema.py`` (versioned migrations) for several nodes
+``sqlite_store.py`` (the embedded default: WAL, ``synchronous=FULL``; schema in
+``sqlite_schema.py``, the group-commit writer in ``sqlite_writer.py``),
+``postgres_store.py`` with ``postgres_schema.py`` (versioned migrations),
+``postgres_connection.py`` (pool, health) and ``postgres_writer.py`` for several nodes
 sharing one queue, and ``memory_store.py`` for tests. ``codec.py`` is the one stored form of
 envelope values, shared by every store and ``queue export``; ``history.py`` keeps the
-per-message event history. (``runner.py`` and ``retry.py`` decide *when* and *how*: issue 13
-moves them to ``delivery/``.)
+per-message event history; ``health.py`` watches the store and says when it cannot
+recover. *When* and *how* to deliver is ``delivery/``'s business.
 
 May import (DESIGN.md "Rooms"): ``core`` only (and ``observability``, ``config`` model types).
 

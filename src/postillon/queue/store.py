@@ -50,6 +50,7 @@ from enum import StrEnum
 from typing import IO, Any, Protocol
 
 from postillon.core.envelope import MailParams, RcptParams
+from postillon.core.envelope import NewRecipient as NewRecipient  # re-exported: stores take it
 from postillon.core.reply import Reply
 
 
@@ -87,13 +88,6 @@ class StoreError(Exception):
     Callers treat it like any unexpected error: intake answers ``451 4.3.0``,
     the runner retries later. Nothing of the failed operation is visible.
     """
-
-
-@dataclass(frozen=True, slots=True)
-class NewRecipient:
-    address: str  # the mailbox to deliver to (after alias/catch-all resolution)
-    params: RcptParams = field(default_factory=RcptParams)
-    original: str | None = None  # the address the client gave, if it differs
 
 
 @dataclass(frozen=True, slots=True)
