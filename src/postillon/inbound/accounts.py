@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from postillon.core.account import Account, ScramCredentials
+from postillon.core.safeio import write_file
 
 log = logging.getLogger("postillon.accounts")
 
@@ -479,29 +480,13 @@ def _give_to_dir_owner(fd: int, directory: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """tmp in the same directory → write → fsync → rename → fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # whatever the umask
-            _give_to_dir_owner(fd, path.parent)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """tmp in the same directory → write → fsync → rename → fsync the directory
+    (``core.safeio``); as root, the file goes to the directory's owner first."""
+    owner = None
+    if os.geteuid() == 0:
+        st = os.stat(path.parent)
+        owner = (st.st_uid, st.st_gid)
+    write_file(path, data, mode, owner)
 
 
 def accounts_path(data_dir: Path, accounts_file: Path | None) -> Path:
