@@ -40,7 +40,7 @@ from postillon.queue.sqlite_store import SqliteStore
 from postillon.queue.store import QueueStore
 from postillon.routing.aliases import load_aliases
 from postillon.routing.local import LocalRecipients
-from postillon.routing.router import Router, TransportEntry, parse_smarthost
+from postillon.routing.router import NextHop, Router, TransportEntry, parse_smarthost
 from postillon.signing.keys import key_store_from_config
 from postillon.signing.signer import DkimSigner, build_signer
 
@@ -87,8 +87,18 @@ def router(config: Config, local: LocalRecipients) -> Router:
     return Router(
         local,
         [TransportEntry(rule.domain, rule.route) for rule in config.transport],
-        smarthost=parse_smarthost(config.relay.smarthost) if config.relay.smarthost else None,
+        smarthost=_smarthost(config),
         smtp_port=config.outbound.port,
+    )
+
+
+def _smarthost(config: Config) -> NextHop | None:
+    relay = config.relay
+    if not relay.smarthost:
+        return None
+    ca_file = str(relay.smarthost_ca_file) if relay.smarthost_ca_file is not None else None
+    return parse_smarthost(
+        relay.smarthost, ca_file=ca_file, fingerprints=relay.smarthost_fingerprints
     )
 
 
@@ -267,7 +277,7 @@ class Builder:
         settings = OutboundSettings(
             helo_name=out.helo_name or config.hostname,
             port=out.port,
-            tls=out.tls,
+            tls="encrypt" if out.tls == "required" else out.tls,
             prefer_ipv6=out.prefer_ipv6,
             concurrency=out.concurrency,
             per_destination=out.per_destination,

@@ -91,9 +91,13 @@ def _resolve_relative(config: Config, base: Path | None) -> Config:
     admin = config.admin.model_copy(
         update={"tls_cert": fix(config.admin.tls_cert), "tls_key": fix(config.admin.tls_key)}
     )
+    relay = config.relay.model_copy(
+        update={"smarthost_ca_file": fix(config.relay.smarthost_ca_file)}
+    )
     return config.model_copy(
         update={
             "admin": admin,
+            "relay": relay,
             "data_dir": fix(config.data_dir),
             "tls": tls,
             "aliases": aliases,

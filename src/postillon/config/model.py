@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from postillon.core.credentials import check_postgresql_url, parse_smarthost_url
+from postillon.core.pins import parse_fingerprint
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -79,9 +80,26 @@ class RelayConfig(_Frozen):
     # Clients in these networks may relay to any domain. Default: nobody (no open relay).
     trusted_networks: tuple[str, ...] = ()
     # Send all non-local mail through this host instead of looking up MX records:
-    # "smtp://[user:password@]host[:port]" (STARTTLS, required when a password is
-    # given) or "smtps://..." (implicit TLS, RFC 8314).
+    # "smtp://[user:password@]host[:port]" (STARTTLS) or "smtps://..." (implicit
+    # TLS, RFC 8314). With a password, the smarthost must prove who it is before
+    # AUTH: its certificate verifies for its host name against the system CAs (or
+    # smarthost_ca_file), or its key matches one of smarthost_fingerprints.
+    # Otherwise nothing is sent and the mail is deferred (4.7.5).
     smarthost: str | None = None
+    # PEM file with the CA certificate(s) to trust for the smarthost instead of
+    # the system's (a private CA, or the smarthost's self-signed certificate).
+    smarthost_ca_file: Path | None = None
+    # Pins: "sha256:" + the SHA-256 of the smarthost certificate's public key
+    # (SubjectPublicKeyInfo), base64 or hex. When set, a matching key is the proof
+    # (names, CA and expiry are not checked).
+    smarthost_fingerprints: tuple[str, ...] = ()
+
+    @field_validator("smarthost_fingerprints")
+    @classmethod
+    def _check_pins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pin in value:
+            parse_fingerprint(pin)
+        return value
 
     @field_validator("smarthost")
     @classmethod

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import functools
 import logging
 import random
 from collections.abc import AsyncIterator, Sequence
@@ -15,12 +17,16 @@ from postillon.core.reply import Reply
 from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
 from postillon.observability.metrics import Metrics
 from postillon.outbound.client_session import (
+    TLS_POLICY_STATUS,
     ClientTimeouts,
     SessionError,
     SmtpClientSession,
+    TlsChecker,
     TransactionResult,
 )
-from postillon.outbound.pool import ConnectionPool, Limits
+from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
+from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
+from postillon.outbound.tls_policy import TlsRequirement, for_credentials
 from postillon.queue.runner import DeliveryJob
 from postillon.routing.mx import resolve_next_hops
 from postillon.routing.router import NextHop, Route
@@ -50,7 +56,8 @@ DESTINATION_BUSY = Reply.of(
 class OutboundSettings:
     helo_name: str
     port: int = 25
-    tls: Literal["opportunistic", "none", "required"] = "opportunistic"
+    # The default TLS mode (outbound.tls; "required" is read as "encrypt").
+    tls: Literal["opportunistic", "none", "encrypt"] = "opportunistic"
     prefer_ipv6: bool = False
     concurrency: int = 100
     per_destination: int = 10
@@ -165,7 +172,10 @@ class SmtpTransport:
         errors: list[SessionError] = []
         last_detail = ""
         for target in targets:
-            key = (target.address or target.host, target.port, self.lmtp)
+            requirement = self._requirement(target)
+            # Pooled by requirement too: a connection that met a weaker policy
+            # (or none) must not carry mail that needs a stronger one.
+            key = (target.address or target.host, target.port, self.lmtp, requirement)
             session = self.pool.take(key)
             if session is not None:
                 # A reused connection may have been closed by the server while
@@ -175,32 +185,33 @@ class SmtpTransport:
                 except SessionError:
                     session.close()
                 else:
-                    return await self._finish(key, target, session, result)
+                    return await self._finish(key, target, session, result, requirement)
                 session = None
             try:
-                session = await self._connect(target)
+                session = await self._connect(target, requirement)
                 result = await self._send(job, session)
             except SessionError as exc:
                 if session is not None:
                     session.close()
                 errors.append(exc)
-                last_detail = _describe(target, session)
+                last_detail = _describe(target, session, requirement)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
                 settled = _settled_before_failure(exc, last_detail)
                 if settled is not None:
                     return settled
                 continue
-            return await self._finish(key, target, session, result)
+            return await self._finish(key, target, session, result, requirement)
         return [_failure(errors, last_detail)] * count
 
     async def _finish(
         self,
-        key: tuple[str, int, bool],
+        key: PoolKey,
         target: _Target,
         session: SmtpClientSession,
         result: TransactionResult,
+        requirement: TlsRequirement,
     ) -> list[Outcome]:
-        detail = _describe(target, session)
+        detail = _describe(target, session, requirement)
         # RFC 3461 §6.2.2: a next hop without DSN cannot honour NOTIFY=SUCCESS;
         # the runner then sends a "relayed" notice itself.
         dsn_passed = self.lmtp or "DSN" in session.extensions
@@ -226,20 +237,58 @@ class SmtpTransport:
             eight_bit=params.body is not BodyType.SEVEN_BIT,
         )
 
-    async def _connect(self, target: _Target) -> SmtpClientSession:
+    def _requirement(self, target: _Target) -> TlsRequirement:
+        """What the connection to ``target`` must prove (pure; see tls_policy)."""
+        hop = target.hop
+        if target.address == "":
+            return TlsRequirement("none", source="unix socket")  # LMTP on this machine
+        requirement = TlsRequirement(self.settings.tls, source="outbound.tls")
+        if hop is not None and hop.username:
+            # Never send a password to an unverified server.
+            requirement = for_credentials(
+                requirement,
+                target.host,
+                ca_file=hop.tls_ca_file,
+                fingerprints=hop.tls_fingerprints,
+                source="credentials",
+            )
+        return requirement
+
+    def _tls_checker(self, target: _Target, requirement: TlsRequirement) -> TlsChecker:
+        """The handshake judge for this connection; raises SessionError when its
+        trust anchors cannot be read (a configuration problem: defer, say why)."""
+        try:
+            anchors = load_anchors(requirement.ca_file) if requirement.mode == "verify" else ()
+        except (OSError, ValueError) as exc:
+            raise SessionError(
+                f"cannot read CA file {requirement.ca_file} ({requirement.source}): {exc}",
+                status="4.3.5",
+                tls_result="config-error",
+            ) from exc
+        if requirement.mode in ("none", "opportunistic", "encrypt"):
+            anchors = _recording_anchors()
+
+        def check(chain: list[bytes]) -> TlsCheck:
+            return check_requirement(
+                requirement,
+                chain,
+                host=target.host,
+                anchors=anchors,
+                now=datetime.datetime.now(datetime.UTC),
+            )
+
+        return check
+
+    async def _connect(self, target: _Target, requirement: TlsRequirement) -> SmtpClientSession:
         hop = target.hop
         implicit = bool(hop and hop.implicit_tls)
-        starttls: Literal["none", "opportunistic", "required"] = self.settings.tls
-        if hop is not None and hop.username and not implicit:
-            starttls = "required"  # never send a password in clear
-        if target.address == "":
-            starttls = "none"  # LMTP over a local unix socket
         session = await SmtpClientSession.connect(
             target.address or target.host,
             target.port,
             helo_name=self.settings.helo_name,
             lmtp=self.lmtp,
-            starttls=starttls,
+            starttls=requirement.starttls,
+            tls_check=self._tls_checker(target, requirement),
             implicit_tls=implicit,
             server_hostname=target.host if not _is_ip(target.host) else None,
             unix_path=hop.unix_path if hop is not None else None,
@@ -248,6 +297,14 @@ class SmtpTransport:
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
         if hop is not None and hop.username:
+            if not requirement.authenticated or session.tls_result not in AUTHENTICATED_RESULTS:
+                # for_credentials made sure of it; kept as a last guard here, at
+                # the one place a password leaves.
+                session.close()
+                raise SessionError(
+                    f"AUTH withheld: {target.host} did not prove its identity",
+                    status=TLS_POLICY_STATUS,
+                )
             try:
                 await session.authenticate(hop.username, hop.password or "")
             except SessionError:
@@ -283,7 +340,12 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
     if not errors:
         return TempFail(NO_ADDRESSES, detail)
     last = errors[-1]
-    reply = last.reply or Reply.of(451, "4.4.1", f"Connection failed: {last.detail}"[:400])
+    if last.reply is not None:
+        reply = last.reply
+    elif last.status:  # a TLS policy or local failure: the reason is the reply
+        reply = Reply.of(451, last.status, last.detail[:400])
+    else:
+        reply = Reply.of(451, "4.4.1", f"Connection failed: {last.detail}"[:400])
     if all(e.permanent for e in errors) and reply.is_permanent:
         return PermFail(reply, detail)
     if reply.is_permanent:
@@ -292,12 +354,27 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
     return TempFail(reply, detail)
 
 
-def _describe(target: _Target, session: SmtpClientSession | None) -> str:
+def _describe(
+    target: _Target, session: SmtpClientSession | None, requirement: TlsRequirement
+) -> str:
+    """The host, the TLS result and the policy, for the delivery log line:
+    ``mx.example[192.0.2.1]:25 tls=TLSv1.3/verified policy=verify``."""
     where = target.host if not target.address else f"{target.host}[{target.address}]:{target.port}"
+    policy = f"policy={requirement.mode}"
     if session is not None and session.tls:
-        verified = "verified" if session.tls_verified else "unverified"
-        return f"{where} tls={session.tls.split()[0]}/{verified}"
-    return where
+        return f"{where} tls={session.tls.split()[0]}/{session.tls_result} {policy}"
+    if session is not None:
+        return f"{where} tls=none {policy}"
+    return f"{where} {policy}"
+
+
+@functools.lru_cache(maxsize=1)
+def _recording_anchors() -> tuple[object, ...]:
+    """The system CAs, for recording whether a certificate would verify (RFC 7435)."""
+    try:
+        return load_anchors(None)
+    except (OSError, ValueError):
+        return ()
 
 
 def _is_ip(text: str) -> bool:
