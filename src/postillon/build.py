@@ -12,12 +12,14 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from postillon.checks.authentication import InboundAuthentication, arc_sealing_keys
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.config.model import Config
 from postillon.core.clock import SystemClock
+from postillon.core.pins import parse_fingerprint
 from postillon.dns.dnspython_resolver import DnsResolver
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.accounts import AccountStore, accounts_path
@@ -32,6 +34,7 @@ from postillon.observability.maillog import MailLog
 from postillon.observability.metrics import ListenerMetrics, Metrics
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
+from postillon.outbound.tls_policy import PolicyRule, TlsMode, TlsPolicyTable
 from postillon.paths import queue_path, tls_dir
 from postillon.protocol.server import ServerSettings
 from postillon.queue.postgres_store import PostgresStore
@@ -89,6 +92,28 @@ def router(config: Config, local: LocalRecipients) -> Router:
         [TransportEntry(rule.domain, rule.route) for rule in config.transport],
         smarthost=_smarthost(config),
         smtp_port=config.outbound.port,
+    )
+
+
+def _mode(policy: str) -> TlsMode:
+    """A configured policy name as a mode ("required" is the old "encrypt")."""
+    return cast(TlsMode, "encrypt" if policy == "required" else policy)
+
+
+def tls_policy_table(config: Config) -> TlsPolicyTable:
+    """``[outbound] tls`` and ``[[tls_policy]]`` as the transport's policy table."""
+    return TlsPolicyTable(
+        default=_mode(config.outbound.tls),
+        rules=tuple(
+            PolicyRule(
+                domain=rule.domain,
+                mode=_mode(rule.policy),
+                match=rule.match,
+                ca_file=str(rule.ca_file) if rule.ca_file is not None else None,
+                fingerprints=tuple(parse_fingerprint(pin) for pin in rule.fingerprints),
+            )
+            for rule in config.tls_policy
+        ),
     )
 
 
@@ -277,7 +302,7 @@ class Builder:
         settings = OutboundSettings(
             helo_name=out.helo_name or config.hostname,
             port=out.port,
-            tls="encrypt" if out.tls == "required" else out.tls,
+            tls_policy=tls_policy_table(config),
             prefer_ipv6=out.prefer_ipv6,
             concurrency=out.concurrency,
             per_destination=out.per_destination,

@@ -12,8 +12,6 @@ reason in the log and in the queue's last reply.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import smtplib
 import ssl
@@ -24,12 +22,11 @@ from typing import Any
 
 import pytest
 import trustme
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from postillon.inbound.tls import ensure_self_signed
+from support import tls_certs
 from support.recording_smtp import RecordingSmtp
 from support.server import ServerProcess
+from support.tls_certs import ca_issued, pin
 
 pytestmark = pytest.mark.integration
 
@@ -51,31 +48,8 @@ def recorders() -> Iterator[Callable[[ssl.SSLContext | None], RecordingSmtp]]:
         rec.stop()
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
-    return ctx
-
-
 def self_signed(tmp_path: Path, name: str = HOST) -> tuple[ssl.SSLContext, Path]:
-    cert, key = ensure_self_signed(tmp_path / f"self-{name}", name)
-    return server_context(cert, key), cert
-
-
-def ca_issued(ca: trustme.CA, name: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(name).configure_cert(ctx)
-    return ctx
-
-
-def pin(cert_pem: bytes) -> str:
-    """sha256:<base64 of the SHA-256 of the SubjectPublicKeyInfo>."""
-    spki = (
-        x509.load_pem_x509_certificate(cert_pem)
-        .public_key()
-        .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    )
-    return "sha256:" + base64.b64encode(hashlib.sha256(spki).digest()).decode()
+    return tls_certs.self_signed(tmp_path, name)
 
 
 def relaying_server(

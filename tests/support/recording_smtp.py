@@ -30,7 +30,7 @@ class RecordingSmtp:
     name: str = "rec.test"
     commands: list[str] = field(default_factory=list)
     messages: list[bytes] = field(default_factory=list)
-    port: int = 0
+    port: int = 0  # 0: any free port (read it after start)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _server: asyncio.Server | None = None
@@ -42,7 +42,7 @@ class RecordingSmtp:
         loop = self._loop = asyncio.new_event_loop()
 
         async def serve() -> None:
-            self._server = await asyncio.start_server(self._handle, self.host, 0)
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             await self._stopping.wait()

@@ -7,9 +7,8 @@ import datetime
 import functools
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 from postillon.core.envelope import BodyType
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
@@ -26,7 +25,7 @@ from postillon.outbound.client_session import (
 )
 from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
-from postillon.outbound.tls_policy import TlsRequirement, for_credentials
+from postillon.outbound.tls_policy import TlsPolicyTable, TlsRequirement, for_credentials, resolve
 from postillon.queue.runner import DeliveryJob
 from postillon.routing.mx import resolve_next_hops
 from postillon.routing.router import NextHop, Route
@@ -56,14 +55,29 @@ DESTINATION_BUSY = Reply.of(
 class OutboundSettings:
     helo_name: str
     port: int = 25
-    # The default TLS mode (outbound.tls; "required" is read as "encrypt").
-    tls: Literal["opportunistic", "none", "encrypt"] = "opportunistic"
+    # [outbound] tls and [[tls_policy]] (see tls_policy.resolve).
+    tls_policy: TlsPolicyTable = field(default_factory=TlsPolicyTable)
     prefer_ipv6: bool = False
     concurrency: int = 100
     per_destination: int = 10
     messages_per_connection: int = 100
     idle_reuse: float = 10.0
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+
+
+# The DANE hook: (MX host, port, the "dane" requirement) → the requirement
+# the handshake must meet instead (e.g. TLSA records to match), or a reason
+# to skip this host (no secure TLSA answer yet, lookup failed, ...). The DANE
+# module (outbound/dane.py, TLSA lookups in dns/) provides the real one.
+DaneHook = Callable[[str, int, TlsRequirement], Awaitable[TlsRequirement | str]]
+
+
+async def dane_not_available(host: str, port: int, requirement: TlsRequirement) -> str:
+    """Until DANE lands: defer, saying so (never a silent downgrade)."""
+    return (
+        f"policy dane for {host} ({requirement.source}): DANE verification is not "
+        "available in this version; deferred"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +124,9 @@ class SmtpTransport:
         self.lmtp = lmtp
         self.rng = rng or random.Random()
         self.pool = ConnectionPool(settings.idle_reuse, settings.messages_per_connection)
+        # policy = "dane" goes through this hook (see DaneHook); until the DANE
+        # module plugs in, it defers with the reason.
+        self.dane: DaneHook = dane_not_available
         self.limits = Limits(settings.concurrency, settings.per_destination)
 
     async def close(self) -> None:
@@ -172,7 +189,18 @@ class SmtpTransport:
         errors: list[SessionError] = []
         last_detail = ""
         for target in targets:
-            requirement = self._requirement(target)
+            requirement = self._requirement(job.route, target)
+            if requirement.mode == "dane":
+                dane = await self.dane(target.host, target.port, requirement)
+                if isinstance(dane, str):  # no usable DANE answer: not this host
+                    errors.append(
+                        SessionError(dane, status=TLS_POLICY_STATUS, tls_result="dane-unavailable")
+                    )
+                    last_detail = _describe(target, None, requirement)
+                    self._count_tls(requirement, "dane-unavailable")
+                    log.info("%s: %s: %s", job.message.queue_id, last_detail, dane)
+                    continue
+                requirement = dane
             # Pooled by requirement too: a connection that met a weaker policy
             # (or none) must not carry mail that needs a stronger one.
             key = (target.address or target.host, target.port, self.lmtp, requirement)
@@ -193,6 +221,8 @@ class SmtpTransport:
             except SessionError as exc:
                 if session is not None:
                     session.close()
+                elif exc.tls_result:  # the connection failed its TLS policy
+                    self._count_tls(requirement, exc.tls_result)
                 errors.append(exc)
                 last_detail = _describe(target, session, requirement)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
@@ -237,12 +267,15 @@ class SmtpTransport:
             eight_bit=params.body is not BodyType.SEVEN_BIT,
         )
 
-    def _requirement(self, target: _Target) -> TlsRequirement:
+    def _requirement(self, route: Route, target: _Target) -> TlsRequirement:
         """What the connection to ``target`` must prove (pure; see tls_policy)."""
         hop = target.hop
         if target.address == "":
             return TlsRequirement("none", source="unix socket")  # LMTP on this machine
-        requirement = TlsRequirement(self.settings.tls, source="outbound.tls")
+        # The next-hop destination: the host of a smarthost or route (for
+        # smtp:host, the domain whose MX hosts these are), else the recipient domain.
+        destination = hop.host if hop is not None else route.domain
+        requirement = resolve(destination, target.host, self.settings.tls_policy)
         if hop is not None and hop.username:
             # Never send a password to an unverified server.
             requirement = for_credentials(
@@ -296,6 +329,7 @@ class SmtpTransport:
         )
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
+        self._count_tls(requirement, session.tls_result if session.tls else "plaintext")
         if hop is not None and hop.username:
             if not requirement.authenticated or session.tls_result not in AUTHENTICATED_RESULTS:
                 # for_credentials made sure of it; kept as a last guard here, at
@@ -311,6 +345,10 @@ class SmtpTransport:
                 session.close()
                 raise
         return session
+
+    def _count_tls(self, requirement: TlsRequirement, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.outbound_tls.labels(requirement.mode, result).inc()
 
     @staticmethod
     def _count_connection(metrics: Metrics, session: SmtpClientSession) -> None:

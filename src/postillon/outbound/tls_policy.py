@@ -23,6 +23,14 @@ The modes, weakest first (Postfix's ``smtp_tls_security_level`` names):
                    (``smtp_transport.DaneHook``), which turns it into a
                    requirement the verifier can check, or a deferral.
 
+Resolution (:func:`resolve`): the ``[[tls_policy]]`` rule for the next-hop
+destination - the recipient domain for MX delivery, the host of a smarthost or
+``[[transport]]`` route - exact domain first, then ``.parent`` rules from the
+closest parent up; without a rule, ``[outbound] tls``. For ``verify`` the names
+to match default to the MX host name (Postfix ``smtp_tls_verify_cert_match =
+hostname``): an MX host under the recipient's control is what DNS (unsigned)
+can spoof, so name the hosts in ``match`` when the MX is not trusted.
+
 A hop that gets a password (smarthost or route credentials) needs an
 *authenticated* mode (verify, fingerprint, dane): :func:`for_credentials`
 raises a weaker requirement to ``verify`` (or ``fingerprint`` when pins are
@@ -36,9 +44,12 @@ from typing import Literal
 
 __all__ = [
     "AUTHENTICATED_MODES",
+    "PolicyRule",
     "TlsMode",
+    "TlsPolicyTable",
     "TlsRequirement",
     "for_credentials",
+    "resolve",
 ]
 
 TlsMode = Literal["none", "opportunistic", "encrypt", "verify", "fingerprint", "dane"]
@@ -97,3 +108,53 @@ def for_credentials(
     if fingerprints:
         return TlsRequirement("fingerprint", fingerprints=fingerprints, source=source)
     return TlsRequirement("verify", match=(host,), ca_file=ca_file, source=source)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    """One ``[[tls_policy]]`` entry, checked: ``domain`` is lower case without
+    a trailing dot ("partner.example", or ".example" for every subdomain)."""
+
+    domain: str
+    mode: TlsMode
+    match: tuple[str, ...] = ()
+    ca_file: str | None = None
+    fingerprints: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPolicyTable:
+    """``[outbound] tls`` (the default) and the ``[[tls_policy]]`` rules."""
+
+    default: TlsMode = "opportunistic"
+    rules: tuple[PolicyRule, ...] = ()
+
+    def lookup(self, destination: str) -> PolicyRule | None:
+        """The rule for ``destination``: exact, then ``.parent`` from the closest."""
+        by_domain = {rule.domain: rule for rule in self.rules}
+        name = destination.lower().rstrip(".")
+        if name in by_domain:
+            return by_domain[name]
+        labels = name.split(".")
+        for i in range(1, len(labels)):
+            rule = by_domain.get("." + ".".join(labels[i:]))
+            if rule is not None:
+                return rule
+        return None
+
+
+def resolve(destination: str, mx_host: str, table: TlsPolicyTable) -> TlsRequirement:
+    """What a connection to ``mx_host`` for ``destination`` must prove."""
+    rule = table.lookup(destination)
+    if rule is None:
+        mode = table.default
+        match = (mx_host,) if mode == "verify" else ()
+        return TlsRequirement(mode, match=match, source="outbound.tls")
+    source = f"tls_policy {rule.domain}"
+    if rule.mode == "verify":
+        return TlsRequirement(
+            "verify", match=rule.match or (mx_host,), ca_file=rule.ca_file, source=source
+        )
+    if rule.mode == "fingerprint":
+        return TlsRequirement("fingerprint", fingerprints=rule.fingerprints, source=source)
+    return TlsRequirement(rule.mode, source=source)
