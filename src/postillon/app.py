@@ -255,6 +255,8 @@ class App:
             await self._start_admin(config, intake, limiter, tls_context)
         pid_path(data_dir).write_text(f"{os.getpid()}\n")
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
+        for note in config.deprecations():
+            log.warning("config: %s", note)
 
     async def _start_admin(
         self,

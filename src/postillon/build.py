@@ -12,6 +12,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from postillon.checks.authentication import InboundAuthentication
 from postillon.checks.rate_limit import SubmissionRateLimits
@@ -19,6 +20,7 @@ from postillon.checks.relay import RelayPolicy
 from postillon.config.loader import ConfigError
 from postillon.config.model import Config
 from postillon.core.clock import SystemClock
+from postillon.core.pins import parse_fingerprint
 from postillon.delivery.retry import RetryPolicy
 from postillon.dns.dnspython_resolver import DnsResolver
 from postillon.helpers.pool import HelperPool
@@ -34,6 +36,7 @@ from postillon.observability.maillog import MailLog
 from postillon.observability.metrics import ListenerMetrics, Metrics
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
+from postillon.outbound.tls_policy import PolicyRule, TlsMode, TlsPolicyTable
 from postillon.paths import queue_path, tls_dir
 from postillon.protocol.server import ServerSettings
 from postillon.queue.postgres_store import PostgresStore
@@ -41,7 +44,7 @@ from postillon.queue.sqlite_store import SqliteStore
 from postillon.queue.store import QueueStore
 from postillon.routing.aliases import load_aliases
 from postillon.routing.local import LocalRecipients
-from postillon.routing.router import Router, TransportEntry, parse_smarthost
+from postillon.routing.router import NextHop, Router, TransportEntry, parse_smarthost
 from postillon.signing.keys import key_store_from_config
 from postillon.signing.signer import DkimSigner, build_signer
 
@@ -93,8 +96,40 @@ def router(config: Config, local: LocalRecipients) -> Router:
     return Router(
         local,
         [TransportEntry(rule.domain, rule.route) for rule in config.transport],
-        smarthost=parse_smarthost(config.relay.smarthost) if config.relay.smarthost else None,
+        smarthost=_smarthost(config),
         smtp_port=config.outbound.port,
+    )
+
+
+def _mode(policy: str) -> TlsMode:
+    """A configured policy name as a mode ("required" is the old "encrypt")."""
+    return cast(TlsMode, "encrypt" if policy == "required" else policy)
+
+
+def tls_policy_table(config: Config) -> TlsPolicyTable:
+    """``[outbound] tls`` and ``[[tls_policy]]`` as the transport's policy table."""
+    return TlsPolicyTable(
+        default=_mode(config.outbound.tls),
+        rules=tuple(
+            PolicyRule(
+                domain=rule.domain,
+                mode=_mode(rule.policy),
+                match=rule.match,
+                ca_file=str(rule.ca_file) if rule.ca_file is not None else None,
+                fingerprints=tuple(parse_fingerprint(pin) for pin in rule.fingerprints),
+            )
+            for rule in config.tls_policy
+        ),
+    )
+
+
+def _smarthost(config: Config) -> NextHop | None:
+    relay = config.relay
+    if not relay.smarthost:
+        return None
+    ca_file = str(relay.smarthost_ca_file) if relay.smarthost_ca_file is not None else None
+    return parse_smarthost(
+        relay.smarthost, ca_file=ca_file, fingerprints=relay.smarthost_fingerprints
     )
 
 
@@ -273,7 +308,7 @@ class Builder:
         settings = OutboundSettings(
             helo_name=out.helo_name or config.hostname,
             port=out.port,
-            tls=out.tls,
+            tls_policy=tls_policy_table(config),
             prefer_ipv6=out.prefer_ipv6,
             concurrency=out.concurrency,
             per_destination=out.per_destination,

@@ -73,7 +73,7 @@ class _Built:
     certificate: ServerCertificate | None
     tls_context: ssl.SSLContext | None
     policy: Policy
-    # New SMTP/LMTP transports when [outbound], [dns] or the hostname changed.
+    # New SMTP/LMTP transports when [outbound], [dns], [[tls_policy]] or the hostname changed.
     smtp: tuple[SmtpTransport, SmtpTransport] | None
 
 
@@ -168,10 +168,11 @@ class Reloader:
         tls_context = certificate.context() if certificate is not None else None
         policy = self._builder.policy(new, (self.config, self.policy))
         smtp = None
-        if (new.outbound, new.dns, new.hostname) != (
+        if (new.outbound, new.dns, new.hostname, new.tls_policy) != (
             self.config.outbound,
             self.config.dns,
             self.config.hostname,
+            self.config.tls_policy,
         ):
             smtp = self._builder.smtp_transports(new)
         # Last: from here on the log is written as the new config says.

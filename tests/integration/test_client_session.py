@@ -12,6 +12,7 @@ It reads pipelined commands one line at a time, as a real server does.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import random
 import ssl
 import time
@@ -20,14 +21,18 @@ from dataclasses import dataclass, field
 
 import pytest
 import trustme
+from cryptography import x509
 
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.outbound.client_session import (
     ClientTimeouts,
     SessionError,
     SmtpClientSession,
+    TlsChecker,
     TransactionResult,
 )
+from postillon.outbound.tls import check_requirement
+from postillon.outbound.tls_policy import TlsMode, TlsRequirement
 from support.ports import accepts, wait_until_async
 
 pytestmark = pytest.mark.integration
@@ -650,12 +655,28 @@ async def test_implicit_tls(
     await session.quit()
 
 
+def trusting(ca: trustme.CA, name: str = "mx.test", mode: TlsMode = "verify") -> TlsChecker:
+    """A policy check that trusts ``ca`` for ``name`` (what the transport builds)."""
+    anchors = [x509.load_pem_x509_certificate(ca.cert_pem.bytes())]
+    requirement = TlsRequirement(mode, match=(name,))
+    return lambda chain: check_requirement(
+        requirement,
+        chain,
+        host="127.0.0.1",
+        anchors=anchors,
+        now=datetime.datetime.now(datetime.UTC),
+    )
+
+
 @pytest.mark.parametrize("mechanisms", ["PLAIN LOGIN", "LOGIN"])
 async def test_auth_after_starttls(
-    make_server: Callable[..., Awaitable[ScriptServer]], server_tls: ssl.SSLContext, mechanisms: str
+    make_server: Callable[..., Awaitable[ScriptServer]],
+    server_tls: ssl.SSLContext,
+    ca: trustme.CA,
+    mechanisms: str,
 ) -> None:
     server = await make_server(starttls=server_tls, tls_keywords=(*BASE, f"AUTH {mechanisms}"))
-    session = await connect(server)
+    session = await connect(server, tls_check=trusting(ca))
     assert "AUTH" in session.extensions
     await session.authenticate("joe", "secret")
     assert (await send_one(session, b"x\r\n")).per_recipient[0].code == 250
@@ -666,14 +687,62 @@ async def test_auth_after_starttls(
 async def test_auth_failure_raises_with_reply(
     make_server: Callable[..., Awaitable[ScriptServer]],
     server_tls: ssl.SSLContext,
+    ca: trustme.CA,
 ) -> None:
     server = await make_server(starttls=server_tls, tls_keywords=(*BASE, "AUTH PLAIN"))
-    session = await connect(server)
+    session = await connect(server, tls_check=trusting(ca))
     with pytest.raises(SessionError) as info:
         await session.authenticate("joe", "wrong")
     assert info.value.reply is not None and info.value.reply.code == 535
     assert not info.value.permanent and session.usable
     await session.quit()
+
+
+async def test_auth_refused_over_unverified_tls(
+    make_server: Callable[..., Awaitable[ScriptServer]],
+    server_tls: ssl.SSLContext,
+) -> None:
+    """Encrypted is not enough: the session itself never sends a password to a
+    server whose certificate was not verified (the transport's last guard)."""
+    server = await make_server(starttls=server_tls, tls_keywords=(*BASE, "AUTH PLAIN"))
+    session = await connect(server)  # opportunistic: trustme's CA is not trusted
+    assert session.tls and session.tls_result == "unverified"
+    with pytest.raises(SessionError) as info:
+        await session.authenticate("joe", "secret")
+    assert "did not prove its identity" in info.value.detail and info.value.status == "4.7.5"
+    await session.quit()
+    assert not any(c.startswith("AUTH") for c in server.commands)
+
+
+async def test_policy_check_refusal_quits_before_anything_else(
+    make_server: Callable[..., Awaitable[ScriptServer]],
+    server_tls: ssl.SSLContext,
+    ca: trustme.CA,
+) -> None:
+    """A certificate for another name: QUIT right after the handshake, with the reason."""
+    server = await make_server(starttls=server_tls)
+    with pytest.raises(SessionError) as info:
+        await connect(server, tls_check=trusting(ca, name="smtp.example.net"))
+    assert info.value.detail.startswith("certificate for smtp.example.net not verified: ")
+    assert info.value.status == "4.7.5" and info.value.tls_result == "not-verified"
+    assert server.commands[-1] == "STARTTLS"  # nothing after it: no EHLO, AUTH or MAIL
+    other = trustme.CA()  # right name, untrusted CA
+    with pytest.raises(SessionError) as info:
+        await connect(server, tls_check=trusting(other))
+    assert "not verified" in info.value.detail
+
+
+async def test_policy_check_on_implicit_tls(
+    make_server: Callable[..., Awaitable[ScriptServer]], server_tls: ssl.SSLContext, ca: trustme.CA
+) -> None:
+    server = await make_server(ssl_ctx=server_tls)
+    session = await connect(server, implicit_tls=True, tls_check=trusting(ca))
+    assert session.tls_result == "verified" and session.tls_verified
+    await session.quit()
+    with pytest.raises(SessionError) as info:
+        await connect(server, implicit_tls=True, tls_check=trusting(trustme.CA()))
+    assert info.value.tls_result == "not-verified"
+    assert not any(c.startswith("EHLO") for c in server.commands[-1:])
 
 
 async def test_auth_refused_without_tls(

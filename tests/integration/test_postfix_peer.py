@@ -151,7 +151,8 @@ def test_postillon_delivers_to_postfix_over_starttls(postillon_to_postfix) -> No
 
     mine = wait_log(server, f"{qid}: delivered: to=<user@pf.test>")
     delivered = next(line for line in mine.splitlines() if f"{qid}: delivered:" in line)
-    assert f"relay=({PF_HOST}[{PF_ADDRESS}]:{pf.port} tls=TLSv1.3/unverified)" in delivered
+    relay = f"relay=({PF_HOST}[{PF_ADDRESS}]:{pf.port} tls=TLSv1.3/unverified"
+    assert f"{relay} policy=opportunistic)" in delivered
     assert "status=250 2.0.0" in delivered and "bytes queued as" in delivered  # BDAT's reply
     assert server.cli("queue", "list", "--json").stdout.strip() == "[]"
 
@@ -189,7 +190,8 @@ def test_postfix_4xx_leaves_recipient_deferred_with_postfix_reply(postillon_to_p
     pf.wait_for_messages("user")
     log = wait_log(server, f"{qid}: deferred: to=<busy@pf.test>")
     deferred = next(line for line in log.splitlines() if f"{qid}: deferred:" in line)
-    assert f"relay=({PF_HOST}[{PF_ADDRESS}]:{pf.port} tls=TLSv1.3/unverified)" in deferred
+    relay = f"relay=({PF_HOST}[{PF_ADDRESS}]:{pf.port} tls=TLSv1.3/unverified"
+    assert f"{relay} policy=opportunistic)" in deferred
     code, _, text = BUSY_REPLY.partition(" <")
     assert f"status={code}, reply=(<{text})" in deferred
     shown = queue_show(server, qid)

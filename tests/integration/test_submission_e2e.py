@@ -7,12 +7,15 @@ msmtp / smtplib ──587-style STARTTLS + AUTH──▶ postillon serve ──�
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import smtplib
 import ssl
 import subprocess
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from support.ports import free_port
 from support.server import ServerProcess
@@ -165,7 +168,8 @@ def test_submission_adds_missing_date_and_message_id(submit_server: ServerProces
 def test_smarthost_with_auth_through_a_submission_port(make_server) -> None:  # type: ignore[no-untyped-def]
     """postillon A relays all outside mail through B's submission port.
 
-    smtplib ──▶ A (smarthost = smtp://alice:pw@B:587) ──STARTTLS+AUTH──▶ B ──▶ Maildir
+    smtplib ──▶ A (smarthost = smtp://alice:pw@B:587, B's key pinned) ──STARTTLS+AUTH──▶ B
+                                                                          ──▶ Maildir
     """
     port = free_port("127.0.0.3")
     b = make_server(
@@ -184,10 +188,15 @@ def test_smarthost_with_auth_through_a_submission_port(make_server) -> None:  # 
     assert added.returncode == 0, added.stderr
     b.start()
     password = PASSWORD.replace(" ", "%20")
+    # B's certificate is self-signed: A sends the password only because it
+    # pins B's key (without the pin: no AUTH, see test_outbound_smarthost_tls).
+    cert = x509.load_pem_x509_certificate((b.data_dir / "tls" / "selfsigned-cert.pem").read_bytes())
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     a = make_server(
         relay={
             "trusted_networks": ["127.0.0.0/8"],
             "smarthost": f"smtp://alice%40example.org:{password}@127.0.0.3:{port}",
+            "smarthost_fingerprints": ["sha256:" + hashlib.sha256(spki).hexdigest()],
         }
     ).start()
     host, _, a_port = a.config["listen"][0]["address"].rpartition(":")

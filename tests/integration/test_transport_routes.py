@@ -102,7 +102,9 @@ def test_static_smtp_route_to_smtp_sink(make_server, sink: Callable[..., Sink]) 
     dumps = target.dumps(3)
     assert len(dumps) == 3
     assert all("routed body\n..two dots\n" in d for d in dumps)
-    assert f"relay=127.0.0.1[127.0.0.1]:{target.port}," in server.maillog()
+    assert f"relay=(127.0.0.1[127.0.0.1]:{target.port} tls=none policy=opportunistic)" in (
+        server.maillog()
+    )
 
 
 def test_error_and_discard_routes(make_server) -> None:  # type: ignore[no-untyped-def]

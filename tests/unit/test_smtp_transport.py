@@ -13,9 +13,11 @@ from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.outcome import Delivered, PermFail, TempFail
 from postillon.core.reply import Reply
 from postillon.delivery.transport import DeliveryJob
+from postillon.observability.metrics import Metrics
 from postillon.outbound import smtp_transport
 from postillon.outbound.client_session import SessionError, TransactionResult
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
+from postillon.outbound.tls_policy import PolicyRule, TlsPolicyTable, TlsRequirement
 from postillon.queue.store import DeliveryRecord, DeliveryState, MessageInfo
 from postillon.routing.router import NextHop, Route
 
@@ -67,12 +69,17 @@ class FakeSession:
 
 
 def transport(
-    monkeypatch: pytest.MonkeyPatch, scripts: dict[str, Any]
+    monkeypatch: pytest.MonkeyPatch,
+    scripts: dict[str, Any],
+    settings: OutboundSettings | None = None,
+    calls: list[dict[str, Any]] | None = None,
 ) -> tuple[SmtpTransport, list[str]]:
     connects: list[str] = []
 
     async def connect(host: str, port: int, **kw: Any) -> FakeSession:
         connects.append(host)
+        if calls is not None:
+            calls.append(kw)
         script = scripts[host]
         if (
             isinstance(script, SessionError)
@@ -83,7 +90,8 @@ def transport(
         return FakeSession(script)
 
     monkeypatch.setattr(smtp_transport.SmtpClientSession, "connect", staticmethod(connect))
-    return SmtpTransport(resolver=None, settings=OutboundSettings("me.test")), connects  # type: ignore[arg-type]
+    settings = settings or OutboundSettings("me.test")
+    return SmtpTransport(resolver=None, settings=settings), connects  # type: ignore[arg-type]
 
 
 async def test_broken_transaction_keeps_settled_recipients(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,7 +128,8 @@ async def test_reused_connection_closed_by_peer_is_retried_fresh(
 ) -> None:
     t, connects = transport(monkeypatch, {"192.0.2.1": [OK]})
     stale = FakeSession(SessionError("closed while idle"))
-    await t.pool.put(("192.0.2.1", 25, False), stale)  # type: ignore[arg-type]
+    key = ("192.0.2.1", 25, False, TlsRequirement("opportunistic", source="outbound.tls"))
+    await t.pool.put(key, stale)  # type: ignore[arg-type]
     outcomes = await t.deliver(job(["ok@d.test"]))
     assert isinstance(outcomes[0], Delivered)
     assert connects == ["192.0.2.1"]  # one fresh connection after the stale one failed
@@ -139,3 +148,84 @@ async def test_busy_destination_is_not_an_attempt(monkeypatch: pytest.MonkeyPatc
     (outcome,) = await t.deliver(job(["ok@d.test"]))
     assert isinstance(outcome, Delivered)
     await asyncio.sleep(0)
+
+
+# --- TLS policy in the transport ---------------------------------------------------------
+
+DANE = TlsPolicyTable(rules=(PolicyRule("d.test", "dane"),))
+
+
+def one_mx(monkeypatch: pytest.MonkeyPatch, t: SmtpTransport) -> None:
+    async def targets(route: Route) -> list[smtp_transport._Target]:
+        return [smtp_transport._Target("mx.d.test", "192.0.2.1", 25, None)]
+
+    monkeypatch.setattr(t, "_targets", targets)
+
+
+async def test_dane_policy_defers_until_the_dane_module_lands(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    t, connects = transport(
+        monkeypatch, {"192.0.2.1": [OK]}, OutboundSettings("me.test", tls_policy=DANE)
+    )
+    one_mx(monkeypatch, t)
+    t.metrics = Metrics()
+    (outcome,) = await t.deliver(job(["x@d.test"]))
+    assert isinstance(outcome, TempFail) and outcome.reply.status == "4.7.5"
+    sample = t.metrics.registry.get_sample_value(
+        "postillon_outbound_tls_sessions_total", {"policy": "dane", "result": "dane-unavailable"}
+    )
+    assert sample == 1
+    assert "DANE verification is not available" in " ".join(outcome.reply.lines)
+    assert connects == []  # never connected: no silent downgrade
+
+
+async def test_dane_hook_turns_the_requirement_into_what_the_session_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[dict[str, Any]] = []
+    t, _ = transport(
+        monkeypatch, {"192.0.2.1": [OK]}, OutboundSettings("me.test", tls_policy=DANE), calls
+    )
+    seen: list[tuple[str, int, TlsRequirement]] = []
+
+    async def hook(host: str, port: int, requirement: TlsRequirement) -> TlsRequirement:
+        seen.append((host, port, requirement))
+        return TlsRequirement("fingerprint", fingerprints=(b"k" * 32,), source="dane")
+
+    t.dane = hook
+    one_mx(monkeypatch, t)
+    (outcome,) = await t.deliver(job(["x@d.test"]))
+    assert isinstance(outcome, Delivered)
+    assert seen[0][2].mode == "dane" and seen[0][2].source == "tls_policy d.test"
+    assert calls[0]["starttls"] == "required"
+    assert "policy=fingerprint" in outcome.detail
+
+
+async def test_connections_are_pooled_by_requirement(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection opened for an opportunistic domain never carries mail for a
+    verify domain that shares the MX host."""
+    table = TlsPolicyTable(rules=(PolicyRule("strict.test", "verify"),))
+    t, connects = transport(
+        monkeypatch, {"192.0.2.1": [OK]}, OutboundSettings("me.test", tls_policy=table)
+    )
+
+    async def targets(route: Route) -> list[smtp_transport._Target]:
+        return [smtp_transport._Target("mx.shared.test", "192.0.2.1", 25, None)]
+
+    monkeypatch.setattr(t, "_targets", targets)
+    loose = job(["a@loose.test"])
+    strict = job(["b@strict.test"])
+    object.__setattr__(loose, "route", Route("smtp", "smtp:loose.test", "loose.test"))
+    object.__setattr__(strict, "route", Route("smtp", "smtp:strict.test", "strict.test"))
+    t.metrics = Metrics()
+    await t.deliver(loose)
+    await t.deliver(strict)
+    await t.deliver(loose)
+    assert connects == ["192.0.2.1", "192.0.2.1"]  # the third reused the first
+    count = t.metrics.registry.get_sample_value
+    labels = {"policy": "verify", "result": "plaintext"}  # FakeSession has no TLS
+    assert count("postillon_outbound_tls_sessions_total", labels) == 1
+    labels = {"policy": "opportunistic", "result": "plaintext"}
+    assert count("postillon_outbound_tls_sessions_total", labels) == 1
+    await t.close()

@@ -51,6 +51,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unreadable_ca_files(config: Config) -> list[str]:
+    """CA files for outbound TLS that the server could not use, by key."""
+    from postillon.outbound.tls import load_anchors
+
+    files = [("relay.smarthost_ca_file", config.relay.smarthost_ca_file)]
+    files += [(f"tls_policy[{i}].ca_file", r.ca_file) for i, r in enumerate(config.tls_policy)]
+    problems = []
+    for key, path in files:
+        if path is None:
+            continue
+        try:
+            load_anchors(str(path))
+        except (OSError, ValueError) as exc:
+            problems.append(f"{key}: cannot use {path}: {exc}")
+    return problems
+
+
 def _load(path: Path | None) -> Config:
     if path is None:
         return Config()
@@ -90,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(str(exc)) from None
 
             signer = build_signer(config)  # loads the DKIM keys: a bad one is reported here
+            for note in config.deprecations():
+                print(f"{path}: warning: {note}", file=sys.stderr)
+            problems = _unreadable_ca_files(config)
+            if problems:
+                for problem in problems:
+                    print(f"{path}: {problem}", file=sys.stderr)
+                return 1
             print(
                 f"{path}: OK ({len(config.listen)} listener(s), "
                 f"{len(config.domain)} local domain(s), data_dir {config.data_dir}"

@@ -32,6 +32,7 @@ RELOADABLE = frozenset(
         "queue",  # except the fields below
         "log",
         "transport",
+        "tls_policy",  # new SMTP transports, as for outbound
         "submission",
         "shutdown",
         "dns",  # a new resolver and new SMTP transports; deliveries in flight finish

@@ -89,9 +89,17 @@ def _resolve_relative(config: Config, base: Path | None) -> Config:
     admin = config.admin.model_copy(
         update={"tls_cert": fix(config.admin.tls_cert), "tls_key": fix(config.admin.tls_key)}
     )
+    tls_policy = tuple(
+        rule.model_copy(update={"ca_file": fix(rule.ca_file)}) for rule in config.tls_policy
+    )
+    relay = config.relay.model_copy(
+        update={"smarthost_ca_file": fix(config.relay.smarthost_ca_file)}
+    )
     return config.model_copy(
         update={
             "admin": admin,
+            "relay": relay,
+            "tls_policy": tls_policy,
             "data_dir": fix(config.data_dir),
             "tls": tls,
             "aliases": aliases,

@@ -14,7 +14,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from postillon.core.credentials import check_postgresql_url, parse_smarthost_url
+from postillon.config.outbound import (
+    OutboundConfig,
+    RelayConfig,
+    TlsPolicyName,
+    TlsPolicyRule,
+    TransportRule,
+)
+from postillon.core.credentials import check_postgresql_url
+
+__all__ = [
+    "Config",
+    "OutboundConfig",
+    "RelayConfig",
+    "TlsPolicyName",
+    "TlsPolicyRule",
+    "TransportRule",
+]
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -80,33 +96,6 @@ class TlsConfig(_Frozen):
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("tls.certificate and tls.private_key must be set together")
         return self
-
-
-class RelayConfig(_Frozen):
-    # Clients in these networks may relay to any domain. Default: nobody (no open relay).
-    trusted_networks: tuple[str, ...] = ()
-    # Send all non-local mail through this host instead of looking up MX records:
-    # "smtp://[user:password@]host[:port]" (STARTTLS, required when a password is
-    # given) or "smtps://..." (implicit TLS, RFC 8314).
-    smarthost: str | None = None
-
-    @field_validator("smarthost")
-    @classmethod
-    def _check_smarthost(cls, value: str | None) -> str | None:
-        if value is not None:
-            # The parser the server uses at start: what passes here starts.
-            parse_smarthost_url(value)
-        return value
-
-    @field_validator("trusted_networks")
-    @classmethod
-    def _check_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for net in value:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"not a network: {net!r} (use CIDR, e.g. 192.0.2.0/24)") from exc
-        return value
 
 
 class LimitsConfig(_Frozen):
@@ -238,60 +227,6 @@ class DnsConfig(_Frozen):
     nameservers: tuple[str, ...] = ()  # "127.0.0.1:5353"; empty = the system's resolver
     timeout: float = Field(5.0, gt=0)  # per try and server
     attempts: int = Field(2, ge=1)
-
-
-class OutboundConfig(_Frozen):
-    concurrency: int = Field(100, ge=1)  # SMTP connections out, in total
-    per_destination: int = Field(10, ge=1)  # connections to one destination at once
-    messages_per_connection: int = Field(100, ge=1)  # then QUIT and reconnect
-    port: int = Field(25, gt=0, lt=65536)  # MX delivery port (tests use others)
-    helo_name: str | None = None  # default: hostname
-    prefer_ipv6: bool = False
-    ipv4: bool = True
-    ipv6: bool = True
-    # "opportunistic": STARTTLS when offered, unverified certificates accepted and
-    # logged (RFC 7435); "none": never; "required": defer rather than send in clear.
-    tls: Literal["opportunistic", "none", "required"] = "opportunistic"
-    # Timeouts, RFC 5321 4.5.3.2.
-    connect_timeout: float = Field(30.0, gt=0)
-    greeting_timeout: float = Field(300.0, gt=0)
-    command_timeout: float = Field(300.0, gt=0)
-    data_block_timeout: float = Field(180.0, gt=0)
-    data_end_timeout: float = Field(600.0, gt=0)
-    idle_reuse: float = Field(10.0, ge=0)  # keep an idle connection this long for reuse
-
-
-class TransportRule(_Frozen):
-    """A per-domain route: ``domain = "example.net"`` (or ``"*"`` for all) and
-    ``route`` one of ``smtp:[host]:port``, ``smtp:host`` (MX lookup of host),
-    ``lmtp:host:port``, ``lmtp:unix:/path``, ``maildir``, ``discard``,
-    ``error:5.x.y text``."""
-
-    domain: str
-    route: str
-
-    @field_validator("domain")
-    @classmethod
-    def _lower(cls, value: str) -> str:
-        return value.strip().lower().rstrip(".")
-
-    @field_validator("route")
-    @classmethod
-    def _check_route(cls, value: str) -> str:
-        kind = value.split(":", 1)[0]
-        if kind not in ("smtp", "lmtp", "maildir", "discard", "error"):
-            raise ValueError(
-                f"route {value!r}: expected smtp:[host]:port, lmtp:host:port, lmtp:unix:/path, "
-                "maildir, discard or error:5.x.y text"
-            )
-        if kind == "error":
-            import re
-
-            if not re.match(r"error:[45]\.\d{1,3}\.\d{1,3}( |$)", value):
-                raise ValueError(
-                    f"route {value!r}: write error:5.1.1 Some text (an enhanced status code)"
-                )
-        return value
 
 
 class SubmissionConfig(_Frozen):
@@ -536,6 +471,7 @@ class Config(_Frozen):
     dns: DnsConfig = DnsConfig()
     outbound: OutboundConfig = OutboundConfig()
     transport: tuple[TransportRule, ...] = ()
+    tls_policy: tuple[TlsPolicyRule, ...] = ()
     submission: SubmissionConfig = SubmissionConfig()
     authentication: AuthenticationConfig = AuthenticationConfig()
     dkim: DkimConfig = DkimConfig()
@@ -563,6 +499,45 @@ class Config(_Frozen):
                 raise ValueError(f"domain {d.name!r} is configured twice")
             seen.add(d.name)
         return self
+
+    @model_validator(mode="after")
+    def _tls_policies(self) -> Config:
+        seen: set[str] = set()
+        for i, rule in enumerate(self.tls_policy):
+            if rule.domain in seen:
+                raise ValueError(f"tls_policy[{i}]: domain {rule.domain!r} has two rules")
+            seen.add(rule.domain)
+        # DANE rests on DNSSEC: only a validating resolver's AD bit may be
+        # trusted ([dns] trust_ad, with the DANE module); never by default.
+        uses_dane = self.outbound.tls == "dane" or any(r.policy == "dane" for r in self.tls_policy)
+        if uses_dane and getattr(self.dns, "trust_ad", False) is not True:
+            where = next(
+                (
+                    f"tls_policy[{i}] ({r.domain})"
+                    for i, r in enumerate(self.tls_policy)
+                    if r.policy == "dane"
+                ),
+                "outbound.tls",
+            )
+            raise ValueError(f"{where}: policy dane needs [dns] trust_ad = true")
+        return self
+
+    def deprecations(self) -> list[str]:
+        """Old spellings still accepted, each with its key and the new value
+        (printed by check-config, logged at start)."""
+        notes = []
+        if self.outbound.tls == "required":
+            notes.append(
+                'outbound.tls = "required" is deprecated: write tls = "encrypt" '
+                "(same meaning: TLS or no delivery, any certificate)"
+            )
+        for i, rule in enumerate(self.tls_policy):
+            if rule.policy == "required":
+                notes.append(
+                    f'tls_policy[{i}] ({rule.domain}): policy = "required" is deprecated: '
+                    'write policy = "encrypt"'
+                )
+        return notes
 
     @model_validator(mode="after")
     def _admin_tls_source(self) -> Config:

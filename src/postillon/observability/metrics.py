@@ -208,6 +208,15 @@ class Metrics:
             ["direction", "version"],
             registry=registry,
         )
+        self.outbound_tls = Counter(
+            "postillon_outbound_tls_sessions",
+            "Outbound SMTP sessions by TLS policy (none, opportunistic, encrypt, verify, "
+            "fingerprint, dane) and result (verified, pinned, unverified, plaintext, "
+            "starttls-not-supported, starttls-refused, handshake-failed, not-verified, "
+            "fingerprint-mismatch, no-certificate, dane-unavailable, config-error)",
+            ["policy", "result"],
+            registry=registry,
+        )
         self.auth_failures = Counter(
             "postillon_auth_failures",
             "Failed SMTP AUTH attempts, by listener and mechanism",

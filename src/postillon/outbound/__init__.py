@@ -12,8 +12,15 @@ each host and each of its addresses until one takes the transaction, reuses
 idle connections to the same destination, and bounds concurrency in total and
 per destination. Every result comes back as one outcome per recipient
 (``Delivered`` / ``TempFail`` / ``PermFail``); nothing is raised across the
-boundary. TLS is opportunistic by default (RFC 7435): used when offered, the
-certificate's verification result logged but not required. ``tls.py`` holds
-the TLS decisions (the client context, the name to verify, whether the
-certificate verified), so TLS policy grows there and the driver stays thin.
+boundary.
+
+TLS: before each connection ``tls_policy.resolve`` turns the destination, the
+MX host and the policy table ([outbound] tls, [[tls_policy]]) into a
+``TlsRequirement`` (a hop with a password needs at least ``verify``:
+``for_credentials``); after the handshake ``tls.check_requirement`` judges the
+server's chain against it, and the session goes on only when it passed.
+Both are pure; the session and the transport only apply them. ``dane``
+requirements go through ``SmtpTransport.dane`` (the DANE module's hook).
+The default stays opportunistic (RFC 7435): used when offered, the
+certificate's verification result logged but not required.
 """

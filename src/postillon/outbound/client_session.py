@@ -26,7 +26,10 @@ when offered and records whether the certificate verified (``tls_verified``)
 without requiring it; a failed handshake leaves the connection unusable
 (SessionError, temporary: the caller may retry that host without TLS).
 ``"required"`` fails when STARTTLS is missing or refused. ``implicit_tls``
-starts TLS at connect (port 465).
+starts TLS at connect (port 465). ``tls_check`` (built by the transport from
+its ``TlsRequirement``, see ``outbound.tls.check_requirement``) judges the
+finished handshake; when it says no, the session QUITs before anything else
+is said (no AUTH, no MAIL) and raises SessionError with its reason.
 
 Every wait has a deadline: connect, greeting, each command reply, each write
 of body data, and the final reply after the end of data.
@@ -39,12 +42,24 @@ import contextlib
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.reply import Reply
-from postillon.outbound.tls import certificate_verified, default_client_context, server_name
+from postillon.outbound.session_types import (
+    TLS_POLICY_STATUS,
+    ClientTimeouts,
+    SessionError,
+    TlsChecker,
+    TransactionResult,
+)
+from postillon.outbound.tls import (
+    AUTHENTICATED_RESULTS,
+    default_client_context,
+    peer_chain,
+    recording_check,
+    server_name,
+)
 from postillon.protocol.client import NEED_DATA, ClientConnection, ClientState
 from postillon.protocol.client_events import (
     AuthReply,
@@ -62,11 +77,14 @@ from postillon.protocol.client_events import (
 )
 
 __all__ = [
+    "TLS_POLICY_STATUS",
     "ClientTimeouts",
     "SessionError",
     "SmtpClientSession",
+    "TlsChecker",
     "TransactionResult",
 ]
+
 
 # Large enough to drain asyncio's reader buffer in one read (it pauses the
 # transport at 2 x 64 KiB, plus one 256 KiB socket read): so the read that
@@ -81,50 +99,7 @@ BDAT_WINDOW = 16
 # How long to collect a reply the server may have sent before a write failed
 # (e.g. an early 552 during DATA).
 SALVAGE_TIMEOUT = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class ClientTimeouts:
-    """Seconds; RFC 5321 §4.5.3.2 minimums for the protocol phases."""
-
-    connect: float = 30  # TCP connect (and the TLS handshake for implicit TLS)
-    greeting: float = 300  # §4.5.3.2.1 initial 220
-    command: float = 300  # §4.5.3.2.2-3 MAIL, RCPT; also EHLO, STARTTLS, AUTH, RSET, QUIT
-    data_block: float = 180  # §4.5.3.2.5 each write of body data
-    data_end: float = 600  # §4.5.3.2.6 the reply after the end of data
-
-
-@dataclass(frozen=True, slots=True)
-class TransactionResult:
-    """The final reply for each recipient, in input order: its RCPT rejection, the
-    reply to the end of data, or (LMTP) its own reply after the end of data."""
-
-    per_recipient: tuple[Reply, ...]
-    mail_reply: Reply | None
-
-
-class SessionError(Exception):
-    """The connection failed or the server refused the session.
-
-    ``permanent`` is True only when the server said so for the whole session
-    (a 5xx greeting or hello); connection failures, timeouts, TLS failures and
-    4xx are temporary. ``partial`` (from ``send``) holds the replies known when
-    the connection broke; recipients still unanswered carry a made-up 451.
-    """
-
-    def __init__(
-        self,
-        detail: str,
-        *,
-        reply: Reply | None = None,
-        permanent: bool = False,
-        partial: TransactionResult | None = None,
-    ) -> None:
-        super().__init__(f"{detail}: {reply}" if reply is not None else detail)
-        self.detail = detail
-        self.reply = reply
-        self.permanent = permanent
-        self.partial = partial
+DEFAULT_TIMEOUTS = ClientTimeouts()
 
 
 class SmtpClientSession:
@@ -146,6 +121,7 @@ class SmtpClientSession:
         self.timeouts = timeouts
         self.tls = ""
         self.tls_verified = False
+        self.tls_result = "none"  # TlsCheck.result once TLS is up
         self.messages_sent = 0  # transactions whose body was sent
         self._closed = False
         self._broken = False  # e.g. RSET failed: no more transactions
@@ -167,11 +143,12 @@ class SmtpClientSession:
         lmtp: bool = False,
         starttls: Literal["none", "opportunistic", "required"] = "opportunistic",
         tls_context: ssl.SSLContext | None = None,
+        tls_check: TlsChecker | None = None,
         implicit_tls: bool = False,
         server_hostname: str | None = None,
         unix_path: str | None = None,
         local_address: str | None = None,
-        timeouts: ClientTimeouts = ClientTimeouts(),
+        timeouts: ClientTimeouts = DEFAULT_TIMEOUTS,
         use_pipelining: bool = True,
         use_chunking: bool = True,
     ) -> SmtpClientSession:
@@ -212,14 +189,16 @@ class SmtpClientSession:
         session = cls(reader, writer, conn, peer=peer, timeouts=timeouts)
         try:
             if implicit_tls:
-                session._tls_done(ctx, name)
-            await session._open(starttls if not implicit_tls else "none", ctx, name)
+                await session._tls_done(ctx, name, tls_check)
+            await session._open(starttls if not implicit_tls else "none", ctx, name, tls_check)
         except BaseException:
             session.close()
             raise
         return session
 
-    async def _open(self, starttls: str, ctx: ssl.SSLContext, name: str | None) -> None:
+    async def _open(
+        self, starttls: str, ctx: ssl.SSLContext, name: str | None, check: TlsChecker | None
+    ) -> None:
         event = await self._next()
         assert isinstance(event, Greeting), event
         if event.reply.code != 220:
@@ -230,7 +209,11 @@ class SmtpClientSession:
         if "STARTTLS" not in self._conn.extensions:
             if starttls == "required":
                 await self.quit()
-                raise SessionError(f"TLS required but {self.peer} does not offer STARTTLS")
+                raise SessionError(
+                    f"TLS required but {self.peer} does not offer STARTTLS",
+                    status=TLS_POLICY_STATUS,
+                    tls_result="starttls-not-supported",
+                )
             return
         self._conn.starttls()
         event = await self._next()
@@ -238,7 +221,11 @@ class SmtpClientSession:
         if not event.ready:
             if starttls == "required":
                 await self.quit()
-                raise SessionError("TLS required but STARTTLS was refused", reply=event.reply)
+                raise SessionError(
+                    "TLS required but STARTTLS was refused",
+                    reply=event.reply,
+                    tls_result="starttls-refused",
+                )
             return  # opportunistic: go on in plaintext
         await self._flush(self.timeouts.command)
         try:
@@ -246,11 +233,15 @@ class SmtpClientSession:
                 await self._writer.start_tls(ctx, server_hostname=name or "")
         except TimeoutError:
             self.close()
-            raise SessionError(f"TLS handshake with {self.peer}: timeout") from None
+            raise SessionError(
+                f"TLS handshake with {self.peer}: timeout", tls_result="handshake-failed"
+            ) from None
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             self.close()
-            raise SessionError(f"TLS handshake with {self.peer} failed: {exc}") from exc
-        self._tls_done(ctx, name)
+            raise SessionError(
+                f"TLS handshake with {self.peer} failed: {exc}", tls_result="handshake-failed"
+            ) from exc
+        await self._tls_done(ctx, name, check)
         self._conn.tls_established()
         await self._hello()
 
@@ -268,13 +259,22 @@ class SmtpClientSession:
             f"{self.peer} refused the {what}", reply=reply, permanent=reply.code >= 500
         )
 
-    def _tls_done(self, ctx: ssl.SSLContext, name: str | None) -> None:
+    async def _tls_done(
+        self, ctx: ssl.SSLContext, name: str | None, check: TlsChecker | None
+    ) -> None:
+        """Record the TLS session; when ``check`` refuses it, QUIT and raise."""
         obj = self._writer.get_extra_info("ssl_object")
         if obj is None:
             return
         cipher = obj.cipher()
         self.tls = f"{obj.version() or 'TLS'} {cipher[0]}" if cipher else (obj.version() or "TLS")
-        self.tls_verified = certificate_verified(obj, ctx, name)
+        result = (check or recording_check(ctx, name))(peer_chain(obj))
+        self.tls_verified = result.verified
+        self.tls_result = result.result
+        if not result.ok:
+            # Nothing more is said on this connection: no AUTH, no MAIL.
+            await self.quit()
+            raise SessionError(result.reason, status=TLS_POLICY_STATUS, tls_result=result.result)
 
     # --- the public API ------------------------------------------------------------------
 
@@ -296,7 +296,8 @@ class SmtpClientSession:
         return not self._reader.at_eof()
 
     async def authenticate(self, username: str, password: str) -> None:
-        """AUTH PLAIN, else LOGIN, as offered; only over TLS.
+        """AUTH PLAIN, else LOGIN, as offered; only over TLS whose check proved
+        the server's identity (``tls_result`` verified or pinned).
 
         A refusal is temporary even when the server says 535: a wrong password
         is an operator's problem, not a reason to bounce mail (Postfix
@@ -304,6 +305,13 @@ class SmtpClientSession:
         """
         if not self.tls:
             raise SessionError("AUTH refused by the client: the connection is not encrypted")
+        if self.tls_result not in AUTHENTICATED_RESULTS:
+            # Never a password to a server that has not proved who it is.
+            raise SessionError(
+                f"AUTH refused by the client: {self.peer} did not prove its identity "
+                f"(certificate {self.tls_result})",
+                status=TLS_POLICY_STATUS,
+            )
         self._check_usable()
         mechanisms = self._conn.extensions.auth_mechanisms
         mechanism = next((m for m in ("PLAIN", "LOGIN") if m in mechanisms), None)

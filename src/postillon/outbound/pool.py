@@ -7,9 +7,10 @@ import time
 from collections import defaultdict
 
 from postillon.outbound.client_session import SmtpClientSession
+from postillon.outbound.tls_policy import TlsRequirement
 
-# (address or unix path, port, LMTP?)
-PoolKey = tuple[str, int, bool]
+# (address or unix path, port, LMTP?, what its TLS had to prove)
+PoolKey = tuple[str, int, bool, TlsRequirement]
 
 
 class ConnectionPool:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import functools
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 from postillon.core.envelope import BodyType
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
@@ -16,13 +17,17 @@ from postillon.delivery.transport import DeliveryJob
 from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
 from postillon.observability.metrics import Metrics
 from postillon.outbound.client_session import (
+    TLS_POLICY_STATUS,
     ClientTimeouts,
     SessionError,
     SmtpClientSession,
+    TlsChecker,
     TransactionResult,
 )
 from postillon.outbound.mx import resolve_next_hops
-from postillon.outbound.pool import ConnectionPool, Limits
+from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
+from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
+from postillon.outbound.tls_policy import TlsPolicyTable, TlsRequirement, for_credentials, resolve
 from postillon.routing.router import NextHop, Route
 
 log = logging.getLogger("postillon.outbound")
@@ -47,13 +52,29 @@ DESTINATION_BUSY = Reply.of(
 class OutboundSettings:
     helo_name: str
     port: int = 25
-    tls: Literal["opportunistic", "none", "required"] = "opportunistic"
+    # [outbound] tls and [[tls_policy]] (see tls_policy.resolve).
+    tls_policy: TlsPolicyTable = field(default_factory=TlsPolicyTable)
     prefer_ipv6: bool = False
     concurrency: int = 100
     per_destination: int = 10
     messages_per_connection: int = 100
     idle_reuse: float = 10.0
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+
+
+# The DANE hook: (MX host, port, the "dane" requirement) → the requirement
+# the handshake must meet instead (e.g. TLSA records to match), or a reason
+# to skip this host (no secure TLSA answer yet, lookup failed, ...). The DANE
+# module (outbound/dane.py, TLSA lookups in dns/) provides the real one.
+DaneHook = Callable[[str, int, TlsRequirement], Awaitable[TlsRequirement | str]]
+
+
+async def dane_not_available(host: str, port: int, requirement: TlsRequirement) -> str:
+    """Until DANE lands: defer, saying so (never a silent downgrade)."""
+    return (
+        f"policy dane for {host} ({requirement.source}): DANE verification is not "
+        "available in this version; deferred"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +101,9 @@ class SmtpTransport:
         self.lmtp = lmtp
         self.rng = rng or random.Random()
         self.pool = ConnectionPool(settings.idle_reuse, settings.messages_per_connection)
+        # policy = "dane" goes through this hook (see DaneHook); until the DANE
+        # module plugs in, it defers with the reason.
+        self.dane: DaneHook = dane_not_available
         self.limits = Limits(settings.concurrency, settings.per_destination)
 
     async def close(self) -> None:
@@ -142,7 +166,21 @@ class SmtpTransport:
         errors: list[SessionError] = []
         last_detail = ""
         for target in targets:
-            key = (target.address or target.host, target.port, self.lmtp)
+            requirement = self._requirement(job.route, target)
+            if requirement.mode == "dane":
+                dane = await self.dane(target.host, target.port, requirement)
+                if isinstance(dane, str):  # no usable DANE answer: not this host
+                    errors.append(
+                        SessionError(dane, status=TLS_POLICY_STATUS, tls_result="dane-unavailable")
+                    )
+                    last_detail = _describe(target, None, requirement)
+                    self._count_tls(requirement, "dane-unavailable")
+                    log.info("%s: %s: %s", job.message.queue_id, last_detail, dane)
+                    continue
+                requirement = dane
+            # Pooled by requirement too: a connection that met a weaker policy
+            # (or none) must not carry mail that needs a stronger one.
+            key = (target.address or target.host, target.port, self.lmtp, requirement)
             session = self.pool.take(key)
             if session is not None:
                 # A reused connection may have been closed by the server while
@@ -152,32 +190,35 @@ class SmtpTransport:
                 except SessionError:
                     session.close()
                 else:
-                    return await self._finish(key, target, session, result)
+                    return await self._finish(key, target, session, result, requirement)
                 session = None
             try:
-                session = await self._connect(target)
+                session = await self._connect(target, requirement)
                 result = await self._send(job, session)
             except SessionError as exc:
                 if session is not None:
                     session.close()
+                elif exc.tls_result:  # the connection failed its TLS policy
+                    self._count_tls(requirement, exc.tls_result)
                 errors.append(exc)
-                last_detail = _describe(target, session)
+                last_detail = _describe(target, session, requirement)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
                 settled = _settled_before_failure(exc, last_detail)
                 if settled is not None:
                     return settled
                 continue
-            return await self._finish(key, target, session, result)
+            return await self._finish(key, target, session, result, requirement)
         return [_failure(errors, last_detail)] * count
 
     async def _finish(
         self,
-        key: tuple[str, int, bool],
+        key: PoolKey,
         target: _Target,
         session: SmtpClientSession,
         result: TransactionResult,
+        requirement: TlsRequirement,
     ) -> list[Outcome]:
-        detail = _describe(target, session)
+        detail = _describe(target, session, requirement)
         # RFC 3461 §6.2.2: a next hop without DSN cannot honour NOTIFY=SUCCESS;
         # the runner then sends a "relayed" notice itself.
         dsn_passed = self.lmtp or "DSN" in session.extensions
@@ -203,20 +244,61 @@ class SmtpTransport:
             eight_bit=params.body is not BodyType.SEVEN_BIT,
         )
 
-    async def _connect(self, target: _Target) -> SmtpClientSession:
+    def _requirement(self, route: Route, target: _Target) -> TlsRequirement:
+        """What the connection to ``target`` must prove (pure; see tls_policy)."""
+        hop = target.hop
+        if target.address == "":
+            return TlsRequirement("none", source="unix socket")  # LMTP on this machine
+        # The next-hop destination: the host of a smarthost or route (for
+        # smtp:host, the domain whose MX hosts these are), else the recipient domain.
+        destination = hop.host if hop is not None else route.domain
+        requirement = resolve(destination, target.host, self.settings.tls_policy)
+        if hop is not None and hop.username:
+            # Never send a password to an unverified server.
+            requirement = for_credentials(
+                requirement,
+                target.host,
+                ca_file=hop.tls_ca_file,
+                fingerprints=hop.tls_fingerprints,
+                source="credentials",
+            )
+        return requirement
+
+    def _tls_checker(self, target: _Target, requirement: TlsRequirement) -> TlsChecker:
+        """The handshake judge for this connection; raises SessionError when its
+        trust anchors cannot be read (a configuration problem: defer, say why)."""
+        try:
+            anchors = load_anchors(requirement.ca_file) if requirement.mode == "verify" else ()
+        except (OSError, ValueError) as exc:
+            raise SessionError(
+                f"cannot read CA file {requirement.ca_file} ({requirement.source}): {exc}",
+                status="4.3.5",
+                tls_result="config-error",
+            ) from exc
+        if requirement.mode in ("none", "opportunistic", "encrypt"):
+            anchors = _recording_anchors()
+
+        def check(chain: list[bytes]) -> TlsCheck:
+            return check_requirement(
+                requirement,
+                chain,
+                host=target.host,
+                anchors=anchors,
+                now=datetime.datetime.now(datetime.UTC),
+            )
+
+        return check
+
+    async def _connect(self, target: _Target, requirement: TlsRequirement) -> SmtpClientSession:
         hop = target.hop
         implicit = bool(hop and hop.implicit_tls)
-        starttls: Literal["none", "opportunistic", "required"] = self.settings.tls
-        if hop is not None and hop.username and not implicit:
-            starttls = "required"  # never send a password in clear
-        if target.address == "":
-            starttls = "none"  # LMTP over a local unix socket
         session = await SmtpClientSession.connect(
             target.address or target.host,
             target.port,
             helo_name=self.settings.helo_name,
             lmtp=self.lmtp,
-            starttls=starttls,
+            starttls=requirement.starttls,
+            tls_check=self._tls_checker(target, requirement),
             implicit_tls=implicit,
             server_hostname=target.host if not _is_ip(target.host) else None,
             unix_path=hop.unix_path if hop is not None else None,
@@ -224,13 +306,26 @@ class SmtpTransport:
         )
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
+        self._count_tls(requirement, session.tls_result if session.tls else "plaintext")
         if hop is not None and hop.username:
+            if not requirement.authenticated or session.tls_result not in AUTHENTICATED_RESULTS:
+                # for_credentials made sure of it; kept as a last guard here, at
+                # the one place a password leaves.
+                session.close()
+                raise SessionError(
+                    f"AUTH withheld: {target.host} did not prove its identity",
+                    status=TLS_POLICY_STATUS,
+                )
             try:
                 await session.authenticate(hop.username, hop.password or "")
             except SessionError:
                 session.close()
                 raise
         return session
+
+    def _count_tls(self, requirement: TlsRequirement, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.outbound_tls.labels(requirement.mode, result).inc()
 
     @staticmethod
     def _count_connection(metrics: Metrics, session: SmtpClientSession) -> None:
@@ -260,7 +355,12 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
     if not errors:
         return TempFail(NO_ADDRESSES, detail)
     last = errors[-1]
-    reply = last.reply or Reply.of(451, "4.4.1", f"Connection failed: {last.detail}"[:400])
+    if last.reply is not None:
+        reply = last.reply
+    elif last.status:  # a TLS policy or local failure: the reason is the reply
+        reply = Reply.of(451, last.status, last.detail[:400])
+    else:
+        reply = Reply.of(451, "4.4.1", f"Connection failed: {last.detail}"[:400])
     if all(e.permanent for e in errors) and reply.is_permanent:
         return PermFail(reply, detail)
     if reply.is_permanent:
@@ -269,12 +369,27 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
     return TempFail(reply, detail)
 
 
-def _describe(target: _Target, session: SmtpClientSession | None) -> str:
+def _describe(
+    target: _Target, session: SmtpClientSession | None, requirement: TlsRequirement
+) -> str:
+    """The host, the TLS result and the policy, for the delivery log line:
+    ``mx.example[192.0.2.1]:25 tls=TLSv1.3/verified policy=verify``."""
     where = target.host if not target.address else f"{target.host}[{target.address}]:{target.port}"
+    policy = f"policy={requirement.mode}"
     if session is not None and session.tls:
-        verified = "verified" if session.tls_verified else "unverified"
-        return f"{where} tls={session.tls.split()[0]}/{verified}"
-    return where
+        return f"{where} tls={session.tls.split()[0]}/{session.tls_result} {policy}"
+    if session is not None:
+        return f"{where} tls=none {policy}"
+    return f"{where} {policy}"
+
+
+@functools.lru_cache(maxsize=1)
+def _recording_anchors() -> tuple[object, ...]:
+    """The system CAs, for recording whether a certificate would verify (RFC 7435)."""
+    try:
+        return load_anchors(None)
+    except (OSError, ValueError):
+        return ()
 
 
 def _is_ip(text: str) -> bool:

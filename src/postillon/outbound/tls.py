@@ -2,17 +2,23 @@
 
 Design note
 -----------
-``client_session.SmtpClientSession`` does the handshakes; this module holds
-the TLS decisions around them, so the TLS policy work (verified smarthost,
-per-destination policy, DANE, MTA-STS, REQUIRETLS) lands here and not in the
-asyncio driver:
+``client_session.SmtpClientSession`` does the handshakes; ``tls_policy``
+says what a connection must prove (a ``TlsRequirement``); this module holds
+the X.509 decisions in between, so the asyncio driver only applies them:
 
-* :func:`default_client_context` - opportunistic TLS (RFC 7435): encrypt, but
-  do not require a valid certificate.
+* :func:`default_client_context` - the one client context. It never verifies
+  during the handshake (``CERT_NONE``): every check happens afterwards in
+  :func:`check_requirement`, so a failed check has a reason we can log, and
+  pins and DANE use the same path. Sound because the handshake itself proves
+  the server holds the private key of the certificate it sent (TLS 1.2/1.3
+  CertificateVerify); AUTH and the message only follow a passed check.
 * :func:`server_name` - the name for SNI and verification (None for an IP
   literal).
-* :func:`certificate_verified` - after an opportunistic handshake, whether the
-  chain the server sent verifies for its name (recorded, not required).
+* :func:`check_requirement` - pure: a finished handshake's chain (DER, leaf
+  first) against a requirement, the trust anchors and the time, to a
+  :class:`TlsCheck` value (met or not, and why).
+* :func:`load_anchors` - the trust anchors for a requirement: its ``ca_file``
+  (read once per file version) or the system's CA bundle.
 
 X.509 work uses ``cryptography``, imported lazily: a server that never
 delivers over TLS never loads it.
@@ -20,17 +26,36 @@ delivers over TLS never loads it.
 
 from __future__ import annotations
 
+import base64
+import datetime
 import functools
+import hashlib
 import ipaddress
+import os
 import ssl
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["certificate_verified", "default_client_context", "server_name"]
+from postillon.outbound.tls_policy import TlsRequirement
+
+__all__ = [
+    "AUTHENTICATED_RESULTS",
+    "TlsCheck",
+    "check_requirement",
+    "default_client_context",
+    "load_anchors",
+    "peer_chain",
+    "recording_check",
+    "server_name",
+    "spki_sha256",
+]
 
 
 @functools.lru_cache(maxsize=1)
 def default_client_context() -> ssl.SSLContext:
-    """Opportunistic TLS (RFC 7435): encrypt, but do not require a valid certificate."""
+    """No verification in the handshake; :func:`check_requirement` decides after it."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -48,54 +73,128 @@ def server_name(host: str) -> str | None:
     return None
 
 
-def certificate_verified(obj: ssl.SSLObject, ctx: ssl.SSLContext, name: str | None) -> bool:
-    """Did the server's certificate verify for ``name``?
+# TlsCheck results that prove the server's identity (a password may follow).
+# DANE adds its own when it lands.
+AUTHENTICATED_RESULTS: frozenset[str] = frozenset({"verified", "pinned"})
 
-    With a verifying context the handshake already proved it. Otherwise
-    (opportunistic TLS) the chain the server sent is checked afterwards against
-    the context's CA certificates, else the system's, with ``cryptography``'s
-    web PKI verifier - relaxed where OpenSSL is (a critical subjectAltName or
-    extendedKeyUsage is accepted; EKU, when present, must allow serverAuth).
-    Only recorded: RFC 7435 does not require it.
+
+@dataclass(frozen=True, slots=True)
+class TlsCheck:
+    """What a finished handshake proved against a requirement.
+
+    ``ok``: the requirement is met (the session may go on). ``verified``: the
+    chain verified for a required name (or, when the mode asks for no
+    names, for the host connected to: recorded, as RFC 7435 allows).
+    ``result``: a short label for metrics and logs: "verified", "pinned",
+    "unverified" (allowed), "not-verified", "fingerprint-mismatch",
+    "no-certificate", "dane-unavailable". ``reason``: why not, for the log
+    and the queue's last reply.
     """
-    if not name:
-        return False
-    if ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname:
-        return True
+
+    ok: bool
+    verified: bool
+    result: str
+    reason: str = ""
+
+
+def check_requirement(
+    requirement: TlsRequirement,
+    chain: Sequence[bytes],
+    *,
+    host: str,
+    anchors: Sequence[Any],
+    now: datetime.datetime,
+) -> TlsCheck:
+    """Does the server's ``chain`` (DER, leaf first) meet ``requirement``?
+
+    ``host`` is the name connected to (an MX or smarthost name, or an IP
+    address); ``anchors`` are ``cryptography`` certificates (see
+    :func:`load_anchors`). Pure: no I/O, the clock passed in.
+    """
+    mode = requirement.mode
+    if not chain:
+        if mode in ("verify", "fingerprint", "dane"):
+            return TlsCheck(False, False, "no-certificate", f"{host} sent no certificate")
+        return TlsCheck(True, False, "unverified")
+    if mode == "fingerprint":
+        digest = spki_sha256(chain[0])
+        if digest is not None and digest in requirement.fingerprints:
+            return TlsCheck(True, False, "pinned")
+        shown = base64.b64encode(digest).decode() if digest is not None else "unreadable"
+        return TlsCheck(
+            False,
+            False,
+            "fingerprint-mismatch",
+            f"certificate of {host} matches no configured fingerprint (its key is sha256:{shown})",
+        )
+    if mode == "dane":
+        # Resolution hands "dane" to the transport's DANE hook, which replaces
+        # it before any connection; reaching here means no DANE verifier.
+        return TlsCheck(
+            False, False, "dane-unavailable", f"policy dane for {host}: no DANE verifier"
+        )
+    names = requirement.match if mode == "verify" and requirement.match else (host,)
+    error = ""
+    for name in names:
+        error = _verify_chain(chain, name, anchors, now)
+        if not error:
+            return TlsCheck(True, True, "verified")
+    if mode == "verify":
+        return TlsCheck(
+            False,
+            False,
+            "not-verified",
+            f"certificate for {' or '.join(names)} not verified: {error}",
+        )
+    return TlsCheck(True, False, "unverified")  # recorded only (RFC 7435)
+
+
+def _verify_chain(chain: Sequence[bytes], name: str, anchors: Sequence[Any], now: Any) -> str:
+    """ "" when ``chain`` verifies for ``name`` (web PKI rules), else why not.
+
+    Relaxed where OpenSSL is: a critical subjectAltName or extendedKeyUsage
+    is accepted; EKU, when present, must allow serverAuth; the leaf needs no
+    authorityKeyIdentifier.
+    """
+    if not anchors:
+        return "no trusted CA certificates"
     try:
         from cryptography import x509
         from cryptography.x509 import verification as v
 
-        chain = [x509.load_der_x509_certificate(der) for der in _peer_chain(obj)]
-        if not chain:
-            return False
-        anchors = [
-            x509.load_der_x509_certificate(der) for der in ctx.get_ca_certs(binary_form=True)
-        ] or _system_anchors()
-        if not anchors:
-            return False
+        certs = [x509.load_der_x509_certificate(der) for der in chain]
         subject: Any
         try:
-            subject = x509.IPAddress(ipaddress.ip_address(name))
+            subject = x509.IPAddress(ipaddress.ip_address(name.strip("[]")))
         except ValueError:
             subject = x509.DNSName(name)
         ee_policy = (
             v.ExtensionPolicy.webpki_defaults_ee()
             .require_present(x509.SubjectAlternativeName, v.Criticality.AGNOSTIC, None)
+            # OpenSSL does not require it either; without it a self-signed
+            # certificate named in a CA file could never verify.
+            .may_be_present(x509.AuthorityKeyIdentifier, v.Criticality.AGNOSTIC, None)
             .may_be_present(x509.ExtendedKeyUsage, v.Criticality.AGNOSTIC, _server_auth_eku)
         )
         verifier = (
             v.PolicyBuilder()
-            .store(v.Store(anchors))
+            .store(v.Store(list(anchors)))
+            .time(now)
             .extension_policies(
                 ca_policy=v.ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy
             )
             .build_server_verifier(subject)
         )
-        verifier.verify(chain[0], chain[1:])
-    except Exception:  # any failure to verify, for whatever reason, means "not verified"
-        return False
-    return True
+        verifier.verify(certs[0], certs[1:])
+    except Exception as exc:  # any failure to verify, for whatever reason, means "not verified"
+        return _short(str(exc) or type(exc).__name__)
+    return ""
+
+
+def _short(text: str) -> str:
+    """cryptography's message without its wrapping, one line, bounded (it ends in a reply)."""
+    text = text.removeprefix("validation failed: ")
+    return " ".join(text.split())[:200]
 
 
 def _server_auth_eku(policy: Any, cert: Any, eku: Any) -> None:
@@ -105,7 +204,45 @@ def _server_auth_eku(policy: Any, cert: Any, eku: Any) -> None:
         raise ValueError("extendedKeyUsage does not allow serverAuth")
 
 
-def _peer_chain(obj: ssl.SSLObject) -> list[bytes]:
+def recording_check(ctx: ssl.SSLContext, name: str | None) -> Callable[[list[bytes]], TlsCheck]:
+    """Without a policy: record whether the certificate verified for ``name``
+    (RFC 7435 opportunistic TLS), against the context's CAs, else the system's."""
+    if ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname:
+        # The handshake already proved it.
+        return lambda chain: TlsCheck(True, bool(name), "verified" if name else "unverified")
+
+    def check(chain: list[bytes]) -> TlsCheck:
+        if not name:
+            return TlsCheck(True, False, "unverified")
+        from cryptography import x509
+
+        configured = ctx.get_ca_certs(binary_form=True)
+        anchors = tuple(x509.load_der_x509_certificate(d) for d in configured) or load_anchors(None)
+        return check_requirement(
+            TlsRequirement("opportunistic"),
+            chain,
+            host=name,
+            anchors=anchors,
+            now=datetime.datetime.now(datetime.UTC),
+        )
+
+    return check
+
+
+def spki_sha256(der: bytes) -> bytes | None:
+    """SHA-256 of the certificate's SubjectPublicKeyInfo (the pin), None if unreadable."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        key = x509.load_der_x509_certificate(der).public_key()
+        spki = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    except Exception:  # a certificate we cannot parse matches no pin
+        return None
+    return hashlib.sha256(spki).digest()
+
+
+def peer_chain(obj: ssl.SSLObject) -> list[bytes]:
     """DER certificates as the server sent them (leaf first)."""
     public = getattr(obj, "get_unverified_chain", None)  # Python 3.13+
     if public is not None:
@@ -118,8 +255,32 @@ def _peer_chain(obj: ssl.SSLObject) -> list[bytes]:
     return [leaf] if leaf else []
 
 
+def load_anchors(ca_file: str | None) -> tuple[Any, ...]:
+    """The trust anchors: the certificates in ``ca_file`` (PEM), else the system's.
+
+    Raises OSError or ValueError for a ``ca_file`` that cannot be read or
+    holds no certificate (the caller defers with that reason). Read once per
+    file version (path, size, mtime), so a renewed CA file is picked up.
+    """
+    if ca_file is None:
+        return _system_anchors()
+    st = os.stat(ca_file)
+    return _file_anchors(ca_file, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_anchors(path: str, size: int, mtime_ns: int) -> tuple[Any, ...]:
+    from cryptography import x509
+
+    with open(path, "rb") as f:
+        certs = tuple(x509.load_pem_x509_certificates(f.read()))
+    if not certs:
+        raise ValueError(f"{path}: no PEM certificate in it")
+    return certs
+
+
 @functools.lru_cache(maxsize=1)
-def _system_anchors() -> list[Any]:
+def _system_anchors() -> tuple[Any, ...]:
     from cryptography import x509
 
     paths = ssl.get_default_verify_paths()
@@ -127,8 +288,11 @@ def _system_anchors() -> list[Any]:
         if not path:
             continue
         try:
-            with open(path, "rb") as f:
-                return list(x509.load_pem_x509_certificates(f.read()))
+            with open(path, "rb") as f, warnings.catch_warnings():
+                # Some system roots have a non-positive serial: cryptography warns
+                # about each; they are the operator's CAs, not ours to judge.
+                warnings.simplefilter("ignore")
+                return tuple(x509.load_pem_x509_certificates(f.read()))
         except (OSError, ValueError):
             continue
-    return []
+    return ()

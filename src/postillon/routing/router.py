@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from postillon.core.credentials import parse_smarthost_url
+from postillon.core.pins import parse_fingerprint
 from postillon.core.reply import Reply
 from postillon.routing.local import LocalRecipients
 
@@ -36,6 +37,11 @@ class NextHop:
     implicit_tls: bool = False
     username: str | None = None
     password: str | None = None
+    # With credentials: what the server must prove before AUTH (see
+    # outbound.tls_policy.for_credentials). CA file instead of the system CAs;
+    # SPKI SHA-256 pins (32 bytes each), which when set are the proof.
+    tls_ca_file: str | None = None
+    tls_fingerprints: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +105,12 @@ def _host_port(text: str, default_port: int) -> tuple[str, int]:
     return text, default_port
 
 
-def parse_smarthost(url: str) -> NextHop:
-    """The next hop for ``[relay] smarthost``; the config check ran the same
-    parser (``core.credentials``), so this does not fail on a checked config."""
+def parse_smarthost(
+    url: str, *, ca_file: str | None = None, fingerprints: Sequence[str] = ()
+) -> NextHop:
+    """The next hop for ``[relay] smarthost`` (with ``smarthost_ca_file`` and
+    ``smarthost_fingerprints``); the config check ran the same parsers
+    (``core.credentials``, ``core.pins``), so this does not fail on a checked config."""
     parsed = parse_smarthost_url(url)
     return NextHop(
         host=parsed.host,
@@ -109,6 +118,8 @@ def parse_smarthost(url: str) -> NextHop:
         implicit_tls=parsed.implicit_tls,
         username=parsed.username,
         password=parsed.password,
+        tls_ca_file=ca_file,
+        tls_fingerprints=tuple(parse_fingerprint(pin) for pin in fingerprints),
     )
 
 

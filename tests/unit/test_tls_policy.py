@@ -1,0 +1,194 @@
+"""Policy resolution, table-driven: (destination, MX host, table) → TlsRequirement;
+and the config that builds the table (keys, old names, DANE's precondition)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from postillon.build import tls_policy_table
+from postillon.config.loader import ConfigError, parse_config
+from postillon.config.model import Config
+from postillon.outbound.tls_policy import PolicyRule, TlsPolicyTable, TlsRequirement, resolve
+
+PIN = b"\x01" * 32
+TABLE = TlsPolicyTable(
+    default="opportunistic",
+    rules=(
+        PolicyRule("partner.example", "verify"),
+        PolicyRule(".partner.example", "encrypt"),
+        PolicyRule(".example", "none"),
+        PolicyRule("pinned.test", "fingerprint", fingerprints=(PIN,)),
+        PolicyRule(
+            "named.test", "verify", match=("a.named.test", "b.named.test"), ca_file="ca.pem"
+        ),
+        PolicyRule("dane.test", "dane"),
+    ),
+)
+
+CASES = [
+    # (destination, mx host, table, expected requirement)
+    (
+        "partner.example",
+        "mx.partner.example",
+        TABLE,
+        TlsRequirement(
+            "verify", match=("mx.partner.example",), source="tls_policy partner.example"
+        ),
+    ),
+    (
+        "PARTNER.example.",
+        "mx1.partner.example",
+        TABLE,
+        TlsRequirement(
+            "verify", match=("mx1.partner.example",), source="tls_policy partner.example"
+        ),
+    ),
+    (
+        "eu.partner.example",
+        "mx.eu.partner.example",
+        TABLE,
+        TlsRequirement("encrypt", source="tls_policy .partner.example"),
+    ),
+    (
+        "a.b.partner.example",
+        "mx",
+        TABLE,
+        TlsRequirement("encrypt", source="tls_policy .partner.example"),
+    ),
+    (
+        "other.example",
+        "mx.other.example",
+        TABLE,
+        TlsRequirement("none", source="tls_policy .example"),
+    ),
+    ("example", "mx.example", TABLE, TlsRequirement("opportunistic", source="outbound.tls")),
+    (
+        "pinned.test",
+        "mx.pinned.test",
+        TABLE,
+        TlsRequirement("fingerprint", fingerprints=(PIN,), source="tls_policy pinned.test"),
+    ),
+    (
+        "named.test",
+        "mx.named.test",
+        TABLE,
+        TlsRequirement(
+            "verify",
+            match=("a.named.test", "b.named.test"),
+            ca_file="ca.pem",
+            source="tls_policy named.test",
+        ),
+    ),
+    ("dane.test", "mx.dane.test", TABLE, TlsRequirement("dane", source="tls_policy dane.test")),
+    (
+        "unlisted.test",
+        "mx.unlisted.test",
+        TABLE,
+        TlsRequirement("opportunistic", source="outbound.tls"),
+    ),
+    (
+        "unlisted.test",
+        "mx.unlisted.test",
+        TlsPolicyTable(default="verify"),
+        TlsRequirement("verify", match=("mx.unlisted.test",), source="outbound.tls"),
+    ),
+    (
+        "unlisted.test",
+        "mx",
+        TlsPolicyTable(default="encrypt"),
+        TlsRequirement("encrypt", source="outbound.tls"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("destination", "mx_host", "table", "expected"), CASES)
+def test_resolve(
+    destination: str, mx_host: str, table: TlsPolicyTable, expected: TlsRequirement
+) -> None:
+    assert resolve(destination, mx_host, table) == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "starttls", "authenticated"),
+    [
+        ("none", "none", False),
+        ("opportunistic", "opportunistic", False),
+        ("encrypt", "required", False),
+        ("verify", "required", True),
+        ("fingerprint", "required", True),
+        ("dane", "required", True),
+    ],
+)
+def test_mode_properties(mode: Any, starttls: str, authenticated: bool) -> None:
+    requirement = TlsRequirement(mode)
+    assert requirement.starttls == starttls and requirement.authenticated is authenticated
+    hash(requirement)  # pooled by it
+
+
+def config(**data: Any) -> Config:
+    return parse_config(data, "test.toml")
+
+
+def test_table_from_config_reads_old_names_and_pins() -> None:
+    pin = "sha256:" + "01" * 32
+    cfg = config(
+        outbound={"tls": "required"},
+        tls_policy=[
+            {"domain": "Partner.Example.", "policy": "verify", "match": ["MX.partner.example"]},
+            {"domain": ".old.test", "policy": "required"},
+            {"domain": "pin.test", "policy": "fingerprint", "fingerprints": [pin]},
+        ],
+    )
+    table = tls_policy_table(cfg)
+    assert table.default == "encrypt"
+    assert table.rules[0] == PolicyRule("partner.example", "verify", match=("mx.partner.example",))
+    assert table.rules[1].mode == "encrypt"
+    assert table.rules[2].fingerprints == (PIN,)
+    notes = cfg.deprecations()
+    assert notes == [
+        'outbound.tls = "required" is deprecated: write tls = "encrypt" '
+        "(same meaning: TLS or no delivery, any certificate)",
+        'tls_policy[1] (.old.test): policy = "required" is deprecated: write policy = "encrypt"',
+    ]
+    assert config().deprecations() == []
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"tls_policy": [{"domain": "d.test", "policy": "dane"}]},
+            "tls_policy[0] (d.test): policy dane needs [dns] trust_ad = true",
+        ),
+        ({"outbound": {"tls": "dane"}}, "outbound.tls: policy dane needs [dns] trust_ad = true"),
+        ({"tls_policy": [{"domain": "a b", "policy": "none"}]}, "tls_policy[0].domain"),
+        ({"tls_policy": [{"domain": "", "policy": "none"}]}, "is not a domain"),
+        (
+            {
+                "tls_policy": [
+                    {
+                        "domain": "d.test",
+                        "policy": "verify",
+                        "fingerprints": ["sha256:" + "00" * 32],
+                    }
+                ]
+            },
+            'fingerprints are only used with policy = "fingerprint"',
+        ),
+        (
+            {"tls_policy": [{"domain": "d.test", "policy": "none", "ca_file": "x.pem"}]},
+            'match and ca_file are only used with policy = "verify"',
+        ),
+        (
+            {"tls_policy": [{"domain": "d.test", "policy": "verify", "tls": "x"}]},
+            "tls_policy[0].tls: unknown key",
+        ),
+    ],
+)
+def test_config_errors_name_the_key(data: dict[str, Any], message: str) -> None:
+    with pytest.raises((ConfigError, ValidationError)) as info:
+        config(**data)
+    assert message in str(info.value)
