@@ -194,6 +194,7 @@ class Builder:
             list(config.dns.nameservers) or None,
             timeout=config.dns.timeout,
             attempts=config.dns.attempts,
+            trust_ad=config.dns.trust_ad,
             on_lookup=self.metrics.dns_observer(),
         )
         return InboundAuthentication(
@@ -260,6 +261,7 @@ class Builder:
             list(config.dns.nameservers) or None,
             timeout=config.dns.timeout,
             attempts=config.dns.attempts,
+            trust_ad=config.dns.trust_ad,
             ipv4=out.ipv4,
             ipv6=out.ipv6,
             on_lookup=self.metrics.dns_observer(),

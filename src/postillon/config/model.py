@@ -228,6 +228,11 @@ class DnsConfig(_Frozen):
     nameservers: tuple[str, ...] = ()  # "127.0.0.1:5353"; empty = the system's resolver
     timeout: float = Field(5.0, gt=0)  # per try and server
     attempts: int = Field(2, ge=1)
+    # The nameservers validate DNSSEC and the path to them cannot be tampered with (a
+    # resolver on this machine), so the AD bit of their replies is believed. It turns DANE
+    # (RFC 7672) on for outbound mail. Never for a resolver across the network: anyone on
+    # the path can set AD (RFC 7672 §2.1.1, RFC 6698 §4.1).
+    trust_ad: bool = False
 
 
 class OutboundConfig(_Frozen):
