@@ -31,6 +31,7 @@ from postillon.local.transport import MaildirTransport
 from postillon.observability.maillog import MailLog
 from postillon.observability.metrics import ListenerMetrics, Metrics
 from postillon.outbound.client_session import ClientTimeouts
+from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.paths import queue_path, tls_dir
 from postillon.protocol.server import ServerSettings
@@ -283,7 +284,9 @@ class Builder:
                 data_end=out.data_end_timeout,
             ),
         )
+        # DANE (RFC 7672) only when the nameservers are trusted to validate DNSSEC.
+        dane = DaneHook(resolver, port=out.port) if config.dns.trust_ad else None
         return (
-            SmtpTransport(resolver, settings, metrics=self.metrics),
+            SmtpTransport(resolver, settings, metrics=self.metrics, dane=dane),
             SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics),
         )

@@ -44,7 +44,12 @@ from typing import Literal
 
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.reply import Reply
-from postillon.outbound.tls import certificate_verified, default_client_context, server_name
+from postillon.outbound.tls import (
+    certificate_verified,
+    default_client_context,
+    peer_chain,
+    server_name,
+)
 from postillon.protocol.client import NEED_DATA, ClientConnection, ClientState
 from postillon.protocol.client_events import (
     AuthReply,
@@ -146,6 +151,9 @@ class SmtpClientSession:
         self.timeouts = timeouts
         self.tls = ""
         self.tls_verified = False
+        # The certificates the server sent (DER, leaf first), for checks after the
+        # handshake that need more than "did it verify" (DANE, RFC 7672 §3).
+        self.peer_chain: list[bytes] = []
         self.messages_sent = 0  # transactions whose body was sent
         self._closed = False
         self._broken = False  # e.g. RSET failed: no more transactions
@@ -275,6 +283,7 @@ class SmtpClientSession:
         cipher = obj.cipher()
         self.tls = f"{obj.version() or 'TLS'} {cipher[0]}" if cipher else (obj.version() or "TLS")
         self.tls_verified = certificate_verified(obj, ctx, name)
+        self.peer_chain = peer_chain(obj)
 
     # --- the public API ------------------------------------------------------------------
 

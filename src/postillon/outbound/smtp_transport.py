@@ -1,8 +1,17 @@
-"""The SMTP (and LMTP) transport: next hops, host iteration, reuse, limits."""
+"""The SMTP (and LMTP) transport: next hops, host iteration, reuse, limits.
+
+DANE (RFC 7672) enters through one hook, ``dane`` (a ``dane_policy.DaneHook``, built only
+with ``[dns] trust_ad``): for each MX target :meth:`SmtpTransport._dane_for` asks it what
+the host requires before connecting (nothing, mandatory TLS with TLSA matching, or "do not
+use this host"), and :meth:`SmtpTransport._dane_gate` checks the server's chain right
+after STARTTLS, before AUTH or MAIL. A refused host is skipped like an unreachable one, so
+the next MX is tried and, when none is left, the mail is deferred with the DANE reason.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import random
 from collections.abc import AsyncIterator, Sequence
@@ -20,7 +29,8 @@ from postillon.outbound.client_session import (
     SmtpClientSession,
     TransactionResult,
 )
-from postillon.outbound.pool import ConnectionPool, Limits
+from postillon.outbound.dane_policy import DaneHook, DaneRequirement, DaneUnreachable
+from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
 from postillon.queue.runner import DeliveryJob
 from postillon.routing.mx import resolve_next_hops
 from postillon.routing.router import NextHop, Route
@@ -44,6 +54,8 @@ DESTINATION_WAIT = 1.0
 DESTINATION_BUSY = Reply.of(
     451, "4.4.5", "Too many connections to this destination in use; will retry"
 )
+# RFC 3463 X.7.5 "cryptographic failure": a DANE host refused for its TLS or DNSSEC.
+DANE_STATUS = "4.7.5"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +77,9 @@ class _Target:
     address: str  # IP address, or "" for a unix socket
     port: int
     hop: NextHop | None
+    # DNSSEC (RFC 7672 §2.2): the MX answer and this host's address answer were secure.
+    mx_secure: bool = False
+    address_secure: bool = False
 
 
 async def _body(job: DeliveryJob) -> AsyncIterator[bytes]:
@@ -96,11 +111,14 @@ class SmtpTransport:
         lmtp: bool = False,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        dane: DaneHook | None = None,
     ) -> None:
         self.resolver = resolver
         self.metrics = metrics
         self.settings = settings
         self.lmtp = lmtp
+        # DANE only where TLS is used at all, and never to LMTP next hops.
+        self.dane = dane if settings.tls != "none" and not lmtp else None
         self.rng = rng or random.Random()
         self.pool = ConnectionPool(settings.idle_reuse, settings.messages_per_connection)
         self.limits = Limits(settings.concurrency, settings.per_destination)
@@ -123,7 +141,7 @@ class SmtpTransport:
         if result.failure is not None:
             return result.failure
         targets = [
-            _Target(next_hop.host, address, port, hop)
+            _Target(next_hop.host, address, port, hop, result.authenticated, next_hop.authenticated)
             for next_hop in result.hops
             for address in next_hop.addresses
         ]
@@ -164,8 +182,17 @@ class SmtpTransport:
         count = len(job.records)
         errors: list[SessionError] = []
         last_detail = ""
+        plans: dict[str, DaneRequirement | DaneUnreachable | None] = {}
         for target in targets:
-            key = (target.address or target.host, target.port, self.lmtp)
+            dane = await self._dane_for(target, plans)
+            if isinstance(dane, DaneUnreachable):
+                errors.append(
+                    SessionError(dane.reason, reply=Reply.of(451, DANE_STATUS, dane.reason))
+                )
+                last_detail = _describe(target, None)
+                log.info("%s: %s: %s", job.message.queue_id, last_detail, dane.reason)
+                continue
+            key: PoolKey = (target.address or target.host, target.port, self.lmtp, dane)
             session = self.pool.take(key)
             if session is not None:
                 # A reused connection may have been closed by the server while
@@ -175,32 +202,55 @@ class SmtpTransport:
                 except SessionError:
                     session.close()
                 else:
-                    return await self._finish(key, target, session, result)
+                    return await self._finish(key, target, session, result, dane)
                 session = None
             try:
-                session = await self._connect(target)
+                session = await self._connect(target, dane)
                 result = await self._send(job, session)
             except SessionError as exc:
                 if session is not None:
                     session.close()
                 errors.append(exc)
-                last_detail = _describe(target, session)
+                last_detail = _describe(target, session, dane)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
                 settled = _settled_before_failure(exc, last_detail)
                 if settled is not None:
                     return settled
                 continue
-            return await self._finish(key, target, session, result)
+            return await self._finish(key, target, session, result, dane)
         return [_failure(errors, last_detail)] * count
+
+    async def _dane_for(
+        self, target: _Target, plans: dict[str, DaneRequirement | DaneUnreachable | None]
+    ) -> DaneRequirement | DaneUnreachable | None:
+        """What DANE asks of ``target`` (None: nothing), once per host and delivery."""
+        if self.dane is None or not target.address or _is_ip(target.host):
+            return None
+        if target.host not in plans:
+            plans[target.host] = await self.dane.requirement(
+                target.host, mx_secure=target.mx_secure, address_secure=target.address_secure
+            )
+        return plans[target.host]
+
+    async def _dane_gate(self, session: SmtpClientSession, dane: DaneRequirement) -> None:
+        """Right after STARTTLS, before AUTH or MAIL: the chain must satisfy DANE."""
+        assert self.dane is not None
+        check = self.dane.check(dane, session.peer_chain, datetime.datetime.now(datetime.UTC))
+        # Under DANE, PKIX says nothing (RFC 7672 §3.1.3): "verified" means DANE-verified.
+        session.tls_verified = check.verified
+        if not check.ok:
+            await session.quit()
+            raise SessionError(check.reason, reply=Reply.of(451, DANE_STATUS, check.reason))
 
     async def _finish(
         self,
-        key: tuple[str, int, bool],
+        key: PoolKey,
         target: _Target,
         session: SmtpClientSession,
         result: TransactionResult,
+        dane: DaneRequirement | None,
     ) -> list[Outcome]:
-        detail = _describe(target, session)
+        detail = _describe(target, session, dane)
         # RFC 3461 §6.2.2: a next hop without DSN cannot honour NOTIFY=SUCCESS;
         # the runner then sends a "relayed" notice itself.
         dsn_passed = self.lmtp or "DSN" in session.extensions
@@ -226,12 +276,16 @@ class SmtpTransport:
             eight_bit=params.body is not BodyType.SEVEN_BIT,
         )
 
-    async def _connect(self, target: _Target) -> SmtpClientSession:
+    async def _connect(
+        self, target: _Target, dane: DaneRequirement | None = None
+    ) -> SmtpClientSession:
         hop = target.hop
         implicit = bool(hop and hop.implicit_tls)
         starttls: Literal["none", "opportunistic", "required"] = self.settings.tls
         if hop is not None and hop.username and not implicit:
             starttls = "required"  # never send a password in clear
+        if dane is not None:
+            starttls = "required"  # RFC 7672 §2.2: TLS is mandatory for a DANE host
         if target.address == "":
             starttls = "none"  # LMTP over a local unix socket
         session = await SmtpClientSession.connect(
@@ -247,6 +301,8 @@ class SmtpTransport:
         )
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
+        if dane is not None:
+            await self._dane_gate(session, dane)
         if hop is not None and hop.username:
             try:
                 await session.authenticate(hop.username, hop.password or "")
@@ -292,8 +348,12 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
     return TempFail(reply, detail)
 
 
-def _describe(target: _Target, session: SmtpClientSession | None) -> str:
+def _describe(
+    target: _Target, session: SmtpClientSession | None, dane: DaneRequirement | None = None
+) -> str:
     where = target.host if not target.address else f"{target.host}[{target.address}]:{target.port}"
+    if dane is not None:
+        where += " dane" if dane.records else " dane(no usable TLSA)"
     if session is not None and session.tls:
         verified = "verified" if session.tls_verified else "unverified"
         return f"{where} tls={session.tls.split()[0]}/{verified}"

@@ -25,7 +25,7 @@ import ipaddress
 import ssl
 from typing import Any
 
-__all__ = ["certificate_verified", "default_client_context", "server_name"]
+__all__ = ["certificate_verified", "default_client_context", "peer_chain", "server_name"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,7 +66,7 @@ def certificate_verified(obj: ssl.SSLObject, ctx: ssl.SSLContext, name: str | No
         from cryptography import x509
         from cryptography.x509 import verification as v
 
-        chain = [x509.load_der_x509_certificate(der) for der in _peer_chain(obj)]
+        chain = [x509.load_der_x509_certificate(der) for der in peer_chain(obj)]
         if not chain:
             return False
         anchors = [
@@ -105,8 +105,15 @@ def _server_auth_eku(policy: Any, cert: Any, eku: Any) -> None:
         raise ValueError("extendedKeyUsage does not allow serverAuth")
 
 
-def _peer_chain(obj: ssl.SSLObject) -> list[bytes]:
-    """DER certificates as the server sent them (leaf first)."""
+def peer_chain(obj: ssl.SSLObject) -> list[bytes]:
+    """DER certificates as the server sent them (leaf first).
+
+    Python 3.13 has ``SSLObject.get_unverified_chain()``; 3.10-3.12 have the same method
+    on the private ``_ssl._SSLSocket`` (``obj._sslobj``), which is what 3.13's public one
+    calls, so the whole chain is available on every supported Python without a new
+    dependency (DANE-TA needs the intermediates, RFC 7672 §3.1.2). Only if both are
+    missing (another implementation) does this fall back to the leaf alone.
+    """
     public = getattr(obj, "get_unverified_chain", None)  # Python 3.13+
     if public is not None:
         return [bytes(c) for c in public()]
