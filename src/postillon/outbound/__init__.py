@@ -14,4 +14,9 @@ boundary. TLS is opportunistic by default (RFC 7435): used when offered, the
 certificate's verification result logged but not required. ``tls.py`` holds
 the TLS decisions (the client context, the name to verify, whether the
 certificate verified), so TLS policy grows there and the driver stays thin.
+DANE (RFC 7672, only with ``[dns] trust_ad``): ``dane.py`` is the pure TLSA
+matcher (records + the server's DER chain -> a verdict), ``dane_policy.py``
+the decision per MX host (``DaneHook``: from the DNSSEC state of the MX,
+address and TLSA answers) that the transport consults before connecting and
+after STARTTLS.
 """
