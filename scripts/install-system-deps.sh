@@ -10,6 +10,9 @@
 #   opendkim-tools   an independent DKIM signer/verifier (opendkim-testmsg, -testkey)
 #   postgresql       the shared queue of the cluster store, run from a temp dir by the tests
 #   chromium         a real browser for the admin web page tests (driven by Playwright)
+#   nsd              an authoritative DNS server for the DNSSEC-signed test zones (DANE),
+#   unbound            with a validating resolver in front of it (the AD bit is real),
+#   ldnsutils          and ldns-verify-zone to check a signed zone by hand
 # Installs only what is missing; needs root (CI runs as root). Without root it
 # says what is missing and the tests that need it report the missing tool.
 set -eu
@@ -26,6 +29,9 @@ command -v msmtp >/dev/null 2>&1 || need="$need msmtp"
 command -v opendkim-testmsg >/dev/null 2>&1 || need="$need opendkim-tools"
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need="$need postgresql"
 command -v chromium >/dev/null 2>&1 || need="$need chromium"
+[ -x /usr/sbin/nsd ] || need="$need nsd"
+[ -x /usr/sbin/unbound ] || need="$need unbound"
+command -v ldns-verify-zone >/dev/null 2>&1 || need="$need ldnsutils"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages:$need (run as root or: sudo apt-get install$need)" >&2

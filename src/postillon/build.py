@@ -35,8 +35,9 @@ from postillon.local.transport import MaildirTransport
 from postillon.observability.maillog import MailLog
 from postillon.observability.metrics import ListenerMetrics, Metrics
 from postillon.outbound.client_session import ClientTimeouts
+from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
-from postillon.outbound.tls_policy import PolicyRule, TlsMode, TlsPolicyTable
+from postillon.outbound.tls_policy import DefaultMode, PolicyRule, TlsMode, TlsPolicyTable
 from postillon.paths import queue_path, tls_dir
 from postillon.protocol.server import ServerSettings
 from postillon.queue.postgres_store import PostgresStore
@@ -109,7 +110,8 @@ def _mode(policy: str) -> TlsMode:
 def tls_policy_table(config: Config) -> TlsPolicyTable:
     """``[outbound] tls`` and ``[[tls_policy]]`` as the transport's policy table."""
     return TlsPolicyTable(
-        default=_mode(config.outbound.tls),
+        # The config refuses "dane" as the default (see Config._tls_policies).
+        default=cast(DefaultMode, _mode(config.outbound.tls)),
         rules=tuple(
             PolicyRule(
                 domain=rule.domain,
@@ -235,6 +237,7 @@ class Builder:
             list(config.dns.nameservers) or None,
             timeout=config.dns.timeout,
             attempts=config.dns.attempts,
+            trust_ad=config.dns.trust_ad,
             on_lookup=self.metrics.dns_observer(),
         )
         return InboundAuthentication(
@@ -301,6 +304,7 @@ class Builder:
             list(config.dns.nameservers) or None,
             timeout=config.dns.timeout,
             attempts=config.dns.attempts,
+            trust_ad=config.dns.trust_ad,
             ipv4=out.ipv4,
             ipv6=out.ipv6,
             on_lookup=self.metrics.dns_observer(),
@@ -322,7 +326,9 @@ class Builder:
                 data_end=out.data_end_timeout,
             ),
         )
+        # DANE (RFC 7672) only when the nameservers are trusted to validate DNSSEC.
+        dane = DaneHook(resolver, port=out.port) if config.dns.trust_ad else None
         return (
-            SmtpTransport(resolver, settings, metrics=self.metrics),
+            SmtpTransport(resolver, settings, metrics=self.metrics, dane=dane),
             SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics),
         )

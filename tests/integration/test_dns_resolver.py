@@ -19,7 +19,15 @@ import pytest
 
 from postillon.core.clock import FakeClock
 from postillon.dns.dnspython_resolver import DnsResolver
-from postillon.dns.resolver import DnsNotFound, DnsTempError, LookupEvent, MxRecord, TlsaRecord
+from postillon.dns.resolver import (
+    DnsBogus,
+    DnsNotFound,
+    DnsTempError,
+    LookupEvent,
+    MxRecord,
+    TlsaRecord,
+    dnssec_state,
+)
 from postillon.outbound.mx import resolve_next_hops
 from postillon.testing.dns_server import DnsServer, Zones
 
@@ -144,10 +152,40 @@ async def test_idn_is_queried_as_a_label(dns_server: DnsServer) -> None:
     assert dns_server.query_count("xn--bcher-kva.example", "MX") == 1
 
 
-async def test_authenticated_data_bit_is_reported(make_dns_server: MakeDnsServer) -> None:
+async def test_authenticated_data_bit_is_reported_only_when_trusted(
+    make_dns_server: MakeDnsServer,
+) -> None:
     server = make_dns_server({"dane.test": {"@": {"MX": "10 mx.dane.test"}}}, authenticated=True)
-    answer = await resolver_for(server).mx("dane.test")
+    answer = await resolver_for(server, trust_ad=True).mx("dane.test")
     assert answer.authenticated is True
+    assert dnssec_state(answer) == "secure"
+    # The default: an AD bit from a resolver nobody vouched for proves nothing (RFC 7672 §2.1.1).
+    untrusted = await resolver_for(server).mx("dane.test")
+    assert untrusted.authenticated is False
+    assert dnssec_state(untrusted) == "insecure"
+
+
+async def test_authenticated_denial_is_reported(make_dns_server: MakeDnsServer) -> None:
+    server = make_dns_server({"dane.test": {"@": {"MX": "10 mx.dane.test"}}}, authenticated=True)
+    resolver = resolver_for(server, trust_ad=True)
+    for _ in range(2):  # the second answer comes from the negative cache, still authenticated
+        with pytest.raises(DnsNotFound) as info:
+            await resolver.tlsa("_25._tcp.mx.dane.test")
+        assert info.value.authenticated is True
+        assert dnssec_state(info.value) == "not found"
+    with pytest.raises(DnsNotFound) as untrusted:
+        await resolver_for(server).tlsa("_25._tcp.mx.dane.test")
+    assert untrusted.value.authenticated is False
+
+
+async def test_servfail_from_a_trusted_validator_is_bogus(dns_server: DnsServer) -> None:
+    dns_server.set_failure("example.org", "servfail")
+    with pytest.raises(DnsBogus) as info:
+        await resolver_for(dns_server, trust_ad=True).mx("example.org")
+    assert dnssec_state(info.value) == "bogus"
+    with pytest.raises(DnsTempError) as plain:
+        await resolver_for(dns_server).mx("example.org")
+    assert not isinstance(plain.value, DnsBogus)
 
 
 # -- does not exist ----------------------------------------------------------------------------

@@ -168,7 +168,7 @@ def test_check_config_on_tls_policies(make_server, tmp_path: Path) -> None:  # t
             {"tls_policy": [{"domain": "d.test", "policy": "dane"}]},
             "tls_policy[0] (d.test): policy dane needs [dns] trust_ad = true",
         ),
-        ({"outbound": {"tls": "dane"}}, "outbound.tls: policy dane needs [dns] trust_ad = true"),
+        ({"outbound": {"tls": "dane"}}, 'outbound.tls: "dane" is not a default'),
         (
             {
                 "tls_policy": [

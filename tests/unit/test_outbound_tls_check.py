@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from postillon.core.pins import parse_fingerprint
+from postillon.dns.resolver import TlsaRecord
 from postillon.inbound.tls import ensure_self_signed
 from postillon.outbound.tls import check_requirement, load_anchors, spki_sha256
 from postillon.outbound.tls_policy import TlsRequirement, for_credentials
@@ -201,13 +202,70 @@ CASES: list[
         + base64.b64encode(pin_of(GOOD[0])).decode(),
     ),
     (
-        "dane without the DANE module",
+        "dane rule never looked up fails closed",
         TlsRequirement("dane"),
         GOOD,
         HOST,
         anchors(CA),
         (False, False, "dane-unavailable"),
-        "no DANE verifier",
+        "TLSA records not looked up",
+    ),
+    # DANE (RFC 7672 §3): TLSA records decide; web PKI plays no part.
+    (
+        "dane-ee matches the leaf key, expired and misnamed as it is",
+        TlsRequirement(
+            "dane", match=("other.example",), tlsa=(TlsaRecord(3, 1, 1, pin_of(EXPIRED[0])),)
+        ),
+        EXPIRED,
+        "other.example",
+        [],
+        (True, True, "dane-ee"),
+        "DANE-EE 3 1 1 matched",
+    ),
+    (
+        "dane-ta: the CA the server sends signs a leaf for the MX name",
+        TlsRequirement("dane", match=(HOST,), tlsa=(TlsaRecord(2, 1, 1, pin_of(CA_DER)),)),
+        [*GOOD, CA_DER],
+        HOST,
+        [],
+        (True, True, "dane-ta"),
+        "DANE-TA 2 1 1 matched",
+    ),
+    (
+        "dane-ta: the leaf must name the MX host",
+        TlsRequirement("dane", match=(HOST,), tlsa=(TlsaRecord(2, 1, 1, pin_of(CA_DER)),)),
+        [*WRONG_NAME, CA_DER],
+        HOST,
+        [],
+        (False, False, "tlsa-mismatch"),
+        "no TLSA record of mx.partner.example matched",
+    ),
+    (
+        "dane: a key nobody published",
+        TlsRequirement("dane", match=(HOST,), tlsa=(TlsaRecord(3, 1, 1, b"\1" * 32),)),
+        GOOD,
+        HOST,
+        anchors(CA),
+        (False, False, "tlsa-mismatch"),
+        "no TLSA record of mx.partner.example matched",
+    ),
+    (
+        "dane: no certificate at all",
+        TlsRequirement("dane", match=(HOST,), tlsa=(TlsaRecord(3, 1, 1, b"\1" * 32),)),
+        [],
+        HOST,
+        [],
+        (False, False, "no-certificate"),
+        "sent no certificate",
+    ),
+    (
+        "dane without usable records: encrypted, unauthenticated (§2.2)",
+        TlsRequirement("dane", tlsa=()),
+        WRONG_NAME,
+        HOST,
+        [],
+        (True, False, "tlsa-unusable"),
+        "",
     ),
 ]
 
@@ -277,7 +335,15 @@ CREDENTIAL_CASES = [
     (TlsRequirement("encrypt"), (b"p" * 32,), None, "fingerprint", ()),
     (TlsRequirement("verify", match=("x.example",)), (b"p" * 32,), None, "verify", ("x.example",)),
     (TlsRequirement("fingerprint", fingerprints=(b"q" * 32,)), (), None, "fingerprint", ()),
-    (TlsRequirement("dane"), (), None, "dane", ()),
+    (TlsRequirement("dane"), (), None, "verify", ("relay.example",)),  # not looked up
+    (TlsRequirement("dane", tlsa=()), (), None, "verify", ("relay.example",)),  # no usable TLSA
+    (
+        TlsRequirement("dane", match=("r",), tlsa=(TlsaRecord(3, 1, 1, b"d" * 32),)),
+        (),
+        None,
+        "dane",
+        ("r",),
+    ),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -13,9 +14,11 @@ from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.outcome import Delivered, PermFail, TempFail
 from postillon.core.reply import Reply
 from postillon.delivery.transport import DeliveryJob
+from postillon.dns.resolver import Answer, DnsBogus, TlsaRecord
 from postillon.observability.metrics import Metrics
 from postillon.outbound import smtp_transport
 from postillon.outbound.client_session import SessionError, TransactionResult
+from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.outbound.tls_policy import PolicyRule, TlsPolicyTable, TlsRequirement
 from postillon.queue.store import DeliveryRecord, DeliveryState, MessageInfo
@@ -153,18 +156,51 @@ async def test_busy_destination_is_not_an_attempt(monkeypatch: pytest.MonkeyPatc
 # --- TLS policy in the transport ---------------------------------------------------------
 
 DANE = TlsPolicyTable(rules=(PolicyRule("d.test", "dane"),))
+TLSA = TlsaRecord(3, 1, 1, b"\x01" * 32)
 
 
-def one_mx(monkeypatch: pytest.MonkeyPatch, t: SmtpTransport) -> None:
+class TlsaResolver:
+    """Only what DaneHook asks: TLSA answers (or errors), recorded."""
+
+    def __init__(self, result: Answer[TlsaRecord] | Exception) -> None:
+        self.result = result
+        self.asked: list[str] = []
+
+    async def tlsa(self, name: str) -> Answer[TlsaRecord]:
+        self.asked.append(name)
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+def secure_tlsa(*records: TlsaRecord) -> TlsaResolver:
+    return TlsaResolver(Answer("_25._tcp.mx.d.test", records or (TLSA,), 60, "x", True))
+
+
+def one_mx(
+    monkeypatch: pytest.MonkeyPatch, t: SmtpTransport, *, secure: bool = True, hop: Any = None
+) -> None:
+    """mx.d.test at 192.0.2.1; ``secure``: its MX and address answers were DNSSEC-secure."""
+
     async def targets(route: Route) -> list[smtp_transport._Target]:
-        return [smtp_transport._Target("mx.d.test", "192.0.2.1", 25, None)]
+        host = hop.host if hop is not None else "mx.d.test"
+        port = hop.port if hop is not None else 25
+        return [smtp_transport._Target(host, "192.0.2.1", port, hop, secure, secure)]
 
     monkeypatch.setattr(t, "_targets", targets)
 
 
-async def test_dane_policy_defers_until_the_dane_module_lands(
+def sample(t: SmtpTransport, policy: str, result: str) -> float | None:
+    assert t.metrics is not None
+    return t.metrics.registry.get_sample_value(
+        "postillon_outbound_tls_sessions_total", {"policy": policy, "result": result}
+    )
+
+
+async def test_dane_rule_without_trust_ad_defers_and_never_connects(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """No DaneHook (check-config refuses this, but the transport must not trust that)."""
     t, connects = transport(
         monkeypatch, {"192.0.2.1": [OK]}, OutboundSettings("me.test", tls_policy=DANE)
     )
@@ -172,34 +208,137 @@ async def test_dane_policy_defers_until_the_dane_module_lands(
     t.metrics = Metrics()
     (outcome,) = await t.deliver(job(["x@d.test"]))
     assert isinstance(outcome, TempFail) and outcome.reply.status == "4.7.5"
-    sample = t.metrics.registry.get_sample_value(
-        "postillon_outbound_tls_sessions_total", {"policy": "dane", "result": "dane-unavailable"}
-    )
-    assert sample == 1
-    assert "DANE verification is not available" in " ".join(outcome.reply.lines)
+    assert sample(t, "dane", "dane-unavailable") == 1
+    assert "DANE cannot run here" in " ".join(outcome.reply.lines)
     assert connects == []  # never connected: no silent downgrade
 
 
-async def test_dane_hook_turns_the_requirement_into_what_the_session_checks(
+async def test_published_dane_wins_over_the_default_and_the_session_checks_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[dict[str, Any]] = []
-    t, _ = transport(
-        monkeypatch, {"192.0.2.1": [OK]}, OutboundSettings("me.test", tls_policy=DANE), calls
-    )
-    seen: list[tuple[str, int, TlsRequirement]] = []
-
-    async def hook(host: str, port: int, requirement: TlsRequirement) -> TlsRequirement:
-        seen.append((host, port, requirement))
-        return TlsRequirement("fingerprint", fingerprints=(b"k" * 32,), source="dane")
-
-    t.dane = hook
+    settings = OutboundSettings("me.test", tls_policy=TlsPolicyTable(default="verify"))
+    t, _ = transport(monkeypatch, {"192.0.2.1": [OK]}, settings, calls)
+    resolver = secure_tlsa()
+    t.dane = DaneHook(resolver)  # type: ignore[arg-type]
     one_mx(monkeypatch, t)
-    (outcome,) = await t.deliver(job(["x@d.test"]))
+    route = Route("smtp", "smtp:d.test", "d.test")
+    (outcome,) = await t.deliver(replace(job(["x@d.test"]), route=route))
     assert isinstance(outcome, Delivered)
-    assert seen[0][2].mode == "dane" and seen[0][2].source == "tls_policy d.test"
-    assert calls[0]["starttls"] == "required"
-    assert "policy=fingerprint" in outcome.detail
+    assert resolver.asked == ["_25._tcp.mx.d.test"]
+    assert calls[0]["starttls"] == "required" and "policy=dane" in outcome.detail
+    check = calls[0]["tls_check"]([b"not the published key"])  # the one gate, DANE branch
+    assert (check.ok, check.result) == (False, "tlsa-mismatch")
+
+
+async def test_insecure_mx_keeps_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    t, _ = transport(monkeypatch, {"192.0.2.1": [OK]})
+    resolver = secure_tlsa()
+    t.dane = DaneHook(resolver)  # type: ignore[arg-type]
+    one_mx(monkeypatch, t, secure=False)
+    route = Route("smtp", "smtp:d.test", "d.test")
+    (outcome,) = await t.deliver(replace(job(["x@d.test"]), route=route))
+    assert isinstance(outcome, Delivered) and "policy=opportunistic" in outcome.detail
+    assert resolver.asked == []  # RFC 7672 §2.2: no TLSA lookup below an insecure MX
+
+
+async def test_verify_rule_wins_over_dane(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's verify rule is final: DANE is not even looked up."""
+    calls: list[dict[str, Any]] = []
+    table = TlsPolicyTable(rules=(PolicyRule("d.test", "verify"),))
+    t, _ = transport(
+        monkeypatch, {"192.0.2.1": [OK]}, OutboundSettings("me.test", tls_policy=table), calls
+    )
+    resolver = secure_tlsa()
+    t.dane = DaneHook(resolver)  # type: ignore[arg-type]
+    one_mx(monkeypatch, t)
+    route = Route("smtp", "smtp:d.test", "d.test")
+    (outcome,) = await t.deliver(replace(job(["x@d.test"]), route=route))
+    assert isinstance(outcome, Delivered) and "policy=verify" in outcome.detail
+    assert resolver.asked == []
+
+
+async def test_dane_rule_skips_the_insecure_host_for_the_secure_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    t, connects = transport(
+        monkeypatch,
+        {"192.0.2.1": [OK], "192.0.2.2": [OK]},
+        OutboundSettings("me.test", tls_policy=DANE),
+    )
+    t.dane = DaneHook(secure_tlsa())  # type: ignore[arg-type]
+    t.metrics = Metrics()
+
+    async def targets(route: Route) -> list[smtp_transport._Target]:
+        return [
+            smtp_transport._Target("mx1.d.test", "192.0.2.1", 25, None, True, False),
+            smtp_transport._Target("mx2.d.test", "192.0.2.2", 25, None, True, True),
+        ]
+
+    monkeypatch.setattr(t, "_targets", targets)
+    route = Route("smtp", "smtp:d.test", "d.test")
+    (outcome,) = await t.deliver(replace(job(["x@d.test"]), route=route))
+    assert isinstance(outcome, Delivered) and "mx2.d.test" in outcome.detail
+    assert connects == ["192.0.2.2"]
+    assert sample(t, "dane", "dane-unavailable") == 1
+
+
+async def test_bogus_tlsa_refuses_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    t, connects = transport(monkeypatch, {"192.0.2.1": [OK]})
+    t.dane = DaneHook(TlsaResolver(DnsBogus("_25._tcp.mx.d.test", "TLSA", "SERVFAIL")))  # type: ignore[arg-type]
+    t.metrics = Metrics()
+    one_mx(monkeypatch, t)
+    route = Route("smtp", "smtp:d.test", "d.test")
+    (outcome,) = await t.deliver(replace(job(["x@d.test"]), route=route))
+    assert isinstance(outcome, TempFail) and outcome.reply.status == "4.7.5"
+    assert connects == [] and sample(t, "dane", "dnssec-bogus") == 1
+
+
+class AuthSession(FakeSession):
+    def __init__(self, script: Any, tls_result: str) -> None:
+        super().__init__(script)
+        self.tls = "TLSv1.3 TLS_AES_128_GCM_SHA256"
+        self.tls_result = tls_result
+        self.auth: list[str] = []
+
+    async def authenticate(self, user: str, password: str) -> None:
+        self.auth.append(user)
+
+
+@pytest.mark.parametrize(
+    ("tls_result", "authenticated"), [("dane-ee", True), ("tlsa-unusable", False)]
+)
+async def test_dane_authenticated_smarthost_gets_auth(
+    monkeypatch: pytest.MonkeyPatch, tls_result: str, authenticated: bool
+) -> None:
+    """A smarthost under a dane rule: a DANE match is proof enough for the password;
+    secure TLSA with no usable record is not (for_credentials then asks for verify)."""
+    sessions: list[AuthSession] = []
+    calls: list[dict[str, Any]] = []
+
+    async def connect(host: str, port: int, **kw: Any) -> AuthSession:
+        calls.append(kw)
+        sessions.append(AuthSession([OK], tls_result))
+        return sessions[-1]
+
+    monkeypatch.setattr(smtp_transport.SmtpClientSession, "connect", staticmethod(connect))
+    table = TlsPolicyTable(rules=(PolicyRule("relay.d.test", "dane"),))
+    t = SmtpTransport(resolver=None, settings=OutboundSettings("me.test", tls_policy=table))  # type: ignore[arg-type]
+    tlsa = () if not authenticated else (TLSA,)
+    resolver = secure_tlsa(*tlsa) if tlsa else secure_tlsa(TlsaRecord(1, 1, 1, b"\x01" * 32))
+    t.dane = DaneHook(resolver, port=587)  # type: ignore[arg-type]
+    hop = NextHop("relay.d.test", 587, username="u", password="p")
+    one_mx(monkeypatch, t, hop=hop)
+    route = Route("smtp", "smtp:relay", "d.test", hop=hop)
+    (outcome,) = await t.deliver(replace(job(["x@d.test"]), route=route))
+    assert resolver.asked == ["_587._tcp.relay.d.test"]
+    if authenticated:
+        assert isinstance(outcome, Delivered), outcome
+        assert sessions[0].auth == ["u"] and "policy=dane" in outcome.detail
+    else:
+        # Only unusable TLSA under a dane rule: the host is refused before connecting.
+        assert isinstance(outcome, TempFail) and calls == []
+        assert "no usable TLSA record" in " ".join(outcome.reply.lines)
 
 
 async def test_connections_are_pooled_by_requirement(monkeypatch: pytest.MonkeyPatch) -> None:

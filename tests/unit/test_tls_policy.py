@@ -35,7 +35,10 @@ CASES = [
         "mx.partner.example",
         TABLE,
         TlsRequirement(
-            "verify", match=("mx.partner.example",), source="tls_policy partner.example"
+            "verify",
+            match=("mx.partner.example",),
+            source="tls_policy partner.example",
+            final=True,
         ),
     ),
     (
@@ -43,7 +46,10 @@ CASES = [
         "mx1.partner.example",
         TABLE,
         TlsRequirement(
-            "verify", match=("mx1.partner.example",), source="tls_policy partner.example"
+            "verify",
+            match=("mx1.partner.example",),
+            source="tls_policy partner.example",
+            final=True,
         ),
     ),
     (
@@ -62,14 +68,16 @@ CASES = [
         "other.example",
         "mx.other.example",
         TABLE,
-        TlsRequirement("none", source="tls_policy .example"),
+        TlsRequirement("none", source="tls_policy .example", final=True),
     ),
     ("example", "mx.example", TABLE, TlsRequirement("opportunistic", source="outbound.tls")),
     (
         "pinned.test",
         "mx.pinned.test",
         TABLE,
-        TlsRequirement("fingerprint", fingerprints=(PIN,), source="tls_policy pinned.test"),
+        TlsRequirement(
+            "fingerprint", fingerprints=(PIN,), source="tls_policy pinned.test", final=True
+        ),
     ),
     (
         "named.test",
@@ -80,6 +88,7 @@ CASES = [
             match=("a.named.test", "b.named.test"),
             ca_file="ca.pem",
             source="tls_policy named.test",
+            final=True,
         ),
     ),
     ("dane.test", "mx.dane.test", TABLE, TlsRequirement("dane", source="tls_policy dane.test")),
@@ -119,7 +128,7 @@ def test_resolve(
         ("encrypt", "required", False),
         ("verify", "required", True),
         ("fingerprint", "required", True),
-        ("dane", "required", True),
+        ("dane", "required", False),  # a dane rule not looked up yet has proved nothing
     ],
 )
 def test_mode_properties(mode: Any, starttls: str, authenticated: bool) -> None:
@@ -163,7 +172,10 @@ def test_table_from_config_reads_old_names_and_pins() -> None:
             {"tls_policy": [{"domain": "d.test", "policy": "dane"}]},
             "tls_policy[0] (d.test): policy dane needs [dns] trust_ad = true",
         ),
-        ({"outbound": {"tls": "dane"}}, "outbound.tls: policy dane needs [dns] trust_ad = true"),
+        (
+            {"outbound": {"tls": "dane"}, "dns": {"trust_ad": True}},
+            'outbound.tls: "dane" is not a default',
+        ),
         ({"tls_policy": [{"domain": "a b", "policy": "none"}]}, "tls_policy[0].domain"),
         ({"tls_policy": [{"domain": "", "policy": "none"}]}, "is not a domain"),
         (

@@ -227,6 +227,11 @@ class DnsConfig(_Frozen):
     nameservers: tuple[str, ...] = ()  # "127.0.0.1:5353"; empty = the system's resolver
     timeout: float = Field(5.0, gt=0)  # per try and server
     attempts: int = Field(2, ge=1)
+    # The nameservers validate DNSSEC and the path to them cannot be tampered with (a
+    # resolver on this machine), so the AD bit of their replies is believed. It turns DANE
+    # (RFC 7672) on for outbound mail. Never for a resolver across the network: anyone on
+    # the path can set AD (RFC 7672 §2.1.1, RFC 6698 §4.1).
+    trust_ad: bool = False
 
 
 class SubmissionConfig(_Frozen):
@@ -507,19 +512,22 @@ class Config(_Frozen):
             if rule.domain in seen:
                 raise ValueError(f"tls_policy[{i}]: domain {rule.domain!r} has two rules")
             seen.add(rule.domain)
-        # DANE rests on DNSSEC: only a validating resolver's AD bit may be
-        # trusted ([dns] trust_ad, with the DANE module); never by default.
-        uses_dane = self.outbound.tls == "dane" or any(r.policy == "dane" for r in self.tls_policy)
-        if uses_dane and getattr(self.dns, "trust_ad", False) is not True:
-            where = next(
-                (
-                    f"tls_policy[{i}] ({r.domain})"
-                    for i, r in enumerate(self.tls_policy)
-                    if r.policy == "dane"
-                ),
-                "outbound.tls",
+        if self.outbound.tls == "dane":
+            # DANE is not a default: with trust_ad it applies by itself to every MX
+            # destination that publishes it (outbound/tls_policy.py, precedence 3);
+            # "dane for everyone" would defer all mail to unsigned domains.
+            raise ValueError(
+                'outbound.tls: "dane" is not a default: with [dns] trust_ad = true DANE '
+                "applies to every destination that publishes it; to require it for one, "
+                'add [[tls_policy]] domain = "..." policy = "dane"'
             )
-            raise ValueError(f"{where}: policy dane needs [dns] trust_ad = true")
+        # DANE rests on DNSSEC: only a validating resolver's AD bit may be
+        # trusted ([dns] trust_ad); never by default (RFC 7672 §2.1.1).
+        for i, r in enumerate(self.tls_policy):
+            if r.policy == "dane" and self.dns.trust_ad is not True:
+                raise ValueError(
+                    f"tls_policy[{i}] ({r.domain}): policy dane needs [dns] trust_ad = true"
+                )
         return self
 
     def deprecations(self) -> list[str]:

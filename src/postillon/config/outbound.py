@@ -77,7 +77,8 @@ class OutboundConfig(_Frozen):
     # "opportunistic": STARTTLS when offered, unverified certificates accepted and
     # logged (RFC 7435); "none": never; "encrypt": defer rather than send in clear;
     # "verify": the certificate must verify for the MX host name (system CAs);
-    # "dane": see [[tls_policy]]. "required" is the old name of "encrypt".
+    # "required" is the old name of "encrypt". "dane" is refused with a pointer:
+    # DANE applies by itself with [dns] trust_ad, [[tls_policy]] makes it mandatory.
     tls: Literal["opportunistic", "none", "encrypt", "verify", "dane", "required"] = "opportunistic"
     # Timeouts, RFC 5321 4.5.3.2.
     connect_timeout: float = Field(30.0, gt=0)

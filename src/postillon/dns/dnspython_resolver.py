@@ -16,6 +16,14 @@ default) so tests advance time instead of sleeping.
 
 ``on_lookup`` receives one ``LookupEvent`` per record-type lookup (cache hits too,
 flagged) with its latency, for metrics.
+
+DNSSEC: every query sets AD (RFC 6840 §5.7: "tell me whether you validated"), which is
+enough for a validating resolver to report it; DO is not set, because postillon does not
+check signatures itself and would only receive RRSIGs it never reads. With ``trust_ad`` the
+reply's AD bit becomes ``Answer.authenticated`` / ``DnsNotFound.authenticated``, and a
+SERVFAIL becomes :class:`DnsBogus` (unless the resolver's extended error, RFC 8914, says it
+was a network problem). Without ``trust_ad`` (the default) nothing is ever authenticated:
+an AD bit is only worth the path it travelled (RFC 7672 §2.1.1, RFC 6698 §4.1).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import dns.asyncresolver
+import dns.edns
 import dns.exception
 import dns.flags
 import dns.message
@@ -45,6 +54,7 @@ from postillon.core.address import AddressError, domain_to_ascii
 from postillon.core.clock import Clock
 from postillon.dns.resolver import (
     Answer,
+    DnsBogus,
     DnsNotFound,
     DnsTempError,
     LookupEvent,
@@ -109,6 +119,7 @@ class _MonotonicClock:
 class _Negative:
     nxdomain: bool
     reason: str
+    authenticated: bool = False
 
 
 # (lower-case name text, rdtype): the same equality as dns.name.Name's (case-insensitive),
@@ -174,6 +185,23 @@ def _rdtype_text(rdtype: dns.rdatatype.RdataType) -> str:
     return dns.rdatatype.to_text(rdtype)
 
 
+def _ad(response: object) -> bool:
+    """The AD bit of a reply (RFC 4035 §3.2.3), False for anything that is not one."""
+    return isinstance(response, dns.message.Message) and bool(response.flags & dns.flags.AD)
+
+
+# Extended DNS errors (RFC 8914 §4) that say "no answer reached the resolver", as opposed
+# to "the answer did not validate": a SERVFAIL carrying one of these is not bogus data.
+_NOT_BOGUS_EDE = frozenset(
+    {
+        dns.edns.EDECode.NOT_READY,
+        dns.edns.EDECode.NOT_AUTHORITATIVE,
+        dns.edns.EDECode.NO_REACHABLE_AUTHORITY,
+        dns.edns.EDECode.NETWORK_ERROR,
+    }
+)
+
+
 def _negative_ttl(response: object) -> int:
     """RFC 2308 §5: min(SOA TTL, SOA MINIMUM) of the authority SOA (dnspython computes it)."""
     if not isinstance(response, dns.message.QueryMessage):
@@ -216,6 +244,8 @@ class DnsResolver:
     rounds. A truncated UDP answer is retried over TCP within the same budget.
     A server that answers SERVFAIL or REFUSED is skipped for the rest of that lookup.
     ``ipv4``/``ipv6`` choose which address families :meth:`addresses` asks for.
+    ``trust_ad``: the nameservers validate DNSSEC and the path to them is safe (a resolver
+    on this machine), so their AD bit is believed; see the module note.
     """
 
     def __init__(
@@ -229,6 +259,7 @@ class DnsResolver:
         max_negative_ttl: int = 3_600,  # RFC 2308 §5: one to three hours is common
         ipv4: bool = True,
         ipv6: bool = True,
+        trust_ad: bool = False,
         clock: Clock | None = None,
         on_lookup: Callable[[LookupEvent], None] | None = None,
         resolv_conf: str = "/etc/resolv.conf",
@@ -259,6 +290,7 @@ class DnsResolver:
         resolver.flags = dns.flags.RD | dns.flags.AD
         resolver.cache = None  # ours, below, also caches negative answers and is bounded
         self._resolver = resolver
+        self._trust_ad = trust_ad
         self._max_ttl = max_ttl
         self._max_negative_ttl = max_negative_ttl
         self._families = tuple(
@@ -279,6 +311,10 @@ class DnsResolver:
                 host, port = str(ns), DEFAULT_PORT
             out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         return out
+
+    @property
+    def trust_ad(self) -> bool:
+        return self._trust_ad
 
     @property
     def cache(self) -> DnsCache:
@@ -332,8 +368,9 @@ class DnsResolver:
                     raise err  # cancellation and friends pass through
                 raise DnsTempError(host, "A/AAAA", f"unexpected error: {err!r}") from err
         nxdomain = all(isinstance(e, DnsNotFound) and e.nxdomain for e in errors)
+        secure = all(isinstance(e, DnsNotFound) and e.authenticated for e in errors)
         reason = "NXDOMAIN" if nxdomain else "no A or AAAA records"
-        raise DnsNotFound(host, "A/AAAA", reason, nxdomain=nxdomain)
+        raise DnsNotFound(host, "A/AAAA", reason, nxdomain=nxdomain, authenticated=secure)
 
     # -- machinery --
 
@@ -359,7 +396,13 @@ class DnsResolver:
         if isinstance(value, _Negative):
             result: LookupResult = "nxdomain" if value.nxdomain else "nodata"
             self._emit(qtext, rdtype_text, result, started, True)
-            raise DnsNotFound(name, rdtype_text, value.reason, nxdomain=value.nxdomain)
+            raise DnsNotFound(
+                name,
+                rdtype_text,
+                value.reason,
+                nxdomain=value.nxdomain,
+                authenticated=value.authenticated,
+            )
         self._emit(qtext, rdtype_text, "answer", started, True)
         return value
 
@@ -386,11 +429,17 @@ class DnsResolver:
             value = await asyncio.shield(future)
         except DnsTempError as exc:
             self._emit(qtext, rdtype_text, "tempfail", started, cached)
-            raise DnsTempError(name, rdtype_text, exc.reason) from None
+            raise type(exc)(name, rdtype_text, exc.reason) from None
         if isinstance(value, _Negative):
             result: LookupResult = "nxdomain" if value.nxdomain else "nodata"
             self._emit(qtext, rdtype_text, result, started, cached)
-            raise DnsNotFound(name, rdtype_text, value.reason, nxdomain=value.nxdomain)
+            raise DnsNotFound(
+                name,
+                rdtype_text,
+                value.reason,
+                nxdomain=value.nxdomain,
+                authenticated=value.authenticated,
+            )
         self._emit(qtext, rdtype_text, "answer", started, cached)
         return cast(Answer[T], value)
 
@@ -415,16 +464,21 @@ class DnsResolver:
             answer = await self._resolver.resolve(qname, rdtype, search=False)
         except dns.resolver.NXDOMAIN as exc:
             responses = list(exc.kwargs.get("responses", {}).values())
-            negative = _Negative(True, "NXDOMAIN")
-            ttl = _negative_ttl(responses[0] if responses else None)
+            first = responses[0] if responses else None
+            negative = _Negative(True, "NXDOMAIN", self._trust_ad and _ad(first))
+            ttl = _negative_ttl(first)
             self._cache.put(key, negative, min(ttl, self._max_negative_ttl))
             return negative
         except dns.resolver.NoAnswer as exc:
-            negative = _Negative(False, f"no {rdtype_text} records")
-            ttl = _negative_ttl(exc.kwargs.get("response"))
+            response = exc.kwargs.get("response")
+            secure = self._trust_ad and _ad(response)
+            negative = _Negative(False, f"no {rdtype_text} records", secure)
+            ttl = _negative_ttl(response)
             self._cache.put(key, negative, min(ttl, self._max_negative_ttl))
             return negative
         except dns.resolver.NoNameservers as exc:
+            if self._trust_ad and _bogus(exc):
+                raise DnsBogus(name, rdtype_text, "DNSSEC: " + _servers_said(exc)) from None
             raise DnsTempError(name, rdtype_text, _servers_said(exc)) from None
         except dns.exception.Timeout:
             raise DnsTempError(name, rdtype_text, "timeout") from None
@@ -442,7 +496,7 @@ class DnsResolver:
             records=records,
             ttl=int(answer.chaining_result.minimum_ttl),
             canonical_name=_text(answer.canonical_name),
-            authenticated=bool(answer.response.flags & dns.flags.AD),
+            authenticated=self._trust_ad and _ad(answer.response),
         )
         self._cache.put(key, result, min(result.ttl, self._max_ttl))
         return result
@@ -463,10 +517,37 @@ class DnsResolver:
 
 
 def _servers_said(exc: dns.resolver.NoNameservers) -> str:
-    """A short reason from dnspython's per-server error list, e.g. "SERVFAIL"."""
+    """A short reason from dnspython's per-server error list, e.g. "SERVFAIL", with the
+    extended DNS error (RFC 8914) when the server gave one."""
     errors = exc.kwargs.get("errors") or []
     said = []
     for err in errors:
         what = err[3]
-        said.append(what if isinstance(what, str) else type(what).__name__)
+        text = what if isinstance(what, str) else type(what).__name__
+        for ede in _extended_errors(err):
+            code = dns.edns.EDECode.to_text(ede.code)
+            text += f" ({code}: {ede.text})" if ede.text else f" ({code})"
+        said.append(text)
     return "no nameserver answered: " + (", ".join(dict.fromkeys(said)) or "unknown")
+
+
+def _extended_errors(err: Sequence[object]) -> list[dns.edns.EDEOption]:
+    response = err[4] if len(err) > 4 else None
+    if not isinstance(response, dns.message.Message):
+        return []
+    try:
+        return response.extended_errors()
+    except Exception:
+        return []
+
+
+def _bogus(exc: dns.resolver.NoNameservers) -> bool:
+    """Did a (trusted, validating) server answer SERVFAIL, and not say it was only a
+    network problem? That is how RFC 4035 §5.5 resolvers report bogus data."""
+    for err in exc.kwargs.get("errors") or []:
+        if err[3] != "SERVFAIL":
+            continue
+        codes = {ede.code for ede in _extended_errors(err)}
+        if not codes or not codes <= _NOT_BOGUS_EDE:
+            return True
+    return False

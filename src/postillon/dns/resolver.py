@@ -13,6 +13,8 @@ The contract, as one transaction::
                                                        #   False: it exists, no such records
     except DnsTempError:                               # temporary: SERVFAIL, REFUSED,
         ...                                            #   timeout, network error, bad reply
+                                                       #   (DnsBogus: SERVFAIL from a trusted
+                                                       #   validating resolver)
 
 Lookups return a value or raise one of exactly those two exceptions (both subclass
 :class:`DnsError`); ``DnsResolver`` turns every other failure into
@@ -26,24 +28,39 @@ temporary" is then an ordinary ``except Exception`` at the module boundary (``mx
 where outcomes become values.
 
 :class:`LookupEvent` is what a resolver reports per record-type lookup, for metrics.
+
+DNSSEC (for DANE, RFC 7672 §2.1): postillon does not validate signatures itself. It asks
+the configured nameservers to, and reads the AD bit of their replies - but only when the
+operator says they validate and the path to them cannot be tampered with (``[dns] trust_ad
+= true``: a validating resolver on this machine, RFC 6698 §4.1 / RFC 7672 §2.1.1). Without
+it every answer is reported unauthenticated, whatever the AD bit said: an AD bit from a
+resolver across the network proves nothing. Each answer then has one of four states
+(:func:`dnssec_state`): ``secure`` (AD set: validated), ``insecure`` (no AD: unsigned, or
+AD not trusted), ``bogus`` (:class:`DnsBogus`: the validating resolver answered SERVFAIL,
+which is how it reports data whose signatures do not validate) and ``not found``
+(:class:`DnsNotFound`, itself secure or insecure: ``authenticated`` says whether the denial
+of existence was validated).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 __all__ = [
     "Answer",
+    "DnsBogus",
     "DnsError",
     "DnsNotFound",
     "DnsTempError",
+    "DnssecState",
     "LookupEvent",
     "LookupResult",
     "MxRecord",
     "Resolver",
     "TlsaRecord",
     "TxtRecord",
+    "dnssec_state",
 ]
 
 T = TypeVar("T")
@@ -63,15 +80,30 @@ class DnsError(Exception):
 
 
 class DnsNotFound(DnsError):
-    """Permanent: NXDOMAIN (``nxdomain=True``) or no records of that type (NODATA)."""
+    """Permanent: NXDOMAIN (``nxdomain=True``) or no records of that type (NODATA).
 
-    def __init__(self, name: str, rdtype: str, reason: str, *, nxdomain: bool) -> None:
+    ``authenticated``: the denial of existence came with a trusted AD bit (RFC 7672 §2.1:
+    e.g. a validated "no TLSA records here")."""
+
+    def __init__(
+        self, name: str, rdtype: str, reason: str, *, nxdomain: bool, authenticated: bool = False
+    ) -> None:
         super().__init__(name, rdtype, reason)
         self.nxdomain = nxdomain
+        self.authenticated = authenticated
 
 
 class DnsTempError(DnsError):
     """Temporary: SERVFAIL, REFUSED, timeout, network error, malformed reply. Retry later."""
+
+
+class DnsBogus(DnsTempError):
+    """A SERVFAIL from a resolver trusted to validate (``[dns] trust_ad``): the data's
+    DNSSEC signatures did not validate (RFC 4035 §5.5), or the resolver could not get it.
+    A validating resolver reports both the same way unless it adds an extended error (RFC
+    8914), which ``reason`` then names; either is a lookup failure for DANE (RFC 7672 §2.1.1:
+    never treated as "insecure"). A subclass of DnsTempError, so callers that do not care
+    about DNSSEC retry later as for any temporary failure."""
 
 
 # -- typed results ---------------------------------------------------------------------------
@@ -152,12 +184,31 @@ class Resolver(Protocol):
         ...
 
     async def tlsa(self, name: str) -> Answer[TlsaRecord]:
-        """TLSA records at ``name`` (e.g. ``_25._tcp.mx.example.org``)."""
+        """TLSA records at ``name`` (e.g. ``_25._tcp.mx.example.org``), as published:
+        records with unknown usages or malformed data are returned too (RFC 7672 §2.2:
+        the caller decides what is usable)."""
         ...
 
     async def ptr(self, ip: str) -> Answer[str]:
         """Host names for ``ip`` (reverse lookup). Raises ValueError for a malformed IP."""
         ...
+
+
+DnssecState = Literal["secure", "insecure", "bogus", "not found"]
+
+
+def dnssec_state(result: Answer[Any] | BaseException) -> DnssecState:
+    """The DNSSEC state of a lookup's result (an answer or the error it raised).
+
+    "not found" covers both a validated and an unvalidated denial (``DnsNotFound.authenticated``
+    tells them apart); every error other than DnsNotFound and DnsBogus is "bogus" too, in the
+    sense that matters for DANE: nothing is known, so nothing may be assumed (RFC 7672 §2.1.1).
+    """
+    if isinstance(result, Answer):
+        return "secure" if result.authenticated else "insecure"
+    if isinstance(result, DnsNotFound):
+        return "not found"
+    return "bogus"
 
 
 # -- observability hook ----------------------------------------------------------------------

@@ -211,9 +211,11 @@ class Metrics:
         self.outbound_tls = Counter(
             "postillon_outbound_tls_sessions",
             "Outbound SMTP sessions by TLS policy (none, opportunistic, encrypt, verify, "
-            "fingerprint, dane) and result (verified, pinned, unverified, plaintext, "
-            "starttls-not-supported, starttls-refused, handshake-failed, not-verified, "
-            "fingerprint-mismatch, no-certificate, dane-unavailable, config-error)",
+            "fingerprint, dane) and result (verified, pinned, dane-ta, dane-ee, tlsa-unusable, "
+            "unverified, plaintext, starttls-not-supported, starttls-refused, "
+            "handshake-failed, not-verified, fingerprint-mismatch, tlsa-mismatch, "
+            "no-certificate, config-error; hosts refused before connecting: dnssec-bogus, "
+            "dane-lookup-failed, dane-unavailable)",
             ["policy", "result"],
             registry=registry,
         )

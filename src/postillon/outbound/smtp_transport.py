@@ -1,4 +1,16 @@
-"""The SMTP (and LMTP) transport: next hops, host iteration, reuse, limits."""
+"""The SMTP (and LMTP) transport: next hops, host iteration, reuse, limits.
+
+TLS per host, in two steps that every mode shares: before connecting,
+:meth:`SmtpTransport._requirement` resolves what the connection must prove
+(``tls_policy.resolve`` for the table, the DANE lookup through ``dane``, a
+``dane_policy.DaneHook`` built only with ``[dns] trust_ad``, then
+``tls_policy.decide`` for the precedence and ``for_credentials`` for a hop with
+a password); after the handshake the session runs ``tls.check_requirement``
+on the server's chain, before AUTH or MAIL. A host refused before connecting
+(bogus DNSSEC, a ``dane`` rule without secure TLSA, RFC 7672 §2.2) or failing
+the check is skipped like an unreachable one: the next MX is tried and, when
+none is left, the mail is deferred with the reason (4.7.5).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +19,7 @@ import datetime
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from postillon.core.envelope import BodyType
@@ -24,10 +36,20 @@ from postillon.outbound.client_session import (
     TlsChecker,
     TransactionResult,
 )
+from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.mx import resolve_next_hops
 from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
-from postillon.outbound.tls_policy import TlsPolicyTable, TlsRequirement, for_credentials, resolve
+from postillon.outbound.tls_policy import (
+    HostRefused,
+    NoPublishedPolicy,
+    TlsPolicyTable,
+    TlsRequirement,
+    consults_dane,
+    decide,
+    for_credentials,
+    resolve,
+)
 from postillon.routing.router import NextHop, Route
 
 log = logging.getLogger("postillon.outbound")
@@ -62,19 +84,8 @@ class OutboundSettings:
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
 
 
-# The DANE hook: (MX host, port, the "dane" requirement) → the requirement
-# the handshake must meet instead (e.g. TLSA records to match), or a reason
-# to skip this host (no secure TLSA answer yet, lookup failed, ...). The DANE
-# module (outbound/dane.py, TLSA lookups in dns/) provides the real one.
-DaneHook = Callable[[str, int, TlsRequirement], Awaitable[TlsRequirement | str]]
-
-
-async def dane_not_available(host: str, port: int, requirement: TlsRequirement) -> str:
-    """Until DANE lands: defer, saying so (never a silent downgrade)."""
-    return (
-        f"policy dane for {host} ({requirement.source}): DANE verification is not "
-        "available in this version; deferred"
-    )
+# What the DANE lookup said about one host, kept for the rest of a delivery.
+_DaneAnswer = TlsRequirement | HostRefused | NoPublishedPolicy | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +94,10 @@ class _Target:
     address: str  # IP address, or "" for a unix socket
     port: int
     hop: NextHop | None
+    # DNSSEC (RFC 7672 §2.2): the MX answer (True for a host the operator named)
+    # and this host's address answer were secure.
+    mx_secure: bool = False
+    address_secure: bool = False
 
 
 class SmtpTransport:
@@ -94,6 +109,7 @@ class SmtpTransport:
         lmtp: bool = False,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        dane: DaneHook | None = None,
     ) -> None:
         self.resolver = resolver
         self.metrics = metrics
@@ -101,9 +117,9 @@ class SmtpTransport:
         self.lmtp = lmtp
         self.rng = rng or random.Random()
         self.pool = ConnectionPool(settings.idle_reuse, settings.messages_per_connection)
-        # policy = "dane" goes through this hook (see DaneHook); until the DANE
-        # module plugs in, it defers with the reason.
-        self.dane: DaneHook = dane_not_available
+        # DANE's DNS side (None without [dns] trust_ad: then DANE cannot run, and a
+        # policy = "dane" rule defers, see tls_policy.decide). Never for LMTP next hops.
+        self.dane = dane if not lmtp else None
         self.limits = Limits(settings.concurrency, settings.per_destination)
 
     async def close(self) -> None:
@@ -124,7 +140,7 @@ class SmtpTransport:
         if result.failure is not None:
             return result.failure
         targets = [
-            _Target(next_hop.host, address, port, hop)
+            _Target(next_hop.host, address, port, hop, result.authenticated, next_hop.authenticated)
             for next_hop in result.hops
             for address in next_hop.addresses
         ]
@@ -139,7 +155,10 @@ class SmtpTransport:
             return TempFail(Reply.of(451, "4.4.3", f"DNS lookup of {host} failed: {exc.reason}"))
         except DnsNotFound:
             return TempFail(Reply.of(451, "4.4.4", f"Host {host} has no address (check the route)"))
-        return [_Target(host, a, port, hop) for a in answer.records][:MAX_ADDRESSES]
+        # A configured host name needs no secure MX (RFC 7672 §2.2.2: its name came
+        # from us, not from DNS); its addresses still do.
+        secure = answer.authenticated
+        return [_Target(host, a, port, hop, True, secure) for a in answer.records][:MAX_ADDRESSES]
 
     # -- delivery ------------------------------------------------------------
     async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
@@ -165,19 +184,21 @@ class SmtpTransport:
         count = len(job.records)
         errors: list[SessionError] = []
         last_detail = ""
+        dane_answers: dict[str, _DaneAnswer] = {}
         for target in targets:
-            requirement = self._requirement(job.route, target)
-            if requirement.mode == "dane":
-                dane = await self.dane(target.host, target.port, requirement)
-                if isinstance(dane, str):  # no usable DANE answer: not this host
-                    errors.append(
-                        SessionError(dane, status=TLS_POLICY_STATUS, tls_result="dane-unavailable")
+            requirement = await self._requirement(job.route, target, dane_answers)
+            if isinstance(requirement, HostRefused):  # not this host: try the next
+                errors.append(
+                    SessionError(
+                        requirement.reason,
+                        status=TLS_POLICY_STATUS,
+                        tls_result=requirement.result,
                     )
-                    last_detail = _describe(target, None, requirement)
-                    self._count_tls(requirement, "dane-unavailable")
-                    log.info("%s: %s: %s", job.message.queue_id, last_detail, dane)
-                    continue
-                requirement = dane
+                )
+                last_detail = _describe(target, None, requirement.mode)
+                self._count_tls(requirement.mode, requirement.result)
+                log.info("%s: %s: %s", job.message.queue_id, last_detail, requirement.reason)
+                continue
             # Pooled by requirement too: a connection that met a weaker policy
             # (or none) must not carry mail that needs a stronger one.
             key = (target.address or target.host, target.port, self.lmtp, requirement)
@@ -199,9 +220,9 @@ class SmtpTransport:
                 if session is not None:
                     session.close()
                 elif exc.tls_result:  # the connection failed its TLS policy
-                    self._count_tls(requirement, exc.tls_result)
+                    self._count_tls(requirement.mode, exc.tls_result)
                 errors.append(exc)
-                last_detail = _describe(target, session, requirement)
+                last_detail = _describe(target, session, requirement.mode)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
                 settled = _settled_before_failure(exc, last_detail)
                 if settled is not None:
@@ -218,7 +239,7 @@ class SmtpTransport:
         result: TransactionResult,
         requirement: TlsRequirement,
     ) -> list[Outcome]:
-        detail = _describe(target, session, requirement)
+        detail = _describe(target, session, requirement.mode)
         # RFC 3461 §6.2.2: a next hop without DSN cannot honour NOTIFY=SUCCESS;
         # the runner then sends a "relayed" notice itself.
         dsn_passed = self.lmtp or "DSN" in session.extensions
@@ -244,8 +265,11 @@ class SmtpTransport:
             eight_bit=params.body is not BodyType.SEVEN_BIT,
         )
 
-    def _requirement(self, route: Route, target: _Target) -> TlsRequirement:
-        """What the connection to ``target`` must prove (pure; see tls_policy)."""
+    async def _requirement(
+        self, route: Route, target: _Target, dane_answers: dict[str, _DaneAnswer]
+    ) -> TlsRequirement | HostRefused:
+        """What the connection to ``target`` must prove, or why not to connect
+        (the precedence is tls_policy's; here only its inputs are gathered)."""
         hop = target.hop
         if target.address == "":
             return TlsRequirement("none", source="unix socket")  # LMTP on this machine
@@ -253,16 +277,32 @@ class SmtpTransport:
         # smtp:host, the domain whose MX hosts these are), else the recipient domain.
         destination = hop.host if hop is not None else route.domain
         requirement = resolve(destination, target.host, self.settings.tls_policy)
+        mx_delivery = hop is None or hop.mx_lookup
+        dane: _DaneAnswer = None
+        if (
+            self.dane is not None
+            and consults_dane(requirement, mx_delivery=mx_delivery)
+            and not _is_ip(target.host)  # no name, no TLSA
+        ):
+            if target.host not in dane_answers:  # once per host and delivery
+                dane_answers[target.host] = await self.dane.lookup(
+                    target.host, mx_secure=target.mx_secure, address_secure=target.address_secure
+                )
+            dane = dane_answers[target.host]
+        # The MTA-STS seam: its per-host decision goes in as decide(sts=...).
+        decided = decide(requirement, dane=dane, host=target.host)
+        if isinstance(decided, HostRefused):
+            return decided
         if hop is not None and hop.username:
             # Never send a password to an unverified server.
-            requirement = for_credentials(
-                requirement,
+            decided = for_credentials(
+                decided,
                 target.host,
                 ca_file=hop.tls_ca_file,
                 fingerprints=hop.tls_fingerprints,
                 source="credentials",
             )
-        return requirement
+        return decided
 
     def _tls_checker(self, target: _Target, requirement: TlsRequirement) -> TlsChecker:
         """The handshake judge for this connection; raises SessionError when its
@@ -306,7 +346,7 @@ class SmtpTransport:
         )
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
-        self._count_tls(requirement, session.tls_result if session.tls else "plaintext")
+        self._count_tls(requirement.mode, session.tls_result if session.tls else "plaintext")
         if hop is not None and hop.username:
             if not requirement.authenticated or session.tls_result not in AUTHENTICATED_RESULTS:
                 # for_credentials made sure of it; kept as a last guard here, at
@@ -323,9 +363,9 @@ class SmtpTransport:
                 raise
         return session
 
-    def _count_tls(self, requirement: TlsRequirement, result: str) -> None:
+    def _count_tls(self, mode: str, result: str) -> None:
         if self.metrics is not None:
-            self.metrics.outbound_tls.labels(requirement.mode, result).inc()
+            self.metrics.outbound_tls.labels(mode, result).inc()
 
     @staticmethod
     def _count_connection(metrics: Metrics, session: SmtpClientSession) -> None:
@@ -369,13 +409,12 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
     return TempFail(reply, detail)
 
 
-def _describe(
-    target: _Target, session: SmtpClientSession | None, requirement: TlsRequirement
-) -> str:
+def _describe(target: _Target, session: SmtpClientSession | None, mode: str) -> str:
     """The host, the TLS result and the policy, for the delivery log line:
-    ``mx.example[192.0.2.1]:25 tls=TLSv1.3/verified policy=verify``."""
+    ``mx.example[192.0.2.1]:25 tls=TLSv1.3/verified policy=verify``,
+    ``... tls=TLSv1.3/dane-ee policy=dane``."""
     where = target.host if not target.address else f"{target.host}[{target.address}]:{target.port}"
-    policy = f"policy={requirement.mode}"
+    policy = f"policy={mode}"
     if session is not None and session.tls:
         return f"{where} tls={session.tls.split()[0]}/{session.tls_result} {policy}"
     if session is not None:

@@ -16,7 +16,9 @@ the X.509 decisions in between, so the asyncio driver only applies them:
   literal).
 * :func:`check_requirement` - pure: a finished handshake's chain (DER, leaf
   first) against a requirement, the trust anchors and the time, to a
-  :class:`TlsCheck` value (met or not, and why).
+  :class:`TlsCheck` value (met or not, and why). The one post-handshake gate:
+  web PKI (verify), pins (fingerprint) and DANE (TLSA records, through
+  ``dane.match_chain``) all pass through it, before AUTH or MAIL.
 * :func:`load_anchors` - the trust anchors for a requirement: its ``ca_file``
   (read once per file version) or the system's CA bundle.
 
@@ -38,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from postillon.outbound.dane import DANE_TA, match_chain
 from postillon.outbound.tls_policy import TlsRequirement
 
 __all__ = [
@@ -73,9 +76,9 @@ def server_name(host: str) -> str | None:
     return None
 
 
-# TlsCheck results that prove the server's identity (a password may follow).
-# DANE adds its own when it lands.
-AUTHENTICATED_RESULTS: frozenset[str] = frozenset({"verified", "pinned"})
+# TlsCheck results that prove the server's identity (a password may follow):
+# web PKI, a pin, or a DANE-TA / DANE-EE match (RFC 7672 §3.1).
+AUTHENTICATED_RESULTS: frozenset[str] = frozenset({"verified", "pinned", "dane-ta", "dane-ee"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +87,13 @@ class TlsCheck:
 
     ``ok``: the requirement is met (the session may go on). ``verified``: the
     chain verified for a required name (or, when the mode asks for no
-    names, for the host connected to: recorded, as RFC 7435 allows).
-    ``result``: a short label for metrics and logs: "verified", "pinned",
-    "unverified" (allowed), "not-verified", "fingerprint-mismatch",
-    "no-certificate", "dane-unavailable". ``reason``: why not, for the log
-    and the queue's last reply.
+    names, for the host connected to: recorded, as RFC 7435 allows; dane:
+    a TLSA record matched). ``result``: a short label for metrics and logs:
+    "verified", "pinned", "dane-ta", "dane-ee", "unverified" (allowed),
+    "tlsa-unusable" (DANE without usable records: allowed, unauthenticated),
+    "not-verified", "fingerprint-mismatch", "tlsa-mismatch",
+    "no-certificate", "dane-unavailable". ``reason``: why not (or, for DANE,
+    which record matched), for the log and the queue's last reply.
     """
 
     ok: bool
@@ -112,8 +117,10 @@ def check_requirement(
     :func:`load_anchors`). Pure: no I/O, the clock passed in.
     """
     mode = requirement.mode
+    if mode == "dane":
+        return _check_dane(requirement, chain, host, now)
     if not chain:
-        if mode in ("verify", "fingerprint", "dane"):
+        if mode in ("verify", "fingerprint"):
             return TlsCheck(False, False, "no-certificate", f"{host} sent no certificate")
         return TlsCheck(True, False, "unverified")
     if mode == "fingerprint":
@@ -126,12 +133,6 @@ def check_requirement(
             False,
             "fingerprint-mismatch",
             f"certificate of {host} matches no configured fingerprint (its key is sha256:{shown})",
-        )
-    if mode == "dane":
-        # Resolution hands "dane" to the transport's DANE hook, which replaces
-        # it before any connection; reaching here means no DANE verifier.
-        return TlsCheck(
-            False, False, "dane-unavailable", f"policy dane for {host}: no DANE verifier"
         )
     names = requirement.match if mode == "verify" and requirement.match else (host,)
     error = ""
@@ -147,6 +148,31 @@ def check_requirement(
             f"certificate for {' or '.join(names)} not verified: {error}",
         )
     return TlsCheck(True, False, "unverified")  # recorded only (RFC 7435)
+
+
+def _check_dane(
+    requirement: TlsRequirement, chain: Sequence[bytes], host: str, now: datetime.datetime
+) -> TlsCheck:
+    """RFC 7672 §3: the chain against the host's usable TLSA records.
+
+    Web PKI plays no part (§3.1.3): a DANE-EE match needs no CA, name or date.
+    """
+    if requirement.tlsa is None:
+        # A "dane" rule the transport did not resolve through DNS: it refuses such
+        # a host before connecting, so reaching here is a wiring error. Fail closed.
+        return TlsCheck(
+            False, False, "dane-unavailable", f"policy dane for {host}: TLSA records not looked up"
+        )
+    if not requirement.tlsa:
+        # §2.2: secure TLSA records, none usable: TLS is mandatory (the session got
+        # this far), authentication is not possible.
+        return TlsCheck(True, False, "tlsa-unusable")
+    verdict = match_chain(requirement.tlsa, chain, requirement.match or (host,), now, host=host)
+    if not verdict.authenticated or verdict.record is None:
+        result = "no-certificate" if not chain else "tlsa-mismatch"
+        return TlsCheck(False, False, result, verdict.reason)
+    result = "dane-ta" if verdict.record.usage == DANE_TA else "dane-ee"
+    return TlsCheck(True, True, result, verdict.reason)
 
 
 def _verify_chain(chain: Sequence[bytes], name: str, anchors: Sequence[Any], now: Any) -> str:
@@ -243,7 +269,14 @@ def spki_sha256(der: bytes) -> bytes | None:
 
 
 def peer_chain(obj: ssl.SSLObject) -> list[bytes]:
-    """DER certificates as the server sent them (leaf first)."""
+    """DER certificates as the server sent them (leaf first).
+
+    Python 3.13 has ``SSLObject.get_unverified_chain()``; 3.10-3.12 have the same method
+    on the private ``_ssl._SSLSocket`` (``obj._sslobj``), which is what 3.13's public one
+    calls, so the whole chain is available on every supported Python without a new
+    dependency (DANE-TA needs the intermediates, RFC 7672 §3.1.2). Only if both are
+    missing (another implementation) does this fall back to the leaf alone.
+    """
     public = getattr(obj, "get_unverified_chain", None)  # Python 3.13+
     if public is not None:
         return [bytes(c) for c in public()]

@@ -4,9 +4,11 @@ Design note
 -----------
 Before connecting, the transport asks this module what the connection must
 prove, and gets a :class:`TlsRequirement` value; after the handshake,
-``outbound.tls.check_requirement`` says whether the session met it. Nothing
-here does I/O (no DNS, no files, no sockets), so every rule is a table-driven
-unit test.
+``outbound.tls.check_requirement`` says whether the session met it (one gate
+for every mode, DANE included). Nothing here does I/O (no DNS, no files, no
+sockets), so every rule is a table-driven unit test; the DNS lookups that feed
+it (DANE: ``dane_policy.DaneHook``) run in the transport and hand their
+results in as values.
 
 The modes, weakest first (Postfix's ``smtp_tls_security_level`` names):
 
@@ -18,61 +20,104 @@ The modes, weakest first (Postfix's ``smtp_tls_security_level`` names):
 ``fingerprint``    TLS, and the server's own certificate has a public key whose
                    SPKI SHA-256 is one of ``fingerprints`` (names, CA and
                    expiry are not checked: the pin is the trust).
-``dane``           RFC 7672: decided by TLSA records. Resolution only names it;
-                   the DANE lookup plugs in through the transport's DANE hook
-                   (``smtp_transport.DaneHook``), which turns it into a
-                   requirement the verifier can check, or a deferral.
+``dane``           RFC 7672: TLS, and the chain matches one of ``tlsa`` (the
+                   host's usable, DNSSEC-secure TLSA records; ``match`` holds the
+                   DANE-TA reference names, §3.2.2). ``tlsa == ()``: secure TLSA
+                   records exist but none is usable, so TLS is mandatory but
+                   unauthenticated (§2.2). ``tlsa is None``: not looked up yet (a
+                   ``[[tls_policy]] policy = "dane"`` rule before :func:`decide`).
 
-Resolution (:func:`resolve`): the ``[[tls_policy]]`` rule for the next-hop
-destination - the recipient domain for MX delivery, the host of a smarthost or
-``[[transport]]`` route - exact domain first, then ``.parent`` rules from the
-closest parent up; without a rule, ``[outbound] tls``. For ``verify`` the names
-to match default to the MX host name (Postfix ``smtp_tls_verify_cert_match =
-hostname``): an MX host under the recipient's control is what DNS (unsigned)
+Precedence (the one place it is written; README "Outbound TLS" repeats it)
+---------------------------------------------------------------------------
+For each host the transport tries, strongest claim first:
+
+1. A ``[[tls_policy]]`` rule for the destination with ``verify``,
+   ``fingerprint`` or ``none``: the operator's own statement about this peer
+   (its CA, its key, or that it cannot do TLS). Final: no DNS policy is
+   looked up (as Postfix's ``smtp_tls_policy_maps`` overrides DANE).
+2. A rule with ``dane``: DANE is mandatory ("dane-only", RFC 7672 §2.2). Secure
+   usable TLSA → ``dane``; anything else (insecure or unsigned DNS, no TLSA,
+   only unusable TLSA, ``[dns] trust_ad`` off) → the host is refused with the
+   reason, so the next MX is tried and then the mail is deferred.
+3. DANE published in DNS, for MX delivery only (``[dns] trust_ad = true``,
+   MX and address answers secure, §2.2): secure TLSA decides (usable →
+   ``dane``, none usable → ``dane`` without records); a bogus or failed TLSA
+   lookup refuses the host (§2.1.1); no TLSA or insecure → on to 4.
+4. MTA-STS (RFC 8461), for MX delivery only: DANE wins when both apply
+   (RFC 8461 §2), so it is consulted only here. (Its lookup plugs in as the
+   ``sts`` argument of :func:`decide`; the transport does not supply one yet.)
+5. A rule with ``opportunistic`` or ``encrypt`` (minimums that 3 and 4 may
+   raise), else ``[outbound] tls``.
+
+Then, for a hop that gets a password (smarthost or route credentials), the
+result must be *authenticated* (verify, fingerprint, dane with records):
+:func:`for_credentials` raises anything weaker to ``verify`` (or
+``fingerprint`` when pins are configured) for the hop's host name.
+
+Resolution of the table (:func:`resolve`): the rule for the next-hop
+destination - the recipient domain for MX delivery, the host of a smarthost
+or ``[[transport]]`` route - exact domain first, then ``.parent`` rules from
+the closest parent up; without a rule, ``[outbound] tls``. For ``verify`` the
+names to match default to the MX host name (Postfix ``smtp_tls_verify_cert_match
+= hostname``): an MX host under the recipient's control is what DNS (unsigned)
 can spoof, so name the hosts in ``match`` when the MX is not trusted.
-
-A hop that gets a password (smarthost or route credentials) needs an
-*authenticated* mode (verify, fingerprint, dane): :func:`for_credentials`
-raises a weaker requirement to ``verify`` (or ``fingerprint`` when pins are
-configured) for the hop's host name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
+
+from postillon.dns.resolver import TlsaRecord
 
 __all__ = [
     "AUTHENTICATED_MODES",
+    "FINAL_RULE_MODES",
+    "DefaultMode",
+    "HostRefused",
+    "NoPublishedPolicy",
     "PolicyRule",
     "TlsMode",
     "TlsPolicyTable",
     "TlsRequirement",
+    "consults_dane",
+    "decide",
     "for_credentials",
     "resolve",
 ]
 
 TlsMode = Literal["none", "opportunistic", "encrypt", "verify", "fingerprint", "dane"]
-# Modes in which the server proved who it is: only these may see a password.
+# What [outbound] tls may say: DANE is not a default, it applies by itself where
+# published (precedence 3); a destination that must have it gets a rule.
+DefaultMode = Literal["none", "opportunistic", "encrypt", "verify"]
+# Modes in which the server proves who it is (dane: only with usable records).
 AUTHENTICATED_MODES: frozenset[str] = frozenset({"verify", "fingerprint", "dane"})
+# Rule modes that are the operator's last word for a destination (precedence 1).
+FINAL_RULE_MODES: frozenset[str] = frozenset({"none", "verify", "fingerprint"})
 
 
 @dataclass(frozen=True, slots=True)
 class TlsRequirement:
     """What one connection must prove; hashable (connections are pooled by it).
 
-    ``match``: names the certificate must be valid for (verify; any one
-    suffices). ``ca_file``: the trust anchors for verify, instead of the
-    system's. ``fingerprints``: SPKI SHA-256 digests, 32 bytes each
-    (fingerprint). ``source``: where the requirement came from, for logs
-    ("outbound.tls", "tls_policy partner.example", "relay.smarthost").
+    ``match``: names the certificate must be valid for (verify: any one
+    suffices; dane: the DANE-TA reference names, RFC 7672 §3.2.2).
+    ``ca_file``: the trust anchors for verify, instead of the system's.
+    ``fingerprints``: SPKI SHA-256 digests, 32 bytes each (fingerprint).
+    ``tlsa``: dane only, the usable TLSA records (see the module note for
+    ``()`` and ``None``). ``source``: where the requirement came from, for logs
+    ("outbound.tls", "tls_policy partner.example", "dane _25._tcp.mx.example",
+    "credentials"). ``final``: an operator's rule that DNS-published policies
+    (DANE, MTA-STS) do not override (precedence 1).
     """
 
     mode: TlsMode
     match: tuple[str, ...] = ()
     ca_file: str | None = None
     fingerprints: tuple[bytes, ...] = ()
+    tlsa: tuple[TlsaRecord, ...] | None = None
     source: str = ""
+    final: bool = False
 
     @property
     def starttls(self) -> Literal["none", "opportunistic", "required"]:
@@ -85,8 +130,83 @@ class TlsRequirement:
 
     @property
     def authenticated(self) -> bool:
-        """The server must prove its identity (a password may be sent)."""
+        """The server must prove its identity (a password may be sent).
+
+        DANE only with usable records: "no usable TLSA" is encryption without
+        authentication (RFC 7672 §2.2), and a ``dane`` rule not yet looked up
+        has proved nothing."""
+        if self.mode == "dane":
+            return bool(self.tlsa)
         return self.mode in AUTHENTICATED_MODES
+
+
+@dataclass(frozen=True, slots=True)
+class HostRefused:
+    """Do not connect to this host (try the next, then defer): ``reason`` for
+    the log and the deferral, ``result`` the label for metrics ("dnssec-bogus",
+    "dane-unavailable", ...), ``mode`` the policy that refused it."""
+
+    reason: str
+    result: str
+    mode: TlsMode = "dane"
+
+
+@dataclass(frozen=True, slots=True)
+class NoPublishedPolicy:
+    """The DNS lookup found no policy that applies (DANE: MX, address or TLSA
+    answer not DNSSEC-secure, or no TLSA records), and why: the reason a
+    mandatory ``dane`` rule gives when it refuses the host."""
+
+    reason: str
+
+
+def consults_dane(requirement: TlsRequirement, *, mx_delivery: bool) -> bool:
+    """Whether the transport looks up DANE for a host under ``requirement``
+    (the result of :func:`resolve`): always for a ``dane`` rule, never past a
+    final rule, and otherwise only for MX delivery (RFC 7672 §1.3: DANE for
+    SMTP is about MX hosts; a smarthost is what the operator named)."""
+    if requirement.mode == "dane":
+        return True
+    return mx_delivery and not requirement.final
+
+
+def decide(
+    requirement: TlsRequirement,
+    *,
+    dane: TlsRequirement | HostRefused | NoPublishedPolicy | None,
+    sts: TlsRequirement | HostRefused | None = None,
+    host: str = "",
+) -> TlsRequirement | HostRefused:
+    """The precedence of the module note, applied to one host.
+
+    ``requirement``: from :func:`resolve`. ``dane``: what the DANE lookup
+    found for the host (a ``dane`` requirement, a refusal for bogus or failed
+    lookups, or no policy), None when it was not looked up (DANE off, or
+    :func:`consults_dane` said no). ``sts``: the MTA-STS decision for the host,
+    same shape (None: none). ``host`` words the reasons.
+    """
+    if requirement.mode == "dane":  # 2: a rule made DANE mandatory
+        where = f"policy dane for {host} ({requirement.source})"
+        if dane is None:
+            return HostRefused(
+                f"{where}: DANE cannot run here ([dns] trust_ad is off, or {host} is no name)",
+                "dane-unavailable",
+            )
+        if isinstance(dane, NoPublishedPolicy):
+            return HostRefused(f"{where}: {dane.reason}", "dane-unavailable")
+        if isinstance(dane, HostRefused):
+            return dane
+        if not dane.tlsa:
+            # Postfix's dane-only defers too: nothing here can authenticate the host.
+            return HostRefused(f"{where}: no usable TLSA record", "tlsa-unusable")
+        return replace(dane, source=f"{requirement.source}, {dane.source}")
+    if requirement.final:  # 1
+        return requirement
+    if isinstance(dane, TlsRequirement | HostRefused):  # 3: DANE wins (RFC 8461 §2)
+        return dane
+    if sts is not None:  # 4
+        return sts
+    return requirement  # 5
 
 
 def for_credentials(
@@ -99,9 +219,10 @@ def for_credentials(
 ) -> TlsRequirement:
     """The requirement for a hop that will get AUTH: never weaker than verified TLS.
 
-    An already authenticated requirement stands. Otherwise pins, when
-    configured, decide (``fingerprint``); else the certificate must verify
-    for ``host`` against ``ca_file`` or the system CAs (``verify``).
+    An already authenticated requirement stands (verify, fingerprint, DANE
+    with usable records). Otherwise pins, when configured, decide
+    (``fingerprint``); else the certificate must verify for ``host`` against
+    ``ca_file`` or the system CAs (``verify``).
     """
     if requirement.authenticated:
         return requirement
@@ -126,7 +247,7 @@ class PolicyRule:
 class TlsPolicyTable:
     """``[outbound] tls`` (the default) and the ``[[tls_policy]]`` rules."""
 
-    default: TlsMode = "opportunistic"
+    default: DefaultMode = "opportunistic"
     rules: tuple[PolicyRule, ...] = ()
 
     def lookup(self, destination: str) -> PolicyRule | None:
@@ -144,17 +265,25 @@ class TlsPolicyTable:
 
 
 def resolve(destination: str, mx_host: str, table: TlsPolicyTable) -> TlsRequirement:
-    """What a connection to ``mx_host`` for ``destination`` must prove."""
+    """What the table says a connection to ``mx_host`` for ``destination`` must
+    prove, before DNS-published policies (see :func:`decide`)."""
     rule = table.lookup(destination)
     if rule is None:
         mode = table.default
         match = (mx_host,) if mode == "verify" else ()
         return TlsRequirement(mode, match=match, source="outbound.tls")
     source = f"tls_policy {rule.domain}"
+    final = rule.mode in FINAL_RULE_MODES
     if rule.mode == "verify":
         return TlsRequirement(
-            "verify", match=rule.match or (mx_host,), ca_file=rule.ca_file, source=source
+            "verify",
+            match=rule.match or (mx_host,),
+            ca_file=rule.ca_file,
+            source=source,
+            final=final,
         )
     if rule.mode == "fingerprint":
-        return TlsRequirement("fingerprint", fingerprints=rule.fingerprints, source=source)
-    return TlsRequirement(rule.mode, source=source)
+        return TlsRequirement(
+            "fingerprint", fingerprints=rule.fingerprints, source=source, final=final
+        )
+    return TlsRequirement(rule.mode, source=source, final=final)

@@ -1,0 +1,95 @@
+"""The DANE lookup for one host: from DNSSEC states to a TLS requirement (RFC 7672 §2).
+
+Design note
+-----------
+:class:`DaneHook` is the transport's one door to DANE's DNS side. Before connecting to a
+host the transport asks :meth:`DaneHook.lookup` and hands the answer to
+``tls_policy.decide``, which applies the precedence (table rules, DANE, MTA-STS, the
+default); after the handshake ``tls.check_requirement`` matches the server's chain
+against the records (``dane.match_chain``). So DANE has no gate of its own: one
+requirement, one check, for every mode.
+
+===========================================  =================================================
+DNS says (``[dns] trust_ad`` on)             :meth:`DaneHook.lookup` returns
+===========================================  =================================================
+MX or host address answer not secure         :class:`NoPublishedPolicy`: DANE does not apply
+                                             (§2.2); no TLSA lookup
+TLSA lookup: secure records, some usable     ``TlsRequirement("dane", tlsa=usable)``: STARTTLS
+                                             mandatory, the chain must match one (§2.2, §3)
+TLSA lookup: secure records, none usable     ``TlsRequirement("dane", tlsa=())``: STARTTLS
+                                             mandatory, unauthenticated (§2.2)
+TLSA lookup: not found (validated or not),   :class:`NoPublishedPolicy`: DANE does not apply
+or an answer that is not secure              (§2.2.1)
+TLSA lookup: bogus (SERVFAIL)                :class:`HostRefused` "dnssec-bogus": do not use
+                                             this host (try the next MX, then defer), §2.1.1
+TLSA lookup: timeout, other error            :class:`HostRefused` "dane-lookup-failed" (§2.2:
+                                             a failed lookup is not "no records")
+===========================================  =================================================
+
+The MX host name and the TLSA base domain are the same name here: TLSA is looked up at
+``_PORT._tcp.<MX host>`` as the MX record names it (RFC 7672 §2.2.2 also allows the
+CNAME-expanded name first; not done yet, so a CNAME'd MX host is matched by its MX name).
+For a next hop the operator named (a smarthost under a ``dane`` rule) the name comes from
+the configuration, so only its address answer must be secure (the caller passes
+``mx_secure=True``).
+
+Without ``trust_ad`` no answer is ever secure, so DANE never applies; the transport then
+has no hook at all (``build.py``). A forged AD bit from a resolver across the network must
+not be able to turn DANE on or off (RFC 7672 §2.1.1).
+"""
+
+from __future__ import annotations
+
+from postillon.dns.resolver import Answer, DnsBogus, DnsNotFound, Resolver, TlsaRecord
+from postillon.outbound.dane import usable_records
+from postillon.outbound.tls_policy import HostRefused, NoPublishedPolicy, TlsRequirement
+
+__all__ = ["DaneHook", "tlsa_name"]
+
+
+def tlsa_name(host: str, port: int = 25) -> str:
+    """RFC 6698 §3 / RFC 7672 §2.2.1: where the TLSA records of ``host`` live."""
+    return f"_{port}._tcp.{host.rstrip('.')}"
+
+
+class DaneHook:
+    """RFC 7672's DNS side for the SMTP transport; see the module note for the table."""
+
+    def __init__(self, resolver: Resolver, *, port: int = 25) -> None:
+        self._resolver = resolver
+        self._port = port
+
+    async def lookup(
+        self, host: str, *, mx_secure: bool, address_secure: bool
+    ) -> TlsRequirement | HostRefused | NoPublishedPolicy:
+        """Before connecting to ``host`` (an MX host, or the domain for an implicit MX).
+
+        ``mx_secure``: the MX answer (or, for an implicit MX, the address answer; for a
+        configured host, True) was authenticated; ``address_secure``: so was the host's
+        address answer.
+        """
+        if not mx_secure:
+            return NoPublishedPolicy(f"the MX answer for {host} is not DNSSEC-secure")
+        if not address_secure:
+            return NoPublishedPolicy(f"the address answer for {host} is not DNSSEC-secure")
+        name = tlsa_name(host, self._port)
+        try:
+            answer: Answer[TlsaRecord] = await self._resolver.tlsa(name)
+        except DnsNotFound:
+            return NoPublishedPolicy(f"no TLSA records at {name}")  # §2.2.1
+        except DnsBogus as exc:
+            return HostRefused(f"DANE: TLSA lookup of {name} failed: {exc.reason}", "dnssec-bogus")
+        except Exception as exc:  # DnsTempError, anything unclassified: not "no records"
+            reason = getattr(exc, "reason", type(exc).__name__)
+            return HostRefused(
+                f"DANE: TLSA lookup of {name} failed: {reason}", "dane-lookup-failed"
+            )
+        if not answer.authenticated:
+            # An insecure delegation below a signed MX: not DANE.
+            return NoPublishedPolicy(f"the TLSA answer at {name} is not DNSSEC-secure")
+        return TlsRequirement(
+            "dane",
+            match=(host.rstrip(".").lower(),),  # DANE-TA reference name, §3.2.2
+            tlsa=usable_records(answer.records),
+            source=f"dane {name}",
+        )
