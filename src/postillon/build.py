@@ -327,7 +327,7 @@ class Builder:
             ),
         )
         # DANE (RFC 7672) only when the nameservers are trusted to validate DNSSEC.
-        dane = DaneHook(resolver, port=out.port) if config.dns.trust_ad else None
+        dane = DaneHook(resolver) if config.dns.trust_ad else None
         return (
             SmtpTransport(resolver, settings, metrics=self.metrics, dane=dane),
             SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics),

@@ -24,7 +24,7 @@ import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trustme
@@ -35,6 +35,7 @@ from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.outcome import Delivered, Outcome, TempFail
 from postillon.delivery.transport import DeliveryJob
 from postillon.dns.dnspython_resolver import DnsResolver
+from postillon.observability.metrics import Metrics
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
@@ -139,12 +140,14 @@ async def receivers(world: World, *hosts: str) -> AsyncIterator[dict[str, StartT
         yield out
 
 
-def transport(world: World, *, trust_ad: bool = True) -> SmtpTransport:
+def transport(
+    world: World, *, trust_ad: bool = True, metrics: Metrics | None = None
+) -> SmtpTransport:
     resolver = DnsResolver([world.lab.nameserver], timeout=2.0, attempts=1, trust_ad=trust_ad)
     settings = OutboundSettings(
         helo_name="client.test", timeouts=ClientTimeouts(connect=5, greeting=5, command=5)
     )
-    return SmtpTransport(resolver, settings, dane=DaneHook(resolver))
+    return SmtpTransport(resolver, settings, dane=DaneHook(resolver), metrics=metrics)
 
 
 def job(domain: str) -> DeliveryJob:
@@ -157,7 +160,7 @@ def job(domain: str) -> DeliveryJob:
     return DeliveryJob(info, (record,), route, store=None, cached_body=b"Subject: t\r\n\r\nhi\r\n")  # type: ignore[arg-type]
 
 
-async def deliver(world: World, domain: str, **kw: bool) -> Sequence[Outcome]:
+async def deliver(world: World, domain: str, **kw: Any) -> Sequence[Outcome]:
     t = transport(world, **kw)
     try:
         return await t.deliver(job(domain))
@@ -186,14 +189,20 @@ async def test_resolver_reports_secure_insecure_and_bogus(world: World) -> None:
 
 
 async def test_dane_refuses_the_mismatching_mx_and_uses_the_next(world: World) -> None:
+    metrics = Metrics()
     async with receivers(world, "mx-bad.dane.test", "mx-good.dane.test") as rx:
-        [outcome] = await deliver(world, "fallback.dane.test")
+        [outcome] = await deliver(world, "fallback.dane.test", metrics=metrics)
     assert isinstance(outcome, Delivered), outcome
     assert "mx-good.dane.test" in outcome.detail
     assert "tls=TLSv1.3/dane-ee policy=dane" in outcome.detail
     bad, good = rx["mx-bad.dane.test"], rx["mx-good.dane.test"]
     assert bad.handshakes == 1 and bad.messages == []  # TLS came up, then no MAIL
     assert [m.tls for m in good.messages] == [True]
+    # postillon_outbound_tls_sessions_total{policy,result} shows both sessions.
+    for result in ("tlsa-mismatch", "dane-ee"):
+        labels = {"policy": "dane", "result": result}
+        count = metrics.registry.get_sample_value("postillon_outbound_tls_sessions_total", labels)
+        assert count == 1, result
 
 
 async def test_dane_defers_when_no_mx_matches(world: World) -> None:

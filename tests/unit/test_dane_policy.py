@@ -71,8 +71,8 @@ async def test_lookup(mx: bool, addr: bool, result: object, expected: object) ->
 
 async def test_port_names_the_tlsa_owner() -> None:
     resolver = FakeResolver(answer(GOOD))
-    got = await DaneHook(resolver, port=2525).lookup(  # type: ignore[arg-type]
-        "MX.d.test.", mx_secure=True, address_secure=True
+    got = await DaneHook(resolver).lookup(  # type: ignore[arg-type]
+        "MX.d.test.", 2525, mx_secure=True, address_secure=True
     )
     assert resolver.asked == ["_2525._tcp.MX.d.test"]
     assert isinstance(got, TlsRequirement) and got.match == ("mx.d.test",)

@@ -326,7 +326,7 @@ async def test_dane_authenticated_smarthost_gets_auth(
     t = SmtpTransport(resolver=None, settings=OutboundSettings("me.test", tls_policy=table))  # type: ignore[arg-type]
     tlsa = () if not authenticated else (TLSA,)
     resolver = secure_tlsa(*tlsa) if tlsa else secure_tlsa(TlsaRecord(1, 1, 1, b"\x01" * 32))
-    t.dane = DaneHook(resolver, port=587)  # type: ignore[arg-type]
+    t.dane = DaneHook(resolver)  # type: ignore[arg-type]
     hop = NextHop("relay.d.test", 587, username="u", password="p")
     one_mx(monkeypatch, t, hop=hop)
     route = Route("smtp", "smtp:relay", "d.test", hop=hop)

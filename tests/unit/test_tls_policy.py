@@ -1,5 +1,6 @@
 """Policy resolution, table-driven: (destination, MX host, table) → TlsRequirement;
-and the config that builds the table (keys, old names, DANE's precondition)."""
+the precedence of table rules, DANE and MTA-STS (decide); and the config that
+builds the table (keys, old names, DANE's precondition)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ from pydantic import ValidationError
 from postillon.build import tls_policy_table
 from postillon.config.loader import ConfigError, parse_config
 from postillon.config.model import Config
-from postillon.outbound.tls_policy import PolicyRule, TlsPolicyTable, TlsRequirement, resolve
+from postillon.dns.resolver import TlsaRecord
+from postillon.outbound.tls_policy import (
+    HostRefused,
+    NoPublishedPolicy,
+    PolicyRule,
+    TlsPolicyTable,
+    TlsRequirement,
+    consults_dane,
+    decide,
+    resolve,
+)
 
 PIN = b"\x01" * 32
 TABLE = TlsPolicyTable(
@@ -204,3 +215,68 @@ def test_config_errors_name_the_key(data: dict[str, Any], message: str) -> None:
     with pytest.raises((ConfigError, ValidationError)) as info:
         config(**data)
     assert message in str(info.value)
+
+
+# --- the precedence: tls_policy.decide (the module note's numbered list) ------------------
+
+REC = TlsaRecord(3, 1, 1, b"\x01" * 32)
+DANE_REQ = TlsRequirement("dane", match=("mx.d.test",), tlsa=(REC,), source="dane _25._tcp.mx")
+DANE_UNUSABLE = TlsRequirement("dane", match=("mx.d.test",), tlsa=(), source="dane _25._tcp.mx")
+BOGUS = HostRefused("DANE: TLSA lookup of _25._tcp.mx failed: SERVFAIL", "dnssec-bogus")
+ABSENT = NoPublishedPolicy("no TLSA records at _25._tcp.mx")
+STS = TlsRequirement("verify", match=("mx.d.test",), source="mta-sts d.test")
+DEFAULT = TlsRequirement("opportunistic", source="outbound.tls")
+VERIFY_RULE = TlsRequirement("verify", match=("mx.d.test",), source="tls_policy d.test", final=True)
+NONE_RULE = TlsRequirement("none", source="tls_policy d.test", final=True)
+ENCRYPT_RULE = TlsRequirement("encrypt", source="tls_policy d.test")
+DANE_RULE = TlsRequirement("dane", source="tls_policy d.test")
+
+DECIDE = [
+    # (id, from the table, DANE lookup, MTA-STS, expected: a requirement or a refusal label)
+    ("default, no DANE", DEFAULT, None, None, DEFAULT),
+    ("default, DANE absent", DEFAULT, ABSENT, None, DEFAULT),
+    ("3 DANE wins over the default", DEFAULT, DANE_REQ, None, DANE_REQ),
+    ("3 DANE wins over MTA-STS (RFC 8461 §2)", DEFAULT, DANE_REQ, STS, DANE_REQ),
+    ("3 unusable TLSA still wins (mandatory TLS)", DEFAULT, DANE_UNUSABLE, STS, DANE_UNUSABLE),
+    ("3 bogus refuses the host", DEFAULT, BOGUS, STS, "dnssec-bogus"),
+    ("4 MTA-STS when DANE is absent", DEFAULT, ABSENT, STS, STS),
+    ("5 encrypt rule is a minimum DANE raises", ENCRYPT_RULE, DANE_REQ, None, DANE_REQ),
+    ("5 encrypt rule stands without DANE", ENCRYPT_RULE, ABSENT, None, ENCRYPT_RULE),
+    ("1 verify rule is final", VERIFY_RULE, DANE_REQ, STS, VERIFY_RULE),
+    ("1 none rule is final", NONE_RULE, BOGUS, None, NONE_RULE),
+    ("2 dane rule with secure records", DANE_RULE, DANE_REQ, None, "dane+rule"),
+    ("2 dane rule, DANE off", DANE_RULE, None, None, "dane-unavailable"),
+    ("2 dane rule, insecure", DANE_RULE, ABSENT, STS, "dane-unavailable"),
+    ("2 dane rule, only unusable", DANE_RULE, DANE_UNUSABLE, None, "tlsa-unusable"),
+    ("2 dane rule, bogus", DANE_RULE, BOGUS, None, "dnssec-bogus"),
+]
+
+
+@pytest.mark.parametrize(
+    ("static", "dane", "sts", "expected"), [c[1:] for c in DECIDE], ids=[c[0] for c in DECIDE]
+)
+def test_decide(static: TlsRequirement, dane: Any, sts: Any, expected: Any) -> None:
+    got = decide(static, dane=dane, sts=sts, host="mx.d.test")
+    if expected == "dane+rule":
+        assert isinstance(got, TlsRequirement) and got.tlsa == (REC,) and got.authenticated
+        assert got.source == "tls_policy d.test, dane _25._tcp.mx"
+    elif isinstance(expected, str):
+        assert isinstance(got, HostRefused) and got.result == expected and got.mode == "dane"
+        assert "\n" not in got.reason
+    else:
+        assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("static", "mx_delivery", "expected"),
+    [
+        (DEFAULT, True, True),
+        (DEFAULT, False, False),  # a smarthost or smtp:[host]: only with a dane rule
+        (ENCRYPT_RULE, True, True),
+        (VERIFY_RULE, True, False),
+        (NONE_RULE, True, False),
+        (DANE_RULE, False, True),
+    ],
+)
+def test_consults_dane(static: TlsRequirement, mx_delivery: bool, expected: bool) -> None:
+    assert consults_dane(static, mx_delivery=mx_delivery) is expected

@@ -27,8 +27,9 @@ TLSA lookup: timeout, other error            :class:`HostRefused` "dane-lookup-f
 ===========================================  =================================================
 
 The MX host name and the TLSA base domain are the same name here: TLSA is looked up at
-``_PORT._tcp.<MX host>`` as the MX record names it (RFC 7672 §2.2.2 also allows the
-CNAME-expanded name first; not done yet, so a CNAME'd MX host is matched by its MX name).
+``_<port>._tcp.<MX host>`` (port 25 for MX delivery) as the MX record names it (RFC 7672
+§2.2.2 also allows the CNAME-expanded name first; not done yet, so a CNAME'd MX host is
+matched by its MX name).
 For a next hop the operator named (a smarthost under a ``dane`` rule) the name comes from
 the configuration, so only its address answer must be secure (the caller passes
 ``mx_secure=True``).
@@ -55,14 +56,14 @@ def tlsa_name(host: str, port: int = 25) -> str:
 class DaneHook:
     """RFC 7672's DNS side for the SMTP transport; see the module note for the table."""
 
-    def __init__(self, resolver: Resolver, *, port: int = 25) -> None:
+    def __init__(self, resolver: Resolver) -> None:
         self._resolver = resolver
-        self._port = port
 
     async def lookup(
-        self, host: str, *, mx_secure: bool, address_secure: bool
+        self, host: str, port: int = 25, *, mx_secure: bool, address_secure: bool
     ) -> TlsRequirement | HostRefused | NoPublishedPolicy:
-        """Before connecting to ``host`` (an MX host, or the domain for an implicit MX).
+        """Before connecting to ``host`` on ``port`` (an MX host, or the domain for an
+        implicit MX; a smarthost on its own port, e.g. 587: its TLSA are at ``_587._tcp``).
 
         ``mx_secure``: the MX answer (or, for an implicit MX, the address answer; for a
         configured host, True) was authenticated; ``address_secure``: so was the host's
@@ -72,7 +73,7 @@ class DaneHook:
             return NoPublishedPolicy(f"the MX answer for {host} is not DNSSEC-secure")
         if not address_secure:
             return NoPublishedPolicy(f"the address answer for {host} is not DNSSEC-secure")
-        name = tlsa_name(host, self._port)
+        name = tlsa_name(host, port)
         try:
             answer: Answer[TlsaRecord] = await self._resolver.tlsa(name)
         except DnsNotFound:

@@ -286,7 +286,10 @@ class SmtpTransport:
         ):
             if target.host not in dane_answers:  # once per host and delivery
                 dane_answers[target.host] = await self.dane.lookup(
-                    target.host, mx_secure=target.mx_secure, address_secure=target.address_secure
+                    target.host,
+                    target.port,
+                    mx_secure=target.mx_secure,
+                    address_secure=target.address_secure,
                 )
             dane = dane_answers[target.host]
         # The MTA-STS seam: its per-host decision goes in as decide(sts=...).
