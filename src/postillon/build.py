@@ -34,6 +34,7 @@ from postillon.observability.maillog import MailLog
 from postillon.observability.metrics import ListenerMetrics, Metrics
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
+from postillon.outbound.sts_policies import StsPolicies
 from postillon.paths import queue_path, tls_dir
 from postillon.protocol.server import ServerSettings
 from postillon.queue.postgres_store import PostgresStore
@@ -287,7 +288,13 @@ class Builder:
                 data_end=out.data_end_timeout,
             ),
         )
+        # MTA-STS (RFC 8461), its policy cache in the queue store (shared by restarts
+        # and nodes); refreshed in the background while the transport lives.
+        mta_sts = None
+        if out.mta_sts:
+            ca_file = str(out.sts_ca_file) if out.sts_ca_file is not None else None
+            mta_sts = StsPolicies(resolver, self.store, ca_file=ca_file)
         return (
-            SmtpTransport(resolver, settings, metrics=self.metrics),
+            SmtpTransport(resolver, settings, metrics=self.metrics, mta_sts=mta_sts),
             SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics),
         )

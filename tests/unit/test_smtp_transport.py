@@ -120,7 +120,7 @@ async def test_reused_connection_closed_by_peer_is_retried_fresh(
 ) -> None:
     t, connects = transport(monkeypatch, {"192.0.2.1": [OK]})
     stale = FakeSession(SessionError("closed while idle"))
-    await t.pool.put(("192.0.2.1", 25, False), stale)  # type: ignore[arg-type]
+    await t.pool.put(("192.0.2.1", 25, False, None), stale)  # type: ignore[arg-type]
     outcomes = await t.deliver(job(["ok@d.test"]))
     assert isinstance(outcomes[0], Delivered)
     assert connects == ["192.0.2.1"]  # one fresh connection after the stale one failed

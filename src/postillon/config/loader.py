@@ -89,8 +89,10 @@ def _resolve_relative(config: Config, base: Path | None) -> Config:
     admin = config.admin.model_copy(
         update={"tls_cert": fix(config.admin.tls_cert), "tls_key": fix(config.admin.tls_key)}
     )
+    outbound = config.outbound.model_copy(update={"sts_ca_file": fix(config.outbound.sts_ca_file)})
     return config.model_copy(
         update={
+            "outbound": outbound,
             "admin": admin,
             "data_dir": fix(config.data_dir),
             "tls": tls,

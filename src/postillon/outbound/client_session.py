@@ -2,11 +2,10 @@
 
 Design note (two minutes)
 -------------------------
-``protocol.client.ClientConnection`` knows the protocol (reply parsing,
-pipelining, dot-stuffing, BDAT framing, LMTP replies); this module moves its
-bytes over a socket, applies the RFC 5321 §4.5.3.2 timeouts, does the TLS
-handshakes, and turns what goes wrong into :class:`SessionError`. One session
-is one connection and may carry several transactions (``usable``).
+``protocol.client.ClientConnection`` knows the protocol (replies, pipelining, dot-stuffing,
+BDAT framing, LMTP replies); this module moves its bytes over a socket, applies the RFC
+5321 §4.5.3.2 timeouts, does the TLS handshakes, and turns what goes wrong into
+:class:`SessionError`. One session is one connection, maybe several transactions (``usable``).
 
 The caller's contract, as one transaction (maddy delivery_target habit)::
 
@@ -21,15 +20,14 @@ The caller's contract, as one transaction (maddy delivery_target habit)::
     finally:                                    # exc.partial has the replies known so far
         await session.quit()
 
-TLS (RFC 3207, RFC 7435, RFC 8314): ``starttls="opportunistic"`` uses STARTTLS
-when offered and records whether the certificate verified (``tls_verified``)
-without requiring it; a failed handshake leaves the connection unusable
-(SessionError, temporary: the caller may retry that host without TLS).
-``"required"`` fails when STARTTLS is missing or refused. ``implicit_tls``
-starts TLS at connect (port 465).
+TLS (RFC 3207, RFC 7435, RFC 8314): ``starttls="opportunistic"`` uses STARTTLS when
+offered and records whether the certificate verified (``tls_verified``) without requiring
+it; a failed handshake leaves the connection unusable (SessionError, temporary).
+``"required"`` fails when STARTTLS is missing or refused. ``implicit_tls`` starts TLS
+at connect (port 465).
 
-Every wait has a deadline: connect, greeting, each command reply, each write
-of body data, and the final reply after the end of data.
+Every wait has a deadline: connect, greeting, each command reply, each write of body
+data, the final reply after the end of data.
 """
 
 from __future__ import annotations
@@ -146,6 +144,7 @@ class SmtpClientSession:
         self.timeouts = timeouts
         self.tls = ""
         self.tls_verified = False
+        self.ssl_object: ssl.SSLObject | None = None  # for checks after the handshake (MTA-STS)
         self.messages_sent = 0  # transactions whose body was sent
         self._closed = False
         self._broken = False  # e.g. RSET failed: no more transactions
@@ -275,6 +274,7 @@ class SmtpClientSession:
         cipher = obj.cipher()
         self.tls = f"{obj.version() or 'TLS'} {cipher[0]}" if cipher else (obj.version() or "TLS")
         self.tls_verified = certificate_verified(obj, ctx, name)
+        self.ssl_object = obj
 
     # --- the public API ------------------------------------------------------------------
 

@@ -8,8 +8,10 @@ from collections import defaultdict
 
 from postillon.outbound.client_session import SmtpClientSession
 
-# (address or unix path, port, LMTP?)
-PoolKey = tuple[str, int, bool]
+# (address or unix path, port, LMTP?, what its TLS had to prove: an MTA-STS
+# StsRequirement or None). A connection opened under one TLS requirement never
+# carries mail for another.
+PoolKey = tuple[str, int, bool, object]
 
 
 class ConnectionPool:

@@ -1,8 +1,19 @@
-"""The SMTP (and LMTP) transport: next hops, host iteration, reuse, limits."""
+"""The SMTP (and LMTP) transport: next hops, host iteration, reuse, limits.
+
+MTA-STS (RFC 8461) enters through one hook, ``mta_sts`` (an ``sts_policies.StsPolicies``,
+built with ``[outbound] mta_sts``): for MX delivery the recipient domain's policy is found
+once per delivery (:meth:`SmtpTransport._sts_policy`), ``mta_sts.decide`` says per MX host
+what it requires before connecting (nothing, verified STARTTLS, or "not this host"), and
+:meth:`SmtpTransport._sts_gate` checks the certificate right after STARTTLS, before AUTH
+or MAIL. A refused host is skipped like an unreachable one, so the next MX is tried and,
+when none is left, the mail is deferred with the MTA-STS reason. (DANE plugs in the same
+way on its branch and wins over MTA-STS for a host it applies to: ``decide(dane_applies=)``.)
+"""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import random
 from collections.abc import Sequence
@@ -12,17 +23,22 @@ from typing import Literal
 from postillon.core.envelope import BodyType
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
+from postillon.core.sts import StsPolicy
 from postillon.delivery.transport import DeliveryJob
 from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
 from postillon.observability.metrics import Metrics
+from postillon.outbound import mta_sts
 from postillon.outbound.client_session import (
     ClientTimeouts,
     SessionError,
     SmtpClientSession,
     TransactionResult,
 )
+from postillon.outbound.mta_sts import STS_STATUS, StsRefusal, StsRequirement
 from postillon.outbound.mx import resolve_next_hops
-from postillon.outbound.pool import ConnectionPool, Limits
+from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
+from postillon.outbound.sts_policies import StsPolicies
+from postillon.outbound.tls import load_anchors, peer_chain
 from postillon.routing.router import NextHop, Route
 
 log = logging.getLogger("postillon.outbound")
@@ -73,17 +89,22 @@ class SmtpTransport:
         lmtp: bool = False,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        mta_sts: StsPolicies | None = None,
     ) -> None:
         self.resolver = resolver
         self.metrics = metrics
         self.settings = settings
         self.lmtp = lmtp
+        # MTA-STS only where TLS is used at all, and never to LMTP next hops.
+        self.mta_sts = mta_sts if settings.tls != "none" and not lmtp else None
         self.rng = rng or random.Random()
         self.pool = ConnectionPool(settings.idle_reuse, settings.messages_per_connection)
         self.limits = Limits(settings.concurrency, settings.per_destination)
 
     async def close(self) -> None:
         await self.pool.close()
+        if self.mta_sts is not None:
+            await self.mta_sts.close()
 
     # -- next hops -----------------------------------------------------------
     async def _targets(self, route: Route) -> list[_Target] | Outcome:
@@ -141,8 +162,17 @@ class SmtpTransport:
         count = len(job.records)
         errors: list[SessionError] = []
         last_detail = ""
+        policy = await self._sts_policy(job)
         for target in targets:
-            key = (target.address or target.host, target.port, self.lmtp)
+            sts = self._sts_for(job, target, policy)
+            if isinstance(sts, StsRefusal):
+                errors.append(SessionError(sts.reason, reply=Reply.of(451, STS_STATUS, sts.reason)))
+                last_detail = _describe(target, None)
+                log.info("%s: %s: %s", job.message.queue_id, last_detail, sts.reason)
+                continue
+            # Pooled by the requirement too: a connection that met no policy (or another)
+            # must not carry mail that needs one.
+            key: PoolKey = (target.address or target.host, target.port, self.lmtp, sts)
             session = self.pool.take(key)
             if session is not None:
                 # A reused connection may have been closed by the server while
@@ -152,32 +182,73 @@ class SmtpTransport:
                 except SessionError:
                     session.close()
                 else:
-                    return await self._finish(key, target, session, result)
+                    return await self._finish(key, target, session, result, sts)
                 session = None
             try:
-                session = await self._connect(target)
+                session = await self._connect(target, sts)
                 result = await self._send(job, session)
             except SessionError as exc:
                 if session is not None:
                     session.close()
                 errors.append(exc)
-                last_detail = _describe(target, session)
+                last_detail = _describe(target, session, sts)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
                 settled = _settled_before_failure(exc, last_detail)
                 if settled is not None:
                     return settled
                 continue
-            return await self._finish(key, target, session, result)
+            return await self._finish(key, target, session, result, sts)
         return [_failure(errors, last_detail)] * count
+
+    async def _sts_policy(self, job: DeliveryJob) -> StsPolicy | None:
+        """The recipient domain's MTA-STS policy, for MX delivery only: a smarthost or a
+        transport route is the operator's choice of next hop (RFC 8461 §3.4)."""
+        if self.mta_sts is None or job.route.hop is not None:
+            return None
+        self.mta_sts.start()  # the background refresher, once, in the running loop
+        return await self.mta_sts.policy_for(job.route.domain)
+
+    def _sts_for(
+        self, job: DeliveryJob, target: _Target, policy: StsPolicy | None
+    ) -> StsRequirement | StsRefusal | None:
+        if policy is None or self.mta_sts is None or not target.address:
+            return None
+        # DANE (on its branch) passes dane_applies=True for a host with a DANE requirement.
+        return mta_sts.decide(job.route.domain, policy, target.host, ca_file=self.mta_sts.ca_file)
+
+    async def _sts_gate(self, session: SmtpClientSession, sts: StsRequirement) -> None:
+        """Right after STARTTLS, before AUTH or MAIL: the host must satisfy MTA-STS
+        (enforce), or its failure is logged (testing, RFC 8461 §5)."""
+        try:
+            anchors = load_anchors(sts.ca_file)
+        except (OSError, ValueError) as exc:  # a configuration problem: say it, verify nothing
+            log.error("MTA-STS: cannot read [outbound] sts_ca_file: %s", exc)
+            anchors = ()
+        obj = session.ssl_object
+        check = mta_sts.check(
+            sts,
+            peer_chain(obj) if obj is not None and session.tls else None,
+            anchors=anchors,
+            now=datetime.datetime.now(datetime.UTC),
+        )
+        if check.ok:
+            session.tls_verified = True
+            return
+        if not sts.enforced:
+            log.warning("%s (policy mode testing: delivering anyway)", check.reason)
+            return
+        await session.quit()
+        raise SessionError(check.reason, reply=Reply.of(451, STS_STATUS, check.reason))
 
     async def _finish(
         self,
-        key: tuple[str, int, bool],
+        key: PoolKey,
         target: _Target,
         session: SmtpClientSession,
         result: TransactionResult,
+        sts: StsRequirement | None,
     ) -> list[Outcome]:
-        detail = _describe(target, session)
+        detail = _describe(target, session, sts)
         # RFC 3461 §6.2.2: a next hop without DSN cannot honour NOTIFY=SUCCESS;
         # the runner then sends a "relayed" notice itself.
         dsn_passed = self.lmtp or "DSN" in session.extensions
@@ -203,12 +274,16 @@ class SmtpTransport:
             eight_bit=params.body is not BodyType.SEVEN_BIT,
         )
 
-    async def _connect(self, target: _Target) -> SmtpClientSession:
+    async def _connect(
+        self, target: _Target, sts: StsRequirement | None = None
+    ) -> SmtpClientSession:
         hop = target.hop
         implicit = bool(hop and hop.implicit_tls)
         starttls: Literal["none", "opportunistic", "required"] = self.settings.tls
         if hop is not None and hop.username and not implicit:
             starttls = "required"  # never send a password in clear
+        if sts is not None and sts.enforced:
+            starttls = "required"  # RFC 8461 §5: enforce never delivers in clear
         if target.address == "":
             starttls = "none"  # LMTP over a local unix socket
         session = await SmtpClientSession.connect(
@@ -224,6 +299,8 @@ class SmtpTransport:
         )
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
+        if sts is not None:
+            await self._sts_gate(session, sts)
         if hop is not None and hop.username:
             try:
                 await session.authenticate(hop.username, hop.password or "")
@@ -269,8 +346,12 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
     return TempFail(reply, detail)
 
 
-def _describe(target: _Target, session: SmtpClientSession | None) -> str:
+def _describe(
+    target: _Target, session: SmtpClientSession | None, sts: StsRequirement | None = None
+) -> str:
     where = target.host if not target.address else f"{target.host}[{target.address}]:{target.port}"
+    if sts is not None:
+        where += f" mta-sts={sts.mode}"
     if session is not None and session.tls:
         verified = "verified" if session.tls_verified else "unverified"
         return f"{where} tls={session.tls.split()[0]}/{verified}"
