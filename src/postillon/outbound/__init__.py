@@ -16,4 +16,9 @@ boundary. TLS is opportunistic by default (RFC 7435): used when offered, the
 certificate's verification result logged but not required. ``tls.py`` holds
 the TLS decisions (the client context, the name to verify, whether the
 certificate verified), so TLS policy grows there and the driver stays thin.
+
+MTA-STS (RFC 8461): ``sts_policies.py`` finds a recipient domain's policy (cached in
+the queue store, fetched with ``dns.sts_fetch``, refreshed in the background);
+``mta_sts.py`` decides per MX host before connecting and checks the certificate after
+STARTTLS; ``smtp_transport.py`` calls the two as one hook and one gate.
 """
