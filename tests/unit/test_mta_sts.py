@@ -85,28 +85,31 @@ def _chain(tmp_path: Path, names: list[str]) -> tuple[list[bytes], Path]:
     return [leaf], ca
 
 
-NOW = datetime.datetime.now(datetime.UTC)
+def _now() -> datetime.datetime:
+    # Read per test, not at import: the certificates are made by the test, valid from
+    # five minutes before then, and collection may run long before.
+    return datetime.datetime.now(datetime.UTC)
 
 
 def test_certificate_for_the_mx_name_passes(tmp_path: Path) -> None:
     chain, ca = _chain(tmp_path, ["mx1.example.net"])
     req = StsRequirement("mx1.example.net", "enforce")
-    got = mta_sts.check(req, chain, anchors=load_anchors(str(ca)), now=NOW)
+    got = mta_sts.check(req, chain, anchors=load_anchors(str(ca)), now=_now())
     assert got.ok and got.verified and got.result == "sts"
 
 
 def test_wrong_name_untrusted_expired_and_cleartext_fail(tmp_path: Path) -> None:
     req = StsRequirement("mx1.example.net", "enforce")
     chain, ca = _chain(tmp_path / "a", ["mx.other.example"])
-    got = mta_sts.check(req, chain, anchors=load_anchors(str(ca)), now=NOW)
+    got = mta_sts.check(req, chain, anchors=load_anchors(str(ca)), now=_now())
     assert not got.ok and got.result == "certificate-host-mismatch"
     assert got.reason.startswith("MTA-STS: certificate not valid for mx1.example.net: ")
     good, _ = _chain(tmp_path / "b", ["mx1.example.net"])
-    got = mta_sts.check(req, good, anchors=load_anchors(str(ca)), now=NOW)  # another CA
+    got = mta_sts.check(req, good, anchors=load_anchors(str(ca)), now=_now())  # another CA
     assert not got.ok and got.result == "sts-webpki-invalid"
-    got = mta_sts.check(req, chain, anchors=load_anchors(str(ca)), now=NOW.replace(year=2099))
+    got = mta_sts.check(req, chain, anchors=load_anchors(str(ca)), now=_now().replace(year=2099))
     assert not got.ok
-    got = mta_sts.check(req, None, anchors=(), now=NOW)
+    got = mta_sts.check(req, None, anchors=(), now=_now())
     assert got.reason == "MTA-STS: mx1.example.net does not offer STARTTLS"
     assert got.result == "starttls-not-supported"
 
