@@ -37,6 +37,7 @@ from postillon.observability.metrics import ListenerMetrics, Metrics
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
+from postillon.outbound.sts_policies import StsPolicies
 from postillon.outbound.tls_policy import DefaultMode, PolicyRule, TlsMode, TlsPolicyTable
 from postillon.paths import queue_path, tls_dir
 from postillon.protocol.server import ServerSettings
@@ -328,7 +329,13 @@ class Builder:
         )
         # DANE (RFC 7672) only when the nameservers are trusted to validate DNSSEC.
         dane = DaneHook(resolver) if config.dns.trust_ad else None
+        # MTA-STS (RFC 8461), its policy cache in the queue store (shared by restarts
+        # and nodes); refreshed in the background while the transport lives.
+        mta_sts = None
+        if out.mta_sts:
+            ca_file = str(out.sts_ca_file) if out.sts_ca_file is not None else None
+            mta_sts = StsPolicies(resolver, self.store, ca_file=ca_file)
         return (
-            SmtpTransport(resolver, settings, metrics=self.metrics, dane=dane),
+            SmtpTransport(resolver, settings, metrics=self.metrics, dane=dane, mta_sts=mta_sts),
             SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics),
         )

@@ -1,4 +1,4 @@
-"""A small receiving SMTP server with STARTTLS, for outbound TLS tests (DANE).
+"""A small receiving SMTP server with STARTTLS, for outbound TLS tests (DANE, MTA-STS).
 
 It listens on one address (e.g. 127.0.0.2:25), presents the certificate chain it is given,
 and records what each connection did: whether TLS was up when MAIL came, the envelope and

@@ -49,13 +49,21 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "routing": ("dns.resolver",),
     "delivery": ("queue.store", "routing", "dsn"),
     # outbound and local take the route's values (routing.router's NextHop and Route, the
-    # local recipient table that maps an address to its mailbox) with the job.
-    "outbound": ("protocol", "dns.resolver", "delivery.transport", "routing.router"),
+    # local recipient table that maps an address to its mailbox) with the job; outbound
+    # fetches MTA-STS policies with the fetch dns check uses (dns.sts_fetch).
+    "outbound": (
+        "protocol",
+        "dns.resolver",
+        "dns.sts_fetch",
+        "delivery.transport",
+        "routing.router",
+    ),
     "local": ("protocol", "delivery.transport", "routing.local"),
     "dsn": ("intake", "queue.store"),
     "inbound": ("protocol", "checks", "intake"),
     "helpers": ("dkimcore", "signing"),
-    "dnsrecords": ("dns.resolver", "config", "signing"),
+    # dnsrecords: the MTA-STS parser is core.sts, its fetch dns.sts_fetch (shared with outbound).
+    "dnsrecords": ("dns.resolver", "dns.sts_fetch", "config", "signing"),
     "admin": ANYTHING,
     "app": ANYTHING,
     "reload": ANYTHING,

@@ -13,6 +13,7 @@ import pytest
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.outcome import Delivered, PermFail, TempFail
 from postillon.core.reply import Reply
+from postillon.core.sts import StsPolicy
 from postillon.delivery.transport import DeliveryJob
 from postillon.dns.resolver import Answer, DnsBogus, TlsaRecord
 from postillon.observability.metrics import Metrics
@@ -368,3 +369,104 @@ async def test_connections_are_pooled_by_requirement(monkeypatch: pytest.MonkeyP
     labels = {"policy": "opportunistic", "result": "plaintext"}
     assert count("postillon_outbound_tls_sessions_total", labels) == 1
     await t.close()
+
+
+# --- MTA-STS as one input of tls_policy.decide (precedence 4) ------------------------------
+
+
+class FakeSts:
+    """What the transport asks of sts_policies.StsPolicies: the domain's policy."""
+
+    def __init__(self, policy: StsPolicy | None) -> None:
+        self.policy = policy
+        self.asked: list[str] = []
+        self.ca_file: str | None = None
+
+    async def policy_for(self, domain: str) -> StsPolicy | None:
+        self.asked.append(domain)
+        return self.policy
+
+    def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+STS_ELSEWHERE = StsPolicy("enforce", 86400, ("mx.elsewhere.test",))
+STS_LISTED = StsPolicy("enforce", 86400, ("mx.d.test",))
+MX_ROUTE = Route("smtp", "smtp:d.test", "d.test")  # the recipient domain's own MX hosts
+
+
+async def test_dane_decides_for_a_domain_that_also_publishes_mta_sts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RFC 8461 §2: DANE (precedence 3) wins; the MTA-STS policy, which would refuse
+    this MX, is not even fetched."""
+    calls: list[dict[str, Any]] = []
+    t, connects = transport(monkeypatch, {"192.0.2.1": [OK]}, calls=calls)
+    t.dane = DaneHook(secure_tlsa())  # type: ignore[arg-type]
+    sts = FakeSts(STS_ELSEWHERE)
+    t.mta_sts = sts  # type: ignore[assignment]
+    one_mx(monkeypatch, t)
+    (outcome,) = await t.deliver(replace(job(["x@d.test"]), route=MX_ROUTE))
+    assert isinstance(outcome, Delivered) and "policy=dane" in outcome.detail
+    assert "mta-sts" not in outcome.detail and sts.asked == [] and connects == ["192.0.2.1"]
+    check = calls[0]["tls_check"]([b"not the published key"])
+    assert (check.ok, check.result) == (False, "tlsa-mismatch")
+
+
+async def test_verify_rule_wins_over_mta_sts_enforce(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Precedence 1: the operator's verify rule is final; MTA-STS is not looked up, so
+    an MX the policy does not list is still used, under the rule's own names."""
+    calls: list[dict[str, Any]] = []
+    rule = PolicyRule("d.test", "verify", match=("partner-name.d.test",))
+    table = TlsPolicyTable(rules=(rule,))
+    settings = OutboundSettings("me.test", tls_policy=table)
+    t, _ = transport(monkeypatch, {"192.0.2.1": [OK]}, settings, calls)
+    sts = FakeSts(STS_ELSEWHERE)
+    t.mta_sts = sts  # type: ignore[assignment]
+    one_mx(monkeypatch, t)
+    (outcome,) = await t.deliver(replace(job(["x@d.test"]), route=MX_ROUTE))
+    assert isinstance(outcome, Delivered) and "policy=verify" in outcome.detail
+    assert "mta-sts" not in outcome.detail and sts.asked == []
+    check = calls[0]["tls_check"]([])
+    assert (check.ok, check.result) == (False, "no-certificate")  # not an MTA-STS label
+
+
+async def test_mta_sts_enforce_is_a_verify_requirement_checked_by_the_one_gate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[dict[str, Any]] = []
+    t, _ = transport(monkeypatch, {"192.0.2.1": [OK]}, calls=calls)
+    t.mta_sts = FakeSts(STS_LISTED)  # type: ignore[assignment]
+    one_mx(monkeypatch, t)
+    (outcome,) = await t.deliver(replace(job(["x@d.test"]), route=MX_ROUTE))
+    assert isinstance(outcome, Delivered)
+    assert "policy=verify mta-sts=enforce" in outcome.detail
+    assert calls[0]["starttls"] == "required"  # RFC 8461 §5: never in clear
+    check = calls[0]["tls_check"]([b"garbage"])
+    assert not check.ok and check.result == "sts-webpki-invalid"
+    assert check.reason.startswith("MTA-STS: certificate not valid for mx.d.test")
+
+
+async def test_mta_sts_enforce_refuses_an_unlisted_mx_without_connecting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    t, connects = transport(monkeypatch, {"192.0.2.1": [OK]})
+    t.mta_sts = FakeSts(STS_ELSEWHERE)  # type: ignore[assignment]
+    t.metrics = Metrics()
+    one_mx(monkeypatch, t)
+    (outcome,) = await t.deliver(replace(job(["x@d.test"]), route=MX_ROUTE))
+    assert isinstance(outcome, TempFail) and outcome.reply.status == "4.7.5"
+    assert "MTA-STS: mx.d.test does not match the policy of d.test" in str(outcome.reply)
+    assert connects == [] and sample(t, "verify", "validation-failure") == 1
+
+
+async def test_mta_sts_is_not_applied_to_a_smarthost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RFC 8461 §3.4: a next hop the operator named is not the recipient's MX."""
+    t, connects = transport(monkeypatch, {"192.0.2.1": [OK]})
+    sts = FakeSts(STS_ELSEWHERE)
+    t.mta_sts = sts  # type: ignore[assignment]
+    (outcome,) = await t.deliver(job(["x@d.test"]))
+    assert isinstance(outcome, Delivered) and sts.asked == [] and connects == ["192.0.2.1"]

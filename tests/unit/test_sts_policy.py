@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from postillon.core.sts import PolicyError, StsPolicy, mx_matches, parse_policy
 from postillon.dnsrecords.records import mta_sts_policy
-from postillon.dnsrecords.sts_policy import PolicyError, StsPolicy, mx_matches, parse_policy
 
 
 def test_the_policy_dns_records_suggests_parses() -> None:

@@ -20,6 +20,7 @@ from postillon.outbound.tls_policy import (
     TlsPolicyTable,
     TlsRequirement,
     consults_dane,
+    consults_sts,
     decide,
     resolve,
 )
@@ -224,7 +225,13 @@ DANE_REQ = TlsRequirement("dane", match=("mx.d.test",), tlsa=(REC,), source="dan
 DANE_UNUSABLE = TlsRequirement("dane", match=("mx.d.test",), tlsa=(), source="dane _25._tcp.mx")
 BOGUS = HostRefused("DANE: TLSA lookup of _25._tcp.mx failed: SERVFAIL", "dnssec-bogus")
 ABSENT = NoPublishedPolicy("no TLSA records at _25._tcp.mx")
-STS = TlsRequirement("verify", match=("mx.d.test",), source="mta-sts d.test")
+STS = TlsRequirement("verify", match=("mx.d.test",), source="mta-sts d.test", sts="enforce")
+STS_TESTING = TlsRequirement(
+    "opportunistic", match=("mx.d.test",), source="mta-sts d.test", sts="testing"
+)
+STS_REFUSED = HostRefused(
+    "MTA-STS: mx.d.test does not match the policy of d.test", "validation-failure", "verify"
+)
 DEFAULT = TlsRequirement("opportunistic", source="outbound.tls")
 VERIFY_RULE = TlsRequirement("verify", match=("mx.d.test",), source="tls_policy d.test", final=True)
 NONE_RULE = TlsRequirement("none", source="tls_policy d.test", final=True)
@@ -240,6 +247,14 @@ DECIDE = [
     ("3 unusable TLSA still wins (mandatory TLS)", DEFAULT, DANE_UNUSABLE, STS, DANE_UNUSABLE),
     ("3 bogus refuses the host", DEFAULT, BOGUS, STS, "dnssec-bogus"),
     ("4 MTA-STS when DANE is absent", DEFAULT, ABSENT, STS, STS),
+    ("4 MTA-STS when DANE is off", DEFAULT, None, STS, STS),
+    ("4 MTA-STS enforce refuses an unlisted host", DEFAULT, ABSENT, STS_REFUSED, "sts-refused"),
+    ("3 DANE wins over an MTA-STS refusal", DEFAULT, DANE_REQ, STS_REFUSED, DANE_REQ),
+    ("4 MTA-STS testing keeps the default", DEFAULT, ABSENT, STS_TESTING, "testing"),
+    ("4 MTA-STS enforce raises an encrypt rule", ENCRYPT_RULE, None, STS, STS),
+    ("4 MTA-STS testing keeps an encrypt rule", ENCRYPT_RULE, None, STS_TESTING, "testing"),
+    ("1 verify rule is final over MTA-STS enforce", VERIFY_RULE, None, STS, VERIFY_RULE),
+    ("1 none rule is final over an MTA-STS refusal", NONE_RULE, None, STS_REFUSED, NONE_RULE),
     ("5 encrypt rule is a minimum DANE raises", ENCRYPT_RULE, DANE_REQ, None, DANE_REQ),
     ("5 encrypt rule stands without DANE", ENCRYPT_RULE, ABSENT, None, ENCRYPT_RULE),
     ("1 verify rule is final", VERIFY_RULE, DANE_REQ, STS, VERIFY_RULE),
@@ -260,11 +275,38 @@ def test_decide(static: TlsRequirement, dane: Any, sts: Any, expected: Any) -> N
     if expected == "dane+rule":
         assert isinstance(got, TlsRequirement) and got.tlsa == (REC,) and got.authenticated
         assert got.source == "tls_policy d.test, dane _25._tcp.mx"
+    elif expected == "sts-refused":
+        assert got == STS_REFUSED
+    elif expected == "testing":
+        # RFC 8461 §5: what 5 requires stays; the check also reports what enforce would.
+        assert isinstance(got, TlsRequirement) and got.sts == "testing"
+        assert got.mode == static.mode and not got.authenticated
+        assert got.match == ("mx.d.test",) and got.source == f"{static.source}, mta-sts d.test"
     elif isinstance(expected, str):
         assert isinstance(got, HostRefused) and got.result == expected and got.mode == "dane"
         assert "\n" not in got.reason
     else:
         assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("static", "dane", "recipient_mx", "expected"),
+    [
+        (DEFAULT, None, True, True),
+        (DEFAULT, ABSENT, True, True),  # DANE insecure or absent: MTA-STS may apply
+        (DEFAULT, DANE_REQ, True, False),  # DANE decided: no policy fetch (RFC 8461 §2)
+        (DEFAULT, BOGUS, True, False),
+        (DEFAULT, None, False, False),  # a smarthost or route (RFC 8461 §3.4)
+        (ENCRYPT_RULE, None, True, True),
+        (VERIFY_RULE, None, True, False),
+        (NONE_RULE, None, True, False),
+        (DANE_RULE, ABSENT, True, False),
+    ],
+)
+def test_consults_sts(
+    static: TlsRequirement, dane: Any, recipient_mx: bool, expected: bool
+) -> None:
+    assert consults_sts(static, dane, recipient_mx=recipient_mx) is expected
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from postillon.admin.queue_ops import (
     message_json,
 )
 from postillon.build import open_queue_store
-from postillon.cli import queue_transfer
+from postillon.cli import queue_sts, queue_transfer
 from postillon.config.model import Config
 from postillon.core.clock import SystemClock
 from postillon.intake.intake import Intake
@@ -100,6 +100,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     show.add_argument("queue_id")
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
+    queue_sts.add_parser(qsub)
+
     for name in ("summary", "qshape"):
         s = qsub.add_parser(
             name,
@@ -163,6 +165,8 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
     try:
         if args.queue_command in queue_transfer.COMMANDS:
             return await queue_transfer.run(args, store)
+        if args.queue_command == "sts":
+            return await queue_sts.run(args, store)
         return await _dispatch(args, ops)
     except QueueOpError as exc:
         print(f"postillon: {exc.message}", file=sys.stderr)

@@ -95,8 +95,10 @@ def _resolve_relative(config: Config, base: Path | None) -> Config:
     relay = config.relay.model_copy(
         update={"smarthost_ca_file": fix(config.relay.smarthost_ca_file)}
     )
+    outbound = config.outbound.model_copy(update={"sts_ca_file": fix(config.outbound.sts_ca_file)})
     return config.model_copy(
         update={
+            "outbound": outbound,
             "admin": admin,
             "relay": relay,
             "tls_policy": tls_policy,

@@ -80,6 +80,14 @@ class OutboundConfig(_Frozen):
     # "required" is the old name of "encrypt". "dane" is refused with a pointer:
     # DANE applies by itself with [dns] trust_ad, [[tls_policy]] makes it mandatory.
     tls: Literal["opportunistic", "none", "encrypt", "verify", "dane", "required"] = "opportunistic"
+    # MTA-STS (RFC 8461): apply the policies recipient domains publish (enforce: only
+    # to the MX hosts the policy lists, over STARTTLS with a certificate valid for the
+    # MX name; testing: deliver anyway and log). Policies are cached in the queue store.
+    # Precedence 4 of outbound/tls_policy.py: [[tls_policy]] rules and DANE come first.
+    mta_sts: bool = True
+    # The CA certificates (PEM) that MTA-STS trusts, for the policy host and the MX
+    # hosts, instead of the system's; for tests and private PKIs.
+    sts_ca_file: Path | None = None
     # Timeouts, RFC 5321 4.5.3.2.
     connect_timeout: float = Field(30.0, gt=0)
     greeting_timeout: float = Field(300.0, gt=0)

@@ -12,10 +12,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from postillon.core.sts import PolicyError, parse_policy
 from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver, TxtRecord
+from postillon.dns.sts_fetch import PolicyFetchError, fetch_policy, policy_url
 from postillon.dnsrecords.records import DomainPlan
-from postillon.dnsrecords.sts_fetch import PolicyFetchError, fetch_policy, policy_url
-from postillon.dnsrecords.sts_policy import PolicyError, parse_policy
 from postillon.signing.keys import DkimKey
 
 Status = Literal["ok", "warn", "fail"]

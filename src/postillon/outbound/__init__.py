@@ -18,14 +18,18 @@ TLS: before each connection ``tls_policy.resolve`` turns the destination, the
 MX host and the policy table ([outbound] tls, [[tls_policy]]) into a
 ``TlsRequirement``; for MX hosts (and ``dane`` rules) the transport asks
 ``dane_policy.DaneHook`` (only with ``[dns] trust_ad``) what DNSSEC and the
-TLSA records say, and ``tls_policy.decide`` applies the precedence (final
-rules, mandatory DANE, published DANE, then MTA-STS, then the default; its
-module note is the one place it is written). A hop with a password needs an
-authenticated result (``for_credentials``). After the handshake
-``tls.check_requirement`` judges the server's chain against the requirement -
-web PKI, pin or TLSA match (``dane.py``, the pure RFC 7672 matcher) - and
-the session goes on only when it passed. All of it is pure but the lookups;
-the session and the transport only apply it. The default stays opportunistic
-(RFC 7435): used when offered, the certificate's verification result logged
-but not required.
+TLSA records say, and for the recipient domain's own MX hosts
+``sts_policies.StsPolicies`` (only with ``[outbound] mta_sts``) which MTA-STS
+policy applies (cached in the queue store, fetched with ``dns.sts_fetch``,
+refreshed in the background), which ``mta_sts.decide`` turns into a
+requirement or a refusal per host. ``tls_policy.decide`` applies the
+precedence (final rules, mandatory DANE, published DANE, then MTA-STS, then
+the default; its module note is the one place it is written). A hop with a
+password needs an authenticated result (``for_credentials``). After the
+handshake ``tls.check_requirement`` judges the server's chain against the
+requirement - web PKI (verify, an MTA-STS enforce match), pin or TLSA match
+(``dane.py``, the pure RFC 7672 matcher) - and the session goes on only when
+it passed. All of it is pure but the lookups; the session and the transport
+only apply it. The default stays opportunistic (RFC 7435): used when offered,
+the certificate's verification result logged but not required.
 """

@@ -3,13 +3,18 @@
 TLS per host, in two steps that every mode shares: before connecting,
 :meth:`SmtpTransport._requirement` resolves what the connection must prove
 (``tls_policy.resolve`` for the table, the DANE lookup through ``dane``, a
-``dane_policy.DaneHook`` built only with ``[dns] trust_ad``, then
-``tls_policy.decide`` for the precedence and ``for_credentials`` for a hop with
-a password); after the handshake the session runs ``tls.check_requirement``
-on the server's chain, before AUTH or MAIL. A host refused before connecting
-(bogus DNSSEC, a ``dane`` rule without secure TLSA, RFC 7672 §2.2) or failing
-the check is skipped like an unreachable one: the next MX is tried and, when
-none is left, the mail is deferred with the reason (4.7.5).
+``dane_policy.DaneHook`` built only with ``[dns] trust_ad``, the recipient
+domain's MTA-STS policy through ``mta_sts``, an ``sts_policies.StsPolicies``
+built with ``[outbound] mta_sts`` and turned into a per-host value by
+``mta_sts.decide``, then ``tls_policy.decide`` for the precedence and
+``for_credentials`` for a hop with a password); after the handshake the
+session runs ``tls.check_requirement`` on the server's chain, before AUTH or
+MAIL. A host refused before connecting (bogus DNSSEC, a ``dane`` rule without
+secure TLSA, RFC 7672 §2.2; an MTA-STS enforce policy that does not list it,
+RFC 8461 §4.1) or failing the check is skipped like an unreachable one: the
+next MX is tried and, when none is left, the mail is deferred with the reason
+(4.7.5). Each lookup runs once per delivery and only when the precedence can
+use it (``consults_dane``, ``consults_sts``).
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from dataclasses import dataclass, field
 from postillon.core.envelope import BodyType
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
+from postillon.core.sts import StsPolicy
 from postillon.delivery.transport import DeliveryJob
 from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
 from postillon.observability.metrics import Metrics
+from postillon.outbound import mta_sts
 from postillon.outbound.client_session import (
     TLS_POLICY_STATUS,
     ClientTimeouts,
@@ -39,6 +46,7 @@ from postillon.outbound.client_session import (
 from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.mx import resolve_next_hops
 from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
+from postillon.outbound.sts_policies import StsPolicies
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
 from postillon.outbound.tls_policy import (
     HostRefused,
@@ -46,6 +54,7 @@ from postillon.outbound.tls_policy import (
     TlsPolicyTable,
     TlsRequirement,
     consults_dane,
+    consults_sts,
     decide,
     for_credentials,
     resolve,
@@ -88,6 +97,15 @@ class OutboundSettings:
 _DaneAnswer = TlsRequirement | HostRefused | NoPublishedPolicy | None
 
 
+@dataclass(slots=True)
+class _Lookups:
+    """The DNS-published policies found during one delivery, each looked up once."""
+
+    dane: dict[str, _DaneAnswer] = field(default_factory=dict)  # by MX host
+    sts_done: bool = False
+    sts: StsPolicy | None = None  # the recipient domain's MTA-STS policy
+
+
 @dataclass(frozen=True, slots=True)
 class _Target:
     host: str  # name for logs and SNI
@@ -110,6 +128,7 @@ class SmtpTransport:
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
         dane: DaneHook | None = None,
+        mta_sts: StsPolicies | None = None,
     ) -> None:
         self.resolver = resolver
         self.metrics = metrics
@@ -120,10 +139,14 @@ class SmtpTransport:
         # DANE's DNS side (None without [dns] trust_ad: then DANE cannot run, and a
         # policy = "dane" rule defers, see tls_policy.decide). Never for LMTP next hops.
         self.dane = dane if not lmtp else None
+        # MTA-STS's policies (None with [outbound] mta_sts = false); never for LMTP.
+        self.mta_sts = mta_sts if not lmtp else None
         self.limits = Limits(settings.concurrency, settings.per_destination)
 
     async def close(self) -> None:
         await self.pool.close()
+        if self.mta_sts is not None:
+            await self.mta_sts.close()
 
     # -- next hops -----------------------------------------------------------
     async def _targets(self, route: Route) -> list[_Target] | Outcome:
@@ -184,9 +207,9 @@ class SmtpTransport:
         count = len(job.records)
         errors: list[SessionError] = []
         last_detail = ""
-        dane_answers: dict[str, _DaneAnswer] = {}
+        lookups = _Lookups()
         for target in targets:
-            requirement = await self._requirement(job.route, target, dane_answers)
+            requirement = await self._requirement(job.route, target, lookups)
             if isinstance(requirement, HostRefused):  # not this host: try the next
                 errors.append(
                     SessionError(
@@ -222,7 +245,7 @@ class SmtpTransport:
                 elif exc.tls_result:  # the connection failed its TLS policy
                     self._count_tls(requirement.mode, exc.tls_result)
                 errors.append(exc)
-                last_detail = _describe(target, session, requirement.mode)
+                last_detail = _describe(target, session, requirement.mode, requirement.sts)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
                 settled = _settled_before_failure(exc, last_detail)
                 if settled is not None:
@@ -239,7 +262,7 @@ class SmtpTransport:
         result: TransactionResult,
         requirement: TlsRequirement,
     ) -> list[Outcome]:
-        detail = _describe(target, session, requirement.mode)
+        detail = _describe(target, session, requirement.mode, requirement.sts)
         # RFC 3461 §6.2.2: a next hop without DSN cannot honour NOTIFY=SUCCESS;
         # the runner then sends a "relayed" notice itself.
         dsn_passed = self.lmtp or "DSN" in session.extensions
@@ -266,7 +289,7 @@ class SmtpTransport:
         )
 
     async def _requirement(
-        self, route: Route, target: _Target, dane_answers: dict[str, _DaneAnswer]
+        self, route: Route, target: _Target, lookups: _Lookups
     ) -> TlsRequirement | HostRefused:
         """What the connection to ``target`` must prove, or why not to connect
         (the precedence is tls_policy's; here only its inputs are gathered)."""
@@ -284,16 +307,28 @@ class SmtpTransport:
             and consults_dane(requirement, mx_delivery=mx_delivery)
             and not _is_ip(target.host)  # no name, no TLSA
         ):
-            if target.host not in dane_answers:  # once per host and delivery
-                dane_answers[target.host] = await self.dane.lookup(
+            if target.host not in lookups.dane:  # once per host and delivery
+                lookups.dane[target.host] = await self.dane.lookup(
                     target.host,
                     target.port,
                     mx_secure=target.mx_secure,
                     address_secure=target.address_secure,
                 )
-            dane = dane_answers[target.host]
-        # The MTA-STS seam: its per-host decision goes in as decide(sts=...).
-        decided = decide(requirement, dane=dane, host=target.host)
+            dane = lookups.dane[target.host]
+        sts = None
+        if (
+            self.mta_sts is not None
+            and consults_sts(requirement, dane, recipient_mx=hop is None)
+            and not _is_ip(target.host)
+        ):
+            if not lookups.sts_done:  # once per delivery, and only when it can matter
+                self.mta_sts.start()  # the background refresher, once, in the running loop
+                lookups.sts = await self.mta_sts.policy_for(route.domain)
+                lookups.sts_done = True
+            sts = mta_sts.decide(
+                route.domain, lookups.sts, target.host, ca_file=self.mta_sts.ca_file
+            )
+        decided = decide(requirement, dane=dane, sts=sts, host=target.host)
         if isinstance(decided, HostRefused):
             return decided
         if hop is not None and hop.username:
@@ -310,25 +345,34 @@ class SmtpTransport:
     def _tls_checker(self, target: _Target, requirement: TlsRequirement) -> TlsChecker:
         """The handshake judge for this connection; raises SessionError when its
         trust anchors cannot be read (a configuration problem: defer, say why)."""
+        testing = requirement.sts == "testing" and requirement.mode != "verify"
+        anchors: tuple[object, ...] = ()
         try:
-            anchors = load_anchors(requirement.ca_file) if requirement.mode == "verify" else ()
+            if requirement.mode == "verify" or testing:
+                anchors = load_anchors(requirement.ca_file)
         except (OSError, ValueError) as exc:
-            raise SessionError(
-                f"cannot read CA file {requirement.ca_file} ({requirement.source}): {exc}",
-                status="4.3.5",
-                tls_result="config-error",
-            ) from exc
-        if requirement.mode in ("none", "opportunistic", "encrypt"):
+            if not testing:
+                raise SessionError(
+                    f"cannot read CA file {requirement.ca_file} ({requirement.source}): {exc}",
+                    status="4.3.5",
+                    tls_result="config-error",
+                ) from exc
+            # MTA-STS testing must never stop a delivery (RFC 8461 §5): say it, go on.
+            log.error("MTA-STS: cannot read [outbound] sts_ca_file: %s", exc)
+        if requirement.mode in ("none", "opportunistic", "encrypt") and not anchors:
             anchors = _recording_anchors()
 
         def check(chain: list[bytes]) -> TlsCheck:
-            return check_requirement(
+            result = check_requirement(
                 requirement,
                 chain,
                 host=target.host,
                 anchors=anchors,
                 now=datetime.datetime.now(datetime.UTC),
             )
+            if testing and result.reason:  # reported, not enforced (RFC 8461 §5)
+                log.warning("%s (policy mode testing: delivering anyway)", result.reason)
+            return result
 
         return check
 
@@ -350,6 +394,11 @@ class SmtpTransport:
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
         self._count_tls(requirement.mode, session.tls_result if session.tls else "plaintext")
+        if requirement.sts == "testing" and not session.tls and target.address:
+            log.warning(  # RFC 8460 starttls-not-supported, reported only (RFC 8461 §5)
+                "MTA-STS: %s does not offer STARTTLS (policy mode testing: delivering anyway)",
+                target.host,
+            )
         if hop is not None and hop.username:
             if not requirement.authenticated or session.tls_result not in AUTHENTICATED_RESULTS:
                 # for_credentials made sure of it; kept as a last guard here, at
@@ -412,12 +461,12 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
     return TempFail(reply, detail)
 
 
-def _describe(target: _Target, session: SmtpClientSession | None, mode: str) -> str:
+def _describe(target: _Target, session: SmtpClientSession | None, mode: str, sts: str = "") -> str:
     """The host, the TLS result and the policy, for the delivery log line:
     ``mx.example[192.0.2.1]:25 tls=TLSv1.3/verified policy=verify``,
-    ``... tls=TLSv1.3/dane-ee policy=dane``."""
+    ``... tls=TLSv1.3/dane-ee policy=dane``, ``... policy=verify mta-sts=enforce``."""
     where = target.host if not target.address else f"{target.host}[{target.address}]:{target.port}"
-    policy = f"policy={mode}"
+    policy = f"policy={mode}" + (f" mta-sts={sts}" if sts else "")
     if session is not None and session.tls:
         return f"{where} tls={session.tls.split()[0]}/{session.tls_result} {policy}"
     if session is not None:

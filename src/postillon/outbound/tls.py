@@ -17,8 +17,9 @@ the X.509 decisions in between, so the asyncio driver only applies them:
 * :func:`check_requirement` - pure: a finished handshake's chain (DER, leaf
   first) against a requirement, the trust anchors and the time, to a
   :class:`TlsCheck` value (met or not, and why). The one post-handshake gate:
-  web PKI (verify), pins (fingerprint) and DANE (TLSA records, through
-  ``dane.match_chain``) all pass through it, before AUTH or MAIL.
+  web PKI (verify, and MTA-STS: an enforce match is a verify requirement),
+  pins (fingerprint) and DANE (TLSA records, through ``dane.match_chain``)
+  all pass through it, before AUTH or MAIL.
 * :func:`load_anchors` - the trust anchors for a requirement: its ``ca_file``
   (read once per file version) or the system's CA bundle.
 
@@ -92,8 +93,12 @@ class TlsCheck:
     "verified", "pinned", "dane-ta", "dane-ee", "unverified" (allowed),
     "tlsa-unusable" (DANE without usable records: allowed, unauthenticated),
     "not-verified", "fingerprint-mismatch", "tlsa-mismatch",
-    "no-certificate", "dane-unavailable". ``reason``: why not (or, for DANE,
-    which record matched), for the log and the queue's last reply.
+    "no-certificate", "dane-unavailable"; for MTA-STS requirements RFC 8460's
+    result types instead of "not-verified": "certificate-host-mismatch",
+    "certificate-expired", "sts-webpki-invalid", "validation-failure" (kept for
+    TLS reporting). ``reason``: why not (or, for DANE, which record matched;
+    for MTA-STS testing, what enforce would have refused: ``ok`` stays True),
+    for the log and the queue's last reply.
     """
 
     ok: bool
@@ -119,6 +124,12 @@ def check_requirement(
     mode = requirement.mode
     if mode == "dane":
         return _check_dane(requirement, chain, host, now)
+    if requirement.sts == "enforce":
+        return _check_sts(requirement, chain, host, anchors, now)
+    if requirement.sts == "testing" and mode != "verify":
+        # RFC 8461 §5: delivery goes on whatever the result; the result is reported.
+        found = _check_sts(requirement, chain, host, anchors, now)
+        return TlsCheck(True, found.verified, found.result, found.reason)
     if not chain:
         if mode in ("verify", "fingerprint"):
             return TlsCheck(False, False, "no-certificate", f"{host} sent no certificate")
@@ -148,6 +159,40 @@ def check_requirement(
             f"certificate for {' or '.join(names)} not verified: {error}",
         )
     return TlsCheck(True, False, "unverified")  # recorded only (RFC 7435)
+
+
+def _check_sts(
+    requirement: TlsRequirement,
+    chain: Sequence[bytes],
+    host: str,
+    anchors: Sequence[Any],
+    now: datetime.datetime,
+) -> TlsCheck:
+    """RFC 8461 §4.2: the certificate chains to a trusted root, is valid now and
+    names the MX host (``match``); failures named as RFC 8460 §4.3 reports them."""
+    if not requirement.match:  # testing only: the policy does not list the host (§4.1)
+        reason = f"MTA-STS: {host} does not match the policy ({requirement.source})"
+        return TlsCheck(False, False, "validation-failure", reason)
+    if not chain:
+        return TlsCheck(False, False, "sts-webpki-invalid", f"MTA-STS: {host} sent no certificate")
+    error = ""
+    for name in requirement.match:
+        error = _verify_chain(chain, name, anchors, now)
+        if not error:
+            return TlsCheck(True, True, "verified")
+    names = " or ".join(requirement.match)
+    return TlsCheck(
+        False, False, _sts_result(error), f"MTA-STS: certificate not valid for {names}: {error}"
+    )
+
+
+def _sts_result(error: str) -> str:
+    """RFC 8460 §4.3 result type for a web PKI failure (from cryptography's message)."""
+    if "subjectAltName" in error:
+        return "certificate-host-mismatch"
+    if "expired" in error or "validation time" in error:
+        return "certificate-expired"
+    return "sts-webpki-invalid"
 
 
 def _check_dane(

@@ -7,8 +7,8 @@ prove, and gets a :class:`TlsRequirement` value; after the handshake,
 ``outbound.tls.check_requirement`` says whether the session met it (one gate
 for every mode, DANE included). Nothing here does I/O (no DNS, no files, no
 sockets), so every rule is a table-driven unit test; the DNS lookups that feed
-it (DANE: ``dane_policy.DaneHook``) run in the transport and hand their
-results in as values.
+it (DANE: ``dane_policy.DaneHook``; MTA-STS: ``sts_policies.StsPolicies`` and the
+pure ``mta_sts.decide``) run in the transport and hand their results in as values.
 
 The modes, weakest first (Postfix's ``smtp_tls_security_level`` names):
 
@@ -43,9 +43,14 @@ For each host the transport tries, strongest claim first:
    MX and address answers secure, §2.2): secure TLSA decides (usable →
    ``dane``, none usable → ``dane`` without records); a bogus or failed TLSA
    lookup refuses the host (§2.1.1); no TLSA or insecure → on to 4.
-4. MTA-STS (RFC 8461), for MX delivery only: DANE wins when both apply
-   (RFC 8461 §2), so it is consulted only here. (Its lookup plugs in as the
-   ``sts`` argument of :func:`decide`; the transport does not supply one yet.)
+4. MTA-STS (RFC 8461), for the recipient domain's own MX hosts only (not a
+   smarthost or a route, RFC 8461 §3.4; ``[outbound] mta_sts``): DANE wins when
+   both apply (RFC 8461 §2), so it is consulted only here (the ``sts`` argument
+   of :func:`decide`, from ``mta_sts.decide``). ``enforce`` and the host listed →
+   ``verify`` for the MX host name (§4.2), marked ``sts="enforce"`` so the check
+   labels failures with RFC 8460 result types; ``enforce`` and the host not
+   listed → the host is refused (§4.1); ``testing`` → 5 decides, and the
+   session is checked as enforce would be and a failure only logged (§5).
 5. A rule with ``opportunistic`` or ``encrypt`` (minimums that 3 and 4 may
    raise), else ``[outbound] tls``.
 
@@ -65,7 +70,7 @@ can spoof, so name the hosts in ``match`` when the MX is not trusted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from postillon.dns.resolver import TlsaRecord
@@ -81,6 +86,7 @@ __all__ = [
     "TlsPolicyTable",
     "TlsRequirement",
     "consults_dane",
+    "consults_sts",
     "decide",
     "for_credentials",
     "resolve",
@@ -107,8 +113,14 @@ class TlsRequirement:
     ``tlsa``: dane only, the usable TLSA records (see the module note for
     ``()`` and ``None``). ``source``: where the requirement came from, for logs
     ("outbound.tls", "tls_policy partner.example", "dane _25._tcp.mx.example",
-    "credentials"). ``final``: an operator's rule that DNS-published policies
-    (DANE, MTA-STS) do not override (precedence 1).
+    "mta-sts example.net", "credentials"); not part of equality, so a pooled
+    connection that proved what one domain's policy asks serves another's that
+    asks the same. ``final``: an operator's rule that DNS-published policies
+    (DANE, MTA-STS) do not override (precedence 1). ``sts``: the MTA-STS mode
+    behind it (precedence 4): "enforce" (a ``verify`` requirement; failures get
+    RFC 8460 result names) or "testing" (``match``/``ca_file`` are what enforce
+    would check, ``()`` when the policy does not list the host; a failure is
+    reported, not fatal, RFC 8461 §5).
     """
 
     mode: TlsMode
@@ -116,8 +128,9 @@ class TlsRequirement:
     ca_file: str | None = None
     fingerprints: tuple[bytes, ...] = ()
     tlsa: tuple[TlsaRecord, ...] | None = None
-    source: str = ""
+    source: str = field(default="", compare=False)
     final: bool = False
+    sts: Literal["", "enforce", "testing"] = ""
 
     @property
     def starttls(self) -> Literal["none", "opportunistic", "required"]:
@@ -170,6 +183,22 @@ def consults_dane(requirement: TlsRequirement, *, mx_delivery: bool) -> bool:
     return mx_delivery and not requirement.final
 
 
+def consults_sts(
+    requirement: TlsRequirement,
+    dane: TlsRequirement | HostRefused | NoPublishedPolicy | None,
+    *,
+    recipient_mx: bool,
+) -> bool:
+    """Whether the transport looks up the recipient domain's MTA-STS policy for a
+    host: only for the recipient domain's own MX hosts (``recipient_mx``; RFC 8461
+    §3.4: a smarthost or route is the operator's choice), never past a final or
+    ``dane`` rule, and not where DANE already decided for the host (RFC 8461 §2),
+    so a DANE domain costs no HTTPS fetch."""
+    if not recipient_mx or requirement.final or requirement.mode == "dane":
+        return False
+    return not isinstance(dane, TlsRequirement | HostRefused)
+
+
 def decide(
     requirement: TlsRequirement,
     *,
@@ -182,8 +211,9 @@ def decide(
     ``requirement``: from :func:`resolve`. ``dane``: what the DANE lookup
     found for the host (a ``dane`` requirement, a refusal for bogus or failed
     lookups, or no policy), None when it was not looked up (DANE off, or
-    :func:`consults_dane` said no). ``sts``: the MTA-STS decision for the host,
-    same shape (None: none). ``host`` words the reasons.
+    :func:`consults_dane` said no). ``sts``: ``mta_sts.decide`` for the host
+    (a requirement with ``sts`` set, a refusal for an enforce policy that does
+    not list the host, None: no policy). ``host`` words the reasons.
     """
     if requirement.mode == "dane":  # 2: a rule made DANE mandatory
         where = f"policy dane for {host} ({requirement.source})"
@@ -204,8 +234,24 @@ def decide(
         return requirement
     if isinstance(dane, TlsRequirement | HostRefused):  # 3: DANE wins (RFC 8461 §2)
         return dane
-    if sts is not None:  # 4
+    if isinstance(sts, HostRefused):  # 4: enforce, host not listed (RFC 8461 §4.1)
         return sts
+    if sts is not None and sts.sts == "enforce":
+        # 4: verified TLS for the MX name (§4.2); always at least the minimum of 5,
+        # which is never stronger than verify (verify rules are final, at 1).
+        return sts
+    if sts is not None and requirement.mode in ("opportunistic", "encrypt"):
+        # 4, testing (§5): 5 decides what is required; the session is also checked
+        # as enforce would check it (match, ca_file: unused by these two modes'
+        # own check), a failure only reported. Under verify (the stricter check
+        # already applies) or none (no TLS to test) testing changes nothing.
+        return replace(
+            requirement,
+            match=sts.match,
+            ca_file=sts.ca_file,
+            sts="testing",
+            source=f"{requirement.source}, {sts.source}",
+        )
     return requirement  # 5
 
 

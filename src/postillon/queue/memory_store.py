@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from postillon.core.reply import Reply
+from postillon.core.sts import CachedPolicy
 from postillon.queue.store import (
     HEALTHY,
     DeliveryRecord,
@@ -64,6 +65,7 @@ class MemoryStore:
         self._events: list[QueueEvent] = []
         self._closed = False
         self._heartbeats: dict[str, float] = {}  # lease owner -> last heartbeat
+        self._sts: dict[str, CachedPolicy] = {}  # MTA-STS policy cache by domain
 
     def _check_open(self) -> None:
         if self._closed:
@@ -358,6 +360,21 @@ class MemoryStore:
         for rec in self._records.values():
             counts[rec.state.value] += 1
         return counts
+
+    async def sts_policy(self, domain: str) -> CachedPolicy | None:
+        self._check_open()
+        return self._sts.get(domain.lower())
+
+    async def save_sts_policy(self, entry: CachedPolicy) -> None:
+        self._check_open()
+        key = entry.domain.lower()
+        old = self._sts.get(key)
+        if old is None or entry.fetched_at >= old.fetched_at:  # never an older fetch
+            self._sts[key] = replace(entry, domain=key)
+
+    async def sts_policies(self) -> list[CachedPolicy]:
+        self._check_open()
+        return [self._sts[d] for d in sorted(self._sts)]
 
     def health(self) -> StoreHealth:
         if self._closed:

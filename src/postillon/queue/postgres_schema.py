@@ -23,6 +23,8 @@ from typing import Final
 
 import asyncpg
 
+from postillon.queue.sts_cache import POSTGRES_TABLE
+
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
@@ -118,6 +120,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             )""",
         ),
     ),
+    Migration(4, "MTA-STS policy cache (RFC 8461), shared by every node", (POSTGRES_TABLE,)),
 )
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version

@@ -59,6 +59,8 @@ from typing import Any, Final, TypeVar
 import asyncpg
 
 from postillon.core.reply import Reply
+from postillon.core.sts import CachedPolicy
+from postillon.queue import sts_cache
 from postillon.queue.codec import encode_reply, message_from_row, record_from_row
 from postillon.queue.postgres_connection import (
     ACQUIRE_TIMEOUT,
@@ -552,6 +554,17 @@ class PostgresStore:
             return counts
 
         return await self._read(fn)
+
+    # MTA-STS policy cache (store.py step 6; SQL in sts_cache.py)
+    async def sts_policy(self, domain: str) -> CachedPolicy | None:
+        return await self._read(lambda conn: sts_cache.pg_get(conn, domain))
+
+    async def save_sts_policy(self, entry: CachedPolicy) -> None:
+        # A cache: a row lost in a crash is fetched again, so no durable wait.
+        await self._write(lambda conn: sts_cache.pg_put(conn, entry), durable=False)
+
+    async def sts_policies(self) -> list[CachedPolicy]:
+        return await self._read(sts_cache.pg_all)
 
 
 def _rowcount(status: str) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from postillon.queue.store import StoreError
+from postillon.queue.sts_cache import SQLITE_TABLE
 
 __all__ = [
     "BUSY_TIMEOUT",
@@ -39,7 +40,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 3  # PRAGMA user_version
+SCHEMA_VERSION: Final = 4  # PRAGMA user_version
 BUSY_TIMEOUT: Final = 10.0  # seconds a connection waits for another writer
 _MAX_IDLE_READERS: Final = 4
 
@@ -101,6 +102,9 @@ _SCHEMA_V3: Final = (
         heartbeat REAL NOT NULL
     ) WITHOUT ROWID""",
 )
+
+# Version 4 adds the MTA-STS policy cache (RFC 8461; see sts_cache.py).
+_SCHEMA_V4: Final = (SQLITE_TABLE,)
 
 RECORD_COLUMNS: Final = (
     "record_id, queue_id, recipient, original_recipient, rcpt_params, state, attempts,"
@@ -164,8 +168,8 @@ def init_database(path: Path) -> None:
         _retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version in (0, 1, 2):
-                steps = (_SCHEMA, _SCHEMA_V2, _SCHEMA_V3)[version:]
+            if version in (0, 1, 2, 3):
+                steps = (_SCHEMA, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)[version:]
                 for statement in (s for step in steps for s in step):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -72,6 +72,8 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from postillon.core.reply import Reply
+from postillon.core.sts import CachedPolicy
+from postillon.queue import sts_cache
 from postillon.queue.codec import encode_reply, message_from_row, record_from_row
 from postillon.queue.sqlite_schema import (
     BUSY_TIMEOUT,
@@ -532,6 +534,15 @@ class SqliteStore:
             return counts
 
         return await self._read(fn)
+
+    async def sts_policy(self, domain: str) -> CachedPolicy | None:  # store.py step 6
+        return await self._read(lambda conn: sts_cache.sqlite_get(conn, domain))
+
+    async def save_sts_policy(self, entry: CachedPolicy) -> None:
+        await self._write(lambda conn: sts_cache.sqlite_put(conn, entry))
+
+    async def sts_policies(self) -> list[CachedPolicy]:
+        return await self._read(sts_cache.sqlite_all)
 
     # ------------------------------------------------------------ lifecycle
 

@@ -33,6 +33,9 @@ Contract, as a transaction:
    message?" has an answer after the message left the queue, until
    ``prune_events`` drops it. Losing the last moments of history in a crash
    is acceptable; it never blocks or fails mail.
+6. ``save_sts_policy`` / ``sts_policy`` / ``sts_policies`` keep the MTA-STS policy
+   cache (RFC 8461, ``sts_cache.py``): one ``CachedPolicy`` per domain, shared by
+   restarts and nodes. A save never replaces a policy fetched later than it.
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
@@ -52,6 +55,7 @@ from typing import IO, Any, Protocol
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.envelope import NewRecipient as NewRecipient  # re-exported: stores take it
 from postillon.core.reply import Reply
+from postillon.core.sts import CachedPolicy
 
 
 class DeliveryState(StrEnum):
@@ -276,6 +280,19 @@ class QueueStore(Protocol):
 
     async def count_by_state(self) -> dict[str, int]:
         """Number of delivery records per state (every ``DeliveryState`` value is a key)."""
+        ...
+
+    async def sts_policy(self, domain: str) -> CachedPolicy | None:
+        """The cached MTA-STS policy of ``domain`` (any case), expired or not."""
+        ...
+
+    async def save_sts_policy(self, entry: CachedPolicy) -> None:
+        """Insert or replace ``entry.domain``'s policy, unless the stored one was
+        fetched later (``fetched_at``)."""
+        ...
+
+    async def sts_policies(self) -> list[CachedPolicy]:
+        """Every cached MTA-STS policy, by domain."""
         ...
 
     def health(self) -> StoreHealth:

@@ -1,4 +1,7 @@
-"""MTA-STS policy files (RFC 8461 §3.2): parsing and MX matching, sans-IO.
+"""MTA-STS (RFC 8461) values: the policy file, its TXT record, a cached policy; sans-IO.
+
+Here in ``core`` because three rooms share them: ``dnsrecords`` (``dns check``),
+``outbound`` (enforcement) and ``queue`` (the policy cache every node shares).
 
 A policy is lines of ``key: value``; ``version``, ``mode`` and ``max_age`` appear once,
 ``mx`` once per pattern. Unknown keys are ignored (§3.2: extensions). An ``mx`` pattern
@@ -19,6 +22,8 @@ MAX_AGE_LIMIT = 31_557_600
 MAX_POLICY_BYTES = 64 * 1024
 
 _LINE = re.compile(r"([A-Za-z0-9_]+)[ \t]*:[ \t]*(.*?)[ \t]*")
+# RFC 8461 §3.1: id is 1 to 32 letters and digits.
+_ID = re.compile(r"[A-Za-z0-9]{1,32}")
 
 
 class PolicyError(ValueError):
@@ -68,3 +73,48 @@ def parse_policy(text: str) -> StsPolicy:
     if not patterns and mode != "none":
         raise PolicyError(f"mode {mode} needs at least one 'mx:' line (RFC 8461 3.2)")
     return StsPolicy(mode, int(ages[0]), patterns)
+
+
+def record_id(texts: list[str]) -> str | None:
+    """The ``id`` of a domain's ``_mta-sts`` TXT records, or None for "no policy".
+
+    RFC 8461 §3.1: records not starting with ``v=STSv1;`` are discarded; unless exactly
+    one is left and it is well-formed (``v`` first, one ``id`` of 1-32 letters and
+    digits), the domain has no available policy.
+    """
+    found = [t for t in texts if re.match(r"v=STSv1[ \t]*(;|$)", t)]
+    if len(found) != 1:
+        return None
+    ids = []
+    for part in found[0].split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key.strip() == "id":
+            ids.append(value.strip())
+    if len(ids) != 1 or not _ID.fullmatch(ids[0]):
+        return None
+    return ids[0]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPolicy:
+    """A fetched policy as the queue store keeps it (every node of a cluster shares it).
+
+    ``policy_id`` is the TXT record's ``id`` when it was fetched (a new id means a new
+    policy, RFC 8461 §3.1); the policy holds until ``fetched_at + max_age`` (§3.2).
+    ``checked_at`` is when a refresh last confirmed it (fetch or unchanged id), for the
+    operator's view; ``last_error`` the last failed refresh, "" when it went well.
+    """
+
+    domain: str
+    policy_id: str
+    policy: StsPolicy
+    fetched_at: float
+    checked_at: float = 0.0
+    last_error: str = ""
+
+    @property
+    def expires_at(self) -> float:
+        return self.fetched_at + self.policy.max_age
+
+    def fresh(self, now: float) -> bool:
+        return now < self.expires_at

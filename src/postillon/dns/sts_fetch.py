@@ -1,11 +1,15 @@
 """Fetching a domain's MTA-STS policy file (RFC 8461 §3.3) over HTTPS.
 
 ``https://mta-sts.<domain>/.well-known/mta-sts.txt``, with the rules a sending MTA
-applies, so a problem shows here before senders meet it: the certificate must be valid
-for ``mta-sts.<domain>`` (the system's CA store, or ``SSL_CERT_FILE``), the answer a 200
-with ``Content-Type: text/plain``, and redirects are not followed (§3.3: "MUST NOT").
-The host's address comes from postillon's resolver (``[dns] nameservers``), like every
-other lookup of ``dns check``.
+applies: the certificate must be valid for ``mta-sts.<domain>`` (the system's CA store,
+or ``SSL_CERT_FILE``, or the ``ca_file`` given: ``[outbound] sts_ca_file``), the answer a
+200 with ``Content-Type: text/plain``, at most 64 KiB, within a short timeout, and
+redirects are not followed (§3.3: "MUST NOT"). The host's address comes from postillon's
+resolver (``[dns] nameservers``), like every other lookup.
+
+Two users: ``dnsrecords`` (``postillon dns check``: does the domain's policy work for
+senders?) and ``outbound`` (the MTA-STS policy cache). It lives in ``dns`` because it is a
+lookup through postillon's resolver that both may import.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import ssl
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from postillon.core.sts import MAX_POLICY_BYTES
 from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
-from postillon.dnsrecords.sts_policy import MAX_POLICY_BYTES
 
 TIMEOUT = 10.0
 
@@ -61,12 +65,20 @@ class _ResolverBridge(AbstractResolver):
         return None
 
 
-async def fetch_policy(domain: str, resolver: Resolver, timeout: float = TIMEOUT) -> str:
-    """The policy file's text; raises :class:`PolicyFetchError`."""
+async def fetch_policy(
+    domain: str, resolver: Resolver, timeout: float = TIMEOUT, *, ca_file: str | None = None
+) -> str:
+    """The policy file's text; raises :class:`PolicyFetchError`.
+
+    ``ca_file``: trust only the CA certificates in it (tests, private CAs), else the
+    system's. ``timeout`` bounds the whole exchange, so a stalling host costs at most that.
+    """
     url = policy_url(domain)
-    connector = aiohttp.TCPConnector(
-        resolver=_ResolverBridge(resolver), ssl=ssl.create_default_context()
-    )
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise PolicyFetchError(f"cannot read the CA file {ca_file}: {exc}") from exc
+    connector = aiohttp.TCPConnector(resolver=_ResolverBridge(resolver), ssl=context)
     try:
         async with (
             aiohttp.ClientSession(
