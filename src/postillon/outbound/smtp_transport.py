@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import functools
 import logging
@@ -10,12 +11,13 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from postillon.core.envelope import BodyType
+from postillon.core.envelope import BodyType, MailParams
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
 from postillon.delivery.transport import DeliveryJob
 from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
 from postillon.observability.metrics import Metrics
+from postillon.outbound import requiretls
 from postillon.outbound.client_session import (
     TLS_POLICY_STATUS,
     ClientTimeouts,
@@ -166,7 +168,7 @@ class SmtpTransport:
         errors: list[SessionError] = []
         last_detail = ""
         for target in targets:
-            requirement = self._requirement(job.route, target)
+            requirement = self._requirement(job.route, target, job.message.mail_params)
             if requirement.mode == "dane":
                 dane = await self.dane(target.host, target.port, requirement)
                 if isinstance(dane, str):  # no usable DANE answer: not this host
@@ -177,7 +179,7 @@ class SmtpTransport:
                     self._count_tls(requirement, "dane-unavailable")
                     log.info("%s: %s: %s", job.message.queue_id, last_detail, dane)
                     continue
-                requirement = dane
+                requirement = dataclasses.replace(dane, requiretls=requirement.requiretls)
             # Pooled by requirement too: a connection that met a weaker policy
             # (or none) must not carry mail that needs a stronger one.
             key = (target.address or target.host, target.port, self.lmtp, requirement)
@@ -186,7 +188,7 @@ class SmtpTransport:
                 # A reused connection may have been closed by the server while
                 # idle; that says nothing about the host, so retry it fresh.
                 try:
-                    result = await self._send(job, session)
+                    result = await self._send(job, session, requirement)
                 except SessionError:
                     session.close()
                 else:
@@ -194,12 +196,13 @@ class SmtpTransport:
                 session = None
             try:
                 session = await self._connect(target, requirement)
-                result = await self._send(job, session)
-            except SessionError as exc:
+                result = await self._send(job, session, requirement)
+            except SessionError as error:
                 if session is not None:
                     session.close()
-                elif exc.tls_result:  # the connection failed its TLS policy
-                    self._count_tls(requirement, exc.tls_result)
+                elif error.tls_result:  # the connection failed its TLS policy
+                    self._count_tls(requirement, error.tls_result)
+                exc = requiretls.failure(requirement, error, null_sender=not job.message.sender)
                 errors.append(exc)
                 last_detail = _describe(target, session, requirement)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
@@ -232,8 +235,10 @@ class SmtpTransport:
         return outcomes
 
     @staticmethod
-    async def _send(job: DeliveryJob, session: SmtpClientSession) -> TransactionResult:
-        params = job.message.mail_params
+    async def _send(
+        job: DeliveryJob, session: SmtpClientSession, requirement: TlsRequirement
+    ) -> TransactionResult:
+        params = requiretls.mail_params(job.message.mail_params, requirement)
         return await session.send(
             job.message.sender,
             params,
@@ -244,8 +249,8 @@ class SmtpTransport:
             eight_bit=params.body is not BodyType.SEVEN_BIT,
         )
 
-    def _requirement(self, route: Route, target: _Target) -> TlsRequirement:
-        """What the connection to ``target`` must prove (pure; see tls_policy)."""
+    def _requirement(self, route: Route, target: _Target, params: MailParams) -> TlsRequirement:
+        """What the connection to ``target`` must prove (pure; see tls_policy, requiretls)."""
         hop = target.hop
         if target.address == "":
             return TlsRequirement("none", source="unix socket")  # LMTP on this machine
@@ -253,6 +258,7 @@ class SmtpTransport:
         # smtp:host, the domain whose MX hosts these are), else the recipient domain.
         destination = hop.host if hop is not None else route.domain
         requirement = resolve(destination, target.host, self.settings.tls_policy)
+        requirement = requiretls.requirement(requirement, target.host, params, lmtp=self.lmtp)
         if hop is not None and hop.username:
             # Never send a password to an unverified server.
             requirement = for_credentials(
@@ -307,6 +313,10 @@ class SmtpTransport:
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
         self._count_tls(requirement, session.tls_result if session.tls else "plaintext")
+        refused = requiretls.session_error(requirement, session.extensions)
+        if refused is not None:  # RFC 8689 §4.2.1: before AUTH or MAIL
+            await session.quit()
+            raise refused
         if hop is not None and hop.username:
             if not requirement.authenticated or session.tls_result not in AUTHENTICATED_RESULTS:
                 # for_credentials made sure of it; kept as a last guard here, at
@@ -358,7 +368,7 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
     if last.reply is not None:
         reply = last.reply
     elif last.status:  # a TLS policy or local failure: the reason is the reply
-        reply = Reply.of(451, last.status, last.detail[:400])
+        reply = Reply.of(550 if last.permanent else 451, last.status, last.detail[:400])
     else:
         reply = Reply.of(451, "4.4.1", f"Connection failed: {last.detail}"[:400])
     if all(e.permanent for e in errors) and reply.is_permanent:
@@ -375,7 +385,7 @@ def _describe(
     """The host, the TLS result and the policy, for the delivery log line:
     ``mx.example[192.0.2.1]:25 tls=TLSv1.3/verified policy=verify``."""
     where = target.host if not target.address else f"{target.host}[{target.address}]:{target.port}"
-    policy = f"policy={requirement.mode}"
+    policy = f"policy={requirement.mode}" + ("+requiretls" if requirement.requiretls else "")
     if session is not None and session.tls:
         return f"{where} tls={session.tls.split()[0]}/{session.tls_result} {policy}"
     if session is not None:

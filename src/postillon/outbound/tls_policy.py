@@ -66,6 +66,8 @@ class TlsRequirement:
     system's. ``fingerprints``: SPKI SHA-256 digests, 32 bytes each
     (fingerprint). ``source``: where the requirement came from, for logs
     ("outbound.tls", "tls_policy partner.example", "relay.smarthost").
+    ``requiretls``: the server's EHLO must also list REQUIRETLS (RFC 8689; set
+    by ``outbound.requiretls`` for a message that asks for it).
     """
 
     mode: TlsMode
@@ -73,6 +75,7 @@ class TlsRequirement:
     ca_file: str | None = None
     fingerprints: tuple[bytes, ...] = ()
     source: str = ""
+    requiretls: bool = False
 
     @property
     def starttls(self) -> Literal["none", "opportunistic", "required"]:
