@@ -97,7 +97,7 @@ def session_error(req: TlsRequirement, extensions: Container[str]) -> SessionErr
     if not req.requiretls or "REQUIRETLS" in extensions:
         return None
     return SessionError(
-        "REQUIRETLS message: the server does not offer REQUIRETLS",
+        "the server does not offer REQUIRETLS",
         status="5.7.30",
         permanent=True,
         tls_result=NOT_OFFERED,
