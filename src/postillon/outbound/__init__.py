@@ -21,6 +21,9 @@ MX host and the policy table ([outbound] tls, [[tls_policy]]) into a
 server's chain against it, and the session goes on only when it passed.
 Both are pure; the session and the transport only apply them. ``dane``
 requirements go through ``SmtpTransport.dane`` (the DANE module's hook).
+``requiretls`` (RFC 8689) adjusts the resolved requirement per message (raised
+for MAIL ... REQUIRETLS, relaxed for ``TLS-Required: No``), demands REQUIRETLS
+in the server's EHLO, and turns TLS failures of such a message into bounces.
 The default stays opportunistic (RFC 7435): used when offered, the
 certificate's verification result logged but not required.
 """
