@@ -71,6 +71,7 @@ class ServerProcess:
     config: dict[str, Any]
     ports: dict[str, int] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # added to the server's environment
 
     @property
     def config_path(self) -> Path:
@@ -89,7 +90,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
         self.write_config()
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env.pop("POSTILLON_CONFIG", None)
         self.proc = subprocess.Popen(
             [

@@ -1007,6 +1007,33 @@ def test_smtputf8_needed_but_not_offered_refused_locally(kw: dict[str, Any]) -> 
     assert conn.state is ClientState.READY
 
 
+def test_requiretls_sent_when_offered() -> None:
+    """RFC 8689 §4.2.1: a REQUIRETLS message says so on MAIL to a server offering it."""
+    ehlo = EHLO_FULL.replace(b"250-CHUNKING", b"250-CHUNKING\r\n250-REQUIRETLS")
+    got = envelope(ehlo, ("x@d.test", RcptParams()), params=MailParams(requiretls=True))
+    assert got[0] == "MAIL FROM:<a@s.test> REQUIRETLS"
+    # Without the flag the keyword is never sent, offered or not.
+    assert envelope(ehlo, ("x@d.test", RcptParams()))[0] == "MAIL FROM:<a@s.test>"
+
+
+def test_requiretls_not_offered_refused_locally() -> None:
+    """No silent downgrade: nothing is sent, every recipient gets 550 5.7.30."""
+    conn = ClientConnection("client.test")
+    conn.receive_data(GREETING)
+    conn.next_event()
+    conn.hello()
+    conn.receive_data(EHLO_FULL)
+    conn.next_event()
+    conn.data_to_send()
+    params = MailParams(requiretls=True)
+    conn.start_transaction("a@s.test", params, [("x@d.test", RcptParams())] * 2)
+    assert conn.data_to_send() == b""
+    done = conn.next_event()
+    assert isinstance(done, TransactionDone)
+    assert [(r.code, r.status) for r in done.per_recipient] == [(550, "5.7.30")] * 2
+    assert conn.state is ClientState.READY
+
+
 def test_size_over_the_servers_limit_refused_locally() -> None:
     out, events, _ = transcript([GREETING, hello, EHLO_FULL, tx("x@d.test", size=10001)])
     assert lines(out) == ["EHLO client.test"]

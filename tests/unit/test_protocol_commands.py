@@ -187,6 +187,21 @@ def test_mail_auth_param_when_offered() -> None:
     assert parse_mail("FROM:<a@b.example> AUTH=e+2Bf@b.example", AUTH)[1].auth == "e+f@b.example"
 
 
+def test_mail_requiretls_only_over_tls() -> None:
+    """RFC 8689 §2: REQUIRETLS is accepted once TLS is up, refused with 530 5.7.10
+    before; it takes no value; a listener or LMTP without it does not know it."""
+    args = "FROM:<a@b.example> REQUIRETLS"
+    assert parse_mail(args, SETTINGS, tls_active=True)[1].requiretls is True
+    assert parse_mail("FROM:<a@b.example>", SETTINGS, tls_active=True)[1].requiretls is False
+    refused(R.REQUIRETLS_NEEDS_TLS, parse_mail, args, SETTINGS)
+    refused(R.REQUIRETLS_NEEDS_TLS, parse_mail, args, SETTINGS, tls_active=False)
+    refused(R.BAD_PARAM, parse_mail, args + "=1", SETTINGS, tls_active=True)
+    off = dataclasses.replace(SETTINGS, requiretls=False)
+    refused(R.BAD_PARAM, parse_mail, args, off, tls_active=True)
+    lmtp = dataclasses.replace(SETTINGS, lmtp=True)
+    refused(R.BAD_PARAM, parse_mail, args, lmtp, tls_active=True)
+
+
 # --- RCPT ----------------------------------------------------------------------------
 
 RCPT_OK = [

@@ -470,3 +470,68 @@ async def test_mta_sts_is_not_applied_to_a_smarthost(monkeypatch: pytest.MonkeyP
     t.mta_sts = sts  # type: ignore[assignment]
     (outcome,) = await t.deliver(job(["x@d.test"]))
     assert isinstance(outcome, Delivered) and sts.asked == [] and connects == ["192.0.2.1"]
+
+
+# --- REQUIRETLS (RFC 8689) on top of the one decision ------------------------------------
+
+
+def offering_requiretls(monkeypatch: pytest.MonkeyPatch) -> None:
+    init = FakeSession.__init__
+
+    def patched(self: FakeSession, script: Any) -> None:
+        init(self, script)
+        self.extensions = {"DSN": "", "REQUIRETLS": ""}
+
+    monkeypatch.setattr(FakeSession, "__init__", patched)
+
+
+def rtls_job(**params: bool) -> DeliveryJob:
+    j = replace(job(["x@d.test"]), route=MX_ROUTE)
+    return replace(j, message=replace(j.message, mail_params=MailParams(**params)))
+
+
+async def test_requiretls_keeps_an_mta_sts_enforce_requirement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """§4.2.1: an MTA-STS enforce match authenticates the server (and, the policy
+    listing it, the MX name): the requirement stands, REQUIRETLS added."""
+    calls: list[dict[str, Any]] = []
+    t, _ = transport(monkeypatch, {"192.0.2.1": [OK]}, calls=calls)
+    offering_requiretls(monkeypatch)
+    t.mta_sts = FakeSts(STS_LISTED)  # type: ignore[assignment]
+    one_mx(monkeypatch, t)
+    (outcome,) = await t.deliver(rtls_job(requiretls=True))
+    assert isinstance(outcome, Delivered), outcome
+    assert "policy=verify+requiretls mta-sts=enforce" in outcome.detail
+    check = calls[0]["tls_check"]([b"garbage"])
+    assert check.result == "sts-webpki-invalid"  # still the MTA-STS check
+
+
+async def test_requiretls_keeps_a_dane_requirement(monkeypatch: pytest.MonkeyPatch) -> None:
+    t, _ = transport(monkeypatch, {"192.0.2.1": [OK]})
+    offering_requiretls(monkeypatch)
+    t.dane = DaneHook(secure_tlsa())  # type: ignore[arg-type]
+    one_mx(monkeypatch, t)
+    (outcome,) = await t.deliver(rtls_job(requiretls=True))
+    assert isinstance(outcome, Delivered) and "policy=dane+requiretls" in outcome.detail
+
+
+async def test_requiretls_to_a_server_without_it_bounces(monkeypatch: pytest.MonkeyPatch) -> None:
+    t, _ = transport(monkeypatch, {"192.0.2.1": [OK]})  # FakeSession: no REQUIRETLS
+    t.mta_sts = FakeSts(STS_LISTED)  # type: ignore[assignment]
+    one_mx(monkeypatch, t)
+    (outcome,) = await t.deliver(rtls_job(requiretls=True))
+    assert isinstance(outcome, PermFail) and outcome.reply.status == "5.7.30"
+
+
+async def test_tls_required_no_skips_dane_and_mta_sts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """§4.2.2: no DANE lookup, no policy fetch, not even the MTA-STS refusal."""
+    t, connects = transport(monkeypatch, {"192.0.2.1": [OK]})
+    resolver = secure_tlsa()
+    t.dane = DaneHook(resolver)  # type: ignore[arg-type]
+    sts = FakeSts(STS_ELSEWHERE)
+    t.mta_sts = sts  # type: ignore[assignment]
+    one_mx(monkeypatch, t)
+    (outcome,) = await t.deliver(rtls_job(tls_required_no=True))
+    assert isinstance(outcome, Delivered) and "policy=opportunistic" in outcome.detail
+    assert resolver.asked == [] and sts.asked == [] and connects == ["192.0.2.1"]

@@ -129,6 +129,20 @@ async def states(store: QueueStore, queue_id: str) -> list[DeliveryState]:
 # ---------------------------------------------------------------- commit and read back
 
 
+async def test_requiretls_flags_kept(store: QueueStore) -> None:
+    """RFC 8689: a message's REQUIRETLS (and TLS-Required: No) stays with it in the
+    queue, on every store, so a restart or another node relays it the same way."""
+    for qid, params in [
+        ("QRTLS1", MailParams(requiretls=True, smtputf8=True)),
+        ("QRTLS2", MailParams(tls_required_no=True)),
+        ("QRTLS3", MailParams()),
+    ]:
+        await store.commit(message(qid, mail_params=params, sender=""))
+        info = await store.get_message(qid)
+        assert info is not None
+        assert info.mail_params == params
+
+
 async def test_commit_then_get_message(store: QueueStore) -> None:
     params = MailParams(
         size=1234, body=BodyType.EIGHT_BIT_MIME, smtputf8=True, ret=DsnRet.HDRS, envid="env-1"

@@ -1,4 +1,4 @@
-"""Envelope values: MAIL and RCPT parameters (RFC 1870, 6152, 6531, 3030, 3461).
+"""Envelope values: MAIL and RCPT parameters (RFC 1870, 6152, 6531, 3030, 3461, 8689).
 
 The protocol core parses ESMTP parameters into these values; intake stores them
 with the message so that outbound delivery can pass DSN parameters on, and
@@ -30,6 +30,13 @@ class MailParams:
     ret: DsnRet | None = None
     envid: str | None = None  # xtext-decoded
     auth: str | None = None  # RFC 4954 AUTH= parameter, decoded; "<>" means unknown
+    # RFC 8689 §4.1: MAIL FROM ... REQUIRETLS was given (only accepted over TLS);
+    # every onward SMTP hop must then be verified TLS to a server offering REQUIRETLS.
+    requiretls: bool = False
+    # RFC 8689 §3: the message carries "TLS-Required: No" (set by intake from the
+    # header section; ignored when ``requiretls`` is set, §4.1): it may go out
+    # under opportunistic TLS whatever the destination's policy asks.
+    tls_required_no: bool = False
 
 
 @dataclass(frozen=True, slots=True)

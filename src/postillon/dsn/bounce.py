@@ -42,6 +42,10 @@ def wants_notice(params: RcptParams, action: str) -> bool:
 def returns_full_message(params: MailParams, size: int, action: str) -> bool:
     """RET=FULL returns the message, RET=HDRS the headers; unspecified: small
     messages whole (RFC 3461 4.3 leaves it to us); delay notices never."""
+    if params.requiretls:
+        # RFC 8689 §5: a REQUIRETLS message is bounced as if RET=HDRS was given
+        # (RET=FULL disregarded): the body never travels in the notice.
+        return False
     if action == "delayed":
         return False
     if params.ret is DsnRet.FULL:

@@ -58,7 +58,9 @@ async def queue_notice(
         original_size=message.size,
         now=now,
     )
-    tx = intake.begin("", MailParams(), ClientInfo(), source="bounce")
+    # RFC 8689 §5: notices about a REQUIRETLS message are sent with REQUIRETLS too.
+    params = MailParams(requiretls=message.mail_params.requiretls)
+    tx = intake.begin("", params, ClientInfo(), source="bounce")
     tx.add_recipient(NewRecipient(message.sender))
     try:
         tx.start_body()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import secrets
 import shutil
@@ -40,6 +41,9 @@ MAX_HOPS = 50
 
 _RECEIVED = re.compile(rb"(?:^|\r\n)received:", re.IGNORECASE)
 _FIELD_NAME = re.compile(rb"(?:^|\r\n)([!-9;-~]+)[ \t]*:")
+# RFC 8689 §3: "TLS-Required: No" (the one value defined; case-insensitive) asks
+# that the message go out even where the destination's TLS policy would stop it.
+_TLS_REQUIRED_NO = re.compile(rb"(?:^|\r\n)tls-required[ \t]*:[ \t]*no[ \t]*(?:\r\n|$)", re.I)
 
 _Callback = Callable[[], None]
 
@@ -293,10 +297,14 @@ class IntakeTransaction:
             if fields and self._intake.metrics is not None:
                 for key in self._signing.keys:
                     self._intake.metrics.dkim_signatures.labels(key.algorithm).inc()
+        params = self.params
+        # RFC 8689 §4.1: with REQUIRETLS on MAIL the header is ignored.
+        if not params.requiretls and _TLS_REQUIRED_NO.search(self._header_buf):
+            params = dataclasses.replace(params, tls_required_no=True)
         message = NewMessage(
             queue_id=self.queue_id,
             sender=self.sender,
-            mail_params=self.params,
+            mail_params=params,
             recipients=tuple(self.recipients),
             body=body,
             size=self._size,

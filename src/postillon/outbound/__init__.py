@@ -25,7 +25,12 @@ refreshed in the background), which ``mta_sts.decide`` turns into a
 requirement or a refusal per host. ``tls_policy.decide`` applies the
 precedence (final rules, mandatory DANE, published DANE, then MTA-STS, then
 the default; its module note is the one place it is written). A hop with a
-password needs an authenticated result (``for_credentials``). After the
+password needs an authenticated result (``for_credentials``).
+``requiretls`` (RFC 8689) frames the decision per message: ``TLS-Required:
+No`` relaxes the table's requirement to a final opportunistic one before it,
+and a REQUIRETLS message raises the decided requirement to an authenticated
+one (DANE and MTA-STS enforce already are), demands REQUIRETLS in the server's
+EHLO and turns TLS failures of such a message into bounces. After the
 handshake ``tls.check_requirement`` judges the server's chain against the
 requirement - web PKI (verify, an MTA-STS enforce match), pin or TLSA match
 (``dane.py``, the pure RFC 7672 matcher) - and the session goes on only when

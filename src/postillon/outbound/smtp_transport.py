@@ -14,7 +14,10 @@ secure TLSA, RFC 7672 §2.2; an MTA-STS enforce policy that does not list it,
 RFC 8461 §4.1) or failing the check is skipped like an unreachable one: the
 next MX is tried and, when none is left, the mail is deferred with the reason
 (4.7.5). Each lookup runs once per delivery and only when the precedence can
-use it (``consults_dane``, ``consults_sts``).
+use it (``consults_dane``, ``consults_sts``). Per message, ``requiretls``
+(RFC 8689) relaxes the table's requirement before (``TLS-Required: No``) and
+raises the decided one after (REQUIRETLS), checks the server's EHLO after TLS,
+and makes a REQUIRETLS message's TLS failure a bounce.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from postillon.core.envelope import BodyType
+from postillon.core.envelope import BodyType, MailParams
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
 from postillon.core.sts import StsPolicy
 from postillon.delivery.transport import DeliveryJob
 from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
 from postillon.observability.metrics import Metrics
-from postillon.outbound import mta_sts
+from postillon.outbound import mta_sts, requiretls
 from postillon.outbound.client_session import (
     TLS_POLICY_STATUS,
     ClientTimeouts,
@@ -209,7 +212,8 @@ class SmtpTransport:
         last_detail = ""
         lookups = _Lookups()
         for target in targets:
-            requirement = await self._requirement(job.route, target, lookups)
+            params = job.message.mail_params
+            requirement = await self._requirement(job.route, target, lookups, params)
             if isinstance(requirement, HostRefused):  # not this host: try the next
                 errors.append(
                     SessionError(
@@ -218,7 +222,7 @@ class SmtpTransport:
                         tls_result=requirement.result,
                     )
                 )
-                last_detail = _describe(target, None, requirement.mode)
+                last_detail = _describe(target, None, requirement)
                 self._count_tls(requirement.mode, requirement.result)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, requirement.reason)
                 continue
@@ -230,7 +234,7 @@ class SmtpTransport:
                 # A reused connection may have been closed by the server while
                 # idle; that says nothing about the host, so retry it fresh.
                 try:
-                    result = await self._send(job, session)
+                    result = await self._send(job, session, requirement)
                 except SessionError:
                     session.close()
                 else:
@@ -238,14 +242,16 @@ class SmtpTransport:
                 session = None
             try:
                 session = await self._connect(target, requirement)
-                result = await self._send(job, session)
-            except SessionError as exc:
+                result = await self._send(job, session, requirement)
+            except SessionError as error:
                 if session is not None:
                     session.close()
-                elif exc.tls_result:  # the connection failed its TLS policy
-                    self._count_tls(requirement.mode, exc.tls_result)
+                elif error.tls_result:  # the connection failed its TLS policy
+                    self._count_tls(requirement.mode, error.tls_result)
+                # RFC 8689 §4.2.1: a REQUIRETLS message's TLS failure is a bounce.
+                exc = requiretls.failure(requirement, error, null_sender=not job.message.sender)
                 errors.append(exc)
-                last_detail = _describe(target, session, requirement.mode, requirement.sts)
+                last_detail = _describe(target, session, requirement)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
                 settled = _settled_before_failure(exc, last_detail)
                 if settled is not None:
@@ -262,7 +268,7 @@ class SmtpTransport:
         result: TransactionResult,
         requirement: TlsRequirement,
     ) -> list[Outcome]:
-        detail = _describe(target, session, requirement.mode, requirement.sts)
+        detail = _describe(target, session, requirement)
         # RFC 3461 §6.2.2: a next hop without DSN cannot honour NOTIFY=SUCCESS;
         # the runner then sends a "relayed" notice itself.
         dsn_passed = self.lmtp or "DSN" in session.extensions
@@ -276,8 +282,10 @@ class SmtpTransport:
         return outcomes
 
     @staticmethod
-    async def _send(job: DeliveryJob, session: SmtpClientSession) -> TransactionResult:
-        params = job.message.mail_params
+    async def _send(
+        job: DeliveryJob, session: SmtpClientSession, requirement: TlsRequirement
+    ) -> TransactionResult:
+        params = requiretls.mail_params(job.message.mail_params, requirement)
         return await session.send(
             job.message.sender,
             params,
@@ -289,7 +297,7 @@ class SmtpTransport:
         )
 
     async def _requirement(
-        self, route: Route, target: _Target, lookups: _Lookups
+        self, route: Route, target: _Target, lookups: _Lookups, params: MailParams
     ) -> TlsRequirement | HostRefused:
         """What the connection to ``target`` must prove, or why not to connect
         (the precedence is tls_policy's; here only its inputs are gathered)."""
@@ -300,6 +308,8 @@ class SmtpTransport:
         # smtp:host, the domain whose MX hosts these are), else the recipient domain.
         destination = hop.host if hop is not None else route.domain
         requirement = resolve(destination, target.host, self.settings.tls_policy)
+        # TLS-Required: No (RFC 8689 §4.2.2): final opportunistic, so no lookups below.
+        requirement = requiretls.relax(requirement, params, lmtp=self.lmtp)
         mx_delivery = hop is None or hop.mx_lookup
         dane: _DaneAnswer = None
         if (
@@ -331,6 +341,8 @@ class SmtpTransport:
         decided = decide(requirement, dane=dane, sts=sts, host=target.host)
         if isinstance(decided, HostRefused):
             return decided
+        # REQUIRETLS (RFC 8689 §4.2.1): authenticated TLS (DANE and MTA-STS count).
+        decided = requiretls.require(decided, target.host, params, lmtp=self.lmtp)
         if hop is not None and hop.username:
             # Never send a password to an unverified server.
             decided = for_credentials(
@@ -394,6 +406,10 @@ class SmtpTransport:
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
         self._count_tls(requirement.mode, session.tls_result if session.tls else "plaintext")
+        refused = requiretls.session_error(requirement, session.extensions)
+        if refused is not None:  # RFC 8689 §4.2.1: before AUTH or MAIL
+            await session.quit()
+            raise refused
         if requirement.sts == "testing" and not session.tls and target.address:
             log.warning(  # RFC 8460 starttls-not-supported, reported only (RFC 8461 §5)
                 "MTA-STS: %s does not offer STARTTLS (policy mode testing: delivering anyway)",
@@ -450,7 +466,7 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
     if last.reply is not None:
         reply = last.reply
     elif last.status:  # a TLS policy or local failure: the reason is the reply
-        reply = Reply.of(451, last.status, last.detail[:400])
+        reply = Reply.of(550 if last.permanent else 451, last.status, last.detail[:400])
     else:
         reply = Reply.of(451, "4.4.1", f"Connection failed: {last.detail}"[:400])
     if all(e.permanent for e in errors) and reply.is_permanent:
@@ -461,12 +477,19 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
     return TempFail(reply, detail)
 
 
-def _describe(target: _Target, session: SmtpClientSession | None, mode: str, sts: str = "") -> str:
+def _describe(
+    target: _Target, session: SmtpClientSession | None, req: TlsRequirement | HostRefused
+) -> str:
     """The host, the TLS result and the policy, for the delivery log line:
     ``mx.example[192.0.2.1]:25 tls=TLSv1.3/verified policy=verify``,
-    ``... tls=TLSv1.3/dane-ee policy=dane``, ``... policy=verify mta-sts=enforce``."""
+    ``... tls=TLSv1.3/dane-ee policy=dane``, ``... policy=verify mta-sts=enforce``,
+    ``... policy=verify+requiretls``."""
     where = target.host if not target.address else f"{target.host}[{target.address}]:{target.port}"
-    policy = f"policy={mode}" + (f" mta-sts={sts}" if sts else "")
+    policy = f"policy={req.mode}"
+    if isinstance(req, TlsRequirement):
+        policy += ("+requiretls" if req.requiretls else "") + (
+            f" mta-sts={req.sts}" if req.sts else ""
+        )
     if session is not None and session.tls:
         return f"{where} tls={session.tls.split()[0]}/{session.tls_result} {policy}"
     if session is not None:

@@ -54,6 +54,13 @@ For each host the transport tries, strongest claim first:
 5. A rule with ``opportunistic`` or ``encrypt`` (minimums that 3 and 4 may
    raise), else ``[outbound] tls``.
 
+Per message (``outbound.requiretls``, RFC 8689): ``TLS-Required: No`` turns the
+table's requirement into a final ``opportunistic`` one before 1-5 (§4.2.2: the
+sender chose delivery over DANE, MTA-STS and rules); a REQUIRETLS message
+raises the result of 1-5 to ``verify`` for the MX host name unless it is
+already authenticated (verify, an MTA-STS enforce match, fingerprint, DANE with
+usable records: §4.2.1), and the server must offer REQUIRETLS.
+
 Then, for a hop that gets a password (smarthost or route credentials), the
 result must be *authenticated* (verify, fingerprint, dane with records):
 :func:`for_credentials` raises anything weaker to ``verify`` (or
@@ -120,7 +127,10 @@ class TlsRequirement:
     behind it (precedence 4): "enforce" (a ``verify`` requirement; failures get
     RFC 8460 result names) or "testing" (``match``/``ca_file`` are what enforce
     would check, ``()`` when the policy does not list the host; a failure is
-    reported, not fatal, RFC 8461 §5).
+    reported, not fatal, RFC 8461 §5). ``requiretls``: the message asked for
+    REQUIRETLS (RFC 8689): the server's EHLO must also list REQUIRETLS, and the
+    connection carries only such mail (set by ``outbound.requiretls.require``
+    after :func:`decide`, on an authenticated requirement).
     """
 
     mode: TlsMode
@@ -131,6 +141,7 @@ class TlsRequirement:
     source: str = field(default="", compare=False)
     final: bool = False
     sts: Literal["", "enforce", "testing"] = ""
+    requiretls: bool = False
 
     @property
     def starttls(self) -> Literal["none", "opportunistic", "required"]:

@@ -5,7 +5,7 @@ writes nothing but replies, ``Reply.to_bytes``). Both parts are pure functions
 of their input:
 
 * :func:`envelope_commands` - MAIL FROM and RCPT TO lines with the parameters
-  the server offers (SIZE, BODY, SMTPUTF8, DSN, AUTH=), or the client's own
+  the server offers (SIZE, BODY, SMTPUTF8, DSN, AUTH=, REQUIRETLS), or the client's own
   refusal when the message cannot go to this server at all.
 * :class:`BodyEncoder` - the body as it goes on the wire: bare CR/LF rewritten
   to CRLF, dot-stuffing and the end marker for DATA (RFC 5321 §4.5.2),
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from postillon.core.envelope import BodyType, MailParams, RcptParams, xtext_encode
 from postillon.core.reply import Reply
 from postillon.protocol.client_events import Extensions
+from postillon.protocol.replies import REQUIRETLS_UNSUPPORTED
 
 __all__ = [
     "SMTPUTF8_UNSUPPORTED",
@@ -88,6 +89,12 @@ def envelope_commands(
         if "SMTPUTF8" not in ext:  # RFC 6531 §3.2: never downgrade silently
             return SMTPUTF8_UNSUPPORTED
         mail += " SMTPUTF8"
+    if params.requiretls:
+        # RFC 8689 §4.2.1: only to a server that offers REQUIRETLS, and say so on
+        # MAIL, so the next hop keeps the requirement; never a silent downgrade.
+        if "REQUIRETLS" not in ext:
+            return REQUIRETLS_UNSUPPORTED
+        mail += " REQUIRETLS"
     limit = ext.size
     if limit and size > limit:
         return size_exceeded(limit)

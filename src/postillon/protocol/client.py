@@ -34,12 +34,13 @@ What the core does by itself:
   what a *server* says; no smuggling risk in replies).
 * EHLO, and HELO when EHLO gets a 5xx (RFC 5321 §3.2); LHLO in LMTP.
 * The envelope: MAIL FROM with SIZE=, BODY=8BITMIME/BINARYMIME, SMTPUTF8,
-  RET/ENVID (DSN), AUTH=; RCPT TO with NOTIFY/ORCPT (DSN) - each only when
+  RET/ENVID (DSN), AUTH=, REQUIRETLS; RCPT TO with NOTIFY/ORCPT (DSN) - each only when
   offered. With PIPELINING (RFC 2920) MAIL, every RCPT and DATA go in one
   write and replies are matched in order; without it one command at a time.
 * Refusals without sending anything: SMTPUTF8 needed but not offered (550
-  5.6.7, RFC 6531 §3.2), SIZE above the server's fixed limit (552 5.3.4,
-  RFC 1870 §6.1).
+  5.6.7, RFC 6531 §3.2), REQUIRETLS needed but not offered (550 5.7.30,
+  RFC 8689 §4.2.1; with it, MAIL carries REQUIRETLS), SIZE above the
+  server's fixed limit (552 5.3.4, RFC 1870 §6.1).
 * No accepted recipient: no body. A pipelined DATA then gets its 503/554 (or,
   from a broken server, a 354 answered with an empty message: RFC 2920 §3.1).
   Whenever a transaction fails after MAIL was accepted the core sends RSET and

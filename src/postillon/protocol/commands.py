@@ -1,5 +1,5 @@
 """Parsing of SMTP command arguments (RFC 5321 §4.1, with the ESMTP parameters of
-RFC 1870, 6152, 6531, 3461 and 4954).
+RFC 1870, 6152, 6531, 3461, 4954 and 8689).
 
 Pure functions from text to values; every refusal is a ``ProtocolError`` with
 the reply to send. Sequence rules are not checked here (``_state.py`` does).
@@ -161,16 +161,22 @@ def _strip_prefix(args: str, prefix: str) -> str:
     return args[len(prefix) :].lstrip(" ")
 
 
-def parse_mail(args: str, settings: ServerSettings) -> tuple[Address | None, MailParams]:
-    """``MAIL FROM:<reverse-path> [SP params]``. Raises ProtocolError (501/553/555/552)."""
+def parse_mail(
+    args: str, settings: ServerSettings, *, tls_active: bool = False
+) -> tuple[Address | None, MailParams]:
+    """``MAIL FROM:<reverse-path> [SP params]``. Raises ProtocolError (501/553/555/552/530).
+
+    ``tls_active``: the session is TLS now (REQUIRETLS is accepted only then)."""
     rest = _strip_prefix(args, "FROM:")
     path, raw_params = _split_path(rest, ProtocolError(R.BAD_SENDER))
-    params = parse_mail_params(raw_params, settings)
+    params = parse_mail_params(raw_params, settings, tls_active=tls_active)
     sender = _address(path, smtputf8=params.smtputf8, rcpt=False)
     return sender, params
 
 
-def parse_mail_params(raw: list[str], settings: ServerSettings) -> MailParams:
+def parse_mail_params(
+    raw: list[str], settings: ServerSettings, *, tls_active: bool = False
+) -> MailParams:
     seen: dict[str, str | None] = {}
     for param in raw:
         key, value = _split_param(param)
@@ -184,6 +190,7 @@ def parse_mail_params(raw: list[str], settings: ServerSettings) -> MailParams:
     ret: DsnRet | None = None
     envid: str | None = None
     auth: str | None = None
+    requiretls = False
     for key, value in seen.items():
         if key == "SIZE":  # RFC 1870
             if value is None or not _DIGITS.match(value):
@@ -214,13 +221,29 @@ def parse_mail_params(raw: list[str], settings: ServerSettings) -> MailParams:
             if value is None:
                 raise ProtocolError(R.BAD_PARAM, "AUTH needs a value")
             auth = "<>" if value == "<>" else _xtext(value, 500, printable=False)
+        elif key == "REQUIRETLS" and settings.requiretls and not settings.lmtp:  # RFC 8689 §2
+            if value is not None:
+                raise ProtocolError(R.BAD_PARAM, "REQUIRETLS takes no value")
+            if not tls_active:
+                # Not advertised before TLS (RFC 8689 §2); a client that sends it
+                # anyway asks for a promise this plaintext session cannot keep.
+                raise ProtocolError(R.REQUIRETLS_NEEDS_TLS)
+            requiretls = True
         else:
             raise ProtocolError(R.BAD_PARAM, f"unsupported parameter {key[:20]}")
 
     limit = settings.max_message_size
     if size is not None and limit and size > limit:
         raise ProtocolError(R.MESSAGE_TOO_BIG, f"declared SIZE {size} > {limit}")
-    return MailParams(size=size, body=body, smtputf8=smtputf8, ret=ret, envid=envid, auth=auth)
+    return MailParams(
+        size=size,
+        body=body,
+        smtputf8=smtputf8,
+        ret=ret,
+        envid=envid,
+        auth=auth,
+        requiretls=requiretls,
+    )
 
 
 def parse_rcpt(

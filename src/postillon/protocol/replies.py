@@ -60,6 +60,8 @@ __all__ = [
     "NUL_NOT_ALLOWED",
     "OK",
     "PARAM_SYNTAX",
+    "REQUIRETLS_NEEDS_TLS",
+    "REQUIRETLS_UNSUPPORTED",
     "SERVICE_CLOSING",
     "SYNTAX_ERROR",
     "TLS_ALREADY_ACTIVE",
@@ -122,6 +124,12 @@ AUTH_ENCRYPTION_REQUIRED = Reply.of(
 )
 AUTH_ALREADY = Reply.of(503, "5.5.1", "Already authenticated")
 AUTH_REQUIRED = Reply.of(530, "5.7.0", "Authentication required")
+# RFC 8689 §2: MAIL ... REQUIRETLS on a session without TLS (X.7.10 "Encryption
+# needed", RFC 5248; 530 as for a command that needs a security step first).
+REQUIRETLS_NEEDS_TLS = Reply.of(530, "5.7.10", "REQUIRETLS needs a TLS session (STARTTLS first)")
+# RFC 8689 §4.2.1 / §6: the client's own refusal when the message requires TLS
+# and the server does not offer REQUIRETLS (X.7.30 "REQUIRETLS support required").
+REQUIRETLS_UNSUPPORTED = Reply.of(550, "5.7.30", "REQUIRETLS support required; not offered")
 AUTH_SUCCEEDED = Reply.of(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply.of(535, "5.7.8", "Authentication credentials invalid")
 AUTH_CANCELLED = Reply.of(501, "5.0.0", "Authentication cancelled")

@@ -435,7 +435,7 @@ class ServerConnection(AuthExchange, MessageContent):
         self._check(Command.MAIL)
         if self.settings.require_auth and not self._authenticated:
             raise ProtocolError(R.AUTH_REQUIRED)  # RFC 6409 §4.3, RFC 4954 §6
-        sender, params = parse_mail(args, self.settings)
+        sender, params = parse_mail(args, self.settings, tls_active=self.tls_active)
         self._events.append(MailFrom(sender, params))
 
     def _cmd_rcpt(self, verb: str, args: str) -> None:

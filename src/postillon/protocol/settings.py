@@ -36,6 +36,9 @@ class ServerSettings:
     chunking: bool = True  # RFC 3030 CHUNKING / BDAT
     smtputf8: bool = True  # RFC 6531
     dsn: bool = True  # RFC 3461
+    # RFC 8689 REQUIRETLS: offered (and accepted) only once TLS is active, on SMTP
+    # (not LMTP: final delivery is this machine's business, §4.4).
+    requiretls: bool = True
     # RFC 4954 SASL mechanisms (names from protocol.sasl.MECHANISMS). Offered
     # and accepted only once TLS is active (RFC 4954 §4, RFC 8314), unless
     # auth_plaintext allows it on this listener (never by default).

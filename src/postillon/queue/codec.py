@@ -35,6 +35,10 @@ def encode_mail_params(p: MailParams) -> str:
         d["envid"] = p.envid
     if p.auth is not None:
         d["auth"] = p.auth
+    if p.requiretls:  # RFC 8689: the requirement travels with the message
+        d["requiretls"] = True
+    if p.tls_required_no:
+        d["tls_required_no"] = True
     return _dumps(d)
 
 
@@ -48,6 +52,8 @@ def decode_mail_params(text: str) -> MailParams:
         ret=DsnRet(ret) if ret is not None else None,
         envid=d.get("envid"),
         auth=d.get("auth"),
+        requiretls=bool(d.get("requiretls", False)),
+        tls_required_no=bool(d.get("tls_required_no", False)),
     )
 
 
