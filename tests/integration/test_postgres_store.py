@@ -83,7 +83,12 @@ async def test_concurrent_migrations_apply_once(postgres_dsn: str) -> None:
     conns = [await asyncpg.connect(postgres_dsn) for _ in range(3)]
     try:
         results = await asyncio.gather(*(migrate(c) for c in conns))
-        assert sorted(len(r) for r in results) == [0, 0, SCHEMA_VERSION]
+        # Each migration runs in its own transaction under the advisory lock, so the
+        # connections may share the work (with migration 4 they often do): what must
+        # hold is that every migration is applied exactly once, each run in order.
+        versions = [m.version for r in results for m in r]
+        assert sorted(versions) == list(range(1, SCHEMA_VERSION + 1))
+        assert all([m.version for m in r] == sorted(m.version for m in r) for r in results)
     finally:
         for c in conns:
             await c.close()
