@@ -109,7 +109,7 @@ def test_bad_settings_name_the_key(section: dict[str, Any], message: str) -> Non
 
 
 def test_serving_needs_a_certificate() -> None:
-    with pytest.raises(ConfigError, match="mta_sts.listen is set but the server has no cert"):
+    with pytest.raises(ConfigError, match=r"mta_sts\.listen is set but the server has no cert"):
         parse_config({"mta_sts": {"listen": "0.0.0.0:443"}, "tls": {"self_signed": False}})
     assert _config(listen="0.0.0.0:443").mta_sts.listen == "0.0.0.0:443"  # self-signed
 
