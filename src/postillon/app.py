@@ -40,8 +40,10 @@ from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import SystemClock
 from postillon.core.recipient import RecipientAccepted
+from postillon.core.sts import format_policy
 from postillon.delivery.runner import Runner
 from postillon.delivery.transport import Transport
+from postillon.dnsrecords.records import served_policy
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.listener import Listener
@@ -51,7 +53,7 @@ from postillon.inbound.privileges import (
     prepare_data_dir,
     running_as_root,
 )
-from postillon.inbound.tls import empty_server_context
+from postillon.inbound.tls import ServerCertificate, empty_server_context
 from postillon.intake.intake import Intake
 from postillon.intake.pickup import Pickup
 from postillon.local.discard import DiscardTransport, ErrorTransport
@@ -70,6 +72,7 @@ from postillon.signing.signer import DkimSigner, build_signer
 
 if TYPE_CHECKING:
     from postillon.admin.server import AdminServer
+    from postillon.dnsrecords.sts_server import StsServer
 
 log = logging.getLogger("postillon")
 
@@ -88,6 +91,8 @@ class App:
         self.pickup: Pickup | None = None
         self.history: HistoryRecorder | None = None
         self.admin: AdminServer | None = None
+        # The MTA-STS policy server ([mta_sts] listen), when configured.
+        self.mta_sts: StsServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
         # Helper processes (DKIM verification, RSA signing), started just before
@@ -137,6 +142,8 @@ class App:
             )
             await listener.bind()
             self.listeners.append(listener)
+        if config.mta_sts.listen is not None:
+            await self._bind_mta_sts(config, certificate)
         # Keys are read before dropping root, as OpenDKIM does: they may be readable by root only.
         signer: DkimSigner | None = build_signer(config)
         if drop_to is not None:
@@ -158,6 +165,10 @@ class App:
             self_signed = tls_certificate(config)
             assert self_signed is not None
             self_signed.load_into(tls_context)
+            if self.mta_sts is not None:
+                self_signed.load_into(self.mta_sts.tls)
+        if self.mta_sts is not None:
+            self._check_mta_sts_certificate(config)
 
         self.store = open_queue_store(config)
         self._builder.store = self.store
@@ -247,8 +258,11 @@ class App:
             limiter=limiter,
             listeners=self.listeners,
             helpers=self._helpers,
+            mta_sts=self.mta_sts,
         )
         self.pickup.start()
+        if self.mta_sts is not None:
+            await self.mta_sts.start()
         for listener, deps in serving:
             await listener.start(deps)
         if config.admin.listen is not None:
@@ -257,6 +271,33 @@ class App:
         log.info("postillon started: %s", ", ".join(lst.config.label for lst in self.listeners))
         for note in config.deprecations():
             log.warning("config: %s", note)
+
+    async def _bind_mta_sts(self, config: Config, certificate: ServerCertificate | None) -> None:
+        """Bind the MTA-STS policy server (port 443: as root, before the drop) with its
+        own TLS context holding the SMTP certificate (the configured one now; the
+        self-signed one is loaded after the drop, as for the listeners)."""
+        # Imported here: aiohttp is slow to import and most CLI commands never need it.
+        from postillon.dnsrecords.sts_server import StsServer
+
+        assert config.mta_sts.listen is not None
+        context = empty_server_context(config.tls.min_version)
+        if certificate is not None:
+            certificate.load_into(context)
+        self.mta_sts = StsServer(
+            config.mta_sts.listen,
+            context,
+            config.local_domains,
+            format_policy(served_policy(config)),
+        )
+        await self.mta_sts.bind()
+
+    @staticmethod
+    def _check_mta_sts_certificate(config: Config) -> None:
+        from postillon.dnsrecords.sts_server import warn_uncovered
+
+        certificate = tls_certificate(config)
+        if certificate is not None:
+            warn_uncovered(certificate.certificate, config.local_domains)
 
     async def _start_admin(
         self,
@@ -337,6 +378,8 @@ class App:
             grace = self.config.shutdown.grace
         if self.admin is not None:
             await self.admin.stop()
+        if self.mta_sts is not None:
+            await self.mta_sts.stop()
         for listener in self.listeners:
             listener.stop_accepting()
         await asyncio.gather(*(lst.wait_sessions(grace) for lst in self.listeners))

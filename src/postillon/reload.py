@@ -23,6 +23,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from postillon.build import (
     Builder,
@@ -36,8 +37,10 @@ from postillon.config.changes import effective, restart_needed
 from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
 from postillon.core.credentials import redact
+from postillon.core.sts import format_policy
 from postillon.delivery.runner import Runner
 from postillon.delivery.transport import Transport
+from postillon.dnsrecords.records import served_policy
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.accounts import AccountError
 from postillon.inbound.limits import ConnectionLimiter
@@ -50,6 +53,9 @@ from postillon.outbound.smtp_transport import SmtpTransport
 from postillon.routing.aliases import AliasesError
 from postillon.signing.remote_keys import shared_keys
 from postillon.signing.signer import DkimSigner
+
+if TYPE_CHECKING:
+    from postillon.dnsrecords.sts_server import StsServer
 
 log = logging.getLogger("postillon")
 
@@ -75,6 +81,8 @@ class _Built:
     policy: Policy
     # New SMTP/LMTP transports when [outbound], [dns], [[tls_policy]] or the hostname changed.
     smtp: tuple[SmtpTransport, SmtpTransport] | None
+    # The MTA-STS policy text ([mta_sts] mode, max_age, mx).
+    sts_policy: str
 
 
 def share_keys(helpers: HelperPool, signer: DkimSigner | None) -> None:
@@ -102,6 +110,7 @@ class Reloader:
         limiter: ConnectionLimiter,
         listeners: list[Listener],
         helpers: HelperPool,
+        mta_sts: StsServer | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -116,6 +125,7 @@ class Reloader:
         self._limiter = limiter
         self._listeners = listeners
         self._helpers = helpers
+        self._mta_sts = mta_sts
         self._lock = asyncio.Lock()
         # SMTP transports replaced by a reload, closed again at stop.
         self._retired: list[SmtpTransport] = []
@@ -149,6 +159,10 @@ class Reloader:
                 return ReloadResult(False, redact(f"{type(exc).__name__}: {exc}"))
             self._apply(built)
             metrics.reloads.labels("ok").inc()
+            if self._mta_sts is not None and built.certificate is not None:
+                from postillon.dnsrecords.sts_server import warn_uncovered
+
+                warn_uncovered(built.certificate.certificate, built.config.local_domains)
             if built.restart:
                 log.warning(
                     "reload: these settings changed but need a restart to take effect: %s",
@@ -175,9 +189,10 @@ class Reloader:
             self.config.tls_policy,
         ):
             smtp = self._builder.smtp_transports(new)
+        sts_policy = format_policy(served_policy(new))
         # Last: from here on the log is written as the new config says.
         configure_logging(new.log, self._maillog, new.hostname)
-        return _Built(new, restart, certificate, tls_context, policy, smtp)
+        return _Built(new, restart, certificate, tls_context, policy, smtp, sts_policy)
 
     def _apply(self, built: _Built) -> None:
         """Step 2: each component takes its new settings; nothing here may fail half-way."""
@@ -221,6 +236,11 @@ class Reloader:
             transports=transports,
         )
         self._pickup.reconfigure(config.hostname, config.limits.message_size)
+        if self._mta_sts is not None:
+            # The policy server presents the SMTP certificate: the new one from now on.
+            if built.certificate is not None:
+                built.certificate.load_into(self._mta_sts.tls)
+            self._mta_sts.reconfigure(config.local_domains, built.sts_policy)
 
     async def close(self) -> None:
         """At stop: close the SMTP transports, the running ones and those a reload retired."""

@@ -18,7 +18,7 @@ from postillon.config.model import Config
 from postillon.core.address import AddressError, domain_to_ascii
 from postillon.dns.dnspython_resolver import DnsResolver
 from postillon.dnsrecords.check import CheckItem, check_plan
-from postillon.dnsrecords.records import DomainPlan, plan_for
+from postillon.dnsrecords.records import DomainPlan, plan_for, served_policy
 from postillon.signing.keys import DkimKey, KeyStoreError, key_store_from_config
 
 _NOT_LOCAL = (
@@ -79,6 +79,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         keys,
         report_address=getattr(args, "report_address", None),
         smarthost=config.relay.smarthost,
+        sts_policy=served_policy(config),
+        sts_listen=config.mta_sts.listen,
     )
     if args.dns_command == "records":
         if args.ttl < 0:

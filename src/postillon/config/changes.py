@@ -9,7 +9,8 @@ reload reports each one that differs, by its config key, so the operator
 knows a restart is needed.
 
 The rule is a whitelist: a top-level section not named in ``RELOADABLE``
-(including sections added later, e.g. ``[admin]``) needs a restart.
+(including sections added later, e.g. ``[admin]``) needs a restart, and so does
+every field of a section in ``PARTLY_RELOADABLE`` that its set does not name.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from postillon.config.model import Config, QueueConfig
+from postillon.config.model import Config
 
 # Top-level settings a reload applies.
 RELOADABLE = frozenset(
@@ -42,6 +43,8 @@ RELOADABLE = frozenset(
         "helper_processes",  # extra helpers stop, missing ones start on the next request
     }
 )
+# [mta_sts] settings a reload applies: the policy served; its socket stays bound.
+RELOADABLE_MTA_STS = frozenset({"mode", "max_age", "mx"})
 # [queue] settings a reload applies (retry curve and runner limits); every
 # other [queue] field chooses or configures the store.
 RELOADABLE_QUEUE = frozenset(
@@ -56,6 +59,12 @@ RELOADABLE_QUEUE = frozenset(
     }
 )
 
+# Sections of which only some fields are reloadable, and those fields.
+PARTLY_RELOADABLE: dict[str, frozenset[str]] = {
+    "queue": RELOADABLE_QUEUE,
+    "mta_sts": RELOADABLE_MTA_STS,
+}
+
 
 def restart_needed(old: Config, new: Config) -> list[str]:
     """Config keys whose new value only takes effect after a restart."""
@@ -64,11 +73,12 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         before, after = getattr(old, name), getattr(new, name)
         if before == after:
             continue
-        if name == "queue":
+        if name in PARTLY_RELOADABLE:
             keys.extend(
-                f"queue.{field}"
-                for field in QueueConfig.model_fields
-                if field not in RELOADABLE_QUEUE and getattr(before, field) != getattr(after, field)
+                f"{name}.{field}"
+                for field in type(before).model_fields
+                if field not in PARTLY_RELOADABLE[name]
+                and getattr(before, field) != getattr(after, field)
             )
         elif name not in RELOADABLE:
             keys.extend(_changed_keys(name, before, after))
@@ -81,14 +91,18 @@ def effective(old: Config, new: Config) -> Config:
     update: dict[str, Any] = {
         name: getattr(old, name)
         for name in type(old).model_fields
-        if name not in RELOADABLE and getattr(old, name) != getattr(new, name)
+        if name not in RELOADABLE
+        and name not in PARTLY_RELOADABLE
+        and getattr(old, name) != getattr(new, name)
     }
-    queue_kept = {
-        field: getattr(old.queue, field)
-        for field in QueueConfig.model_fields
-        if field not in RELOADABLE_QUEUE
-    }
-    update["queue"] = new.queue.model_copy(update=queue_kept)
+    for name, reloadable in PARTLY_RELOADABLE.items():
+        section = getattr(new, name)
+        kept = {
+            field: getattr(getattr(old, name), field)
+            for field in type(section).model_fields
+            if field not in reloadable
+        }
+        update[name] = section.model_copy(update=kept)
     return new.model_copy(update=update)
 
 

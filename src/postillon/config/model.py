@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from postillon.config.address import split_host_port
+from postillon.config.mta_sts import MtaStsConfig
 from postillon.config.outbound import (
     OutboundConfig,
     RelayConfig,
@@ -25,24 +27,14 @@ from postillon.core.credentials import check_postgresql_url
 
 __all__ = [
     "Config",
+    "MtaStsConfig",
     "OutboundConfig",
     "RelayConfig",
     "TlsPolicyName",
     "TlsPolicyRule",
     "TransportRule",
+    "split_host_port",
 ]
-
-
-def split_host_port(value: str) -> tuple[str, int]:
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port = rest.lstrip(":")
-    else:
-        host, _, port = value.rpartition(":")
-    try:
-        return host, int(port)
-    except ValueError as exc:
-        raise ValueError(f"address {value!r} must be host:port") from exc
 
 
 ListenerKind = Literal["smtp", "submission", "submissions", "lmtp"]
@@ -482,6 +474,7 @@ class Config(_Frozen):
     dkim: DkimConfig = DkimConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     admin: AdminConfig = AdminConfig()
+    mta_sts: MtaStsConfig = MtaStsConfig()
 
     @field_validator("helper_processes")
     @classmethod
@@ -555,6 +548,27 @@ class Config(_Frozen):
                 "and tls.private_key, or tls.self_signed = true"
             )
         return self
+
+    @model_validator(mode="after")
+    def _mta_sts_certificate(self) -> Config:
+        if (
+            self.mta_sts.listen is not None
+            and self.tls.certificate is None
+            and not (self.tls.self_signed)
+        ):
+            raise ValueError(
+                "mta_sts.listen is set but the server has no certificate to serve the "
+                "policy with (RFC 8461 3.3: HTTPS only): set tls.certificate and "
+                "tls.private_key, or tls.self_signed = true"
+            )
+        return self
+
+    @property
+    def mta_sts_mx(self) -> tuple[str, ...]:
+        """The policy's MX patterns: ``[mta_sts] mx``, else this server's hostname."""
+        if self.mta_sts.mx is not None:
+            return self.mta_sts.mx
+        return (self.hostname.strip().lower().rstrip("."),)
 
     @property
     def local_domains(self) -> frozenset[str]:

@@ -3,6 +3,10 @@
 Here in ``core`` because three rooms share them: ``dnsrecords`` (``dns check``),
 ``outbound`` (enforcement) and ``queue`` (the policy cache every node shares).
 
+``format_policy`` writes the file postillon serves for its own domains;
+``parse_policy`` reads anyone's (and must read ours back unchanged: a unit test
+keeps the two in step).
+
 A policy is lines of ``key: value``; ``version``, ``mode`` and ``max_age`` appear once,
 ``mx`` once per pattern. Unknown keys are ignored (§3.2: extensions). An ``mx`` pattern
 is a host name or ``*.`` plus a name, which matches exactly one more leftmost label
@@ -118,3 +122,23 @@ class CachedPolicy:
 
     def fresh(self, now: float) -> bool:
         return now < self.expires_at
+
+
+def format_policy(policy: StsPolicy) -> str:
+    """The policy file for ``policy`` (RFC 8461 §3.2), in the order of the RFC's
+    example: ``version``, ``mode``, one ``mx`` line per pattern, ``max_age``, each line
+    ended by CRLF (§3.2 allows LF or CRLF; its example uses CRLF). Raises
+    :class:`PolicyError` for a policy ``parse_policy`` would refuse."""
+    if policy.mode not in ("enforce", "testing", "none"):
+        raise PolicyError(f"mode {policy.mode!r} is not enforce, testing or none")
+    if not 0 <= policy.max_age <= MAX_AGE_LIMIT:
+        raise PolicyError(f"max_age {policy.max_age} is not 0 to {MAX_AGE_LIMIT} seconds")
+    if not policy.mx and policy.mode != "none":
+        raise PolicyError(f"mode {policy.mode} needs at least one mx pattern (RFC 8461 3.2)")
+    for pattern in policy.mx:
+        if not pattern or any(c in pattern for c in " \t\r\n:"):
+            raise PolicyError(f"{pattern!r} is not an mx pattern")
+    lines = ["version: STSv1", f"mode: {policy.mode}"]
+    lines.extend(f"mx: {pattern}" for pattern in policy.mx)
+    lines.append(f"max_age: {policy.max_age}")
+    return "".join(line + "\r\n" for line in lines)

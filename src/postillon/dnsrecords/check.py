@@ -15,7 +15,7 @@ from typing import Literal
 from postillon.core.sts import PolicyError, parse_policy
 from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver, TxtRecord
 from postillon.dns.sts_fetch import PolicyFetchError, fetch_policy, policy_url
-from postillon.dnsrecords.records import DomainPlan
+from postillon.dnsrecords.records import DomainPlan, mta_sts_id
 from postillon.signing.keys import DkimKey
 
 Status = Literal["ok", "warn", "fail"]
@@ -212,9 +212,11 @@ async def check_plan(
         return CheckItem("ok", "DMARC", found[0] + note)
 
     async def mta_sts() -> list[CheckItem]:
-        """The _mta-sts record and, when it is well-formed, the policy it announces."""
+        """The _mta-sts record and, when it is well-formed, the policy it announces
+        (also under a stale id: senders that never saw the policy still fetch it)."""
         record = await mta_sts_record()
-        return [record, await mta_sts_policy()] if record.status == "ok" else [record]
+        stale = record.status == "warn" and "the policy postillon serves has id=" in record.detail
+        return [record, await mta_sts_policy()] if record.status == "ok" or stale else [record]
 
     async def mta_sts_record() -> CheckItem:
         name = f"_mta-sts.{domain}"
@@ -231,6 +233,16 @@ async def check_plan(
         if not re.fullmatch(r"[A-Za-z0-9]{1,32}", ident):
             return CheckItem(
                 "fail", "MTA-STS", f"{found[0]!r}: id= must be 1-32 letters and digits"
+            )
+        expected = mta_sts_id(plan.mta_sts_policy)
+        if plan.mta_sts_listen is not None and ident != expected:
+            # Senders fetch the policy again only when the id changes (RFC 8461 3.1):
+            # with a stale id they keep the old policy until its max_age runs out.
+            return CheckItem(
+                "warn",
+                "MTA-STS",
+                f"{found[0]!r}: the policy postillon serves has id={expected}; publish "
+                f'{name}. IN TXT "v=STSv1; id={expected}" so senders fetch it',
             )
         return CheckItem("ok", "MTA-STS", found[0])
 

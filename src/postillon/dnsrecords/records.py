@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
+from postillon.config.model import Config, split_host_port
+from postillon.core.sts import Mode, StsPolicy, format_policy
 from postillon.signing.keys import DkimKey
 
-RecordKind = Literal["MX", "SPF", "HELO-SPF", "DKIM", "DMARC", "MTA-STS", "TLS-RPT"]
+RecordKind = Literal["MX", "SPF", "HELO-SPF", "DKIM", "DMARC", "MTA-STS", "MTA-STS-HOST", "TLS-RPT"]
 
 DEFAULT_TTL = 3600
 
@@ -20,7 +23,7 @@ class Record:
 
     kind: RecordKind
     name: str
-    rtype: Literal["MX", "TXT"]
+    rtype: Literal["MX", "TXT", "A", "AAAA", "CNAME"]
     value: str
     note: str
 
@@ -39,13 +42,16 @@ def _quoted(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class DomainPlan:
-    """Everything to publish for ``domain``, and the MTA-STS policy file's text."""
+    """Everything to publish for ``domain``, and the MTA-STS policy file's text.
+    ``mta_sts_listen``: where postillon serves that file itself ([mta_sts] listen),
+    None when another web server must."""
 
     domain: str
     hostname: str
     records: tuple[Record, ...]
     mta_sts_policy: str
     dkim_missing: bool
+    mta_sts_listen: str | None = None
 
     def zone_text(self, ttl: int = DEFAULT_TTL) -> str:
         lines = [f"; DNS records for {self.domain} (mail host {self.hostname})", ""]
@@ -60,18 +66,35 @@ class DomainPlan:
             lines.append(f";   postillon dkim keygen {self.domain}")
             lines.append(f";   postillon dkim keygen {self.domain} --algorithm ed25519")
             lines.append("")
-        lines.append(f"; MTA-STS also needs https://mta-sts.{self.domain}/.well-known/mta-sts.txt")
-        lines.append(
-            f"; (a web server with a valid certificate for mta-sts.{self.domain}) holding:"
-        )
+        url = f"https://mta-sts.{self.domain}/.well-known/mta-sts.txt"
+        if self.mta_sts_listen is not None:
+            lines.append(f"; postillon serves {url}")
+            lines.append(f"; ([mta_sts] listen = {self.mta_sts_listen}) with this policy:")
+        else:
+            lines.append(f"; MTA-STS also needs {url}")
+            lines.append(
+                f"; (a web server with a valid certificate for mta-sts.{self.domain}) holding:"
+            )
         lines.extend(f";   {line}" for line in self.mta_sts_policy.splitlines())
-        lines.append("; Change the _mta-sts id whenever you change the policy (RFC 8461 3.1).")
+        lines.append(
+            "; The _mta-sts id is derived from this policy: it changes whenever the policy"
+        )
+        lines.append(
+            "; does ([mta_sts] mode, max_age, mx), and senders only fetch the policy again"
+        )
+        lines.append("; when the id they see changes (RFC 8461 3.1): publish the new one then.")
         return "\n".join(lines) + "\n"
 
 
-def mta_sts_policy(hostname: str, mode: str = "testing", max_age: int = 604800) -> str:
+def served_policy(config: Config) -> StsPolicy:
+    """The MTA-STS policy of this server's domains, from ``[mta_sts]``: what postillon
+    serves (``sts_server``) and what ``dns records`` derives the TXT id from."""
+    return StsPolicy(config.mta_sts.mode, config.mta_sts.max_age, config.mta_sts_mx)
+
+
+def mta_sts_policy(hostname: str, mode: Mode = "testing", max_age: int = 604800) -> str:
     """RFC 8461 §3.2. "testing" first: failures are reported (TLS-RPT), not enforced."""
-    return f"version: STSv1\nmode: {mode}\nmx: {hostname}\nmax_age: {max_age}\n"
+    return format_policy(StsPolicy(mode, max_age, (hostname,)))
 
 
 def mta_sts_id(policy: str) -> str:
@@ -87,12 +110,16 @@ def plan_for(
     *,
     report_address: str | None = None,
     smarthost: str | None = None,
+    sts_policy: StsPolicy | None = None,
+    sts_listen: str | None = None,
 ) -> DomainPlan:
-    """The records for ``domain`` whose mail host is ``hostname`` (``[hostname]``)."""
+    """The records for ``domain`` whose mail host is ``hostname`` (``[hostname]``).
+    ``sts_policy``: the MTA-STS policy (default: testing, a week, ``hostname``);
+    ``sts_listen``: where postillon serves it (``[mta_sts] listen``), if it does."""
     domain = domain.strip().lower().rstrip(".")
     hostname = hostname.strip().lower().rstrip(".")
     rua = f"mailto:{report_address or 'postmaster@' + domain}"
-    policy = mta_sts_policy(hostname)
+    policy = format_policy(sts_policy or StsPolicy("testing", 604800, (hostname,)))
     spf_note = (
         "SPF (RFC 7208): the hosts in MX may send mail for the domain. When all of its mail\n"
         "leaves through this server, change ~all (softfail) to -all (fail)."
@@ -144,6 +171,7 @@ def plan_for(
                 f"v=STSv1; id={mta_sts_id(policy)}",
                 "MTA-STS (RFC 8461): senders must use TLS to the MX hosts in the policy file.",
             ),
+            *_policy_host(domain, hostname, sts_listen),
             Record(
                 "TLS-RPT",
                 f"_smtp._tls.{domain}",
@@ -153,4 +181,33 @@ def plan_for(
             ),
         ]
     )
-    return DomainPlan(domain, hostname, tuple(records), policy, dkim_missing=not keys)
+    return DomainPlan(
+        domain, hostname, tuple(records), policy, dkim_missing=not keys, mta_sts_listen=sts_listen
+    )
+
+
+def _policy_host(domain: str, hostname: str, listen: str | None) -> list[Record]:
+    """Where ``mta-sts.DOMAIN`` points when postillon serves the policy (RFC 8461 §3.3:
+    senders fetch it from that name, on port 443, over HTTPS)."""
+    if listen is None:
+        return []
+    name = f"mta-sts.{domain}"
+    host, port = split_host_port(listen)
+    note = (
+        f"MTA-STS policy host: postillon serves the policy here ([mta_sts] listen = {listen}).\n"
+        f"The [tls] certificate must also name {name}: senders verify it (RFC 8461 3.3)."
+    )
+    if port != 443:
+        note += f"\nSenders connect to port 443: forward it to port {port}."
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is None or address.is_unspecified:
+        note += (
+            "\nIt may point at the mail host by name (as here), or hold A and AAAA "
+            "records with\nthe addresses this host listens on."
+        )
+        return [Record("MTA-STS-HOST", name, "CNAME", f"{hostname}.", note)]
+    rtype: Literal["A", "AAAA"] = "A" if address.version == 4 else "AAAA"
+    return [Record("MTA-STS-HOST", name, rtype, str(address), note)]
