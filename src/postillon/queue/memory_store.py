@@ -28,6 +28,7 @@ from postillon.queue.store import (
     StoreError,
     StoreHealth,
 )
+from postillon.queue.tls_reports import MemoryTlsReports
 
 __all__ = ["MemoryStore"]
 
@@ -64,6 +65,7 @@ class MemoryStore:
         self._events: list[QueueEvent] = []
         self._closed = False
         self._heartbeats: dict[str, float] = {}  # lease owner -> last heartbeat
+        self.tls_reports = MemoryTlsReports(self._check_open)  # store.py step 7
 
     def _check_open(self) -> None:
         if self._closed:

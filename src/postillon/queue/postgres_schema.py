@@ -23,6 +23,8 @@ from typing import Final
 
 import asyncpg
 
+from postillon.queue.tls_reports import POSTGRES_TABLES as TLS_REPORT_TABLES
+
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
@@ -118,6 +120,10 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             )""",
         ),
     ),
+    # 4 is the MTA-STS policy cache (sts_policies, branch mtasts): a placeholder on this
+    # branch until that merges; the merged branch's Migration(4, ...) replaces this line.
+    Migration(4, "reserved: MTA-STS policy cache", ()),
+    Migration(5, "SMTP TLS reporting counters (RFC 8460), shared by every node", TLS_REPORT_TABLES),
 )
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version

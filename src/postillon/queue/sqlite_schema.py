@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from postillon.queue.store import StoreError
+from postillon.queue.tls_reports import SQLITE_TABLES as TLS_REPORT_TABLES
 
 __all__ = [
     "BUSY_TIMEOUT",
@@ -39,7 +40,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 3  # PRAGMA user_version
+SCHEMA_VERSION: Final = 5  # PRAGMA user_version
 BUSY_TIMEOUT: Final = 10.0  # seconds a connection waits for another writer
 _MAX_IDLE_READERS: Final = 4
 
@@ -101,6 +102,12 @@ _SCHEMA_V3: Final = (
         heartbeat REAL NOT NULL
     ) WITHOUT ROWID""",
 )
+
+# Version 4 is the MTA-STS policy cache (sts_policies, branch mtasts); an empty
+# placeholder on this branch until that merges: keep the merged branch's step here.
+_SCHEMA_V4: Final[tuple[str, ...]] = ()
+# Version 5: the SMTP TLS reporting counters (RFC 8460; see tls_reports.py).
+_SCHEMA_V5: Final = TLS_REPORT_TABLES
 
 RECORD_COLUMNS: Final = (
     "record_id, queue_id, recipient, original_recipient, rcpt_params, state, attempts,"
@@ -164,8 +171,9 @@ def init_database(path: Path) -> None:
         _retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version in (0, 1, 2):
-                steps = (_SCHEMA, _SCHEMA_V2, _SCHEMA_V3)[version:]
+            steps_by_version = (_SCHEMA, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
+            if 0 <= version < SCHEMA_VERSION:
+                steps = steps_by_version[version:]
                 for statement in (s for step in steps for s in step):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -94,6 +94,7 @@ from postillon.queue.store import (
     StoreError,
     StoreHealth,
 )
+from postillon.queue.tls_reports import SqliteTlsReports
 
 __all__ = ["BUSY_TIMEOUT", "CHUNK_SIZE", "SCHEMA_VERSION", "SqliteStore"]
 
@@ -124,6 +125,7 @@ class SqliteStore:
         )
         self._writer = GroupCommitWriter(self._path)
         self._write = self._writer.submit
+        self.tls_reports = SqliteTlsReports(self._read, self._write)  # store.py step 7
 
     @property
     def path(self) -> Path:
