@@ -56,6 +56,9 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "inbound": ("protocol", "checks", "intake"),
     "helpers": ("dkimcore", "signing"),
     "dnsrecords": ("dns.resolver", "config", "signing"),
+    # tlsrpt (RFC 8460): observes outbound sessions (the observer's value type), keeps
+    # counters in the store, looks up _smtp._tls TXT, and mails reports through intake.
+    "tlsrpt": ("dns.resolver", "queue.store", "intake", "outbound.tls_observer"),
     "admin": ANYTHING,
     "app": ANYTHING,
     "reload": ANYTHING,

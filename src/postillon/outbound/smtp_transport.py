@@ -26,7 +26,7 @@ from postillon.core.envelope import BodyType
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
 from postillon.delivery.transport import DeliveryJob
-from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
+from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver, TlsaRecord
 from postillon.observability.metrics import Metrics
 from postillon.outbound.client_session import (
     TLS_POLICY_STATUS,
@@ -40,6 +40,7 @@ from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.mx import resolve_next_hops
 from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
+from postillon.outbound.tls_observer import TlsObserver, TlsSessionResult, published_policy
 from postillon.outbound.tls_policy import (
     HostRefused,
     NoPublishedPolicy,
@@ -98,6 +99,9 @@ class _Target:
     # and this host's address answer were secure.
     mx_secure: bool = False
     address_secure: bool = False
+    # The domain whose MX this host is (RFC 8460's policy domain); "" for a host
+    # the operator named (smarthost, route), whose TLS is not reported.
+    mx_domain: str = ""
 
 
 class SmtpTransport:
@@ -110,6 +114,7 @@ class SmtpTransport:
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
         dane: DaneHook | None = None,
+        tls_observer: TlsObserver | None = None,
     ) -> None:
         self.resolver = resolver
         self.metrics = metrics
@@ -121,6 +126,9 @@ class SmtpTransport:
         # policy = "dane" rule defers, see tls_policy.decide). Never for LMTP next hops.
         self.dane = dane if not lmtp else None
         self.limits = Limits(settings.concurrency, settings.per_destination)
+        # Told of every MX session's TLS result where it is counted (_count_tls):
+        # [tls_reports], RFC 8460 (see tls_observer.py). Never for LMTP.
+        self.tls_observer = tls_observer if not lmtp else None
 
     async def close(self) -> None:
         await self.pool.close()
@@ -140,7 +148,15 @@ class SmtpTransport:
         if result.failure is not None:
             return result.failure
         targets = [
-            _Target(next_hop.host, address, port, hop, result.authenticated, next_hop.authenticated)
+            _Target(
+                next_hop.host,
+                address,
+                port,
+                hop,
+                result.authenticated,
+                next_hop.authenticated,
+                domain,
+            )
             for next_hop in result.hops
             for address in next_hop.addresses
         ]
@@ -196,7 +212,9 @@ class SmtpTransport:
                     )
                 )
                 last_detail = _describe(target, None, requirement.mode)
-                self._count_tls(requirement.mode, requirement.result)
+                self._count_tls(
+                    requirement.mode, requirement.result, target, None, requirement.reason
+                )
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, requirement.reason)
                 continue
             # Pooled by requirement too: a connection that met a weaker policy
@@ -220,7 +238,9 @@ class SmtpTransport:
                 if session is not None:
                     session.close()
                 elif exc.tls_result:  # the connection failed its TLS policy
-                    self._count_tls(requirement.mode, exc.tls_result)
+                    self._count_tls(
+                        requirement.mode, exc.tls_result, target, requirement.tlsa, exc.detail
+                    )
                 errors.append(exc)
                 last_detail = _describe(target, session, requirement.mode)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
@@ -349,7 +369,8 @@ class SmtpTransport:
         )
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
-        self._count_tls(requirement.mode, session.tls_result if session.tls else "plaintext")
+        result = session.tls_result if session.tls else "plaintext"
+        self._count_tls(requirement.mode, result, target, requirement.tlsa)
         if hop is not None and hop.username:
             if not requirement.authenticated or session.tls_result not in AUTHENTICATED_RESULTS:
                 # for_credentials made sure of it; kept as a last guard here, at
@@ -366,9 +387,33 @@ class SmtpTransport:
                 raise
         return session
 
-    def _count_tls(self, mode: str, result: str) -> None:
+    def _count_tls(
+        self,
+        mode: str,
+        result: str,
+        target: _Target,
+        tlsa: tuple[TlsaRecord, ...] | None = None,
+        reason: str = "",
+    ) -> None:
+        """The one place each session's TLS result is counted: the metric, and the
+        observer (TLS reporting) for MX sessions."""
         if self.metrics is not None:
             self.metrics.outbound_tls.labels(mode, result).inc()
+        if self.tls_observer is not None and target.mx_domain:
+            # MTA-STS (on its branch) passes its policy lines here: sts_lines=...
+            policy_type, strings = published_policy(mode, tlsa)
+            self.tls_observer.tls_session(
+                TlsSessionResult(
+                    target.mx_domain,
+                    mode,
+                    result,
+                    target.host,
+                    target.address,
+                    policy_type,
+                    strings,
+                    reason,
+                )
+            )
 
     @staticmethod
     def _count_connection(metrics: Metrics, session: SmtpClientSession) -> None:
