@@ -95,8 +95,10 @@ def _resolve_relative(config: Config, base: Path | None) -> Config:
     relay = config.relay.model_copy(
         update={"smarthost_ca_file": fix(config.relay.smarthost_ca_file)}
     )
+    tls_reports = config.tls_reports.model_copy(update={"ca_file": fix(config.tls_reports.ca_file)})
     return config.model_copy(
         update={
+            "tls_reports": tls_reports,
             "admin": admin,
             "relay": relay,
             "tls_policy": tls_policy,

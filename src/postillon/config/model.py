@@ -21,6 +21,7 @@ from postillon.config.outbound import (
     TlsPolicyRule,
     TransportRule,
 )
+from postillon.config.tls_reports import TlsReportsConfig
 from postillon.core.credentials import check_postgresql_url
 
 __all__ = [
@@ -482,6 +483,7 @@ class Config(_Frozen):
     dkim: DkimConfig = DkimConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     admin: AdminConfig = AdminConfig()
+    tls_reports: TlsReportsConfig = TlsReportsConfig()
 
     @field_validator("helper_processes")
     @classmethod
