@@ -25,7 +25,6 @@ outcome is a value (:class:`DomainOutcome`).
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -37,9 +36,10 @@ from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
 from postillon.intake.headers import ClientInfo
 from postillon.intake.intake import IntakeError, IntakeTransaction
 from postillon.queue.store import TlsReportStore
+from postillon.tlsrpt.https_post import post_report
 from postillon.tlsrpt.message import report_message
 from postillon.tlsrpt.policy_record import NoTlsRpt, TlsRptRecord, parse_records, record_name
-from postillon.tlsrpt.report import CONTENT_TYPE, BuiltReport, ReportSettings, build_report
+from postillon.tlsrpt.report import BuiltReport, ReportSettings, build_report
 
 __all__ = ["Delivery", "DomainOutcome", "ReportIntake", "ReporterSettings", "TlsReporter"]
 
@@ -73,7 +73,7 @@ class Delivery:
 @dataclass(slots=True)
 class DomainOutcome:
     domain: str
-    status: Literal["sent", "dry-run", "no-record", "already-sent", "dns-error"]
+    status: Literal["sent", "dry-run", "no-record", "bad-record", "already-sent", "dns-error"]
     reason: str = ""
     report: BuiltReport | None = None
     record: TlsRptRecord | None = None
@@ -105,7 +105,15 @@ class TlsReporter:
     ) -> DomainOutcome:
         record = await self._record(domain)
         if isinstance(record, DomainOutcome):
-            log.info("TLS report for %s (%s): not sent: %s", domain, day, record.reason)
+            # Most domains publish no record: that is no news. A broken record or DNS
+            # trouble is worth the operator's eye (and the domain's, if they ask).
+            log.log(
+                logging.INFO if record.status == "no-record" else logging.WARNING,
+                "TLS report for %s (%s) not sent: %s",
+                domain,
+                day,
+                record.reason,
+            )
             return record
         report = build_report(rows, domain, day, self.settings.report)
         outcome = DomainOutcome(domain, "dry-run", report=report, record=record)
@@ -142,7 +150,7 @@ class TlsReporter:
             return DomainOutcome(domain, "dns-error", f"TXT lookup of {name} failed: {exc.reason}")
         parsed = parse_records([r.text for r in answer.records])
         if isinstance(parsed, NoTlsRpt):
-            return DomainOutcome(domain, "no-record", f"{name}: {parsed.reason}")
+            return DomainOutcome(domain, "bad-record", f"{name}: {parsed.reason}")
         return parsed
 
     async def _mail(self, report: BuiltReport, addresses: Sequence[str]) -> Delivery:
@@ -171,26 +179,11 @@ class TlsReporter:
         return Delivery(where, True, f"queued as {queue_id}")
 
     async def _post(self, report: BuiltReport, url: str) -> Delivery:
-        import aiohttp  # only when there is something to post: it is slow to import
-
-        try:
-            context = ssl.create_default_context(cafile=self.settings.ca_file)
-            timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout)
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(
-                    url,
-                    data=report.gzipped,
-                    headers={"Content-Type": CONTENT_TYPE},
-                    ssl=context,
-                    allow_redirects=False,  # §5.2 says nothing of redirects; we follow none
-                ) as response,
-            ):
-                await response.read()
-                if 200 <= response.status < 300:
-                    return Delivery(url, True, f"HTTP {response.status}")
-                return Delivery(url, False, f"HTTP {response.status} {response.reason or ''}")
-        except TimeoutError:
-            return Delivery(url, False, f"timed out after {self.settings.http_timeout:g} s")
-        except (aiohttp.ClientError, OSError, ssl.SSLError, ValueError) as exc:
-            return Delivery(url, False, f"POST failed: {type(exc).__name__}: {exc}")
+        ok, detail = await post_report(
+            url,
+            report.gzipped,
+            resolver=self._resolver,
+            timeout=self.settings.http_timeout,
+            ca_file=self.settings.ca_file,
+        )
+        return Delivery(url, ok, detail)
