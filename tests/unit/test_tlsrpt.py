@@ -397,3 +397,22 @@ async def test_a_failed_flush_keeps_the_counts() -> None:
     await store.close()  # the store refuses now
     await recorder.flush()
     assert recorder.pending == 1
+
+
+# -- the config ---------------------------------------------------------------------------
+
+
+def test_tls_reports_config() -> None:
+    from pydantic import ValidationError
+
+    from postillon.config.model import Config
+
+    config = Config.model_validate(
+        {"hostname": "mx.sender.test", "tls_reports": {"enabled": True, "from": "r@s.test"}}
+    )
+    assert config.tls_reports.sender_for(config.hostname) == "r@s.test"
+    assert Config().tls_reports.enabled is False
+    assert Config().tls_reports.sender_for("mx.sender.test") == "noreply-tlsrpt@mx.sender.test"
+    for bad in ({"hour": 24}, {"from": "not an address"}, {"http_timeout": 0}, {"rua": "x"}):
+        with pytest.raises(ValidationError):
+            Config.model_validate({"tls_reports": bad})

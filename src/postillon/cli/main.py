@@ -67,6 +67,7 @@ def _unreadable_ca_files(config: Config) -> list[str]:
 
     files = [("relay.smarthost_ca_file", config.relay.smarthost_ca_file)]
     files += [(f"tls_policy[{i}].ca_file", r.ca_file) for i, r in enumerate(config.tls_policy)]
+    files.append(("tls_reports.ca_file", config.tls_reports.ca_file))
     problems = []
     for key, path in files:
         if path is None:
