@@ -29,16 +29,18 @@ import idna.uts46data  # noqa: F401 (see encodings.punycode above)
 from postillon.build import (
     Builder,
     configured_certificate,
+    dns_resolver,
     maildir_transport,
     open_queue_store,
     retry_policy,
     router,
     tls_certificate,
+    tls_reporter,
 )
 from postillon.config.loader import ConfigError
 from postillon.config.model import Config
 from postillon.core.address import Address
-from postillon.core.clock import SystemClock
+from postillon.core.clock import Clock, SystemClock
 from postillon.core.recipient import RecipientAccepted
 from postillon.core.sts import format_policy
 from postillon.delivery.runner import Runner
@@ -73,6 +75,8 @@ from postillon.signing.signer import DkimSigner, build_signer
 if TYPE_CHECKING:
     from postillon.admin.server import AdminServer
     from postillon.dnsrecords.sts_server import StsServer
+    from postillon.tlsrpt.recorder import TlsReportRecorder
+    from postillon.tlsrpt.schedule import DailyReports
 
 log = logging.getLogger("postillon")
 
@@ -93,6 +97,9 @@ class App:
         self.admin: AdminServer | None = None
         # The MTA-STS policy server ([mta_sts] listen), when configured.
         self.mta_sts: StsServer | None = None
+        # [tls_reports] (RFC 8460): the session recorder and the daily report task.
+        self.tls_recorder: TlsReportRecorder | None = None
+        self.tls_daily: DailyReports | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
         # Helper processes (DKIM verification, RSA signing), started just before
@@ -192,6 +199,8 @@ class App:
             helpers=self._helpers if self._helpers.processes else None,
             metrics=self.metrics,
         )
+        if config.tls_reports.enabled:
+            self._start_tls_reports(config, intake, clock)  # before the transports: they observe
         policy = self._builder.policy(config, None, signer)
         serving = [
             (listener, self._builder.session_deps(config, listener, intake, policy, tls_context))
@@ -347,6 +356,27 @@ class App:
         )
         await self.admin.start()
 
+    def _start_tls_reports(self, config: Config, intake: Intake, clock: Clock) -> None:
+        from postillon.tlsrpt.recorder import TlsReportRecorder
+        from postillon.tlsrpt.schedule import DailyReports
+
+        assert self.store is not None
+        settings = config.tls_reports
+        recorder = TlsReportRecorder(
+            self.store.tls_reports, clock, flush_interval=settings.flush_interval
+        )
+        recorder.start()
+        self.tls_recorder = self._builder.tls_observer = recorder
+        reporter = tls_reporter(config, self.store, dns_resolver(config, self.metrics), intake)
+        self.tls_daily = DailyReports(
+            clock,
+            settings.hour,
+            reporter.report_day,
+            prune=self.store.tls_reports.prune,
+            keep_days=settings.keep_days,
+        )
+        self.tls_daily.start()
+
     async def _start_helpers(
         self, config: Config, signer: DkimSigner | None, user: str | None
     ) -> None:
@@ -395,6 +425,10 @@ class App:
             for transport in self._smtp:
                 await transport.close()
         log.debug("stop: transports done")
+        if self.tls_daily is not None:
+            await self.tls_daily.stop()
+        if self.tls_recorder is not None:
+            await self.tls_recorder.stop()  # the last counts, before the store closes
         if self.store_failure is not None:
             self.store_failure.cancel()
         if self.history is not None:

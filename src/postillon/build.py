@@ -9,6 +9,8 @@ must share between builds (one AUTH failure budget, metrics per listener).
 
 from __future__ import annotations
 
+import os
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from postillon.core.clock import SystemClock
 from postillon.core.pins import parse_fingerprint
 from postillon.delivery.retry import RetryPolicy
 from postillon.dns.dnspython_resolver import DnsResolver
+from postillon.dns.resolver import Resolver
 from postillon.helpers.pool import HelperPool
 from postillon.inbound.accounts import AccountStore, accounts_path
 from postillon.inbound.auth import DEFAULT_MECHANISMS, Authenticator, AuthGuard
@@ -38,6 +41,7 @@ from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.outbound.sts_policies import StsPolicies
+from postillon.outbound.tls_observer import TlsObserver
 from postillon.outbound.tls_policy import DefaultMode, PolicyRule, TlsMode, TlsPolicyTable
 from postillon.paths import queue_path, tls_dir
 from postillon.protocol.server import ServerSettings
@@ -49,6 +53,8 @@ from postillon.routing.local import LocalRecipients
 from postillon.routing.router import NextHop, Router, TransportEntry, parse_smarthost
 from postillon.signing.keys import key_store_from_config
 from postillon.signing.signer import DkimSigner, build_signer
+from postillon.tlsrpt.report import ReportSettings
+from postillon.tlsrpt.reporter import ReporterSettings, ReportIntake, TlsReporter
 
 
 def open_queue_store(config: Config) -> QueueStore:
@@ -192,6 +198,9 @@ class Builder:
         # client IP and user, and a reload must not forgive anyone.
         self._auth_guard = AuthGuard(SystemClock())
         self._listener_metrics: dict[str, ListenerMetrics] = {}
+        # [tls_reports] (RFC 8460): told of every MX session's TLS result; kept
+        # across reloads (a reload builds new transports with it).
+        self.tls_observer: TlsObserver | None = None
 
     def policy(
         self,
@@ -301,15 +310,7 @@ class Builder:
         """SMTP and LMTP transports sharing one resolver; raises ValueError
         for unusable [dns] settings."""
         out = config.outbound
-        resolver = DnsResolver(
-            list(config.dns.nameservers) or None,
-            timeout=config.dns.timeout,
-            attempts=config.dns.attempts,
-            trust_ad=config.dns.trust_ad,
-            ipv4=out.ipv4,
-            ipv6=out.ipv6,
-            on_lookup=self.metrics.dns_observer(),
-        )
+        resolver = dns_resolver(config, self.metrics)
         settings = OutboundSettings(
             helo_name=out.helo_name or config.hostname,
             port=out.port,
@@ -336,6 +337,47 @@ class Builder:
             ca_file = str(out.sts_ca_file) if out.sts_ca_file is not None else None
             mta_sts = StsPolicies(resolver, self.store, ca_file=ca_file)
         return (
-            SmtpTransport(resolver, settings, metrics=self.metrics, dane=dane, mta_sts=mta_sts),
+            SmtpTransport(
+                resolver,
+                settings,
+                metrics=self.metrics,
+                dane=dane,
+                mta_sts=mta_sts,
+                tls_observer=self.tls_observer,
+            ),
             SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics),
         )
+
+
+def dns_resolver(config: Config, metrics: Metrics | None = None) -> DnsResolver:
+    """The resolver of ``[dns]`` (and ``[outbound] ipv4/ipv6`` for addresses)."""
+    return DnsResolver(
+        list(config.dns.nameservers) or None,
+        timeout=config.dns.timeout,
+        attempts=config.dns.attempts,
+        trust_ad=config.dns.trust_ad,
+        ipv4=config.outbound.ipv4,
+        ipv6=config.outbound.ipv6,
+        on_lookup=metrics.dns_observer() if metrics is not None else None,
+    )
+
+
+def tls_reporter(
+    config: Config, store: QueueStore, resolver: Resolver, intake: ReportIntake | None
+) -> TlsReporter:
+    """The RFC 8460 reporter of ``[tls_reports]`` (the daily task and ``postillon tls
+    report`` share it)."""
+    cfg = config.tls_reports
+    sender = cfg.sender_for(config.hostname)
+    settings = ReporterSettings(
+        ReportSettings(
+            organization=cfg.organization or config.hostname,
+            contact=cfg.contact or sender,
+            submitter=sender.rpartition("@")[2].lower(),
+        ),
+        sender=sender,
+        http_timeout=cfg.http_timeout,
+        ca_file=str(cfg.ca_file) if cfg.ca_file is not None else None,
+        owner=f"{socket.gethostname()}:{os.getpid()}",
+    )
+    return TlsReporter(store.tls_reports, resolver, intake, settings, SystemClock())

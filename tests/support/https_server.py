@@ -4,7 +4,9 @@ It serves one programmable answer per path (status, headers, body), over real TL
 a certificate for the names given, issued by a CA made for the run: a client trusts it
 through ``SSL_CERT_FILE`` (``ca_file``) and nothing else on the machine does. Used for the
 MTA-STS policy file (``https://mta-sts.<domain>/.well-known/mta-sts.txt``), which must be
-on port 443: binding it needs root, as CI has.
+on port 443: binding it needs root, as CI has. It also takes POSTs (``posts``: path,
+headers, body), as a TLS report collector (RFC 8460 §5.2) does; ``Answer.delay`` makes
+it stall before answering.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import datetime
 import http.server
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +31,7 @@ class Answer:
     status: int = 200
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "text/plain"})
+    delay: float = 0.0  # seconds to stall before answering
 
 
 def _name(common_name: str) -> x509.Name:
@@ -91,6 +95,7 @@ class HttpsServer:
         self.ca_file, cert, key = make_tls_files(directory, names)
         self.answers: dict[str, Answer] = {}
         self.requests: list[tuple[str, str]] = []  # (Host header, path)
+        self.posts: list[tuple[str, dict[str, str], bytes]] = []  # (path, headers, body)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
         outer = self
@@ -102,6 +107,17 @@ class HttpsServer:
                 self.send_response(answer.status)
                 for name, value in answer.headers.items():
                     self.send_header(name, value)
+                self.send_header("Content-Length", str(len(answer.body)))
+                self.end_headers()
+                self.wfile.write(answer.body)
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                outer.posts.append((self.path, dict(self.headers.items()), body))
+                answer = outer.answers.get(self.path, Answer(404, b"not found\n"))
+                if answer.delay:
+                    time.sleep(answer.delay)
+                self.send_response(answer.status)
                 self.send_header("Content-Length", str(len(answer.body)))
                 self.end_headers()
                 self.wfile.write(answer.body)

@@ -64,6 +64,9 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "helpers": ("dkimcore", "signing"),
     # dnsrecords: the MTA-STS parser is core.sts, its fetch dns.sts_fetch (shared with outbound).
     "dnsrecords": ("dns.resolver", "dns.sts_fetch", "config", "signing"),
+    # tlsrpt (RFC 8460): observes outbound sessions (the observer's value type), keeps
+    # counters in the store, looks up _smtp._tls TXT, and mails reports through intake.
+    "tlsrpt": ("dns.resolver", "queue.store", "intake", "outbound.tls_observer"),
     "admin": ANYTHING,
     "app": ANYTHING,
     "reload": ANYTHING,

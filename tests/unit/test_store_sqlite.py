@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from postillon.core.envelope import MailParams
+from postillon.core.tlsrpt import TlsResultCount
 from postillon.queue.sqlite_store import SCHEMA_VERSION, SqliteStore
 from postillon.queue.store import (
     DeliveryState,
@@ -395,6 +396,7 @@ async def test_version_1_queue_gains_the_history_table(tmp_path: Path) -> None:
     conn.execute("DROP TABLE events")
     conn.execute("DROP TABLE nodes")
     conn.execute("DROP TABLE sts_policies")
+    _drop_tls_report_tables(conn)
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
@@ -416,6 +418,7 @@ async def test_version_2_queue_gains_the_heartbeats(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.execute("DROP TABLE nodes")
     conn.execute("DROP TABLE sts_policies")
+    _drop_tls_report_tables(conn)
     conn.execute("PRAGMA user_version = 2")
     conn.commit()
     conn.close()
@@ -426,6 +429,36 @@ async def test_version_2_queue_gains_the_heartbeats(tmp_path: Path) -> None:
         assert await store.release_dead_owners(T0 + 60, 30.0) == 0
     finally:
         await store.close()
+
+
+def _drop_tls_report_tables(conn: sqlite3.Connection) -> None:
+    conn.execute("DROP TABLE tls_results")
+    conn.execute("DROP TABLE tls_report_claims")
+
+
+async def test_version_3_queue_gains_the_tls_report_tables(tmp_path: Path) -> None:
+    """A queue of main before MTA-STS and TLS reporting (version 3) upgrades to 5 and
+    keeps its mail; the counters work after it."""
+    path = tmp_path / "queue.db"
+    store = SqliteStore(path)
+    await store.commit(message("QOLD"))
+    await store.close()
+    conn = sqlite3.connect(path)
+    _drop_tls_report_tables(conn)
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+    store = SqliteStore(path)
+    try:
+        assert await store.get_message("QOLD") is not None
+        row = TlsResultCount("2027-01-15", "example.net", "no-policy-found", (), "success")
+        await store.tls_reports.add([row])
+        assert await store.tls_reports.day("2027-01-15") == [row]
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    conn.close()
 
 
 # ---------------------------------------------------------------- several processes

@@ -7,7 +7,16 @@ import sys
 from pathlib import Path
 
 from postillon import __version__
-from postillon.cli import admin_cmd, db_cmd, dkim_cmd, dns_cmd, queue_cmd, reload_cmd, user_cmd
+from postillon.cli import (
+    admin_cmd,
+    db_cmd,
+    dkim_cmd,
+    dns_cmd,
+    queue_cmd,
+    reload_cmd,
+    tls_cmd,
+    user_cmd,
+)
 from postillon.cli.config_path import DEFAULT_CONFIG, find_config
 from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
@@ -42,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     dns_cmd.add_parser(sub)
     reload_cmd.add_parser(sub)
     admin_cmd.add_parser(sub)
+    tls_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
         ("mailq", "list the queue (= sendmail -bp)"),
@@ -57,6 +67,7 @@ def _unreadable_ca_files(config: Config) -> list[str]:
 
     files = [("relay.smarthost_ca_file", config.relay.smarthost_ca_file)]
     files += [(f"tls_policy[{i}].ca_file", r.ca_file) for i, r in enumerate(config.tls_policy)]
+    files.append(("tls_reports.ca_file", config.tls_reports.ca_file))
     problems = []
     for key, path in files:
         if path is None:
@@ -141,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             return dns_cmd.run(args, config)
         if args.command == "admin":
             return admin_cmd.run(args, config)
+        if args.command == "tls":
+            return tls_cmd.run(args, config)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

@@ -96,9 +96,11 @@ def _resolve_relative(config: Config, base: Path | None) -> Config:
         update={"smarthost_ca_file": fix(config.relay.smarthost_ca_file)}
     )
     outbound = config.outbound.model_copy(update={"sts_ca_file": fix(config.outbound.sts_ca_file)})
+    tls_reports = config.tls_reports.model_copy(update={"ca_file": fix(config.tls_reports.ca_file)})
     return config.model_copy(
         update={
             "outbound": outbound,
+            "tls_reports": tls_reports,
             "admin": admin,
             "relay": relay,
             "tls_policy": tls_policy,

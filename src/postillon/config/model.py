@@ -23,6 +23,7 @@ from postillon.config.outbound import (
     TlsPolicyRule,
     TransportRule,
 )
+from postillon.config.tls_reports import TlsReportsConfig
 from postillon.core.credentials import check_postgresql_url
 
 __all__ = [
@@ -475,6 +476,7 @@ class Config(_Frozen):
     shutdown: ShutdownConfig = ShutdownConfig()
     admin: AdminConfig = AdminConfig()
     mta_sts: MtaStsConfig = MtaStsConfig()
+    tls_reports: TlsReportsConfig = TlsReportsConfig()
 
     @field_validator("helper_processes")
     @classmethod

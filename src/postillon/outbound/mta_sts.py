@@ -32,7 +32,7 @@ TLS reporting; ``requirement.sts`` says which requirements they are.
 
 from __future__ import annotations
 
-from postillon.core.sts import StsPolicy
+from postillon.core.sts import StsPolicy, format_policy
 from postillon.outbound.tls_policy import HostRefused, TlsRequirement
 
 __all__ = ["STS_MISMATCH", "decide"]
@@ -52,16 +52,29 @@ def decide(
     if policy is None or policy.mode == "none":
         return None
     source = f"mta-sts {domain}"
+    text = format_policy(policy)  # what TLS reports show as the policy (RFC 8460 §4.4)
     if policy.covers(host):
         if policy.mode == "enforce":
             return TlsRequirement(
-                "verify", match=(host,), ca_file=ca_file, source=source, sts="enforce"
+                "verify",
+                match=(host,),
+                ca_file=ca_file,
+                source=source,
+                sts="enforce",
+                sts_policy=text,
             )
         return TlsRequirement(
-            "opportunistic", match=(host,), ca_file=ca_file, source=source, sts="testing"
+            "opportunistic",
+            match=(host,),
+            ca_file=ca_file,
+            source=source,
+            sts="testing",
+            sts_policy=text,
         )
     if policy.mode == "enforce":
         return HostRefused(
             f"MTA-STS: {host} does not match the policy of {domain}", STS_MISMATCH, "verify"
         )
-    return TlsRequirement("opportunistic", ca_file=ca_file, source=source, sts="testing")
+    return TlsRequirement(
+        "opportunistic", ca_file=ca_file, source=source, sts="testing", sts_policy=text
+    )

@@ -51,6 +51,7 @@ from postillon.outbound.mx import resolve_next_hops
 from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
 from postillon.outbound.sts_policies import StsPolicies
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
+from postillon.outbound.tls_observer import TlsObserver, TlsSessionResult, published_policy
 from postillon.outbound.tls_policy import (
     HostRefused,
     NoPublishedPolicy,
@@ -119,6 +120,9 @@ class _Target:
     # and this host's address answer were secure.
     mx_secure: bool = False
     address_secure: bool = False
+    # The domain whose MX this host is (RFC 8460's policy domain); "" for a host
+    # the operator named (smarthost, route), whose TLS is not reported.
+    mx_domain: str = ""
 
 
 class SmtpTransport:
@@ -132,6 +136,7 @@ class SmtpTransport:
         metrics: Metrics | None = None,
         dane: DaneHook | None = None,
         mta_sts: StsPolicies | None = None,
+        tls_observer: TlsObserver | None = None,
     ) -> None:
         self.resolver = resolver
         self.metrics = metrics
@@ -145,6 +150,9 @@ class SmtpTransport:
         # MTA-STS's policies (None with [outbound] mta_sts = false); never for LMTP.
         self.mta_sts = mta_sts if not lmtp else None
         self.limits = Limits(settings.concurrency, settings.per_destination)
+        # Told of every MX session's TLS result where it is counted (_count_tls):
+        # [tls_reports], RFC 8460 (see tls_observer.py). Never for LMTP.
+        self.tls_observer = tls_observer if not lmtp else None
 
     async def close(self) -> None:
         await self.pool.close()
@@ -166,7 +174,15 @@ class SmtpTransport:
         if result.failure is not None:
             return result.failure
         targets = [
-            _Target(next_hop.host, address, port, hop, result.authenticated, next_hop.authenticated)
+            _Target(
+                next_hop.host,
+                address,
+                port,
+                hop,
+                result.authenticated,
+                next_hop.authenticated,
+                domain,
+            )
             for next_hop in result.hops
             for address in next_hop.addresses
         ]
@@ -223,7 +239,7 @@ class SmtpTransport:
                     )
                 )
                 last_detail = _describe(target, None, requirement)
-                self._count_tls(requirement.mode, requirement.result)
+                self._count_tls(requirement, requirement.result, target, requirement.reason)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, requirement.reason)
                 continue
             # Pooled by requirement too: a connection that met a weaker policy
@@ -247,7 +263,7 @@ class SmtpTransport:
                 if session is not None:
                     session.close()
                 elif error.tls_result:  # the connection failed its TLS policy
-                    self._count_tls(requirement.mode, error.tls_result)
+                    self._count_tls(requirement, error.tls_result, target, error.detail)
                 # RFC 8689 §4.2.1: a REQUIRETLS message's TLS failure is a bounce.
                 exc = requiretls.failure(requirement, error, null_sender=not job.message.sender)
                 errors.append(exc)
@@ -405,7 +421,8 @@ class SmtpTransport:
         )
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
-        self._count_tls(requirement.mode, session.tls_result if session.tls else "plaintext")
+        result = session.tls_result if session.tls else "plaintext"
+        self._count_tls(requirement, result, target)
         refused = requiretls.session_error(requirement, session.extensions)
         if refused is not None:  # RFC 8689 §4.2.1: before AUTH or MAIL
             await session.quit()
@@ -431,9 +448,38 @@ class SmtpTransport:
                 raise
         return session
 
-    def _count_tls(self, mode: str, result: str) -> None:
+    def _count_tls(
+        self,
+        requirement: TlsRequirement | HostRefused | None,
+        result: str,
+        target: _Target,
+        reason: str = "",
+    ) -> None:
+        """The one place each session's TLS result is counted: the metric, and the
+        observer (TLS reporting) for MX sessions. ``requirement``: what applied (a
+        refused host's ``HostRefused``)."""
+        mode = requirement.mode if requirement is not None else "none"
         if self.metrics is not None:
             self.metrics.outbound_tls.labels(mode, result).inc()
+        if self.tls_observer is not None and target.mx_domain:
+            applied = requirement if isinstance(requirement, TlsRequirement) else None
+            tlsa = applied.tlsa if applied is not None else None
+            sts_text = applied.sts_policy if applied is not None else ""
+            policy_type, strings = published_policy(
+                mode, tlsa, sts_lines=sts_text.splitlines() if sts_text else None
+            )
+            self.tls_observer.tls_session(
+                TlsSessionResult(
+                    target.mx_domain,
+                    mode,
+                    result,
+                    target.host,
+                    target.address,
+                    policy_type,
+                    strings,
+                    reason,
+                )
+            )
 
     @staticmethod
     def _count_connection(metrics: Metrics, session: SmtpClientSession) -> None:

@@ -142,6 +142,9 @@ class TlsRequirement:
     final: bool = False
     sts: Literal["", "enforce", "testing"] = ""
     requiretls: bool = False
+    # The MTA-STS policy text behind ``sts`` (for TLS reports' policy-strings, RFC 8460
+    # §4.4); not part of equality, like ``source``.
+    sts_policy: str = field(default="", compare=False)
 
     @property
     def starttls(self) -> Literal["none", "opportunistic", "required"]:
@@ -261,6 +264,7 @@ def decide(
             match=sts.match,
             ca_file=sts.ca_file,
             sts="testing",
+            sts_policy=sts.sts_policy,
             source=f"{requirement.source}, {sts.source}",
         )
     return requirement  # 5

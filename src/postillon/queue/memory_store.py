@@ -29,6 +29,7 @@ from postillon.queue.store import (
     StoreError,
     StoreHealth,
 )
+from postillon.queue.tls_reports import MemoryTlsReports
 
 __all__ = ["MemoryStore"]
 
@@ -66,6 +67,7 @@ class MemoryStore:
         self._closed = False
         self._heartbeats: dict[str, float] = {}  # lease owner -> last heartbeat
         self._sts: dict[str, CachedPolicy] = {}  # MTA-STS policy cache by domain
+        self.tls_reports = MemoryTlsReports(self._check_open)  # store.py step 7
 
     def _check_open(self) -> None:
         if self._closed:

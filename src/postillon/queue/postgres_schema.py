@@ -24,6 +24,7 @@ from typing import Final
 import asyncpg
 
 from postillon.queue.sts_cache import POSTGRES_TABLE
+from postillon.queue.tls_reports import POSTGRES_TABLES as TLS_REPORT_TABLES
 
 __all__ = [
     "MIGRATIONS",
@@ -121,6 +122,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         ),
     ),
     Migration(4, "MTA-STS policy cache (RFC 8461), shared by every node", (POSTGRES_TABLE,)),
+    Migration(5, "SMTP TLS reporting counters (RFC 8460), shared by every node", TLS_REPORT_TABLES),
 )
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version

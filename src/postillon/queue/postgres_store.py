@@ -82,6 +82,7 @@ from postillon.queue.store import (
     StoreError,
     StoreHealth,
 )
+from postillon.queue.tls_reports import PostgresTlsReports
 
 __all__ = ["CHUNK_SIZE", "WRITERS", "PostgresStore"]
 
@@ -129,6 +130,8 @@ class PostgresStore:
         )
         self._writer = BatchWriter(self._db, writers)
         self._closed = False
+        # store.py step 7; statistics, so no durable wait (see tls_reports.py)
+        self.tls_reports = PostgresTlsReports(self._read, lambda fn: self._write(fn, durable=False))
 
     @property
     def available(self) -> bool:

@@ -27,6 +27,7 @@ from typing import Final, TypeVar
 
 from postillon.queue.store import StoreError
 from postillon.queue.sts_cache import SQLITE_TABLE
+from postillon.queue.tls_reports import SQLITE_TABLES as TLS_REPORT_TABLES
 
 __all__ = [
     "BUSY_TIMEOUT",
@@ -40,7 +41,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 4  # PRAGMA user_version
+SCHEMA_VERSION: Final = 5  # PRAGMA user_version
 BUSY_TIMEOUT: Final = 10.0  # seconds a connection waits for another writer
 _MAX_IDLE_READERS: Final = 4
 
@@ -105,6 +106,8 @@ _SCHEMA_V3: Final = (
 
 # Version 4 adds the MTA-STS policy cache (RFC 8461; see sts_cache.py).
 _SCHEMA_V4: Final = (SQLITE_TABLE,)
+# Version 5: the SMTP TLS reporting counters (RFC 8460; see tls_reports.py).
+_SCHEMA_V5: Final = TLS_REPORT_TABLES
 
 RECORD_COLUMNS: Final = (
     "record_id, queue_id, recipient, original_recipient, rcpt_params, state, attempts,"
@@ -168,8 +171,9 @@ def init_database(path: Path) -> None:
         _retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version in (0, 1, 2, 3):
-                steps = (_SCHEMA, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)[version:]
+            steps_by_version = (_SCHEMA, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
+            if 0 <= version < SCHEMA_VERSION:
+                steps = steps_by_version[version:]
                 for statement in (s for step in steps for s in step):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -96,6 +96,7 @@ from postillon.queue.store import (
     StoreError,
     StoreHealth,
 )
+from postillon.queue.tls_reports import SqliteTlsReports
 
 __all__ = ["BUSY_TIMEOUT", "CHUNK_SIZE", "SCHEMA_VERSION", "SqliteStore"]
 
@@ -126,6 +127,7 @@ class SqliteStore:
         )
         self._writer = GroupCommitWriter(self._path)
         self._write = self._writer.submit
+        self.tls_reports = SqliteTlsReports(self._read, self._write)  # store.py step 7
 
     @property
     def path(self) -> Path:
@@ -528,10 +530,8 @@ class SqliteStore:
 
     async def count_by_state(self) -> dict[str, int]:
         def fn(conn: sqlite3.Connection) -> dict[str, int]:
-            counts = {s.value: 0 for s in DeliveryState}
-            for state, count in conn.execute("SELECT state, COUNT(*) FROM records GROUP BY state"):
-                counts[state] = count
-            return counts
+            rows = conn.execute("SELECT state, COUNT(*) FROM records GROUP BY state")
+            return {s.value: 0 for s in DeliveryState} | dict(rows.fetchall())
 
         return await self._read(fn)
 

@@ -36,6 +36,10 @@ Contract, as a transaction:
 6. ``save_sts_policy`` / ``sts_policy`` / ``sts_policies`` keep the MTA-STS policy
    cache (RFC 8461, ``sts_cache.py``): one ``CachedPolicy`` per domain, shared by
    restarts and nodes. A save never replaces a policy fetched later than it.
+7. ``tls_reports`` (a ``TlsReportStore``, ``tls_reports.py``) keeps the daily SMTP TLS
+   reporting counters (RFC 8460): ``add`` adds counts (never replaces them, so
+   every node contributes), ``claim`` lets one node send each day's report of a
+   domain.
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
@@ -56,6 +60,7 @@ from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.envelope import NewRecipient as NewRecipient  # re-exported: stores take it
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
+from postillon.core.tlsrpt import TlsResultCount
 
 
 class DeliveryState(StrEnum):
@@ -197,7 +202,34 @@ class EventCount:
     count: int
 
 
+class TlsReportStore(Protocol):
+    """The RFC 8460 counters of a store (``queue/tls_reports.py``), as a transaction:
+
+    1. ``add(rows)`` adds each row's ``count`` to its counter (day, policy domain,
+       ``TlsResultCount.key``), creating it at zero first; rows of one batch that
+       name the same counter add up. Domains are stored in lower case.
+    2. ``day(day, domain=None)`` reads the counters of one UTC day (of one domain).
+    3. ``claim(day, domain, owner, now)`` is True for exactly one caller per
+       (day, domain), across nodes and restarts: that caller sends the report.
+    4. ``prune(before_day)`` drops counters and claims of days before ``before_day``
+       and returns how many counters went.
+    """
+
+    async def add(self, rows: Sequence[TlsResultCount]) -> None: ...
+
+    async def day(self, day: str, domain: str | None = None) -> list[TlsResultCount]: ...
+
+    async def claim(self, day: str, domain: str, owner: str, now: float) -> bool: ...
+
+    async def prune(self, before_day: str) -> int: ...
+
+
 class QueueStore(Protocol):
+    @property
+    def tls_reports(self) -> TlsReportStore:
+        """The RFC 8460 counters (contract step 7)."""
+        ...
+
     async def commit(self, message: NewMessage) -> None: ...
 
     async def claim_due(
