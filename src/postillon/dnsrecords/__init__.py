@@ -12,7 +12,8 @@ checklist of results: ok, warn (recommended but missing) or fail (missing or wro
 MTA-STS (RFC 8461): ``core/sts.py`` writes and parses policy files (pure, and our own
 output must parse back unchanged); ``dns/sts_fetch.py`` fetches anyone's as a sender would
 (both shared with outbound enforcement); ``sts_server.py`` serves this server's own
-for its local domains (``[mta_sts] listen``), with the SMTP certificate. ``records.served_policy`` is the one place the policy is made
-from the config: the server serves its text and ``dns records`` derives the ``_mta-sts``
-id from the same text, so the id changes exactly when the policy does.
+for its local domains (``[mta_sts] listen``), with the SMTP certificate.
+``records.served_policy`` is the one place the policy is made from the config: the
+server serves its text and ``dns records`` derives the ``_mta-sts`` id from the same
+text, so the id changes exactly when the policy does.
 """
