@@ -445,6 +445,7 @@ async def test_version_3_queue_gains_the_tls_report_tables(tmp_path: Path) -> No
     await store.close()
     conn = sqlite3.connect(path)
     _drop_tls_report_tables(conn)
+    conn.execute("DROP TABLE sts_policies")
     conn.execute("PRAGMA user_version = 3")
     conn.commit()
     conn.close()

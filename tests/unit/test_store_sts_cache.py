@@ -84,6 +84,8 @@ async def test_version_3_queue_gains_the_policy_cache(tmp_path: Path) -> None:
     await SqliteStore(path).close()
     conn = sqlite3.connect(path)
     conn.execute("DROP TABLE sts_policies")
+    conn.execute("DROP TABLE tls_results")  # version 5's (TLS reports)
+    conn.execute("DROP TABLE tls_report_claims")
     conn.execute("PRAGMA user_version = 3")
     conn.commit()
     conn.close()
