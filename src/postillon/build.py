@@ -309,44 +309,62 @@ class Builder:
     def smtp_transports(self, config: Config) -> tuple[SmtpTransport, SmtpTransport]:
         """SMTP and LMTP transports sharing one resolver; raises ValueError
         for unusable [dns] settings."""
-        out = config.outbound
         resolver = dns_resolver(config, self.metrics)
-        settings = OutboundSettings(
-            helo_name=out.helo_name or config.hostname,
-            port=out.port,
-            tls_policy=tls_policy_table(config),
-            prefer_ipv6=out.prefer_ipv6,
-            concurrency=out.concurrency,
-            per_destination=out.per_destination,
-            messages_per_connection=out.messages_per_connection,
-            idle_reuse=out.idle_reuse,
-            timeouts=ClientTimeouts(
-                connect=out.connect_timeout,
-                greeting=out.greeting_timeout,
-                command=out.command_timeout,
-                data_block=out.data_block_timeout,
-                data_end=out.data_end_timeout,
-            ),
-        )
-        # DANE (RFC 7672) only when the nameservers are trusted to validate DNSSEC.
-        dane = DaneHook(resolver) if config.dns.trust_ad else None
-        # MTA-STS (RFC 8461), its policy cache in the queue store (shared by restarts
-        # and nodes); refreshed in the background while the transport lives.
-        mta_sts = None
-        if out.mta_sts:
-            ca_file = str(out.sts_ca_file) if out.sts_ca_file is not None else None
-            mta_sts = StsPolicies(resolver, self.store, ca_file=ca_file)
         return (
-            SmtpTransport(
-                resolver,
-                settings,
-                metrics=self.metrics,
-                dane=dane,
-                mta_sts=mta_sts,
-                tls_observer=self.tls_observer,
+            smtp_transport(
+                config, resolver, self.store, metrics=self.metrics, tls_observer=self.tls_observer
             ),
-            SmtpTransport(resolver, settings, lmtp=True, metrics=self.metrics),
+            SmtpTransport(resolver, outbound_settings(config), lmtp=True, metrics=self.metrics),
         )
+
+
+def outbound_settings(config: Config) -> OutboundSettings:
+    out = config.outbound
+    return OutboundSettings(
+        helo_name=out.helo_name or config.hostname,
+        port=out.port,
+        tls_policy=tls_policy_table(config),
+        prefer_ipv6=out.prefer_ipv6,
+        concurrency=out.concurrency,
+        per_destination=out.per_destination,
+        messages_per_connection=out.messages_per_connection,
+        idle_reuse=out.idle_reuse,
+        timeouts=ClientTimeouts(
+            connect=out.connect_timeout,
+            greeting=out.greeting_timeout,
+            command=out.command_timeout,
+            data_block=out.data_block_timeout,
+            data_end=out.data_end_timeout,
+        ),
+    )
+
+
+def smtp_transport(
+    config: Config,
+    resolver: DnsResolver,
+    store: QueueStore | None,
+    *,
+    metrics: Metrics | None = None,
+    tls_observer: TlsObserver | None = None,
+) -> SmtpTransport:
+    """The SMTP transport of ``config`` (also what ``postillon tls check`` looks through)."""
+    out = config.outbound
+    # DANE (RFC 7672) only when the nameservers are trusted to validate DNSSEC.
+    dane = DaneHook(resolver) if config.dns.trust_ad else None
+    # MTA-STS (RFC 8461), its policy cache in the queue store (shared by restarts
+    # and nodes); refreshed in the background while the transport lives.
+    mta_sts = None
+    if out.mta_sts:
+        ca_file = str(out.sts_ca_file) if out.sts_ca_file is not None else None
+        mta_sts = StsPolicies(resolver, store, ca_file=ca_file)
+    return SmtpTransport(
+        resolver,
+        outbound_settings(config),
+        metrics=metrics,
+        dane=dane,
+        mta_sts=mta_sts,
+        tls_observer=tls_observer,
+    )
 
 
 def dns_resolver(config: Config, metrics: Metrics | None = None) -> DnsResolver:

@@ -115,10 +115,10 @@ async def test_unsettled_failure_moves_to_the_next_host(monkeypatch: pytest.Monk
         },
     )
 
-    async def targets(route: Route) -> list[smtp_transport._Target]:
+    async def targets(route: Route) -> list[smtp_transport.Target]:
         return [
-            smtp_transport._Target("mx1", "192.0.2.1", 25, None),
-            smtp_transport._Target("mx2", "192.0.2.2", 25, None),
+            smtp_transport.Target("mx1", "192.0.2.1", 25, None),
+            smtp_transport.Target("mx2", "192.0.2.2", 25, None),
         ]
 
     monkeypatch.setattr(t, "_targets", targets)
@@ -183,10 +183,10 @@ def one_mx(
 ) -> None:
     """mx.d.test at 192.0.2.1; ``secure``: its MX and address answers were DNSSEC-secure."""
 
-    async def targets(route: Route) -> list[smtp_transport._Target]:
+    async def targets(route: Route) -> list[smtp_transport.Target]:
         host = hop.host if hop is not None else "mx.d.test"
         port = hop.port if hop is not None else 25
-        return [smtp_transport._Target(host, "192.0.2.1", port, hop, secure, secure)]
+        return [smtp_transport.Target(host, "192.0.2.1", port, hop, secure, secure)]
 
     monkeypatch.setattr(t, "_targets", targets)
 
@@ -270,10 +270,10 @@ async def test_dane_rule_skips_the_insecure_host_for_the_secure_one(
     t.dane = DaneHook(secure_tlsa())  # type: ignore[arg-type]
     t.metrics = Metrics()
 
-    async def targets(route: Route) -> list[smtp_transport._Target]:
+    async def targets(route: Route) -> list[smtp_transport.Target]:
         return [
-            smtp_transport._Target("mx1.d.test", "192.0.2.1", 25, None, True, False),
-            smtp_transport._Target("mx2.d.test", "192.0.2.2", 25, None, True, True),
+            smtp_transport.Target("mx1.d.test", "192.0.2.1", 25, None, True, False),
+            smtp_transport.Target("mx2.d.test", "192.0.2.2", 25, None, True, True),
         ]
 
     monkeypatch.setattr(t, "_targets", targets)
@@ -350,8 +350,8 @@ async def test_connections_are_pooled_by_requirement(monkeypatch: pytest.MonkeyP
         monkeypatch, {"192.0.2.1": [OK]}, OutboundSettings("me.test", tls_policy=table)
     )
 
-    async def targets(route: Route) -> list[smtp_transport._Target]:
-        return [smtp_transport._Target("mx.shared.test", "192.0.2.1", 25, None)]
+    async def targets(route: Route) -> list[smtp_transport.Target]:
+        return [smtp_transport.Target("mx.shared.test", "192.0.2.1", 25, None)]
 
     monkeypatch.setattr(t, "_targets", targets)
     loose = job(["a@loose.test"])

@@ -41,9 +41,9 @@ class Observer:
 
 
 def mx_targets(monkeypatch: pytest.MonkeyPatch, t: SmtpTransport, *hosts: str) -> None:
-    async def targets(route: Route) -> list[smtp_transport._Target]:
+    async def targets(route: Route) -> list[smtp_transport.Target]:
         return [
-            smtp_transport._Target(f"mx{i}.d.test", ip, 25, None, True, True, "d.test")
+            smtp_transport.Target(f"mx{i}.d.test", ip, 25, None, True, True, "d.test")
             for i, ip in enumerate(hosts, 1)
         ]
 
@@ -159,5 +159,5 @@ def test_published_policy() -> None:
 
 
 def test_smarthost_hop_has_no_mx_domain() -> None:
-    target = smtp_transport._Target("relay.test", "192.0.2.9", 587, NextHop("relay.test", 587))
+    target = smtp_transport.Target("relay.test", "192.0.2.9", 587, NextHop("relay.test", 587))
     assert target.mx_domain == ""

@@ -8,10 +8,15 @@ POST). ``--dry-run`` prints what it would send - each domain's destinations and
 its JSON report - and neither claims nor sends. A report already sent (by the
 daily run, another node, or an earlier ``--send-now``) is not sent again.
 
-(``tls check DOMAIN``, issue 14 item 8, will live here too.)
-
 Exit codes: 0 done (a domain without a TLSRPT record is not an error), 1 a
 report could not be sent or the queue is unavailable, 2 bad input.
+
+``tls check DOMAIN [--json] [--no-connect] [--port N]`` shows which TLS policy
+applies to mail for DOMAIN and why, as the server's own delivery sees it (same
+resolver, table, DANE and MTA-STS settings, the MTA-STS cache in the queue
+store): gathered by ``outbound.tls_check``, rendered here. Exit codes: 0 every
+MX host would get mail, 1 some host is refused (or unreachable while others
+are not), 2 none can be reached (DNS failure, null MX, no address).
 """
 
 from __future__ import annotations
@@ -59,9 +64,26 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     rep.add_argument(
         "--day", metavar="YYYY-MM-DD", help="the UTC day to report (default: yesterday)"
     )
+    chk = tsub.add_parser(
+        "check",
+        help="show which TLS policy applies to a destination domain, and why",
+        description="Resolve DOMAIN's MX hosts as delivery does, show the [[tls_policy]] "
+        "rule, TLSA records, the MTA-STS policy, a test connection to each MX (QUIT "
+        "before MAIL) and the resulting decision per host.",
+    )
+    chk.add_argument("domain", metavar="DOMAIN")
+    chk.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    chk.add_argument(
+        "--no-connect", action="store_true", help="no test connections: DNS and policy only"
+    )
+    chk.add_argument("--port", type=int, help="SMTP port (default: [outbound] port)")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
+    if args.tls_command == "check":
+        from postillon.cli.tls_check_view import run_check
+
+        return run_check(args, config)
     if not (args.send_now or args.dry_run):
         print("postillon: tls report: give --send-now, or --dry-run to look first", file=sys.stderr)
         return 2

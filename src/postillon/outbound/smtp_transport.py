@@ -1,7 +1,7 @@
 """The SMTP (and LMTP) transport: next hops, host iteration, reuse, limits.
 
 TLS per host, in two steps that every mode shares: before connecting,
-:meth:`SmtpTransport._requirement` resolves what the connection must prove
+:meth:`SmtpTransport.requirement` resolves what the connection must prove
 (``tls_policy.resolve`` for the table, the DANE lookup through ``dane``, a
 ``dane_policy.DaneHook`` built only with ``[dns] trust_ad``, the recipient
 domain's MTA-STS policy through ``mta_sts``, an ``sts_policies.StsPolicies``
@@ -47,7 +47,7 @@ from postillon.outbound.client_session import (
     TransactionResult,
 )
 from postillon.outbound.dane_policy import DaneHook
-from postillon.outbound.mx import resolve_next_hops
+from postillon.outbound.mx import MxResult, resolve_next_hops
 from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
 from postillon.outbound.sts_policies import StsPolicies
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
@@ -102,7 +102,7 @@ _DaneAnswer = TlsRequirement | HostRefused | NoPublishedPolicy | None
 
 
 @dataclass(slots=True)
-class _Lookups:
+class Lookups:
     """The DNS-published policies found during one delivery, each looked up once."""
 
     dane: dict[str, _DaneAnswer] = field(default_factory=dict)  # by MX host
@@ -111,7 +111,7 @@ class _Lookups:
 
 
 @dataclass(frozen=True, slots=True)
-class _Target:
+class Target:
     host: str  # name for logs and SNI
     address: str  # IP address, or "" for a unix socket
     port: int
@@ -123,6 +123,16 @@ class _Target:
     # The domain whose MX this host is (RFC 8460's policy domain); "" for a host
     # the operator named (smarthost, route), whose TLS is not reported.
     mx_domain: str = ""
+
+
+def mx_targets(result: MxResult, port: int, hop: NextHop | None = None) -> list[Target]:
+    """One target per address of each MX host of ``result``, in order (what the
+    transport tries, and what ``postillon tls check`` shows)."""
+    return [
+        Target(h.host, a, port, hop, result.authenticated, h.authenticated, result.domain)
+        for h in result.hops
+        for a in h.addresses
+    ]
 
 
 class SmtpTransport:
@@ -160,11 +170,11 @@ class SmtpTransport:
             await self.mta_sts.close()
 
     # -- next hops -----------------------------------------------------------
-    async def _targets(self, route: Route) -> list[_Target] | Outcome:
+    async def _targets(self, route: Route) -> list[Target] | Outcome:
         hop = route.hop
         port = hop.port if hop is not None else self.settings.port
         if hop is not None and hop.unix_path:
-            return [_Target(hop.unix_path, "", 0, hop)]
+            return [Target(hop.unix_path, "", 0, hop)]
         if hop is not None and not hop.mx_lookup:
             return await self._host_targets(hop.host, port, hop)
         domain = hop.host if hop is not None else route.domain
@@ -173,24 +183,12 @@ class SmtpTransport:
         )
         if result.failure is not None:
             return result.failure
-        targets = [
-            _Target(
-                next_hop.host,
-                address,
-                port,
-                hop,
-                result.authenticated,
-                next_hop.authenticated,
-                domain,
-            )
-            for next_hop in result.hops
-            for address in next_hop.addresses
-        ]
+        targets = mx_targets(result, port, hop)
         return targets[:MAX_ADDRESSES] or TempFail(NO_ADDRESSES, domain)
 
-    async def _host_targets(self, host: str, port: int, hop: NextHop) -> list[_Target] | Outcome:
+    async def _host_targets(self, host: str, port: int, hop: NextHop) -> list[Target] | Outcome:
         if _is_ip(host):
-            return [_Target(host, host, port, hop)]
+            return [Target(host, host, port, hop)]
         try:
             answer = await self.resolver.addresses(host)
         except DnsTempError as exc:
@@ -200,7 +198,7 @@ class SmtpTransport:
         # A configured host name needs no secure MX (RFC 7672 §2.2.2: its name came
         # from us, not from DNS); its addresses still do.
         secure = answer.authenticated
-        return [_Target(host, a, port, hop, True, secure) for a in answer.records][:MAX_ADDRESSES]
+        return [Target(host, a, port, hop, True, secure) for a in answer.records][:MAX_ADDRESSES]
 
     # -- delivery ------------------------------------------------------------
     async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
@@ -222,14 +220,14 @@ class SmtpTransport:
         finally:
             slot.release()
 
-    async def _try_targets(self, job: DeliveryJob, targets: list[_Target]) -> list[Outcome]:
+    async def _try_targets(self, job: DeliveryJob, targets: list[Target]) -> list[Outcome]:
         count = len(job.records)
         errors: list[SessionError] = []
         last_detail = ""
-        lookups = _Lookups()
+        lookups = Lookups()
         for target in targets:
             params = job.message.mail_params
-            requirement = await self._requirement(job.route, target, lookups, params)
+            requirement = await self.requirement(job.route, target, lookups, params)
             if isinstance(requirement, HostRefused):  # not this host: try the next
                 errors.append(
                     SessionError(
@@ -257,7 +255,7 @@ class SmtpTransport:
                     return await self._finish(key, target, session, result, requirement)
                 session = None
             try:
-                session = await self._connect(target, requirement)
+                session = await self.connect(target, requirement)
                 result = await self._send(job, session, requirement)
             except SessionError as error:
                 if session is not None:
@@ -279,7 +277,7 @@ class SmtpTransport:
     async def _finish(
         self,
         key: PoolKey,
-        target: _Target,
+        target: Target,
         session: SmtpClientSession,
         result: TransactionResult,
         requirement: TlsRequirement,
@@ -312,8 +310,8 @@ class SmtpTransport:
             eight_bit=params.body is not BodyType.SEVEN_BIT,
         )
 
-    async def _requirement(
-        self, route: Route, target: _Target, lookups: _Lookups, params: MailParams
+    async def requirement(
+        self, route: Route, target: Target, lookups: Lookups, params: MailParams
     ) -> TlsRequirement | HostRefused:
         """What the connection to ``target`` must prove, or why not to connect
         (the precedence is tls_policy's; here only its inputs are gathered)."""
@@ -370,7 +368,7 @@ class SmtpTransport:
             )
         return decided
 
-    def _tls_checker(self, target: _Target, requirement: TlsRequirement) -> TlsChecker:
+    def tls_checker(self, target: Target, requirement: TlsRequirement) -> TlsChecker:
         """The handshake judge for this connection; raises SessionError when its
         trust anchors cannot be read (a configuration problem: defer, say why)."""
         testing = requirement.sts == "testing" and requirement.mode != "verify"
@@ -404,7 +402,12 @@ class SmtpTransport:
 
         return check
 
-    async def _connect(self, target: _Target, requirement: TlsRequirement) -> SmtpClientSession:
+    async def connect(
+        self, target: Target, requirement: TlsRequirement, tls_check: TlsChecker | None = None
+    ) -> SmtpClientSession:
+        """Connect, EHLO, STARTTLS and check the chain as ``requirement`` asks (then
+        AUTH for a hop with credentials). ``tls_check``: the checker to use instead of
+        :meth:`tls_checker` (``postillon tls check`` wraps it to see the chain)."""
         hop = target.hop
         implicit = bool(hop and hop.implicit_tls)
         session = await SmtpClientSession.connect(
@@ -413,7 +416,7 @@ class SmtpTransport:
             helo_name=self.settings.helo_name,
             lmtp=self.lmtp,
             starttls=requirement.starttls,
-            tls_check=self._tls_checker(target, requirement),
+            tls_check=tls_check or self.tls_checker(target, requirement),
             implicit_tls=implicit,
             server_hostname=target.host if not _is_ip(target.host) else None,
             unix_path=hop.unix_path if hop is not None else None,
@@ -452,7 +455,7 @@ class SmtpTransport:
         self,
         requirement: TlsRequirement | HostRefused | None,
         result: str,
-        target: _Target,
+        target: Target,
         reason: str = "",
     ) -> None:
         """The one place each session's TLS result is counted: the metric, and the
@@ -524,7 +527,7 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
 
 
 def _describe(
-    target: _Target, session: SmtpClientSession | None, req: TlsRequirement | HostRefused
+    target: Target, session: SmtpClientSession | None, req: TlsRequirement | HostRefused
 ) -> str:
     """The host, the TLS result and the policy, for the delivery log line:
     ``mx.example[192.0.2.1]:25 tls=TLSv1.3/verified policy=verify``,
