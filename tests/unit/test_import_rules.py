@@ -66,7 +66,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "dnsrecords": ("dns.resolver", "dns.sts_fetch", "config", "signing"),
     # tlsrpt (RFC 8460): observes outbound sessions (the observer's value type), keeps
     # counters in the store, looks up _smtp._tls TXT, and mails reports through intake.
-    "tlsrpt": ("dns.resolver", "queue.store", "intake", "outbound.tls_observer"),
+    "tlsrpt": ("dns.resolver", "dns.sts_fetch", "queue.store", "intake", "outbound.tls_observer"),
     "admin": ANYTHING,
     "app": ANYTHING,
     "reload": ANYTHING,

@@ -34,8 +34,9 @@ def policy_url(domain: str) -> str:
     return f"https://mta-sts.{domain}/.well-known/mta-sts.txt"
 
 
-class _ResolverBridge(AbstractResolver):
-    """aiohttp's name lookups through postillon's resolver."""
+class ResolverBridge(AbstractResolver):
+    """aiohttp's name lookups through postillon's resolver (the MTA-STS fetch and the
+    TLS report POST: no HTTPS client of postillon asks the machine's resolver)."""
 
     def __init__(self, resolver: Resolver) -> None:
         self._resolver = resolver
@@ -78,7 +79,7 @@ async def fetch_policy(
         context = ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise PolicyFetchError(f"cannot read the CA file {ca_file}: {exc}") from exc
-    connector = aiohttp.TCPConnector(resolver=_ResolverBridge(resolver), ssl=context)
+    connector = aiohttp.TCPConnector(resolver=ResolverBridge(resolver), ssl=context)
     try:
         async with (
             aiohttp.ClientSession(

@@ -3,55 +3,22 @@
 ``Content-Type: application/tlsrpt+gzip``, the certificate verified (the system CAs,
 or ``[tls_reports] ca_file``), no redirects followed, one total timeout. The
 collector's name is looked up through postillon's resolver (``[dns] nameservers``),
-like every lookup postillon makes, never the machine's own: aiohttp gets a bridge.
-(The same bridge as the MTA-STS fetch's, ``dnsrecords.sts_fetch._ResolverBridge`` on
-main, ``dns.sts_fetch`` after the MTA-STS merge; one copy is enough once that lands.)
+like every lookup postillon makes, never the machine's own: aiohttp gets the MTA-STS
+fetch's bridge (``dns.sts_fetch.ResolverBridge``).
 """
 
 from __future__ import annotations
 
-import socket
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
+from postillon.dns.resolver import Resolver
 from postillon.tlsrpt.report import CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from aiohttp.abc import ResolveResult
+    pass
 
 __all__ = ["post_report"]
-
-
-def _bridge(resolver: Resolver) -> Any:
-    from aiohttp.abc import AbstractResolver, ResolveResult
-
-    class ResolverBridge(AbstractResolver):
-        async def resolve(
-            self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-        ) -> list[ResolveResult]:
-            try:
-                answer = await resolver.addresses(host)
-            except DnsNotFound as exc:
-                raise OSError(f"{host} has no A or AAAA record") from exc
-            except DnsTempError as exc:
-                raise OSError(f"{host}: DNS lookup failed ({exc.reason})") from exc
-            return [
-                ResolveResult(
-                    hostname=host,
-                    host=ip,
-                    port=port,
-                    family=socket.AF_INET6 if ":" in ip else socket.AF_INET,
-                    proto=0,
-                    flags=socket.AI_NUMERICHOST,
-                )
-                for ip in answer.records
-            ]
-
-        async def close(self) -> None:
-            return None
-
-    return ResolverBridge()
 
 
 async def post_report(
@@ -60,9 +27,11 @@ async def post_report(
     """(delivered, what happened) - never raises for the collector's trouble."""
     import aiohttp  # only when there is something to post: it is slow to import
 
+    from postillon.dns.sts_fetch import ResolverBridge
+
     try:
         context = ssl.create_default_context(cafile=ca_file)
-        connector = aiohttp.TCPConnector(resolver=_bridge(resolver), ssl=context)
+        connector = aiohttp.TCPConnector(resolver=ResolverBridge(resolver), ssl=context)
         async with (
             aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
