@@ -43,11 +43,40 @@ __all__ = [
 ]
 
 
+def _below_ephemeral_range() -> tuple[int, int]:
+    """Ports to hand out: below the kernel's ephemeral range (ip_local_port_range,
+    32768-60999 by default). A port picked *inside* it can be taken as the source port
+    of any outgoing connection between the pick and the server's bind (seen in CI: an
+    admin listener's "address already in use"); below it only explicit binds compete."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    last = min(low - 1, 32000)
+    return (10000, last) if last > 11000 else (1024, last)
+
+
+_FIRST, _LAST = _below_ephemeral_range()
+# One sequence per test process (its start spread by pid), so a run never hands out
+# the same port twice while a server it was given has not bound it yet.
+_next_port = _FIRST + (os.getpid() * 7919) % (_LAST - _FIRST)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (IPv6 if ``host`` has a colon)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that was free on ``host`` a moment ago (IPv6 if ``host`` has a colon),
+    from below the ephemeral range and never the same twice in a row of calls."""
+    global _next_port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(_LAST - _FIRST):
+        port = _next_port
+        _next_port = _FIRST if _next_port >= _LAST else _next_port + 1
+        with socket.socket(family) as s:
+            try:
+                s.bind((host, port))
+            except OSError:  # taken (or lingering): the next one
+                continue
+        return port
+    raise RuntimeError(f"no free TCP port on {host} between {_FIRST} and {_LAST}")
 
 
 def accepts(host: str, port: int, timeout: float = 1.0) -> bool:
