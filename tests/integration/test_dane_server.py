@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import smtplib
 import ssl
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +36,6 @@ from cryptography.hazmat.primitives import serialization
 from support.dnssec import Zone
 from support.ports import free_port
 from support.recording_smtp import RecordingSmtp
-from support.server import ServerProcess
 
 if TYPE_CHECKING:
     from conftest import MakeServer
@@ -130,27 +127,6 @@ def dns(world: World) -> dict[str, object]:
     return {"nameservers": [world.nameserver], "timeout": 2.0, "attempts": 1, "trust_ad": True}
 
 
-def send(server: ServerProcess, rcpt: str) -> str:
-    host, _, port = server.config["listen"][0]["address"].rpartition(":")
-    with smtplib.SMTP(host, int(port), timeout=10) as s:
-        s.ehlo("client.test")
-        s.mail("alice@example.org")
-        assert s.rcpt(rcpt)[0] == 250
-        code, msg = s.data(b"From: alice@example.org\r\nSubject: dane\r\n\r\nhello\r\n")
-    assert code == 250
-    return msg.decode().rsplit(" ", 1)[1]
-
-
-def outcome_line(server: ServerProcess, qid: str, timeout: float = 20) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in server.maillog().splitlines():
-            if f"{qid}: delivered:" in line or f"{qid}: deferred:" in line:
-                return line
-        time.sleep(0.1)
-    raise AssertionError(f"no outcome for {qid}:\n{server.maillog()[-3000:]}")
-
-
 def rcpts(rec: RecordingSmtp, domain: str) -> list[str]:
     return [c for c in rec.commands if c.upper().startswith("RCPT") and f"@{domain}>" in c]
 
@@ -167,7 +143,9 @@ def test_dane_and_the_table_through_a_server(make_server: MakeServer, world: Wor
         ],
     ).start()
     domains = ("fallback.danes.test", "must.danes.test", "verified.danes.test", "unsigned.test")
-    lines = {d: outcome_line(a, send(a, f"user@{d}")) for d in domains}
+    lines = {
+        d: a.wait_outcome(a.send_message(f"user@{d}"), ("delivered", "deferred")) for d in domains
+    }
     bad, good = world.recs["mx-bad"], world.recs["mx-good"]
 
     # Published DANE, no rule: the mismatching MX hears STARTTLS and then nothing; the
@@ -206,7 +184,7 @@ def test_dane_authenticated_smarthost_gets_auth(make_server: MakeServer, world: 
         dns=dns(world),
         tls_policy=[{"domain": "relay.danes.test", "policy": "dane"}],
     ).start()
-    line = outcome_line(b, send(b, "friend@elsewhere.test"))
+    line = b.wait_outcome(b.send_message("friend@elsewhere.test"), ("delivered", "deferred"))
     relay = world.recs["relay"]
     assert ": delivered:" in line and "tls=TLSv1.3/dane-ee policy=dane" in line, line
     assert relay.saw("AUTH") and relay.saw("MAIL")

@@ -14,8 +14,6 @@ passes.
 
 from __future__ import annotations
 
-import smtplib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,27 +83,6 @@ def world(make_server, make_dns_server, tmp_path: Path) -> Iterator[dict[str, An
         rec.stop()
 
 
-def send(server: ServerProcess, rcpt: str) -> str:
-    host, _, port = server.config["listen"][0]["address"].rpartition(":")
-    with smtplib.SMTP(host, int(port), timeout=10) as s:
-        s.ehlo("client.test")
-        s.mail("alice@example.org")
-        assert s.rcpt(rcpt)[0] == 250
-        code, msg = s.data(b"Subject: policy\r\n\r\nhello\r\n")
-    assert code == 250
-    return msg.decode().rsplit(" ", 1)[1]
-
-
-def outcome_line(server: ServerProcess, qid: str, timeout: float = 20) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in server.maillog().splitlines():
-            if f"{qid}: delivered:" in line or f"{qid}: deferred:" in line:
-                return line
-        time.sleep(0.1)
-    raise AssertionError(f"no outcome for {qid}:\n{server.maillog()[-3000:]}")
-
-
 def rcpts(rec: RecordingSmtp, domain: str) -> list[str]:
     return [c for c in rec.commands if c.upper().startswith("RCPT") and f"@{domain}>" in c]
 
@@ -113,7 +90,10 @@ def rcpts(rec: RecordingSmtp, domain: str) -> list[str]:
 def test_tls_policy_table(world: dict[str, Any]) -> None:
     a: ServerProcess = world["a"]
     recs: dict[str, RecordingSmtp] = world["recs"]
-    lines = {domain: outcome_line(a, send(a, f"user@{domain}")) for domain in MX}
+    lines = {
+        domain: a.wait_outcome(a.send_message(f"user@{domain}"), ("delivered", "deferred"))
+        for domain in MX
+    }
 
     # verify: the wrong-name MX is skipped after STARTTLS, the good one takes it.
     line = lines["verify.test"]

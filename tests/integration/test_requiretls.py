@@ -100,16 +100,6 @@ def send(server: ServerProcess, rcpt: str, *, requiretls: bool = True, header: s
     return msg.decode().rsplit(" ", 1)[1]
 
 
-def outcome_line(server: ServerProcess, qid: str, timeout: float = 20) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in server.maillog().splitlines():
-            if any(f"{qid}: {kind}:" in line for kind in ("delivered", "deferred", "bounced")):
-                return line
-        time.sleep(0.1)
-    raise AssertionError(f"no outcome for {qid}:\n{server.maillog()[-3000:]}")
-
-
 def mails(rec: RecordingSmtp) -> list[str]:
     return [c for c in list(rec.commands) if c.upper().startswith("MAIL")]
 
@@ -126,7 +116,7 @@ def test_requiretls_refused_before_starttls(world: dict[str, Any]) -> None:
 
 def test_requiretls_delivered_to_capable_verified_server(world: dict[str, Any]) -> None:
     a: ServerProcess = world["a"]
-    line = outcome_line(a, send(a, "bob@rtls.test"))
+    line = a.wait_outcome(send(a, "bob@rtls.test"))
     assert ": delivered:" in line, line
     assert "b.mx.test[127.0.0.2]" in line and "tls=TLSv1.3/verified" in line, line
     assert "policy=verify+requiretls" in line, line  # raised from opportunistic
@@ -137,8 +127,8 @@ def test_requiretls_bounced_without_requiretls_or_verified_tls(world: dict[str, 
     a: ServerProcess = world["a"]
     rec: RecordingSmtp = world["rec"]
     selfs: RecordingSmtp = world["self"]
-    no_ext = outcome_line(a, send(a, "bob@norequire.test"))
-    self_signed_line = outcome_line(a, send(a, "bob@self.test"))
+    no_ext = a.wait_outcome(send(a, "bob@norequire.test"))
+    self_signed_line = a.wait_outcome(send(a, "bob@self.test"))
     # Bounced at once (not deferred), with RFC 8689's codes; MAIL never sent.
     assert ": bounced:" in no_ext and "does not offer REQUIRETLS" in no_ext, no_ext
     assert ": bounced:" in self_signed_line and "status=550" in self_signed_line, self_signed_line
@@ -171,7 +161,7 @@ def test_tls_required_no_goes_out_opportunistically(world: dict[str, Any]) -> No
     a: ServerProcess = world["a"]
     selfs: RecordingSmtp = world["self"]
     qid = send(a, "bob@self.test", requiretls=False, header="TLS-Required: No\r\n")
-    line = outcome_line(a, qid)
+    line = a.wait_outcome(qid)
     assert ": delivered:" in line and "policy=opportunistic" in line, line
     assert [m for m in mails(selfs) if "REQUIRETLS" in m.upper()] == []
     assert b"the secret body" in selfs.wait_for_message()

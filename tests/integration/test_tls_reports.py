@@ -24,7 +24,6 @@ import email
 import email.policy
 import gzip
 import json
-import smtplib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,27 +129,6 @@ def world(make_server, make_dns_server, tmp_path: Path) -> Iterator[dict[str, An
         rec.stop()
 
 
-def send(server: ServerProcess, rcpt: str) -> str:
-    host, _, port = server.config["listen"][0]["address"].rpartition(":")
-    with smtplib.SMTP(host, int(port), timeout=10) as s:
-        s.ehlo("client.test")
-        s.mail("alice@example.org")
-        assert s.rcpt(rcpt)[0] == 250
-        code, msg = s.data(b"Subject: tls report\r\n\r\nhello\r\n")
-    assert code == 250
-    return msg.decode().rsplit(" ", 1)[1]
-
-
-def delivered(server: ServerProcess, qid: str, timeout: float = 20) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in server.maillog().splitlines():
-            if f"{qid}: delivered:" in line:
-                return line
-        time.sleep(0.1)
-    raise AssertionError(f"{qid} not delivered:\n{server.maillog()[-3000:]}")
-
-
 def dry_run(a: ServerProcess, day: str, expect: str, timeout: float = 10) -> str:
     """``tls report --dry-run`` once the flushed counters show ``expect``."""
     deadline = time.monotonic() + timeout
@@ -166,10 +144,10 @@ def test_reports_are_built_and_sent_by_mail_and_https(world: dict[str, Any]) -> 
     web: HttpsServer = world["web"]
     today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     for rcpt in ("u1@verify.test", "u2@verify.test", "u@stall.test", "u@twice.test"):
-        line = delivered(a, send(a, rcpt))
+        line = a.wait_outcome(a.send_message(rcpt), ("delivered",))
         assert "good.mx.test" in line, line
     for rcpt in ("u@bad.test", "u@quiet.test"):
-        delivered(a, send(a, rcpt))
+        a.wait_outcome(a.send_message(rcpt), ("delivered",))
 
     # The counters reach the store (flush_interval 0.2 s); nothing is sent by a dry run.
     preview = dry_run(a, today, "2 successful, 2 failed")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -141,6 +142,37 @@ class ServerProcess:
         while text not in (log := self.maillog()) and time.monotonic() < deadline:
             time.sleep(0.05)
         return log
+
+    def send_message(
+        self,
+        rcpt: str,
+        body: bytes = b"Subject: test\r\n\r\nhello\r\n",
+        sender: str = "alice@example.org",
+    ) -> str:
+        """Send one message to the first listener over plain SMTP; its queue id."""
+        host, _, port = self.config["listen"][0]["address"].rpartition(":")
+        with smtplib.SMTP(host, int(port), timeout=10) as client:
+            client.ehlo("client.test")
+            client.mail(sender)
+            assert client.rcpt(rcpt)[0] == 250
+            code, reply = client.data(body)
+        assert code == 250, reply
+        return reply.decode().rsplit(" ", 1)[1]
+
+    def wait_outcome(
+        self,
+        queue_id: str,
+        kinds: tuple[str, ...] = ("delivered", "deferred", "bounced"),
+        timeout: float = 20.0,
+    ) -> str:
+        """The first mail-log line saying ``queue_id`` was one of ``kinds``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.maillog().splitlines():
+                if any(f"{queue_id}: {kind}:" in line for kind in kinds):
+                    return line
+            time.sleep(0.1)
+        raise AssertionError(f"no outcome for {queue_id}:\n{self.maillog()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         return stop_process(self.proc, sig, timeout)
