@@ -23,11 +23,12 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "postillon"
 
-EVERYONE = ("core", "observability", "config.model")
+EVERYONE = ("core", "observability", "config.model", "osutil")
 ANYTHING = ("*",)
 
 MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "core": (),
+    "osutil": (),
     "protocol": (),
     "config": (),
     "dns": (),

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from postillon.core.safeio import write_file
+from postillon.osutil.safeio import write_file
 
 TOKEN_FILE = "admin-token.json"
 
@@ -34,7 +34,7 @@ def generate_token(path: Path, owner: tuple[int, int] | None = None) -> str:
 
     ``owner`` (uid, gid): who the file is given to, for ``postillon admin token`` run
     as root while the server runs as its own user and must read the file. The file
-    is written under a fresh name and renamed (core/safeio.py): a link the server's
+    is written under a fresh name and renamed (osutil/safeio.py): a link the server's
     user planted in data_dir is replaced, never written through."""
     token = secrets.token_urlsafe(32)
     record = {"sha256": _digest(token), "created": time.time()}

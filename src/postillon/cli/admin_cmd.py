@@ -15,7 +15,7 @@ import sys
 
 from postillon.admin.token import generate_token, token_path
 from postillon.config.model import Config
-from postillon.core.safeio import owner_of
+from postillon.osutil.safeio import owner_of
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -50,7 +50,7 @@ def main() -> None:
     args = sys.argv[1:]
     table = handlers()
     if args[:1] == ["--user"] and len(args) == 2:
-        from postillon.core.privilege import drop_privileges
+        from postillon.osutil.privilege import drop_privileges
 
         drop_privileges(args[1])
     serve(sys.stdin.buffer, sys.stdout.buffer, table)

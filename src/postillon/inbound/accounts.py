@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from postillon.core.account import Account, ScramCredentials
-from postillon.core.safeio import write_file
+from postillon.osutil.safeio import write_file
 
 log = logging.getLogger("postillon.accounts")
 
@@ -481,7 +481,7 @@ def _give_to_dir_owner(fd: int, directory: Path) -> None:
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """tmp in the same directory → write → fsync → rename → fsync the directory
-    (``core.safeio``); as root, the file goes to the directory's owner first."""
+    (``osutil.safeio``); as root, the file goes to the directory's owner first."""
     owner = None
     if os.geteuid() == 0:
         st = os.stat(path.parent)

@@ -10,13 +10,13 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from postillon.core.privilege import (  # re-exported: the server and CLI use them here
+from postillon.intake.maildrop import prepare_maildrop
+from postillon.osutil.privilege import (  # re-exported: the server and CLI use them here
     PrivilegeError,
     drop_privileges,
     lookup_user,
     running_as_root,
 )
-from postillon.intake.maildrop import prepare_maildrop
 
 log = logging.getLogger("postillon")
 

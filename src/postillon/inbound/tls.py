@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from postillon.core.safeio import write_file
+from postillon.osutil.safeio import write_file
 
 
 def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
@@ -46,7 +46,7 @@ def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
         .sign(key, hashes.SHA256())
     )
     # Fresh temporary names (O_EXCL|O_NOFOLLOW), then rename: a link planted under
-    # either final name is replaced, never written through (core/safeio.py).
+    # either final name is replaced, never written through (osutil/safeio.py).
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from postillon.core.safeio import open_dir, set_dir_owner
+from postillon.osutil.safeio import open_dir, set_dir_owner
 
 MAGIC = b"POSTILLON-MAILDROP 1\n"
 DIR_MODE = 0o1733
@@ -218,7 +218,7 @@ def prepare_maildrop(directory: Path, uid: int | None = None, gid: int | None = 
     directory.mkdir(parents=True, exist_ok=True)
     owner = (uid, gid) if uid is not None and gid is not None else None
     # As root in the server user's data_dir: through descriptors that refuse a
-    # symlink in a directory's place (core/safeio.py), never mkdir/chown/chmod by a
+    # symlink in a directory's place (osutil/safeio.py), never mkdir/chown/chmod by a
     # path the user could redirect between two steps.
     fd = open_dir(directory)
     try:

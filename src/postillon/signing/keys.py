@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from postillon.config.model import DkimConfig
 from postillon.core.address import AddressError, domain_to_ascii
-from postillon.core.safeio import NEW_FILE, open_dir, set_dir_owner
+from postillon.osutil.safeio import NEW_FILE, open_dir, set_dir_owner
 from postillon.signing.remote_keys import rsa_sign
 
 log = logging.getLogger("postillon.dkim")
@@ -330,7 +330,7 @@ def write_new_key(
     directory = keys_dir / name
     path = directory / (selector + KEY_SUFFIX)
     # Run as root in the server user's data_dir: every step goes through directory
-    # descriptors opened without following links (core/safeio.py), so a link the user
+    # descriptors opened without following links (osutil/safeio.py), so a link the user
     # put in place of a directory or of the temporary file is refused, never followed.
     keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with contextlib.ExitStack() as fds:

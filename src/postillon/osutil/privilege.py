@@ -2,7 +2,7 @@
 
 Here rather than in ``inbound/privileges.py`` because two rooms drop privileges: the
 server after binding its ports, and each helper process (``postillon.helpers``), which
-may not import ``inbound``. Standard library only, like the rest of ``core``.
+may not import ``inbound``. Standard library only.
 """
 
 from __future__ import annotations
