@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench deps system-deps clean
+.PHONY: run test lint bench deps system-deps clean dist
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +38,11 @@ bench: deps system-deps
 	$(BIN)/python bench/accept_bench.py $(BENCH_ARGS)
 	$(BIN)/python bench/cluster_bench.py $(CLUSTER_BENCH_ARGS)
 
+# The wheel and sdist an operator installs (`pipx install dist/postillon-*.whl`):
+# docs/install.md. The sdist is built first and the wheel from it.
+dist: deps
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist
+
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) dist build var .pytest_cache .mypy_cache .ruff_cache
