@@ -13,6 +13,8 @@
 #   nsd              an authoritative DNS server for the DNSSEC-signed test zones (DANE),
 #   unbound            with a validating resolver in front of it (the AD bit is real),
 #   ldnsutils          and ldns-verify-zone to check a signed zone by hand
+#   systemd          systemd-analyze verify/security on postillon's unit file (issue 17)
+#   logrotate        the logrotate snippet rotated for real against a running server
 # Installs only what is missing; needs root (CI runs as root). Without root it
 # says what is missing and the tests that need it report the missing tool.
 set -eu
@@ -32,6 +34,8 @@ command -v chromium >/dev/null 2>&1 || need="$need chromium"
 [ -x /usr/sbin/nsd ] || need="$need nsd"
 [ -x /usr/sbin/unbound ] || need="$need unbound"
 command -v ldns-verify-zone >/dev/null 2>&1 || need="$need ldnsutils"
+command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
+command -v logrotate >/dev/null 2>&1 || [ -x /usr/sbin/logrotate ] || need="$need logrotate"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages:$need (run as root or: sudo apt-get install$need)" >&2

@@ -95,6 +95,9 @@ def test_wheel_holds_the_package_the_page_and_the_migrations_not_the_tests(
     assert "postillon/admin/static/app.js" in names
     assert "postillon/queue/postgres_schema.py" in names  # the PostgreSQL migrations
     assert "postillon/queue/sqlite_schema.py" in names  # the SQLite migrations
+    assert "postillon/osutil/sd_notify.py" in names
+    assert "postillon/provision/files/postillon.service" in names
+    assert "postillon/provision/files/postillon.logrotate" in names
     assert not [n for n in names if n.startswith(("tests/", "support/", "conftest"))]
     top = {n.split("/")[0] for n in names}
     assert top == {"postillon", f"postillon-{postillon.__version__}.dist-info"}
@@ -105,7 +108,8 @@ def test_wheel_holds_the_package_the_page_and_the_migrations_not_the_tests(
 
 
 def test_sdist_builds_the_wheel_and_carries_the_docs(built: dict[str, Path]) -> None:
-    names = tarfile.open(built["sdist"]).getnames()
+    with tarfile.open(built["sdist"]) as sdist:
+        names = sdist.getnames()
     prefix = f"postillon-{postillon.__version__}/"
     assert prefix + "pyproject.toml" in names
     assert prefix + "src/postillon/admin/static/index.html" in names

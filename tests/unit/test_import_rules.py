@@ -69,6 +69,9 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     # counters in the store, looks up _smtp._tls TXT, and mails reports through intake.
     "tlsrpt": ("dns.resolver", "dns.sts_fetch", "queue.store", "intake", "outbound.tls_observer"),
     "admin": ANYTHING,
+    # provision (`postillon setup`, the unit file): checks the config it writes, makes
+    # DKIM keys and the first mail account, prints the DNS records to publish.
+    "provision": ("config", "signing", "inbound.accounts", "dnsrecords", "paths"),
     "app": ANYTHING,
     "reload": ANYTHING,
     "build": ANYTHING,
