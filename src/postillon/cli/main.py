@@ -14,6 +14,7 @@ from postillon.cli import (
     dns_cmd,
     queue_cmd,
     reload_cmd,
+    setup_cmd,
     tls_cmd,
     user_cmd,
 )
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     reload_cmd.add_parser(sub)
     admin_cmd.add_parser(sub)
     tls_cmd.add_parser(sub)
+    setup_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
         ("mailq", "list the queue (= sendmail -bp)"),
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return routed
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "setup":  # needs no config: it writes one
+        return setup_cmd.run(args)
     try:
         if args.command == "check-config":
             path = Path(args.file) if args.file else find_config(args.config)

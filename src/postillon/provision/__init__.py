@@ -3,9 +3,10 @@
 Design note
 -----------
 ``files/`` holds the systemd unit and the logrotate snippet as templates (package data,
-so they ship in the wheel); ``templates.py`` fills them in. ``setup_plan.py`` turns the
-options of ``postillon setup`` into a list of steps (write a file, make a user, make a
-key, ...) and ``setup_apply.py`` carries them out, everything under ``--root`` when given.
+so they ship in the wheel); ``templates.py`` fills them in. ``config_text.py`` writes the
+commented production config; ``setup.py`` runs the steps of ``postillon setup`` (config,
+service user, data directory, DKIM keys, admin account, sendmail, unit), everything under
+``--root`` when given.
 Every step first looks at what is there, so a second run changes nothing and says so,
 and an existing config is never overwritten without ``--force``.
 
