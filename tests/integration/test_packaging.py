@@ -148,3 +148,16 @@ def test_installed_wheel_runs_version_and_check_config(venv: Path) -> None:
 def test_installed_wheel_provides_the_sendmail_commands(venv: Path) -> None:
     for script in ("sendmail", "mailq", "newaliases"):
         assert (venv / "bin" / script).is_file()
+    help_text = _run(venv, "postillon", "--help")
+    assert "setup" in help_text.stdout and "import-postfix" in help_text.stdout
+    # The unit template is found inside the installed package.
+    unit = _run(
+        venv,
+        "python",
+        "-c",
+        "from pathlib import Path; from postillon.provision.templates import render_unit;"
+        "print(render_unit(postillon=Path('/usr/bin/postillon'), config=Path('/etc/p.toml'),"
+        " data_dir=Path('/var/lib/postillon'), user='postillon'))",
+    )
+    assert unit.returncode == 0, unit.stderr
+    assert "Type=notify" in unit.stdout

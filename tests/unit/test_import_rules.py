@@ -72,6 +72,8 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     # provision (`postillon setup`, the unit file): checks the config it writes, makes
     # DKIM keys and the first mail account, prints the DNS records to publish.
     "provision": ("config", "signing", "inbound.accounts", "dnsrecords", "paths"),
+    # postfiximport (`postillon import-postfix`): reads Postfix files, writes TOML text.
+    "postfiximport": (),
     "app": ANYTHING,
     "reload": ANYTHING,
     "build": ANYTHING,

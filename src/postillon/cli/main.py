@@ -12,6 +12,7 @@ from postillon.cli import (
     db_cmd,
     dkim_cmd,
     dns_cmd,
+    import_postfix_cmd,
     queue_cmd,
     reload_cmd,
     setup_cmd,
@@ -54,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     admin_cmd.add_parser(sub)
     tls_cmd.add_parser(sub)
     setup_cmd.add_parser(sub)
+    import_postfix_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
         ("mailq", "list the queue (= sendmail -bp)"),
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "setup":  # needs no config: it writes one
         return setup_cmd.run(args)
+    if args.command == "import-postfix":  # reads Postfix's config, not postillon's
+        return import_postfix_cmd.run(args)
     try:
         if args.command == "check-config":
             path = Path(args.file) if args.file else find_config(args.config)
