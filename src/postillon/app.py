@@ -446,11 +446,15 @@ class App:
 async def _reload_and_notify(app: App, notifier: SystemdNotifier) -> ReloadResult:
     """SIGHUP under systemd: RELOADING=1, the reload, then READY=1 with the outcome."""
     notifier.reloading()
-    result = await app.reload()
-    if result.applied:
-        notifier.reloaded("serving; configuration reloaded")
-    else:
-        notifier.reloaded(f"serving; reload refused: {result.error}")
+    result = ReloadResult(False, "the reload failed unexpectedly")
+    try:
+        result = await app.reload()
+    finally:
+        # Always back to READY=1: the running configuration serves either way.
+        if result.applied:
+            notifier.reloaded("serving; configuration reloaded")
+        else:
+            notifier.reloaded(f"serving; reload refused: {result.error}")
     return result
 
 
