@@ -23,6 +23,7 @@ from postillon.config.outbound import (
     TlsPolicyRule,
     TransportRule,
 )
+from postillon.config.tls import TlsConfig
 from postillon.config.tls_reports import TlsReportsConfig
 from postillon.core.credentials import check_postgresql_url
 
@@ -31,6 +32,7 @@ __all__ = [
     "MtaStsConfig",
     "OutboundConfig",
     "RelayConfig",
+    "TlsConfig",
     "TlsPolicyName",
     "TlsPolicyRule",
     "TransportRule",
@@ -74,21 +76,6 @@ class ListenConfig(_Frozen):
     @property
     def label(self) -> str:
         return self.name or f"{self.kind}:{self.address}"
-
-
-class TlsConfig(_Frozen):
-    certificate: Path | None = None
-    private_key: Path | None = None
-    # When no certificate is configured, generate a self-signed one in data_dir
-    # so STARTTLS works out of the box (opportunistic TLS, RFC 7435).
-    self_signed: bool = True
-    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
-
-    @model_validator(mode="after")
-    def _pair(self) -> TlsConfig:
-        if (self.certificate is None) != (self.private_key is None):
-            raise ValueError("tls.certificate and tls.private_key must be set together")
-        return self
 
 
 class LimitsConfig(_Frozen):
@@ -548,6 +535,22 @@ class Config(_Frozen):
             raise ValueError(
                 "admin.tls_from_server = true needs a server certificate: set tls.certificate "
                 "and tls.private_key, or tls.self_signed = true"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _acme_challenge(self) -> Config:
+        if not self.tls.acme:
+            return self
+        if self.mta_sts.listen is None and self.tls.acme_http_listen is None:
+            raise ValueError(
+                "tls.acme = true needs a challenge listener: set mta_sts.listen (TLS-ALPN-01 "
+                'on port 443, e.g. "0.0.0.0:443") or tls.acme_http_listen (HTTP-01 on port 80)'
+            )
+        if "." not in self.hostname.strip(".") or self.hostname.endswith(".localhost"):
+            raise ValueError(
+                f"tls.acme = true needs hostname to be the server's public DNS name "
+                f"(it is {self.hostname!r}): a CA issues certificates for public names only"
             )
         return self
 
