@@ -74,6 +74,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "app": ANYTHING,
     "reload": ANYTHING,
     "build": ANYTHING,
+    "acme_service": ANYTHING,  # composition root: the ACME pieces of a running server
     "paths": ("config",),
     "cli": ANYTHING,
     "testing": ANYTHING,
