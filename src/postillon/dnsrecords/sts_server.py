@@ -162,6 +162,7 @@ class StsServer:
             self._sni[tls] = name
             answer = self._challenge(name) if self._challenge is not None else None
             if answer is not None:
+                log.info("ACME: answering the TLS-ALPN-01 challenge for %s", name)
                 tls.context = answer
 
     def reconfigure(self, domains: Iterable[str], policy: str) -> None:
