@@ -12,6 +12,7 @@ from postillon.cli import (
     db_cmd,
     dkim_cmd,
     dns_cmd,
+    docs_cmd,
     queue_cmd,
     reload_cmd,
     tls_cmd,
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     reload_cmd.add_parser(sub)
     admin_cmd.add_parser(sub)
     tls_cmd.add_parser(sub)
+    docs_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
         ("mailq", "list the queue (= sendmail -bp)"),
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return routed
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "docs":
+        return docs_cmd.run(args)
     try:
         if args.command == "check-config":
             path = Path(args.file) if args.file else find_config(args.config)
