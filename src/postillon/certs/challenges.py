@@ -25,6 +25,7 @@ import ssl
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -39,6 +40,9 @@ ACME_TLS_ALPN = "acme-tls/1"  # RFC 8737 §6.2
 # id-pe-acmeIdentifier (RFC 8737 §6.1).
 ACME_IDENTIFIER_OID = ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 HTTP01_PREFIX = "/.well-known/acme-challenge/"
+# The CA connects a few times per order; anything more is noise or an attack.
+MAX_CONNECTIONS = 64
+CONNECTION_SECONDS = 30.0
 
 
 def tls_alpn_certificate(name: str, key_authorization: str) -> tuple[bytes, bytes]:
@@ -115,6 +119,36 @@ class ChallengeBoard:
             return self._alpn.get(name.lower().rstrip("."))
 
 
+def _bounded_server_class() -> type[Any]:
+    from aiohttp import web
+    from aiohttp.web_protocol import RequestHandler
+
+    class BoundedServer(web.Server):
+        """aiohttp's low-level server with a cap on connections and their lifetime."""
+
+        def __init__(self, handler: Any, **kwargs: Any) -> None:
+            super().__init__(handler, **kwargs)
+            self._deadlines: dict[RequestHandler, asyncio.TimerHandle] = {}
+
+        def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+            super().connection_made(handler, transport)
+            if len(self._deadlines) >= MAX_CONNECTIONS:
+                transport.abort()
+                return
+            loop = asyncio.get_running_loop()
+            self._deadlines[handler] = loop.call_later(CONNECTION_SECONDS, transport.abort)
+
+        def connection_lost(
+            self, handler: RequestHandler, exc: BaseException | None = None
+        ) -> None:
+            deadline = self._deadlines.pop(handler, None)
+            if deadline is not None:
+                deadline.cancel()
+            super().connection_lost(handler, exc)
+
+    return BoundedServer
+
+
 class Http01Server:
     """The HTTP-01 responder on ``[tls] acme_http_listen`` (port 80: bound as root)."""
 
@@ -136,7 +170,18 @@ class Http01Server:
             log.info("ACME: answered the HTTP-01 challenge for %s", request.host)
             return web.Response(text=answer, content_type="text/plain")
 
-        server = web.Server(handle, access_log=None, max_line_size=1024, max_field_size=4096)
+        # Limits, as on every socket a client controls (DESIGN principle 8): short
+        # request lines and headers, no body read, idle connections closed after 5 s,
+        # every connection after CONNECTION_SECONDS, at most MAX_CONNECTIONS at once.
+        server = _bounded_server_class()(
+            handle,
+            access_log=None,
+            max_line_size=1024,
+            max_field_size=4096,
+            max_headers=32,
+            keepalive_timeout=5.0,
+            lingering_time=1.0,
+        )
         self._web = server
         host, port = split_host_port(self.listen)
         loop = asyncio.get_running_loop()
