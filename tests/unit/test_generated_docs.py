@@ -23,7 +23,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 @pytest.mark.parametrize("name", NAMES)
 def test_committed_file_is_what_the_code_generates(name: str) -> None:
     committed = (DOCS / name).read_text() if (DOCS / name).exists() else "(missing)"
-    assert committed == generate()[name], (
+    assert committed == generate(_parser())[name], (
         f"docs/{name} is out of date: run `postillon docs --write docs` and commit it"
     )
 
@@ -43,12 +43,12 @@ def test_every_key_is_documented_with_a_description() -> None:
     assert "tls.acme" in documented and "tls.acme_directory" in documented
     undescribed = sorted(k for k, key in documented.items() if not key.description)
     assert undescribed == [], "add a Field(description=...) or a comment beside these keys"
-    markdown = generate()["configuration.md"]
+    markdown = generate(_parser())["configuration.md"]
     assert "| `acme_http_listen` | string (optional) | `unset` |" in markdown
 
 
 def test_every_command_is_in_the_man_page() -> None:
-    page = generate()["man/postillon.8"]
+    page = generate(_parser())["man/postillon.8"]
 
     def walk(parser: object, path: str) -> None:
         for name, _, sub in _subparsers(parser):  # type: ignore[arg-type]

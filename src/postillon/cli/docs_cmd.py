@@ -32,24 +32,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     what.add_argument("--print", metavar="NAME", choices=NAMES, help="print one file")
 
 
-def generate() -> dict[str, str]:
-    """Relative path -> content of every generated file."""
+def generate(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Relative path -> content of every generated file; ``parser`` is the ``postillon``
+    command's (``cli.main`` passes it: this module never imports its importer)."""
     from postillon import __version__
     from postillon.cli.docgen import man5, markdown
-    from postillon.cli.main import _parser
     from postillon.cli.mangen import man8
 
     return {
         "configuration.md": markdown(),
-        "man/postillon.8": man8(_parser(), __version__),
+        "man/postillon.8": man8(parser, __version__),
         "man/postillon.toml.5": man5(__version__),
     }
 
 
-def stale(directory: Path) -> list[str]:
+def stale(directory: Path, parser: argparse.ArgumentParser) -> list[str]:
     """The generated files under ``directory`` that differ from what the code gives."""
     found = []
-    for name, text in generate().items():
+    for name, text in generate(parser).items():
         try:
             current = (directory / name).read_text()
         except OSError:
@@ -59,18 +59,18 @@ def stale(directory: Path) -> list[str]:
     return found
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.print:
-        sys.stdout.write(generate()[args.print])
+        sys.stdout.write(generate(parser)[args.print])
         return 0
     if args.check:
-        differ = stale(Path(args.check))
+        differ = stale(Path(args.check), parser)
         for name in differ:
             print(f"{Path(args.check) / name}: out of date (run: postillon docs --write "
                   f"{args.check})", file=sys.stderr)  # fmt: skip
         return 1 if differ else 0
     directory = Path(args.write)
-    for name, text in generate().items():
+    for name, text in generate(parser).items():
         path = directory / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

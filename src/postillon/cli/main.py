@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "docs":
-        return docs_cmd.run(args)
+        return docs_cmd.run(args, parser)
     try:
         if args.command == "check-config":
             path = Path(args.file) if args.file else find_config(args.config)
