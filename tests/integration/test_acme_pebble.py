@@ -49,6 +49,7 @@ class AcmeLab:
     smtps_port: int
     sts_port: int
     admin_port: int
+    host: str = "127.0.0.1"  # the node's listening address
 
     def status(self) -> dict[str, Any]:
         path = self.server.data_dir / "acme" / "status.json"
@@ -66,7 +67,7 @@ class AcmeLab:
     def smtps_certificate(self) -> x509.Certificate:
         """The certificate port 465 presents, verified for the hostname."""
         with (
-            socket.create_connection(("127.0.0.1", self.smtps_port), timeout=10) as raw,
+            socket.create_connection((self.host, self.smtps_port), timeout=10) as raw,
             self.trust().wrap_socket(raw, server_hostname=HOST) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
@@ -74,7 +75,7 @@ class AcmeLab:
         return x509.load_der_x509_certificate(der)
 
     def admin(self, path: str, token: str | None = None) -> tuple[int, bytes]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}")
+        request = urllib.request.Request(f"http://{self.host}:{self.admin_port}{path}")
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         try:
@@ -90,12 +91,25 @@ def acme_lab(
 ) -> Iterator[Callable[..., AcmeLab]]:
     labs: list[AcmeLab] = []
 
-    def make(*, tls_alpn: bool = True, http01: bool = True) -> AcmeLab:
-        dns = DnsServer(ZONES)
-        dns.start()
-        sts_port, http_port = free_port(), free_port()
-        pebble = Pebble(tmp_path / "pebble", dns.nameserver, http_port, sts_port).start()
-        smtp_port, smtps_port, admin_port = free_port(), free_port(), free_port()
+    def make(
+        *,
+        tls_alpn: bool = True,
+        http01: bool = True,
+        queue: dict[str, Any] | None = None,
+        beside: AcmeLab | None = None,
+        host: str = "127.0.0.1",
+    ) -> AcmeLab:
+        """A postillon with ACME (and Pebble and DNS for it, or those of ``beside``: a
+        second node of one cluster, listening on ``host``)."""
+        if beside is None:
+            dns = DnsServer(ZONES)
+            dns.start()
+            sts_port, http_port = free_port(), free_port()
+            pebble = Pebble(tmp_path / "pebble", dns.nameserver, http_port, sts_port).start()
+        else:
+            dns, pebble = beside.dns, beside.pebble
+            sts_port, http_port = pebble.tls_port, pebble.http_port
+        smtp_port, smtps_port, admin_port = free_port(host), free_port(host), free_port(host)
         tls: dict[str, Any] = {
             "acme": True,
             "acme_directory": pebble.directory,
@@ -103,30 +117,31 @@ def acme_lab(
             "acme_email": f"hostmaster@{DOMAIN}",
         }
         if http01:
-            tls["acme_http_listen"] = f"127.0.0.1:{http_port}"
-        extra: dict[str, Any] = {}
+            tls["acme_http_listen"] = f"{host}:{http_port}"
+        extra: dict[str, Any] = {"queue": queue} if queue else {}
         if tls_alpn:
-            extra["mta_sts"] = {"listen": f"127.0.0.1:{sts_port}"}
+            extra["mta_sts"] = {"listen": f"{host}:{sts_port}"}
         server = make_server(
             hostname=HOST,
             listen=[
-                {"kind": "smtp", "address": f"127.0.0.1:{smtp_port}"},
-                {"kind": "submissions", "address": f"127.0.0.1:{smtps_port}"},
+                {"kind": "smtp", "address": f"{host}:{smtp_port}"},
+                {"kind": "submissions", "address": f"{host}:{smtps_port}"},
             ],
             domain=[{"name": DOMAIN, "mailboxes": ["alice", "postmaster"]}],
             relay={"trusted_networks": ["127.0.0.0/8"]},
             tls=tls,
-            admin={"listen": f"127.0.0.1:{admin_port}"},
+            admin={"listen": f"{host}:{admin_port}"},
             dns={"nameservers": [dns.nameserver], "timeout": 1.0, "attempts": 1},
             **extra,
         )
-        lab = AcmeLab(dns, pebble, server, smtp_port, smtps_port, sts_port, admin_port)
+        lab = AcmeLab(dns, pebble, server, smtp_port, smtps_port, sts_port, admin_port, host)
         labs.append(lab)
         return lab
 
     yield make
     for lab in labs:
         lab.server.stop()
+    for lab in labs:
         lab.pebble.stop()
         lab.dns.stop()
 
@@ -252,3 +267,26 @@ def test_refused_challenge_keeps_the_old_certificate_and_says_so(
     code, metrics = lab.admin("/metrics", token)
     assert b"postillon_acme_renewal_failures 1.0" in metrics
     assert "could not obtain a certificate" in lab.server.maillog()
+
+
+def test_cluster_node_loads_the_certificate_another_node_obtained(
+    acme_lab: Callable[..., AcmeLab], postgres_dsn: str
+) -> None:
+    """Two nodes on one PostgreSQL queue: the first obtains the certificate (holding the
+    store's lease) and shares it; the second, started later, loads it from the store and
+    presents it without ordering one (the CA would reach only the first: DNS names it)."""
+    queue = {"store": "postgresql", "dsn": postgres_dsn}
+    first = acme_lab(queue=queue)
+    first.server.write_config()
+    assert "applied migration" in first.server.cli("db", "migrate").stdout
+    first.server.start()
+    assert _wait_state(first, 1)["state"] == "ok"
+    obtained = first.smtps_certificate()
+
+    second = acme_lab(queue=queue, beside=first, host="127.0.0.2")
+    second.server.start()
+    wait_until(lambda: second.status().get("state") == "ok", timeout=30, what="the second node")
+    assert second.status()["attempts"] == 0  # it ordered nothing
+    assert second.smtps_certificate().serial_number == obtained.serial_number
+    assert "loaded the certificate another node renewed" in second.server.maillog()
+    assert "ordering a certificate" not in second.server.maillog()
