@@ -15,6 +15,8 @@
 #   ldnsutils          and ldns-verify-zone to check a signed zone by hand
 #   systemd          systemd-analyze verify/security on postillon's unit file (issue 17)
 #   logrotate        the logrotate snippet rotated for real against a running server
+#   pebble           Let's Encrypt's ACME test server: the CA the automatic-certificate
+#                      tests obtain and renew certificates from (issue 17)
 # Installs only what is missing; needs root (CI runs as root). Without root it
 # says what is missing and the tests that need it report the missing tool.
 set -eu
@@ -36,6 +38,7 @@ command -v chromium >/dev/null 2>&1 || need="$need chromium"
 command -v ldns-verify-zone >/dev/null 2>&1 || need="$need ldnsutils"
 command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
 command -v logrotate >/dev/null 2>&1 || [ -x /usr/sbin/logrotate ] || need="$need logrotate"
+command -v pebble >/dev/null 2>&1 || [ -x /usr/bin/pebble ] || need="$need pebble"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages:$need (run as root or: sudo apt-get install$need)" >&2

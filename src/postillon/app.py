@@ -74,6 +74,7 @@ from postillon.routing.aliases import AliasesError
 from postillon.signing.signer import DkimSigner, build_signer
 
 if TYPE_CHECKING:
+    from postillon.acme_service import AcmeService
     from postillon.admin.server import AdminServer
     from postillon.dnsrecords.sts_server import StsServer
     from postillon.tlsrpt.recorder import TlsReportRecorder
@@ -98,6 +99,9 @@ class App:
         self.admin: AdminServer | None = None
         # The MTA-STS policy server ([mta_sts] listen), when configured.
         self.mta_sts: StsServer | None = None
+        # Automatic certificates ([tls] acme = true): challenges and renewal.
+        self.acme: AcmeService | None = None
+        self._tls_context: ssl.SSLContext | None = None
         # [tls_reports] (RFC 8460): the session recorder and the daily report task.
         self.tls_recorder: TlsReportRecorder | None = None
         self.tls_daily: DailyReports | None = None
@@ -131,7 +135,7 @@ class App:
         certificate = configured_certificate(config)
         if certificate is not None:
             tls_context: ssl.SSLContext | None = certificate.context()
-        elif config.tls.self_signed:
+        elif config.tls.self_signed or config.tls.acme:
             tls_context = empty_server_context(config.tls.min_version)
         else:
             tls_context = None
@@ -150,6 +154,12 @@ class App:
             )
             await listener.bind()
             self.listeners.append(listener)
+        self._tls_context = tls_context
+        if config.tls.acme:
+            from postillon.acme_service import AcmeService
+
+            self.acme = AcmeService(config)
+            await self.acme.bind()
         if config.mta_sts.listen is not None:
             await self._bind_mta_sts(config, certificate)
         # Keys are read before dropping root, as OpenDKIM does: they may be readable by root only.
@@ -269,12 +279,15 @@ class App:
             listeners=self.listeners,
             helpers=self._helpers,
             mta_sts=self.mta_sts,
+            acme=self.acme,
         )
         self.pickup.start()
         if self.mta_sts is not None:
             await self.mta_sts.start()
         for listener, deps in serving:
             await listener.start(deps)
+        if self.acme is not None:
+            await self.acme.start(self.apply_certificate, self.store.acme, self.metrics.acme_status)
         if config.admin.listen is not None:
             await self._start_admin(config, intake, limiter, tls_context)
         pid_path(data_dir).write_text(f"{os.getpid()}\n")
@@ -298,8 +311,28 @@ class App:
             context,
             config.local_domains,
             format_policy(served_policy(config)),
+            # TLS-ALPN-01 (RFC 8737) answers on this socket while a challenge is pending.
+            challenge=self.acme.board.context_for if self.acme is not None else None,
         )
         await self.mta_sts.bind()
+
+    def apply_certificate(self) -> None:
+        """A new ACME certificate: load it into every TLS context a listener holds (the
+        first one, which the admin server may share; each listener's STARTTLS and
+        implicit-TLS context, which a reload may have replaced; the MTA-STS server's).
+        Handshakes from now on present it; sessions already up keep theirs."""
+        certificate = tls_certificate(self.config)
+        if certificate is None:
+            return
+        contexts = [self._tls_context, self.mta_sts.tls if self.mta_sts else None]
+        for listener in self.listeners:
+            contexts += [
+                listener.implicit_tls,
+                listener.deps.tls_context if listener.deps else None,
+            ]
+        for context in {id(c): c for c in contexts if c is not None}.values():
+            certificate.load_into(context)
+        log.info("TLS: listeners now present %s", certificate.certificate)
 
     @staticmethod
     def _check_mta_sts_certificate(config: Config) -> None:
@@ -346,6 +379,7 @@ class App:
                 limiter=limiter,
                 in_flight=lambda: runner.in_flight,
                 queue_health=self.store.health,
+                certificate_status=self._certificate_status,
             )
         )
         # Further admin routes (e.g. /metrics) are added to admin_app here.
@@ -356,6 +390,11 @@ class App:
             admin_tls_context(config.admin, config.tls, tls_context),
         )
         await self.admin.start()
+
+    def _certificate_status(self) -> dict[str, object] | None:
+        """The ACME certificate's state for /healthz and the page (None without ACME)."""
+        status = self.acme.status if self.acme is not None else None
+        return status.as_dict() if status is not None else None
 
     def _start_tls_reports(self, config: Config, intake: Intake, clock: Clock) -> None:
         from postillon.tlsrpt.recorder import TlsReportRecorder
@@ -409,6 +448,8 @@ class App:
             grace = self.config.shutdown.grace
         if self.admin is not None:
             await self.admin.stop()
+        if self.acme is not None:
+            await self.acme.stop()
         if self.mta_sts is not None:
             await self.mta_sts.stop()
         for listener in self.listeners:
@@ -489,6 +530,8 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     loop.add_signal_handler(signal.SIGUSR1, _reopen_log, app)
     watchdog = asyncio.ensure_future(notifier.watchdog())
+    # `postillon tls renew`: renew the ACME certificate now (ignored without ACME).
+    loop.add_signal_handler(signal.SIGUSR2, lambda: app.acme.renew_now() if app.acme else None)
     try:
         await app.start()
     except (StoreError, SchemaError, PrivilegeError, ConfigError, AliasesError) as exc:
@@ -528,6 +571,7 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
         stopping.cancel()
         loop.remove_signal_handler(signal.SIGHUP)
         loop.remove_signal_handler(signal.SIGUSR1)
+        loop.remove_signal_handler(signal.SIGUSR2)
         with contextlib.suppress(Exception):
             await app.stop()
         watchdog.cancel()

@@ -43,7 +43,7 @@ from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.outbound.sts_policies import StsPolicies
 from postillon.outbound.tls_observer import TlsObserver
 from postillon.outbound.tls_policy import DefaultMode, PolicyRule, TlsMode, TlsPolicyTable
-from postillon.paths import queue_path, tls_dir
+from postillon.paths import acme_dir, queue_path, tls_dir
 from postillon.protocol.server import ServerSettings
 from postillon.queue.postgres_store import PostgresStore
 from postillon.queue.sqlite_store import SqliteStore
@@ -164,7 +164,16 @@ def tls_certificate(config: Config) -> ServerCertificate | None:
     configured = configured_certificate(config)
     if configured is not None:
         return configured
-    if tls.self_signed:
+    if tls.acme:
+        # The ACME certificate once there is one; until then a self-signed stand-in, so
+        # STARTTLS works while the first order runs (certs/manager.py).
+        from postillon.certs.storage import AcmeFiles, usable
+
+        files = AcmeFiles(acme_dir(config.data_dir))
+        kept = files.load()
+        if kept is not None and usable(*kept):
+            return ServerCertificate(files.certificate, files.private_key, tls.min_version)
+    if tls.self_signed or tls.acme:
         cert, key = ensure_self_signed(tls_dir(config.data_dir), config.hostname)
         return ServerCertificate(cert, key, tls.min_version)
     return None

@@ -24,3 +24,8 @@ def pid_path(data_dir: Path) -> Path:
 def tls_dir(data_dir: Path) -> Path:
     """Where a self-signed certificate is made when none is configured."""
     return data_dir / "tls"
+
+
+def acme_dir(data_dir: Path) -> Path:
+    """The ACME account key, certificate, key and status ([tls] acme = true)."""
+    return data_dir / "acme"

@@ -55,6 +55,7 @@ from postillon.signing.remote_keys import shared_keys
 from postillon.signing.signer import DkimSigner
 
 if TYPE_CHECKING:
+    from postillon.acme_service import AcmeService
     from postillon.dnsrecords.sts_server import StsServer
 
 log = logging.getLogger("postillon")
@@ -111,6 +112,7 @@ class Reloader:
         listeners: list[Listener],
         helpers: HelperPool,
         mta_sts: StsServer | None = None,
+        acme: AcmeService | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -126,6 +128,7 @@ class Reloader:
         self._listeners = listeners
         self._helpers = helpers
         self._mta_sts = mta_sts
+        self._acme = acme
         self._lock = asyncio.Lock()
         # SMTP transports replaced by a reload, closed again at stop.
         self._retired: list[SmtpTransport] = []
@@ -236,6 +239,8 @@ class Reloader:
             transports=transports,
         )
         self._pickup.reconfigure(config.hostname, config.limits.message_size)
+        if self._acme is not None:
+            self._acme.reconfigure(config)  # new names (domains) are ordered at once
         if self._mta_sts is not None:
             # The policy server presents the SMTP certificate: the new one from now on.
             if built.certificate is not None:

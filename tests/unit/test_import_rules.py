@@ -68,6 +68,8 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     # tlsrpt (RFC 8460): observes outbound sessions (the observer's value type), keeps
     # counters in the store, looks up _smtp._tls TXT, and mails reports through intake.
     "tlsrpt": ("dns.resolver", "dns.sts_fetch", "queue.store", "intake", "outbound.tls_observer"),
+    # ACME certificates: the renewal lease and the shared certificate live in the store.
+    "certs": ("queue.store",),
     "admin": ANYTHING,
     # provision (`postillon setup`, the unit file): checks the config it writes, makes
     # DKIM keys and the first mail account, prints the DNS records to publish.
@@ -77,6 +79,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "app": ANYTHING,
     "reload": ANYTHING,
     "build": ANYTHING,
+    "acme_service": ANYTHING,  # composition root: the ACME pieces of a running server
     "paths": ("config",),
     "cli": ANYTHING,
     "testing": ANYTHING,

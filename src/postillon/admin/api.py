@@ -133,6 +133,7 @@ async def status(request: web.Request) -> web.Response:
                 "deliveries_in_flight": ctx.in_flight(),
             },
             "queue": await ctx.ops.store.count_by_state(),
+            "certificate": ctx.certificate_status(),
         }
     )
 

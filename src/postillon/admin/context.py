@@ -37,6 +37,9 @@ class AdminContext:
     # cannot take mail (a shared queue's database unreachable, the SQLite writer
     # gone), so a load balancer or supervisor acts on it.
     queue_health: Callable[[], StoreHealth] = lambda: HEALTHY
+    # The ACME certificate's state ([tls] acme; None without it): /healthz, /api/status
+    # and the page show a failing renewal while the old certificate is still served.
+    certificate_status: Callable[[], dict[str, object] | None] = lambda: None
 
 
 CONTEXT: Final = web.AppKey("postillon_admin_context", AdminContext)

@@ -183,6 +183,11 @@ _SCHEMAS: dict[str, Any] = {
             },
             "connections": {"type": "object"},
             "queue": {"type": "object"},
+            "certificate": {
+                "type": ["object", "null"],
+                "description": "The ACME certificate ([tls] acme): state (none, ok, "
+                "renewing, failing), names, not_after, issuer, last_error, failures",
+            },
         },
     },
     "ActionResult": {

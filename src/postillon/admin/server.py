@@ -108,13 +108,21 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    health = request.app[CONTEXT].queue_health()
+    context = request.app[CONTEXT]
+    health = context.queue_health()
+    # A failing certificate renewal is reported, not a 503: the server still takes mail
+    # with the certificate it has, and a load balancer must not pull it for that.
+    certificate = context.certificate_status()
+    extra: dict[str, object] = {} if certificate is None else {"certificate": certificate}
+    if certificate is not None and certificate.get("state") == "failing":
+        extra["warnings"] = [f"certificate renewal failing: {certificate.get('last_error')}"]
     if not health.ok:
         return web.json_response(
-            {"status": "queue unavailable", "reason": health.reason, "version": __version__},
+            {"status": "queue unavailable", "reason": health.reason, "version": __version__}
+            | extra,
             status=503,
         )
-    return web.json_response({"status": "ok", "version": __version__})
+    return web.json_response({"status": "ok", "version": __version__} | extra)
 
 
 async def index(request: web.Request) -> web.FileResponse:

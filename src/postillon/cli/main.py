@@ -13,6 +13,7 @@ from postillon.cli import (
     dkim_cmd,
     dns_cmd,
     import_postfix_cmd,
+    docs_cmd,
     queue_cmd,
     reload_cmd,
     setup_cmd,
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     tls_cmd.add_parser(sub)
     setup_cmd.add_parser(sub)
     import_postfix_cmd.add_parser(sub)
+    docs_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
         ("mailq", "list the queue (= sendmail -bp)"),
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         return setup_cmd.run(args)
     if args.command == "import-postfix":  # reads Postfix's config, not postillon's
         return import_postfix_cmd.run(args)
+    if args.command == "docs":
+        return docs_cmd.run(args, parser)
     try:
         if args.command == "check-config":
             path = Path(args.file) if args.file else find_config(args.config)

@@ -28,6 +28,7 @@ import json
 import sys
 
 from postillon.build import dns_resolver, open_queue_store, tls_reporter
+from postillon.cli import tls_renew
 from postillon.config.model import Config
 from postillon.core.clock import SystemClock
 from postillon.intake.intake import Intake
@@ -43,8 +44,9 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     t = sub.add_parser(
         "tls",
-        help="outbound TLS: TLS reports (RFC 8460)",
-        description="Outbound TLS for operators.",
+        help="TLS: reports (RFC 8460), policy checks, ACME certificate renewal",
+        description="TLS for operators: outbound TLS reports and policy checks, and "
+        "renewing the server's ACME certificate.",
     )
     tsub = t.add_subparsers(dest="tls_command", required=True, metavar="COMMAND")
     rep = tsub.add_parser(
@@ -77,9 +79,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--no-connect", action="store_true", help="no test connections: DNS and policy only"
     )
     chk.add_argument("--port", type=int, help="SMTP port (default: [outbound] port)")
+    tls_renew.add_parser(tsub)
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
+    if args.tls_command == "renew":
+        return tls_renew.run_renew(args, config)
     if args.tls_command == "check":
         from postillon.cli.tls_check_view import run_check
 

@@ -20,12 +20,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from postillon.config.model import Config
+from postillon.config.tls import RELOADABLE_TLS
 
 # Top-level settings a reload applies.
 RELOADABLE = frozenset(
     {
         "hostname",
-        "tls",
         "relay",
         "limits",
         "domain",
@@ -63,6 +63,7 @@ RELOADABLE_QUEUE = frozenset(
 PARTLY_RELOADABLE: dict[str, frozenset[str]] = {
     "queue": RELOADABLE_QUEUE,
     "mta_sts": RELOADABLE_MTA_STS,
+    "tls": RELOADABLE_TLS,
 }
 
 

@@ -73,6 +73,7 @@ def _resolve_relative(config: Config, base: Path | None) -> Config:
         update={
             "certificate": fix(config.tls.certificate),
             "private_key": fix(config.tls.private_key),
+            "acme_ca_file": fix(config.tls.acme_ca_file),
         }
     )
     aliases = config.aliases.model_copy(

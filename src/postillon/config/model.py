@@ -23,6 +23,7 @@ from postillon.config.outbound import (
     TlsPolicyRule,
     TransportRule,
 )
+from postillon.config.tls import TlsConfig
 from postillon.config.tls_reports import TlsReportsConfig
 from postillon.core.credentials import check_postgresql_url
 
@@ -31,6 +32,7 @@ __all__ = [
     "MtaStsConfig",
     "OutboundConfig",
     "RelayConfig",
+    "TlsConfig",
     "TlsPolicyName",
     "TlsPolicyRule",
     "TransportRule",
@@ -53,7 +55,7 @@ class _Frozen(BaseModel):
 
 
 class ListenConfig(_Frozen):
-    kind: ListenerKind = "smtp"
+    kind: ListenerKind = "smtp"  # smtp (MX, 25), submission (587), submissions (465), lmtp
     # "host:port", "[v6]:port", or "unix:/path" (lmtp only).
     address: str
     name: str = ""  # shown in logs; defaults to "<kind>:<address>"
@@ -76,26 +78,11 @@ class ListenConfig(_Frozen):
         return self.name or f"{self.kind}:{self.address}"
 
 
-class TlsConfig(_Frozen):
-    certificate: Path | None = None
-    private_key: Path | None = None
-    # When no certificate is configured, generate a self-signed one in data_dir
-    # so STARTTLS works out of the box (opportunistic TLS, RFC 7435).
-    self_signed: bool = True
-    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
-
-    @model_validator(mode="after")
-    def _pair(self) -> TlsConfig:
-        if (self.certificate is None) != (self.private_key is None):
-            raise ValueError("tls.certificate and tls.private_key must be set together")
-        return self
-
-
 class LimitsConfig(_Frozen):
     message_size: int = Field(52_428_800, ge=0)  # RFC 1870 SIZE; 0 = unlimited
     recipients: int = Field(1000, ge=100)  # RFC 5321 4.5.3.1.8: accept at least 100
     connections: int = Field(1000, ge=1)  # total inbound sessions at once
-    connections_per_ip: int = Field(50, ge=1)
+    connections_per_ip: int = Field(50, ge=1)  # inbound sessions from one client address at once
     errors: int = Field(20, ge=1)  # 4xx/5xx replies before 421 and close
     command_line: int = Field(2048, ge=512)  # RFC 5321 4.5.3.1.4 says 512; extensions add more
     # RFC 5321 4.5.3.2: server timeout should be at least 5 minutes.
@@ -108,11 +95,11 @@ class LimitsConfig(_Frozen):
 
 
 class DomainConfig(_Frozen):
-    name: str
+    name: str  # the domain (mail to any address @name is local)
     catch_all: str | None = None  # local part that receives unknown local parts
     # Existing local parts. postmaster is always accepted (RFC 5321 4.5.1).
     mailboxes: tuple[str, ...] = ()
-    aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    aliases: dict[str, tuple[str, ...]] = Field(default_factory=dict)  # local part -> targets
 
     @field_validator("name")
     @classmethod
@@ -133,8 +120,8 @@ class QueueConfig(_Frozen):
     # several nodes, at ``dsn`` (README "Several nodes: the PostgreSQL queue").
     store: Literal["sqlite", "postgresql"] = "sqlite"
     dsn: str | None = None  # postgresql://user:password@host:port/database
-    first_retry: float = Field(300.0, gt=0)
-    max_retry: float = Field(3600.0, gt=0)
+    first_retry: float = Field(300.0, gt=0)  # seconds before the first retry
+    max_retry: float = Field(3600.0, gt=0)  # longest wait between retries (backoff)
     lifetime: float = Field(5 * 86400.0, gt=0)  # then bounce (Postfix maximal_queue_lifetime)
     concurrency: int = Field(50, ge=1)  # deliveries in flight at once
     lease: float = Field(300.0, gt=0)  # claimed work returns to the queue after this
@@ -156,9 +143,9 @@ class QueueConfig(_Frozen):
 
 
 class LogConfig(_Frozen):
-    format: Literal["text", "json"] = "text"
+    format: Literal["text", "json"] = "text"  # one line per event: text or JSON
     file: Path | None = None  # None = stderr; same as target = "file:/path"
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: Literal["debug", "info", "warning", "error"] = "info"  # least severe level logged
     # Where the log goes: "stderr", "file:/path" (reopened on SIGHUP for
     # logrotate), "syslog" (the local syslog socket /dev/log) or
     # "syslog:/path/to/socket". Unset: `file` if given, else stderr.
@@ -166,7 +153,7 @@ class LogConfig(_Frozen):
     # Syslog message framing: RFC 5424 (structured, ISO timestamps) or the
     # traditional BSD format of RFC 3164 that every syslogd understands.
     syslog_format: Literal["rfc5424", "rfc3164"] = "rfc3164"
-    syslog_facility: Literal[
+    syslog_facility: Literal[  # the syslog facility of every line
         "mail",
         "daemon",
         "user",
@@ -219,7 +206,7 @@ class ShutdownConfig(_Frozen):
 class DnsConfig(_Frozen):
     nameservers: tuple[str, ...] = ()  # "127.0.0.1:5353"; empty = the system's resolver
     timeout: float = Field(5.0, gt=0)  # per try and server
-    attempts: int = Field(2, ge=1)
+    attempts: int = Field(2, ge=1)  # tries per query and nameserver
     # The nameservers validate DNSSEC and the path to them cannot be tampered with (a
     # resolver on this machine), so the AD bit of their replies is believed. It turns DANE
     # (RFC 7672) on for outbound mail. Never for a resolver across the network: anyone on
@@ -237,7 +224,7 @@ class SubmissionConfig(_Frozen):
     # Per user, so a stolen password cannot turn the server into a spam
     # cannon; over the limit: 450 4.7.1 at MAIL, 452 4.5.3 at RCPT. 0 = unlimited.
     messages_per_hour: int = Field(500, ge=0)
-    recipients_per_hour: int = Field(2000, ge=0)
+    recipients_per_hour: int = Field(2000, ge=0)  # per user
     # Per client IP (IPv6 counted per /64) on submission listeners; 0 = unlimited.
     ip_messages_per_hour: int = Field(1000, ge=0)
     # Received: of submitted mail names no client IP (the user's home address
@@ -262,10 +249,10 @@ class AuthenticationConfig(_Frozen):
     sender retries instead of having mail refused or let through unchecked.
     """
 
-    enabled: bool = True
+    enabled: bool = True  # check SMTP (MX) listeners at all
     # DMARC p=reject / p=quarantine failures (the domain owner asked for this).
     dmarc_reject: AuthAction = "reject"
-    dmarc_quarantine: AuthAction = "quarantine"
+    dmarc_quarantine: AuthAction = "quarantine"  # p=quarantine failures
     # SPF "fail" (-all) when DMARC did not pass (or the domain has no DMARC).
     spf_fail: AuthAction = "quarantine"
     # A DNS failure that leaves a verdict open: "defer" = 451 4.7.x, "accept".
@@ -274,14 +261,14 @@ class AuthenticationConfig(_Frozen):
     # listed (or a subdomain of one), are never rejected or quarantined; their
     # results are still recorded. Networks in CIDR, domains as names.
     allow_networks: tuple[str, ...] = ()
-    allow_domains: tuple[str, ...] = ()
+    allow_domains: tuple[str, ...] = ()  # never rejected or quarantined
     # Clients in [relay] trusted_networks are our own senders (they may relay):
     # their mail is not checked unless this is true.
     check_trusted_networks: bool = False
     # Forwarders (ARC sealing domains, RFC 8617 7.2) whose ARC chain may
     # override a local DMARC failure when their seal says dmarc=pass.
     arc_trusted_sealers: tuple[str, ...] = ()
-    quarantine_header: str = "X-Postillon-Quarantine"
+    quarantine_header: str = "X-Postillon-Quarantine"  # added by "quarantine"
     # Messages larger than this get SPF only (DKIM/ARC need the whole message
     # in memory); DMARC then relies on SPF.
     max_verify_size: int = Field(10 * 1024 * 1024, ge=0)
@@ -291,7 +278,7 @@ class AuthenticationConfig(_Frozen):
     # reply to its final dot, RFC 5321 4.5.3.2.6), then gets 451 4.3.2 and
     # nothing is queued; the client retries later.
     max_verify_concurrency: int = Field(16, ge=1)
-    verify_wait: float = Field(60.0, gt=0)
+    verify_wait: float = Field(60.0, gt=0)  # seconds to wait for a slot
     # Seal forwarded mail (aliases to other domains) with ARC (RFC 8617 5.1)
     # using the forwarding domain's DKIM RSA key, when it has one.
     arc_seal: bool = True
@@ -332,8 +319,8 @@ class AuthenticationConfig(_Frozen):
 class DkimKeyConfig(_Frozen):
     """A signing key kept outside the keys directory (e.g. made by opendkim-genkey)."""
 
-    domain: str
-    selector: str
+    domain: str  # the signing domain (d=)
+    selector: str  # the DNS name: <selector>._domainkey.<domain>
     key_file: Path  # PEM, RSA (>= 1024 bits, 2048 advised) or Ed25519; the type is read from it
 
     @field_validator("domain")
@@ -373,8 +360,8 @@ class DkimConfig(_Frozen):
     # Also sign mail relayed for [relay] trusted_networks (web apps, printers on
     # the LAN: OpenDKIM's InternalHosts). Mail from anyone else on port 25 is never signed.
     sign_trusted_networks: bool = True
-    headers: tuple[str, ...] = DKIM_SIGNED_HEADERS
-    oversign: tuple[str, ...] = DKIM_OVERSIGNED_HEADERS
+    headers: tuple[str, ...] = DKIM_SIGNED_HEADERS  # header fields signed
+    oversign: tuple[str, ...] = DKIM_OVERSIGNED_HEADERS  # signed once more than they occur
 
     @field_validator("headers", "oversign")
     @classmethod
@@ -403,8 +390,8 @@ class AdminConfig(_Frozen):
     # TLS for the admin server: its own certificate and key, or (tls_from_server)
     # the mail server's [tls] certificate (or its self-signed one).
     tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_from_server: bool = False
+    tls_key: Path | None = None  # its private key
+    tls_from_server: bool = False  # use the [tls] certificate
     # Per-message history (received, each delivery attempt) is kept this long.
     history_days: float = Field(7.0, gt=0)
 
@@ -448,8 +435,8 @@ def _is_loopback(host: str) -> bool:
 
 
 class Config(_Frozen):
-    hostname: str = "localhost"
-    data_dir: Path = Path("./var")
+    hostname: str = "localhost"  # this server's name: EHLO, Received:, DSNs, the MX
+    data_dir: Path = Path("./var")  # queue, mail, keys, certificates
     # Drop to this user after binding ports when started as root.
     user: str = "postillon"
     # Processes beside the server for its CPU-bound cryptography (postillon.helpers):
@@ -548,6 +535,22 @@ class Config(_Frozen):
             raise ValueError(
                 "admin.tls_from_server = true needs a server certificate: set tls.certificate "
                 "and tls.private_key, or tls.self_signed = true"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _acme_challenge(self) -> Config:
+        if not self.tls.acme:
+            return self
+        if self.mta_sts.listen is None and self.tls.acme_http_listen is None:
+            raise ValueError(
+                "tls.acme = true needs a challenge listener: set mta_sts.listen (TLS-ALPN-01 "
+                'on port 443, e.g. "0.0.0.0:443") or tls.acme_http_listen (HTTP-01 on port 80)'
+            )
+        if "." not in self.hostname.strip(".") or self.hostname.endswith(".localhost"):
+            raise ValueError(
+                f"tls.acme = true needs hostname to be the server's public DNS name "
+                f"(it is {self.hostname!r}): a CA issues certificates for public names only"
             )
         return self
 

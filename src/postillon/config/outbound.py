@@ -70,9 +70,9 @@ class OutboundConfig(_Frozen):
     messages_per_connection: int = Field(100, ge=1)  # then QUIT and reconnect
     port: int = Field(25, gt=0, lt=65536)  # MX delivery port (tests use others)
     helo_name: str | None = None  # default: hostname
-    prefer_ipv6: bool = False
-    ipv4: bool = True
-    ipv6: bool = True
+    prefer_ipv6: bool = False  # try an MX host's IPv6 addresses before its IPv4 ones
+    ipv4: bool = True  # connect over IPv4
+    ipv6: bool = True  # connect over IPv6
     # The TLS policy for destinations without a [[tls_policy]] rule:
     # "opportunistic": STARTTLS when offered, unverified certificates accepted and
     # logged (RFC 7435); "none": never; "encrypt": defer rather than send in clear;
@@ -90,10 +90,10 @@ class OutboundConfig(_Frozen):
     sts_ca_file: Path | None = None
     # Timeouts, RFC 5321 4.5.3.2.
     connect_timeout: float = Field(30.0, gt=0)
-    greeting_timeout: float = Field(300.0, gt=0)
-    command_timeout: float = Field(300.0, gt=0)
-    data_block_timeout: float = Field(180.0, gt=0)
-    data_end_timeout: float = Field(600.0, gt=0)
+    greeting_timeout: float = Field(300.0, gt=0)  # the 220 greeting (4.5.3.2.1: 5 min)
+    command_timeout: float = Field(300.0, gt=0)  # a reply to MAIL, RCPT, ... (5 min)
+    data_block_timeout: float = Field(180.0, gt=0)  # each block of the body sent (3 min)
+    data_end_timeout: float = Field(600.0, gt=0)  # the reply to the final dot (10 min)
     idle_reuse: float = Field(10.0, ge=0)  # keep an idle connection this long for reuse
 
 
@@ -108,8 +108,8 @@ class TlsPolicyRule(_Frozen):
     host of a smarthost or transport route), exact or ``.parent`` for every
     subdomain."""
 
-    domain: str
-    policy: TlsPolicyName
+    domain: str  # the destination: a domain, or ".parent" for every subdomain
+    policy: TlsPolicyName  # none, opportunistic, encrypt, verify, fingerprint, dane
     # verify: names the certificate must match (any one); default the MX host name.
     match: tuple[str, ...] = ()
     # verify: PEM file with the CA certificates to trust instead of the system's.
@@ -161,8 +161,8 @@ class TransportRule(_Frozen):
     ``lmtp:host:port``, ``lmtp:unix:/path``, ``maildir``, ``discard``,
     ``error:5.x.y text``."""
 
-    domain: str
-    route: str
+    domain: str  # exact, ".parent" for subdomains, or "*"
+    route: str  # where its mail goes (see above)
 
     @field_validator("domain")
     @classmethod

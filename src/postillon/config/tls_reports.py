@@ -32,7 +32,7 @@ class TlsReportsConfig(BaseModel):
     # https: collectors: total seconds for one POST, and the CA file to trust
     # instead of the system's (a private collector).
     http_timeout: float = 30.0
-    ca_file: Path | None = None
+    ca_file: Path | None = None  # PEM CA bundle for https: collectors
     # Counters older than this many days are dropped after each daily run.
     keep_days: int = 7
 

@@ -129,10 +129,18 @@ class StsServer:
     """``https://mta-sts.DOMAIN/.well-known/mta-sts.txt`` for ``domains`` on ``listen``."""
 
     def __init__(
-        self, listen: str, tls: ssl.SSLContext, domains: Iterable[str], policy: str
+        self,
+        listen: str,
+        tls: ssl.SSLContext,
+        domains: Iterable[str],
+        policy: str,
+        challenge: Callable[[str], ssl.SSLContext | None] | None = None,
     ) -> None:
         self.listen = listen
         self.tls = tls
+        # SNI name -> the TLS-ALPN-01 answer's context while an ACME challenge for it is
+        # pending ([tls] acme): the handshake switches to it (RFC 8737 §3).
+        self._challenge = challenge
         self._domains = frozenset(domains)
         self._policy = policy.encode()
         # SNI names by TLS connection, for a request without a Host header (HTTP/1.0).
@@ -149,9 +157,13 @@ class StsServer:
         )
         self._server: asyncio.Server | None = None
 
-    def _on_sni(self, tls: object, name: str | None, context: ssl.SSLContext) -> None:
+    def _on_sni(self, tls: ssl.SSLObject, name: str | None, context: ssl.SSLContext) -> None:
         if name:
             self._sni[tls] = name
+            answer = self._challenge(name) if self._challenge is not None else None
+            if answer is not None:
+                log.info("ACME: answering the TLS-ALPN-01 challenge for %s", name)
+                tls.context = answer
 
     def reconfigure(self, domains: Iterable[str], policy: str) -> None:
         """A reload's domains and policy text; requests from now on get them. (A new

@@ -160,6 +160,14 @@ class QueueSizeCollector(Collector):
         yield family
 
 
+class AcmeStatusView(Protocol):
+    """``certs.storage.AcmeStatus``, as far as the metrics read it."""
+
+    not_after: float | None
+    last_success: float | None
+    failures: int
+
+
 class Metrics:
     """All of postillon's metrics, registered in ``self.registry``."""
 
@@ -290,6 +298,23 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        # -- ACME certificates ([tls] acme) --------------------------------------------
+        self.certificate_expiry = Gauge(
+            "postillon_tls_certificate_expiry_timestamp_seconds",
+            "When the ACME certificate the listeners present expires (Unix time)",
+            registry=registry,
+        )
+        self.acme_failures = Gauge(
+            "postillon_acme_renewal_failures",
+            "ACME attempts failed in a row (0: the last one succeeded); the old certificate "
+            "stays in use meanwhile",
+            registry=registry,
+        )
+        self.acme_last_success = Gauge(
+            "postillon_acme_last_success_timestamp_seconds",
+            "When the last ACME certificate was obtained by this process (Unix time)",
+            registry=registry,
+        )
         self.info = Gauge(
             "postillon_info",
             "Always 1; the version is a label",
@@ -299,6 +324,14 @@ class Metrics:
         from postillon import __version__
 
         self.info.labels(__version__).set(1)
+
+    def acme_status(self, status: AcmeStatusView) -> None:
+        """A ``CertificateManager(on_status=...)`` callback."""
+        if status.not_after is not None:
+            self.certificate_expiry.set(status.not_after)
+        if status.last_success is not None:
+            self.acme_last_success.set(status.last_success)
+        self.acme_failures.set(status.failures)
 
     def dns_observer(self) -> Callable[[DnsLookup], None]:
         """A ``DnsResolver(on_lookup=...)`` callback recording lookups."""

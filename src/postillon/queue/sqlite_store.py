@@ -7,9 +7,8 @@ COMMIT appends to the write-ahead log and fsyncs it, so when ``commit()``
 returns the message survives ``kill -9`` and power loss (DESIGN principle 3,
 "250 means durable").
 
-**Three files.** ``sqlite_schema.py`` holds the schema, its migrations and the
-connections (writer and read pool); ``sqlite_writer.py`` the group-commit writer
-thread; this file the queries, each an operation handed to the writer or a read.
+**Three files.** ``sqlite_schema.py`` holds the schema, its migrations and the connections;
+``sqlite_writer.py`` the group-commit writer thread; this file the queries.
 
 **Group commit** (``sqlite_writer.py``). One dedicated writer thread owns the only
 write connection and runs every operation that arrived while it was busy inside ONE
@@ -73,7 +72,7 @@ from typing import Final, TypeVar
 
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
-from postillon.queue import sts_cache
+from postillon.queue import acme_state, sts_cache
 from postillon.queue.codec import encode_reply, message_from_row, record_from_row
 from postillon.queue.sqlite_schema import (
     BUSY_TIMEOUT,
@@ -128,6 +127,7 @@ class SqliteStore:
         self._writer = GroupCommitWriter(self._path)
         self._write = self._writer.submit
         self.tls_reports = SqliteTlsReports(self._read, self._write)  # store.py step 7
+        self.acme = acme_state.SqliteAcmeState(self._read, self._write)  # step 8
 
     @property
     def path(self) -> Path:

@@ -40,6 +40,8 @@ Contract, as a transaction:
    reporting counters (RFC 8460): ``add`` adds counts (never replaces them, so
    every node contributes), ``claim`` lets one node send each day's report of a
    domain.
+8. ``acme`` (an ``AcmeStateStore``, ``acme_state.py``) keeps the ACME certificate and
+   the lease that lets one node of a cluster renew it at a time.
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
@@ -224,10 +226,45 @@ class TlsReportStore(Protocol):
     async def prune(self, before_day: str) -> int: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SharedCertificate:
+    """An ACME certificate as every node of a cluster loads it (``queue/acme_state.py``)."""
+
+    names: tuple[str, ...]
+    chain_pem: bytes
+    key_pem: bytes
+    not_after: float
+    updated_at: float
+
+
+class AcmeStateStore(Protocol):
+    """The ACME certificate and renewal lease of a store (``queue/acme_state.py``):
+
+    1. ``certificate(names)`` is the last one saved for that set of names (any order).
+    2. ``save_certificate(cert)`` keeps it unless one expiring later is kept already.
+    3. ``take_lease(holder, now, until)`` is True for one holder at a time: when the
+       lease is free, expired at ``now``, or held by ``holder`` already (then extended).
+    4. ``release_lease(holder)`` frees it, when ``holder`` holds it.
+    """
+
+    async def certificate(self, names: tuple[str, ...]) -> SharedCertificate | None: ...
+
+    async def save_certificate(self, cert: SharedCertificate) -> None: ...
+
+    async def take_lease(self, holder: str, now: float, until: float) -> bool: ...
+
+    async def release_lease(self, holder: str) -> None: ...
+
+
 class QueueStore(Protocol):
     @property
     def tls_reports(self) -> TlsReportStore:
         """The RFC 8460 counters (contract step 7)."""
+        ...
+
+    @property
+    def acme(self) -> AcmeStateStore:
+        """The ACME certificate and renewal lease (contract step 8)."""
         ...
 
     async def commit(self, message: NewMessage) -> None: ...

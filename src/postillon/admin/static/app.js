@@ -279,6 +279,14 @@ function drawServer(status) {
     ["Up for", age(status.uptime_seconds)],
     ["Connections", `${status.connections.inbound} in (limit ${status.connections.inbound_limit}), ${status.connections.deliveries_in_flight} deliveries`],
   ];
+  const cert = status.certificate;
+  if (cert) {
+    const until = cert.not_after ? `valid until ${cert.not_after.slice(0, 10)}` : "none yet";
+    const text = cert.state === "failing"
+      ? `renewal failing (${cert.failures} in a row; the current certificate stays in use): ${cert.last_error}`
+      : `${cert.state}, ${until}${cert.issuer ? `, issued by ${cert.issuer}` : ""}`;
+    facts.push(["Certificate (ACME)", h("span", { class: cert.state === "failing" ? "badge deferred" : "" }, text)]);
+  }
   const listeners = status.listeners.map((l) => h("div", {}, h("span", { class: "mono" }, l.address), ` ${l.kind}`, h("span", { class: "muted" }, ` · ${l.sessions} session(s)`)));
   $("server").replaceChildren(h("dl", { class: "facts" }, facts.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
     h("dt", {}, "Listeners"), h("dd", {}, listeners)));
