@@ -175,9 +175,19 @@ def test_bad_arguments_are_refused(root: Path) -> None:
 def test_acme_directory_is_written_for_the_tls_config(root: Path) -> None:
     setup(root, "--acme-directory", "https://127.0.0.1:14000/dir")
     text = (root / "etc/postillon/postillon.toml").read_text()
-    # Active keys once the config model knows [tls] acme, comments until then.
-    assert re.search(r'^(# )?acme_directory = "https://127.0.0.1:14000/dir"$', text, re.M)
-    assert re.search(r'^(# )?acme_email = "you@example.org"$', text, re.M)
+    assert re.search(r"^acme = true$", text, re.M)
+    assert re.search(r'^acme_directory = "https://127.0.0.1:14000/dir"$', text, re.M)
+    assert re.search(r'^acme_email = "you@example.org"$', text, re.M)
+    # TLS-ALPN-01 needs the HTTPS listener, which also serves the MTA-STS policy.
+    assert "[mta_sts]" in text and 'listen = "0.0.0.0:443"' in text
+
+
+def test_self_signed_leaves_acme_as_comments(root: Path) -> None:
+    setup(root, "--self-signed")
+    text = (root / "etc/postillon/postillon.toml").read_text()
+    assert re.search(r"^self_signed = true$", text, re.M)
+    assert re.search(r"^# acme = true$", text, re.M)
+    assert "[mta_sts]" not in text
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
@@ -191,6 +201,7 @@ def test_the_server_runs_from_the_setup_and_takes_the_admins_mail(root: Path) ->
         f"{smtp},{submissions},{submission}",
         "--admin-listen",
         f"127.0.0.1:{admin}",
+        "--self-signed",  # no ACME CA in this test (test_acme_pebble covers ACME)
     ).stdout
     password = re.search(r"password \(shown only now\): (\S+)", out).group(1)  # type: ignore[union-attr]
     config = root / "etc/postillon/postillon.toml"

@@ -16,7 +16,7 @@ from postillon.config.loader import ConfigError
 from postillon.core.address import AddressError, domain_to_ascii
 from postillon.dnsrecords.records import plan_for, served_policy
 from postillon.inbound.accounts import AccountError
-from postillon.provision.config_text import LETS_ENCRYPT, SetupOptions, acme_supported
+from postillon.provision.config_text import LETS_ENCRYPT, SetupOptions
 from postillon.provision.setup import Layout, Report, run_setup
 from postillon.signing.keys import KeyStoreError, key_store_from_config
 
@@ -65,6 +65,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="the three mail ports (default 25,465,587)",
     )
     p.add_argument("--admin-listen", default="127.0.0.1:8025", help="the admin page's address")
+    p.add_argument(
+        "--https-port",
+        type=int,
+        default=443,
+        help="port of the HTTPS listener for ACME TLS-ALPN-01 and the MTA-STS policy (default 443)",
+    )
+    p.add_argument(
+        "--self-signed",
+        action="store_true",
+        help="no ACME: make a self-signed certificate (for hosts a CA cannot reach)",
+    )
 
 
 def _domain(text: str) -> str:
@@ -98,6 +109,8 @@ def _options(args: argparse.Namespace) -> SetupOptions:
         admin_listen=args.admin_listen,
         acme_directory=args.acme_directory,
         acme_email=args.acme_email,
+        https_port=args.https_port,
+        self_signed=args.self_signed,
     )
 
 
@@ -137,10 +150,15 @@ def _print_report(report: Report, layout: Layout, options: SetupOptions) -> None
         for line in report.unchanged:
             print(f"  = {line}")
     manual = list(report.manual)
-    if not acme_supported():
+    if options.self_signed:
         manual.append(
-            "TLS: this version cannot obtain certificates by ACME yet; a self-signed "
-            "certificate is used (the ACME keys are in the config as comments)"
+            "TLS: a self-signed certificate is used (--self-signed); the ACME keys are in "
+            "the config as comments"
+        )
+    else:
+        manual.append(
+            "TLS: the ACME CA must reach this host on port "
+            f"{options.https_port} (TLS-ALPN-01) as {options.hostname} and mta-sts.<domain>"
         )
     if manual:
         print("To do by hand:")

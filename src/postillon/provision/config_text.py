@@ -10,9 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from postillon.config.model import TlsConfig
-
-__all__ = ["SetupOptions", "acme_supported", "render_config"]
+__all__ = ["SetupOptions", "render_config"]
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
@@ -30,15 +28,11 @@ class SetupOptions:
     admin_listen: str = "127.0.0.1:8025"
     acme_directory: str = LETS_ENCRYPT
     acme_email: str | None = None
-
-
-def acme_supported() -> bool:
-    """Whether this version's config model knows ``[tls] acme`` (issue 17 item 3).
-
-    Until it does, ``check-config`` would refuse the keys (unknown keys are errors), so
-    the setup writes a self-signed certificate instead and leaves the ACME lines as
-    comments to uncomment after an upgrade."""
-    return {"acme", "acme_directory", "acme_email"} <= set(TlsConfig.model_fields)
+    # ACME's TLS-ALPN-01 challenge and the MTA-STS policy share this HTTPS port (RFC 8737).
+    https_port: int = 443
+    # No ACME: a self-signed certificate, for a host the CA cannot reach (a lab, a relay
+    # behind NAT). Opportunistic TLS between MTAs accepts it; mail programs will warn.
+    self_signed: bool = False
 
 
 def _q(value: str) -> str:
@@ -55,18 +49,23 @@ def _tls_section(options: SetupOptions) -> list[str]:
         f"acme_directory = {_q(options.acme_directory)}",
         f"acme_email = {_q(options.acme_email or options.admin_email)}",
     ]
-    if acme_supported():
+    if not options.self_signed:
         return [
             "[tls]",
             "# Certificates from an ACME CA (Let's Encrypt by default) for the hostname and",
             "# mta-sts.<domain>; obtained at start, renewed at two thirds of their lifetime.",
             *acme_lines,
+            "",
+            "[mta_sts]",
+            "# HTTPS for the ACME TLS-ALPN-01 challenge and our MTA-STS policy",
+            "# (https://mta-sts.<domain>/.well-known/mta-sts.txt, RFC 8461).",
+            f"listen = {_q(_listen(options.listen_host, options.https_port))}",
         ]
     return [
         "[tls]",
-        "# This version of postillon cannot obtain certificates by ACME yet: a self-signed",
-        "# certificate is made in data_dir/tls (opportunistic TLS between MTAs accepts it;",
-        "# mail programs on 465/587 will warn). With ACME support, replace this with:",
+        "# A self-signed certificate is made in data_dir/tls (setup --self-signed):",
+        "# opportunistic TLS between MTAs accepts it; mail programs on 465/587 will warn.",
+        "# For certificates from an ACME CA, replace this line with:",
         *(f"# {line}" for line in acme_lines),
         "self_signed = true",
     ]
