@@ -21,24 +21,20 @@ The caller's contract, as one transaction (maddy delivery_target habit)::
     finally:                                    # exc.partial has the replies known so far
         await session.quit()
 
-TLS (RFC 3207, RFC 7435, RFC 8314): ``starttls="opportunistic"`` uses STARTTLS
-when offered and records whether the certificate verified (``tls_verified``)
-without requiring it; a failed handshake leaves the connection unusable
-(SessionError, temporary: the caller may retry that host without TLS).
-``"required"`` fails when STARTTLS is missing or refused. ``implicit_tls``
-starts TLS at connect (port 465). ``tls_check`` (built by the transport from
-its ``TlsRequirement``, see ``outbound.tls.check_requirement``) judges the
-finished handshake; when it says no, the session QUITs before anything else
-is said (no AUTH, no MAIL) and raises SessionError with its reason.
-
-Every wait has a deadline: connect, greeting, each command reply, each write
-of body data, and the final reply after the end of data.
+TLS (RFC 3207, RFC 7435, RFC 8314): ``starttls`` "opportunistic" uses STARTTLS
+when offered, "required" fails without it; ``implicit_tls`` starts TLS at
+connect (port 465). ``tls_check`` (the transport's, from its
+``TlsRequirement``) judges the handshake; when it says no, the session QUITs
+before AUTH or MAIL and raises SessionError. ``sock``: a TCP connection made
+already (Happy Eyeballs and the source address, see ``happy_eyeballs``).
+Every wait has a deadline: connect, greeting, each reply, each body write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -90,14 +86,12 @@ __all__ = [
 # transport at 2 x 64 KiB, plus one 256 KiB socket read): so the read that
 # brings the 220 to STARTTLS leaves no plaintext behind for after the handshake.
 READ_SIZE = 1 << 20
-# Body pieces are joined to at least this before they become a write (and a
-# BDAT chunk): fewer syscalls and fewer BDAT replies.
+# Body pieces are joined to this before a write (a BDAT chunk): fewer syscalls.
 BODY_CHUNK = 64 * 1024
 # With PIPELINING, at most this many BDAT chunk replies outstanding: the
 # replies must be read before they fill the server's send buffer.
 BDAT_WINDOW = 16
-# How long to collect a reply the server may have sent before a write failed
-# (e.g. an early 552 during DATA).
+# How long to collect a reply sent before a write failed (an early 552 in DATA).
 SALVAGE_TIMEOUT = 2.0
 DEFAULT_TIMEOUTS = ClientTimeouts()
 
@@ -148,6 +142,7 @@ class SmtpClientSession:
         server_hostname: str | None = None,
         unix_path: str | None = None,
         local_address: str | None = None,
+        sock: socket.socket | None = None,
         timeouts: ClientTimeouts = DEFAULT_TIMEOUTS,
         use_pipelining: bool = True,
         use_chunking: bool = True,
@@ -161,6 +156,12 @@ class SmtpClientSession:
                 if unix_path:
                     reader, writer = await asyncio.open_unix_connection(
                         unix_path,
+                        ssl=ctx if implicit_tls else None,
+                        server_hostname=(name or "") if implicit_tls else None,
+                    )
+                elif sock is not None:  # connected already (Happy Eyeballs, egress)
+                    reader, writer = await asyncio.open_connection(
+                        sock=sock,
                         ssl=ctx if implicit_tls else None,
                         server_hostname=(name or "") if implicit_tls else None,
                     )

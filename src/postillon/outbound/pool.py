@@ -9,8 +9,8 @@ from collections import defaultdict
 from postillon.outbound.client_session import SmtpClientSession
 from postillon.outbound.tls_policy import TlsRequirement
 
-# (address or unix path, port, LMTP?, what its TLS had to prove)
-PoolKey = tuple[str, int, bool, TlsRequirement]
+# (address or unix path, port, LMTP?, what its TLS had to prove, source address)
+PoolKey = tuple[str, int, bool, TlsRequirement, str | None]
 
 
 class ConnectionPool:
