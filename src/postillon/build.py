@@ -274,6 +274,8 @@ class Builder:
             hostname=config.hostname,
             max_message_size=config.limits.message_size,
             max_recipients=config.limits.recipients,
+            max_transactions=config.limits.messages_per_connection,
+            limits=True,  # RFC 9422: RCPTMAX (and MAILMAX when set) in EHLO
             max_errors=config.limits.errors,
             max_command_line=config.limits.command_line,
             starttls=tls_context is not None and kind != "submissions",

@@ -134,9 +134,9 @@ def test_config_keys_are_checked_and_named() -> None:
     )
     assert ok.outbound.source_addresses == ("2001:db8::10", "192.0.2.10")
     assert ok.outbound.helo_names == {"2001:db8::10": "out6.example.org"}
-    with pytest.raises(ConfigError, match="outbound.source_addresses"):
+    with pytest.raises(ConfigError, match=r"outbound\.source_addresses"):
         parse_config({"outbound": {"source_addresses": ["out1.example.org"]}})
-    with pytest.raises(ConfigError, match="outbound.helo_names"):
+    with pytest.raises(ConfigError, match=r"outbound\.helo_names"):
         parse_config({"outbound": {"helo_names": {"192.0.2.10": "two words"}}})
-    with pytest.raises(ConfigError, match="outbound.happy_eyeballs_delay"):
+    with pytest.raises(ConfigError, match=r"outbound\.happy_eyeballs_delay"):
         parse_config({"outbound": {"happy_eyeballs_delay": 0}})

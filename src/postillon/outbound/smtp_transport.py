@@ -28,7 +28,7 @@ import functools
 import logging
 import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from postillon.core.envelope import BodyType, MailParams
@@ -76,6 +76,7 @@ from postillon.outbound.tls_policy import (
     for_credentials,
     resolve,
 )
+from postillon.outbound.transaction_limits import send_within_limits
 from postillon.routing.router import NextHop, Route
 
 log = logging.getLogger("postillon.outbound")
@@ -256,17 +257,23 @@ class SmtpTransport:
                     continue
                 # A reused connection may have been closed by the server while
                 # idle; that says nothing about the host, so retry it fresh.
+                again = functools.partial(self.connect, target, requirement, source=key[4])
                 try:
-                    result = await self._send(job, session, requirement)
-                except SessionError:
+                    result, session = await self._send(job, session, requirement, again)
+                except SessionError as lost:
                     session.close()
+                    # A part of a split delivery that went through is not sent again.
+                    partial = lost.partial.per_recipient if lost.partial else ()
+                    if any(reply.code < 300 for reply in partial):
+                        detail = describe(target, None, requirement)
+                        return settled_before_failure(lost, detail) or []
                 else:
                     return await self._finish(key, target, session, result, requirement)
             raced = await self.connector.race(group, sources, job.route.key)
             errors.extend(error for _, error in raced.failed)
-            for failed, error in raced.failed:
+            for failed, why in raced.failed:
                 last_detail = describe(failed, None, requirement)
-                log.info("%s: %s: %s", job.message.queue_id, last_detail, error.detail)
+                log.info("%s: %s: %s", job.message.queue_id, last_detail, why.detail)
             gone = [t for t, _ in raced.failed] + [raced.target]
             pending = [t for t in pending if t not in gone]
             if raced.target is None:
@@ -282,7 +289,8 @@ class SmtpTransport:
             key = (target.address or target.host, target.port, self.lmtp, requirement, source)
             try:
                 session = await self.connect(target, requirement, sock=sock, source=source)
-                result = await self._send(job, session, requirement)
+                again = functools.partial(self.connect, target, requirement, source=source)
+                result, session = await self._send(job, session, requirement, again)
             except SessionError as error:
                 if session is not None:
                     session.close()
@@ -321,20 +329,30 @@ class SmtpTransport:
             outcomes.append(outcome)
         return outcomes
 
-    @staticmethod
     async def _send(
-        job: DeliveryJob, session: SmtpClientSession, requirement: TlsRequirement
-    ) -> TransactionResult:
+        self,
+        job: DeliveryJob,
+        session: SmtpClientSession,
+        requirement: TlsRequirement,
+        reconnect: Callable[[], Awaitable[SmtpClientSession]],
+    ) -> tuple[TransactionResult, SmtpClientSession]:
+        """The job's transaction(s) on ``session``: split to fit the server's RFC
+        9422 LIMITS (``reconnect`` when MAILMAX is reached); the session last used."""
         params = requiretls.mail_params(job.message.mail_params, requirement)
-        return await session.send(
-            job.message.sender,
-            params,
-            [(r.recipient, r.rcpt_params) for r in job.records],
-            job.body(),
-            job.message.size,
-            needs_smtputf8=params.smtputf8,
-            eight_bit=params.body is not BodyType.SEVEN_BIT,
-        )
+        recipients = [(r.recipient, r.rcpt_params) for r in job.records]
+
+        async def send(session: SmtpClientSession, part: range) -> TransactionResult:
+            return await session.send(
+                job.message.sender,
+                params,
+                recipients[part.start : part.stop],
+                job.body(),
+                job.message.size,
+                needs_smtputf8=params.smtputf8,
+                eight_bit=params.body is not BodyType.SEVEN_BIT,
+            )
+
+        return await send_within_limits(session, len(recipients), send, reconnect)
 
     async def requirement(
         self, route: Route, target: Target, lookups: Lookups, params: MailParams

@@ -25,6 +25,24 @@ def ehlo_keywords(settings: ServerSettings, *, tls_active: bool) -> list[str]:
         keywords.append("REQUIRETLS")
     if settings.starttls and not tls_active:
         keywords.append("STARTTLS")  # RFC 3207
+    if settings.limits:
+        limits = limits_keyword(settings)
+        if limits:
+            keywords.append(limits)  # RFC 9422
     if settings.auth_mechanisms:
         keywords.append("AUTH " + " ".join(settings.auth_mechanisms))  # RFC 4954
     return keywords
+
+
+def limits_keyword(settings: ServerSettings) -> str:
+    """RFC 9422 ``LIMITS RCPTMAX=n MAILMAX=m``, with only the limits that are set
+    ("" when none is)."""
+    pairs = [
+        f"{name}={value}"
+        for name, value in (
+            ("RCPTMAX", settings.max_recipients),
+            ("MAILMAX", settings.max_transactions),
+        )
+        if value
+    ]
+    return "LIMITS " + " ".join(pairs) if pairs else ""
