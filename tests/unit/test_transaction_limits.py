@@ -79,3 +79,36 @@ async def test_a_broken_later_part_keeps_the_delivered_ones_settled() -> None:
         await send_within_limits(session, 5, send, reconnect)
     assert caught.value.partial is not None
     assert caught.value.partial.per_recipient == (OK, OK, NOT_SENT, NOT_SENT, NOT_SENT)
+
+
+async def test_only_non_ascii_local_parts_are_refused_without_smtputf8() -> None:
+    from postillon.core.envelope import RcptParams
+    from postillon.outbound.smtputf8 import NON_ASCII_LOCAL_PART, send_sendable
+
+    rcpts = [
+        ("jö@d.test", RcptParams()),
+        ("x@bücher.test", RcptParams()),
+        ("y@d.test", RcptParams()),
+    ]
+    sent: list[list[str]] = []
+
+    async def send(chosen: object) -> TransactionResult:
+        addresses = [a for a, _ in chosen]  # type: ignore[attr-defined]
+        sent.append(addresses)
+        return TransactionResult((OK,) * len(addresses), OK)
+
+    result = await send_sendable(Extensions({"8BITMIME": ""}), rcpts, send)
+    assert sent == [["x@bücher.test", "y@d.test"]]  # A-labels are the core's business
+    assert result.per_recipient == (NON_ASCII_LOCAL_PART, OK, OK)
+    # With SMTPUTF8 offered, everyone goes.
+    sent.clear()
+    result = await send_sendable(Extensions({"SMTPUTF8": ""}), rcpts, send)
+    assert sent == [[a for a, _ in rcpts]] and result.per_recipient == (OK,) * 3
+
+    async def broken(chosen: object) -> TransactionResult:
+        raise SessionError("lost", partial=TransactionResult((OK, NOT_SENT), OK))
+
+    with pytest.raises(SessionError) as caught:
+        await send_sendable(Extensions({}), rcpts, broken)
+    assert caught.value.partial is not None
+    assert caught.value.partial.per_recipient == (NON_ASCII_LOCAL_PART, OK, NOT_SENT)

@@ -42,6 +42,7 @@ from typing import Literal
 
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.reply import Reply
+from postillon.outbound.body_pieces import coalesce
 from postillon.outbound.session_types import (
     TLS_POLICY_STATUS,
     ClientTimeouts,
@@ -336,6 +337,7 @@ class SmtpClientSession:
         size: int,
         *,
         needs_smtputf8: bool = False,
+        smtputf8: bool = False,
         eight_bit: bool = False,
     ) -> TransactionResult:
         """One transaction; the final reply for every recipient, in input order.
@@ -353,6 +355,7 @@ class SmtpClientSession:
             size=size,
             eight_bit=eight_bit,
             needs_smtputf8=needs_smtputf8,
+            smtputf8=smtputf8,
         )
         body_sent = False
         done: TransactionDone | None = None
@@ -440,7 +443,7 @@ class SmtpClientSession:
         """Stream the body: every piece but the last as soon as the next one exists."""
         conn = self._conn
         held: bytes | None = None
-        async for piece in _coalesce(body, BODY_CHUNK):
+        async for piece in coalesce(body, BODY_CHUNK):
             if held is not None:
                 if not await self._body_slot():
                     return
@@ -582,18 +585,3 @@ class SmtpClientSession:
             self._reason = reason
         self._conn.receive_data(b"")
         self.close()
-
-
-async def _coalesce(body: AsyncIterator[bytes], minimum: int) -> AsyncIterator[bytes]:
-    """Join small pieces to at least ``minimum`` octets (the last one may be smaller)."""
-    buf = bytearray()
-    async for piece in body:
-        if not buf and len(piece) >= minimum:
-            yield piece
-            continue
-        buf += piece
-        if len(buf) >= minimum:
-            yield bytes(buf)
-            buf.clear()
-    if buf:
-        yield bytes(buf)

@@ -31,7 +31,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from postillon.core.envelope import BodyType, MailParams
+from postillon.core.envelope import BodyType, MailParams, RcptParams
 from postillon.core.outcome import Delivered, Outcome, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
 from postillon.core.sts import StsPolicy
@@ -60,6 +60,7 @@ from postillon.outbound.egress import EgressSettings, SourceSelector
 from postillon.outbound.happy_eyeballs import DEFAULT_DELAY
 from postillon.outbound.mx import resolve_next_hops
 from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
+from postillon.outbound.smtputf8 import send_sendable
 from postillon.outbound.sts_policies import StsPolicies
 from postillon.outbound.targets import Target as Target
 from postillon.outbound.targets import mx_targets as mx_targets
@@ -342,15 +343,20 @@ class SmtpTransport:
         recipients = [(r.recipient, r.rcpt_params) for r in job.records]
 
         async def send(session: SmtpClientSession, part: range) -> TransactionResult:
-            return await session.send(
-                job.message.sender,
-                params,
-                recipients[part.start : part.stop],
-                job.body(),
-                job.message.size,
-                needs_smtputf8=params.smtputf8,
-                eight_bit=params.body is not BodyType.SEVEN_BIT,
-            )
+            async def send_these(rcpts: Sequence[tuple[str, RcptParams]]) -> TransactionResult:
+                return await session.send(
+                    job.message.sender,
+                    params,
+                    rcpts,
+                    job.body(),
+                    job.message.size,
+                    smtputf8=params.smtputf8,  # said where offered; no need by itself
+                    eight_bit=params.body is not BodyType.SEVEN_BIT,
+                )
+
+            # A non-ASCII local part to a server without SMTPUTF8: 5.6.7, the rest go.
+            chosen = recipients[part.start : part.stop]
+            return await send_sendable(session.extensions, chosen, send_these)
 
         return await send_within_limits(session, len(recipients), send, reconnect)
 
