@@ -20,15 +20,15 @@ def ehlo_keywords(settings: ServerSettings, *, tls_active: bool) -> list[str]:
         keywords.append("CHUNKING")  # RFC 3030
     if settings.dsn:
         keywords.append("DSN")  # RFC 3461
+    if settings.limits:
+        limits = limits_keyword(settings)
+        if limits:
+            keywords.append(limits)  # RFC 9422
     if settings.requiretls and tls_active and not settings.lmtp:
         # RFC 8689 §2: advertised only after TLS is up (STARTTLS done or implicit TLS).
         keywords.append("REQUIRETLS")
     if settings.starttls and not tls_active:
         keywords.append("STARTTLS")  # RFC 3207
-    if settings.limits:
-        limits = limits_keyword(settings)
-        if limits:
-            keywords.append(limits)  # RFC 9422
     if settings.auth_mechanisms:
         keywords.append("AUTH " + " ".join(settings.auth_mechanisms))  # RFC 4954
     return keywords
