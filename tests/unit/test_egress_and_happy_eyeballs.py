@@ -140,3 +140,26 @@ def test_config_keys_are_checked_and_named() -> None:
         parse_config({"outbound": {"helo_names": {"192.0.2.10": "two words"}}})
     with pytest.raises(ConfigError, match=r"outbound\.happy_eyeballs_delay"):
         parse_config({"outbound": {"happy_eyeballs_delay": 0}})
+
+
+def test_a_shaping_rules_source_pool_replaces_the_global_one_for_its_hosts() -> None:
+    """The hook the shaping rules fill (SmtpTransport(source_rules=...)): a rule
+    matched by MX host suffix gives its own pool; other hosts use the global one."""
+    from postillon.outbound.connector import Connector
+    from postillon.outbound.session_types import SessionError
+    from postillon.outbound.targets import Target
+
+    def rules(domain: str, host: str) -> list[str] | None:
+        return ["127.0.0.9"] if host.endswith(".provider.test") else None
+
+    connector = Connector(selector(), rules)
+    assert connector.source_pool("d.test", "mx1.provider.test") == ("127.0.0.9",)
+    assert connector.source_pool("d.test", "mx.other.test") == ("127.0.0.2", "127.0.0.3", "::1")
+    # The rule's pool has no IPv6 address: the provider's AAAA is not tried.
+    errors: list[SessionError] = []
+    targets = [
+        Target("mx1.provider.test", "2001:db8::25", 25, None),
+        Target("mx1.provider.test", "192.0.2.25", 25, None),
+    ]
+    assert connector.reachable("d.test", targets, errors) == targets[1:]
+    assert "no source address of the family of 2001:db8::25" in errors[0].detail
