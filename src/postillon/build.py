@@ -39,6 +39,7 @@ from postillon.observability.maillog import MailLog
 from postillon.observability.metrics import ListenerMetrics, Metrics
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.dane_policy import DaneHook
+from postillon.outbound.egress import EgressSettings
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.outbound.sts_policies import StsPolicies
 from postillon.outbound.tls_observer import TlsObserver
@@ -282,6 +283,8 @@ class Builder:
             hostname=config.hostname,
             max_message_size=config.limits.message_size,
             max_recipients=config.limits.recipients,
+            max_transactions=config.limits.messages_per_connection,
+            limits=True,  # RFC 9422: RCPTMAX (and MAILMAX when set) in EHLO
             max_errors=config.limits.errors,
             max_command_line=config.limits.command_line,
             starttls=tls_context is not None and kind != "submissions",
@@ -338,6 +341,8 @@ def outbound_settings(config: Config) -> OutboundSettings:
         per_destination=out.per_destination,
         messages_per_connection=out.messages_per_connection,
         idle_reuse=out.idle_reuse,
+        egress=EgressSettings(out.source_addresses, out.helo_names, out.source_selection),
+        happy_eyeballs_delay=out.happy_eyeballs_delay,
         timeouts=ClientTimeouts(
             connect=out.connect_timeout,
             greeting=out.greeting_timeout,

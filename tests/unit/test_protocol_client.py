@@ -1007,6 +1007,24 @@ def test_smtputf8_needed_but_not_offered_refused_locally(kw: dict[str, Any]) -> 
     assert conn.state is ClientState.READY
 
 
+def test_smtputf8_flag_alone_is_no_need() -> None:
+    """An all-ASCII envelope with the SMTPUTF8 flag goes to a server without
+    SMTPUTF8 (nothing to downgrade); the flag is said where it is offered."""
+    got = envelope(EHLO_PIPE, ("x@d.test", RcptParams()), smtputf8=True)
+    assert got[:2] == ["MAIL FROM:<a@s.test>", "RCPT TO:<x@d.test>"]
+    got = envelope(EHLO_FULL, ("x@d.test", RcptParams()), smtputf8=True)
+    assert got[0] == "MAIL FROM:<a@s.test> SMTPUTF8"
+
+
+def test_u_label_domains_go_as_a_labels_without_smtputf8() -> None:
+    """IDNA 2008 (faß.de is xn--fa-hia.de, not fass.de), sender and recipients alike;
+    with SMTPUTF8 offered the U-labels go as they are."""
+    got = envelope(EHLO_PIPE, ("user@faß.de", RcptParams()), sender="ann@bücher.test")
+    assert got[:2] == ["MAIL FROM:<ann@xn--bcher-kva.test>", "RCPT TO:<user@xn--fa-hia.de>"]
+    got = envelope(EHLO_FULL, ("user@faß.de", RcptParams()))
+    assert got[:2] == ["MAIL FROM:<a@s.test> SMTPUTF8", "RCPT TO:<user@faß.de>"]
+
+
 def test_requiretls_sent_when_offered() -> None:
     """RFC 8689 §4.2.1: a REQUIRETLS message says so on MAIL to a server offering it."""
     ehlo = EHLO_FULL.replace(b"250-CHUNKING", b"250-CHUNKING\r\n250-REQUIRETLS")

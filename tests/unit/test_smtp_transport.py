@@ -17,9 +17,10 @@ from postillon.core.sts import StsPolicy
 from postillon.delivery.transport import DeliveryJob
 from postillon.dns.resolver import Answer, DnsBogus, TlsaRecord
 from postillon.observability.metrics import Metrics
-from postillon.outbound import smtp_transport
+from postillon.outbound import connector, smtp_transport
 from postillon.outbound.client_session import SessionError, TransactionResult
 from postillon.outbound.dane_policy import DaneHook
+from postillon.outbound.happy_eyeballs import Attempt, RaceResult
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.outbound.tls_policy import PolicyRule, TlsPolicyTable, TlsRequirement
 from postillon.queue.store import DeliveryRecord, DeliveryState, MessageInfo
@@ -28,6 +29,17 @@ from postillon.routing.router import NextHop, Route
 OK = Reply.of(250, "2.0.0", "Ok")
 UNKNOWN = Reply.of(550, "5.1.1", "unknown user")
 LOST = Reply.of(451, "4.4.2", "connection lost")
+
+
+@pytest.fixture(autouse=True)
+def no_tcp_race(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No sockets here: the Happy Eyeballs race "wins" at its first address
+    without connecting, and the scripted SmtpClientSession.connect decides."""
+
+    async def first_address(addresses: Sequence[str], port: int, **kw: Any) -> RaceResult:
+        return RaceResult(None, addresses[0], None, [Attempt(addresses[0], None)])
+
+    monkeypatch.setattr(connector, "race", first_address)
 
 
 def record(i: int, rcpt: str) -> DeliveryRecord:

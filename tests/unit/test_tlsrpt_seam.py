@@ -8,12 +8,13 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from test_smtp_transport import (
+from test_smtp_transport import (  # noqa: F401 (no_tcp_race: an autouse fixture)
     OK,
     TLSA,
     AuthSession,
     TlsaResolver,
     job,
+    no_tcp_race,
     sample,
     secure_tlsa,
     transport,

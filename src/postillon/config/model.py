@@ -81,6 +81,8 @@ class ListenConfig(_Frozen):
 class LimitsConfig(_Frozen):
     message_size: int = Field(52_428_800, ge=0)  # RFC 1870 SIZE; 0 = unlimited
     recipients: int = Field(1000, ge=100)  # RFC 5321 4.5.3.1.8: accept at least 100
+    # Transactions per connection (RFC 9422 MAILMAX, advertised with RCPTMAX); 0 = no limit.
+    messages_per_connection: int = Field(0, ge=0)
     connections: int = Field(1000, ge=1)  # total inbound sessions at once
     connections_per_ip: int = Field(50, ge=1)  # inbound sessions from one client address at once
     errors: int = Field(20, ge=1)  # 4xx/5xx replies before 421 and close

@@ -95,6 +95,39 @@ class OutboundConfig(_Frozen):
     data_block_timeout: float = Field(180.0, gt=0)  # each block of the body sent (3 min)
     data_end_timeout: float = Field(600.0, gt=0)  # the reply to the final dot (10 min)
     idle_reuse: float = Field(10.0, ge=0)  # keep an idle connection this long for reuse
+    # Egress (outbound/egress.py): the local addresses mail leaves from, chosen per
+    # new connection "round-robin" or by "hash" of the destination; each address
+    # greets with its helo_names entry (which must match its PTR), else helo_name.
+    # Empty: the kernel chooses. A shaping rule's source = [...] replaces the pool.
+    source_addresses: tuple[str, ...] = ()
+    source_selection: Literal["round-robin", "hash"] = "round-robin"
+    helo_names: dict[str, str] = Field(default_factory=dict)
+    # Happy Eyeballs (RFC 8305 §5): the stagger between connection attempts to a
+    # host's addresses (IPv6 and IPv4 interleaved), in seconds.
+    happy_eyeballs_delay: float = Field(0.25, gt=0, le=2.0)
+
+    @field_validator("source_addresses")
+    @classmethod
+    def _check_sources(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_ip_address(a) for a in value)
+
+    @field_validator("helo_names")
+    @classmethod
+    def _check_helo_names(cls, value: dict[str, str]) -> dict[str, str]:
+        names = {}
+        for address, name in value.items():
+            if not name or any(c.isspace() for c in name):
+                raise ValueError(f"helo_names[{address!r}]: {name!r} is not a host name")
+            names[_ip_address(address)] = name
+        return names
+
+
+def _ip_address(text: str) -> str:
+    """The canonical form of an IP address (so 2001:db8::10 matches 2001:DB8:0::10)."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError as exc:
+        raise ValueError(f"not an IP address: {text!r}") from exc
 
 
 TlsPolicyName = Literal[

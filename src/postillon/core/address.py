@@ -88,6 +88,22 @@ def domain_to_ascii(domain: str) -> str:
         raise AddressError(f"domain {domain!r} is not a valid IDN") from exc
 
 
+def ascii_address(address: str) -> str | None:
+    """``address`` as a peer without SMTPUTF8 can take it: a U-label domain
+    becomes its A-label (IDNA 2008); None when that is not enough, because the
+    local part is not ASCII (RFC 6531 §3.2: no downgrade of a local part) or the
+    domain is no valid IDN."""
+    if address.isascii():
+        return address
+    local, sep, domain = address.rpartition("@")  # a domain never holds "@"
+    if not sep or not local.isascii():
+        return None
+    try:
+        return f"{local}@{domain_to_ascii(domain)}"
+    except AddressError:
+        return None
+
+
 def parse_domain(text: str, *, smtputf8: bool = False) -> str:
     """Validate a Domain or address-literal; return it lower-cased."""
     if not text or len(text) > MAX_DOMAIN:

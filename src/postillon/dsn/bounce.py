@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 
-from postillon.core.envelope import DsnRet, MailParams, RcptParams, xtext_encode
+from postillon.core.envelope import BodyType, DsnRet, MailParams, RcptParams, xtext_encode
 from postillon.core.reply import Reply
 
 # Returning the whole message is the default only up to this size; larger
@@ -72,6 +72,43 @@ def _orcpt(orcpt: str) -> str:
     space, and anything that slipped past the protocol core, inert)."""
     kind, _, address = orcpt.partition(";")
     return f"{kind};{xtext_encode(address)}"
+
+
+def is_international(
+    sender: str, mail_params: MailParams, recipients: Sequence[DsnRecipient]
+) -> bool:
+    """The notice is about an internationalised message (RFC 6533): the original
+    carried SMTPUTF8, or an address it names is not ASCII."""
+    if mail_params.smtputf8 or not sender.isascii():
+        return True
+    return any(
+        not r.recipient.isascii()
+        or not (r.original or "").isascii()
+        or not (r.params.orcpt or "").isascii()
+        for r in recipients
+    )
+
+
+def notice_params(
+    sender: str, mail_params: MailParams, recipients: Sequence[DsnRecipient]
+) -> MailParams:
+    """The envelope parameters of a notice about ``mail_params``' message:
+    REQUIRETLS kept (RFC 8689 §5), SMTPUTF8 for an internationalised one (RFC
+    6533 §6: said where the next hop offers it; the protocol core sends an
+    all-ASCII envelope without it), BODY=8BITMIME when the original was 8-bit
+    or the notice's parts are UTF-8."""
+    international = is_international(sender, mail_params, recipients)
+    eight_bit = international or mail_params.body is not BodyType.SEVEN_BIT
+    return MailParams(
+        requiretls=mail_params.requiretls,
+        smtputf8=international,
+        body=BodyType.EIGHT_BIT_MIME if eight_bit else BodyType.SEVEN_BIT,
+    )
+
+
+def _address_field(address: str) -> str:
+    """RFC 6533 §3: a non-ASCII address is of type utf-8, an ASCII one rfc822."""
+    return f"rfc822; {address}" if address.isascii() else f"utf-8; {_text(address)}"
 
 
 def diagnostic_code(reply: Reply) -> list[str]:
@@ -140,6 +177,10 @@ def dsn_frame(
 ) -> DsnFrame:
     """The notification without the original's bytes (see ``DsnFrame``)."""
     boundary = f"{queue_id}.{secrets.token_hex(6)}/{hostname}"
+    # RFC 6533: about an internationalised message, the report and the returned
+    # message are the "global" types, which carry UTF-8 as it is.
+    international = is_international(sender, mail_params, recipients)
+    report_type = "global-delivery-status" if international else "delivery-status"
     delayed = all(r.action == "delayed" for r in recipients)
     success = all(r.action in ("delivered", "relayed") for r in recipients)
     if delayed:
@@ -156,7 +197,7 @@ def dsn_frame(
         f"Message-ID: <{queue_id}.{secrets.token_hex(4)}.dsn@{hostname}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        f'Content-Type: multipart/report; report-type={report_type}; boundary="{boundary}"',
         "",
         "This is a MIME-encapsulated message.",
         "",
@@ -187,7 +228,7 @@ def dsn_frame(
         "",
         f"--{boundary}",
         "Content-Description: Delivery report",
-        "Content-Type: message/delivery-status",
+        f"Content-Type: message/{report_type}",
         "",
         f"Reporting-MTA: dns; {hostname}",
         f"X-Postillon-Queue-ID: {queue_id}",
@@ -198,11 +239,11 @@ def dsn_frame(
     lines.append(f"Arrival-Date: {formatdate(received_at, usegmt=True)}")
     for r in recipients:
         lines.append("")
-        lines.append(f"Final-Recipient: rfc822; {r.recipient}")
+        lines.append(f"Final-Recipient: {_address_field(r.recipient)}")
         if r.params.orcpt:
             lines.append(f"Original-Recipient: {_orcpt(r.params.orcpt)}")
         elif r.original:
-            lines.append(f"Original-Recipient: rfc822; {r.original}")
+            lines.append(f"Original-Recipient: {_address_field(r.original)}")
         lines.append(f"Action: {r.action}")
         lines.append(f"Status: {_status(r.reply)}")
         if r.remote:
@@ -212,12 +253,10 @@ def dsn_frame(
     full = returns_full_message(mail_params, original_size, recipients[0].action)
     lines += ["", f"--{boundary}"]
     if full:
-        lines += ["Content-Description: Undelivered Message", "Content-Type: message/rfc822", ""]
+        kind = "message/global" if international else "message/rfc822"
+        lines += ["Content-Description: Undelivered Message", f"Content-Type: {kind}", ""]
     else:
-        lines += [
-            "Content-Description: Undelivered Message Headers",
-            "Content-Type: text/rfc822-headers",
-            "",
-        ]
+        kind = "message/global-headers" if international else "text/rfc822-headers"
+        lines += ["Content-Description: Undelivered Message Headers", f"Content-Type: {kind}", ""]
     head = ("\r\n".join(lines) + "\r\n").encode("utf-8")
     return DsnFrame(head, f"\r\n--{boundary}--\r\n".encode(), full)

@@ -20,6 +20,7 @@ from postillon.dsn.bounce import (
     HEADER_LIMIT,
     DsnRecipient,
     dsn_frame,
+    notice_params,
     returns_full_message,
 )
 from postillon.intake.headers import ClientInfo
@@ -58,8 +59,8 @@ async def queue_notice(
         original_size=message.size,
         now=now,
     )
-    # RFC 8689 §5: notices about a REQUIRETLS message are sent with REQUIRETLS too.
-    params = MailParams(requiretls=message.mail_params.requiretls)
+    # REQUIRETLS kept (RFC 8689 §5), SMTPUTF8 and BODY=8BITMIME as the notice needs.
+    params = notice_params(message.sender, message.mail_params, recipients)
     tx = intake.begin("", params, ClientInfo(), source="bounce")
     tx.add_recipient(NewRecipient(message.sender))
     try:

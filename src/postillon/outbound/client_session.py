@@ -21,24 +21,20 @@ The caller's contract, as one transaction (maddy delivery_target habit)::
     finally:                                    # exc.partial has the replies known so far
         await session.quit()
 
-TLS (RFC 3207, RFC 7435, RFC 8314): ``starttls="opportunistic"`` uses STARTTLS
-when offered and records whether the certificate verified (``tls_verified``)
-without requiring it; a failed handshake leaves the connection unusable
-(SessionError, temporary: the caller may retry that host without TLS).
-``"required"`` fails when STARTTLS is missing or refused. ``implicit_tls``
-starts TLS at connect (port 465). ``tls_check`` (built by the transport from
-its ``TlsRequirement``, see ``outbound.tls.check_requirement``) judges the
-finished handshake; when it says no, the session QUITs before anything else
-is said (no AUTH, no MAIL) and raises SessionError with its reason.
-
-Every wait has a deadline: connect, greeting, each command reply, each write
-of body data, and the final reply after the end of data.
+TLS (RFC 3207, RFC 7435, RFC 8314): ``starttls`` "opportunistic" uses STARTTLS
+when offered, "required" fails without it; ``implicit_tls`` starts TLS at
+connect (port 465). ``tls_check`` (the transport's, from its
+``TlsRequirement``) judges the handshake; when it says no, the session QUITs
+before AUTH or MAIL and raises SessionError. ``sock``: a TCP connection made
+already (Happy Eyeballs and the source address, see ``happy_eyeballs``).
+Every wait has a deadline: connect, greeting, each reply, each body write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -46,6 +42,7 @@ from typing import Literal
 
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.reply import Reply
+from postillon.outbound.body_pieces import coalesce
 from postillon.outbound.session_types import (
     TLS_POLICY_STATUS,
     ClientTimeouts,
@@ -90,14 +87,12 @@ __all__ = [
 # transport at 2 x 64 KiB, plus one 256 KiB socket read): so the read that
 # brings the 220 to STARTTLS leaves no plaintext behind for after the handshake.
 READ_SIZE = 1 << 20
-# Body pieces are joined to at least this before they become a write (and a
-# BDAT chunk): fewer syscalls and fewer BDAT replies.
+# Body pieces are joined to this before a write (a BDAT chunk): fewer syscalls.
 BODY_CHUNK = 64 * 1024
 # With PIPELINING, at most this many BDAT chunk replies outstanding: the
 # replies must be read before they fill the server's send buffer.
 BDAT_WINDOW = 16
-# How long to collect a reply the server may have sent before a write failed
-# (e.g. an early 552 during DATA).
+# How long to collect a reply sent before a write failed (an early 552 in DATA).
 SALVAGE_TIMEOUT = 2.0
 DEFAULT_TIMEOUTS = ClientTimeouts()
 
@@ -148,6 +143,7 @@ class SmtpClientSession:
         server_hostname: str | None = None,
         unix_path: str | None = None,
         local_address: str | None = None,
+        sock: socket.socket | None = None,
         timeouts: ClientTimeouts = DEFAULT_TIMEOUTS,
         use_pipelining: bool = True,
         use_chunking: bool = True,
@@ -161,6 +157,12 @@ class SmtpClientSession:
                 if unix_path:
                     reader, writer = await asyncio.open_unix_connection(
                         unix_path,
+                        ssl=ctx if implicit_tls else None,
+                        server_hostname=(name or "") if implicit_tls else None,
+                    )
+                elif sock is not None:  # connected already (Happy Eyeballs, egress)
+                    reader, writer = await asyncio.open_connection(
+                        sock=sock,
                         ssl=ctx if implicit_tls else None,
                         server_hostname=(name or "") if implicit_tls else None,
                     )
@@ -335,6 +337,7 @@ class SmtpClientSession:
         size: int,
         *,
         needs_smtputf8: bool = False,
+        smtputf8: bool = False,
         eight_bit: bool = False,
     ) -> TransactionResult:
         """One transaction; the final reply for every recipient, in input order.
@@ -352,6 +355,7 @@ class SmtpClientSession:
             size=size,
             eight_bit=eight_bit,
             needs_smtputf8=needs_smtputf8,
+            smtputf8=smtputf8,
         )
         body_sent = False
         done: TransactionDone | None = None
@@ -439,7 +443,7 @@ class SmtpClientSession:
         """Stream the body: every piece but the last as soon as the next one exists."""
         conn = self._conn
         held: bytes | None = None
-        async for piece in _coalesce(body, BODY_CHUNK):
+        async for piece in coalesce(body, BODY_CHUNK):
             if held is not None:
                 if not await self._body_slot():
                     return
@@ -581,18 +585,3 @@ class SmtpClientSession:
             self._reason = reason
         self._conn.receive_data(b"")
         self.close()
-
-
-async def _coalesce(body: AsyncIterator[bytes], minimum: int) -> AsyncIterator[bytes]:
-    """Join small pieces to at least ``minimum`` octets (the last one may be smaller)."""
-    buf = bytearray()
-    async for piece in body:
-        if not buf and len(piece) >= minimum:
-            yield piece
-            continue
-        buf += piece
-        if len(buf) >= minimum:
-            yield bytes(buf)
-            buf.clear()
-    if buf:
-        yield bytes(buf)

@@ -8,9 +8,10 @@ from collections import defaultdict
 
 from postillon.outbound.client_session import SmtpClientSession
 from postillon.outbound.tls_policy import TlsRequirement
+from postillon.outbound.transaction_limits import at_mail_max
 
-# (address or unix path, port, LMTP?, what its TLS had to prove)
-PoolKey = tuple[str, int, bool, TlsRequirement]
+# (address or unix path, port, LMTP?, what its TLS had to prove, source address)
+PoolKey = tuple[str, int, bool, TlsRequirement, str | None]
 
 
 class ConnectionPool:
@@ -37,6 +38,7 @@ class ConnectionPool:
             self.idle_seconds <= 0
             or not session.usable
             or session.messages_sent >= self.max_messages
+            or at_mail_max(session)  # RFC 9422 MAILMAX: the server wants a new connection
         ):
             await session.quit()
             return

@@ -27,17 +27,25 @@ import datetime
 import functools
 import logging
 import random
-from collections.abc import Sequence
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from postillon.core.envelope import BodyType, MailParams
-from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
+from postillon.core.envelope import BodyType, MailParams, RcptParams
+from postillon.core.outcome import Delivered, Outcome, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
 from postillon.core.sts import StsPolicy
 from postillon.delivery.transport import DeliveryJob
 from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
 from postillon.observability.metrics import Metrics
 from postillon.outbound import mta_sts, requiretls
+from postillon.outbound.attempt_outcomes import (
+    NO_ADDRESSES,
+    describe,
+    failure,
+    settled_before_failure,
+)
+from postillon.outbound.attempt_outcomes import failure as _failure  # noqa: F401 (tests)
 from postillon.outbound.client_session import (
     TLS_POLICY_STATUS,
     ClientTimeouts,
@@ -46,10 +54,16 @@ from postillon.outbound.client_session import (
     TlsChecker,
     TransactionResult,
 )
+from postillon.outbound.connector import Connector, SourceRules
 from postillon.outbound.dane_policy import DaneHook
-from postillon.outbound.mx import MxResult, resolve_next_hops
+from postillon.outbound.egress import EgressSettings, SourceSelector
+from postillon.outbound.happy_eyeballs import DEFAULT_DELAY
+from postillon.outbound.mx import resolve_next_hops
 from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
+from postillon.outbound.smtputf8 import send_sendable
 from postillon.outbound.sts_policies import StsPolicies
+from postillon.outbound.targets import Target as Target
+from postillon.outbound.targets import mx_targets as mx_targets
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
 from postillon.outbound.tls_observer import TlsObserver, TlsSessionResult, published_policy
 from postillon.outbound.tls_policy import (
@@ -63,6 +77,7 @@ from postillon.outbound.tls_policy import (
     for_credentials,
     resolve,
 )
+from postillon.outbound.transaction_limits import send_within_limits
 from postillon.routing.router import NextHop, Route
 
 log = logging.getLogger("postillon.outbound")
@@ -72,7 +87,6 @@ log = logging.getLogger("postillon.outbound")
 # one delivery busy for hours.
 MAX_ADDRESSES = 10
 
-NO_ADDRESSES = Reply.of(451, "4.4.4", "No usable address for the destination host")
 # A delivery waits at most this long for a free connection slot to its
 # destination. A busy destination frees slots in milliseconds; a stalled one
 # would otherwise hold the runner's whole active set and block every other
@@ -95,6 +109,10 @@ class OutboundSettings:
     messages_per_connection: int = 100
     idle_reuse: float = 10.0
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+    # [outbound] source_addresses, helo_names, source_selection (see egress.py).
+    egress: EgressSettings = field(default_factory=EgressSettings)
+    # [outbound] happy_eyeballs_delay: RFC 8305's Connection Attempt Delay.
+    happy_eyeballs_delay: float = DEFAULT_DELAY
 
 
 # What the DANE lookup said about one host, kept for the rest of a delivery.
@@ -110,31 +128,6 @@ class Lookups:
     sts: StsPolicy | None = None  # the recipient domain's MTA-STS policy
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    host: str  # name for logs and SNI
-    address: str  # IP address, or "" for a unix socket
-    port: int
-    hop: NextHop | None
-    # DNSSEC (RFC 7672 §2.2): the MX answer (True for a host the operator named)
-    # and this host's address answer were secure.
-    mx_secure: bool = False
-    address_secure: bool = False
-    # The domain whose MX this host is (RFC 8460's policy domain); "" for a host
-    # the operator named (smarthost, route), whose TLS is not reported.
-    mx_domain: str = ""
-
-
-def mx_targets(result: MxResult, port: int, hop: NextHop | None = None) -> list[Target]:
-    """One target per address of each MX host of ``result``, in order (what the
-    transport tries, and what ``postillon tls check`` shows)."""
-    return [
-        Target(h.host, a, port, hop, result.authenticated, h.authenticated, result.domain)
-        for h in result.hops
-        for a in h.addresses
-    ]
-
-
 class SmtpTransport:
     def __init__(
         self,
@@ -147,8 +140,18 @@ class SmtpTransport:
         dane: DaneHook | None = None,
         mta_sts: StsPolicies | None = None,
         tls_observer: TlsObserver | None = None,
+        source_rules: SourceRules | None = None,
     ) -> None:
         self.resolver = resolver
+        self.sources = SourceSelector(settings.egress, settings.helo_name)
+        # Source addresses and Happy Eyeballs (connector.py).
+        self.connector = Connector(
+            self.sources,
+            source_rules,
+            prefer_ipv6=settings.prefer_ipv6,
+            delay=settings.happy_eyeballs_delay,
+            connect_timeout=settings.timeouts.connect,
+        )
         self.metrics = metrics
         self.settings = settings
         self.lmtp = lmtp
@@ -221,14 +224,18 @@ class SmtpTransport:
             slot.release()
 
     async def _try_targets(self, job: DeliveryJob, targets: list[Target]) -> list[Outcome]:
+        """Each host in turn; a host's addresses raced (Happy Eyeballs, RFC 8305)."""
         count = len(job.records)
         errors: list[SessionError] = []
         last_detail = ""
         lookups = Lookups()
-        for target in targets:
+        pending = self.connector.reachable(job.route.domain, targets, errors)
+        while pending:
+            first = pending[0]
             params = job.message.mail_params
-            requirement = await self.requirement(job.route, target, lookups, params)
+            requirement = await self.requirement(job.route, first, lookups, params)
             if isinstance(requirement, HostRefused):  # not this host: try the next
+                pending.pop(0)
                 errors.append(
                     SessionError(
                         requirement.reason,
@@ -236,27 +243,55 @@ class SmtpTransport:
                         tls_result=requirement.result,
                     )
                 )
-                last_detail = _describe(target, None, requirement)
-                self._count_tls(requirement, requirement.result, target, requirement.reason)
+                last_detail = describe(first, None, requirement)
+                self._count_tls(requirement, requirement.result, first, requirement.reason)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, requirement.reason)
                 continue
+            same_host = (first.host, first.port, first.hop)
+            group = [t for t in pending if (t.host, t.port, t.hop) == same_host]
+            sources = self.connector.source_pool(job.route.domain, first.host)
             # Pooled by requirement too: a connection that met a weaker policy
             # (or none) must not carry mail that needs a stronger one.
-            key = (target.address or target.host, target.port, self.lmtp, requirement)
-            session = self.pool.take(key)
-            if session is not None:
+            for key, target in self.connector.pool_keys(group, sources, self.lmtp, requirement):
+                session = self.pool.take(key)
+                if session is None:
+                    continue
                 # A reused connection may have been closed by the server while
                 # idle; that says nothing about the host, so retry it fresh.
+                again = functools.partial(self.connect, target, requirement, source=key[4])
                 try:
-                    result = await self._send(job, session, requirement)
-                except SessionError:
+                    result, session = await self._send(job, session, requirement, again)
+                except SessionError as lost:
                     session.close()
+                    # A part of a split delivery that went through is not sent again.
+                    partial = lost.partial.per_recipient if lost.partial else ()
+                    if any(reply.code < 300 for reply in partial):
+                        detail = describe(target, None, requirement)
+                        return settled_before_failure(lost, detail) or []
                 else:
                     return await self._finish(key, target, session, result, requirement)
-                session = None
+            raced = await self.connector.race(group, sources, job.route.key)
+            errors.extend(error for _, error in raced.failed)
+            for failed, why in raced.failed:
+                last_detail = describe(failed, None, requirement)
+                log.info("%s: %s: %s", job.message.queue_id, last_detail, why.detail)
+            gone = [t for t, _ in raced.failed] + [raced.target]
+            pending = [t for t in pending if t not in gone]
+            if raced.target is None:
+                continue
+            for slow in raced.stalled:  # RFC 8305: no answer within the stagger
+                log.info(
+                    "%s: %s[%s]:%d did not answer within %gs; connected to %s instead",
+                    *(job.message.queue_id, slow.host, slow.address, slow.port),
+                    *(self.settings.happy_eyeballs_delay, raced.target.address),
+                )
+            target, sock, source = raced.target, raced.sock, raced.source
+            session = None
+            key = (target.address or target.host, target.port, self.lmtp, requirement, source)
             try:
-                session = await self.connect(target, requirement)
-                result = await self._send(job, session, requirement)
+                session = await self.connect(target, requirement, sock=sock, source=source)
+                again = functools.partial(self.connect, target, requirement, source=source)
+                result, session = await self._send(job, session, requirement, again)
             except SessionError as error:
                 if session is not None:
                     session.close()
@@ -265,14 +300,14 @@ class SmtpTransport:
                 # RFC 8689 §4.2.1: a REQUIRETLS message's TLS failure is a bounce.
                 exc = requiretls.failure(requirement, error, null_sender=not job.message.sender)
                 errors.append(exc)
-                last_detail = _describe(target, session, requirement)
+                last_detail = describe(target, session, requirement)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
-                settled = _settled_before_failure(exc, last_detail)
+                settled = settled_before_failure(exc, last_detail)
                 if settled is not None:
                     return settled
                 continue
             return await self._finish(key, target, session, result, requirement)
-        return [_failure(errors, last_detail)] * count
+        return [failure(errors, last_detail)] * count
 
     async def _finish(
         self,
@@ -282,7 +317,7 @@ class SmtpTransport:
         result: TransactionResult,
         requirement: TlsRequirement,
     ) -> list[Outcome]:
-        detail = _describe(target, session, requirement)
+        detail = describe(target, session, requirement)
         # RFC 3461 §6.2.2: a next hop without DSN cannot honour NOTIFY=SUCCESS;
         # the runner then sends a "relayed" notice itself.
         dsn_passed = self.lmtp or "DSN" in session.extensions
@@ -295,20 +330,35 @@ class SmtpTransport:
             outcomes.append(outcome)
         return outcomes
 
-    @staticmethod
     async def _send(
-        job: DeliveryJob, session: SmtpClientSession, requirement: TlsRequirement
-    ) -> TransactionResult:
+        self,
+        job: DeliveryJob,
+        session: SmtpClientSession,
+        requirement: TlsRequirement,
+        reconnect: Callable[[], Awaitable[SmtpClientSession]],
+    ) -> tuple[TransactionResult, SmtpClientSession]:
+        """The job's transaction(s) on ``session``: split to fit the server's RFC
+        9422 LIMITS (``reconnect`` when MAILMAX is reached); the session last used."""
         params = requiretls.mail_params(job.message.mail_params, requirement)
-        return await session.send(
-            job.message.sender,
-            params,
-            [(r.recipient, r.rcpt_params) for r in job.records],
-            job.body(),
-            job.message.size,
-            needs_smtputf8=params.smtputf8,
-            eight_bit=params.body is not BodyType.SEVEN_BIT,
-        )
+        recipients = [(r.recipient, r.rcpt_params) for r in job.records]
+
+        async def send(session: SmtpClientSession, part: range) -> TransactionResult:
+            async def send_these(rcpts: Sequence[tuple[str, RcptParams]]) -> TransactionResult:
+                return await session.send(
+                    job.message.sender,
+                    params,
+                    rcpts,
+                    job.body(),
+                    job.message.size,
+                    smtputf8=params.smtputf8,  # said where offered; no need by itself
+                    eight_bit=params.body is not BodyType.SEVEN_BIT,
+                )
+
+            # A non-ASCII local part to a server without SMTPUTF8: 5.6.7, the rest go.
+            chosen = recipients[part.start : part.stop]
+            return await send_sendable(session.extensions, chosen, send_these)
+
+        return await send_within_limits(session, len(recipients), send, reconnect)
 
     async def requirement(
         self, route: Route, target: Target, lookups: Lookups, params: MailParams
@@ -403,17 +453,26 @@ class SmtpTransport:
         return check
 
     async def connect(
-        self, target: Target, requirement: TlsRequirement, tls_check: TlsChecker | None = None
+        self,
+        target: Target,
+        requirement: TlsRequirement,
+        tls_check: TlsChecker | None = None,
+        *,
+        sock: socket.socket | None = None,
+        source: str | None = None,
     ) -> SmtpClientSession:
         """Connect, EHLO, STARTTLS and check the chain as ``requirement`` asks (then
         AUTH for a hop with credentials). ``tls_check``: the checker to use instead of
-        :meth:`tls_checker` (``postillon tls check`` wraps it to see the chain)."""
+        :meth:`tls_checker` (``postillon tls check`` wraps it to see the chain).
+        ``sock``: connected already (from ``source``, whose HELO name is said)."""
         hop = target.hop
         implicit = bool(hop and hop.implicit_tls)
         session = await SmtpClientSession.connect(
             target.address or target.host,
             target.port,
-            helo_name=self.settings.helo_name,
+            sock=sock,
+            local_address=source if sock is None else None,
+            helo_name=self.sources.helo_name(source),
             lmtp=self.lmtp,
             starttls=requirement.starttls,
             tls_check=tls_check or self.tls_checker(target, requirement),
@@ -492,58 +551,6 @@ class SmtpTransport:
         session.on_close = active.dec
         if session.tls:
             metrics.tls.labels("out", session.tls.split()[0]).inc()
-
-
-def _settled_before_failure(exc: SessionError, detail: str) -> list[Outcome] | None:
-    """Outcomes already final when a connection broke mid-transaction.
-
-    A recipient refused with 5xx at RCPT, or (LMTP) given its own 250 after
-    DATA, must not be sent again: that would bounce late or deliver twice.
-    The still-open recipients get the made-up 4xx and are retried later.
-    None when nothing was settled, so the next host may take the whole job.
-    """
-    partial = exc.partial
-    if partial is None or all(r.is_transient for r in partial.per_recipient):
-        return None
-    return [outcome_from_reply(reply, detail) for reply in partial.per_recipient]
-
-
-def _failure(errors: list[SessionError], detail: str) -> Outcome:
-    if not errors:
-        return TempFail(NO_ADDRESSES, detail)
-    last = errors[-1]
-    if last.reply is not None:
-        reply = last.reply
-    elif last.status:  # a TLS policy or local failure: the reason is the reply
-        reply = Reply.of(550 if last.permanent else 451, last.status, last.detail[:400])
-    else:
-        reply = Reply.of(451, "4.4.1", f"Connection failed: {last.detail}"[:400])
-    if all(e.permanent for e in errors) and reply.is_permanent:
-        return PermFail(reply, detail)
-    if reply.is_permanent:
-        # Some host failed temporarily: try again later rather than bounce.
-        reply = Reply.of(451, "4.4.1", f"{reply.code} {' / '.join(reply.lines)}"[:400])
-    return TempFail(reply, detail)
-
-
-def _describe(
-    target: Target, session: SmtpClientSession | None, req: TlsRequirement | HostRefused
-) -> str:
-    """The host, the TLS result and the policy, for the delivery log line:
-    ``mx.example[192.0.2.1]:25 tls=TLSv1.3/verified policy=verify``,
-    ``... tls=TLSv1.3/dane-ee policy=dane``, ``... policy=verify mta-sts=enforce``,
-    ``... policy=verify+requiretls``."""
-    where = target.host if not target.address else f"{target.host}[{target.address}]:{target.port}"
-    policy = f"policy={req.mode}"
-    if isinstance(req, TlsRequirement):
-        policy += ("+requiretls" if req.requiretls else "") + (
-            f" mta-sts={req.sts}" if req.sts else ""
-        )
-    if session is not None and session.tls:
-        return f"{where} tls={session.tls.split()[0]}/{session.tls_result} {policy}"
-    if session is not None:
-        return f"{where} tls=none {policy}"
-    return f"{where} {policy}"
 
 
 @functools.lru_cache(maxsize=1)

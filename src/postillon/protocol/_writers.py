@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from postillon.core.address import ascii_address
 from postillon.core.envelope import BodyType, MailParams, RcptParams, xtext_encode
 from postillon.core.reply import Reply
 from postillon.protocol.client_events import Extensions
@@ -79,15 +80,28 @@ def envelope_commands(
     needs_smtputf8: bool,
     use_chunking: bool,
     authenticated: bool,
+    smtputf8: bool = False,
 ) -> Envelope | Reply:
     """MAIL FROM and RCPT TO for ``ext``, or the Reply every recipient gets when
     the message cannot be offered to this server. ValueError for CR, LF or NUL
-    in an address or ORCPT."""
+    in an address or ORCPT.
+
+    SMTPUTF8 (RFC 6531) is said when offered and the message carries the flag
+    (``smtputf8``), needs it (``needs_smtputf8``) or has a non-ASCII address.
+    To a server without it, U-label domains go as their A-labels (IDNA 2008);
+    only a non-ASCII local part (or ``needs_smtputf8``) makes the refusal."""
+    addresses = [sender, *(addr for addr, _ in recipients)]
+    utf8 = needs_smtputf8 or smtputf8 or not all(a.isascii() for a in addresses)
+    if "SMTPUTF8" not in ext:
+        ascii_forms = [ascii_address(a) for a in addresses]
+        if needs_smtputf8 or None in ascii_forms:  # RFC 6531 §3.2: no silent downgrade
+            return SMTPUTF8_UNSUPPORTED
+        sender, *rcpts = (a for a in ascii_forms if a is not None)
+        recipients = [(a, p) for a, (_, p) in zip(rcpts, recipients, strict=True)]
+        utf8 = False
     mail = f"MAIL FROM:{_path(sender)}" if sender else "MAIL FROM:<>"
     rcpt_paths = [_path(addr) for addr, _ in recipients]
-    if needs_smtputf8 or not sender.isascii() or not all(p.isascii() for p in rcpt_paths):
-        if "SMTPUTF8" not in ext:  # RFC 6531 §3.2: never downgrade silently
-            return SMTPUTF8_UNSUPPORTED
+    if utf8:
         mail += " SMTPUTF8"
     if params.requiretls:
         # RFC 8689 §4.2.1: only to a server that offers REQUIRETLS, and say so on

@@ -38,7 +38,8 @@ What the core does by itself:
   offered. With PIPELINING (RFC 2920) MAIL, every RCPT and DATA go in one
   write and replies are matched in order; without it one command at a time.
 * Refusals without sending anything: SMTPUTF8 needed but not offered (550
-  5.6.7, RFC 6531 §3.2), REQUIRETLS needed but not offered (550 5.7.30,
+  5.6.7, RFC 6531 §3.2: a non-ASCII local part; a U-label domain goes as its
+  A-label, and the SMTPUTF8 flag alone is no need), REQUIRETLS needed but not offered (550 5.7.30,
   RFC 8689 §4.2.1; with it, MAIL carries REQUIRETLS), SIZE above the
   server's fixed limit (552 5.3.4, RFC 1870 §6.1).
 * No accepted recipient: no body. A pipelined DATA then gets its 503/554 (or,
@@ -287,14 +288,17 @@ class ClientConnection(TransactionReplies):
         size: int = 0,
         eight_bit: bool = False,
         needs_smtputf8: bool = False,
+        smtputf8: bool = False,
     ) -> None:
         """MAIL FROM and every RCPT TO (and DATA, pipelined when possible).
 
         ``sender`` is "" for the null reverse path. ``size`` is the message size
         in octets (0: unknown). ``eight_bit``: the content has octets above 127.
         ``needs_smtputf8``: a header needs SMTPUTF8 (non-ASCII addresses are
-        detected here). Answered by MailReply, RcptReply..., then BodyRequested
-        and/or TransactionDone.
+        detected here); ``smtputf8``: the message carries the flag, said where
+        offered (elsewhere the addresses go in ASCII when they can: A-labels).
+        Answered by MailReply, RcptReply..., then BodyRequested and/or
+        TransactionDone.
         """
         if self._state is not S.READY:
             raise RuntimeError(f"start_transaction() not allowed in state {self._state.value}")
@@ -310,6 +314,7 @@ class ClientConnection(TransactionReplies):
             size=size,
             eight_bit=eight_bit,
             needs_smtputf8=needs_smtputf8,
+            smtputf8=smtputf8,
             use_chunking=self.use_chunking,
             authenticated=self._authenticated,
         )

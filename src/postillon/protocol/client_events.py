@@ -102,6 +102,27 @@ class Extensions(Mapping[str, str]):
         return int(head) if head.isdigit() else 0
 
     @property
+    def limits(self) -> dict[str, int]:
+        """RFC 9422 ``LIMITS name=value ...``: each well-formed limit (upper-cased
+        name, positive integer value); unknown names kept, malformed ones ignored."""
+        out: dict[str, int] = {}
+        for pair in self._keywords.get("LIMITS", "").split():
+            name, sep, value = pair.partition("=")
+            if sep and name.replace("-", "").isalnum() and value.isdigit() and int(value) > 0:
+                out.setdefault(name.upper(), int(value))
+        return out
+
+    @property
+    def rcpt_max(self) -> int | None:
+        """RFC 9422 RCPTMAX: recipients per transaction (None: not announced)."""
+        return self.limits.get("RCPTMAX")
+
+    @property
+    def mail_max(self) -> int | None:
+        """RFC 9422 MAILMAX: transactions per session (None: not announced)."""
+        return self.limits.get("MAILMAX")
+
+    @property
     def auth_mechanisms(self) -> frozenset[str]:
         """RFC 4954 SASL mechanisms, upper-cased (also from the legacy ``AUTH=`` line)."""
         return self._auth

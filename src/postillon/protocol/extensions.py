@@ -20,6 +20,10 @@ def ehlo_keywords(settings: ServerSettings, *, tls_active: bool) -> list[str]:
         keywords.append("CHUNKING")  # RFC 3030
     if settings.dsn:
         keywords.append("DSN")  # RFC 3461
+    if settings.limits:
+        limits = limits_keyword(settings)
+        if limits:
+            keywords.append(limits)  # RFC 9422
     if settings.requiretls and tls_active and not settings.lmtp:
         # RFC 8689 §2: advertised only after TLS is up (STARTTLS done or implicit TLS).
         keywords.append("REQUIRETLS")
@@ -28,3 +32,17 @@ def ehlo_keywords(settings: ServerSettings, *, tls_active: bool) -> list[str]:
     if settings.auth_mechanisms:
         keywords.append("AUTH " + " ".join(settings.auth_mechanisms))  # RFC 4954
     return keywords
+
+
+def limits_keyword(settings: ServerSettings) -> str:
+    """RFC 9422 ``LIMITS RCPTMAX=n MAILMAX=m``, with only the limits that are set
+    ("" when none is)."""
+    pairs = [
+        f"{name}={value}"
+        for name, value in (
+            ("RCPTMAX", settings.max_recipients),
+            ("MAILMAX", settings.max_transactions),
+        )
+        if value
+    ]
+    return "LIMITS " + " ".join(pairs) if pairs else ""

@@ -67,6 +67,7 @@ __all__ = [
     "TLS_ALREADY_ACTIVE",
     "TOO_MANY_ERRORS",
     "TOO_MANY_RECIPIENTS",
+    "TOO_MANY_TRANSACTIONS",
     "USE_LHLO",
     "VRFY_CANNOT",
     "chunk_received",
@@ -100,6 +101,10 @@ BAD_PARAM_VALUE = Reply.of(501, "5.5.4", "Parameter value must be printable US-A
 # Limits.
 MESSAGE_TOO_BIG = Reply.of(552, "5.3.4", "Message size exceeds fixed maximum message size")
 TOO_MANY_RECIPIENTS = Reply.of(452, "4.5.3", "Too many recipients")
+# RFC 9422 MAILMAX: more transactions than the session allows; reconnect for more.
+TOO_MANY_TRANSACTIONS = Reply.of(
+    451, "4.5.3", "Too many transactions in this session, open a new connection"
+)
 
 # Message content (RFC 5321 §2.3.8, §4.1.1.4: lines end with CRLF, nothing else).
 BODY_BARE_LINE_ENDING = Reply.of(

@@ -172,6 +172,7 @@ class ServerConnection(AuthExchange, MessageContent):
         self._errors = 0
         self._hello: Hello | None = None
         self._txn: Transaction | None = None
+        self._transactions = 0  # accepted MAIL commands (RFC 9422 MAILMAX)
         self._body: DataReader | None = None
         self._chunk: ChunkReader | None = None
         self._overlong: bytes | None = None  # start of a line being discarded
@@ -332,6 +333,7 @@ class ServerConnection(AuthExchange, MessageContent):
             self._state = transition(self._state, Trigger.HELLO_ACCEPTED)
         elif isinstance(event, MailFrom):
             self._txn = Transaction(event.sender, event.params)
+            self._transactions += 1
             self._state = transition(self._state, Trigger.MAIL_ACCEPTED)
         elif isinstance(event, RcptTo):
             assert self._txn is not None
@@ -435,6 +437,9 @@ class ServerConnection(AuthExchange, MessageContent):
         self._check(Command.MAIL)
         if self.settings.require_auth and not self._authenticated:
             raise ProtocolError(R.AUTH_REQUIRED)  # RFC 6409 §4.3, RFC 4954 §6
+        limit = self.settings.max_transactions
+        if limit and self._transactions >= limit:
+            raise ProtocolError(R.TOO_MANY_TRANSACTIONS)  # RFC 9422 MAILMAX
         sender, params = parse_mail(args, self.settings, tls_active=self.tls_active)
         self._events.append(MailFrom(sender, params))
 

@@ -24,6 +24,12 @@ class ServerSettings:
     max_message_size: int = 52_428_800
     # RFC 5321 §4.5.3.1.8: at least 100 must be accepted; past the limit 452 4.5.3.
     max_recipients: int = 1000
+    # RFC 9422 MAILMAX: transactions (accepted MAIL commands) per session; past
+    # it MAIL gets 451 4.5.3 and the client reconnects. 0: no limit.
+    max_transactions: int = 0
+    # RFC 9422: advertise "LIMITS RCPTMAX=max_recipients MAILMAX=max_transactions"
+    # (the limits that are set), so clients split instead of collecting 452s.
+    limits: bool = False
     # Every 4xx/5xx reply counts; on reaching it the core sends 421 4.7.0 and
     # closes (a client that only collects errors is probing or broken).
     max_errors: int = 20
@@ -50,7 +56,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not self.hostname or any(c in self.hostname for c in "\r\n\x00 "):
             raise ValueError(f"invalid hostname {self.hostname!r}")
-        for name in ("max_message_size", "max_recipients", "max_errors"):
+        for name in ("max_message_size", "max_recipients", "max_transactions", "max_errors"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.max_command_line < 512:

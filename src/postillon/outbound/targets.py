@@ -1,0 +1,36 @@
+"""The addresses a delivery tries: one :class:`Target` per address of each
+next-hop host (split from ``smtp_transport``, which re-exports them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from postillon.outbound.mx import MxResult
+from postillon.routing.router import NextHop
+
+__all__ = ["Target", "mx_targets"]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    host: str  # name for logs and SNI
+    address: str  # IP address, or "" for a unix socket
+    port: int
+    hop: NextHop | None
+    # DNSSEC (RFC 7672 §2.2): the MX answer (True for a host the operator named)
+    # and this host's address answer were secure.
+    mx_secure: bool = False
+    address_secure: bool = False
+    # The domain whose MX this host is (RFC 8460's policy domain); "" for a host
+    # the operator named (smarthost, route), whose TLS is not reported.
+    mx_domain: str = ""
+
+
+def mx_targets(result: MxResult, port: int, hop: NextHop | None = None) -> list[Target]:
+    """One target per address of each MX host of ``result``, in order (what the
+    transport tries, and what ``postillon tls check`` shows)."""
+    return [
+        Target(h.host, a, port, hop, result.authenticated, h.authenticated, result.domain)
+        for h in result.hops
+        for a in h.addresses
+    ]
