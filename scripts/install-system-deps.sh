@@ -13,6 +13,11 @@
 #   nsd              an authoritative DNS server for the DNSSEC-signed test zones (DANE),
 #   unbound            with a validating resolver in front of it (the AD bit is real),
 #   ldnsutils          and ldns-verify-zone to check a signed zone by hand
+#   rspamd           a real spam filter behind the milter client (its proxy worker in milter mode)
+#   opendkim         a real DKIM-verifying milter (adds Authentication-Results)
+#   clamav-daemon    clamd, a real virus scanner (signature DB made offline by the tests),
+#   clamav-milter      and its milter, so the EICAR string is rejected through the milter client
+#   python3-milter   pymilter on Debian's libmilter: the reference milter library for protocol tests
 # Installs only what is missing; needs root (CI runs as root). Without root it
 # says what is missing and the tests that need it report the missing tool.
 set -eu
@@ -32,6 +37,11 @@ command -v chromium >/dev/null 2>&1 || need="$need chromium"
 [ -x /usr/sbin/nsd ] || need="$need nsd"
 [ -x /usr/sbin/unbound ] || need="$need unbound"
 command -v ldns-verify-zone >/dev/null 2>&1 || need="$need ldnsutils"
+command -v rspamd >/dev/null 2>&1 || need="$need rspamd"
+[ -x /usr/sbin/opendkim ] || need="$need opendkim"
+[ -x /usr/sbin/clamd ] || need="$need clamav-daemon"
+[ -x /usr/sbin/clamav-milter ] || need="$need clamav-milter"
+/usr/bin/python3 -c 'import Milter' >/dev/null 2>&1 || need="$need python3-milter"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages:$need (run as root or: sudo apt-get install$need)" >&2
