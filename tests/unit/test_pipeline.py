@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from postillon.checks.base import BaseCheck
 from postillon.checks.context import (
     ClientFacts,
     RecipientFacts,
@@ -26,7 +27,7 @@ from postillon.checks.decision import (
     proceed,
     reject,
 )
-from postillon.checks.pipeline import BaseCheck, Pipeline
+from postillon.checks.pipeline import Pipeline
 from postillon.core.clock import FakeClock
 from postillon.core.reply import Reply
 

@@ -9,7 +9,7 @@ numbered transaction) and acts on the answer:
     connect (after the greet pause) → helo → mail → rcpt (each) → data → end of data
                                                       (header section + body reader)
 
-A *check* is one file here implementing the ``Check`` protocol for the phases it
+A *check* is one file here implementing the ``Check`` protocol (``base.py``) for the phases it
 needs (``BaseCheck`` answers "no objection" for the rest) and returning a
 ``Decision`` value (``decision.py``): continue, accept (this check is done with the
 transaction), reject with a 4xx/5xx ``Reply`` carrying an enhanced status code (and
@@ -37,7 +37,8 @@ them in the order they are asked. Semantics kept everywhere: the first reject wi
 and stops the phase; a check that raises is a ``451 4.3.0`` (logged, never echoed);
 checks never write the queue (``intake`` does, with the ``MessageVerdict``).
 
-Files: ``pipeline.py`` (the pipeline and composition), ``decision.py`` (values),
+Files: ``pipeline.py`` (the pipeline and composition), ``base.py`` (the ``Check`` protocol, ``BaseCheck``),
+``decision.py`` (values),
 ``context.py`` (what checks see), ``header_edit.py`` (applying header changes),
 ``parts.py`` (what checks are built from), ``trace.py`` (the explain trace).
 The checks: ``relay_check.py`` (``relay.py``'s RelayPolicy: who may send where),

@@ -18,6 +18,7 @@ from postillon.checks.authentication import (
     VerifyBusy,
 )
 from postillon.checks.authresults import strip_own_results
+from postillon.checks.base import BaseCheck
 from postillon.checks.context import ListenerKind, MessageView, SessionContext, TransactionContext
 from postillon.checks.decision import (
     CONTINUE,
@@ -30,7 +31,6 @@ from postillon.checks.decision import (
     reject,
 )
 from postillon.checks.parts import PipelineParts
-from postillon.checks.pipeline import BaseCheck
 from postillon.observability.maillog import MailLog
 
 

@@ -34,8 +34,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
 
+from postillon.checks import authentication_check, relay_check, submission_check
+from postillon.checks.base import Check, TraceSink
 from postillon.checks.context import (
     ClientFacts,
     ListenerKind,
@@ -45,7 +46,6 @@ from postillon.checks.context import (
     TransactionContext,
 )
 from postillon.checks.decision import (
-    CONTINUE,
     AddHeader,
     AddRawFields,
     AddRecipient,
@@ -60,77 +60,11 @@ from postillon.checks.decision import (
     TraceStep,
 )
 from postillon.checks.header_edit import add_header, change_header
+from postillon.checks.parts import PipelineParts
 from postillon.core.clock import Clock
 from postillon.core.reply import TEMP_LOCAL_ERROR, Reply
 
-if TYPE_CHECKING:
-    from postillon.checks.parts import PipelineParts
-
 log = logging.getLogger("postillon.checks")
-
-
-class Check(Protocol):
-    """One policy check (one file in ``checks/``). ``name`` is unique in a pipeline
-    (it keys ``SessionContext.state`` and names the check in traces); ``phases`` are
-    the phases it implements: only those methods are called."""
-
-    name: str
-    phases: frozenset[Phase]
-
-    async def connect(self, s: SessionContext) -> Decision: ...
-    async def helo(self, s: SessionContext) -> Decision: ...
-    async def mail(self, s: SessionContext, tx: TransactionContext) -> Decision: ...
-    async def rcpt(
-        self, s: SessionContext, tx: TransactionContext, rcpt: RecipientFacts
-    ) -> Decision: ...
-    async def data(self, s: SessionContext, tx: TransactionContext) -> Decision: ...
-    async def end_of_data(
-        self, s: SessionContext, tx: TransactionContext, message: MessageView
-    ) -> Decision: ...
-    async def reset(self, s: SessionContext, tx: TransactionContext) -> None: ...
-    async def close(self, s: SessionContext) -> None: ...
-
-
-class BaseCheck:
-    """Defaults for every phase (no objection), so a check writes only its own."""
-
-    name = "check"
-    phases: frozenset[Phase] = frozenset()
-
-    async def connect(self, s: SessionContext) -> Decision:
-        return CONTINUE
-
-    async def helo(self, s: SessionContext) -> Decision:
-        return CONTINUE
-
-    async def mail(self, s: SessionContext, tx: TransactionContext) -> Decision:
-        return CONTINUE
-
-    async def rcpt(
-        self, s: SessionContext, tx: TransactionContext, rcpt: RecipientFacts
-    ) -> Decision:
-        return CONTINUE
-
-    async def data(self, s: SessionContext, tx: TransactionContext) -> Decision:
-        return CONTINUE
-
-    async def end_of_data(
-        self, s: SessionContext, tx: TransactionContext, message: MessageView
-    ) -> Decision:
-        return CONTINUE
-
-    async def reset(self, s: SessionContext, tx: TransactionContext) -> None:
-        return None
-
-    async def close(self, s: SessionContext) -> None:
-        return None
-
-
-class TraceSink(Protocol):
-    """Where trace steps go (``checks/trace.py`` buffers them into the store). Must
-    not block: called on the event loop for every decision."""
-
-    def record(self, step: TraceStep) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,17 +361,10 @@ def _apply(out: MessageVerdict, change: object, replaced: list[bytes]) -> None:
 # A check module exposes ``build(kind, parts) -> Check | None``: None when it has
 # nothing to do on that listener kind or is not configured. The order below is the
 # order checks are asked in; a new check adds one line here.
-CheckFactory = Callable[[ListenerKind, "PipelineParts"], Check | None]
+CheckFactory = Callable[[ListenerKind, PipelineParts], Check | None]
 
 
 def factories() -> tuple[CheckFactory, ...]:
-    # Imported here: each check module imports this one for BaseCheck.
-    from postillon.checks import (
-        authentication_check,
-        relay_check,
-        submission_check,
-    )
-
     return (
         # connect / helo: who is talking (port 25 protection)
         # mail / rcpt: who may send where

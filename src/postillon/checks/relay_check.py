@@ -8,6 +8,7 @@ listener kind (the only check LMTP has).
 
 from __future__ import annotations
 
+from postillon.checks.base import BaseCheck
 from postillon.checks.context import (
     ListenerKind,
     RecipientFacts,
@@ -16,7 +17,6 @@ from postillon.checks.context import (
 )
 from postillon.checks.decision import Decision, Phase, RouteRecipient, proceed, reject
 from postillon.checks.parts import PipelineParts
-from postillon.checks.pipeline import BaseCheck
 from postillon.checks.relay import RelayPolicy
 from postillon.core.address import parse_path
 from postillon.core.recipient import RecipientAccepted

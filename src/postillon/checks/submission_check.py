@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from postillon.checks.base import BaseCheck
 from postillon.checks.context import (
     ListenerKind,
     MessageView,
@@ -20,7 +21,6 @@ from postillon.checks.context import (
 )
 from postillon.checks.decision import CONTINUE, Decision, Phase, proceed, reject
 from postillon.checks.parts import PipelineParts
-from postillon.checks.pipeline import BaseCheck
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.sender_policy import (
     SenderMode,
