@@ -35,7 +35,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from postillon.checks import authentication_check, relay_check, submission_check
+from postillon.checks import authentication_check, milter_check, relay_check, submission_check
 from postillon.checks.base import Check, TraceSink
 from postillon.checks.context import (
     ClientFacts,
@@ -372,6 +372,8 @@ def factories() -> tuple[CheckFactory, ...]:
         submission_check.build,
         # end of data: what the message is
         authentication_check.build,
+        # [[milter]]: after authentication, so a milter sees Authentication-Results:
+        milter_check.build,
     )
 
 

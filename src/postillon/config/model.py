@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from postillon.config.address import split_host_port
+from postillon.config.milter import MilterConfig, parse_milter_address
 from postillon.config.mta_sts import MtaStsConfig
 from postillon.config.outbound import (
     OutboundConfig,
@@ -28,12 +29,14 @@ from postillon.core.credentials import check_postgresql_url
 
 __all__ = [
     "Config",
+    "MilterConfig",
     "MtaStsConfig",
     "OutboundConfig",
     "RelayConfig",
     "TlsPolicyName",
     "TlsPolicyRule",
     "TransportRule",
+    "parse_milter_address",
     "split_host_port",
 ]
 
@@ -477,6 +480,7 @@ class Config(_Frozen):
     admin: AdminConfig = AdminConfig()
     mta_sts: MtaStsConfig = MtaStsConfig()
     tls_reports: TlsReportsConfig = TlsReportsConfig()
+    milter: tuple[MilterConfig, ...] = ()
 
     @field_validator("helper_processes")
     @classmethod
@@ -490,6 +494,14 @@ class Config(_Frozen):
         if self.helper_processes == "auto":
             return 1 if (os.cpu_count() or 1) > 1 else 0
         return self.helper_processes
+
+    @model_validator(mode="after")
+    def _unique_milters(self) -> Config:
+        names = [m.name for m in self.milter]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"milter[{i}]: name {name!r} is used twice")
+        return self
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:

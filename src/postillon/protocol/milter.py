@@ -423,9 +423,7 @@ class MilterClient:
     def rcpt(
         self, recipient: str, args: Sequence[str] = (), *, macros: Mapping[str, str] | None = None
     ) -> bool:
-        return self._send(
-            SMFIC_RCPT, nul_strings(recipient, *args), _stage(Stage.ENVRCPT, macros)
-        )
+        return self._send(SMFIC_RCPT, nul_strings(recipient, *args), _stage(Stage.ENVRCPT, macros))
 
     def data(self, *, macros: Mapping[str, str] | None = None) -> bool:
         return self._send(SMFIC_DATA, b"", _stage(Stage.DATA, macros))
