@@ -354,7 +354,7 @@ def test_packet_helper() -> None:
 
 
 # -- hypothesis: random bytes from the milter never hang or crash the client ---------
-REPLY_COMMANDS = list(b"+-24abcdefhilmpqrsty") + [ord("O"), ord("Z")]
+REPLY_COMMANDS = [*b"+-24abcdefhilmpqrsty", ord("O"), ord("Z")]
 
 
 @st.composite
