@@ -41,6 +41,7 @@ RELOADABLE = frozenset(
         "authentication",  # rebuilt with the policy on reload
         "dkim",  # keys re-read on reload
         "helper_processes",  # extra helpers stop, missing ones start on the next request
+        "milter",  # rebuilt with the pipeline; sessions in progress keep their connections
     }
 )
 # [mta_sts] settings a reload applies: the policy served; its socket stays bound.
