@@ -13,6 +13,8 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from postillon.checks.context import ClientFacts
 from postillon.config.milter import MilterConfig
@@ -319,3 +321,74 @@ async def test_a_milter_round_trip_does_not_block_the_event_loop() -> None:
         await run_session(milter_pipeline(config), msg("none"))
         task.cancel()
     assert ticks > 20
+
+
+async def reject_at_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _negotiate(reader, writer)
+    while (await _read_packet(reader))[:1] != b"C":
+        pass
+    text = b"554 5.7.1 You are not welcome here\0"
+    writer.write(struct.pack(">Ic", len(text) + 1, b"y") + text)
+    await writer.drain()
+    await reader.read()
+
+
+async def accept_at_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _negotiate(reader, writer)
+    seen: list[bytes] = []
+    with contextlib.suppress(asyncio.IncompleteReadError):
+        while True:
+            data = await _read_packet(reader)
+            seen.append(data[:1])
+            if data[:1] == b"C":
+                writer.write(struct.pack(">Ic", 1, b"a"))
+                await writer.drain()
+            if data[:1] == b"Q":
+                break
+    ACCEPT_SEEN.append(b"".join(seen))
+
+
+ACCEPT_SEEN: list[bytes] = []
+
+
+async def test_reject_at_connect_closes_with_the_milters_reply() -> None:
+    async with fake_milter(reject_at_connect) as address:
+        config = MilterConfig(name="gate", address=address, timeout=2)
+        run = await run_session(milter_pipeline(config), msg("none"))
+    assert run.connect is not None and run.connect.disconnect
+    assert str(run.connect.reply) == "554 5.7.1 You are not welcome here"
+    assert run.mail is None
+
+
+async def test_accept_at_connect_is_not_asked_again() -> None:
+    async with fake_milter(accept_at_connect) as address:
+        config = MilterConfig(name="gate", address=address, timeout=2)
+        run = await run_session(milter_pipeline(config), msg("none"))
+        await asyncio.sleep(0.1)
+    assert run.refused == ""
+    # After the accept, only QUIT was sent: no HELO, MAIL or message.
+    assert ACCEPT_SEEN[-1] == b"DCQ"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(junk=st.binary(min_size=1, max_size=64), stage=st.sampled_from(["negotiate", "mail"]))
+async def test_random_bytes_from_a_milter_lead_to_the_default_action(
+    junk: bytes, stage: str
+) -> None:
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if stage == "negotiate":
+            await _read_packet(reader)
+        else:
+            await _until_mail(reader, writer)
+        writer.write(junk)
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with fake_milter(behaviour) as address:
+        config = MilterConfig(name="junk", address=address, timeout=0.3)
+        run = await asyncio.wait_for(run_session(milter_pipeline(config), msg("none")), 20)
+    # Either the junk was a valid answer by chance (a continue or a verdict), or the
+    # milter failed: then MAIL gets the default tempfail. Never a hang or a crash.
+    if any("junk failed" in s.saw for s in run.trace):
+        assert run.mail is not None and run.mail.reply is not None
+        assert run.mail.reply.code == 451
