@@ -15,6 +15,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from postillon.config.address import split_host_port
+from postillon.config.filtering import (
+    ClientChecksConfig,
+    DnsblConfig,
+    ExplainConfig,
+    UnknownClientAction,
+)
 from postillon.config.mta_sts import MtaStsConfig
 from postillon.config.outbound import (
     OutboundConfig,
@@ -27,13 +33,17 @@ from postillon.config.tls_reports import TlsReportsConfig
 from postillon.core.credentials import check_postgresql_url
 
 __all__ = [
+    "ClientChecksConfig",
     "Config",
+    "DnsblConfig",
+    "ExplainConfig",
     "MtaStsConfig",
     "OutboundConfig",
     "RelayConfig",
     "TlsPolicyName",
     "TlsPolicyRule",
     "TransportRule",
+    "UnknownClientAction",
     "split_host_port",
 ]
 
@@ -477,6 +487,10 @@ class Config(_Frozen):
     admin: AdminConfig = AdminConfig()
     mta_sts: MtaStsConfig = MtaStsConfig()
     tls_reports: TlsReportsConfig = TlsReportsConfig()
+    # Port-25 protection and the decision trace (config/filtering.py, docs/filtering.md).
+    dnsbl: DnsblConfig = DnsblConfig()
+    client_checks: ClientChecksConfig = ClientChecksConfig()
+    explain: ExplainConfig = ExplainConfig()
 
     @field_validator("helper_processes")
     @classmethod
