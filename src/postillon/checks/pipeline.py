@@ -35,7 +35,16 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from postillon.checks import authentication_check, milter_check, relay_check, submission_check
+from postillon.checks import (
+    authentication_check,
+    dnsbl,
+    helo_check,
+    milter_check,
+    pregreet,
+    relay_check,
+    reverse_dns,
+    submission_check,
+)
 from postillon.checks.base import Check, TraceSink
 from postillon.checks.context import (
     ClientFacts,
@@ -367,6 +376,10 @@ CheckFactory = Callable[[ListenerKind, PipelineParts], Check | None]
 def factories() -> tuple[CheckFactory, ...]:
     return (
         # connect / helo: who is talking (port 25 protection)
+        pregreet.build,
+        dnsbl.build,
+        reverse_dns.build,
+        helo_check.build,
         # mail / rcpt: who may send where
         relay_check.build,
         submission_check.build,

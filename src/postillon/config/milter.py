@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
 from postillon.config.address import split_host_port
 
-__all__ = ["MilterConfig", "parse_milter_address"]
+__all__ = ["MilterConfig", "Milters", "parse_milter_address"]
 
 MilterListener = Literal["smtp", "submission", "submissions", "lmtp"]
 
@@ -79,3 +79,15 @@ class MilterConfig(BaseModel):
         if not value or not all(c.isalnum() or c in "-_." for c in value):
             raise ValueError("a name of letters, digits, '-', '_' or '.'")
         return value
+
+
+def _unique_names(milters: tuple[MilterConfig, ...]) -> tuple[MilterConfig, ...]:
+    names = [m.name for m in milters]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ValueError(f"milter[{i}]: name {name!r} is used twice")
+    return milters
+
+
+# ``Config.milter``: the list, with names unique (they key the log and explain).
+Milters = Annotated[tuple[MilterConfig, ...], AfterValidator(_unique_names)]

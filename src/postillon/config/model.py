@@ -15,7 +15,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from postillon.config.address import split_host_port
-from postillon.config.milter import MilterConfig, parse_milter_address
+from postillon.config.filtering import (
+    ClientChecksConfig,
+    DnsblConfig,
+    ExplainConfig,
+    UnknownClientAction,
+)
+from postillon.config.milter import MilterConfig, Milters, parse_milter_address
 from postillon.config.mta_sts import MtaStsConfig
 from postillon.config.outbound import (
     OutboundConfig,
@@ -28,7 +34,10 @@ from postillon.config.tls_reports import TlsReportsConfig
 from postillon.core.credentials import check_postgresql_url
 
 __all__ = [
+    "ClientChecksConfig",
     "Config",
+    "DnsblConfig",
+    "ExplainConfig",
     "MilterConfig",
     "MtaStsConfig",
     "OutboundConfig",
@@ -36,6 +45,7 @@ __all__ = [
     "TlsPolicyName",
     "TlsPolicyRule",
     "TransportRule",
+    "UnknownClientAction",
     "parse_milter_address",
     "split_host_port",
 ]
@@ -480,7 +490,11 @@ class Config(_Frozen):
     admin: AdminConfig = AdminConfig()
     mta_sts: MtaStsConfig = MtaStsConfig()
     tls_reports: TlsReportsConfig = TlsReportsConfig()
-    milter: tuple[MilterConfig, ...] = ()
+    # Port-25 protection and the decision trace (config/filtering.py, docs/filtering.md).
+    dnsbl: DnsblConfig = DnsblConfig()
+    client_checks: ClientChecksConfig = ClientChecksConfig()
+    explain: ExplainConfig = ExplainConfig()
+    milter: Milters = ()  # [[milter]], in order (config/milter.py, docs/milter.md)
 
     @field_validator("helper_processes")
     @classmethod
@@ -494,14 +508,6 @@ class Config(_Frozen):
         if self.helper_processes == "auto":
             return 1 if (os.cpu_count() or 1) > 1 else 0
         return self.helper_processes
-
-    @model_validator(mode="after")
-    def _unique_milters(self) -> Config:
-        names = [m.name for m in self.milter]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise ValueError(f"milter[{i}]: name {name!r} is used twice")
-        return self
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:
