@@ -7,6 +7,8 @@ that is down gets its default_action."""
 from __future__ import annotations
 
 import smtplib
+import ssl
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -140,3 +142,62 @@ def test_milter_down_gets_default_action(make_server, default_action: str, code:
     ).start()
     got, text = smtp_send(server, MESSAGE % b"none")
     assert got == code, text
+
+
+def test_submission_milter_sees_tls_and_auth_macros(
+    make_server, reference: ReferenceMilter
+) -> None:  # type: ignore[no-untyped-def]
+    """listeners = ["submission"]: the milter sees the STARTTLS version and cipher and
+    the AUTH identity; port 25 of the same server is not filtered by it."""
+    smtp, sub = free_port(), free_port()
+    server = make_server(
+        listen=[
+            {"kind": "smtp", "address": f"127.0.0.1:{smtp}"},
+            {"kind": "submission", "address": f"127.0.0.1:{sub}"},
+        ],
+        milter=[
+            {
+                "name": "reference",
+                "address": reference.address,
+                "listeners": ["submission"],
+                "timeout": 10,
+            }
+        ],
+    )
+    server.write_config()
+    server.data_dir.mkdir(exist_ok=True)
+    password = "correct horse battery staple"
+    added = subprocess.run(
+        [*server.cli_command(), "user", "add", "alice@example.org", "--password-stdin"],
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert added.returncode == 0, added.stderr
+    server.start()
+    before = len(reference.records())
+    tls = ssl.create_default_context()
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE  # the server's self-signed certificate
+    with smtplib.SMTP("127.0.0.1", sub, timeout=30) as client:
+        client.ehlo("laptop.example.org")
+        client.starttls(context=tls)
+        client.ehlo("laptop.example.org")
+        client.login("alice@example.org", password)
+        client.sendmail(
+            "alice@example.org",
+            ["bob@example.org"],
+            MESSAGE.replace(b"Bob <bob@example.net>", b"<alice@example.org>") % b"addheader",
+        )
+    record = reference.wait_records(before + 1)[-1]
+    assert record["macros"]["helo"]["{tls_version}"].startswith("TLSv1")
+    assert record["macros"]["helo"]["{cipher}"]
+    assert record["macros"]["envfrom"]["{auth_authen}"] == "alice@example.org"
+    [path] = server.wait_for_mail("bob@example.org")
+    assert b"X-Reference: added at the bottom" in path.read_bytes()
+    # Port 25 of the same server: not filtered (the milter saw nothing more).
+    with smtplib.SMTP("127.0.0.1", smtp, timeout=30) as client:
+        client.sendmail("bob@example.net", ["alice@example.org"], MESSAGE % b"reject")
+    server.wait_for_mail("alice@example.org")
+    assert len(reference.records()) == before + 1
