@@ -392,3 +392,31 @@ async def test_random_bytes_from_a_milter_lead_to_the_default_action(
     if any("junk failed" in s.saw for s in run.trace):
         assert run.mail is not None and run.mail.reply is not None
         assert run.mail.reply.code == 451
+
+
+async def progress_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _until_mail(reader, writer)
+    while True:
+        writer.write(struct.pack(">Ic", 1, b"p"))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+async def test_endless_progress_is_still_a_stall() -> None:
+    # SMFIR_PROGRESS restarts the timeout, but at most PROGRESS_CEILING times over.
+    async with fake_milter(progress_forever) as address:
+        config = MilterConfig(name="chatty", address=address, timeout=0.2)
+        run = await asyncio.wait_for(run_session(milter_pipeline(config), msg("none")), 20)
+    assert run.mail is not None and run.mail.reply is not None
+    assert run.mail.reply.code == 451
+    assert any("chatty failed (no answer within 0.2 s)" in s.saw for s in run.trace)
+
+
+async def test_a_replacement_body_over_the_size_limit_is_refused(
+    reference: ReferenceMilter,
+) -> None:
+    # The reference milter's replacement is 24 octets; allow 10.
+    run = await run_session(milter_pipeline(ref(reference), message_size=10), msg("replbody"))
+    assert run.message is not None and run.message.reply is not None
+    assert run.message.reply.code == 451
+    assert any("replacement body too large" in s.saw for s in run.trace)

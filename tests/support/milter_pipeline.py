@@ -73,8 +73,11 @@ class Run:
         return ""
 
 
-def milter_pipeline(*milters: MilterConfig, hostname: str = "mx.example.org") -> Pipeline:
-    return Pipeline([MilterCheck(tuple(milters), hostname)], SystemClock(), Steps())
+def milter_pipeline(
+    *milters: MilterConfig, hostname: str = "mx.example.org", message_size: int = 0
+) -> Pipeline:
+    check = MilterCheck(tuple(milters), hostname, message_size)
+    return Pipeline([check], SystemClock(), Steps())
 
 
 async def run_session(

@@ -425,3 +425,9 @@ def test_random_packets_raise_a_clean_protocol_error(
             client.next_event()
     except MilterProtocolError:
         assert client.closed
+
+
+def test_nul_in_a_header_is_dropped() -> None:
+    client = negotiated()
+    client.header("X-A\0", " a\0b")
+    assert client.data_to_send() == pkt(b"L", b"X-A\0ab\0")

@@ -75,9 +75,12 @@ class MilterCheck(BaseCheck):
     name = "milter"
     phases: frozenset[Phase] = frozenset(("connect", "helo", "mail", "rcpt", "data", "end_of_data"))
 
-    def __init__(self, milters: tuple[MilterConfig, ...], hostname: str) -> None:
+    def __init__(
+        self, milters: tuple[MilterConfig, ...], hostname: str, message_size: int = 0
+    ) -> None:
         self.milters = milters
         self.hostname = hostname
+        self.message_size = message_size  # bounds a milter's replacement body (0: default)
 
     def _session(self, s: SessionContext) -> _Session:
         state = s.state.get(self.name)
@@ -90,7 +93,9 @@ class MilterCheck(BaseCheck):
         """Connect, negotiate and send SMFIC_CONNECT the first time a milter is needed."""
         if m.conn is not None:
             return MilterOutcome(failed=m.conn.failed)
-        m.conn = MilterConnection(m.config.name, m.config.address, m.config.timeout)
+        m.conn = MilterConnection(
+            m.config.name, m.config.address, m.config.timeout, self.message_size
+        )
         outcome = await m.conn.open()
         if outcome.failed:
             return outcome
@@ -317,7 +322,7 @@ def build(kind: ListenerKind, parts: PipelineParts) -> MilterCheck | None:
     milters = tuple(m for m in parts.config.milter if kind in m.listeners)
     if not milters:
         return None
-    return MilterCheck(milters, parts.config.hostname)
+    return MilterCheck(milters, parts.config.hostname, parts.config.limits.message_size)
 
 
 # -- translating the milter's answers ------------------------------------------------

@@ -28,6 +28,7 @@ from postillon.protocol.milter_wire import (
     Modification,
     Negotiated,
     Progress,
+    ReplaceBody,
     Stage,
     Verdict,
 )
@@ -35,6 +36,12 @@ from postillon.protocol.milter_wire import (
 log = logging.getLogger("postillon.checks.milter")
 
 _READ_SIZE = 65536
+# SMFIR_PROGRESS restarts the timeout, but a milter that says "still working" forever
+# must not hold a session forever: one step gets at most this many timeouts in all.
+PROGRESS_CEILING = 10
+# A replacement body larger than this is garbage, not a filter's work (the default
+# is [limits] message_size's default; the check passes the configured one).
+DEFAULT_MAX_REPLACEMENT = 52_428_800
 
 
 @dataclass(slots=True)
@@ -56,10 +63,17 @@ class MilterOutcome:
 class MilterConnection:
     """One session's connection to one milter (``address`` as in ``[[milter]]``)."""
 
-    def __init__(self, name: str, address: str, timeout: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        timeout: float,
+        max_replacement: int = DEFAULT_MAX_REPLACEMENT,
+    ) -> None:
         self.name = name
         self.address = address
         self.timeout = timeout
+        self.max_replacement = max_replacement or DEFAULT_MAX_REPLACEMENT
         self.client = MilterClient()
         self.failed = ""  # why the connection is dead, "" while it works
         self._reader: asyncio.StreamReader | None = None
@@ -134,6 +148,9 @@ class MilterConnection:
         """Write what is queued; when a reply is due, read until the verdict."""
         assert self._writer is not None and self._reader is not None
         outcome = MilterOutcome()
+        loop = asyncio.get_running_loop()
+        ceiling = loop.time() + self.timeout * PROGRESS_CEILING
+        replacement = 0
         try:
             self._writer.write(self.client.data_to_send())
             async with asyncio.timeout(self.timeout) as deadline:
@@ -141,14 +158,19 @@ class MilterConnection:
                 while expect_reply:
                     event = await self._next_event()
                     if isinstance(event, Progress):
-                        # The milter is alive and working: give it the whole timeout again.
-                        deadline.reschedule(asyncio.get_running_loop().time() + self.timeout)
+                        # The milter is alive and working: give it the whole timeout
+                        # again, up to the ceiling.
+                        deadline.reschedule(min(loop.time() + self.timeout, ceiling))
                     elif isinstance(event, Negotiated):
                         break
                     elif isinstance(event, Verdict):
                         outcome.verdict = event
                         break
                     else:
+                        if isinstance(event, ReplaceBody):
+                            replacement += len(event.chunk)
+                            if replacement > self.max_replacement:
+                                raise MilterProtocolError("replacement body too large")
                         outcome.modifications.append(event)
         except TimeoutError:
             return self._fail(f"no answer within {self.timeout:g} s")

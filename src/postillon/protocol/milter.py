@@ -433,10 +433,11 @@ class MilterClient:
         assert self.negotiated is not None
         if not self.negotiated.protocol & ProtocolFlag.HDR_LEADSPC:
             value = value.lstrip(" \t")
-        value = value.replace("\r\n", "\n")
+        # A NUL cannot travel in a milter string; it has no business in a header.
+        value = value.replace("\r\n", "\n").replace("\0", "")
         if value.endswith("\n"):
             value = value[:-1]
-        return self._send(SMFIC_HEADER, nul_strings(name, value))
+        return self._send(SMFIC_HEADER, nul_strings(name.replace("\0", ""), value))
 
     def end_of_headers(self, *, macros: Mapping[str, str] | None = None) -> bool:
         return self._send(SMFIC_EOH, b"", _stage(Stage.EOH, macros))
