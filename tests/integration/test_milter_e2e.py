@@ -17,6 +17,10 @@ from support.milters import ReferenceMilter, Rspamd
 from support.ports import free_port
 from support.server import ServerProcess
 
+# rspamd's first start compiles its Hyperscan databases (about 25 s here, more on a
+# busy machine); later starts reuse them.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
 MESSAGE = (
     b"From: Bob <bob@example.net>\r\n"
     b"To: alice@example.org\r\n"

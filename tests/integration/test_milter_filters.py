@@ -21,6 +21,10 @@ from postillon.testing.dns_server import DnsServer
 from support.milter_pipeline import milter_pipeline, run_session
 from support.milters import EICAR, ClamavMilter, OpenDkim, Rspamd
 
+# rspamd's first start compiles its Hyperscan databases (about 25 s here, more on a
+# busy machine); later starts reuse them.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
 CLIENT = ClientFacts(
     ip="192.0.2.9", port=5555, helo="client.example.net", listener="smtp:127.0.0.1:25"
 )

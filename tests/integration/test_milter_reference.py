@@ -22,6 +22,8 @@ from support.milter_pipeline import milter_pipeline, run_session
 from support.milters import ReferenceMilter
 from support.ports import free_port
 
+pytestmark = pytest.mark.integration
+
 MESSAGE = (
     b"From: Sender <sender@example.net>\r\n"
     b"To: alice@example.org\r\n"
