@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from integration.test_port25_protection import ZONES
 
+from integration.test_port25_protection import ZONES
 from postillon.testing.dns_server import DnsServer
 from support.server import ServerProcess, default_config
 
