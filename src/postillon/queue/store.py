@@ -40,6 +40,8 @@ Contract, as a transaction:
    reporting counters (RFC 8460): ``add`` adds counts (never replaces them, so
    every node contributes), ``claim`` lets one node send each day's report of a
    domain.
+8. ``traces`` (a ``TraceStore``, ``traces.py``) keeps the checks' decisions for
+   ``postillon explain``, bounded by age.
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
@@ -61,6 +63,7 @@ from postillon.core.envelope import NewRecipient as NewRecipient  # re-exported:
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.core.tlsrpt import TlsResultCount
+from postillon.core.trace import TraceStep
 
 
 class DeliveryState(StrEnum):
@@ -224,10 +227,37 @@ class TlsReportStore(Protocol):
     async def prune(self, before_day: str) -> int: ...
 
 
+class TraceStore(Protocol):
+    """The decision trace of ``postillon explain`` (``queue/traces.py``, where the
+    contract is written as a transaction)."""
+
+    async def add(self, steps: Sequence[TraceStep]) -> None: ...
+
+    async def session(self, session_id: str) -> list[TraceStep]: ...
+
+    async def message(self, queue_id: str) -> list[TraceStep]: ...
+
+    async def sessions(
+        self,
+        client_ip: str,
+        since: float,
+        until: float,
+        rejected_only: bool = False,
+        limit: int = 20,
+    ) -> list[TraceStep]: ...
+
+    async def prune(self, before: float) -> int: ...
+
+
 class QueueStore(Protocol):
     @property
     def tls_reports(self) -> TlsReportStore:
         """The RFC 8460 counters (contract step 7)."""
+        ...
+
+    @property
+    def traces(self) -> TraceStore:
+        """The decision trace (contract step 8)."""
         ...
 
     async def commit(self, message: NewMessage) -> None: ...
