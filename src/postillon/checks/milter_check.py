@@ -133,7 +133,7 @@ class MilterCheck(BaseCheck):
             decision = self._session_outcome(m, outcome, phase, saw)
             if decision is not None:
                 return decision
-        return d.proceed("; ".join(saw))
+        return _proceed(saw)
 
     def _session_outcome(
         self, m: _Milter, outcome: MilterOutcome, phase: Phase, saw: list[str]
@@ -182,7 +182,7 @@ class MilterCheck(BaseCheck):
                 return decision
             if m.discard_session:
                 return d.discard("; ".join(saw), f"discarded by milter {m.config.name}")
-        return d.proceed("; ".join(saw))
+        return _proceed(saw)
 
     async def rcpt(
         self, s: SessionContext, tx: TransactionContext, rcpt: RecipientFacts
@@ -212,7 +212,7 @@ class MilterCheck(BaseCheck):
             decision = self._message_outcome(m, outcome, saw)
             if decision is not None:
                 return decision
-        return d.proceed("; ".join(saw))
+        return _proceed(saw)
 
     def _message_outcome(
         self, m: _Milter, outcome: MilterOutcome, saw: list[str]
@@ -326,6 +326,17 @@ def build(kind: ListenerKind, parts: PipelineParts) -> MilterCheck | None:
 
 
 # -- translating the milter's answers ------------------------------------------------
+_PLAIN = (": continue", ": continue (no reply due)")
+
+
+def _proceed(saw: list[str]) -> Decision:
+    """Go on; a phase where every milter just said "continue" is not worth a line in
+    the explain trace (the bare ``CONTINUE`` is not recorded), anything else is."""
+    if all(entry.endswith(_PLAIN) for entry in saw):
+        return d.CONTINUE
+    return d.proceed("; ".join(saw))
+
+
 def _describe(verdict: Verdict | None) -> str:
     if verdict is None:
         return "continue (no reply due)"
