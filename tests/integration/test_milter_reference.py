@@ -140,6 +140,15 @@ async def test_every_modification(reference: ReferenceMilter) -> None:
     assert v.added == ["added@example.org", "added2@example.org"]
     assert v.removed == ["bob@example.org"]
     assert v.quarantine == "held by the reference milter"
+    # The explain trace says what the milter changed.
+    [step] = [s for s in run.trace if s.check == "milter" and s.phase == "end_of_data"]
+    assert step.action == "quarantine"
+    assert step.saw == (
+        "reference: continue (add X-Reference, add X-Inserted, change Subject, "
+        "delete X-Remove-Me, new body, sender <new-sender@example.net>, "
+        "add recipient <added@example.org>, add recipient <added2@example.org>, "
+        "delete recipient <bob@example.org>, quarantine: held by the reference milter)"
+    )
 
 
 async def test_progress_keeps_a_slow_milter_alive(reference: ReferenceMilter) -> None:

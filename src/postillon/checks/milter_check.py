@@ -294,8 +294,8 @@ class MilterCheck(BaseCheck):
                     header = change_header(header, change)
             if new_body:
                 body = b"".join(new_body)
-            if mods := len(outcome.modifications):
-                saw[-1] += f" ({mods} change{'s' if mods > 1 else ''})"
+            if outcome.modifications:
+                saw[-1] += f" ({_summary(outcome.modifications)})"
         if body is not None:
             changes.append(d.ReplaceBody(body))
         if quarantine:
@@ -363,6 +363,28 @@ def _fields(header: bytes) -> list[tuple[str, str]]:
             continue  # not a field (intake keeps such lines out; be safe)
         out.append((name.strip(), value.removesuffix("\r\n")))
     return out
+
+
+def _summary(mods: list[w.Modification]) -> str:
+    """The changes a milter asked for, in a few words for the explain trace."""
+    words: list[str] = []
+    for mod in mods:
+        if isinstance(mod, w.AddHeader | w.InsertHeader):
+            words.append(f"add {mod.name}")
+        elif isinstance(mod, w.ChangeHeader):
+            words.append(f"{'change' if mod.value else 'delete'} {mod.name}")
+        elif isinstance(mod, w.ReplaceBody):
+            if "new body" not in words:
+                words.append("new body")
+        elif isinstance(mod, w.ChangeSender):
+            words.append(f"sender {mod.address}")
+        elif isinstance(mod, w.AddRecipient):
+            words.append(f"add recipient {mod.address}")
+        elif isinstance(mod, w.DeleteRecipient):
+            words.append(f"delete recipient {mod.address}")
+        else:
+            words.append(f"quarantine: {mod.reason}")
+    return ", ".join(words)
 
 
 def _unbracket(address: str) -> str:
