@@ -229,6 +229,7 @@ class Session:
             reason=verdict.reason or str(verdict.reply),
             check=verdict.check,
             client=self.client.describe(),
+            session=self.ctx.session_id,  # for `postillon explain SESSION`
         )
 
     async def _connect(self) -> Reply | None:
