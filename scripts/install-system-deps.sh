@@ -17,6 +17,11 @@
 #   logrotate        the logrotate snippet rotated for real against a running server
 #   pebble           Let's Encrypt's ACME test server: the CA the automatic-certificate
 #                      tests obtain and renew certificates from (issue 17)
+#   rspamd           a real spam filter behind the milter client (its proxy worker in milter mode)
+#   opendkim         a real DKIM-verifying milter (adds Authentication-Results)
+#   clamav-daemon    clamd, a real virus scanner (signature DB made offline by the tests),
+#   clamav-milter      and its milter, so the EICAR string is rejected through the milter client
+#   python3-milter   pymilter on Debian's libmilter: the reference milter library for protocol tests
 # Installs only what is missing; needs root (CI runs as root). Without root it
 # says what is missing and the tests that need it report the missing tool.
 set -eu
@@ -39,6 +44,11 @@ command -v ldns-verify-zone >/dev/null 2>&1 || need="$need ldnsutils"
 command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
 command -v logrotate >/dev/null 2>&1 || [ -x /usr/sbin/logrotate ] || need="$need logrotate"
 command -v pebble >/dev/null 2>&1 || [ -x /usr/bin/pebble ] || need="$need pebble"
+command -v rspamd >/dev/null 2>&1 || need="$need rspamd"
+[ -x /usr/sbin/opendkim ] || need="$need opendkim"
+[ -x /usr/sbin/clamd ] || need="$need clamav-daemon"
+[ -x /usr/sbin/clamav-milter ] || need="$need clamav-milter"
+/usr/bin/python3 -c 'import Milter' >/dev/null 2>&1 || need="$need python3-milter"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages:$need (run as root or: sudo apt-get install$need)" >&2

@@ -15,6 +15,7 @@ ALLOWED_STDLIB = {
     "dataclasses",
     "enum",
     "re",
+    "struct",  # the milter protocol's binary framing (pure: bytes in, bytes out)
     "typing",
 }
 ALLOWED_PACKAGES = ("postillon.core", "postillon.protocol")

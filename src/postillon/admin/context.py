@@ -9,7 +9,7 @@ imports ``api``, never the reverse.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -40,6 +40,8 @@ class AdminContext:
     # The ACME certificate's state ([tls] acme; None without it): /healthz, /api/status
     # and the page show a failing renewal while the old certificate is still served.
     certificate_status: Callable[[], dict[str, object] | None] = lambda: None
+    # Writes the checks' buffered decisions (checks/trace.py) before an explain read.
+    flush_trace: Callable[[], Awaitable[None]] | None = None
 
 
 CONTEXT: Final = web.AppKey("postillon_admin_context", AdminContext)

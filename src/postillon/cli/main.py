@@ -13,6 +13,7 @@ from postillon.cli import (
     dkim_cmd,
     dns_cmd,
     docs_cmd,
+    explain_cmd,
     import_postfix_cmd,
     queue_cmd,
     reload_cmd,
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     setup_cmd.add_parser(sub)
     import_postfix_cmd.add_parser(sub)
     docs_cmd.add_parser(sub)
+    explain_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
         ("mailq", "list the queue (= sendmail -bp)"),
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             return admin_cmd.run(args, config)
         if args.command == "tls":
             return tls_cmd.run(args, config)
+        if args.command == "explain":
+            return explain_cmd.run(args, config)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

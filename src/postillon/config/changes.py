@@ -41,6 +41,9 @@ RELOADABLE = frozenset(
         "authentication",  # rebuilt with the policy on reload
         "dkim",  # keys re-read on reload
         "helper_processes",  # extra helpers stop, missing ones start on the next request
+        "dnsbl",  # the checks are rebuilt with the policy on reload
+        "client_checks",
+        "milter",  # rebuilt with the pipeline; sessions in progress keep their connections
     }
 )
 # [mta_sts] settings a reload applies: the policy served; its socket stays bound.

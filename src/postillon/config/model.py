@@ -15,6 +15,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from postillon.config.address import split_host_port
+from postillon.config.filtering import (
+    ClientChecksConfig,
+    DnsblConfig,
+    ExplainConfig,
+    UnknownClientAction,
+)
+from postillon.config.milter import MilterConfig, Milters, parse_milter_address
 from postillon.config.mta_sts import MtaStsConfig
 from postillon.config.outbound import (
     OutboundConfig,
@@ -28,7 +35,11 @@ from postillon.config.tls_reports import TlsReportsConfig
 from postillon.core.credentials import check_postgresql_url
 
 __all__ = [
+    "ClientChecksConfig",
     "Config",
+    "DnsblConfig",
+    "ExplainConfig",
+    "MilterConfig",
     "MtaStsConfig",
     "OutboundConfig",
     "RelayConfig",
@@ -36,6 +47,8 @@ __all__ = [
     "TlsPolicyName",
     "TlsPolicyRule",
     "TransportRule",
+    "UnknownClientAction",
+    "parse_milter_address",
     "split_host_port",
 ]
 
@@ -466,6 +479,11 @@ class Config(_Frozen):
     admin: AdminConfig = AdminConfig()
     mta_sts: MtaStsConfig = MtaStsConfig()
     tls_reports: TlsReportsConfig = TlsReportsConfig()
+    # Port-25 protection and the decision trace (config/filtering.py, docs/filtering.md).
+    dnsbl: DnsblConfig = DnsblConfig()
+    client_checks: ClientChecksConfig = ClientChecksConfig()
+    explain: ExplainConfig = ExplainConfig()
+    milter: Milters = ()  # [[milter]], in order (config/milter.py, docs/milter.md)
 
     @field_validator("helper_processes")
     @classmethod

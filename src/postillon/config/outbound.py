@@ -100,8 +100,8 @@ class OutboundConfig(_Frozen):
     # greets with its helo_names entry (which must match its PTR), else helo_name.
     # Empty: the kernel chooses. A shaping rule's source = [...] replaces the pool.
     source_addresses: tuple[str, ...] = ()
-    source_selection: Literal["round-robin", "hash"] = "round-robin"
-    helo_names: dict[str, str] = Field(default_factory=dict)
+    source_selection: Literal["round-robin", "hash"] = "round-robin"  # how a source is picked
+    helo_names: dict[str, str] = Field(default_factory=dict)  # source address -> HELO name
     # Happy Eyeballs (RFC 8305 §5): the stagger between connection attempts to a
     # host's addresses (IPv6 and IPv4 interleaved), in seconds.
     happy_eyeballs_delay: float = Field(0.25, gt=0, le=2.0)

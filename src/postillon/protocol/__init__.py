@@ -38,6 +38,11 @@ side (events in ``client_events.py``):
 * ``_client_transaction.py`` - the transaction's state and the replies that
   move it (MAIL to the last final reply).
 
+``MilterClient`` (milter.py) is the MTA side of the Sendmail/Postfix milter protocol
+(version 6, as libmilter speaks it), the same kind of machine: ``milter_wire.py``
+has the framing, libmilter's constants and the events; the asyncio driver is
+``checks/milter_driver.py``.
+
 Rules kept everywhere:
 
 * One error type inside (``ProtocolError``, carrying its reply), turned into a

@@ -31,6 +31,7 @@ from postillon.queue.store import (
     StoreHealth,
 )
 from postillon.queue.tls_reports import MemoryTlsReports
+from postillon.queue.traces import MemoryTraces
 
 __all__ = ["MemoryStore"]
 
@@ -70,6 +71,7 @@ class MemoryStore:
         self._sts: dict[str, CachedPolicy] = {}  # MTA-STS policy cache by domain
         self.tls_reports = MemoryTlsReports(self._check_open)  # store.py step 7
         self.acme = MemoryAcmeState()  # store.py step 8
+        self.traces = MemoryTraces(self._check_open)  # store.py step 9
 
     def _check_open(self) -> None:
         if self._closed:

@@ -83,6 +83,7 @@ from postillon.queue.store import (
     StoreHealth,
 )
 from postillon.queue.tls_reports import PostgresTlsReports
+from postillon.queue.traces import PostgresTraces
 
 __all__ = ["CHUNK_SIZE", "WRITERS", "PostgresStore"]
 
@@ -133,6 +134,7 @@ class PostgresStore:
         # store.py step 7; statistics, so no durable wait (see tls_reports.py)
         self.tls_reports = PostgresTlsReports(self._read, lambda fn: self._write(fn, durable=False))
         self.acme = acme_state.PostgresAcmeState(self._read, self._write)  # store.py step 8
+        self.traces = PostgresTraces(self._read, lambda fn: self._write(fn, durable=False))
 
     @property
     def available(self) -> bool:

@@ -7,8 +7,8 @@ COMMIT appends to the write-ahead log and fsyncs it, so when ``commit()``
 returns the message survives ``kill -9`` and power loss (DESIGN principle 3,
 "250 means durable").
 
-**Three files.** ``sqlite_schema.py`` holds the schema, its migrations and the connections;
-``sqlite_writer.py`` the group-commit writer thread; this file the queries.
+**Three files.** ``sqlite_schema.py``: schema, migrations, connections; ``sqlite_writer.py``:
+the group-commit writer thread; this file: the queries (writer operations or reads).
 
 **Group commit** (``sqlite_writer.py``). One dedicated writer thread owns the only
 write connection and runs every operation that arrived while it was busy inside ONE
@@ -22,13 +22,10 @@ up to 256 KiB, copied from ``NewMessage.body`` by the writer thread. The
 alternative, one spool file per message (write tmp, fsync, rename, fsync the
 directory), costs two extra fsyncs *per message* that no batching can share,
 while an in-database body rides on the batch's single WAL fsync. Measured on
-the 2-core development VM with 4 KiB bodies: the spool files *alone* top out at
-1,400-3,000 bodies/s (20 threads, before any database commit), while whole
-in-database commits reach 10,000-13,000 messages/s (``bench/store_bench.py``,
-20 committers, about 1.1 fsyncs per batch of 10-14; ``--spool-baseline`` times
-the spool files). The price is a bigger WAL and a database file that does not
-shrink (freed pages are reused); both are fine for a queue, whose contents are
-transient.
+the 2-core VM with 4 KiB bodies: spool files *alone* top out at 1,400-3,000 bodies/s
+(20 threads, before any commit), in-database commits reach 10,000-13,000 messages/s
+(``bench/store_bench.py``, 20 committers, ~1.1 fsyncs per batch of 10-14). The price
+is a bigger WAL and a file that does not shrink (freed pages are reused): fine for a queue.
 
 **Readers** use a small pool of separate read connections (WAL lets readers
 run beside the writer and see only committed data); the async read methods run
@@ -96,13 +93,13 @@ from postillon.queue.store import (
     StoreHealth,
 )
 from postillon.queue.tls_reports import SqliteTlsReports
+from postillon.queue.traces import SqliteTraces
 
 __all__ = ["BUSY_TIMEOUT", "CHUNK_SIZE", "SCHEMA_VERSION", "SqliteStore"]
 
 T = TypeVar("T")
 
 _READ_THREADS: Final = 2
-
 _PENDING = DeliveryState.PENDING.value
 _LEASED = DeliveryState.LEASED.value
 _DEFERRED = DeliveryState.DEFERRED.value
@@ -128,6 +125,7 @@ class SqliteStore:
         self._write = self._writer.submit
         self.tls_reports = SqliteTlsReports(self._read, self._write)  # store.py step 7
         self.acme = acme_state.SqliteAcmeState(self._read, self._write)  # step 8
+        self.traces = SqliteTraces(self._read, self._write)  # step 9
 
     @property
     def path(self) -> Path:

@@ -42,6 +42,8 @@ Contract, as a transaction:
    domain.
 8. ``acme`` (an ``AcmeStateStore``, ``acme_state.py``) keeps the ACME certificate and
    the lease that lets one node of a cluster renew it at a time.
+9. ``traces`` (a ``TraceStore``, ``traces.py``) keeps the checks' decisions for
+   ``postillon explain``, bounded by age.
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
@@ -63,6 +65,7 @@ from postillon.core.envelope import NewRecipient as NewRecipient  # re-exported:
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.core.tlsrpt import TlsResultCount
+from postillon.core.trace import TraceStep
 
 
 class DeliveryState(StrEnum):
@@ -256,6 +259,28 @@ class AcmeStateStore(Protocol):
     async def release_lease(self, holder: str) -> None: ...
 
 
+class TraceStore(Protocol):
+    """The decision trace of ``postillon explain`` (``queue/traces.py``, where the
+    contract is written as a transaction)."""
+
+    async def add(self, steps: Sequence[TraceStep]) -> None: ...
+
+    async def session(self, session_id: str) -> list[TraceStep]: ...
+
+    async def message(self, queue_id: str) -> list[TraceStep]: ...
+
+    async def sessions(
+        self,
+        client_ip: str,
+        since: float,
+        until: float,
+        rejected_only: bool = False,
+        limit: int = 20,
+    ) -> list[TraceStep]: ...
+
+    async def prune(self, before: float) -> int: ...
+
+
 class QueueStore(Protocol):
     @property
     def tls_reports(self) -> TlsReportStore:
@@ -265,6 +290,11 @@ class QueueStore(Protocol):
     @property
     def acme(self) -> AcmeStateStore:
         """The ACME certificate and renewal lease (contract step 8)."""
+        ...
+
+    @property
+    def traces(self) -> TraceStore:
+        """The decision trace (contract step 9)."""
         ...
 
     async def commit(self, message: NewMessage) -> None: ...

@@ -1,0 +1,244 @@
+"""The asyncio driver of one milter connection (the thin adapter over
+``protocol.milter.MilterClient``).
+
+``MilterConnection`` is one SMTP session's conversation with one milter: it connects
+(TCP or unix socket), negotiates, and for each step sends the command and waits for
+the answer with a timeout that ``SMFIR_PROGRESS`` restarts. It never raises for the
+milter's sake: a milter that is down, stalls, closes mid-dialogue or sends garbage
+makes the step return ``MilterOutcome(failed=...)`` and marks the connection dead;
+the check (``milter_check.py``) then applies the milter's ``default_action``.
+All waiting is on the event loop (asyncio streams, ``asyncio.timeout``): a slow
+milter delays only its own session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+
+from postillon.config.model import parse_milter_address
+from postillon.protocol.milter import MilterClient, body_chunks
+from postillon.protocol.milter_wire import (
+    Event,
+    MilterProtocolError,
+    Modification,
+    Negotiated,
+    Progress,
+    ReplaceBody,
+    Stage,
+    Verdict,
+)
+
+log = logging.getLogger("postillon.checks.milter")
+
+_READ_SIZE = 65536
+# SMFIR_PROGRESS restarts the timeout, but a milter that says "still working" forever
+# must not hold a session forever: one step gets at most this many timeouts in all.
+PROGRESS_CEILING = 10
+# A replacement body larger than this is garbage, not a filter's work (the default
+# is [limits] message_size's default; the check passes the configured one).
+DEFAULT_MAX_REPLACEMENT = 52_428_800
+
+
+@dataclass(slots=True)
+class MilterOutcome:
+    """The answer to one step: a ``Verdict`` (None when no answer was due), the
+    modifications sent before it (end of message only), or why the milter failed."""
+
+    verdict: Verdict | None = None
+    modifications: list[Modification] = field(default_factory=list)
+    failed: str = ""
+
+    @property
+    def kind(self) -> str:
+        if self.failed:
+            return "failed"
+        return self.verdict.kind if self.verdict is not None else "continue"
+
+
+class MilterConnection:
+    """One session's connection to one milter (``address`` as in ``[[milter]]``)."""
+
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        timeout: float,
+        max_replacement: int = DEFAULT_MAX_REPLACEMENT,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.timeout = timeout
+        self.max_replacement = max_replacement or DEFAULT_MAX_REPLACEMENT
+        self.client = MilterClient()
+        self.failed = ""  # why the connection is dead, "" while it works
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    @property
+    def negotiated(self) -> Negotiated | None:
+        return self.client.negotiated
+
+    @property
+    def is_open(self) -> bool:
+        return self._writer is not None and not self.failed
+
+    async def open(self) -> MilterOutcome:
+        """Connect and negotiate (SMFIC_OPTNEG)."""
+        kind, host, port = parse_milter_address(self.address)
+        try:
+            async with asyncio.timeout(self.timeout):
+                if kind == "unix":
+                    self._reader, self._writer = await asyncio.open_unix_connection(host)
+                else:
+                    self._reader, self._writer = await asyncio.open_connection(host, port)
+        except (OSError, TimeoutError) as exc:
+            return self._fail(f"cannot connect to {self.address}: {_describe(exc)}")
+        self.client.start()
+        outcome = await self._exchange(expect_reply=True)
+        if not outcome.failed and self.client.negotiated is None:
+            return self._fail("no negotiation answer")
+        return outcome
+
+    async def step(self, send: Callable[[MilterClient], bool]) -> MilterOutcome:
+        """Run one protocol step (``send`` queues it and says whether a reply is due)."""
+        if self.failed:
+            return MilterOutcome(failed=self.failed)
+        try:
+            expect = send(self.client)
+        except (RuntimeError, ValueError) as exc:
+            return self._fail(f"cannot send: {exc}")
+        return await self._exchange(expect_reply=expect)
+
+    async def message(
+        self,
+        fields: Iterable[tuple[str, str]],
+        body: Iterable[bytes],
+        eoh_macros: Mapping[str, str],
+        eom_macros: Mapping[str, str],
+    ) -> MilterOutcome:
+        """The message after DATA: each header field, end of headers, the body in
+        chunks of at most 65535 octets, end of message. Stops early at a verdict that
+        is not "continue" (a "skip" ends only the body)."""
+        for name, value in fields:
+            outcome = await self.step(partial(MilterClient.header, name=name, value=value))
+            if outcome.kind != "continue":
+                return outcome
+        outcome = await self.step(lambda c: c.end_of_headers(macros=eoh_macros))
+        if outcome.kind != "continue":
+            return outcome
+        for piece in body:
+            skip = False
+            for chunk in body_chunks(piece):
+                outcome = await self.step(partial(MilterClient.body, chunk=chunk))
+                if outcome.kind == "skip":
+                    skip = True
+                    break
+                if outcome.kind != "continue":
+                    return outcome
+            if skip:
+                break
+        return await self.step(lambda c: c.end_of_message(macros=eom_macros))
+
+    async def _exchange(self, *, expect_reply: bool) -> MilterOutcome:
+        """Write what is queued; when a reply is due, read until the verdict."""
+        assert self._writer is not None and self._reader is not None
+        outcome = MilterOutcome()
+        loop = asyncio.get_running_loop()
+        ceiling = loop.time() + self.timeout * PROGRESS_CEILING
+        replacement = 0
+        try:
+            self._writer.write(self.client.data_to_send())
+            async with asyncio.timeout(self.timeout) as deadline:
+                await self._writer.drain()
+                while expect_reply:
+                    event = await self._next_event()
+                    if isinstance(event, Progress):
+                        # The milter is alive and working: give it the whole timeout
+                        # again, up to the ceiling.
+                        deadline.reschedule(min(loop.time() + self.timeout, ceiling))
+                    elif isinstance(event, Negotiated):
+                        break
+                    elif isinstance(event, Verdict):
+                        outcome.verdict = event
+                        break
+                    else:
+                        if isinstance(event, ReplaceBody):
+                            replacement += len(event.chunk)
+                            if replacement > self.max_replacement:
+                                raise MilterProtocolError("replacement body too large")
+                        outcome.modifications.append(event)
+        except TimeoutError:
+            return self._fail(f"no answer within {self.timeout:g} s")
+        except MilterProtocolError as exc:
+            return self._fail(f"protocol error: {exc}")
+        except OSError as exc:
+            return self._fail(_describe(exc))
+        if outcome.verdict is not None and outcome.verdict.kind == "shutdown":
+            return self._fail("the milter shut the connection down")
+        return outcome
+
+    async def _next_event(self) -> Event:
+        assert self._reader is not None
+        closed = False
+        while True:
+            event = self.client.next_event()
+            if event is not None:
+                return event
+            if closed:
+                raise MilterProtocolError("the milter closed the connection")
+            data = await self._reader.read(_READ_SIZE)
+            self.client.receive_data(data)
+            closed = not data
+
+    def _fail(self, why: str) -> MilterOutcome:
+        self.failed = why
+        log.warning("milter %s: %s", self.name, why)
+        self._drop()
+        return MilterOutcome(failed=why)
+
+    def _drop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._reader = None
+
+    async def abort(self) -> None:
+        """SMFIC_ABORT: the transaction ended before end of message."""
+        if self.is_open and not self.client.awaiting_reply:
+            await self.step(_abort)
+
+    async def close(self) -> None:
+        """SMFIC_QUIT and close; quiet when the connection is already gone."""
+        writer = self._writer
+        if writer is None:
+            return
+        if not self.failed and not self.client.closed and not self.client.awaiting_reply:
+            with contextlib.suppress(RuntimeError):
+                self.client.quit()
+            with contextlib.suppress(OSError):
+                writer.write(self.client.data_to_send())
+        self._writer = None
+        self._reader = None
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(1):
+                await writer.wait_closed()
+
+
+def _abort(client: MilterClient) -> bool:
+    client.abort()
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+__all__ = ["MilterConnection", "MilterOutcome", "Stage"]
