@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
+from postillon.queue.policy_state import MemoryPolicyState
 from postillon.queue.store import (
     HEALTHY,
     DeliveryRecord,
@@ -68,6 +69,7 @@ class MemoryStore:
         self._heartbeats: dict[str, float] = {}  # lease owner -> last heartbeat
         self._sts: dict[str, CachedPolicy] = {}  # MTA-STS policy cache by domain
         self.tls_reports = MemoryTlsReports(self._check_open)  # store.py step 7
+        self.policy_state = MemoryPolicyState(self._check_open)  # store.py step 8
 
     def _check_open(self) -> None:
         if self._closed:

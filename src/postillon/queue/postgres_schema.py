@@ -23,6 +23,7 @@ from typing import Final
 
 import asyncpg
 
+from postillon.queue.policy_state import POSTGRES_TABLES as POLICY_STATE_TABLES
 from postillon.queue.sts_cache import POSTGRES_TABLE
 from postillon.queue.tls_reports import POSTGRES_TABLES as TLS_REPORT_TABLES
 
@@ -123,6 +124,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     ),
     Migration(4, "MTA-STS policy cache (RFC 8461), shared by every node", (POSTGRES_TABLE,)),
     Migration(5, "SMTP TLS reporting counters (RFC 8460), shared by every node", TLS_REPORT_TABLES),
+    Migration(
+        6,
+        "greylisting, port-25 rate counters, DMARC report counters, shared by every node",
+        POLICY_STATE_TABLES,
+    ),
 )
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version

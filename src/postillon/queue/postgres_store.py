@@ -60,7 +60,7 @@ import asyncpg
 
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
-from postillon.queue import sts_cache
+from postillon.queue import policy_state, sts_cache
 from postillon.queue.codec import encode_reply, message_from_row, record_from_row
 from postillon.queue.postgres_connection import (
     ACQUIRE_TIMEOUT,
@@ -132,6 +132,9 @@ class PostgresStore:
         self._closed = False
         # store.py step 7; statistics, so no durable wait (see tls_reports.py)
         self.tls_reports = PostgresTlsReports(self._read, lambda fn: self._write(fn, durable=False))
+        self.policy_state = policy_state.PostgresPolicyState(  # step 8, as step 7
+            self._read, lambda fn: self._write(fn, durable=False)
+        )
 
     @property
     def available(self) -> bool:

@@ -31,11 +31,10 @@ the spool files). The price is a bigger WAL and a database file that does not
 shrink (freed pages are reused); both are fine for a queue, whose contents are
 transient.
 
-**Readers** use a small pool of separate read connections (WAL lets readers
-run beside the writer and see only committed data); the async read methods run
-on a dedicated two-thread executor. ``read_body`` reads chunk by chunk, each in
-its own short read, so a slow delivery never pins a WAL snapshot (which would
-stop checkpoints and let the WAL grow without bound).
+**Readers** use a small pool of separate read connections (WAL lets readers run beside
+the writer and see only committed data), on a dedicated two-thread executor. ``read_body``
+reads chunk by chunk, each in its own short read, so a slow delivery never pins a WAL
+snapshot (which would stop checkpoints and let the WAL grow without bound).
 
 **Several processes** may open the same file (``postillon queue hold`` while
 the server runs): every connection waits up to ``BUSY_TIMEOUT`` for the write
@@ -73,7 +72,7 @@ from typing import Final, TypeVar
 
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
-from postillon.queue import sts_cache
+from postillon.queue import policy_state, sts_cache
 from postillon.queue.codec import encode_reply, message_from_row, record_from_row
 from postillon.queue.sqlite_schema import (
     BUSY_TIMEOUT,
@@ -128,6 +127,7 @@ class SqliteStore:
         self._writer = GroupCommitWriter(self._path)
         self._write = self._writer.submit
         self.tls_reports = SqliteTlsReports(self._read, self._write)  # store.py step 7
+        self.policy_state = policy_state.SqlitePolicyState(self._read, self._write)  # step 8
 
     @property
     def path(self) -> Path:

@@ -40,6 +40,10 @@ Contract, as a transaction:
    reporting counters (RFC 8460): ``add`` adds counts (never replaces them, so
    every node contributes), ``claim`` lets one node send each day's report of a
    domain.
+8. ``policy_state`` (a ``PolicyStateStore``, ``policy_state.py``) keeps the inbound
+   policy's shared state: greylisting triplets (``greylist.check`` decides and records
+   in one transaction), port-25 rate counters (``rates.take``: all or nothing), and the
+   DMARC aggregate report counters (``dmarc_reports``, the same contract as step 7).
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
@@ -56,11 +60,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import IO, Any, Protocol
 
+from postillon.core.dmarc import DmarcResultCount
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.envelope import NewRecipient as NewRecipient  # re-exported: stores take it
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.core.tlsrpt import TlsResultCount
+from postillon.queue.greylist_state import GreylistPolicy as GreylistPolicy  # re-exported
+from postillon.queue.greylist_state import GreylistResult as GreylistResult
+from postillon.queue.rate_counters import RateRequest as RateRequest
 
 
 class DeliveryState(StrEnum):
@@ -224,10 +232,62 @@ class TlsReportStore(Protocol):
     async def prune(self, before_day: str) -> int: ...
 
 
+class GreylistStore(Protocol):
+    """Greylisting state (``queue/greylist_state.py``): ``check`` returns the triplet's
+    verdict and records the attempt, in one transaction; ``prune`` forgets rows unseen
+    since ``before``."""
+
+    async def check(
+        self, client_net: str, sender: str, recipient: str, now: float, policy: GreylistPolicy
+    ) -> GreylistResult: ...
+
+    async def prune(self, before: float) -> int: ...
+
+
+class RateCounterStore(Protocol):
+    """Shared rate counters (``queue/rate_counters.py``): ``take`` counts every request
+    or none, and returns the index of the first that would pass its limit (None: all
+    counted)."""
+
+    async def take(self, requests: Sequence[RateRequest], now: float) -> int | None: ...
+
+    async def used(self, counter: str, window: int, now: float) -> int: ...
+
+    async def prune(self, now: float) -> int: ...
+
+
+class DmarcReportStore(Protocol):
+    """The RFC 7489 §7.2 counters; the same contract as ``TlsReportStore``."""
+
+    async def add(self, rows: Sequence[DmarcResultCount]) -> None: ...
+
+    async def day(self, day: str, domain: str | None = None) -> list[DmarcResultCount]: ...
+
+    async def claim(self, day: str, domain: str, owner: str, now: float) -> bool: ...
+
+    async def prune(self, before_day: str) -> int: ...
+
+
+class PolicyStateStore(Protocol):
+    @property
+    def greylist(self) -> GreylistStore: ...
+
+    @property
+    def rates(self) -> RateCounterStore: ...
+
+    @property
+    def dmarc_reports(self) -> DmarcReportStore: ...
+
+
 class QueueStore(Protocol):
     @property
     def tls_reports(self) -> TlsReportStore:
         """The RFC 8460 counters (contract step 7)."""
+        ...
+
+    @property
+    def policy_state(self) -> PolicyStateStore:
+        """Greylisting, rate counters, DMARC report counters (contract step 8)."""
         ...
 
     async def commit(self, message: NewMessage) -> None: ...
