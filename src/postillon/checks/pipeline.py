@@ -35,7 +35,14 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from postillon.checks import authentication_check, relay_check, submission_check
+from postillon.checks import (
+    authentication_check,
+    greylist,
+    policy_service,
+    relay_check,
+    smtp_rate_limit,
+    submission_check,
+)
 from postillon.checks.base import Check, TraceSink
 from postillon.checks.context import (
     ClientFacts,
@@ -361,7 +368,8 @@ def _apply(out: MessageVerdict, change: object, replaced: list[bytes]) -> None:
 # A check module exposes ``build(kind, parts) -> Check | None``: None when it has
 # nothing to do on that listener kind or is not configured. The order below is the
 # order checks are asked in; a new check adds one line here.
-CheckFactory = Callable[[ListenerKind, PipelineParts], Check | None]
+# A factory may also return a list (``policy_service``: one check per configured server).
+CheckFactory = Callable[[ListenerKind, PipelineParts], Check | Sequence[Check] | None]
 
 
 def factories() -> tuple[CheckFactory, ...]:
@@ -370,6 +378,10 @@ def factories() -> tuple[CheckFactory, ...]:
         # mail / rcpt: who may send where
         relay_check.build,
         submission_check.build,
+        # after relay: a recipient refused anyway is neither counted nor greylisted
+        smtp_rate_limit.build,
+        greylist.build,
+        policy_service.build_all,
         # end of data: what the message is
         authentication_check.build,
     )
@@ -379,7 +391,13 @@ def build_pipeline(
     kind: ListenerKind, parts: PipelineParts, trace: TraceSink | None = None
 ) -> Pipeline:
     """The pipeline of one listener kind, from the shared parts (``parts.py``)."""
-    checks = [c for c in (make(kind, parts) for make in factories()) if c is not None]
+    checks: list[Check] = []
+    for make in factories():
+        made = make(kind, parts)
+        if isinstance(made, Sequence):
+            checks.extend(made)
+        elif made is not None:
+            checks.append(made)
     return Pipeline(checks, parts.clock, trace)
 
 

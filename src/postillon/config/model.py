@@ -15,6 +15,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from postillon.config.address import split_host_port
+from postillon.config.inbound_filters import (
+    DmarcReportsConfig,
+    GreylistConfig,
+    PolicyServiceConfig,
+    SmtpRateLimitsConfig,
+)
 from postillon.config.mta_sts import MtaStsConfig
 from postillon.config.outbound import (
     OutboundConfig,
@@ -28,6 +34,10 @@ from postillon.core.credentials import check_postgresql_url
 
 __all__ = [
     "Config",
+    "DmarcReportsConfig",
+    "GreylistConfig",
+    "PolicyServiceConfig",
+    "SmtpRateLimitsConfig",
     "MtaStsConfig",
     "OutboundConfig",
     "RelayConfig",
@@ -477,6 +487,11 @@ class Config(_Frozen):
     admin: AdminConfig = AdminConfig()
     mta_sts: MtaStsConfig = MtaStsConfig()
     tls_reports: TlsReportsConfig = TlsReportsConfig()
+    # Port-25 filters and DMARC reports (config/inbound_filters.py).
+    greylist: GreylistConfig = GreylistConfig()
+    smtp_rate_limits: SmtpRateLimitsConfig = SmtpRateLimitsConfig()
+    policy_service: tuple[PolicyServiceConfig, ...] = ()
+    dmarc_reports: DmarcReportsConfig = DmarcReportsConfig()
 
     @field_validator("helper_processes")
     @classmethod
