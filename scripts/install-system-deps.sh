@@ -13,6 +13,8 @@
 #   nsd              an authoritative DNS server for the DNSSEC-signed test zones (DANE),
 #   unbound            with a validating resolver in front of it (the AD bit is real),
 #   ldnsutils          and ldns-verify-zone to check a signed zone by hand
+#   postgrey         a real Postfix policy server (greylisting) for [[policy_service]],
+#                      run on loopback from a temp dir by tests/support/postgrey.py
 # Installs only what is missing; needs root (CI runs as root). Without root it
 # says what is missing and the tests that need it report the missing tool.
 set -eu
@@ -32,6 +34,7 @@ command -v chromium >/dev/null 2>&1 || need="$need chromium"
 [ -x /usr/sbin/nsd ] || need="$need nsd"
 [ -x /usr/sbin/unbound ] || need="$need unbound"
 command -v ldns-verify-zone >/dev/null 2>&1 || need="$need ldnsutils"
+[ -x /usr/sbin/postgrey ] || need="$need postgrey"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages:$need (run as root or: sudo apt-get install$need)" >&2

@@ -121,9 +121,7 @@ class ResponseReader:
         return bool(self._buffer or self._lines)
 
 
-Kind = Literal[
-    "dunno", "ok", "reply", "prepend", "discard", "hold", "warn", "info", "unsupported"
-]
+Kind = Literal["dunno", "ok", "reply", "prepend", "discard", "hold", "warn", "info", "unsupported"]
 
 
 @dataclass(frozen=True, slots=True)
