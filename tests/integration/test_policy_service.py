@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from support.ports import free_port
-from support.postgrey import Postgrey, PostgreyNotInstalled
 
 from postillon.checks.context import ClientFacts, RecipientFacts, SessionContext, TransactionContext
 from postillon.checks.decision import AddHeader
 from postillon.checks.policy_service import PolicyServiceCheck, PolicyServiceClient
 from postillon.config.model import PolicyServiceConfig
+from support.ports import free_port
+from support.postgrey import Postgrey, PostgreyNotInstalled
 
 
 @dataclass

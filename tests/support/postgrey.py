@@ -39,7 +39,8 @@ class Postgrey:
     def __init__(self, *, delay: int = 2, auto_whitelist: int = 0) -> None:
         if not os.access(POSTGREY, os.X_OK):
             raise PostgreyNotInstalled(
-                "postgrey is not installed: apt-get install postgrey (scripts/install-system-deps.sh)"
+                "postgrey is not installed: apt-get install postgrey"
+                " (scripts/install-system-deps.sh)"
             )
         self.delay = delay
         self.auto_whitelist = auto_whitelist

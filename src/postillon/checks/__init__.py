@@ -37,14 +37,17 @@ them in the order they are asked. Semantics kept everywhere: the first reject wi
 and stops the phase; a check that raises is a ``451 4.3.0`` (logged, never echoed);
 checks never write the queue (``intake`` does, with the ``MessageVerdict``).
 
-Files: ``pipeline.py`` (the pipeline and composition), ``base.py`` (the ``Check`` protocol, ``BaseCheck``),
-``decision.py`` (values),
+Files: ``pipeline.py`` (the pipeline and composition), ``base.py`` (the ``Check``
+protocol, ``BaseCheck``), ``decision.py`` (values),
 ``context.py`` (what checks see), ``header_edit.py`` (applying header changes),
 ``parts.py`` (what checks are built from), ``trace.py`` (the explain trace).
 The checks: ``relay_check.py`` (``relay.py``'s RelayPolicy: who may send where),
 ``submission_check.py`` (``sender_policy.py``, ``rate_limit.py``: RFC 6409
 submission), ``authentication_check.py`` (SPF/DKIM/DMARC/ARC below), port-25
-protection: ``pregreet.py``, ``dnsbl.py``, ``reverse_dns.py``, ``helo_check.py``.
+protection: ``pregreet.py``, ``dnsbl.py``, ``reverse_dns.py``, ``helo_check.py``,
+``smtp_rate_limit.py`` (messages and recipients per client network and sender domain per
+window) and ``greylist.py``, both with their state in the queue store (shared by every
+node); ``policy_service.py`` (Postfix policy delegation: postgrey, policyd-spf, ...).
 
 Inbound authentication on MX listeners, run at end of data before the commit
 (``authentication.py`` orchestrates; ``auth_policy.py`` decides):
