@@ -68,6 +68,9 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     # tlsrpt (RFC 8460): observes outbound sessions (the observer's value type), keeps
     # counters in the store, looks up _smtp._tls TXT, and mails reports through intake.
     "tlsrpt": ("dns.resolver", "dns.sts_fetch", "queue.store", "intake", "outbound.tls_observer"),
+    # dmarcrpt (RFC 7489 §7.2): keeps counters in the store, reads rua= with the DMARC
+    # record parser, looks up _dmarc and the §7.1 verification TXT, mails through intake.
+    "dmarcrpt": ("dns.resolver", "queue.store", "intake", "checks.dmarc_check"),
     "admin": ANYTHING,
     "app": ANYTHING,
     "reload": ANYTHING,
