@@ -13,10 +13,14 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from postillon.checks.authentication import InboundAuthentication
+from postillon.checks.base import TraceSink
+from postillon.checks.context import ListenerKind
+from postillon.checks.parts import PipelineParts
+from postillon.checks.pipeline import Pipeline, build_pipeline
 from postillon.checks.rate_limit import SubmissionRateLimits
 from postillon.checks.relay import RelayPolicy
 from postillon.config.loader import ConfigError
@@ -182,6 +186,16 @@ class Policy:
     signer: DkimSigner | None
     # SPF/DKIM/DMARC/ARC on the MX listeners; None = checks off.
     authentication: InboundAuthentication | None
+    # What the checks are built from, and the pipeline of each listener kind (built
+    # on first use, shared by the listeners of that kind).
+    parts: PipelineParts
+    pipelines: dict[str, Pipeline] = field(default_factory=dict)
+
+    def pipeline(self, kind: ListenerKind, trace: TraceSink | None) -> Pipeline:
+        built = self.pipelines.get(kind)
+        if built is None:
+            built = self.pipelines[kind] = build_pipeline(kind, self.parts, trace)
+        return built
 
 
 class Builder:
@@ -201,6 +215,8 @@ class Builder:
         # [tls_reports] (RFC 8460): told of every MX session's TLS result; kept
         # across reloads (a reload builds new transports with it).
         self.tls_observer: TlsObserver | None = None
+        # Where the checks' decisions go for ``postillon explain`` (set once the queue is open).
+        self.trace: TraceSink | None = None
 
     def policy(
         self,
@@ -230,19 +246,7 @@ class Builder:
                 recipients_per_hour=submit.recipients_per_hour,
                 ip_messages_per_hour=submit.ip_messages_per_hour,
             )
-        return Policy(
-            local=local,
-            relay=RelayPolicy(local, config.relay.trusted_networks),
-            auth=Authenticator.create(accounts, self._auth_guard),
-            rate_limits=rate_limits,
-            signer=signer if signer is not None else build_signer(config),
-            authentication=self.authentication(config),
-        )
-
-    def authentication(self, config: Config) -> InboundAuthentication | None:
-        """SPF/DKIM/DMARC/ARC for the MX listeners, through postillon's resolver."""
-        if not config.authentication.enabled:
-            return None
+        relay = RelayPolicy(local, config.relay.trusted_networks)
         resolver = DnsResolver(
             list(config.dns.nameservers) or None,
             timeout=config.dns.timeout,
@@ -250,6 +254,31 @@ class Builder:
             trust_ad=config.dns.trust_ad,
             on_lookup=self.metrics.dns_observer(),
         )
+        authentication = self.authentication(config, resolver)
+        return Policy(
+            local=local,
+            relay=relay,
+            auth=Authenticator.create(accounts, self._auth_guard),
+            rate_limits=rate_limits,
+            signer=signer if signer is not None else build_signer(config),
+            authentication=authentication,
+            parts=PipelineParts(
+                config=config,
+                clock=SystemClock(),
+                maillog=self.maillog,
+                relay=relay,
+                accounts=accounts.get,
+                rate_limits=rate_limits,
+                authentication=authentication,
+                resolver=resolver,
+                store=self.store,
+            ),
+        )
+
+    def authentication(self, config: Config, resolver: Resolver) -> InboundAuthentication | None:
+        """SPF/DKIM/DMARC/ARC for the MX listeners, through postillon's resolver."""
+        if not config.authentication.enabled:
+            return None
         return InboundAuthentication(
             config.authentication,
             resolver,
@@ -289,20 +318,17 @@ class Builder:
         return SessionDeps(
             settings=settings,
             intake=intake,
-            relay=policy.relay,
+            pipeline=policy.pipeline(kind, self.trace),
             maillog=self.maillog,
             limits=config.limits,
             listener=label,
+            kind=kind,
             tls_context=tls_context,
             auth=policy.auth if submission else None,
             submission=submission,
-            sender_policy=config.submission.sender_policy,
-            rate_limits=policy.rate_limits,
             hide_client_ip=config.submission.hide_client_ip,
-            recipient_delimiter=config.aliases.recipient_delimiter,
+            trusted=policy.relay.is_trusted,
             metrics=metrics,
-            # Inbound checks on MX (smtp) listeners only, never submission or LMTP.
-            authentication=policy.authentication if kind == "smtp" else None,
             queue_available=queue_available(self.store) if self.store is not None else None,
         )
 

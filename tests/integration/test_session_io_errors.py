@@ -18,8 +18,11 @@ from typing import Any
 
 import pytest
 
+from postillon.checks.pipeline import Pipeline
 from postillon.checks.relay import RelayPolicy
+from postillon.checks.relay_check import RelayCheck
 from postillon.config.model import DomainConfig, LimitsConfig
+from postillon.core.clock import SystemClock
 from postillon.inbound.session import Session, SessionDeps
 from postillon.intake.intake import Intake, IntakeTransaction
 from postillon.observability.maillog import null_maillog
@@ -42,7 +45,7 @@ async def test_local_io_error_is_421_and_logged(
     deps = SessionDeps(
         settings=ServerSettings("mx.test"),
         intake=_BrokenDiskIntake(MemoryStore(), "mx.test", tmp_path / "spool"),
-        relay=RelayPolicy(local, []),
+        pipeline=Pipeline([RelayCheck(RelayPolicy(local, []))], SystemClock()),
         maillog=null_maillog(),
         limits=LimitsConfig(),
         listener="smtp",

@@ -27,9 +27,12 @@ from typing import Any
 
 import pytest
 
+from postillon.checks.pipeline import Pipeline
 from postillon.checks.relay import RelayPolicy
+from postillon.checks.relay_check import RelayCheck
 from postillon.config.model import DomainConfig, LimitsConfig, ListenConfig
 from postillon.core.account import Account, ScramCredentials
+from postillon.core.clock import SystemClock
 from postillon.inbound.auth import (
     DEFAULT_MECHANISMS,
     Authenticator,
@@ -123,7 +126,7 @@ async def start(
     deps = SessionDeps(
         settings=settings,
         intake=Intake(store, "mx.test", tmp_path / "spool", maillog=log),
-        relay=RelayPolicy(local, []),
+        pipeline=Pipeline([RelayCheck(RelayPolicy(local, []))], SystemClock()),
         maillog=log,
         limits=LimitsConfig(),
         listener=kind,

@@ -38,8 +38,8 @@ and stops the phase; a check that raises is a ``451 4.3.0`` (logged, never echoe
 checks never write the queue (``intake`` does, with the ``MessageVerdict``).
 
 Files: ``pipeline.py`` (the pipeline and composition), ``base.py`` (the ``Check``
-protocol, ``BaseCheck``), ``decision.py`` (values),
-``context.py`` (what checks see), ``header_edit.py`` (applying header changes),
+protocol, ``BaseCheck``), ``decision.py`` (values), ``context.py`` (what checks
+see), ``header_edit.py`` (applying header changes),
 ``parts.py`` (what checks are built from), ``trace.py`` (the explain trace).
 The checks: ``relay_check.py`` (``relay.py``'s RelayPolicy: who may send where),
 ``submission_check.py`` (``sender_policy.py``, ``rate_limit.py``: RFC 6409

@@ -1,9 +1,10 @@
 """The session driver: a thin asyncio adapter around ``ServerConnection``.
 
 It moves bytes between the socket and the sans-IO core, applies timeouts, and
-turns the core's decision events into calls on policy (``RelayPolicy``) and
-intake. Connection state (peer, TLS, HELO name) lives here; transaction state
-lives in the ``IntakeTransaction`` (OpenSMTPD's smtp_session vs smtp_tx).
+turns the core's decision events into questions to the policy pipeline
+(``checks.pipeline``: every decision comes from there) and calls on intake.
+Connection state (peer, TLS, HELO name) lives here; transaction state lives in
+the ``IntakeTransaction`` (OpenSMTPD's smtp_session vs smtp_tx).
 
 Replies are written whenever the core needs more input, so pipelined commands
 (RFC 2920) get their replies in one write.
@@ -18,37 +19,25 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from postillon.checks.authentication import (
-    VERIFY_BUSY,
-    InboundAuthentication,
-    MessageFacts,
-    VerifyBusy,
+from postillon.checks.context import (
+    ListenerKind,
+    RecipientFacts,
+    SessionContext,
+    TransactionContext,
 )
-from postillon.checks.authresults import strip_own_results
-from postillon.checks.rate_limit import SubmissionRateLimits
-from postillon.checks.relay import RelayPolicy
-from postillon.checks.sender_policy import (
-    SenderMode,
-    check_from_header,
-    check_mail_from,
-    from_header_values,
-)
+from postillon.checks.pipeline import Pipeline, Verdict
 from postillon.config.model import LimitsConfig
 from postillon.core.account import Account, ScramCredentials
 from postillon.core.address import Address
-from postillon.core.envelope import NewRecipient, RcptParams
-from postillon.core.recipient import RecipientAccepted
+from postillon.core.envelope import MailParams, NewRecipient, RcptParams
 from postillon.core.reply import SHUTTING_DOWN, TEMP_LOCAL_ERROR, TIMEOUT, Reply
 from postillon.inbound.auth import Authenticator
+from postillon.inbound.policy import SpoolView, apply_verdict, client_facts, new_session_id
 from postillon.inbound.tls import describe as describe_tls
 from postillon.intake.headers import ClientInfo
 from postillon.intake.intake import Intake, IntakeError, IntakeTransaction
 from postillon.observability.maillog import MailLog
-from postillon.observability.metrics import (
-    ListenerMetrics,
-    reject_reason_for_commit,
-    reject_reason_for_recipient,
-)
+from postillon.observability.metrics import ListenerMetrics, reject_reason_for_commit
 from postillon.protocol import events as ev
 from postillon.protocol import replies as R
 from postillon.protocol.server import (
@@ -78,26 +67,24 @@ class SessionDeps:
 
     settings: ServerSettings
     intake: Intake
-    relay: RelayPolicy
+    # Every decision about the session and its messages (checks/pipeline.py).
+    pipeline: Pipeline
     maillog: MailLog
     limits: LimitsConfig
     listener: str
+    kind: ListenerKind = "smtp"
     tls_context: ssl.SSLContext | None = None
     # SMTP AUTH (RFC 4954): None = no AUTH offered on this listener, whatever
     # settings.auth_mechanisms says.
     auth: Authenticator | None = None
-    # Submission policy (RFC 6409): applies to authenticated clients and to
-    # every session of a submission listener.
+    # Submission (RFC 6409): the client's IP may be kept out of headers.
     submission: bool = False
-    sender_policy: SenderMode = "enforce"
-    rate_limits: SubmissionRateLimits | None = None
     hide_client_ip: bool = True
-    recipient_delimiter: str = "+"
+    # Whether an IP is in [relay] trusted_networks (a fact the checks are given).
+    trusted: Callable[[str], bool] | None = None
     # False while a shared queue's database is unreachable: then the session
     # answers 421 4.3.0 (greeting, MAIL) instead of a 250 it could not keep.
     queue_available: Callable[[], bool] | None = None
-    # SPF/DKIM/DMARC/ARC at end of data; None = no checks on this listener.
-    authentication: InboundAuthentication | None = None
     metrics: ListenerMetrics | None = None
 
 
@@ -129,6 +116,17 @@ class Session:
         self.auth_user = ""  # the authenticated username, once AUTH succeeded
         self.account: Account | None = None
         self.tx: IntakeTransaction | None = None
+        self.ctx = SessionContext(
+            new_session_id(),
+            client_facts(
+                self.client,
+                deps.kind,
+                deps.settings.hostname,
+                port=peer[1] if isinstance(peer, tuple) else 0,
+                trusted=deps.trusted(ip) if deps.trusted is not None and ip else False,
+            ),
+        )
+        self.ptx: TransactionContext | None = None  # the pipeline's view of self.tx
         self.in_data = False
         self._stop_after_transaction = False
         self._idle_reader: asyncio.Task[bytes] | None = None
@@ -182,8 +180,10 @@ class Session:
                 self.writer.write(self.conn.data_to_send())
             await self._say_and_close(LOCAL_IO_ERROR)
         finally:
-            self._abort_tx()
+            await self._abort_tx()
             self._release_auth_slot()
+            with contextlib.suppress(Exception):
+                await self.deps.pipeline.close(self.ctx)
             self.writer.close()
             # A TLS close waits for the peer's close_notify; a peer that does
             # not answer must not hold the session (or a shutdown) open.
@@ -203,8 +203,52 @@ class Session:
         available = self.deps.queue_available
         return available is not None and not available()
 
+    def _facts(self) -> None:
+        """Tell the checks what the session learnt (HELO, TLS, AUTH)."""
+        self.ctx.client = client_facts(
+            self.client,
+            self.deps.kind,
+            self.deps.settings.hostname,
+            trusted=self.ctx.client.trusted,
+            username=self.auth_user,
+            known=self.ctx.client,
+        )
+
+    def _refused(self, verdict: Verdict, queue_id: str = "", **fields: str) -> None:
+        """Count and log a refusal a check decided."""
+        assert verdict.reply is not None
+        self._count_rejected(verdict.metric or "policy")
+        self.deps.maillog.event(
+            "rejected",
+            queue_id,
+            **fields,
+            reason=verdict.reason or str(verdict.reply),
+            check=verdict.check,
+            client=self.client.describe(),
+        )
+
+    async def _connect(self) -> Reply | None:
+        """The connect phase; the refusal to say instead of the greeting, or None."""
+        pipeline = self.deps.pipeline
+        facts = self.ctx.client
+        pipeline.note(self.ctx, "connect", "session", "connect", f"{facts.ip} port {facts.port}")
+        if not pipeline.wants("connect"):
+            return None
+        verdict = await pipeline.connect(self.ctx)
+        # A check may have learnt the client's forward-confirmed name (Received:).
+        self.client = replace(self.client, rdns=self.ctx.client.rdns)
+        if verdict.reply is None:
+            return None
+        self._refused(verdict)
+        return verdict.reply
+
     async def _run(self, greeting: Reply | None) -> None:
         conn = self.conn
+        refusal = await self._connect()
+        if refusal is not None:
+            conn.greet(refusal if refusal.code != 220 else TEMP_LOCAL_ERROR)
+            await self._flush()
+            return
         if self._queue_down():
             greeting = QUEUE_UNAVAILABLE
         conn.greet(
@@ -238,36 +282,18 @@ class Session:
                     self.tx.write(data)
             case ev.Hello(verb=verb, name=name):
                 self.client = replace(self.client, helo=name, esmtp=verb != "HELO")
-                self._abort_tx()
-                conn.accept_hello()
+                await self._abort_tx()
+                await self._hello(verb, name)
             case ev.MailFrom(sender=sender, params=params):
-                self._abort_tx()
+                await self._abort_tx()
                 if self._queue_down():
                     conn.shutdown(QUEUE_UNAVAILABLE)
                     return
-                refusal = self._submission_sender_check(sender)
-                if refusal is not None:
-                    conn.reply(refusal)
-                    return
-                self.client = replace(self.client, smtputf8=params.smtputf8)
-                self.tx = self.deps.intake.begin(
-                    str(sender) if sender is not None else "",
-                    params,
-                    self.client,
-                    self.deps.listener,
-                )
-                # RFC 6409 §8: submitted mail gets Date:/Message-ID: if missing.
-                self.tx.add_missing_headers = self.account is not None
-                conn.reply(Reply.of(250, "2.1.0", "Ok"))
+                await self._mail(sender, params)
             case ev.RcptTo(recipient=recipient, params=params):
-                self._rcpt(recipient, params)
+                await self._rcpt(recipient, params)
             case ev.DataRequested():
-                if self.tx is None:
-                    conn.reply(TEMP_LOCAL_ERROR)
-                    return
-                self.tx.start_body()
-                self.in_data = True
-                conn.reply(Reply.of(354, None, "End data with <CR><LF>.<CR><LF>"))
+                await self._data()
             case ev.MessageComplete():
                 await self._complete(event)
             case ev.MessageAborted(reply=reply):
@@ -280,10 +306,10 @@ class Session:
                         reason=str(reply),
                         client=self.client.describe(),
                     )
-                self._abort_tx()
+                await self._abort_tx()
             case ev.TransactionReset() | ev.ConnectionClosed():
                 self.in_data = False
-                self._abort_tx()
+                await self._abort_tx()
             case ev.StartTlsRequested():
                 await self._starttls()
             case ev.AuthPassword() | ev.AuthScramLookup() | ev.AuthProof():
@@ -298,6 +324,7 @@ class Session:
                     authenticated=True,
                     hide_ip=self.deps.submission and self.deps.hide_client_ip,
                 )
+                self._facts()
                 self.deps.maillog.event(
                     "authenticated",
                     client=self.client.describe(),
@@ -309,190 +336,147 @@ class Session:
             case _:
                 pass
 
-    def _rcpt(self, recipient: Address, params: RcptParams) -> None:
-        conn = self.conn
-        if self.tx is None:
-            conn.reply(Reply.of(503, "5.5.1", "Need MAIL command"))
-            return
-        decision = self.deps.relay.check_recipient(
-            recipient, self.client.ip, self.client.authenticated
-        )
-        if isinstance(decision, RecipientAccepted) and self._policed():
-            limited = self._rate_limits().check_recipient(self._username(), self.client.ip)
-            if limited is not None:
-                self._count_rejected("rate_limit")
-                self.deps.maillog.event(
-                    "rejected", self.tx.queue_id, to=str(recipient), reason=limited.log_reason
-                )
-                conn.reply(limited.reply)
+    # -- the phases: ask the pipeline, act on its verdict ------------------------
+    def _say(self, verdict: Verdict) -> None:
+        assert verdict.reply is not None
+        if verdict.disconnect:
+            self.conn.shutdown(verdict.reply)
+        else:
+            self.conn.reply(verdict.reply)
+
+    async def _hello(self, verb: str, name: str) -> None:
+        self._facts()
+        pipeline = self.deps.pipeline
+        pipeline.note(self.ctx, "helo", "session", "command", f"{verb} {name}")
+        if pipeline.wants("helo"):
+            verdict = await pipeline.helo(self.ctx)
+            if verdict.reply is not None:
+                self._refused(verdict, helo=name)
+                self._say(verdict)
                 return
-        if isinstance(decision, RecipientAccepted):
-            given = str(recipient)
-            for target in decision.targets:
-                self.tx.add_recipient(
-                    NewRecipient(target, params, original=given if target != given else None)
-                )
-            conn.reply(Reply.of(250, "2.1.5", "Ok"))
-            return
-        self._count_rejected(reject_reason_for_recipient(decision.reply))
-        self.deps.maillog.event(
-            "rejected",
-            self.tx.queue_id,
-            **{"from": self.tx.sender, "to": str(recipient)},
-            reason=str(decision.reply),
-            client=self.client.describe(),
+        self.conn.accept_hello()
+
+    async def _mail(self, sender: Address | None, params: MailParams) -> None:
+        pipeline = self.deps.pipeline
+        self.client = replace(self.client, smtputf8=params.smtputf8)
+        address = str(sender) if sender is not None else ""
+        tx = self.deps.intake.begin(address, params, self.client, self.deps.listener)
+        ptx = TransactionContext(address, params, tx.queue_id)
+        pipeline.note(
+            self.ctx, "mail", "session", "command", f"MAIL FROM:<{address}>", None, tx.queue_id
         )
-        conn.reply(decision.reply)
+        verdict = await pipeline.mail(self.ctx, ptx)
+        if verdict.reply is not None:
+            tx.abort()
+            await pipeline.reset(self.ctx, ptx)
+            # No queue id: nothing of this transaction will ever be a message.
+            self._refused(verdict, **{"from": address})
+            self._say(verdict)
+            return
+        self.tx, self.ptx = tx, ptx
+        # RFC 6409 §8: submitted mail gets Date:/Message-ID: if missing.
+        tx.add_missing_headers = self.account is not None
+        self.conn.reply(Reply.of(250, "2.1.0", "Ok"))
+
+    async def _rcpt(self, recipient: Address, params: RcptParams) -> None:
+        tx, ptx = self.tx, self.ptx
+        if tx is None or ptx is None:
+            self.conn.reply(Reply.of(503, "5.5.1", "Need MAIL command"))
+            return
+        given = str(recipient)
+        pipeline = self.deps.pipeline
+        pipeline.note(
+            self.ctx, "rcpt", "session", "command", f"RCPT TO:<{given}>", None, tx.queue_id
+        )
+        verdict = await pipeline.rcpt(self.ctx, ptx, RecipientFacts(given, params, recipient))
+        if verdict.reply is not None:
+            self._refused(verdict, tx.queue_id, **{"from": tx.sender, "to": given})
+            self._say(verdict)
+            return
+        for target in verdict.targets:
+            tx.add_recipient(
+                NewRecipient(target, params, original=given if target != given else None)
+            )
+        ptx.recipients.append(RecipientFacts(given, params, recipient, verdict.targets))
+        self.conn.reply(Reply.of(250, "2.1.5", "Ok"))
+
+    async def _data(self) -> None:
+        tx, ptx = self.tx, self.ptx
+        if tx is None or ptx is None:
+            self.conn.reply(TEMP_LOCAL_ERROR)
+            return
+        pipeline = self.deps.pipeline
+        if pipeline.wants("data"):
+            verdict = await pipeline.data(self.ctx, ptx)
+            if verdict.reply is not None:
+                self._refused(verdict, tx.queue_id)
+                self._say(verdict)
+                return
+        tx.start_body()
+        self.in_data = True
+        self.conn.reply(Reply.of(354, None, "End data with <CR><LF>.<CR><LF>"))
 
     async def _complete(self, event: ev.MessageComplete) -> None:
         self.in_data = False
         tx, self.tx = self.tx, None
+        ptx, self.ptx = self.ptx, None
         # LMTP (RFC 2033 4.2): one reply per accepted recipient; SMTP: one reply.
-        replies_needed = event.recipients or 1 if self.deps.settings.lmtp else 1
-        if tx is None:
-            for _ in range(max(1, replies_needed)):
-                self.conn.reply(TEMP_LOCAL_ERROR)
-            return
-        if tx.failure is not None:
+        replies_needed = max(1, event.recipients or 1 if self.deps.settings.lmtp else 1)
+        if tx is None or ptx is None:
+            reply = TEMP_LOCAL_ERROR
+        elif tx.failure is not None:
             # The spool failed mid-body (disk full: 452 4.3.1; intake logged it): no
             # checks on a truncated message, just the reply.
             tx.abort()
+            await self.deps.pipeline.reset(self.ctx, ptx)
             self._count_rejected(reject_reason_for_commit(tx.failure))
-            for _ in range(max(1, replies_needed)):
-                self.conn.reply(tx.failure)
-            return
-        if self.account is not None:
-            decision = check_from_header(
-                self.account,
-                from_header_values(tx.header_block),
-                self.deps.sender_policy,
-                self.deps.recipient_delimiter,
-            )
-            if decision.warning:
-                self.deps.maillog.event("warning", tx.queue_id, reason=decision.warning)
-            if not decision.allowed and decision.reply is not None:
+            reply = tx.failure
+        else:
+            reply = await self._check_and_commit(tx, ptx)
+        for _ in range(replies_needed):
+            self.conn.reply(reply)
+
+    async def _check_and_commit(self, tx: IntakeTransaction, ptx: TransactionContext) -> Reply:
+        """End of data: the checks' verdict, then the commit; the reply to send."""
+        pipeline = self.deps.pipeline
+        hold = ""
+        if pipeline.wants("end_of_data") or ptx.discarded or ptx.quarantined:
+            verdict = await pipeline.end_of_data(self.ctx, ptx, SpoolView(tx))
+            if verdict.reply is not None:
                 tx.abort()
-                self._count_rejected("sender_policy")
-                self.deps.maillog.event("rejected", tx.queue_id, reason=str(decision.reply))
-                for _ in range(max(1, replies_needed)):
-                    self.conn.reply(decision.reply)
-                return
-        refusal = await self._authenticate(tx)
-        if refusal is not None:
-            for _ in range(max(1, replies_needed)):
-                self.conn.reply(refusal)
-            return
+                refusal = Verdict(
+                    verdict.reply, check=verdict.check, reason=verdict.reason, metric=verdict.metric
+                )
+                self._refused(refusal, tx.queue_id)
+                pipeline.note(
+                    self.ctx, "end_of_data", "session", "reject", "", verdict.reply, tx.queue_id
+                )
+                return verdict.reply
+            if verdict.discard:
+                tx.abort()
+                self.deps.maillog.event("discarded", tx.queue_id, reason=verdict.discard)
+                # The client is told what it would be told for a queued message.
+                reply = Reply.of(250, "2.0.0", f"Ok: queued as {tx.queue_id}")
+                pipeline.note(
+                    self.ctx, "end_of_data", "session", "discard", verdict.discard, reply,
+                    tx.queue_id,
+                )  # fmt: skip
+                return reply
+            apply_verdict(tx, verdict)
+            hold = verdict.quarantine
         try:
-            queue_id = await tx.commit()
+            queue_id = await tx.commit(hold=hold)
             reply = Reply.of(250, "2.0.0", f"Ok: queued as {queue_id}")
+            action, saw = ("quarantine", hold) if hold else ("queued", "")
         except IntakeError as exc:
             reply = exc.reply
+            action, saw = "reject", "the queue did not take the message"
             self._count_rejected(reject_reason_for_commit(reply))
             self.deps.maillog.event(
                 "rejected", tx.queue_id, reason=str(reply), client=self.client.describe()
             )
-        for _ in range(max(1, replies_needed)):
-            self.conn.reply(reply)
-
-    # -- inbound authentication (SPF, DKIM, DMARC, ARC) -----------------------
-    async def _authenticate(self, tx: IntakeTransaction) -> Reply | None:
-        """Run the checks before the commit; the refusal to send, or None.
-
-        Authenticated (submission) clients and [relay] trusted_networks skip them;
-        local mail never gets here.
-        """
-        checks = self.deps.authentication
-        if checks is None:
-            return None
-        trusted = self.deps.relay.is_trusted(self.client.ip)
-        if (
-            self.client.authenticated
-            or self.deps.submission
-            or (trusted and not checks.config.check_trusted_networks)
-        ):
-            # Our own senders are not checked, but may not forge our verdicts either.
-            header, removed = strip_own_results(tx.header_block, checks.authserv_id)
-            if removed:
-                tx.rewrite_header(b"", header)
-            return None
-        too_big = tx.size > checks.config.max_verify_size
-        try:
-            # The message is read into memory only once it has a slot.
-            async with checks.verify_slot():
-                facts = MessageFacts(
-                    client_ip=self.client.ip,
-                    helo=self.client.helo,
-                    mail_from=tx.sender,
-                    header=tx.header_block,
-                    message=None if too_big else tx.message_bytes(),
-                    recipients=[(r.address, r.original or r.address) for r in tx.recipients],
-                )
-                verdict = await checks.evaluate(facts)
-        except VerifyBusy:
-            tx.abort()
-            self._count_rejected("local_error")
-            self.deps.maillog.event("rejected", tx.queue_id, reason=str(VERIFY_BUSY))
-            return VERIFY_BUSY
-        except Exception:
-            logging.getLogger("postillon.inbound").exception("authentication checks failed")
-            tx.abort()
-            self._count_rejected("local_error")
-            return TEMP_LOCAL_ERROR
-        log_fields = {"results": verdict.summary(), "action": verdict.decision.action}
-        if verdict.decision.reason:
-            log_fields["reason"] = verdict.decision.reason
-        self.deps.maillog.event("authentication", tx.queue_id, **log_fields)
-        if verdict.decision.reply is not None:
-            tx.abort()
-            self._count_rejected("authentication")
-            self.deps.maillog.event(
-                "rejected",
-                tx.queue_id,
-                reason=str(verdict.decision.reply),
-                client=self.client.describe(),
-            )
-            return verdict.decision.reply
-        tx.rewrite_header(verdict.prepend, verdict.header)
-        return None
-
-    # -- submission policy (RFC 6409) -----------------------------------------
-    def _policed(self) -> bool:
-        return self.deps.rate_limits is not None and (
-            self.deps.submission or self.account is not None
-        )
-
-    def _rate_limits(self) -> SubmissionRateLimits:
-        assert self.deps.rate_limits is not None
-        return self.deps.rate_limits
-
-    def _username(self) -> str | None:
-        return self.account.username if self.account is not None else None
-
-    def _submission_sender_check(self, sender: Address | None) -> Reply | None:
-        """Sender ownership, then the message rate; the refusal to send or None."""
-        if self.account is not None:
-            decision = check_mail_from(
-                self.account,
-                str(sender) if sender is not None else "",
-                self.deps.sender_policy,
-                self.deps.recipient_delimiter,
-            )
-            if decision.warning:
-                self.deps.maillog.event(
-                    "warning", client=self.client.describe(), reason=decision.warning
-                )
-            if not decision.allowed:
-                self._count_rejected("sender_policy")
-                return decision.reply
-        if self._policed():
-            limited = self._rate_limits().check_message(self._username(), self.client.ip)
-            if limited is not None:
-                self._count_rejected("rate_limit")
-                self.deps.maillog.event(
-                    "rejected", client=self.client.describe(), reason=limited.log_reason
-                )
-                return limited.reply
-        return None
+        pipeline.note(self.ctx, "end_of_data", "session", action, saw, reply, tx.queue_id)
+        return reply
 
     async def _starttls(self) -> None:
         ctx = self.deps.tls_context
@@ -511,6 +495,7 @@ class Session:
             await self.writer.start_tls(ctx)
         ssl_obj = self.writer.get_extra_info("ssl_object")
         self.client = replace(self.client, tls=describe_tls(ssl_obj))
+        self._facts()
         if self.deps.metrics is not None and ssl_obj is not None:
             self.deps.metrics.tls(ssl_obj.version() or "")
         self.conn.tls_established()
@@ -593,7 +578,10 @@ class Session:
         if self.deps.metrics is not None:
             self.deps.metrics.rejected(reason)
 
-    def _abort_tx(self) -> None:
+    async def _abort_tx(self) -> None:
         if self.tx is not None:
             self.tx.abort()
             self.tx = None
+        ptx, self.ptx = self.ptx, None
+        if ptx is not None:
+            await self.deps.pipeline.reset(self.ctx, ptx)

@@ -8,7 +8,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from email.utils import formatdate
 from pathlib import Path
 from typing import IO
@@ -225,6 +225,57 @@ class IntakeTransaction:
             return b""
         return data
 
+    def body_chunks(self, size: int = 65536) -> Iterator[bytes]:
+        """The body after the client's header section and its empty line (with any
+        Date:/Message-ID: submission added in front of that line), from the spool."""
+        body = self._body
+        if body is None:
+            return
+        if not self._header_done:
+            self._finish_headers(self._header_buf, b"", complete=True)
+        body.seek(self._trace_len + len(self._header_buf))
+        first = True
+        try:
+            while chunk := body.read(size):
+                if first and chunk.startswith(b"\r\n"):
+                    chunk = chunk[2:]
+                first = False
+                yield chunk
+        finally:
+            body.seek(0, 2)
+
+    def replace_body(self, new_body: bytes) -> None:
+        """Keep everything up to the client's header section, replace what follows
+        with an empty line and ``new_body`` (a milter's SMFIR_REPLBODY)."""
+        old = self._body
+        if old is None:
+            return
+        try:
+            if not self._header_done:
+                self._finish_headers(self._header_buf, b"", complete=True)
+            new = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in commit/abort
+                max_size=SPOOL_MEMORY_LIMIT, dir=str(self._intake.spool_dir)
+            )
+            old.seek(0)
+            new.write(old.read(self._trace_len + len(self._header_buf)))
+            new.write(b"\r\n" + new_body)
+            old.close()
+            self._body = new
+            self._size = new.tell()
+        except OSError as exc:
+            self._spool_failed(exc)
+            return
+        if self._signing is not None:  # sign what is stored, not what the client sent
+            self._signing = start_signing(
+                self._intake.signer,
+                self._header_buf,
+                self.sender,
+                self.client.ip,
+                self.client.authenticated,
+            )
+            if self._signing is not None:
+                self._signing.update(new_body)
+
     def rewrite_header(self, prepend: bytes, header: bytes) -> None:
         """Put ``prepend`` on top and replace the client's header section with
         ``header`` (checks add Authentication-Results: and drop forged ones)."""
@@ -256,8 +307,10 @@ class IntakeTransaction:
         self._header_buf = header
 
     # -- outcome ------------------------------------------------------------
-    async def commit(self) -> str:
-        """Make the message durable; return its queue id. Raises IntakeError."""
+    async def commit(self, hold: str = "") -> str:
+        """Make the message durable; return its queue id. Raises IntakeError.
+        ``hold``: a quarantine reason; the message is held (``queue release`` lets it
+        go) before the runner is told of it."""
         if self.closed:
             raise RuntimeError("transaction already closed")
         if not self.recipients:
@@ -342,6 +395,14 @@ class IntakeTransaction:
             },
         )
         self._intake.count_received(self.source)
+        if hold:
+            try:
+                await self._intake.store.hold(self.queue_id, self._intake.clock.now())
+                self._intake.maillog.event("quarantined", self.queue_id, reason=hold)
+            except Exception as exc:  # committed, so never lose it: deliver instead
+                self._intake.maillog.event(
+                    "error", self.queue_id, reason=f"quarantine hold failed: {exc!r}"
+                )
         self._intake.notify_committed()
         return self.queue_id
 
