@@ -11,6 +11,7 @@ from postillon.cli import (
     admin_cmd,
     db_cmd,
     dkim_cmd,
+    dmarc_cmd,
     dns_cmd,
     queue_cmd,
     reload_cmd,
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     reload_cmd.add_parser(sub)
     admin_cmd.add_parser(sub)
     tls_cmd.add_parser(sub)
+    dmarc_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
         ("mailq", "list the queue (= sendmail -bp)"),
@@ -154,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             return admin_cmd.run(args, config)
         if args.command == "tls":
             return tls_cmd.run(args, config)
+        if args.command == "dmarc":
+            return dmarc_cmd.run(args, config)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

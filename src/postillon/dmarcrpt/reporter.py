@@ -21,12 +21,15 @@ Nothing raises out of ``report_day`` for one domain's trouble: each outcome is a
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from postillon.checks.dmarc_check import parse_record
-from postillon.core.clock import Clock
+from postillon.config.model import Config
+from postillon.core.clock import Clock, SystemClock
 from postillon.core.dmarc import DmarcResultCount
 from postillon.core.envelope import MailParams, NewRecipient
 from postillon.dmarcrpt.destinations import Destination, parse_rua, verify_external
@@ -37,7 +40,7 @@ from postillon.intake.headers import ClientInfo
 from postillon.intake.intake import IntakeError, IntakeTransaction
 from postillon.queue.store import DmarcReportStore
 
-__all__ = ["DmarcReporter", "DmarcReporterSettings", "DomainOutcome"]
+__all__ = ["DmarcReporter", "DmarcReporterSettings", "DomainOutcome", "reporter_from_config"]
 
 log = logging.getLogger("postillon.dmarcrpt")
 
@@ -176,3 +179,22 @@ class DmarcReporter:
             tx.abort()
             return False, f"not queued: {exc}"
         return True, f"queued as {queue_id}"
+
+
+def reporter_from_config(
+    config: Config, store: DmarcReportStore, resolver: Resolver, intake: ReportIntake | None
+) -> DmarcReporter:
+    """The reporter of ``[dmarc_reports]`` (the daily task and ``postillon dmarc report``)."""
+    cfg = config.dmarc_reports
+    sender = cfg.sender_for(config.hostname)
+    settings = DmarcReporterSettings(
+        ReportSettings(
+            organization=cfg.organization or config.hostname,
+            contact=cfg.contact or sender,
+            submitter=sender.rpartition("@")[2].lower(),
+        ),
+        sender=sender,
+        owner=f"{socket.gethostname()}:{os.getpid()}",
+        max_report_size=cfg.max_report_size,
+    )
+    return DmarcReporter(store, resolver, intake, settings, SystemClock())
