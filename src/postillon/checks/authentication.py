@@ -273,9 +273,10 @@ class InboundAuthentication:
         if self.dmarc_observer is not None and lookup_done is not None:
             record = lookup_done.record
             if record is not None and record.rua and dmarc.result in ("pass", "fail"):
-                row = dmarc_report_row(
-                    facts, from_domain, lookup_done, spf, dkim_results, decision.action
-                )
+                # The disposition is what DMARC applied (§7.2 Appendix C): "none" when
+                # the policy was none, even if a local rule (SPF fail) held the message.
+                applied = decision.action if policy != "none" else "none"
+                row = dmarc_report_row(facts, from_domain, lookup_done, spf, dkim_results, applied)
                 self.dmarc_observer(row)
         header, removed = strip_own_results(facts.header, self.authserv_id)
         prepend = render(self.authserv_id, results)
