@@ -37,6 +37,7 @@ from postillon.build import (
     tls_certificate,
     tls_reporter,
 )
+from postillon.checks.state_pruning import StatePruner
 from postillon.config.loader import ConfigError
 from postillon.config.model import Config
 from postillon.core.address import Address
@@ -104,6 +105,7 @@ class App:
         # [dmarc_reports] (RFC 7489 §7.2): the evaluation recorder and the daily task.
         self.dmarc_recorder: DmarcReportRecorder | None = None
         self.dmarc_daily: DailyReports | None = None
+        self.state_pruner: StatePruner | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
         # Helper processes (DKIM verification, RSA signing), started just before
@@ -207,6 +209,9 @@ class App:
             self._start_tls_reports(config, intake, clock)  # before the transports: they observe
         if config.dmarc_reports.enabled:
             self._start_dmarc_reports(config, intake, clock)  # before the policy: it observes
+        # Greylisting and port-25 rate limits: drop expired state hourly (every node may).
+        self.state_pruner = StatePruner(self.store.policy_state, clock, lambda: self.config)
+        self.state_pruner.start()
         policy = self._builder.policy(config, None, signer)
         serving = [
             (listener, self._builder.session_deps(config, listener, intake, policy, tls_context))
@@ -457,6 +462,8 @@ class App:
             await self.tls_recorder.stop()  # the last counts, before the store closes
         if self.dmarc_daily is not None:
             await self.dmarc_daily.stop()
+        if self.state_pruner is not None:
+            await self.state_pruner.stop()
         if self.dmarc_recorder is not None:
             await self.dmarc_recorder.stop()
         if self.store_failure is not None:

@@ -41,6 +41,10 @@ RELOADABLE = frozenset(
         "authentication",  # rebuilt with the policy on reload
         "dkim",  # keys re-read on reload
         "helper_processes",  # extra helpers stop, missing ones start on the next request
+        # Port-25 checks: rebuilt with the policy pipeline; their state is in the store.
+        "greylist",
+        "smtp_rate_limits",
+        "policy_service",
     }
 )
 # [mta_sts] settings a reload applies: the policy served; its socket stays bound.

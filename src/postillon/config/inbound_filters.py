@@ -8,14 +8,15 @@ docs/dmarc-reports.md).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "DmarcReportsConfig",
     "GreylistConfig",
     "PolicyServiceConfig",
+    "PolicyServices",
     "SmtpRateLimitsConfig",
 ]
 
@@ -101,6 +102,18 @@ class PolicyServiceConfig(_Frozen):
             if host and port.isdigit() and 0 < int(port) < 65536:
                 return value
         raise ValueError(f'{value!r}: expected "inet:HOST:PORT" or "unix:/path"')
+
+
+def _unique_names(services: tuple[PolicyServiceConfig, ...]) -> tuple[PolicyServiceConfig, ...]:
+    names = [s.name for s in services]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"policy service name {name!r} is used twice")
+    return services
+
+
+# [[policy_service]]: each name once (it names the check in logs and explain traces).
+PolicyServices = Annotated[tuple[PolicyServiceConfig, ...], AfterValidator(_unique_names)]
 
 
 class DmarcReportsConfig(_Frozen):

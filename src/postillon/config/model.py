@@ -19,6 +19,7 @@ from postillon.config.inbound_filters import (
     DmarcReportsConfig,
     GreylistConfig,
     PolicyServiceConfig,
+    PolicyServices,
     SmtpRateLimitsConfig,
 )
 from postillon.config.mta_sts import MtaStsConfig
@@ -490,7 +491,7 @@ class Config(_Frozen):
     # Port-25 filters and DMARC reports (config/inbound_filters.py).
     greylist: GreylistConfig = GreylistConfig()
     smtp_rate_limits: SmtpRateLimitsConfig = SmtpRateLimitsConfig()
-    policy_service: tuple[PolicyServiceConfig, ...] = ()
+    policy_service: PolicyServices = ()
     dmarc_reports: DmarcReportsConfig = DmarcReportsConfig()
 
     @field_validator("helper_processes")

@@ -54,13 +54,9 @@ def parse_rua(uris: tuple[str, ...]) -> list[Destination]:
             out.append(Destination(uri, "", max_size, "only mailto: destinations are supported"))
             continue
         address = unquote(rest.split("?", 1)[0]).strip()
-        local, at, domain = address.rpartition("@")
-        if (
-            not at
-            or not local
-            or "." not in domain
-            or any(c.isspace() or c in "<>" for c in address)
-        ):
+        local, _, domain = address.rpartition("@")
+        bad = address.count("@") != 1 or any(c.isspace() or c in "<>,;" for c in address)
+        if bad or not local or "." not in domain:
             out.append(Destination(uri, "", max_size, f"not an address: {address[:80]!r}"))
             continue
         out.append(Destination(uri, address, max_size))
