@@ -110,6 +110,7 @@ def test_reports_are_built_verified_and_mailed(world: dict[str, Any]) -> None:
 
     (path,) = a.wait_for_mail("agg@author.test")
     (vendor_copy,) = a.wait_for_mail("dmarc@vendor.test")
+    assert b"Report Domain: author.test" in vendor_copy.read_bytes()
     assert a.maildir_messages("x@stranger.test") == []
     raw = to_crlf(path.read_bytes())
     msg = email.message_from_bytes(raw, policy=email.policy.default)

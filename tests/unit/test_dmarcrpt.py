@@ -4,8 +4,6 @@ a scripted resolver and the real intake (claims: two nodes send one report)."""
 
 from __future__ import annotations
 
-import email
-import email.policy
 import gzip
 import xml.etree.ElementTree as ET
 from pathlib import Path
