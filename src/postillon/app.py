@@ -38,6 +38,7 @@ from postillon.build import (
     tls_reporter,
 )
 from postillon.checks.state_pruning import StatePruner
+from postillon.checks.trace import TraceRecorder
 from postillon.config.loader import ConfigError
 from postillon.config.model import Config
 from postillon.core.address import Address
@@ -96,6 +97,7 @@ class App:
         self.runner: Runner | None = None
         self.pickup: Pickup | None = None
         self.history: HistoryRecorder | None = None
+        self.trace: TraceRecorder | None = None
         self.admin: AdminServer | None = None
         # The MTA-STS policy server ([mta_sts] listen), when configured.
         self.mta_sts: StsServer | None = None
@@ -194,6 +196,16 @@ class App:
         self.history = HistoryRecorder(self.store, clock, config.admin.history_days * 86400)
         self.maillog.subscribe(self.history.on_event)
         self.history.start()
+        if config.explain.enabled:
+            # Every check's decision, for `postillon explain` (checks/trace.py).
+            self.trace = TraceRecorder(
+                self.store.traces,
+                clock,
+                flush_interval=config.explain.flush_interval,
+                keep_seconds=config.explain.keep_hours * 3600,
+            )
+            self.trace.start()
+            self._builder.trace = self.trace
         intake = Intake(
             self.store,
             config.hostname,
@@ -470,6 +482,8 @@ class App:
             self.store_failure.cancel()
         if self.history is not None:
             await self.history.stop()
+        if self.trace is not None:
+            await self.trace.stop()  # the last steps, before the store closes
         await self._helpers.close()
         if self.store is not None:
             await self.store.close()

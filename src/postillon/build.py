@@ -333,6 +333,7 @@ class Builder:
             trusted=policy.relay.is_trusted,
             metrics=metrics,
             queue_available=queue_available(self.store) if self.store is not None else None,
+            greet_pause=config.client_checks.greet_pause if kind == "smtp" else 0.0,
         )
 
     def smtp_transports(self, config: Config) -> tuple[SmtpTransport, SmtpTransport]:

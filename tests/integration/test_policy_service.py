@@ -18,7 +18,7 @@ import pytest
 from postillon.checks.context import ClientFacts, RecipientFacts, SessionContext, TransactionContext
 from postillon.checks.decision import AddHeader
 from postillon.checks.policy_service import PolicyServiceCheck, PolicyServiceClient
-from postillon.config.model import PolicyServiceConfig
+from postillon.config.inbound_filters import PolicyServiceConfig
 from support.ports import free_port
 from support.postgrey import Postgrey, PostgreyNotInstalled
 

@@ -37,7 +37,9 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "observability": (),
     "queue": (),
     # checks: the relay policy asks the local recipient table; DKIM goes to a helper
-    # process through the pool (helpers sits below checks and intake).
+    # process through the pool (helpers sits below checks and intake). The port-25
+    # checks take their settings from config.inbound_filters (config model types split
+    # from config.model, which is at its size limit).
     "checks": (
         "protocol",
         "dns.resolver",
@@ -45,6 +47,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
         "queue.store",
         "routing.local",
         "helpers.pool",
+        "config.inbound_filters",
     ),
     "intake": ("checks", "signing", "queue.store", "helpers.pool"),
     "routing": ("dns.resolver",),

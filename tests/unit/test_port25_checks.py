@@ -13,7 +13,8 @@ from postillon.checks.greylist import client_network
 from postillon.checks.parts import PipelineParts
 from postillon.checks.pipeline import Pipeline, build_pipeline
 from postillon.checks.relay import RelayPolicy
-from postillon.config.model import Config, GreylistConfig, SmtpRateLimitsConfig
+from postillon.config.inbound_filters import GreylistConfig, SmtpRateLimitsConfig
+from postillon.config.model import Config
 from postillon.core.clock import FakeClock
 from postillon.observability.maillog import MailLog
 from postillon.queue.memory_store import MemoryStore

@@ -458,13 +458,13 @@ async def test_version_3_queue_gains_the_tls_report_tables(tmp_path: Path) -> No
     finally:
         await store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     conn.close()
 
 
-async def test_version_5_queue_gains_the_policy_state_tables(tmp_path: Path) -> None:
-    """A queue before greylisting, shared rate counters and DMARC reports (version 5)
-    upgrades to 6 and keeps its mail; greylisting works after it."""
+async def test_version_6_queue_gains_the_policy_state_tables(tmp_path: Path) -> None:
+    """A queue before greylisting, shared rate counters and DMARC reports (version 6)
+    upgrades to 7 and keeps its mail; greylisting works after it."""
     from postillon.queue.store import GreylistPolicy
 
     path = tmp_path / "queue.db"
@@ -475,7 +475,7 @@ async def test_version_5_queue_gains_the_policy_state_tables(tmp_path: Path) -> 
     for table in ("greylist_triplets", "greylist_clients", "rate_counters", "dmarc_results"):
         conn.execute(f"DROP TABLE {table}")
     conn.execute("DROP TABLE dmarc_report_claims")
-    conn.execute("PRAGMA user_version = 5")
+    conn.execute("PRAGMA user_version = 6")
     conn.commit()
     conn.close()
     store = SqliteStore(path)

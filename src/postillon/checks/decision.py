@@ -6,10 +6,11 @@ decision, and the explain trace. See the package note (``checks/__init__.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from postillon.core.reply import Reply
+from postillon.core.trace import TraceStep as TraceStep  # re-exported for checks
 
 # The points of an SMTP session where the pipeline is asked, in order. "connect" runs
 # after the greet pause (so a pregreet is known), before the greeting.
@@ -158,31 +159,3 @@ def quarantine(reason: str, saw: str = "", *changes: Change) -> Decision:
 
 def discard(saw: str = "", reason: str = "") -> Decision:
     return Decision("discard", saw=saw, reason=reason)
-
-
-# -- the explain trace ---------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class TraceStep:
-    """One line of the story ``postillon explain`` tells: at ``phase`` the check
-    ``check`` saw ``saw`` and decided ``action`` (``reply`` is what the client was
-    told because of it, "" when nothing). ``check`` "session" is the session's own
-    steps (the client's command, the final reply of a phase)."""
-
-    session_id: str
-    at: float
-    phase: Phase
-    check: str
-    action: str
-    saw: str = ""
-    reply: str = ""
-    queue_id: str = ""  # "" until the transaction has one
-    client_ip: str = ""
-
-
-@dataclass(slots=True)
-class Trace:
-    """The steps of one session so far; the pipeline appends, the sink stores."""
-
-    session_id: str
-    client_ip: str
-    steps: list[TraceStep] = field(default_factory=list)

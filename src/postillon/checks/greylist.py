@@ -28,7 +28,7 @@ from postillon.checks.context import (
 )
 from postillon.checks.decision import Decision, Phase, proceed, reject
 from postillon.checks.parts import PipelineParts
-from postillon.config.model import GreylistConfig
+from postillon.config.inbound_filters import GreylistConfig
 from postillon.core.clock import Clock
 from postillon.core.reply import Reply
 from postillon.queue.store import GreylistPolicy, GreylistStore

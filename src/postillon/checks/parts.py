@@ -40,3 +40,6 @@ class PipelineParts:
     resolver: Resolver | None = None
     # The queue store, for checks whose state every node shares (greylist, rate limits).
     store: QueueStore | None = None
+    # ``postillon explain --simulate``: decide as usual but change no shared state
+    # (no greylist triplet recorded, no rate-limit count taken, no milter told to act).
+    dry_run: bool = False

@@ -37,9 +37,13 @@ from dataclasses import dataclass, field, replace
 
 from postillon.checks import (
     authentication_check,
+    dnsbl,
     greylist,
+    helo_check,
     policy_service,
+    pregreet,
     relay_check,
+    reverse_dns,
     smtp_rate_limit,
     submission_check,
 )
@@ -375,6 +379,10 @@ CheckFactory = Callable[[ListenerKind, PipelineParts], Check | Sequence[Check] |
 def factories() -> tuple[CheckFactory, ...]:
     return (
         # connect / helo: who is talking (port 25 protection)
+        pregreet.build,
+        dnsbl.build,
+        reverse_dns.build,
+        helo_check.build,
         # mail / rcpt: who may send where
         relay_check.build,
         submission_check.build,

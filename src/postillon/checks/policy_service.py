@@ -46,7 +46,7 @@ from postillon.checks.decision import (
     reject,
 )
 from postillon.checks.parts import PipelineParts
-from postillon.config.model import PolicyServiceConfig
+from postillon.config.inbound_filters import PolicyServiceConfig
 from postillon.core.reply import TEMP_LOCAL_ERROR, Reply
 from postillon.protocol.policy_delegation import (
     PolicyProtocolError,

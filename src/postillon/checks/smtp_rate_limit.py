@@ -24,7 +24,7 @@ from postillon.checks.decision import CONTINUE, Decision, Phase, proceed, reject
 from postillon.checks.greylist import client_network
 from postillon.checks.parts import PipelineParts
 from postillon.checks.rate_limit import TOO_MANY_RECIPIENTS, message_limited
-from postillon.config.model import SmtpRateLimitsConfig
+from postillon.config.inbound_filters import SmtpRateLimitsConfig
 from postillon.core.clock import Clock
 from postillon.queue.store import RateCounterStore, RateRequest
 

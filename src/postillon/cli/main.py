@@ -13,6 +13,7 @@ from postillon.cli import (
     dkim_cmd,
     dmarc_cmd,
     dns_cmd,
+    explain_cmd,
     queue_cmd,
     reload_cmd,
     tls_cmd,
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     reload_cmd.add_parser(sub)
     admin_cmd.add_parser(sub)
     tls_cmd.add_parser(sub)
+    explain_cmd.add_parser(sub)
     dmarc_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             return admin_cmd.run(args, config)
         if args.command == "tls":
             return tls_cmd.run(args, config)
+        if args.command == "explain":
+            return explain_cmd.run(args, config)
         if args.command == "dmarc":
             return dmarc_cmd.run(args, config)
     except ConfigError as exc:

@@ -41,6 +41,8 @@ RELOADABLE = frozenset(
         "authentication",  # rebuilt with the policy on reload
         "dkim",  # keys re-read on reload
         "helper_processes",  # extra helpers stop, missing ones start on the next request
+        "dnsbl",  # the checks are rebuilt with the policy on reload
+        "client_checks",
         # Port-25 checks: rebuilt with the policy pipeline; their state is in the store.
         "greylist",
         "smtp_rate_limits",

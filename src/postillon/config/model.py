@@ -14,13 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from postillon.config import inbound_filters as filters
 from postillon.config.address import split_host_port
-from postillon.config.inbound_filters import (
-    DmarcReportsConfig,
-    GreylistConfig,
-    PolicyServiceConfig,
-    PolicyServices,
-    SmtpRateLimitsConfig,
+from postillon.config.filtering import (
+    ClientChecksConfig,
+    DnsblConfig,
+    ExplainConfig,
+    UnknownClientAction,
 )
 from postillon.config.mta_sts import MtaStsConfig
 from postillon.config.outbound import (
@@ -34,17 +34,17 @@ from postillon.config.tls_reports import TlsReportsConfig
 from postillon.core.credentials import check_postgresql_url
 
 __all__ = [
+    "ClientChecksConfig",
     "Config",
-    "DmarcReportsConfig",
-    "GreylistConfig",
+    "DnsblConfig",
+    "ExplainConfig",
     "MtaStsConfig",
     "OutboundConfig",
-    "PolicyServiceConfig",
     "RelayConfig",
-    "SmtpRateLimitsConfig",
     "TlsPolicyName",
     "TlsPolicyRule",
     "TransportRule",
+    "UnknownClientAction",
     "split_host_port",
 ]
 
@@ -488,11 +488,14 @@ class Config(_Frozen):
     admin: AdminConfig = AdminConfig()
     mta_sts: MtaStsConfig = MtaStsConfig()
     tls_reports: TlsReportsConfig = TlsReportsConfig()
-    # Port-25 filters and DMARC reports (config/inbound_filters.py).
-    greylist: GreylistConfig = GreylistConfig()
-    smtp_rate_limits: SmtpRateLimitsConfig = SmtpRateLimitsConfig()
-    policy_service: PolicyServices = ()
-    dmarc_reports: DmarcReportsConfig = DmarcReportsConfig()
+    # Port-25 protection and the decision trace (config/filtering.py, docs/filtering.md).
+    dnsbl: DnsblConfig = DnsblConfig()
+    client_checks: ClientChecksConfig = ClientChecksConfig()
+    explain: ExplainConfig = ExplainConfig()
+    greylist: filters.GreylistConfig = filters.GreylistConfig()
+    smtp_rate_limits: filters.SmtpRateLimitsConfig = filters.SmtpRateLimitsConfig()
+    policy_service: filters.PolicyServices = ()
+    dmarc_reports: filters.DmarcReportsConfig = filters.DmarcReportsConfig()
 
     @field_validator("helper_processes")
     @classmethod

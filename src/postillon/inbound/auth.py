@@ -209,3 +209,12 @@ class Authenticator:
     @classmethod
     def create(cls, store: CredentialStore, guard: AuthGuard | None = None) -> Authenticator:
         return cls(store, guard or AuthGuard(), mechanism_factories(scram_primitives()))
+
+
+_LOG_NAME = 64  # characters of a client-supplied username kept in the log
+
+
+def loggable_name(name: str) -> str:
+    """A username as the client typed it, safe for a log line."""
+    short = name[:_LOG_NAME] + ("..." if len(name) > _LOG_NAME else "")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in short)

@@ -5,6 +5,7 @@ between intake's transaction and the pipeline's values.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Iterator
 
@@ -14,6 +15,21 @@ from postillon.core.address import AddressError, parse_path
 from postillon.core.envelope import NewRecipient, RcptParams
 from postillon.intake.headers import ClientInfo
 from postillon.intake.intake import IntakeTransaction
+
+
+async def greet_pause(reader: asyncio.StreamReader, pause: float) -> bytes:
+    """Wait ``pause`` seconds before the greeting, reading: what the client said
+    meanwhile (a pregreet), b"" when it waited as it should."""
+    if pause <= 0:
+        return b""
+    try:
+        async with asyncio.timeout(pause):
+            said = await reader.read(1024)
+    except TimeoutError:
+        return b""
+    if not said:
+        raise ConnectionResetError("the client left before the greeting")
+    return said
 
 
 def new_session_id() -> str:

@@ -31,8 +31,14 @@ from postillon.core.account import Account, ScramCredentials
 from postillon.core.address import Address
 from postillon.core.envelope import MailParams, NewRecipient, RcptParams
 from postillon.core.reply import SHUTTING_DOWN, TEMP_LOCAL_ERROR, TIMEOUT, Reply
-from postillon.inbound.auth import Authenticator
-from postillon.inbound.policy import SpoolView, apply_verdict, client_facts, new_session_id
+from postillon.inbound.auth import Authenticator, loggable_name
+from postillon.inbound.policy import (
+    SpoolView,
+    apply_verdict,
+    client_facts,
+    greet_pause,
+    new_session_id,
+)
 from postillon.inbound.tls import describe as describe_tls
 from postillon.intake.headers import ClientInfo
 from postillon.intake.intake import Intake, IntakeError, IntakeTransaction
@@ -52,13 +58,6 @@ READ_SIZE = 256 * 1024
 QUEUE_UNAVAILABLE = Reply.of(421, "4.3.0", "Queue temporarily unavailable, try again later")
 CLOSE_TIMEOUT = 2.0
 LOCAL_IO_ERROR = Reply.of(421, "4.3.0", "Local error, closing connection; try again later")
-_LOG_NAME = 64  # characters of a client-supplied username kept in the log
-
-
-def _loggable_name(name: str) -> str:
-    """A username as the client typed it, safe for a log line."""
-    short = name[:_LOG_NAME] + ("..." if len(name) > _LOG_NAME else "")
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in short)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +85,8 @@ class SessionDeps:
     # answers 421 4.3.0 (greeting, MAIL) instead of a 250 it could not keep.
     queue_available: Callable[[], bool] | None = None
     metrics: ListenerMetrics | None = None
+    # Seconds to wait, reading, before the greeting (the pregreet test; port 25).
+    greet_pause: float = 0.0
 
 
 class Session:
@@ -126,6 +127,9 @@ class Session:
                 trusted=deps.trusted(ip) if deps.trusted is not None and ip else False,
             ),
         )
+        sock = writer.get_extra_info("sockname")
+        if isinstance(sock, tuple):  # our address: a HELO claiming it is a lie
+            self.ctx.client = replace(self.ctx.client, local_ips=(str(sock[0]),))
         self.ptx: TransactionContext | None = None  # the pipeline's view of self.tx
         self.in_data = False
         self._stop_after_transaction = False
@@ -244,6 +248,9 @@ class Session:
 
     async def _run(self, greeting: Reply | None) -> None:
         conn = self.conn
+        early = await greet_pause(self.reader, self.deps.greet_pause)
+        if early:
+            self.ctx.client = replace(self.ctx.client, pregreet=early)
         refusal = await self._connect()
         if refusal is not None:
             conn.greet(refusal if refusal.code != 220 else TEMP_LOCAL_ERROR)
@@ -254,6 +261,8 @@ class Session:
         conn.greet(
             greeting or Reply.of(220, None, f"{self.deps.settings.hostname} ESMTP postillon")
         )
+        if early:  # a pregreet the checks let pass (a trusted network): keep its commands
+            conn.receive_data(early)
         while not conn.closing:
             event = conn.next_event()
             if event is NEED_DATA:
@@ -328,7 +337,7 @@ class Session:
                 self.deps.maillog.event(
                     "authenticated",
                     client=self.client.describe(),
-                    username=_loggable_name(username),
+                    username=loggable_name(username),
                     mechanism=mechanism,
                 )
             case ev.CommandRejected() | ev.QuitRequested() | ev.TooManyErrors():
@@ -519,7 +528,7 @@ class Session:
                 self.deps.maillog.event(
                     "auth_failed",
                     client=self.client.describe(),
-                    username=_loggable_name(event.username),
+                    username=loggable_name(event.username),
                     mechanism=event.mechanism,
                     reason="blocked after too many failures"
                     if refused == "blocked"
@@ -561,7 +570,7 @@ class Session:
         self.deps.maillog.event(
             "auth_failed",
             client=self.client.describe(),
-            username=_loggable_name(event.username),
+            username=loggable_name(event.username),
             mechanism=event.mechanism,
             failures=penalty.failures,
         )

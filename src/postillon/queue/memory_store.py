@@ -31,6 +31,7 @@ from postillon.queue.store import (
     StoreHealth,
 )
 from postillon.queue.tls_reports import MemoryTlsReports
+from postillon.queue.traces import MemoryTraces
 
 __all__ = ["MemoryStore"]
 
@@ -69,6 +70,7 @@ class MemoryStore:
         self._heartbeats: dict[str, float] = {}  # lease owner -> last heartbeat
         self._sts: dict[str, CachedPolicy] = {}  # MTA-STS policy cache by domain
         self.tls_reports = MemoryTlsReports(self._check_open)  # store.py step 7
+        self.traces = MemoryTraces(self._check_open)  # store.py step 8
         self.policy_state = MemoryPolicyState(self._check_open)  # store.py step 8
 
     def _check_open(self) -> None:

@@ -26,6 +26,7 @@ import asyncpg
 from postillon.queue.policy_state import POSTGRES_TABLES as POLICY_STATE_TABLES
 from postillon.queue.sts_cache import POSTGRES_TABLE
 from postillon.queue.tls_reports import POSTGRES_TABLES as TLS_REPORT_TABLES
+from postillon.queue.traces import POSTGRES_TABLES as TRACE_TABLES
 
 __all__ = [
     "MIGRATIONS",
@@ -125,7 +126,10 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(4, "MTA-STS policy cache (RFC 8461), shared by every node", (POSTGRES_TABLE,)),
     Migration(5, "SMTP TLS reporting counters (RFC 8460), shared by every node", TLS_REPORT_TABLES),
     Migration(
-        6,
+        6, "the checks' decision trace (postillon explain), shared by every node", TRACE_TABLES
+    ),
+    Migration(
+        7,
         "greylisting, port-25 rate counters, DMARC report counters, shared by every node",
         POLICY_STATE_TABLES,
     ),

@@ -83,6 +83,7 @@ from postillon.queue.store import (
     StoreHealth,
 )
 from postillon.queue.tls_reports import PostgresTlsReports
+from postillon.queue.traces import PostgresTraces
 
 __all__ = ["CHUNK_SIZE", "WRITERS", "PostgresStore"]
 
@@ -132,6 +133,7 @@ class PostgresStore:
         self._closed = False
         # store.py step 7; statistics, so no durable wait (see tls_reports.py)
         self.tls_reports = PostgresTlsReports(self._read, lambda fn: self._write(fn, durable=False))
+        self.traces = PostgresTraces(self._read, lambda fn: self._write(fn, durable=False))
         self.policy_state = policy_state.PostgresPolicyState(  # step 8, as step 7
             self._read, lambda fn: self._write(fn, durable=False)
         )

@@ -29,6 +29,7 @@ from postillon.queue.policy_state import SQLITE_TABLES as POLICY_STATE_TABLES
 from postillon.queue.store import StoreError
 from postillon.queue.sts_cache import SQLITE_TABLE
 from postillon.queue.tls_reports import SQLITE_TABLES as TLS_REPORT_TABLES
+from postillon.queue.traces import SQLITE_TABLES as TRACE_TABLES
 
 __all__ = [
     "BUSY_TIMEOUT",
@@ -42,7 +43,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 6  # PRAGMA user_version
+SCHEMA_VERSION: Final = 7  # PRAGMA user_version
 BUSY_TIMEOUT: Final = 10.0  # seconds a connection waits for another writer
 _MAX_IDLE_READERS: Final = 4
 
@@ -109,8 +110,10 @@ _SCHEMA_V3: Final = (
 _SCHEMA_V4: Final = (SQLITE_TABLE,)
 # Version 5: the SMTP TLS reporting counters (RFC 8460; see tls_reports.py).
 _SCHEMA_V5: Final = TLS_REPORT_TABLES
-# Version 6: greylisting, shared rate counters, DMARC report counters (policy_state.py).
-_SCHEMA_V6: Final = POLICY_STATE_TABLES
+# Version 6: the checks' decision trace (postillon explain; see traces.py).
+_SCHEMA_V6: Final = TRACE_TABLES
+# Version 7: greylisting, shared rate counters, DMARC report counters (policy_state.py).
+_SCHEMA_V7: Final = POLICY_STATE_TABLES
 
 RECORD_COLUMNS: Final = (
     "record_id, queue_id, recipient, original_recipient, rcpt_params, state, attempts,"
@@ -174,7 +177,15 @@ def init_database(path: Path) -> None:
         _retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            steps_by_version = (_SCHEMA, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6)
+            steps_by_version = (
+                _SCHEMA,
+                _SCHEMA_V2,
+                _SCHEMA_V3,
+                _SCHEMA_V4,
+                _SCHEMA_V5,
+                _SCHEMA_V6,
+                _SCHEMA_V7,
+            )
             if 0 <= version < SCHEMA_VERSION:
                 steps = steps_by_version[version:]
                 for statement in (s for step in steps for s in step):

@@ -7,9 +7,8 @@ COMMIT appends to the write-ahead log and fsyncs it, so when ``commit()``
 returns the message survives ``kill -9`` and power loss (DESIGN principle 3,
 "250 means durable").
 
-**Three files.** ``sqlite_schema.py`` holds the schema, its migrations and the
-connections (writer and read pool); ``sqlite_writer.py`` the group-commit writer
-thread; this file the queries, each an operation handed to the writer or a read.
+**Three files.** ``sqlite_schema.py``: schema, migrations, connections; ``sqlite_writer.py``:
+the group-commit writer thread; this file: the queries (writer operations or reads).
 
 **Group commit** (``sqlite_writer.py``). One dedicated writer thread owns the only
 write connection and runs every operation that arrived while it was busy inside ONE
@@ -96,13 +95,13 @@ from postillon.queue.store import (
     StoreHealth,
 )
 from postillon.queue.tls_reports import SqliteTlsReports
+from postillon.queue.traces import SqliteTraces
 
 __all__ = ["BUSY_TIMEOUT", "CHUNK_SIZE", "SCHEMA_VERSION", "SqliteStore"]
 
 T = TypeVar("T")
 
 _READ_THREADS: Final = 2
-
 _PENDING = DeliveryState.PENDING.value
 _LEASED = DeliveryState.LEASED.value
 _DEFERRED = DeliveryState.DEFERRED.value
@@ -127,6 +126,7 @@ class SqliteStore:
         self._writer = GroupCommitWriter(self._path)
         self._write = self._writer.submit
         self.tls_reports = SqliteTlsReports(self._read, self._write)  # store.py step 7
+        self.traces = SqliteTraces(self._read, self._write)  # step 8
         self.policy_state = policy_state.SqlitePolicyState(self._read, self._write)  # step 8
 
     @property

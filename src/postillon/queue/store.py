@@ -40,7 +40,9 @@ Contract, as a transaction:
    reporting counters (RFC 8460): ``add`` adds counts (never replaces them, so
    every node contributes), ``claim`` lets one node send each day's report of a
    domain.
-8. ``policy_state`` (a ``PolicyStateStore``, ``policy_state.py``) keeps the inbound
+8. ``traces`` (a ``TraceStore``, ``traces.py``) keeps the checks' decisions for
+   ``postillon explain``, bounded by age.
+9. ``policy_state`` (a ``PolicyStateStore``, ``policy_state.py``) keeps the inbound
    policy's shared state: greylisting triplets (``greylist.check`` decides and records
    in one transaction), port-25 rate counters (``rates.take``: all or nothing), and the
    DMARC aggregate report counters (``dmarc_reports``, the same contract as step 7).
@@ -66,6 +68,7 @@ from postillon.core.envelope import NewRecipient as NewRecipient  # re-exported:
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.core.tlsrpt import TlsResultCount
+from postillon.core.trace import TraceStep
 from postillon.queue.greylist_state import GreylistPolicy as GreylistPolicy  # re-exported
 from postillon.queue.greylist_state import GreylistResult as GreylistResult
 from postillon.queue.rate_counters import RateRequest as RateRequest
@@ -232,6 +235,28 @@ class TlsReportStore(Protocol):
     async def prune(self, before_day: str) -> int: ...
 
 
+class TraceStore(Protocol):
+    """The decision trace of ``postillon explain`` (``queue/traces.py``, where the
+    contract is written as a transaction)."""
+
+    async def add(self, steps: Sequence[TraceStep]) -> None: ...
+
+    async def session(self, session_id: str) -> list[TraceStep]: ...
+
+    async def message(self, queue_id: str) -> list[TraceStep]: ...
+
+    async def sessions(
+        self,
+        client_ip: str,
+        since: float,
+        until: float,
+        rejected_only: bool = False,
+        limit: int = 20,
+    ) -> list[TraceStep]: ...
+
+    async def prune(self, before: float) -> int: ...
+
+
 class GreylistStore(Protocol):
     """Greylisting state (``queue/greylist_state.py``): ``check`` returns the triplet's
     verdict and records the attempt, in one transaction; ``prune`` forgets rows unseen
@@ -240,7 +265,6 @@ class GreylistStore(Protocol):
     async def check(
         self, client_net: str, sender: str, recipient: str, now: float, policy: GreylistPolicy
     ) -> GreylistResult: ...
-
     async def prune(self, before: float) -> int: ...
 
 
@@ -286,8 +310,13 @@ class QueueStore(Protocol):
         ...
 
     @property
+    def traces(self) -> TraceStore:
+        """The decision trace (contract step 8)."""
+        ...
+
+    @property
     def policy_state(self) -> PolicyStateStore:
-        """Greylisting, rate counters, DMARC report counters (contract step 8)."""
+        """Greylisting, rate counters, DMARC report counters (contract step 9)."""
         ...
 
     async def commit(self, message: NewMessage) -> None: ...
