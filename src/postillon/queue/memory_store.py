@@ -71,7 +71,7 @@ class MemoryStore:
         self._sts: dict[str, CachedPolicy] = {}  # MTA-STS policy cache by domain
         self.tls_reports = MemoryTlsReports(self._check_open)  # store.py step 7
         self.traces = MemoryTraces(self._check_open)  # store.py step 8
-        self.policy_state = MemoryPolicyState(self._check_open)  # store.py step 8
+        self.policy_state = MemoryPolicyState(self._check_open)  # store.py step 9
 
     def _check_open(self) -> None:
         if self._closed:

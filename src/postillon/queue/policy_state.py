@@ -1,12 +1,12 @@
 """The inbound policy's shared state in every store: greylisting, rate counters, DMARC
-report counters (store.py step 8).
+report counters (store.py step 9).
 
 Design note
 -----------
 One bundle per store (``store.policy_state``), so a store adds one attribute however many
 pieces of policy state there are: ``greylist`` (``greylist_state.py``), ``rates``
 (``rate_counters.py``) and ``dmarc_reports`` (``dmarc_reports.py``). Their tables are one
-schema step (SQLite ``user_version`` 6, PostgreSQL migration 6); every statement is
+schema step (SQLite ``user_version`` 7, PostgreSQL migration 7); every statement is
 ``CREATE ... IF NOT EXISTS`` and self-contained, so renumbering the step is one line in
 each schema file.
 """

@@ -134,7 +134,7 @@ class PostgresStore:
         # store.py step 7; statistics, so no durable wait (see tls_reports.py)
         self.tls_reports = PostgresTlsReports(self._read, lambda fn: self._write(fn, durable=False))
         self.traces = PostgresTraces(self._read, lambda fn: self._write(fn, durable=False))
-        self.policy_state = policy_state.PostgresPolicyState(  # step 8, as step 7
+        self.policy_state = policy_state.PostgresPolicyState(  # step 9, as step 7
             self._read, lambda fn: self._write(fn, durable=False)
         )
 

@@ -127,7 +127,7 @@ class SqliteStore:
         self._write = self._writer.submit
         self.tls_reports = SqliteTlsReports(self._read, self._write)  # store.py step 7
         self.traces = SqliteTraces(self._read, self._write)  # step 8
-        self.policy_state = policy_state.SqlitePolicyState(self._read, self._write)  # step 8
+        self.policy_state = policy_state.SqlitePolicyState(self._read, self._write)  # step 9
 
     @property
     def path(self) -> Path:
