@@ -61,6 +61,24 @@ async def test_greylist_auto_allows_a_client_after_n_passes_and_expires(store: Q
     assert await grey.prune(later) >= 1
 
 
+async def test_greylist_recent_passes_are_read_only_and_old_ones_refresh(
+    store: QueueStore,
+) -> None:
+    """A pass seen within refresh_after is answered without a write (last_seen stays),
+    one seen longer ago is written again (last_seen moves), so expiry counts from it."""
+    grey = store.policy_state.greylist
+    policy = GreylistPolicy(delay=10, expiry=100, auto_allow_after=0)  # refresh after 10 s
+    await grey.check(NET, "", "r@x.org", T0, policy)
+    assert (await grey.check(NET, "", "r@x.org", T0 + 10, policy)).status == "passed"
+    assert (await grey.check(NET, "", "r@x.org", T0 + 15, policy)).status == "known"  # read only
+    # Seen last (in the store) at T0+10: at T0+105 it is under expiry (95 s) and refreshed ...
+    assert (await grey.check(NET, "", "r@x.org", T0 + 105, policy)).status == "known"
+    # ... so at T0+200 it is still known (95 s after the refresh), not new.
+    assert (await grey.check(NET, "", "r@x.org", T0 + 200, policy)).status == "known"
+    # Without a visit for longer than expiry it is new again.
+    assert (await grey.check(NET, "", "r@x.org", T0 + 400, policy)).status == "new"
+
+
 async def test_greylist_concurrent_first_attempts_agree(store: QueueStore) -> None:
     grey = store.policy_state.greylist
     results = await asyncio.gather(

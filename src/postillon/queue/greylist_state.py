@@ -17,7 +17,12 @@ Two tables, part of the policy-state schema step (``policy_state.py``):
                        passed; past ``auto_allow_after`` passes it skips greylisting
                        (a real MTA has shown it retries), until unseen for ``expiry``.
 
-``check`` is one write transaction: it reads the rows, decides with :func:`decide` (pure)
+Hot path: a known triplet (or an auto-allowed client) seen within the last
+``refresh_after`` seconds is answered from a read alone, with no write (on SQLite a write
+costs a share of an fsync; a busy MX sees the same senders all day). Its ``last_seen`` is
+then up to that much older than the truth, which only moves its expiry that much earlier.
+
+Otherwise ``check`` is one write transaction: it reads the rows, decides with :func:`decide` (pure)
 and writes the new state back; on PostgreSQL the rows are locked (``FOR UPDATE``) after an
 ``INSERT ... ON CONFLICT DO NOTHING`` that makes sure they exist, so two nodes seeing the
 same triplet at once agree. It is state, not mail: PostgreSQL writes it without waiting
@@ -98,6 +103,26 @@ class GreylistResult:
         return self.status in ("passed", "known", "client-allowed")
 
 
+def refresh_after(policy: GreylistPolicy) -> float:
+    """How stale ``last_seen`` may get before a pass is written again (see the note)."""
+    return min(3600.0, policy.expiry / 10)
+
+
+def _fresh_pass(
+    client: tuple[int, float] | None,
+    triplet: tuple[float, float | None, float] | None,
+    now: float,
+    policy: GreylistPolicy,
+) -> GreylistResult | None:
+    """The answer a read alone gives (a recent pass), or None: write."""
+    recent = now - refresh_after(policy)
+    if _client_allowed(client, now, policy) and client is not None and client[1] >= recent:
+        return GreylistResult("client-allowed")
+    if triplet is not None and triplet[1] is not None and triplet[2] >= recent:
+        return GreylistResult("known")
+    return None
+
+
 def triplet_key(client_net: str, sender: str, recipient: str) -> str:
     return f"{client_net}/{sender.lower() or '<>'}/{recipient.lower()}"
 
@@ -156,6 +181,22 @@ class SqliteGreylist:
     ) -> GreylistResult:
         key = triplet_key(client_net, sender, recipient)
 
+        def look(conn: sqlite3.Connection) -> GreylistResult | None:
+            client = conn.execute(
+                "SELECT passes, last_seen FROM greylist_clients WHERE client_net = ?",
+                (client_net,),
+            ).fetchone()
+            triplet = conn.execute(
+                "SELECT first_seen, passed_at, last_seen FROM greylist_triplets"
+                " WHERE triplet_key = ?",
+                (key,),
+            ).fetchone()
+            return _fresh_pass(client, triplet, now, policy)
+
+        known: GreylistResult | None = await self._read(look)
+        if known is not None:
+            return known
+
         def op(conn: sqlite3.Connection) -> GreylistResult:
             client = conn.execute(
                 "SELECT passes, last_seen FROM greylist_clients WHERE client_net = ?",
@@ -212,6 +253,26 @@ class PostgresGreylist:
         self, client_net: str, sender: str, recipient: str, now: float, policy: GreylistPolicy
     ) -> GreylistResult:
         key = triplet_key(client_net, sender, recipient)
+
+        async def look(conn: Conn) -> GreylistResult | None:
+            client = await conn.fetchrow(
+                "SELECT passes, last_seen FROM greylist_clients WHERE client_net = $1", client_net
+            )
+            triplet = await conn.fetchrow(
+                "SELECT first_seen, passed_at, last_seen FROM greylist_triplets"
+                " WHERE triplet_key = $1",
+                key,
+            )
+            return _fresh_pass(
+                (int(client[0]), float(client[1])) if client is not None else None,
+                tuple(triplet) if triplet is not None else None,
+                now,
+                policy,
+            )
+
+        known: GreylistResult | None = await self._read(look)
+        if known is not None:
+            return known
 
         async def op(conn: Conn) -> GreylistResult:
             client = await conn.fetchrow(
