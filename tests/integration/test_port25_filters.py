@@ -199,3 +199,40 @@ def test_greylisted_on_node_1_passes_on_node_2(make_server: MakeServer, postgres
     assert codes[-1] == 250 and set(codes[:-1]) <= {450}
     # And node 1 now knows the triplet as well.
     assert attempt(one, "bob@example.org")[0] == 250
+
+
+def explain(server: ServerProcess, *args: str, expect: str) -> str:
+    """``postillon explain ARGS`` once its output has ``expect`` (the trace is flushed
+    every 0.1 s): polled, no fixed wait."""
+    deadline = time.monotonic() + 20
+    while True:
+        out = server.cli("explain", *args, check=False).stdout
+        if expect in out or time.monotonic() > deadline:
+            return out
+        time.sleep(0.1)
+
+
+def test_explain_tells_the_greylisting_and_simulate_records_nothing(
+    make_server: MakeServer, tmp_path: Any
+) -> None:
+    a = make_server(
+        greylist={"enabled": True, "delay": 600, "auto_allow_after": 0},
+        explain={"flush_interval": 0.1},
+    ).start()
+    assert attempt(a, "bob@example.org")[0] == 450
+    out = explain(a, "--client", "127.0.0.1", "--rejected", expect="greylist: reject")
+    assert (
+        "rcpt · greylist: reject — triplet (127.0.0.0/24, <ann@sender.test>, <bob@example.org>)"
+        in out
+    ), out
+    assert "new, retry in 600s" in out
+    # --simulate sees the stored triplet (early) and a new one, and records neither.
+    saved = tmp_path / "saved.eml"
+    saved.write_bytes(MESSAGE.replace(b"\r\n", b"\n"))
+    common = ["--simulate", str(saved), "--client", "127.0.0.9", "--from", "ann@sender.test"]
+    known = a.cli("explain", *common, "--to", "bob@example.org").stdout
+    assert "greylist: reject — triplet (127.0.0.0/24" in known and "early, retry in" in known, known
+    fresh = a.cli("explain", *common, "--to", "alice@example.org").stdout
+    assert "greylist: reject" in fresh and "new, retry in 600s" in fresh, fresh
+    again = a.cli("explain", *common, "--to", "alice@example.org").stdout
+    assert "new, retry in 600s" in again  # the simulation recorded nothing

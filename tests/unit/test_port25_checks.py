@@ -116,3 +116,28 @@ async def test_rate_limits_per_client_network_and_sender_domain() -> None:
     clock.advance(600)
     s, tx = s_tx("192.0.2.3")
     assert (await pipeline.mail(s, tx)).reply is None
+
+
+async def test_dry_run_decides_without_recording() -> None:
+    """explain --simulate: greylisting and rate limits answer as they would, and a real
+    attempt afterwards is still the first one (nothing recorded, nothing counted)."""
+    clock, store = FakeClock(), MemoryStore()
+    config = Config(
+        greylist=GreylistConfig(enabled=True, delay=60, auto_allow_after=0),
+        smtp_rate_limits=SmtpRateLimitsConfig(client_messages=1),
+    )
+    dry = build_pipeline("smtp", replace(parts(config, clock, store), dry_run=True))
+    real = build_pipeline("smtp", parts(config, clock, store))
+    dry = only(dry, "greylist", "smtp_rate_limit")
+    real = only(real, "greylist", "smtp_rate_limit")
+    for _ in range(3):
+        s, tx = s_tx("192.0.2.7")
+        assert (await dry.mail(s, tx)).reply is None
+        refused = await dry.rcpt(s, tx, RecipientFacts("bob@example.org"))
+        assert refused.reply is not None and refused.reply.code == 450
+    s, tx = s_tx("192.0.2.7")
+    assert (await real.mail(s, tx)).reply is None  # the first message counted
+    first = await real.rcpt(s, tx, RecipientFacts("bob@example.org"))
+    assert first.reply is not None and "60 seconds" in first.reply.text  # a new triplet
+    s, tx = s_tx("192.0.2.7")
+    assert (await dry.mail(s, tx)).reply is not None  # the dry run sees the real count

@@ -34,10 +34,13 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 async def test_greylist_first_attempt_early_retry_then_pass(store: QueueStore) -> None:
     grey = store.policy_state.greylist
+    assert (await grey.peek(NET, "a@example.net", "b@example.org", T0, POLICY)).status == "new"
     first = await grey.check(NET, "a@example.net", "b@example.org", T0, POLICY)
     assert (first.status, first.allowed, first.retry_in) == ("new", False, 300)
     early = await grey.check(NET, "A@example.net", "b@EXAMPLE.org", T0 + 100, POLICY)
     assert (early.status, early.retry_in) == ("early", 200)  # the clock did not restart
+    peeked = await grey.peek(NET, "a@example.net", "b@example.org", T0 + 301, POLICY)
+    assert peeked.status == "passed"  # what check would say; peek records nothing:
     passed = await grey.check(NET, "a@example.net", "b@example.org", T0 + 301, POLICY)
     assert passed.status == "passed" and passed.allowed
     again = await grey.check(NET, "a@example.net", "b@example.org", T0 + 5000, POLICY)

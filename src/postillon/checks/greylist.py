@@ -58,10 +58,14 @@ class GreylistCheck(BaseCheck):
     name = "greylist"
     phases: frozenset[Phase] = frozenset({"rcpt"})
 
-    def __init__(self, config: GreylistConfig, store: GreylistStore, clock: Clock) -> None:
+    def __init__(
+        self, config: GreylistConfig, store: GreylistStore, clock: Clock, *, dry_run: bool = False
+    ) -> None:
         self.config = config
         self.store = store
         self.clock = clock
+        # explain --simulate: answer as check would, record nothing.
+        self.dry_run = dry_run
         self.policy = GreylistPolicy(config.delay, config.expiry, config.auto_allow_after)
 
     async def rcpt(
@@ -78,7 +82,8 @@ class GreylistCheck(BaseCheck):
             )
             return proceed(f"not greylisted: {why}")
         net = client_network(client.ip, self.config.ipv4_prefix, self.config.ipv6_prefix)
-        result = await self.store.check(net, tx.sender, rcpt.address, self.clock.now(), self.policy)
+        ask = self.store.peek if self.dry_run else self.store.check
+        result = await ask(net, tx.sender, rcpt.address, self.clock.now(), self.policy)
         triplet = f"({net}, <{tx.sender}>, <{rcpt.address}>)"
         if result.allowed:
             return proceed(f"triplet {triplet}: {result.status}")
@@ -92,4 +97,5 @@ def build(kind: ListenerKind, parts: PipelineParts) -> GreylistCheck | None:
     config = parts.config.greylist
     if kind != "smtp" or not config.enabled or parts.store is None:
         return None
-    return GreylistCheck(config, parts.store.policy_state.greylist, parts.clock)
+    greylist = parts.store.policy_state.greylist
+    return GreylistCheck(config, greylist, parts.clock, dry_run=parts.dry_run)

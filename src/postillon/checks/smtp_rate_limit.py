@@ -39,10 +39,18 @@ class SmtpRateLimitCheck(BaseCheck):
     name = "smtp_rate_limit"
     phases: frozenset[Phase] = frozenset({"mail", "rcpt"})
 
-    def __init__(self, config: SmtpRateLimitsConfig, store: RateCounterStore, clock: Clock):
+    def __init__(
+        self,
+        config: SmtpRateLimitsConfig,
+        store: RateCounterStore,
+        clock: Clock,
+        *,
+        dry_run: bool = False,
+    ):
         self.config = config
         self.store = store
         self.clock = clock
+        self.dry_run = dry_run  # explain --simulate: compare with the counts, take nothing
 
     def _requests(
         self, s: SessionContext, sender: str, what: str, client_limit: int, domain_limit: int
@@ -68,7 +76,15 @@ class SmtpRateLimitCheck(BaseCheck):
         requests = self._requests(s, sender, what, client_limit, domain_limit)
         if not requests:
             return None
-        refused = await self.store.take([r for _, r in requests], self.clock.now())
+        now = self.clock.now()
+        if self.dry_run:
+            refused = None
+            for i, (_, r) in enumerate(requests):
+                if await self.store.used(r.counter, r.window, now) + r.amount > r.limit:
+                    refused = i
+                    break
+        else:
+            refused = await self.store.take([r for _, r in requests], now)
         if refused is None:
             return None
         label, request = requests[refused]
@@ -107,4 +123,5 @@ def build(kind: ListenerKind, parts: PipelineParts) -> SmtpRateLimitCheck | None
     config = parts.config.smtp_rate_limits
     if kind != "smtp" or not config.enabled or parts.store is None:
         return None
-    return SmtpRateLimitCheck(config, parts.store.policy_state.rates, parts.clock)
+    rates = parts.store.policy_state.rates
+    return SmtpRateLimitCheck(config, rates, parts.clock, dry_run=parts.dry_run)

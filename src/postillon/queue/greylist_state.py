@@ -123,6 +123,18 @@ def _fresh_pass(
     return None
 
 
+def peek_decision(
+    client: tuple[int, float] | None,
+    triplet: tuple[float, float | None, float] | None,
+    now: float,
+    policy: GreylistPolicy,
+) -> GreylistResult:
+    """What ``check`` would answer, changing nothing (``explain --simulate``)."""
+    if _client_allowed(client, now, policy):
+        return GreylistResult("client-allowed")
+    return decide(Triplet(*triplet) if triplet is not None else None, now, policy)[0]
+
+
 def triplet_key(client_net: str, sender: str, recipient: str) -> str:
     return f"{client_net}/{sender.lower() or '<>'}/{recipient.lower()}"
 
@@ -228,6 +240,26 @@ class SqliteGreylist:
         result: GreylistResult = await self._write(op)
         return result
 
+    async def peek(
+        self, client_net: str, sender: str, recipient: str, now: float, policy: GreylistPolicy
+    ) -> GreylistResult:
+        key = triplet_key(client_net, sender, recipient)
+
+        def look(conn: sqlite3.Connection) -> GreylistResult:
+            client = conn.execute(
+                "SELECT passes, last_seen FROM greylist_clients WHERE client_net = ?",
+                (client_net,),
+            ).fetchone()
+            triplet = conn.execute(
+                "SELECT first_seen, passed_at, last_seen FROM greylist_triplets"
+                " WHERE triplet_key = ?",
+                (key,),
+            ).fetchone()
+            return peek_decision(client, triplet, now, policy)
+
+        result: GreylistResult = await self._read(look)
+        return result
+
     async def prune(self, before: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
             n = conn.execute("DELETE FROM greylist_triplets WHERE last_seen < ?", (before,))
@@ -322,6 +354,30 @@ class PostgresGreylist:
         result: GreylistResult = await self._write(op)
         return result
 
+    async def peek(
+        self, client_net: str, sender: str, recipient: str, now: float, policy: GreylistPolicy
+    ) -> GreylistResult:
+        key = triplet_key(client_net, sender, recipient)
+
+        async def look(conn: Conn) -> GreylistResult:
+            client = await conn.fetchrow(
+                "SELECT passes, last_seen FROM greylist_clients WHERE client_net = $1", client_net
+            )
+            triplet = await conn.fetchrow(
+                "SELECT first_seen, passed_at, last_seen FROM greylist_triplets"
+                " WHERE triplet_key = $1",
+                key,
+            )
+            return peek_decision(
+                (int(client[0]), float(client[1])) if client is not None else None,
+                tuple(triplet) if triplet is not None else None,
+                now,
+                policy,
+            )
+
+        result: GreylistResult = await self._read(look)
+        return result
+
     async def prune(self, before: float) -> int:
         async def op(conn: Conn) -> int:
             status = await conn.execute(
@@ -356,6 +412,14 @@ class MemoryGreylist:
         if result.status == "passed":
             self._clients[client_net] = (_client_passes(client, now, policy), now)
         return result
+
+    async def peek(
+        self, client_net: str, sender: str, recipient: str, now: float, policy: GreylistPolicy
+    ) -> GreylistResult:
+        self._check_open()
+        triplet = self._triplets.get(triplet_key(client_net, sender, recipient))
+        row = (triplet.first_seen, triplet.passed_at, triplet.last_seen) if triplet else None
+        return peek_decision(self._clients.get(client_net), row, now, policy)
 
     async def prune(self, before: float) -> int:
         self._check_open()

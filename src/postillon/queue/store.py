@@ -265,6 +265,13 @@ class GreylistStore(Protocol):
     async def check(
         self, client_net: str, sender: str, recipient: str, now: float, policy: GreylistPolicy
     ) -> GreylistResult: ...
+
+    async def peek(
+        self, client_net: str, sender: str, recipient: str, now: float, policy: GreylistPolicy
+    ) -> GreylistResult:
+        """What ``check`` would answer, recording nothing (``explain --simulate``)."""
+        ...
+
     async def prune(self, before: float) -> int: ...
 
 
