@@ -236,3 +236,24 @@ def test_explain_tells_the_greylisting_and_simulate_records_nothing(
     assert "greylist: reject" in fresh and "new, retry in 600s" in fresh, fresh
     again = a.cli("explain", *common, "--to", "alice@example.org").stdout
     assert "new, retry in 600s" in again  # the simulation recorded nothing
+
+
+def test_a_dnswl_listed_client_is_not_greylisted(make_server: MakeServer, make_dns_server) -> None:  # type: ignore[no-untyped-def]
+    """The DNSBL check at connect leaves a "dnswl" note for a client an allow-list
+    vouches for (negative weight); greylisting then lets it through at once. An unlisted
+    client (127.0.0.2) is greylisted as usual."""
+    dns = make_dns_server(
+        {"list.dnswl.example": {"1.0.0.127.list.dnswl.example": {"A": "127.0.10.2"}}}
+    )
+    a = make_server(
+        dns={"nameservers": [dns.nameserver], "timeout": 1.0, "attempts": 1},
+        dnsbl={"zones": {"list.dnswl.example": -2}, "threshold": 2},
+        greylist={"enabled": True, "delay": 600, "auto_allow_after": 0},
+    ).start()
+    assert attempt(a, "bob@example.org")[0] == 250  # from 127.0.0.1: listed
+    host, _, port = a.config["listen"][0]["address"].rpartition(":")
+    with smtplib.SMTP(host, int(port), timeout=10, source_address=("127.0.0.2", 0)) as client:
+        client.ehlo("client.test")
+        client.mail("ann@sender.test")
+        code, text = client.rcpt("bob@example.org")
+    assert code == 450 and b"Greylisted" in text
