@@ -368,6 +368,7 @@ class App:
                 limiter=limiter,
                 in_flight=lambda: runner.in_flight,
                 queue_health=self.store.health,
+                flush_trace=self.trace.flush if self.trace is not None else None,
             )
         )
         # Further admin routes (e.g. /metrics) are added to admin_app here.

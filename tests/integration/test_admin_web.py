@@ -184,3 +184,38 @@ def test_log_in_see_deferred_retry_and_see_delivered(
     assert mobile.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     shoot(mobile, "admin-message-delivered-phone.png")
     phone.close()
+
+
+def test_the_message_view_shows_the_decisions_and_refused_sessions_are_found(
+    admin_setup: AdminSetup, browser: object
+) -> None:
+    """The checks' decisions (postillon explain) in the message view; a refused
+    session (no queue id) found by client IP on the Sessions page."""
+    import smtplib
+
+    setup = admin_setup
+    queue_id = setup.send(["bob@example.org"], body=b"Subject: traced\r\n\r\nhi\r\n")
+    host, _, port = setup.a.config["listen"][0]["address"].rpartition(":")
+    with smtplib.SMTP(host, int(port), timeout=10, source_address=("127.0.0.9", 0)) as s:
+        s.ehlo("client.test")
+        s.mail("alice@example.org")
+        assert s.rcpt("nobody@example.org")[0] == 550  # refused: nothing is queued
+
+    context = browser.new_context(viewport=DESKTOP)  # type: ignore[attr-defined]
+    page = context.new_page()
+    log_in(page, setup)
+    page.goto(f"{setup.base}/#/message/{queue_id}")
+    page.wait_for_selector("#decisions li[data-check=relay]")
+    text = page.inner_text("#decisions")
+    assert "rcpt · relay: continue" in text and "<bob@example.org> is a local mailbox" in text
+    assert "end_of_data · authentication" in text and "spf=pass" in text
+    assert f"queued as {queue_id}" in text
+
+    page.click("nav >> text=Sessions")
+    page.fill("#session-filters input[name=client]", "127.0.0.9")
+    page.click("#session-filters >> text=Find")
+    card = page.wait_for_selector(".session li[data-action=reject]")
+    assert "nobody@example.org" in card.inner_text()
+    assert "127.0.0.9" in page.inner_text("#sessions")
+    shoot(page, "admin-sessions.png")
+    context.close()

@@ -1,143 +1,99 @@
-"""Greylisting and port-25 rate limits as pipeline checks (checks/greylist.py,
-checks/smtp_rate_limit.py), composed by ``build_pipeline`` from the config, on the
-memory store with a clock moved by hand (the SQL stores run the same contract in
-test_store_policy_state.py)."""
+"""The port-25 checks' pure parts and their answers to DNS failures (a fake resolver)."""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import replace
+import pytest
 
-from postillon.checks.context import ClientFacts, RecipientFacts, SessionContext, TransactionContext
-from postillon.checks.greylist import client_network
-from postillon.checks.parts import PipelineParts
-from postillon.checks.pipeline import Pipeline, build_pipeline
-from postillon.checks.relay import RelayPolicy
-from postillon.config.inbound_filters import GreylistConfig, SmtpRateLimitsConfig
-from postillon.config.model import Config
-from postillon.core.clock import FakeClock
-from postillon.observability.maillog import MailLog
-from postillon.queue.memory_store import MemoryStore
+from postillon.checks.context import ClientFacts, SessionContext
+from postillon.checks.dnsbl import DnsblCheck, query_name
+from postillon.checks.helo_check import syntax_problem
+from postillon.checks.reverse_dns import ReverseDnsCheck
+from postillon.dns.resolver import Answer, DnsNotFound, DnsTempError
 
 
-def parts(config: Config, clock: FakeClock, store: MemoryStore) -> PipelineParts:
-    relay = RelayPolicy.__new__(RelayPolicy)  # not asked: these tests call the checks' phases
-    return PipelineParts(config, clock, MailLog(logging.getLogger("test")), relay, store=store)
+class FakeResolver:
+    def __init__(self, ptr: object, addresses: dict[str, object]) -> None:
+        self._ptr = ptr
+        self._addresses = addresses
+
+    async def ptr(self, ip: str) -> Answer[str]:
+        if isinstance(self._ptr, Exception):
+            raise self._ptr
+        return Answer(ip, tuple(self._ptr), 60, ip)  # type: ignore[arg-type]
+
+    async def addresses(self, host: str) -> Answer[str]:
+        found = self._addresses.get(host)
+        if found is None:
+            raise DnsNotFound(host, "A", "NXDOMAIN", nxdomain=True)
+        if isinstance(found, Exception):
+            raise found
+        return Answer(host, tuple(found), 60, host)  # type: ignore[arg-type]
 
 
-def only(pipeline: Pipeline, *names: str) -> Pipeline:
-    return Pipeline([c for c in pipeline.checks if c.name in names], pipeline.clock)
-
-
-def s_tx(
-    ip: str, sender: str = "a@example.net", **client: object
-) -> tuple[SessionContext, TransactionContext]:
-    facts = replace(ClientFacts(ip=ip), **client)  # type: ignore[arg-type]
-    return SessionContext("S", facts), TransactionContext(sender)
-
-
-def test_client_networks() -> None:
-    assert client_network("192.0.2.77", 24, 64) == "192.0.2.0/24"
-    assert client_network("::ffff:192.0.2.77", 24, 64) == "192.0.2.0/24"
-    assert client_network("2001:db8:1:2:3::9", 24, 64) == "2001:db8:1:2::/64"
-    assert client_network("local", 24, 64) == "local"
-
-
-async def test_greylist_refuses_the_first_attempt_and_passes_the_retry_from_a_neighbour() -> None:
-    clock, store = FakeClock(), MemoryStore()
-    config = Config(greylist=GreylistConfig(enabled=True, delay=60, auto_allow_after=0))
-    pipeline = only(build_pipeline("smtp", parts(config, clock, store)), "greylist")
-    assert [c.name for c in pipeline.checks] == ["greylist"]
-    s, tx = s_tx("192.0.2.7")
-    first = await pipeline.rcpt(s, tx, RecipientFacts("bob@example.org"))
-    assert first.reply is not None and (first.reply.code, first.reply.status) == (450, "4.7.1")
-    assert "Greylisted: please try again in 60 seconds" in first.reply.text
-    clock.advance(30)
-    assert (await pipeline.rcpt(s, tx, RecipientFacts("bob@example.org"))).reply is not None
-    clock.advance(31)
-    s2, tx2 = s_tx("192.0.2.200")  # another address of the same /24
-    assert (await pipeline.rcpt(s2, tx2, RecipientFacts("bob@example.org"))).reply is None
-
-
-async def test_greylist_skips_trusted_authenticated_and_dnswl_clients() -> None:
-    clock, store = FakeClock(), MemoryStore()
-    config = Config(greylist=GreylistConfig(enabled=True))
-    pipeline = only(build_pipeline("smtp", parts(config, clock, store)), "greylist")
-    for facts in ({"trusted": True}, {"authenticated": True}):
-        s, tx = s_tx("192.0.2.7", **facts)
-        assert (await pipeline.rcpt(s, tx, RecipientFacts("bob@example.org"))).reply is None
-    s, tx = s_tx("192.0.2.7")
-    s.notes["dnswl"] = "list.dnswl.example"
-    assert (await pipeline.rcpt(s, tx, RecipientFacts("bob@example.org"))).reply is None
-
-
-def test_greylist_is_port_25_only_and_off_by_default() -> None:
-    clock, store = FakeClock(), MemoryStore()
-    on = Config(greylist=GreylistConfig(enabled=True))
-    assert "greylist" not in [
-        c.name for c in build_pipeline("submission", parts(on, clock, store)).checks
-    ]
-    assert "greylist" not in [
-        c.name for c in build_pipeline("smtp", parts(Config(), clock, store)).checks
-    ]
-
-
-async def test_rate_limits_per_client_network_and_sender_domain() -> None:
-    clock, store = FakeClock(), MemoryStore()
-    limits = SmtpRateLimitsConfig(
-        window=600, client_messages=2, sender_domain_messages=3, client_recipients=3, ipv4_prefix=24
+def test_dnsbl_query_names() -> None:
+    assert query_name("192.0.2.1", "zen.example") == "1.2.0.192.zen.example"
+    assert query_name("::ffff:192.0.2.1", "z.example") == "1.2.0.192.z.example"
+    v6 = query_name("2001:db8::1", "z.example")
+    assert (
+        v6 is not None and v6.startswith("1.0.0.0.") and v6.endswith(".8.b.d.0.1.0.0.2.z.example")
     )
-    pipeline = only(
-        build_pipeline("smtp", parts(Config(smtp_rate_limits=limits), clock, store)),
-        "smtp_rate_limit",
-    )
-    for ip in ("192.0.2.1", "192.0.2.2"):  # one /24: one client
-        s, tx = s_tx(ip)
-        assert (await pipeline.mail(s, tx)).reply is None
-    s, tx = s_tx("192.0.2.3")
-    refused = await pipeline.mail(s, tx)
-    assert refused.reply is not None and (refused.reply.code, refused.reply.status) == (
-        450,
-        "4.7.1",
-    )
-    assert "this client" in refused.reply.text
-    s, tx = s_tx("198.51.100.1")  # another client, same sender domain: its third message
-    assert (await pipeline.mail(s, tx)).reply is None
-    s, tx = s_tx("203.0.113.1")
-    refused = await pipeline.mail(s, tx)
-    assert refused.reply is not None and "this sender domain" in refused.reply.text
-    # Recipients: 452 4.5.3 past the limit; a trusted client is not counted.
-    s, tx = s_tx("203.0.113.9", sender="x@other.example")
-    replies = [await pipeline.rcpt(s, tx, RecipientFacts(f"r{i}@example.org")) for i in range(4)]
-    assert [r.reply.code if r.reply else 250 for r in replies] == [250, 250, 250, 452]
-    s, tx = s_tx("203.0.113.9", sender="x@other.example", trusted=True)
-    assert (await pipeline.rcpt(s, tx, RecipientFacts("r9@example.org"))).reply is None
-    # A new window starts a new count.
-    clock.advance(600)
-    s, tx = s_tx("192.0.2.3")
-    assert (await pipeline.mail(s, tx)).reply is None
+    assert query_name("not an ip", "z.example") is None
 
 
-async def test_dry_run_decides_without_recording() -> None:
-    """explain --simulate: greylisting and rate limits answer as they would, and a real
-    attempt afterwards is still the first one (nothing recorded, nothing counted)."""
-    clock, store = FakeClock(), MemoryStore()
-    config = Config(
-        greylist=GreylistConfig(enabled=True, delay=60, auto_allow_after=0),
-        smtp_rate_limits=SmtpRateLimitsConfig(client_messages=1),
-    )
-    dry = build_pipeline("smtp", replace(parts(config, clock, store), dry_run=True))
-    real = build_pipeline("smtp", parts(config, clock, store))
-    dry = only(dry, "greylist", "smtp_rate_limit")
-    real = only(real, "greylist", "smtp_rate_limit")
-    for _ in range(3):
-        s, tx = s_tx("192.0.2.7")
-        assert (await dry.mail(s, tx)).reply is None
-        refused = await dry.rcpt(s, tx, RecipientFacts("bob@example.org"))
-        assert refused.reply is not None and refused.reply.code == 450
-    s, tx = s_tx("192.0.2.7")
-    assert (await real.mail(s, tx)).reply is None  # the first message counted
-    first = await real.rcpt(s, tx, RecipientFacts("bob@example.org"))
-    assert first.reply is not None and "60 seconds" in first.reply.text  # a new triplet
-    s, tx = s_tx("192.0.2.7")
-    assert (await dry.mail(s, tx)).reply is not None  # the dry run sees the real count
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("mail.example.org", True),
+        ("[192.0.2.1]", True),
+        ("[IPv6:2001:db8::1]", True),
+        ("localhost", False),
+        ("192.0.2.1", False),
+        ("[192.0.2.300]", False),
+        ("bad_name!.example", False),
+    ],
+)
+def test_helo_syntax(name: str, ok: bool) -> None:
+    assert (syntax_problem(name) == "") is ok
+
+
+async def test_a_failing_list_never_refuses() -> None:
+    resolver = FakeResolver([], {"1.2.0.192.bad.example": DnsTempError("x", "A", "SERVFAIL")})
+    check = DnsblCheck(resolver, {"bad.example": 5}, 1, 1.0)  # type: ignore[arg-type]
+    decision = await check.connect(SessionContext("S", ClientFacts(ip="192.0.2.1")))
+    assert decision.action == "continue"
+
+
+async def test_a_dnswl_listing_leaves_a_note() -> None:
+    resolver = FakeResolver([], {"1.2.0.192.wl.example": ["127.0.10.1"]})
+    check = DnsblCheck(resolver, {"wl.example": -2}, 1, 1.0)  # type: ignore[arg-type]
+    s = SessionContext("S", ClientFacts(ip="192.0.2.1"))
+    assert (await check.connect(s)).action == "continue"
+    assert s.notes["dnswl"] is True and s.notes["dnsbl_score"] == -2
+
+
+@pytest.mark.parametrize(
+    ("ptr", "addresses", "action", "status", "code"),
+    [
+        (["host.example"], {"host.example": ["192.0.2.1"]}, "reject", "ok", None),
+        (DnsTempError("x", "PTR", "SERVFAIL"), {}, "reject", "tempfail", 450),
+        (DnsNotFound("x", "PTR", "NXDOMAIN", nxdomain=True), {}, "tempfail", "unknown", 450),
+        (DnsNotFound("x", "PTR", "NXDOMAIN", nxdomain=True), {}, "reject", "unknown", 550),
+        (["host.example"], {"host.example": ["192.0.2.9"]}, "off", "unknown", None),
+        (
+            ["a.example"],
+            {"a.example": DnsTempError("a", "A", "timeout")},
+            "reject",
+            "tempfail",
+            450,
+        ),
+    ],
+)
+async def test_reverse_dns(
+    ptr: object, addresses: dict[str, object], action: str, status: str, code: int | None
+) -> None:
+    check = ReverseDnsCheck(FakeResolver(ptr, addresses), action)  # type: ignore[arg-type]
+    s = SessionContext("S", ClientFacts(ip="192.0.2.1"))
+    decision = await check.connect(s)
+    assert s.client.rdns_status == status
+    assert s.client.rdns == ("host.example" if status == "ok" else "")
+    assert (decision.reply.code if decision.reply else None) == code

@@ -25,6 +25,7 @@ from postillon.admin.queue_ops import (
     iso,
     message_json,
 )
+from postillon.checks.story import as_json, by_session
 from postillon.core.queueid import is_queue_id
 from postillon.queue.store import DeliveryState, StoreError
 
@@ -193,6 +194,55 @@ async def message_events(request: web.Request) -> web.Response:
     )
 
 
+async def _trace_now(ctx: AdminContext) -> None:
+    if ctx.flush_trace is not None:
+        await ctx.flush_trace()  # show what just happened, not a second ago
+
+
+async def message_explain(request: web.Request) -> web.Response:
+    """The checks' decisions on a message and its session (``postillon explain ID``)."""
+    ctx = _ctx(request)
+    queue_id = _queue_id(request)
+    await _trace_now(ctx)
+    steps = await ctx.ops.store.traces.message(queue_id)
+    if not steps:
+        return json_error(404, f"no decisions recorded for {queue_id}")
+    return web.json_response({"queue_id": queue_id, "steps": [as_json(s) for s in steps]})
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    """Recent SMTP sessions by client and time; rejected ones alone with rejected=true."""
+    ctx = _ctx(request)
+    client = request.query.get("client", "").strip()
+    if len(client) > 64 or any(c not in "0123456789abcdefABCDEF.:" for c in client):
+        raise BadParameter("client must be an IP address")
+    hours = _number(request, "hours", 24.0, 0.1, MAX_HOURS)
+    assert hours is not None
+    rejected = request.query.get("rejected", "") in ("1", "true", "yes")
+    limit = _int(request, "limit", 50, 1, 500)
+    await _trace_now(ctx)
+    now = time.time()
+    steps = await ctx.ops.store.traces.sessions(
+        client, now - hours * 3600, now + 1, rejected, limit
+    )
+    sessions = []
+    for group in reversed(by_session(steps)):  # newest first
+        last = group[-1]
+        refusal = next((s for s in group if s.action == "reject"), None)
+        sessions.append(
+            {
+                "session_id": last.session_id,
+                "client_ip": group[0].client_ip,
+                "started_at": iso(group[0].at),
+                "rejected": refusal is not None,
+                "outcome": (refusal or last).reply or (refusal or last).action,
+                "queue_ids": sorted({s.queue_id for s in group if s.queue_id}),
+                "steps": [as_json(s) for s in group],
+            }
+        )
+    return web.json_response({"sessions": sessions})
+
+
 async def raw_message(request: web.Request) -> web.StreamResponse:
     ctx = _ctx(request)
     queue_id = _queue_id(request)
@@ -279,6 +329,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/queue/messages/{queue_id}", show_message)
     r.add_get("/api/queue/messages/{queue_id}/events", message_events)
     r.add_get("/api/queue/messages/{queue_id}/raw", raw_message)
+    r.add_get("/api/queue/messages/{queue_id}/explain", message_explain)
+    r.add_get("/api/sessions", list_sessions)
     r.add_post("/api/queue/messages/{queue_id}/{action}", act)
     r.add_post("/api/queue/flush", flush)
     r.add_get("/api/activity", activity)

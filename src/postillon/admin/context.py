@@ -9,7 +9,7 @@ imports ``api``, never the reverse.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -37,6 +37,8 @@ class AdminContext:
     # cannot take mail (a shared queue's database unreachable, the SQLite writer
     # gone), so a load balancer or supervisor acts on it.
     queue_health: Callable[[], StoreHealth] = lambda: HEALTHY
+    # Writes the checks' buffered decisions (checks/trace.py) before an explain read.
+    flush_trace: Callable[[], Awaitable[None]] | None = None
 
 
 CONTEXT: Final = web.AppKey("postillon_admin_context", AdminContext)

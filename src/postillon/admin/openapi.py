@@ -127,6 +127,51 @@ _SCHEMAS: dict[str, Any] = {
             "fields": {"type": "object"},
         },
     },
+    "Step": {
+        "type": "object",
+        "required": ["session_id", "at", "phase", "check", "action"],
+        "properties": {
+            "session_id": {"type": "string"},
+            "queue_id": {"type": "string", "description": "empty before the transaction"},
+            "at": {"type": "number", "description": "Unix time"},
+            "client_ip": {"type": "string"},
+            "phase": {"type": "string"},
+            "check": {"type": "string", "description": "the check, or session"},
+            "action": {"type": "string"},
+            "saw": {"type": "string", "description": "what the check looked at"},
+            "reply": {"type": "string", "description": "the reply sent because of it"},
+        },
+    },
+    "Explain": {
+        "type": "object",
+        "required": ["queue_id", "steps"],
+        "properties": {
+            "queue_id": {"type": "string"},
+            "steps": {"type": "array", "items": _ref("Step")},
+        },
+    },
+    "Sessions": {
+        "type": "object",
+        "required": ["sessions"],
+        "properties": {
+            "sessions": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["session_id", "steps"],
+                    "properties": {
+                        "session_id": {"type": "string"},
+                        "client_ip": {"type": "string"},
+                        "started_at": {"type": "string"},
+                        "rejected": {"type": "boolean"},
+                        "outcome": {"type": "string"},
+                        "queue_ids": {"type": "array", "items": {"type": "string"}},
+                        "steps": {"type": "array", "items": _ref("Step")},
+                    },
+                },
+            }
+        },
+    },
     "Events": {
         "type": "object",
         "required": ["queue_id", "in_queue", "events"],
@@ -323,6 +368,28 @@ def spec() -> dict[str, Any]:
                     ),
                 ],
                 extra=not_found,
+            ),
+            "/api/queue/messages/{queue_id}/explain": _get(
+                "Every check's decision on the message and its SMTP session (postillon explain)",
+                _json(_ref("Explain"), "The decisions, in order"),
+                params=[_QUEUE_ID],
+                extra=not_found,
+            ),
+            "/api/sessions": _get(
+                "Recent SMTP sessions with their decisions, by client and time (newest first)",
+                _json(_ref("Sessions"), "Sessions"),
+                params=[
+                    _query(
+                        "client",
+                        {"type": "string", "maxLength": 64, "pattern": "^[0-9a-fA-F.:]*$"},
+                        "the client's IP address (empty: any)",
+                    ),
+                    _query(
+                        "hours", {"type": "number", "minimum": 0.1, "maximum": 336}, "how far back"
+                    ),
+                    _query("rejected", {"type": "boolean"}, "only sessions with a refusal"),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "at most"),
+                ],
             ),
             "/api/queue/messages/{queue_id}/raw": _get(
                 "The stored message as delivered (download)",

@@ -57,6 +57,7 @@ from postillon.checks.context import (
     TransactionContext,
 )
 from postillon.checks.decision import (
+    CONTINUE,
     AddHeader,
     AddRawFields,
     AddRecipient,
@@ -228,10 +229,11 @@ class Pipeline:
                 reason=f"check {check.name} failed",
                 metric="local_error",
             )
-        self.note(
-            s, phase, check.name, decision.action, decision.saw, decision.reply,
-            tx.queue_id if tx is not None else "",
-        )  # fmt: skip
+        if decision is not CONTINUE:  # the bare "nothing to say" is not a step of the story
+            self.note(
+                s, phase, check.name, decision.action, decision.saw, decision.reply,
+                tx.queue_id if tx is not None else "",
+            )  # fmt: skip
         return decision
 
     def _skip(self, s: SessionContext, check: Check, tx: TransactionContext | None) -> bool:

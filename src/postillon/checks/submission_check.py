@@ -63,6 +63,7 @@ class SubmissionCheck(BaseCheck):
         return known if isinstance(known, Account) else None
 
     def _policed(self, account: Account | None) -> bool:
+        # Every session of a submission listener; an authenticated client anywhere.
         return self.rate_limits is not None and (self.submission or account is not None)
 
     async def mail(self, s: SessionContext, tx: TransactionContext) -> Decision:
@@ -120,7 +121,11 @@ class SubmissionCheck(BaseCheck):
         return proceed(decision.warning or f"From: owned by {account.username}")
 
 
-def build(kind: ListenerKind, parts: PipelineParts) -> SubmissionCheck:
+def build(kind: ListenerKind, parts: PipelineParts) -> SubmissionCheck | None:
+    # AUTH is offered on submission listeners only (build.py), so elsewhere no client
+    # has an account and nothing is policed.
+    if kind not in ("submission", "submissions"):
+        return None
     config = parts.config
     return SubmissionCheck(
         accounts=parts.accounts,

@@ -136,7 +136,10 @@ function route() {
   for (const a of document.querySelectorAll("[data-nav]")) {
     a.classList.toggle("active", a.dataset.nav === (view === "message" ? "queue" : view));
   }
-  if (view === "queue") {
+  if (view === "sessions") {
+    $("view-sessions").hidden = false;
+    every(loadSessions);
+  } else if (view === "queue") {
     $("view-queue").hidden = false;
     every(loadQueue);
   } else if (view === "message" && arg) {
@@ -415,8 +418,14 @@ async function loadMessage(queueId) {
   } catch (e) {
     if (e.status !== 404) throw e;
   }
+  let explained = { steps: [] };
+  try {
+    explained = await api(`/api/queue/messages/${queueId}/explain`);
+  } catch (e) {
+    if (e.status !== 404) throw e;
+  }
   const out = [];
-  if (!message && !history.events.length) {
+  if (!message && !history.events.length && !explained.steps.length) {
     $("message").replaceChildren(h("div", { class: "card" }, h("p", { class: "empty" }, `Nothing is known about ${queueId}.`)));
     return;
   }
@@ -467,6 +476,7 @@ async function loadMessage(queueId) {
         h("div", { class: "when" }, when(e.at)),
         h("div", { class: "what" }, EVENT_TEXT[e.event] || e.event),
         h("div", { class: "detail" }, eventDetail(e))))) : h("p", { class: "empty" }, "No history recorded.")));
+  out.push(decisionsCard("Decisions", explained.steps));
   if (message) {
     out.push(h("div", { class: "card" },
       h("details", { class: "headers" }, h("summary", {}, `Headers (${message.headers.length})`),
@@ -476,6 +486,45 @@ async function loadMessage(queueId) {
   const open = document.querySelector("details.headers")?.open;
   $("message").replaceChildren(...out);
   if (open) document.querySelector("details.headers").open = true;
+}
+
+// ---------------------------------------------------------------- decisions (explain)
+
+function stepTime(at) {
+  return new Date(at * 1000).toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
+
+// One numbered list of the checks' decisions, as `postillon explain` prints them.
+function decisionsList(steps) {
+  return h("ol", { class: "decisions" }, steps.map((s) =>
+    h("li", { "data-action": s.action, "data-check": s.check },
+      h("span", { class: "muted" }, stepTime(s.at), " "),
+      h("b", {}, `${s.phase} · ${s.check}: `), badge(s.action),
+      s.saw ? h("span", {}, " ", s.saw) : null,
+      s.reply ? h("div", { class: "reply mono" }, "→ ", s.reply) : null)));
+}
+
+function decisionsCard(title, steps) {
+  return h("div", { class: "card", id: "decisions" }, h("h2", {}, title),
+    steps.length ? decisionsList(steps) : h("p", { class: "empty" }, "No decisions recorded."));
+}
+
+async function loadSessions() {
+  const form = $("session-filters");
+  const query = new URLSearchParams();
+  const client = form.elements.client.value.trim();
+  if (client) query.set("client", client);
+  query.set("hours", form.elements.hours.value);
+  if (form.elements.rejected.checked) query.set("rejected", "true");
+  const result = await api(`/api/sessions?${query}`);
+  $("sessions").replaceChildren(...(result.sessions.length ? result.sessions.map((s) =>
+    h("div", { class: "card session", "data-session": s.session_id },
+      h("div", { class: "card-head" },
+        h("span", { class: "mono" }, s.client_ip || "local", " · ", s.session_id),
+        badge(s.rejected ? "rejected" : "accepted")),
+      h("p", { class: "muted" }, when(s.started_at), " · ", s.outcome,
+        ...s.queue_ids.map((q) => h("span", {}, " · ", h("a", { href: `#/message/${q}`, class: "mono" }, q)))),
+      decisionsList(s.steps))) : [h("div", { class: "card" }, h("p", { class: "empty" }, "No sessions recorded."))]));
 }
 
 async function download(queueId) {
@@ -506,6 +555,7 @@ document.addEventListener("DOMContentLoaded", () => {
     state.offset = 0;
     setTimeout(() => { location.hash = "#/queue"; route(); });
   });
+  $("session-filters").addEventListener("submit", (e) => { e.preventDefault(); route(); });
   $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); route(); });
   $("next").addEventListener("click", () => { state.offset += state.limit; route(); });
   $("flush").addEventListener("click", async () => {
