@@ -3,7 +3,11 @@ requests, responses fed whole, byte by byte and with trailing bytes, limits, act
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from postillon.core.reply import Reply
 from postillon.protocol.policy_delegation import (
@@ -100,3 +104,34 @@ def test_actions(action: str, kind: str, reply: Reply | None) -> None:
     assert parsed.reply == reply
     if kind == "prepend":
         assert parsed.text == "X-Greylist: delayed 3 seconds"
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=600), cuts=st.lists(st.integers(0, 600), max_size=8))
+def test_any_bytes_give_responses_or_a_protocol_error_in_any_chunking(
+    data: bytes, cuts: list[int]
+) -> None:
+    """Whatever a policy server sends: responses or PolicyProtocolError, never another
+    exception, and the same outcome however the bytes are split."""
+
+    def run(pieces: list[bytes]) -> tuple[str, list[str]]:
+        reader = ResponseReader()
+        actions: list[str] = []
+        try:
+            for piece in pieces:
+                reader.receive_data(piece)
+                while (response := reader.next_response()) is not None:
+                    actions.append(response.action)
+        except PolicyProtocolError:
+            return "error", actions
+        return "ok", actions
+
+    bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+    pieces = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    whole = run([data])
+    split = run(pieces)
+    assert whole[0] == split[0]
+    if whole[0] == "ok":
+        assert whole[1] == split[1]
+    for action in whole[1]:
+        parse_action(action)  # never raises
