@@ -141,3 +141,24 @@ async def test_dry_run_decides_without_recording() -> None:
     assert first.reply is not None and "60 seconds" in first.reply.text  # a new triplet
     s, tx = s_tx("192.0.2.7")
     assert (await dry.mail(s, tx)).reply is not None  # the dry run sees the real count
+
+
+async def test_a_greylisted_recipient_is_not_counted() -> None:
+    """Greylisting runs before the recipient limit: the refused first attempt uses none
+    of the client's allowance, the accepted retry does."""
+    clock, store = FakeClock(), MemoryStore()
+    config = Config(
+        greylist=GreylistConfig(enabled=True, delay=60, auto_allow_after=0),
+        smtp_rate_limits=SmtpRateLimitsConfig(client_recipients=1),
+    )
+    pipeline = only(
+        build_pipeline("smtp", parts(config, clock, store)), "greylist", "smtp_rate_limit"
+    )
+    assert [c.name for c in pipeline.checks] == ["greylist", "smtp_rate_limit"]
+    s, tx = s_tx("192.0.2.7")
+    first = await pipeline.rcpt(s, tx, RecipientFacts("bob@example.org"))
+    assert first.reply is not None and first.reply.code == 450
+    clock.advance(61)
+    assert (await pipeline.rcpt(s, tx, RecipientFacts("bob@example.org"))).reply is None
+    third = await pipeline.rcpt(s, tx, RecipientFacts("bob@example.org"))
+    assert third.reply is not None and third.reply.code == 452

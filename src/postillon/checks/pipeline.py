@@ -389,8 +389,8 @@ def factories() -> tuple[CheckFactory, ...]:
         relay_check.build,
         submission_check.build,
         # after relay: a recipient refused anyway is neither counted nor greylisted
+        greylist.build,  # before the rate limit: a greylisted recipient is not counted
         smtp_rate_limit.build,
-        greylist.build,
         policy_service.build_all,
         # end of data: what the message is
         authentication_check.build,

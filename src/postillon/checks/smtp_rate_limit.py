@@ -2,10 +2,11 @@
 network and per envelope sender domain, per time window.
 
 At MAIL one message is counted against the client network and the sender domain; at
-RCPT (once the recipient is otherwise accepted: this check runs after the relay check)
-one recipient. Counting is all or nothing (a refused message uses up neither limit)
-and happens in the queue store (``queue/rate_counters.py``), so every node of a
-cluster counts against the same limit and a restart starts no new allowance. The
+RCPT one recipient, once it is otherwise accepted (this check runs after the relay
+check and greylisting: a refused or greylisted recipient is not counted). Counting
+is all or nothing (a refused message uses up neither limit) and happens in the queue
+store (``queue/rate_counters.py``), so every node of a cluster counts against the same
+limit and a restart starts no new allowance. The
 replies are those of the submission limits (``rate_limit.py``): ``450 4.7.1`` for
 messages, ``452 4.5.3`` for recipients (RFC 5321 §4.5.3.1.10: the client sends the
 rest later). Authenticated clients and ``[relay] trusted_networks`` are not counted.
