@@ -86,7 +86,7 @@ def test_greylisted_first_attempt_then_the_retry_is_accepted_and_a_restart_keeps
 
 
 def test_port_25_rate_limit_per_client(make_server: MakeServer) -> None:
-    a = make_server(smtp_rate_limits={"window": 3600, "client_messages": 2}).start()
+    a = make_server(smtp_rate_limits={"window": 7 * 86400, "client_messages": 2}).start()
     assert attempt(a, "bob@example.org")[0] == 250
     assert attempt(a, "bob@example.org")[0] == 250
     with smtp(a) as client:
@@ -257,3 +257,21 @@ def test_a_dnswl_listed_client_is_not_greylisted(make_server: MakeServer, make_d
         client.mail("ann@sender.test")
         code, text = client.rcpt("bob@example.org")
     assert code == 450 and b"Greylisted" in text
+
+
+def test_two_nodes_share_one_rate_limit(make_server: MakeServer, postgres_dsn: str) -> None:
+    """The counters are in the shared queue: 3 messages per client per window across
+    the cluster, whichever node takes them."""
+    queue: dict[str, Any] = {"store": "postgresql", "dsn": postgres_dsn}
+    limits = {"window": 7 * 86400, "client_messages": 3}  # no window boundary mid-test
+    one = make_server(queue=queue, smtp_rate_limits=limits)
+    two = make_server(queue=queue, smtp_rate_limits=limits)
+    one.write_config()
+    one.cli("db", "migrate")
+    one.start()
+    two.start()
+    assert [attempt(node, "bob@example.org")[0] for node in (one, two, one)] == [250, 250, 250]
+    for node in (two, one):
+        with smtp(node) as client:
+            code, text = client.mail("ann@sender.test")
+        assert code == 450 and b"Rate limit exceeded for this client" in text, text
