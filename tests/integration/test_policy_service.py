@@ -211,3 +211,34 @@ async def test_postgrey_greylists_then_passes_after_its_delay() -> None:
         await check.client.close()
     finally:
         postgrey.stop()
+
+
+class _Message:
+    size = 1234
+    header = b"Subject: x\r\n"
+    prepend = b""
+
+
+@pytest.mark.parametrize("phase", ["mail", "data", "end_of_data"])
+async def test_other_phases_send_their_protocol_state(
+    tiny: tuple[TinyPolicyServer, str], phase: str
+) -> None:
+    server, address = tiny
+    server.answer = lambda a: b"action=PREPEND X-Phase: " + a["protocol_state"].encode() + b"\n\n"
+    config = PolicyServiceConfig(name="p", address=address, phase=phase)  # type: ignore[arg-type]
+    check = PolicyServiceCheck(config, PolicyServiceClient(config.address, config.timeout))
+    assert check.phases == {phase, "end_of_data"}
+    s, tx = session()
+    tx.recipients.append(RecipientFacts("bob@example.org", targets=("bob@example.org",)))
+    if phase == "mail":
+        assert (await check.mail(s, tx)).action == "continue"
+    elif phase == "data":
+        assert (await check.data(s, tx)).action == "continue"
+    eod = await check.end_of_data(s, tx, _Message())  # type: ignore[arg-type]
+    state = {"mail": "MAIL", "data": "DATA", "end_of_data": "END-OF-MESSAGE"}[phase]
+    assert eod.changes == (AddHeader("X-Phase", state),)
+    sent = server.requests[-1]
+    assert sent["protocol_state"] == state
+    if phase == "end_of_data":
+        assert sent["size"] == "1234" and sent["recipient_count"] == "1"
+    await check.client.close()

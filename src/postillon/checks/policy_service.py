@@ -242,7 +242,7 @@ class PolicyServiceCheck(BaseCheck):
     async def end_of_data(
         self, s: SessionContext, tx: TransactionContext, message: MessageView
     ) -> Decision:
-        pending: dict[int, list[AddHeader]] = s.state.get(self.name, {})
+        pending: dict[int, list[AddHeader]] = s.state.setdefault(self.name, {})
         earlier = tuple(pending.pop(id(tx), ()))
         if self.config.phase != "end_of_data":
             return proceed(f"{len(earlier)} field(s) prepended", *earlier) if earlier else proceed()
