@@ -22,6 +22,8 @@
 #   clamav-daemon    clamd, a real virus scanner (signature DB made offline by the tests),
 #   clamav-milter      and its milter, so the EICAR string is rejected through the milter client
 #   python3-milter   pymilter on Debian's libmilter: the reference milter library for protocol tests
+#   postgrey         a real Postfix policy server (greylisting) for [[policy_service]],
+#                      run on loopback from a temp dir by tests/support/postgrey.py
 # Installs only what is missing; needs root (CI runs as root). Without root it
 # says what is missing and the tests that need it report the missing tool.
 set -eu
@@ -49,6 +51,7 @@ command -v rspamd >/dev/null 2>&1 || need="$need rspamd"
 [ -x /usr/sbin/clamd ] || need="$need clamav-daemon"
 [ -x /usr/sbin/clamav-milter ] || need="$need clamav-milter"
 /usr/bin/python3 -c 'import Milter' >/dev/null 2>&1 || need="$need python3-milter"
+[ -x /usr/sbin/postgrey ] || need="$need postgrey"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages:$need (run as root or: sudo apt-get install$need)" >&2

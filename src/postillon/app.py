@@ -37,6 +37,7 @@ from postillon.build import (
     tls_certificate,
     tls_reporter,
 )
+from postillon.checks.state_pruning import StatePruner
 from postillon.checks.trace import TraceRecorder
 from postillon.config.loader import ConfigError
 from postillon.config.model import Config
@@ -77,6 +78,7 @@ from postillon.signing.signer import DkimSigner, build_signer
 if TYPE_CHECKING:
     from postillon.acme_service import AcmeService
     from postillon.admin.server import AdminServer
+    from postillon.dmarcrpt.recorder import DmarcReportRecorder
     from postillon.dnsrecords.sts_server import StsServer
     from postillon.tlsrpt.recorder import TlsReportRecorder
     from postillon.tlsrpt.schedule import DailyReports
@@ -107,6 +109,10 @@ class App:
         # [tls_reports] (RFC 8460): the session recorder and the daily report task.
         self.tls_recorder: TlsReportRecorder | None = None
         self.tls_daily: DailyReports | None = None
+        # [dmarc_reports] (RFC 7489 §7.2): the evaluation recorder and the daily task.
+        self.dmarc_recorder: DmarcReportRecorder | None = None
+        self.dmarc_daily: DailyReports | None = None
+        self.state_pruner: StatePruner | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
         # Helper processes (DKIM verification, RSA signing), started just before
@@ -224,6 +230,11 @@ class App:
         )
         if config.tls_reports.enabled:
             self._start_tls_reports(config, intake, clock)  # before the transports: they observe
+        if config.dmarc_reports.enabled:
+            self._start_dmarc_reports(config, intake, clock)  # before the policy: it observes
+        # Greylisting and port-25 rate limits: drop expired state hourly (every node may).
+        self.state_pruner = StatePruner(self.store.policy_state, clock, lambda: self.config)
+        self.state_pruner.start()
         policy = self._builder.policy(config, None, signer)
         serving = [
             (listener, self._builder.session_deps(config, listener, intake, policy, tls_context))
@@ -430,6 +441,26 @@ class App:
         )
         self.tls_daily.start()
 
+    def _start_dmarc_reports(self, config: Config, intake: Intake, clock: Clock) -> None:
+        from postillon.dmarcrpt.recorder import DmarcReportRecorder
+        from postillon.dmarcrpt.reporter import reporter_from_config
+        from postillon.tlsrpt.schedule import DailyReports
+
+        assert self.store is not None
+        counters = self.store.policy_state.dmarc_reports
+        settings = config.dmarc_reports
+        recorder = DmarcReportRecorder(counters, clock, flush_interval=settings.flush_interval)
+        recorder.start()
+        self.dmarc_recorder = recorder
+        self._builder.dmarc_observer = recorder.evaluated
+        resolver = dns_resolver(config, self.metrics)
+        reporter = reporter_from_config(config, counters, resolver, intake)
+        self.dmarc_daily = DailyReports(
+            clock, settings.hour, reporter.report_day, prune=counters.prune,
+            keep_days=settings.keep_days,
+        )  # fmt: skip
+        self.dmarc_daily.start()
+
     async def _start_helpers(
         self, config: Config, signer: DkimSigner | None, user: str | None
     ) -> None:
@@ -484,6 +515,12 @@ class App:
             await self.tls_daily.stop()
         if self.tls_recorder is not None:
             await self.tls_recorder.stop()  # the last counts, before the store closes
+        if self.dmarc_daily is not None:
+            await self.dmarc_daily.stop()
+        if self.state_pruner is not None:
+            await self.state_pruner.stop()
+        if self.dmarc_recorder is not None:
+            await self.dmarc_recorder.stop()
         if self.store_failure is not None:
             self.store_failure.cancel()
         if self.history is not None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from postillon.checks.authentication import InboundAuthentication
+from postillon.checks.authentication import DmarcObserver, InboundAuthentication
 from postillon.checks.base import TraceSink
 from postillon.checks.context import ListenerKind
 from postillon.checks.parts import PipelineParts
@@ -225,6 +225,8 @@ class Builder:
         # [tls_reports] (RFC 8460): told of every MX session's TLS result; kept
         # across reloads (a reload builds new transports with it).
         self.tls_observer: TlsObserver | None = None
+        # [dmarc_reports] (RFC 7489 §7.2): told of each DMARC evaluation; kept across reloads.
+        self.dmarc_observer: DmarcObserver | None = None
         # Where the checks' decisions go for ``postillon explain`` (set once the queue is open).
         self.trace: TraceSink | None = None
 
@@ -296,6 +298,7 @@ class Builder:
             local_domains=config.local_domains,
             sealing_keys=key_store_from_config(config.dkim, config.data_dir).arc_sealing_key,
             helpers=self.helpers if config.helper_process_count() else None,
+            dmarc_observer=self.dmarc_observer,
         )
 
     def session_deps(

@@ -132,7 +132,8 @@ def test_parse_record() -> None:
     assert parse_record("v=DMARC1;p=quarantine") == DmarcRecord("quarantine", "quarantine")
     assert parse_record("p=reject; v=DMARC1") is None  # v= must come first (RFC 7489 6.4)
     assert parse_record("v=DMARC1; p=bogus") is None
-    assert parse_record("v=DMARC1; p=bogus; rua=mailto:x@y") == DmarcRecord("none", "none")
+    bogus = parse_record("v=DMARC1; p=bogus; rua=mailto:x@y")
+    assert bogus == DmarcRecord("none", "none", rua=("mailto:x@y",))  # rua= kept (RFC 7489 §7.2)
 
 
 def test_from_domain_of() -> None:

@@ -37,7 +37,9 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "observability": (),
     "queue": (),
     # checks: the relay policy asks the local recipient table; DKIM goes to a helper
-    # process through the pool (helpers sits below checks and intake).
+    # process through the pool (helpers sits below checks and intake). The port-25
+    # checks take their settings from config.inbound_filters (config model types split
+    # from config.model, which is at its size limit).
     "checks": (
         "protocol",
         "dns.resolver",
@@ -45,6 +47,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
         "queue.store",
         "routing.local",
         "helpers.pool",
+        "config.inbound_filters",
     ),
     "intake": ("checks", "signing", "queue.store", "helpers.pool"),
     "routing": ("dns.resolver",),
@@ -70,6 +73,9 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "tlsrpt": ("dns.resolver", "dns.sts_fetch", "queue.store", "intake", "outbound.tls_observer"),
     # ACME certificates: the renewal lease and the shared certificate live in the store.
     "certs": ("queue.store",),
+    # dmarcrpt (RFC 7489 §7.2): keeps counters in the store, reads rua= with the DMARC
+    # record parser, looks up _dmarc and the §7.1 verification TXT, mails through intake.
+    "dmarcrpt": ("dns.resolver", "queue.store", "intake", "checks.dmarc_check"),
     "admin": ANYTHING,
     # provision (`postillon setup`, the unit file): checks the config it writes, makes
     # DKIM keys and the first mail account, prints the DNS records to publish.

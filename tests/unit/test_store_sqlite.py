@@ -458,8 +458,33 @@ async def test_version_3_queue_gains_the_tls_report_tables(tmp_path: Path) -> No
     finally:
         await store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
     conn.close()
+
+
+async def test_version_6_queue_gains_the_policy_state_tables(tmp_path: Path) -> None:
+    """A queue before greylisting, shared rate counters and DMARC reports (version 6)
+    upgrades to 7 and keeps its mail; greylisting works after it."""
+    from postillon.queue.store import GreylistPolicy
+
+    path = tmp_path / "queue.db"
+    store = SqliteStore(path)
+    await store.commit(message("QOLD"))
+    await store.close()
+    conn = sqlite3.connect(path)
+    for table in ("greylist_triplets", "greylist_clients", "rate_counters", "dmarc_results"):
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute("DROP TABLE dmarc_report_claims")
+    conn.execute("PRAGMA user_version = 6")
+    conn.commit()
+    conn.close()
+    store = SqliteStore(path)
+    try:
+        assert await store.get_message("QOLD") is not None
+        grey = await store.policy_state.greylist.check("n", "", "r@x", 1.0, GreylistPolicy(1, 9))
+        assert grey.status == "new"
+    finally:
+        await store.close()
 
 
 # ---------------------------------------------------------------- several processes

@@ -49,6 +49,7 @@ from postillon.checks.dkim_check import dkim_key_names, verify_dkim_message
 from postillon.checks.dmarc_check import (
     AuthIdentity,
     PolicyLookup,
+    aligned,
     cached_policy,
     discover_policy,
     evaluate,
@@ -57,6 +58,7 @@ from postillon.checks.dmarc_check import (
 )
 from postillon.checks.spf_check import SpfCache, SpfOutcome, cached_spf, check_spf
 from postillon.config.model import AuthenticationConfig
+from postillon.core.dmarc import AuthResult, DmarcResultCount, PublishedPolicy
 from postillon.core.reply import Reply
 from postillon.dns.resolver import Resolver
 from postillon.helpers.pool import HelperPool
@@ -70,6 +72,11 @@ VERIFY_BUSY = Reply.of(451, "4.3.2", "Too busy to check this message now, try ag
 class VerifyBusy(Exception):
     """No verification slot came free within ``verify_wait`` seconds."""
 
+
+# Told of each DMARC evaluation whose record asks for aggregate reports (rua=): the
+# ``dmarcrpt`` recorder (RFC 7489 §7.2), handed in by the composition root. The row's
+# ``day`` is left empty: the recorder stamps it with its clock. Must not block.
+DmarcObserver = Callable[[DmarcResultCount], None]
 
 # A forwarding domain's ARC key: (selector, PEM private key), or None
 # (``signing.keys.KeyStore.arc_sealing_key``, handed in by the composition root).
@@ -124,8 +131,10 @@ class InboundAuthentication:
         local_domains: frozenset[str] = frozenset(),
         sealing_keys: SealingKeys | None = None,
         helpers: HelperPool | None = None,
+        dmarc_observer: DmarcObserver | None = None,
     ) -> None:
         self.config = config
+        self.dmarc_observer = dmarc_observer
         self.helpers = helpers
         self.resolver = resolver
         self.authserv_id = authserv_id
@@ -250,6 +259,7 @@ class InboundAuthentication:
             if dmarc.result == "fail" and arc is not None:
                 dmarc, policy = self._arc_override(dmarc, policy, arc, from_domain)
         results.append(dmarc)
+        lookup_done = dmarc_lookup.result() if dmarc_lookup is not None else None
 
         decision = decide(
             self.config,
@@ -260,6 +270,14 @@ class InboundAuthentication:
             spf_domain=spf.domain,
             allowlisted=self._allowlisted(facts, from_domain),
         )
+        if self.dmarc_observer is not None and lookup_done is not None:
+            record = lookup_done.record
+            if record is not None and record.rua and dmarc.result in ("pass", "fail"):
+                # The disposition is what DMARC applied (§7.2 Appendix C): "none" when
+                # the policy was none, even if a local rule (SPF fail) held the message.
+                applied = decision.action if policy != "none" else "none"
+                row = dmarc_report_row(facts, from_domain, lookup_done, spf, dkim_results, applied)
+                self.dmarc_observer(row)
         header, removed = strip_own_results(facts.header, self.authserv_id)
         prepend = render(self.authserv_id, results)
         if decision.action == "quarantine":
@@ -317,3 +335,48 @@ class InboundAuthentication:
             # One seal per message: the stored body is the same for every recipient.
             return sealed, [domain]
         return b"", []
+
+
+def dmarc_report_row(
+    facts: MessageFacts,
+    from_domain: str,
+    lookup: PolicyLookup,
+    spf: SpfOutcome,
+    dkim_results: Sequence[MethodResult],
+    action: str,
+) -> DmarcResultCount:
+    """One evaluation as an RFC 7489 §7.2 report ``<record>`` (day left to the recorder).
+    ``dkim``/``spf`` are the DMARC-aligned results (Appendix C ``policy_evaluated``);
+    the raw results go in ``auth_results``."""
+    record = lookup.record
+    assert record is not None
+    dkim_raw = tuple(
+        AuthResult(r.prop("header.d"), r.result, r.prop("header.s"))
+        for r in dkim_results
+        if r.prop("header.d")
+    )
+    dkim_pass = any(
+        r.result == "pass" and aligned(r.domain, from_domain, record.adkim) for r in dkim_raw
+    )
+    spf_pass = (
+        spf.result == "pass" and bool(spf.domain) and aligned(spf.domain, from_domain, record.aspf)
+    )
+    domain = lookup.record_domain or from_domain
+    disposition = {"reject": "reject", "quarantine": "quarantine"}.get(action, "none")
+    recipient_domain = facts.recipients[0][1].rpartition("@")[2].lower() if facts.recipients else ""
+    return DmarcResultCount(
+        "",
+        domain,
+        PublishedPolicy(
+            domain, record.adkim, record.aspf, record.policy, record.subdomain_policy, record.pct
+        ),
+        facts.client_ip,
+        from_domain,
+        _domain_of(facts.mail_from),
+        recipient_domain,
+        disposition,
+        "pass" if dkim_pass else "fail",
+        "pass" if spf_pass else "fail",
+        dkim_raw,
+        (AuthResult(spf.domain, spf.result, "mfrom"),) if spf.domain else (),
+    )

@@ -56,6 +56,8 @@ class DmarcRecord:
     adkim: str = "r"
     aspf: str = "r"
     pct: int = 100
+    # rua= (§6.3): where aggregate reports go, the URIs as written ("mailto:a@b!10m").
+    rua: tuple[str, ...] = ()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -83,6 +85,7 @@ def parse_record(text: str) -> DmarcRecord | None:
         adkim="s" if tags.get("adkim", "r").lower() == "s" else "r",
         aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",
         pct=int(pct_text) if pct_text.isdigit() and int(pct_text) <= 100 else 100,
+        rua=tuple(u.strip() for u in tags.get("rua", "").split(",") if u.strip()),
     )
 
 

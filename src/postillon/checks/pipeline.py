@@ -38,11 +38,14 @@ from dataclasses import dataclass, field, replace
 from postillon.checks import (
     authentication_check,
     dnsbl,
+    greylist,
     helo_check,
     milter_check,
+    policy_service,
     pregreet,
     relay_check,
     reverse_dns,
+    smtp_rate_limit,
     submission_check,
 )
 from postillon.checks.base import Check, TraceSink
@@ -372,7 +375,8 @@ def _apply(out: MessageVerdict, change: object, replaced: list[bytes]) -> None:
 # A check module exposes ``build(kind, parts) -> Check | None``: None when it has
 # nothing to do on that listener kind or is not configured. The order below is the
 # order checks are asked in; a new check adds one line here.
-CheckFactory = Callable[[ListenerKind, PipelineParts], Check | None]
+# A factory may also return a list (``policy_service``: one check per configured server).
+CheckFactory = Callable[[ListenerKind, PipelineParts], Check | Sequence[Check] | None]
 
 
 def factories() -> tuple[CheckFactory, ...]:
@@ -385,6 +389,10 @@ def factories() -> tuple[CheckFactory, ...]:
         # mail / rcpt: who may send where
         relay_check.build,
         submission_check.build,
+        # after relay: a recipient refused anyway is neither counted nor greylisted
+        greylist.build,  # before the rate limit: a greylisted recipient is not counted
+        smtp_rate_limit.build,
+        policy_service.build_all,
         # end of data: what the message is
         authentication_check.build,
         # [[milter]]: after authentication, so a milter sees Authentication-Results:
@@ -396,7 +404,13 @@ def build_pipeline(
     kind: ListenerKind, parts: PipelineParts, trace: TraceSink | None = None
 ) -> Pipeline:
     """The pipeline of one listener kind, from the shared parts (``parts.py``)."""
-    checks = [c for c in (make(kind, parts) for make in factories()) if c is not None]
+    checks: list[Check] = []
+    for make in factories():
+        made = make(kind, parts)
+        if isinstance(made, Sequence):
+            checks.extend(made)
+        elif made is not None:
+            checks.append(made)
     return Pipeline(checks, parts.clock, trace)
 
 

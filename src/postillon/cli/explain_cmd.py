@@ -125,6 +125,19 @@ async def _simulate(args: argparse.Namespace, config: Config) -> int:
         return 1
     config = config.model_copy(update={"helper_processes": 0})
     builder = Builder(Metrics(), null_maillog(), HelperPool(0))
+    # The shared state (greylist triplets, rate counts) is read, never written (dry_run).
+    has_queue = config.queue.store != "sqlite" or queue_path(config).exists()
+    builder.store = open_queue_store(config) if has_queue else None
+    try:
+        return await _replay(args, config, builder, message)
+    finally:
+        if builder.store is not None:
+            await builder.store.close()
+
+
+async def _replay(
+    args: argparse.Namespace, config: Config, builder: Builder, message: bytes
+) -> int:
     policy = builder.policy(config)
     parts = replace(policy.parts, dry_run=True)
     sink = ListSink()

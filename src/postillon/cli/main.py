@@ -11,6 +11,7 @@ from postillon.cli import (
     admin_cmd,
     db_cmd,
     dkim_cmd,
+    dmarc_cmd,
     dns_cmd,
     docs_cmd,
     explain_cmd,
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     import_postfix_cmd.add_parser(sub)
     docs_cmd.add_parser(sub)
     explain_cmd.add_parser(sub)
+    dmarc_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
         ("mailq", "list the queue (= sendmail -bp)"),
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             return tls_cmd.run(args, config)
         if args.command == "explain":
             return explain_cmd.run(args, config)
+        if args.command == "dmarc":
+            return dmarc_cmd.run(args, config)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

@@ -44,6 +44,10 @@ RELOADABLE = frozenset(
         "dnsbl",  # the checks are rebuilt with the policy on reload
         "client_checks",
         "milter",  # rebuilt with the pipeline; sessions in progress keep their connections
+        # Port-25 checks: rebuilt with the policy pipeline; their state is in the store.
+        "greylist",
+        "smtp_rate_limits",
+        "policy_service",
     }
 )
 # [mta_sts] settings a reload applies: the policy served; its socket stays bound.

@@ -73,7 +73,9 @@ REJECT_REASONS = (
     "relay_denied",  # RCPT to a domain we do not relay for (5.7.1)
     "unknown_recipient",  # RCPT to a local mailbox that does not exist (5.1.1)
     "recipient",  # other RCPT refusals
-    "rate_limit",  # submission rate limits (4.7.1 / 4.5.3)
+    "rate_limit",  # submission and port-25 rate limits (4.7.1 / 4.5.3)
+    "greylist",  # greylisted: the first attempt of an unknown triplet (450 4.7.1)
+    "policy_service",  # a [[policy_service]] answer, or its default_action
     "sender_policy",  # submission: MAIL FROM / From: not owned by the user
     "data",  # the body was refused while it arrived (size, bare LF, ...)
     "loop",  # too many Received: headers (5.4.6)

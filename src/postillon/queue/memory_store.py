@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.queue.acme_state import MemoryAcmeState
+from postillon.queue.policy_state import MemoryPolicyState
 from postillon.queue.store import (
     HEALTHY,
     DeliveryRecord,
@@ -72,6 +73,7 @@ class MemoryStore:
         self.tls_reports = MemoryTlsReports(self._check_open)  # store.py step 7
         self.acme = MemoryAcmeState()  # store.py step 8
         self.traces = MemoryTraces(self._check_open)  # store.py step 9
+        self.policy_state = MemoryPolicyState(self._check_open)  # store.py step 10
 
     def _check_open(self) -> None:
         if self._closed:

@@ -24,6 +24,7 @@ from typing import Final
 import asyncpg
 
 from postillon.queue.acme_state import POSTGRES_TABLES as ACME_TABLES
+from postillon.queue.policy_state import POSTGRES_TABLES as POLICY_STATE_TABLES
 from postillon.queue.sts_cache import POSTGRES_TABLE
 from postillon.queue.tls_reports import POSTGRES_TABLES as TLS_REPORT_TABLES
 from postillon.queue.traces import POSTGRES_TABLES as TRACE_TABLES
@@ -128,6 +129,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(6, "ACME certificate and renewal lease, shared by every node", ACME_TABLES),
     Migration(
         7, "the checks' decision trace (postillon explain), shared by every node", TRACE_TABLES
+    ),
+    Migration(
+        8,
+        "greylisting, port-25 rate counters, DMARC report counters, shared by every node",
+        POLICY_STATE_TABLES,
     ),
 )
 

@@ -60,7 +60,7 @@ import asyncpg
 
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
-from postillon.queue import acme_state, sts_cache
+from postillon.queue import acme_state, policy_state, sts_cache
 from postillon.queue.codec import encode_reply, message_from_row, record_from_row
 from postillon.queue.postgres_connection import (
     ACQUIRE_TIMEOUT,
@@ -135,6 +135,9 @@ class PostgresStore:
         self.tls_reports = PostgresTlsReports(self._read, lambda fn: self._write(fn, durable=False))
         self.acme = acme_state.PostgresAcmeState(self._read, self._write)  # store.py step 8
         self.traces = PostgresTraces(self._read, lambda fn: self._write(fn, durable=False))
+        self.policy_state = policy_state.PostgresPolicyState(  # step 10, as step 7
+            self._read, lambda fn: self._write(fn, durable=False)
+        )
 
     @property
     def available(self) -> bool:

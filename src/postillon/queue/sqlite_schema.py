@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from postillon.queue.acme_state import SQLITE_TABLES as ACME_TABLES
+from postillon.queue.policy_state import SQLITE_TABLES as POLICY_STATE_TABLES
 from postillon.queue.store import StoreError
 from postillon.queue.sts_cache import SQLITE_TABLE
 from postillon.queue.tls_reports import SQLITE_TABLES as TLS_REPORT_TABLES
@@ -43,7 +44,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 7  # PRAGMA user_version
+SCHEMA_VERSION: Final = 8  # PRAGMA user_version
 BUSY_TIMEOUT: Final = 10.0  # seconds a connection waits for another writer
 _MAX_IDLE_READERS: Final = 4
 
@@ -114,6 +115,8 @@ _SCHEMA_V5: Final = TLS_REPORT_TABLES
 _SCHEMA_V6: Final = ACME_TABLES
 # Version 7: the checks' decision trace (postillon explain; see traces.py).
 _SCHEMA_V7: Final = TRACE_TABLES
+# Version 8: greylisting, shared rate counters, DMARC report counters (policy_state.py).
+_SCHEMA_V8: Final = POLICY_STATE_TABLES
 
 RECORD_COLUMNS: Final = (
     "record_id, queue_id, recipient, original_recipient, rcpt_params, state, attempts,"
@@ -185,6 +188,7 @@ def init_database(path: Path) -> None:
                 _SCHEMA_V5,
                 _SCHEMA_V6,
                 _SCHEMA_V7,
+                _SCHEMA_V8,
             )
             if 0 <= version < SCHEMA_VERSION:
                 steps = steps_by_version[version:]

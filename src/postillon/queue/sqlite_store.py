@@ -27,11 +27,10 @@ the 2-core VM with 4 KiB bodies: spool files *alone* top out at 1,400-3,000 bodi
 (``bench/store_bench.py``, 20 committers, ~1.1 fsyncs per batch of 10-14). The price
 is a bigger WAL and a file that does not shrink (freed pages are reused): fine for a queue.
 
-**Readers** use a small pool of separate read connections (WAL lets readers
-run beside the writer and see only committed data); the async read methods run
-on a dedicated two-thread executor. ``read_body`` reads chunk by chunk, each in
-its own short read, so a slow delivery never pins a WAL snapshot (which would
-stop checkpoints and let the WAL grow without bound).
+**Readers** use a small pool of separate read connections (WAL lets readers run beside
+the writer and see only committed data), on a dedicated two-thread executor. ``read_body``
+reads chunk by chunk, each in its own short read, so a slow delivery never pins a WAL
+snapshot (which would stop checkpoints and let the WAL grow without bound).
 
 **Several processes** may open the same file (``postillon queue hold`` while
 the server runs): every connection waits up to ``BUSY_TIMEOUT`` for the write
@@ -69,7 +68,7 @@ from typing import Final, TypeVar
 
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
-from postillon.queue import acme_state, sts_cache
+from postillon.queue import acme_state, policy_state, sts_cache
 from postillon.queue.codec import encode_reply, message_from_row, record_from_row
 from postillon.queue.sqlite_schema import (
     BUSY_TIMEOUT,
@@ -126,6 +125,7 @@ class SqliteStore:
         self.tls_reports = SqliteTlsReports(self._read, self._write)  # store.py step 7
         self.acme = acme_state.SqliteAcmeState(self._read, self._write)  # step 8
         self.traces = SqliteTraces(self._read, self._write)  # step 9
+        self.policy_state = policy_state.SqlitePolicyState(self._read, self._write)  # step 10
 
     @property
     def path(self) -> Path:

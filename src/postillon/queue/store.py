@@ -44,6 +44,10 @@ Contract, as a transaction:
    the lease that lets one node of a cluster renew it at a time.
 9. ``traces`` (a ``TraceStore``, ``traces.py``) keeps the checks' decisions for
    ``postillon explain``, bounded by age.
+10. ``policy_state`` (a ``PolicyStateStore``, ``policy_state.py``) keeps the inbound
+   policy's shared state: greylisting triplets (``greylist.check`` decides and records
+   in one transaction), port-25 rate counters (``rates.take``: all or nothing), and the
+   DMARC aggregate report counters (``dmarc_reports``, the same contract as step 7).
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
@@ -60,12 +64,16 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import IO, Any, Protocol
 
+from postillon.core.dmarc import DmarcResultCount
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.envelope import NewRecipient as NewRecipient  # re-exported: stores take it
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.core.tlsrpt import TlsResultCount
 from postillon.core.trace import TraceStep
+from postillon.queue.greylist_state import GreylistPolicy as GreylistPolicy  # re-exported
+from postillon.queue.greylist_state import GreylistResult as GreylistResult
+from postillon.queue.rate_counters import RateRequest as RateRequest
 
 
 class DeliveryState(StrEnum):
@@ -281,6 +289,59 @@ class TraceStore(Protocol):
     async def prune(self, before: float) -> int: ...
 
 
+class GreylistStore(Protocol):
+    """Greylisting state (``queue/greylist_state.py``): ``check`` returns the triplet's
+    verdict and records the attempt, in one transaction; ``prune`` forgets rows unseen
+    since ``before``."""
+
+    async def check(
+        self, client_net: str, sender: str, recipient: str, now: float, policy: GreylistPolicy
+    ) -> GreylistResult: ...
+
+    async def peek(
+        self, client_net: str, sender: str, recipient: str, now: float, policy: GreylistPolicy
+    ) -> GreylistResult:
+        """What ``check`` would answer, recording nothing (``explain --simulate``)."""
+        ...
+
+    async def prune(self, before: float) -> int: ...
+
+
+class RateCounterStore(Protocol):
+    """Shared rate counters (``queue/rate_counters.py``): ``take`` counts every request
+    or none, and returns the index of the first that would pass its limit (None: all
+    counted)."""
+
+    async def take(self, requests: Sequence[RateRequest], now: float) -> int | None: ...
+
+    async def used(self, counter: str, window: int, now: float) -> int: ...
+
+    async def prune(self, now: float) -> int: ...
+
+
+class DmarcReportStore(Protocol):
+    """The RFC 7489 §7.2 counters; the same contract as ``TlsReportStore``."""
+
+    async def add(self, rows: Sequence[DmarcResultCount]) -> None: ...
+
+    async def day(self, day: str, domain: str | None = None) -> list[DmarcResultCount]: ...
+
+    async def claim(self, day: str, domain: str, owner: str, now: float) -> bool: ...
+
+    async def prune(self, before_day: str) -> int: ...
+
+
+class PolicyStateStore(Protocol):
+    @property
+    def greylist(self) -> GreylistStore: ...
+
+    @property
+    def rates(self) -> RateCounterStore: ...
+
+    @property
+    def dmarc_reports(self) -> DmarcReportStore: ...
+
+
 class QueueStore(Protocol):
     @property
     def tls_reports(self) -> TlsReportStore:
@@ -295,6 +356,11 @@ class QueueStore(Protocol):
     @property
     def traces(self) -> TraceStore:
         """The decision trace (contract step 9)."""
+        ...
+
+    @property
+    def policy_state(self) -> PolicyStateStore:
+        """Greylisting, rate counters, DMARC report counters (contract step 10)."""
         ...
 
     async def commit(self, message: NewMessage) -> None: ...
