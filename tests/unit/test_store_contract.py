@@ -9,6 +9,7 @@ numbers near T0: no test sleeps or reads the clock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -838,3 +839,19 @@ async def test_leases_of_an_owner_whose_heartbeat_is_stale_come_back(store: Queu
     assert await store.record_outcomes([late]) == []
     info = await store.get_message("QLIVE")
     assert info is not None and info.records[0].lease_owner == "live"
+
+
+async def test_a_quarantined_message_is_committed_held(store: QueueStore) -> None:
+    """A check's quarantine (NewMessage.held): every record starts HELD in the commit
+    itself, so no runner claims it in between; release makes it due."""
+    held = dataclasses.replace(
+        message("QHELD1", rcpts=("a@example.net", "b@example.net")), held=True
+    )
+    await store.commit(held)
+    await store.commit(message("QFREE1"))  # in the same store, not held
+    assert await states(store, "QHELD1") == [DeliveryState.HELD, DeliveryState.HELD]
+    claimed = await store.claim_due(T0 + 10, 10, LEASE, "runner")
+    assert [r.queue_id for r in claimed] == ["QFREE1"]
+    assert await store.release("QHELD1", T0 + 20) == 2
+    claimed = await store.claim_due(T0 + 30, 10, LEASE, "runner")
+    assert sorted(r.queue_id for r in claimed) == ["QHELD1", "QHELD1"]

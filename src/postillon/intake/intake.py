@@ -309,8 +309,8 @@ class IntakeTransaction:
     # -- outcome ------------------------------------------------------------
     async def commit(self, hold: str = "") -> str:
         """Make the message durable; return its queue id. Raises IntakeError.
-        ``hold``: a quarantine reason; the message is held (``queue release`` lets it
-        go) before the runner is told of it."""
+        ``hold``: a quarantine reason; the message is committed held (``queue release``
+        lets it go)."""
         if self.closed:
             raise RuntimeError("transaction already closed")
         if not self.recipients:
@@ -364,6 +364,7 @@ class IntakeTransaction:
             received_at=self._intake.clock.now(),
             client=self.client.describe(),
             source=self.source,
+            held=bool(hold),
         )
         try:
             await self._intake.store.commit(message)
@@ -396,13 +397,7 @@ class IntakeTransaction:
         )
         self._intake.count_received(self.source)
         if hold:
-            try:
-                await self._intake.store.hold(self.queue_id, self._intake.clock.now())
-                self._intake.maillog.event("quarantined", self.queue_id, reason=hold)
-            except Exception as exc:  # committed, so never lose it: deliver instead
-                self._intake.maillog.event(
-                    "error", self.queue_id, reason=f"quarantine hold failed: {exc!r}"
-                )
+            self._intake.maillog.event("quarantined", self.queue_id, reason=hold)
         self._intake.notify_committed()
         return self.queue_id
 

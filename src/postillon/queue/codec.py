@@ -121,14 +121,17 @@ def message_from_row(row: Sequence[Any], records: Iterable[DeliveryRecord]) -> M
 
 
 def record_rows(message: NewMessage, updated_at: float) -> list[tuple[Any, ...]]:
-    """One row per recipient of a new message, due at once:
-    (queue_id, recipient, original, rcpt_params, next_try, updated_at)."""
+    """One row per recipient of a new message, due at once (held when the message
+    is quarantined): (queue_id, recipient, original, rcpt_params, state, next_try,
+    updated_at)."""
+    state = (DeliveryState.HELD if message.held else DeliveryState.PENDING).value
     return [
         (
             message.queue_id,
             r.address,
             r.original,
             encode_rcpt_params(r.params),
+            state,
             message.received_at,  # due at once
             updated_at,
         )

@@ -102,7 +102,7 @@ class MemoryStore:
                 recipient=r.address,
                 original_recipient=r.original,
                 rcpt_params=r.params,
-                state=DeliveryState.PENDING,
+                state=DeliveryState.HELD if message.held else DeliveryState.PENDING,
                 attempts=0,
                 next_try=message.received_at,
                 last_reply=None,

@@ -57,8 +57,9 @@ _INSERT_MESSAGES: Final = (
 _INSERT_RECORDS: Final = (
     "INSERT INTO records (queue_id, recipient, original_recipient, rcpt_params,"
     " state, attempts, next_try, updated_at)"
-    " SELECT q, r, o, p, 'pending', 0, t, u FROM unnest($1::text[], $2::text[], $3::text[],"
-    " $4::text[], $5::float8[], $6::float8[]) WITH ORDINALITY AS x(q, r, o, p, t, u, n)"
+    " SELECT q, r, o, p, s, 0, t, u FROM unnest($1::text[], $2::text[], $3::text[],"
+    " $4::text[], $5::text[], $6::float8[], $7::float8[])"
+    " WITH ORDINALITY AS x(q, r, o, p, s, t, u, n)"
     " ORDER BY n"
 )
 _INSERT_BODIES: Final = (
@@ -137,7 +138,7 @@ async def _insert_commits(conn: Conn, commits: Sequence[Commit]) -> None:
     except asyncpg.exceptions.UniqueViolationError as e:
         ids = ", ".join(c.message.queue_id for c in commits[:3])
         raise StoreError(f"duplicate queue id ({ids}{', ...' if len(commits) > 3 else ''})") from e
-    rec_columns: list[list[Any]] = [[] for _ in range(6)]
+    rec_columns: list[list[Any]] = [[] for _ in range(7)]
     body_columns: list[list[Any]] = [[], [], []]
     for c in commits:
         for row in c.record_rows:

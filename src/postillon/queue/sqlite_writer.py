@@ -33,7 +33,7 @@ from typing import IO, Any, Final, TypeAlias, TypeVar
 
 from postillon.queue.codec import encode_mail_params, record_rows
 from postillon.queue.sqlite_schema import MESSAGE_COLUMNS, connect
-from postillon.queue.store import DeliveryState, NewMessage, StoreError
+from postillon.queue.store import NewMessage, StoreError
 
 __all__ = ["CHUNK_SIZE", "Commit", "GroupCommitWriter"]
 
@@ -45,7 +45,6 @@ CHUNK_SIZE: Final = 256 * 1024  # body bytes per row
 _WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 _BULK_BODY_LIMIT: Final = 1024 * 1024  # bodies up to this join multi-row INSERTs
 _MAX_VARIABLES: Final = 32_000  # SQLITE_MAX_VARIABLE_NUMBER is 32766 (since 3.32)
-_PENDING = DeliveryState.PENDING.value
 
 _INSERT_MESSAGE: Final = f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES "
 _MESSAGE_VALUES: Final = "(?, ?, ?, ?, ?, ?, ?)"
@@ -53,7 +52,7 @@ _INSERT_RECORD: Final = (
     "INSERT INTO records (queue_id, recipient, original_recipient, rcpt_params,"
     " state, attempts, next_try, updated_at) VALUES "
 )
-_RECORD_VALUES: Final = f"(?, ?, ?, ?, '{_PENDING}', 0, ?, ?)"
+_RECORD_VALUES: Final = "(?, ?, ?, ?, ?, 0, ?, ?)"
 _INSERT_BODY: Final = "INSERT INTO bodies (queue_id, seq, data) VALUES "
 _BODY_VALUES: Final = "(?, ?, ?)"
 

@@ -130,6 +130,9 @@ class NewMessage:
     received_at: float
     client: str = ""  # "helo (rdns) [ip]" for logs and the queue view
     source: str = ""  # listener name or "sendmail", "bounce", ...
+    # Quarantined by a check: every record starts HELD (``queue release`` lets it go),
+    # in the same commit, so no runner can claim it first.
+    held: bool = False
 
 
 @dataclass(frozen=True, slots=True)
