@@ -39,6 +39,7 @@ from postillon.observability.maillog import MailLog
 from postillon.observability.metrics import ListenerMetrics, Metrics
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.dane_policy import DaneHook
+from postillon.outbound.shaping import Shaper
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.outbound.sts_policies import StsPolicies
 from postillon.outbound.tls_observer import TlsObserver
@@ -364,6 +365,8 @@ def smtp_transport(
         dane=dane,
         mta_sts=mta_sts,
         tls_observer=tls_observer,
+        # [[shaping]] and [backoff]; suspensions and rate buckets in the queue store.
+        shaper=Shaper(config.shaping, config.backoff, store.shaping if store else None),
     )
 
 

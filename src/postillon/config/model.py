@@ -23,6 +23,8 @@ from postillon.config.outbound import (
     TlsPolicyRule,
     TransportRule,
 )
+from postillon.config.shaping import BackoffConfig as BackoffConfig  # re-exported
+from postillon.config.shaping import ShapingRule as ShapingRule
 from postillon.config.tls_reports import TlsReportsConfig
 from postillon.core.credentials import check_postgresql_url
 
@@ -477,6 +479,8 @@ class Config(_Frozen):
     admin: AdminConfig = AdminConfig()
     mta_sts: MtaStsConfig = MtaStsConfig()
     tls_reports: TlsReportsConfig = TlsReportsConfig()
+    shaping: tuple[ShapingRule, ...] = ()  # [[shaping]], config/shaping.py
+    backoff: BackoffConfig = BackoffConfig()
 
     @field_validator("helper_processes")
     @classmethod

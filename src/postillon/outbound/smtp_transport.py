@@ -49,6 +49,7 @@ from postillon.outbound.client_session import (
 from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.mx import MxResult, resolve_next_hops
 from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
+from postillon.outbound.shaping import Shaper, all_busy, chained
 from postillon.outbound.sts_policies import StsPolicies
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
 from postillon.outbound.tls_observer import TlsObserver, TlsSessionResult, published_policy
@@ -147,8 +148,11 @@ class SmtpTransport:
         dane: DaneHook | None = None,
         mta_sts: StsPolicies | None = None,
         tls_observer: TlsObserver | None = None,
+        shaper: Shaper | None = None,
     ) -> None:
         self.resolver = resolver
+        # [[shaping]] and [backoff] (outbound/shaping.py); never for LMTP next hops.
+        self.shaper = shaper if not lmtp else None
         self.metrics = metrics
         self.settings = settings
         self.lmtp = lmtp
@@ -208,6 +212,10 @@ class SmtpTransport:
             return [targets] * count
         if not targets:
             return [TempFail(NO_ADDRESSES, job.route.domain)] * count
+        if self.shaper is not None:  # suspended, or over its message rate: not attempted
+            admitted = await self.shaper.admit(_domain(targets[0]), [t.host for t in targets])
+            if isinstance(admitted, TempFail):
+                return [admitted] * count
         slot = self.limits.destination(job.route.key)
         try:
             async with asyncio.timeout(DESTINATION_WAIT):
@@ -258,6 +266,8 @@ class SmtpTransport:
                 session = await self.connect(target, requirement)
                 result = await self._send(job, session, requirement)
             except SessionError as error:
+                if self.shaper is not None:  # a 421 or 4xx burst suspends the destination
+                    await self.shaper.observe(_domain(target), target.host, error=error)
                 if session is not None:
                     session.close()
                 elif error.tls_result:  # the connection failed its TLS policy
@@ -286,7 +296,11 @@ class SmtpTransport:
         # RFC 3461 §6.2.2: a next hop without DSN cannot honour NOTIFY=SUCCESS;
         # the runner then sends a "relayed" notice itself.
         dsn_passed = self.lmtp or "DSN" in session.extensions
-        await self.pool.put(key, session)
+        most = None
+        if self.shaper is not None:
+            await self.shaper.observe(_domain(target), target.host, result=result)
+            most = self.shaper.messages_per_connection(_domain(target), target.host)
+        await self.pool.put(key, session, max_messages=most)
         outcomes: list[Outcome] = []
         for reply in result.per_recipient:
             outcome = outcome_from_reply(reply, detail)
@@ -410,7 +424,7 @@ class SmtpTransport:
         :meth:`tls_checker` (``postillon tls check`` wraps it to see the chain)."""
         hop = target.hop
         implicit = bool(hop and hop.implicit_tls)
-        session = await SmtpClientSession.connect(
+        opening = SmtpClientSession.connect(
             target.address or target.host,
             target.port,
             helo_name=self.settings.helo_name,
@@ -422,6 +436,9 @@ class SmtpTransport:
             unix_path=hop.unix_path if hop is not None else None,
             timeouts=self.settings.timeouts,
         )
+        if self.shaper is not None:  # a connection slot and connect token ([[shaping]])
+            opening = self.shaper.opened(_domain(target), target.host, target.address, opening)
+        session = await opening
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
         result = session.tls_result if session.tls else "plaintext"
@@ -489,7 +506,7 @@ class SmtpTransport:
         metrics.connections.labels("out", "").inc()
         active = metrics.connections_active.labels("out", "")
         active.inc()
-        session.on_close = active.dec
+        session.on_close = chained(active.dec, session.on_close)  # and the shaping slot
         if session.tls:
             metrics.tls.labels("out", session.tls.split()[0]).inc()
 
@@ -512,6 +529,8 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
     if not errors:
         return TempFail(NO_ADDRESSES, detail)
     last = errors[-1]
+    if (busy := all_busy(errors, detail)) is not None:  # no slot anywhere: not tried
+        return busy
     if last.reply is not None:
         reply = last.reply
     elif last.status:  # a TLS policy or local failure: the reason is the reply
@@ -553,6 +572,12 @@ def _recording_anchors() -> tuple[object, ...]:
         return load_anchors(None)
     except (OSError, ValueError):
         return ()
+
+
+def _domain(target: Target) -> str:
+    """The destination domain a shaping rule sees: the domain whose MX this is,
+    else the host the route names."""
+    return target.mx_domain or target.host
 
 
 def _is_ip(text: str) -> bool:

@@ -122,7 +122,7 @@ def message_from_row(row: Sequence[Any], records: Iterable[DeliveryRecord]) -> M
 
 def record_rows(message: NewMessage, updated_at: float) -> list[tuple[Any, ...]]:
     """One row per recipient of a new message, due at once:
-    (queue_id, recipient, original, rcpt_params, next_try, updated_at)."""
+    (queue_id, recipient, original, rcpt_params, next_try, updated_at, priority)."""
     return [
         (
             message.queue_id,
@@ -131,6 +131,7 @@ def record_rows(message: NewMessage, updated_at: float) -> list[tuple[Any, ...]]
             encode_rcpt_params(r.params),
             message.received_at,  # due at once
             updated_at,
+            message.priority,
         )
         for r in message.recipients
     ]

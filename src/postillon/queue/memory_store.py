@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
+from postillon.queue.shaping_state import MemoryShapingState
 from postillon.queue.store import (
     HEALTHY,
     DeliveryRecord,
@@ -68,6 +69,8 @@ class MemoryStore:
         self._heartbeats: dict[str, float] = {}  # lease owner -> last heartbeat
         self._sts: dict[str, CachedPolicy] = {}  # MTA-STS policy cache by domain
         self.tls_reports = MemoryTlsReports(self._check_open)  # store.py step 7
+        self.shaping = MemoryShapingState(self._check_open)  # store.py step 8
+        self._priority: dict[int, int] = {}  # record id -> claim priority (highest first)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -90,6 +93,7 @@ class MemoryStore:
         for r in message.recipients:
             rid = self._next_record_id
             self._next_record_id += 1
+            self._priority[rid] = message.priority
             self._records[rid] = DeliveryRecord(
                 record_id=rid,
                 queue_id=message.queue_id,
@@ -127,7 +131,7 @@ class MemoryStore:
         )[:limit]
         due = sorted(
             (r for r in self._records.values() if r.state in _CLAIMABLE and r.next_try <= now),
-            key=lambda r: (r.next_try, r.record_id),
+            key=lambda r: (-self._priority.get(r.record_id, 0), r.next_try, r.record_id),
         )[: limit - len(expired)]
         claimed = []
         for rec in [*expired, *due]:
@@ -173,6 +177,8 @@ class MemoryStore:
                 )
                 touched.add(rec.queue_id)
                 continue
+            # A retry goes ahead of a bulk backlog (delivery/priority.py).
+            self._priority[u.record_id] = max(self._priority.get(u.record_id, 0), 1)
             self._records[u.record_id] = replace(
                 rec,
                 state=state,
@@ -399,3 +405,4 @@ class MemoryStore:
         msg = self._messages.pop(queue_id)
         for rid in msg.record_ids:
             del self._records[rid]
+            self._priority.pop(rid, None)

@@ -23,6 +23,7 @@ from typing import Final
 
 import asyncpg
 
+from postillon.queue.shaping_state import POSTGRES_TABLES as SHAPING_TABLES
 from postillon.queue.sts_cache import POSTGRES_TABLE
 from postillon.queue.tls_reports import POSTGRES_TABLES as TLS_REPORT_TABLES
 
@@ -123,6 +124,16 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     ),
     Migration(4, "MTA-STS policy cache (RFC 8461), shared by every node", (POSTGRES_TABLE,)),
     Migration(5, "SMTP TLS reporting counters (RFC 8460), shared by every node", TLS_REPORT_TABLES),
+    Migration(
+        6,
+        "traffic shaping: suspensions and rate buckets shared by every node; record priority",
+        (
+            *SHAPING_TABLES,
+            "ALTER TABLE records ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEFAULT 0",
+            "CREATE INDEX IF NOT EXISTS records_due_priority ON records (priority DESC, next_try)"
+            " WHERE state IN ('pending', 'deferred')",
+        ),
+    ),
 )
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version

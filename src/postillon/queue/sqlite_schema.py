@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, TypeVar
 
+from postillon.queue.shaping_state import SQLITE_TABLES as SHAPING_TABLES
 from postillon.queue.store import StoreError
 from postillon.queue.sts_cache import SQLITE_TABLE
 from postillon.queue.tls_reports import SQLITE_TABLES as TLS_REPORT_TABLES
@@ -41,7 +42,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 5  # PRAGMA user_version
+SCHEMA_VERSION: Final = 6  # PRAGMA user_version
 BUSY_TIMEOUT: Final = 10.0  # seconds a connection waits for another writer
 _MAX_IDLE_READERS: Final = 4
 
@@ -108,6 +109,14 @@ _SCHEMA_V3: Final = (
 _SCHEMA_V4: Final = (SQLITE_TABLE,)
 # Version 5: the SMTP TLS reporting counters (RFC 8460; see tls_reports.py).
 _SCHEMA_V5: Final = TLS_REPORT_TABLES
+# Version 6: traffic shaping (suspensions, rate buckets; see shaping_state.py) and
+# the delivery priority of each record (claimed highest first, then by next_try).
+_SCHEMA_V6: Final = (
+    *SHAPING_TABLES,
+    "ALTER TABLE records ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX IF NOT EXISTS records_due_priority ON records(priority DESC, next_try)"
+    " WHERE state IN ('pending', 'deferred')",
+)
 
 RECORD_COLUMNS: Final = (
     "record_id, queue_id, recipient, original_recipient, rcpt_params, state, attempts,"
@@ -171,7 +180,7 @@ def init_database(path: Path) -> None:
         _retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            steps_by_version = (_SCHEMA, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
+            steps_by_version = (_SCHEMA, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6)
             if 0 <= version < SCHEMA_VERSION:
                 steps = steps_by_version[version:]
                 for statement in (s for step in steps for s in step):

@@ -40,6 +40,10 @@ Contract, as a transaction:
    reporting counters (RFC 8460): ``add`` adds counts (never replaces them, so
    every node contributes), ``claim`` lets one node send each day's report of a
    domain.
+8. ``shaping`` (a ``ShapingState``, ``shaping_state.py``) keeps destination
+   suspensions and the token buckets of ``[[shaping]]`` rates, shared by every node.
+9. ``claim_due`` claims the highest ``NewMessage.priority`` first, then by
+   ``next_try``; a record deferred after an attempt rises to priority 1 at least.
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
@@ -61,6 +65,7 @@ from postillon.core.envelope import NewRecipient as NewRecipient  # re-exported:
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.core.tlsrpt import TlsResultCount
+from postillon.queue.shaping_state import ShapingState
 
 
 class DeliveryState(StrEnum):
@@ -117,6 +122,8 @@ class NewMessage:
     received_at: float
     client: str = ""  # "helo (rdns) [ip]" for logs and the queue view
     source: str = ""  # listener name or "sendmail", "bounce", ...
+    # Claim order: records of a higher priority are claimed first (delivery/priority.py).
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +235,11 @@ class QueueStore(Protocol):
     @property
     def tls_reports(self) -> TlsReportStore:
         """The RFC 8460 counters (contract step 7)."""
+        ...
+
+    @property
+    def shaping(self) -> ShapingState:
+        """Suspensions and rate buckets (contract step 8)."""
         ...
 
     async def commit(self, message: NewMessage) -> None: ...
