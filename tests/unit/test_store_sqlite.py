@@ -3,6 +3,8 @@ several processes on one file, and durability across SIGKILL."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import asyncio
 import contextlib
 import hashlib
@@ -434,6 +436,36 @@ async def test_version_2_queue_gains_the_heartbeats(tmp_path: Path) -> None:
 def _drop_tls_report_tables(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TABLE tls_results")
     conn.execute("DROP TABLE tls_report_claims")
+    _drop_version_6(conn)
+
+
+def _drop_version_6(conn: sqlite3.Connection) -> None:
+    """Back to version 5: no shaping tables, no record priority."""
+    conn.execute("DROP TABLE suspensions")
+    conn.execute("DROP TABLE shaping_buckets")
+    conn.execute("DROP INDEX records_due_priority")
+    conn.execute("ALTER TABLE records DROP COLUMN priority")
+
+
+async def test_version_5_queue_gains_shaping_and_priority(tmp_path: Path) -> None:
+    """A version-5 queue upgrades to 6, keeps its mail, and claims by priority after."""
+    path = tmp_path / "queue.db"
+    store = SqliteStore(path)
+    await store.commit(message("QOLD"))
+    await store.close()
+    conn = sqlite3.connect(path)
+    _drop_version_6(conn)
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    store = SqliteStore(path)
+    try:
+        assert await store.get_message("QOLD") is not None
+        await store.commit(replace(message("QNEW"), priority=5))
+        claimed = await store.claim_due(T0 + 10, 1, 60, "me")
+        assert [r.queue_id for r in claimed] == ["QNEW"]
+    finally:
+        await store.close()
 
 
 async def test_version_3_queue_gains_the_tls_report_tables(tmp_path: Path) -> None:
