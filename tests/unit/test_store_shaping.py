@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from test_store_contract import T0, message, store  # noqa: F401  (the fixture)
 
 from postillon.core.reply import Reply
 from postillon.queue.shaping_state import Suspension, bucket_take
 from postillon.queue.store import DeliveryState, OutcomeUpdate, QueueStore
-from test_store_contract import T0, message, store  # noqa: F401  (the fixture)
 
 
 async def test_suspend_lists_and_resume(store: QueueStore) -> None:  # noqa: F811

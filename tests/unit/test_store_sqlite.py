@@ -3,8 +3,6 @@ several processes on one file, and durability across SIGKILL."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import asyncio
 import contextlib
 import hashlib
@@ -19,6 +17,7 @@ import textwrap
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

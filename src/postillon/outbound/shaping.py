@@ -236,9 +236,9 @@ class Shaper:
         """A connection slot to ``address`` under its rule, and a connect-rate token;
         returns the release (call it once, when the connection closes). Raises
         ShapingBusy when neither comes within TOKEN_WAIT."""
-        _, rule = self.rule_for(domain, host)
+        destination, rule = self.rule_for(domain, host)
         if rule is None or not address:
-            return _nothing
+            return self._not_suspended(destination, _nothing)
         release = _nothing
         if rule.connections is not None:
             slot = self._slots.get(address)
@@ -262,6 +262,16 @@ class Shaper:
                 raise ShapingBusy(f"connect rate to {address} reached", grant.wait)
             if grant.wait > 0:
                 await asyncio.sleep(grant.wait)
+        return self._not_suspended(destination, release)
+
+    def _not_suspended(self, destination: str, release: Callable[[], None]) -> Callable[[], None]:
+        """``release``, unless the destination was suspended while this delivery
+        waited for its slot or token (then no new connection: ShapingBusy)."""
+        current = self._suspended.get(destination)
+        now = self.clock()
+        if current is not None and current.until > now:
+            release()
+            raise ShapingBusy(f"deliveries to {destination} suspended", current.until - now)
         return release
 
     async def opened(
@@ -301,6 +311,9 @@ class Shaper:
         if reply is None:
             return
         destination, _ = self.rule_for(domain, host)
+        current = self._suspended.get(destination)
+        if current is not None and current.until > self.clock():
+            return  # a delivery that started before the suspension met the same refusal
         text = f"{host} said {reply.code} {' '.join(reply.lines)}"
         if reply.code == 421:
             await self.suspend(destination, text)
