@@ -279,6 +279,7 @@ class Builder:
             starttls=tls_context is not None and kind != "submissions",
             tls_active=kind == "submissions",
             lmtp=kind == "lmtp",
+            mt_priority=kind != "lmtp",  # RFC 6710; honoured per core/priority.py
             # AUTH only on submission listeners, and only after TLS (RFC 4954 4).
             auth_mechanisms=DEFAULT_MECHANISMS if submission else (),
             require_auth=submission,

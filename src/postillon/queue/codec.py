@@ -39,6 +39,8 @@ def encode_mail_params(p: MailParams) -> str:
         d["requiretls"] = True
     if p.tls_required_no:
         d["tls_required_no"] = True
+    if p.mt_priority is not None:  # RFC 6710: relayed onward with the message
+        d["mt_priority"] = p.mt_priority
     return _dumps(d)
 
 
@@ -54,6 +56,7 @@ def decode_mail_params(text: str) -> MailParams:
         auth=d.get("auth"),
         requiretls=bool(d.get("requiretls", False)),
         tls_required_no=bool(d.get("tls_required_no", False)),
+        mt_priority=d.get("mt_priority"),
     )
 
 
