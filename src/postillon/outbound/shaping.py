@@ -37,6 +37,7 @@ each process re-reads them every ``REFRESH`` seconds.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import defaultdict, deque
@@ -142,12 +143,8 @@ class Shaper:
         self._suspended: dict[str, Suspension] = {}
         self._refreshed = -REFRESH
         self._strikes: dict[str, deque[float]] = defaultdict(deque)
-        self._slots: dict[str, asyncio.Semaphore] = {}
-
-    def reconfigure(self, rules: Sequence[ShapingRule], backoff: BackoffConfig) -> None:
-        self.rules = tuple(rules)
-        self.backoff = backoff
-        self._slots.clear()  # new limits for new connections; open ones finish
+        self._slots: dict[str, asyncio.Semaphore] = {}  # connection slots by address
+        self._holders: dict[str, int] = {}  # connections holding a slot, by address
 
     def rule_for(self, domain: str, host: str) -> tuple[str, ShapingRule | None]:
         return match_rule(self.rules, domain, (host,))
@@ -251,7 +248,8 @@ class Shaper:
                 raise ShapingBusy(
                     f"all {rule.connections} connections to {address} in use", TOKEN_WAIT
                 ) from None
-            release = _once(slot.release)
+            self._holders[address] = self._holders.get(address, 0) + 1
+            release = _once(functools.partial(self._release_slot, address, slot))
         rate = rule.connects_per_second
         if rate is not None and self.state is not None:
             grant = await self.state.take(
@@ -263,6 +261,18 @@ class Shaper:
             if grant.wait > 0:
                 await asyncio.sleep(grant.wait)
         return self._not_suspended(destination, release)
+
+    def _release_slot(self, address: str, slot: asyncio.Semaphore) -> None:
+        slot.release()
+        held = self._holders.get(address, 1) - 1
+        if held > 0:
+            self._holders[address] = held
+            return
+        # Nobody holds (so nobody waits for) this address's slots: forget them, so a
+        # server that met a million addresses does not keep a million semaphores.
+        self._holders.pop(address, None)
+        if self._slots.get(address) is slot:
+            del self._slots[address]
 
     def _not_suspended(self, destination: str, release: Callable[[], None]) -> Callable[[], None]:
         """``release``, unless the destination was suspended while this delivery
