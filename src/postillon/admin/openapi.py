@@ -404,6 +404,7 @@ def spec() -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": _json(_ref("ActionResult"), "Resumed"),
+                        "400": _ERROR,
                         "404": _ERROR,
                         "401": _UNAUTHORIZED,
                     },
