@@ -68,6 +68,7 @@ class FakeSession:
         self.tls = ""
         self.tls_verified = False
         self.extensions = {"DSN": ""}
+        self.on_close: Any = None  # as SmtpClientSession (the metrics and shaping hooks)
 
     async def send(self, *args: Any, **kw: Any) -> TransactionResult:
         async for _ in args[3]:

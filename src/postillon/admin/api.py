@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from postillon import __version__
+from postillon.admin import suspensions
 from postillon.admin.context import CONTEXT, AdminContext, json_error
 from postillon.admin.openapi import spec
 from postillon.admin.queue_ops import (
@@ -300,6 +301,48 @@ async def flush(request: web.Request) -> web.Response:
     return web.json_response({"action": "flush", "recipients": count})
 
 
+async def list_suspensions(request: web.Request) -> web.Response:
+    ops = _ctx(request).ops
+    return web.json_response(await suspensions.list_json(ops.store, ops.clock.now()))
+
+
+async def suspend(request: web.Request) -> web.Response:
+    """Body ``{"destination": ..., "seconds": 3600, "reason": ...}``."""
+    ops = _ctx(request).ops
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadParameter("the body must be JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("destination"), str):
+        raise BadParameter('destination: a string is required ("example.org", "mx:.suffix")')
+    seconds = body.get("seconds", suspensions.DEFAULT_SECONDS)
+    reason = body.get("reason", "")
+    if not isinstance(seconds, int | float) or not isinstance(reason, str):
+        raise BadParameter("seconds must be a number and reason a string")
+    try:
+        result = await suspensions.suspend(
+            ops.store, body["destination"], ops.clock.now(), float(seconds), reason
+        )
+    except ValueError as exc:
+        raise BadParameter(str(exc)) from None
+    return web.json_response(result)
+
+
+async def resume(request: web.Request) -> web.Response:
+    ops = _ctx(request).ops
+    try:
+        result = await suspensions.resume(
+            ops.store, request.match_info["destination"], ops.clock.now()
+        )
+    except ValueError as exc:
+        raise BadParameter(str(exc)) from None
+    if not result["resumed"]:
+        return json_error(404, f"{result['destination']} is not suspended")
+    if ops.wake_runner is not None:
+        ops.wake_runner()
+    return web.json_response(result)
+
+
 async def activity(request: web.Request) -> web.Response:
     hours = _number(request, "hours", 6.0, 0.25, MAX_HOURS)
     bucket = _number(request, "bucket_minutes", 10.0, 1, 1440)
@@ -334,4 +377,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/sessions", list_sessions)
     r.add_post("/api/queue/messages/{queue_id}/{action}", act)
     r.add_post("/api/queue/flush", flush)
+    r.add_get("/api/queue/suspensions", list_suspensions)
+    r.add_post("/api/queue/suspensions", suspend)
+    r.add_delete("/api/queue/suspensions/{destination}", resume)
     r.add_get("/api/activity", activity)

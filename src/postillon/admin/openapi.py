@@ -244,6 +244,19 @@ _SCHEMAS: dict[str, Any] = {
             "recipients": {"type": "integer", "description": "recipients affected"},
         },
     },
+    "Suspension": {
+        "type": "object",
+        "required": ["destination", "until", "reason"],
+        "properties": {
+            "destination": {"type": "string", "description": "a domain, or mx:.suffix"},
+            "since": {"type": "string"},
+            "until": {"type": "string"},
+            "remaining_seconds": {"type": "integer"},
+            "reason": {"type": "string"},
+            "level": {"type": "integer", "description": "suspensions in a row (0: operator)"},
+            "by_operator": {"type": "boolean"},
+        },
+    },
     "ReloadResult": {
         "type": "object",
         "required": ["applied"],
@@ -433,6 +446,40 @@ def spec() -> dict[str, Any]:
                 "post": {
                     "summary": "Make every deferred recipient due now",
                     "responses": {"200": _json(_ref("ActionResult"), "Done"), "401": _UNAUTHORIZED},
+                }
+            },
+            "/api/queue/suspensions": {
+                **_get(
+                    "Destinations whose deliveries are suspended (docs/shaping.md)",
+                    _json({"type": "array", "items": _ref("Suspension")}, "Running suspensions"),
+                ),
+                "post": {
+                    "summary": "Suspend a destination: JSON body destination, seconds "
+                    "(default 3600), reason",
+                    "responses": {
+                        "200": _json(_ref("Suspension"), "Suspended"),
+                        "400": _ERROR,
+                        "401": _UNAUTHORIZED,
+                    },
+                },
+            },
+            "/api/queue/suspensions/{destination}": {
+                "delete": {
+                    "summary": "Resume a destination; its deferred mail is due now",
+                    "parameters": [
+                        {
+                            "name": "destination",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json(_ref("ActionResult"), "Resumed"),
+                        "400": _ERROR,
+                        "404": _ERROR,
+                        "401": _UNAUTHORIZED,
+                    },
                 }
             },
             "/api/activity": _get(

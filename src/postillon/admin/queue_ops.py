@@ -21,6 +21,7 @@ from email import policy
 from email.parser import BytesHeaderParser
 from typing import Any, Final
 
+from postillon.admin import suspensions
 from postillon.core.clock import Clock
 from postillon.core.reply import Reply
 from postillon.dsn.bounce import (
@@ -295,13 +296,17 @@ class QueueOps:
         started = time.monotonic()
         cached = self._summary_cache
         if cached is not None and started < cached[0]:
-            return cached[1]
+            return {**cached[1], "suspensions": await self._suspensions()}
         messages = await self.store.list_messages(limit=MAX_SCAN)
         counts = await self.store.count_by_state()
         result = summarize(messages, counts, self.clock.now())
         took = time.monotonic() - started
         self._summary_cache = (time.monotonic() + max(SUMMARY_MIN_REUSE, 10 * took), result)
-        return result
+        return {**result, "suspensions": await self._suspensions()}
+
+    async def _suspensions(self) -> list[dict[str, Any]]:
+        """The running suspensions (never cached: an operator just changed one)."""
+        return await suspensions.list_json(self.store, self.clock.now())
 
     async def find(
         self, where: MessageFilter, offset: int = 0, limit: int = 50

@@ -28,6 +28,9 @@ class TempFail:
     # Not tried at all (e.g. no free connection slot to the destination): the
     # queue reschedules soon without counting an attempt.
     attempted: bool = True
+    # Not attempted: how many seconds until it is worth trying again (a suspended
+    # destination, a message rate whose next token is further away); 0 = soon.
+    retry_after: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

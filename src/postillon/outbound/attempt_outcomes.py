@@ -10,6 +10,7 @@ from typing import Protocol
 from postillon.core.outcome import Outcome, PermFail, TempFail, outcome_from_reply
 from postillon.core.reply import Reply
 from postillon.outbound.client_session import SessionError, SmtpClientSession
+from postillon.outbound.shaping import all_busy
 from postillon.outbound.tls_policy import HostRefused, TlsRequirement
 
 __all__ = ["describe", "failure", "settled_before_failure"]
@@ -47,6 +48,8 @@ def failure(errors: list[SessionError], detail: str) -> Outcome:
     if not errors:
         return TempFail(NO_ADDRESSES, detail)
     last = errors[-1]
+    if (busy := all_busy(errors, detail)) is not None:  # no slot anywhere: not tried
+        return busy
     if last.reply is not None:
         reply = last.reply
     elif last.status:  # a TLS policy or local failure: the reason is the reply

@@ -60,10 +60,12 @@ from postillon.outbound.egress import EgressSettings, SourceSelector
 from postillon.outbound.happy_eyeballs import DEFAULT_DELAY
 from postillon.outbound.mx import resolve_next_hops
 from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
+from postillon.outbound.shaping import Shaper, chained
 from postillon.outbound.smtputf8 import send_sendable
 from postillon.outbound.sts_policies import StsPolicies
 from postillon.outbound.targets import Target as Target
 from postillon.outbound.targets import mx_targets as mx_targets
+from postillon.outbound.targets import shaping_domain
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
 from postillon.outbound.tls_observer import TlsObserver, TlsSessionResult, published_policy
 from postillon.outbound.tls_policy import (
@@ -141,8 +143,11 @@ class SmtpTransport:
         mta_sts: StsPolicies | None = None,
         tls_observer: TlsObserver | None = None,
         source_rules: SourceRules | None = None,
+        shaper: Shaper | None = None,
     ) -> None:
         self.resolver = resolver
+        # [[shaping]] and [backoff] (outbound/shaping.py); never for LMTP next hops.
+        self.shaper = shaper if not lmtp else None
         self.sources = SourceSelector(settings.egress, settings.helo_name)
         # Source addresses and Happy Eyeballs (connector.py).
         self.connector = Connector(
@@ -211,6 +216,11 @@ class SmtpTransport:
             return [targets] * count
         if not targets:
             return [TempFail(NO_ADDRESSES, job.route.domain)] * count
+        if self.shaper is not None:  # suspended, or over its message rate: not attempted
+            where = shaping_domain(targets[0])
+            admitted = await self.shaper.admit(where, [t.host for t in targets])
+            if isinstance(admitted, TempFail):
+                return [admitted] * count
         slot = self.limits.destination(job.route.key)
         try:
             async with asyncio.timeout(DESTINATION_WAIT):
@@ -293,6 +303,8 @@ class SmtpTransport:
                 again = functools.partial(self.connect, target, requirement, source=source)
                 result, session = await self._send(job, session, requirement, again)
             except SessionError as error:
+                if self.shaper is not None:  # a 421 or 4xx burst suspends the destination
+                    await self.shaper.observe(shaping_domain(target), target.host, error=error)
                 if session is not None:
                     session.close()
                 elif error.tls_result:  # the connection failed its TLS policy
@@ -321,7 +333,12 @@ class SmtpTransport:
         # RFC 3461 §6.2.2: a next hop without DSN cannot honour NOTIFY=SUCCESS;
         # the runner then sends a "relayed" notice itself.
         dsn_passed = self.lmtp or "DSN" in session.extensions
-        await self.pool.put(key, session)
+        most = None
+        if self.shaper is not None:
+            where = shaping_domain(target)
+            await self.shaper.observe(where, target.host, result=result)
+            most = self.shaper.messages_per_connection(where, target.host)
+        await self.pool.put(key, session, max_messages=most)
         outcomes: list[Outcome] = []
         for reply in result.per_recipient:
             outcome = outcome_from_reply(reply, detail)
@@ -467,7 +484,7 @@ class SmtpTransport:
         ``sock``: connected already (from ``source``, whose HELO name is said)."""
         hop = target.hop
         implicit = bool(hop and hop.implicit_tls)
-        session = await SmtpClientSession.connect(
+        opening = SmtpClientSession.connect(
             target.address or target.host,
             target.port,
             sock=sock,
@@ -481,6 +498,16 @@ class SmtpTransport:
             unix_path=hop.unix_path if hop is not None else None,
             timeouts=self.settings.timeouts,
         )
+        if self.shaper is None:
+            session = await opening
+        else:  # a connection slot and connect token ([[shaping]])
+            where = shaping_domain(target)
+            try:
+                session = await self.shaper.opened(where, target.host, target.address, opening)
+            except BaseException:
+                if sock is not None:  # raced already (Happy Eyeballs): not used now
+                    sock.close()
+                raise
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
         result = session.tls_result if session.tls else "plaintext"
@@ -548,7 +575,7 @@ class SmtpTransport:
         metrics.connections.labels("out", "").inc()
         active = metrics.connections_active.labels("out", "")
         active.inc()
-        session.on_close = active.dec
+        session.on_close = chained(active.dec, session.on_close)  # and the shaping slot
         if session.tls:
             metrics.tls.labels("out", session.tls.split()[0]).inc()
 

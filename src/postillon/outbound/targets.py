@@ -34,3 +34,9 @@ def mx_targets(result: MxResult, port: int, hop: NextHop | None = None) -> list[
         for h in result.hops
         for a in h.addresses
     ]
+
+
+def shaping_domain(target: Target) -> str:
+    """The destination domain a shaping rule sees: the domain whose MX this is,
+    else the host the route names."""
+    return target.mx_domain or target.host

@@ -206,7 +206,30 @@ async function loadDashboard() {
     state.chartKey = chartKey;
   }
   drawDomains(summary);
+  drawSuspensions(summary.suspensions || []);
   drawServer(status);
+}
+
+// A 421 or a burst of 4xx suspends a destination by itself (docs/shaping.md);
+// an operator can suspend and resume one here.
+function drawSuspensions(rows) {
+  if (!rows.length) {
+    $("suspensions").replaceChildren(h("p", { class: "empty" }, "No destination is suspended."));
+    return;
+  }
+  const body = rows.map((s) => h("tr", { "data-destination": s.destination },
+    h("td", { "data-label": "Destination", class: "wrap mono" }, s.destination),
+    h("td", { "data-label": "Until" }, new Date(s.until).toLocaleString()),
+    h("td", { "data-label": "Left", class: "num" }, age(s.remaining_seconds)),
+    h("td", { "data-label": "Reason", class: "wrap" }, (s.by_operator ? "operator: " : "") + s.reason),
+    h("td", {}, h("button", { class: "secondary small", onclick: async () => {
+      const result = await api(`/api/queue/suspensions/${encodeURIComponent(s.destination)}`, { method: "DELETE" });
+      toast(`${result.destination} resumed; ${result.recipients} recipient(s) due now`);
+      route();
+    } }, "Resume"))));
+  $("suspensions").replaceChildren(h("table", { class: "stack" },
+    h("thead", {}, h("tr", {}, h("th", {}, "Destination"), h("th", {}, "Until"), h("th", { class: "num" }, "Left"), h("th", {}, "Reason"), h("th", {}, ""))),
+    h("tbody", {}, body)));
 }
 
 function bucketFor(hours) {
@@ -566,6 +589,23 @@ document.addEventListener("DOMContentLoaded", () => {
   $("session-filters").addEventListener("submit", (e) => { e.preventDefault(); route(); });
   $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); route(); });
   $("next").addEventListener("click", () => { state.offset += state.limit; route(); });
+  $("suspend-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const form = new FormData($("suspend-form"));
+    const body = JSON.stringify({
+      destination: form.get("destination"),
+      seconds: Number(form.get("minutes") || 60) * 60,
+      reason: form.get("reason") || "",
+    });
+    try {
+      const result = await api("/api/queue/suspensions", { method: "POST", body });
+      toast(`${result.destination} suspended until ${new Date(result.until).toLocaleString()}`);
+      $("suspend-form").reset();
+      route();
+    } catch (error) {
+      if (!(error instanceof Unauthorized)) toast(error.message, true);
+    }
+  });
   $("flush").addEventListener("click", async () => {
     const result = await api("/api/queue/flush", { method: "POST" });
     toast(`${result.recipients} deferred recipient(s) will be tried now`);
