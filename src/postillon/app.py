@@ -345,6 +345,8 @@ class App:
                 limiter=limiter,
                 in_flight=lambda: runner.in_flight,
                 queue_health=self.store.health,
+                tls_counting=self.tls_recorder is not None,
+                flush_tls=self.tls_recorder.flush if self.tls_recorder is not None else None,
             )
         )
         # Further admin routes (e.g. /metrics) are added to admin_app here.

@@ -9,7 +9,7 @@ imports ``api``, never the reverse.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -37,6 +37,11 @@ class AdminContext:
     # cannot take mail (a shared queue's database unreachable, the SQLite writer
     # gone), so a load balancer or supervisor acts on it.
     queue_health: Callable[[], StoreHealth] = lambda: HEALTHY
+    # [tls_reports] enabled: outbound TLS sessions are counted in the store (the TLS
+    # view's source); ``flush_tls`` writes the counts still in memory, so the view
+    # shows the session that just ended.
+    tls_counting: bool = False
+    flush_tls: Callable[[], Awaitable[None]] | None = None
 
 
 CONTEXT: Final = web.AppKey("postillon_admin_context", AdminContext)

@@ -31,7 +31,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from postillon.core.envelope import BodyType, MailParams
-from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail, outcome_from_reply
+from postillon.core.outcome import (
+    Delivered,
+    Outcome,
+    PermFail,
+    TempFail,
+    TlsDetails,
+    outcome_from_reply,
+)
 from postillon.core.reply import Reply
 from postillon.core.sts import StsPolicy
 from postillon.delivery.transport import DeliveryJob
@@ -49,6 +56,7 @@ from postillon.outbound.client_session import (
 from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.mx import MxResult, resolve_next_hops
 from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
+from postillon.outbound.session_tls import describe, tls_details
 from postillon.outbound.sts_policies import StsPolicies
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
 from postillon.outbound.tls_observer import TlsObserver, TlsSessionResult, published_policy
@@ -224,6 +232,7 @@ class SmtpTransport:
         count = len(job.records)
         errors: list[SessionError] = []
         last_detail = ""
+        last_tls: TlsDetails | None = None  # the last host's TLS, for the outcome
         lookups = Lookups()
         for target in targets:
             params = job.message.mail_params
@@ -237,6 +246,7 @@ class SmtpTransport:
                     )
                 )
                 last_detail = _describe(target, None, requirement)
+                last_tls = tls_details(target.host, target.address, None, requirement)
                 self._count_tls(requirement, requirement.result, target, requirement.reason)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, requirement.reason)
                 continue
@@ -266,13 +276,14 @@ class SmtpTransport:
                 exc = requiretls.failure(requirement, error, null_sender=not job.message.sender)
                 errors.append(exc)
                 last_detail = _describe(target, session, requirement)
+                last_tls = tls_details(target.host, target.address, session, requirement, error)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
-                settled = _settled_before_failure(exc, last_detail)
+                settled = _settled_before_failure(exc, last_detail, last_tls)
                 if settled is not None:
                     return settled
                 continue
             return await self._finish(key, target, session, result, requirement)
-        return [_failure(errors, last_detail)] * count
+        return [_failure(errors, last_detail, last_tls)] * count
 
     async def _finish(
         self,
@@ -283,15 +294,16 @@ class SmtpTransport:
         requirement: TlsRequirement,
     ) -> list[Outcome]:
         detail = _describe(target, session, requirement)
+        tls = tls_details(target.host, target.address, session, requirement)
         # RFC 3461 §6.2.2: a next hop without DSN cannot honour NOTIFY=SUCCESS;
         # the runner then sends a "relayed" notice itself.
         dsn_passed = self.lmtp or "DSN" in session.extensions
         await self.pool.put(key, session)
         outcomes: list[Outcome] = []
         for reply in result.per_recipient:
-            outcome = outcome_from_reply(reply, detail)
+            outcome = outcome_from_reply(reply, detail, tls)
             if isinstance(outcome, Delivered) and not dsn_passed:
-                outcome = Delivered(outcome.reply, outcome.detail, relayed_without_dsn=True)
+                outcome = Delivered(outcome.reply, detail, relayed_without_dsn=True, tls=tls)
             outcomes.append(outcome)
         return outcomes
 
@@ -467,7 +479,9 @@ class SmtpTransport:
         if self.tls_observer is not None and target.mx_domain:
             applied = requirement if isinstance(requirement, TlsRequirement) else None
             tlsa = applied.tlsa if applied is not None else None
-            sts_text = applied.sts_policy if applied is not None else ""
+            # An MX an enforce policy refused is reported under that policy (sts), not
+            # as no-policy-found (RFC 8460 §4.3); HostRefused carries its text.
+            sts_text = requirement.sts_policy if requirement is not None else ""
             policy_type, strings = published_policy(
                 mode, tlsa, sts_lines=sts_text.splitlines() if sts_text else None
             )
@@ -494,7 +508,9 @@ class SmtpTransport:
             metrics.tls.labels("out", session.tls.split()[0]).inc()
 
 
-def _settled_before_failure(exc: SessionError, detail: str) -> list[Outcome] | None:
+def _settled_before_failure(
+    exc: SessionError, detail: str, tls: TlsDetails | None
+) -> list[Outcome] | None:
     """Outcomes already final when a connection broke mid-transaction.
 
     A recipient refused with 5xx at RCPT, or (LMTP) given its own 250 after
@@ -505,10 +521,10 @@ def _settled_before_failure(exc: SessionError, detail: str) -> list[Outcome] | N
     partial = exc.partial
     if partial is None or all(r.is_transient for r in partial.per_recipient):
         return None
-    return [outcome_from_reply(reply, detail) for reply in partial.per_recipient]
+    return [outcome_from_reply(reply, detail, tls) for reply in partial.per_recipient]
 
 
-def _failure(errors: list[SessionError], detail: str) -> Outcome:
+def _failure(errors: list[SessionError], detail: str, tls: TlsDetails | None = None) -> Outcome:
     if not errors:
         return TempFail(NO_ADDRESSES, detail)
     last = errors[-1]
@@ -519,31 +535,18 @@ def _failure(errors: list[SessionError], detail: str) -> Outcome:
     else:
         reply = Reply.of(451, "4.4.1", f"Connection failed: {last.detail}"[:400])
     if all(e.permanent for e in errors) and reply.is_permanent:
-        return PermFail(reply, detail)
+        return PermFail(reply, detail, tls)
     if reply.is_permanent:
         # Some host failed temporarily: try again later rather than bounce.
         reply = Reply.of(451, "4.4.1", f"{reply.code} {' / '.join(reply.lines)}"[:400])
-    return TempFail(reply, detail)
+    return TempFail(reply, detail, tls=tls)
 
 
 def _describe(
     target: Target, session: SmtpClientSession | None, req: TlsRequirement | HostRefused
 ) -> str:
-    """The host, the TLS result and the policy, for the delivery log line:
-    ``mx.example[192.0.2.1]:25 tls=TLSv1.3/verified policy=verify``,
-    ``... tls=TLSv1.3/dane-ee policy=dane``, ``... policy=verify mta-sts=enforce``,
-    ``... policy=verify+requiretls``."""
-    where = target.host if not target.address else f"{target.host}[{target.address}]:{target.port}"
-    policy = f"policy={req.mode}"
-    if isinstance(req, TlsRequirement):
-        policy += ("+requiretls" if req.requiretls else "") + (
-            f" mta-sts={req.sts}" if req.sts else ""
-        )
-    if session is not None and session.tls:
-        return f"{where} tls={session.tls.split()[0]}/{session.tls_result} {policy}"
-    if session is not None:
-        return f"{where} tls=none {policy}"
-    return f"{where} {policy}"
+    """The delivery log line's relay text (``session_tls.describe``)."""
+    return describe(target.host, target.address, target.port, session, req)
 
 
 @functools.lru_cache(maxsize=1)

@@ -176,6 +176,9 @@ class HostRefused:
     reason: str
     result: str
     mode: TlsMode = "dane"
+    # The MTA-STS enforce policy that refused the host (its text), for TLS reports
+    # (policy-type sts, RFC 8460 §4.4) and the operator's view; "" for DANE's refusals.
+    sts_policy: str = ""
 
 
 @dataclass(frozen=True, slots=True)
