@@ -9,6 +9,9 @@ shows the TLS of each recipient's last attempt and the TLS per destination.
                 │  bad.test:    [[tls_policy]] verify, only wrong → deferred
                 │  sts.test:    MTA-STS enforce (mx: good.mx.test) from
                 │               https://mta-sts.sts.test (127.0.0.80:443) → wrong refused, good
+                │  invalid.test, webpki.test, unreachable.test: publish MTA-STS; the policy
+                │               is broken (.80), its host's certificate untrusted (.81), the
+                │               host unreachable (.82) → delivered to good, reported so
                 └─ admin 127.0.0.1:P: /api/queue/messages/…, /api/tls, /api/tls/{domain}, /metrics
 
 Needs root (the policy host listens on :443) inside scripts/run-tests.sh's namespace.
@@ -55,6 +58,7 @@ FLAGS = [  # as test_admin_web.py: no network beyond loopback
     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1, EXCLUDE localhost",
 ]
 GOOD, WRONG, WEB = "127.0.0.2", "127.0.0.3", "127.0.0.80"
+UNTRUSTED_WEB, NO_WEB = "127.0.0.81", "127.0.0.82"  # a CA nobody trusts; nothing listens
 STS_POLICY = b"version: STSv1\r\nmode: enforce\r\nmx: good.mx.test\r\nmax_age: 86400\r\n"
 
 
@@ -90,9 +94,12 @@ def tls_world(make_server, make_dns_server, tmp_path: Path) -> Iterator[TlsWorld
     ]
     for rec in receivers:
         rec.start()
-    web = HttpsServer(tmp_path / "web", WEB, ["mta-sts.sts.test"])
+    web = HttpsServer(tmp_path / "web", WEB, ["mta-sts.sts.test", "mta-sts.invalid.test"])
     web.answers["/.well-known/mta-sts.txt"] = Answer(200, STS_POLICY)
-    bundle = tmp_path / "sts-ca.pem"
+    web.answers["mta-sts.invalid.test/.well-known/mta-sts.txt"] = Answer(200, b"<html>no</html>")
+    untrusted = HttpsServer(tmp_path / "untrusted", UNTRUSTED_WEB, ["mta-sts.webpki.test"])
+    untrusted.answers["/.well-known/mta-sts.txt"] = Answer(200, STS_POLICY)
+    bundle = tmp_path / "sts-ca.pem"  # untrusted's CA is not in it
     bundle.write_bytes(web.ca_file.read_bytes() + ca.cert_pem.bytes())
     both = {"MX": ["10 wrong.mx.test", "20 good.mx.test"]}
     dns = make_dns_server(
@@ -104,6 +111,21 @@ def tls_world(make_server, make_dns_server, tmp_path: Path) -> Iterator[TlsWorld
                 "@": both,
                 "_mta-sts.sts.test": {"TXT": '"v=STSv1; id=first"'},
                 "mta-sts.sts.test": {"A": WEB},
+            },
+            "invalid.test": {
+                "@": {"MX": ["10 good.mx.test"]},
+                "_mta-sts.invalid.test": {"TXT": '"v=STSv1; id=x"'},
+                "mta-sts.invalid.test": {"A": WEB},
+            },
+            "webpki.test": {
+                "@": {"MX": ["10 good.mx.test"]},
+                "_mta-sts.webpki.test": {"TXT": '"v=STSv1; id=x"'},
+                "mta-sts.webpki.test": {"A": UNTRUSTED_WEB},
+            },
+            "unreachable.test": {
+                "@": {"MX": ["10 good.mx.test"]},
+                "_mta-sts.unreachable.test": {"TXT": '"v=STSv1; id=x"'},
+                "mta-sts.unreachable.test": {"A": NO_WEB},
             },
         }
     )
@@ -123,7 +145,7 @@ def tls_world(make_server, make_dns_server, tmp_path: Path) -> Iterator[TlsWorld
         queue={"first_retry": 3600.0, "max_retry": 3600.0},
         admin={"listen": f"127.0.0.1:{admin_port}"},
     )
-    with web:
+    with web, untrusted:
         a.start()
         wait_port(admin_port)
         token = a.cli("admin", "token").stdout.strip()
@@ -277,3 +299,22 @@ def test_tls_on_the_admin_page_in_chromium(tls_world: TlsWorld, tmp_path: Path) 
         page.goto(f"{world.base}/#/tls/nowhere.test")
         page.wait_for_selector("text=Nothing is known about TLS to nowhere.test.")
         browser.close()
+
+
+def test_broken_or_unreachable_mta_sts_policy_is_reported_as_such(tls_world: TlsWorld) -> None:
+    """RFC 8460 §4.3.2.2: the mail goes out (no policy applies, RFC 8461 §3.3), and the
+    session counts as sts-policy-invalid / sts-policy-fetch-error, not as a success
+    without a policy."""
+    world = tls_world
+    for domain in ("invalid.test", "webpki.test", "unreachable.test"):
+        line = world.a.wait_outcome(world.a.send_message(f"u@{domain}"), ("delivered",))
+        assert "good.mx.test" in line, line
+    overview = wait_for(world, "/api/tls", lambda b: sum(d["sessions"] for d in b["domains"]) >= 3)
+    domains = {d["domain"]: d for d in overview["domains"]}
+    invalid, unreachable = domains["invalid.test"], domains["unreachable.test"]
+    assert invalid["results"] == {"sts-policy-invalid": 1}, invalid
+    assert invalid["policy_types"] == ["sts"] and invalid["mta_sts"] is None
+    assert "MTA-STS: fetching the policy of invalid.test failed" in world.a.maillog()
+    assert domains["webpki.test"]["results"] == {"sts-webpki-invalid": 1}, domains
+    assert unreachable["results"] == {"sts-policy-fetch-error": 1}, unreachable
+    assert unreachable["failures"][0]["mx_host"] == "good.mx.test"

@@ -23,6 +23,7 @@ and makes a REQUIRETLS message's TLS failure a bounce.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import functools
 import logging
@@ -57,7 +58,7 @@ from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.mx import MxResult, resolve_next_hops
 from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
 from postillon.outbound.session_tls import describe, tls_details
-from postillon.outbound.sts_policies import StsPolicies
+from postillon.outbound.sts_policies import StsFailure, StsPolicies
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
 from postillon.outbound.tls_observer import TlsObserver, TlsSessionResult, published_policy
 from postillon.outbound.tls_policy import (
@@ -116,6 +117,7 @@ class Lookups:
     dane: dict[str, _DaneAnswer] = field(default_factory=dict)  # by MX host
     sts_done: bool = False
     sts: StsPolicy | None = None  # the recipient domain's MTA-STS policy
+    sts_failure: StsFailure | None = None  # why it has none although it publishes one
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,7 +361,8 @@ class SmtpTransport:
         ):
             if not lookups.sts_done:  # once per delivery, and only when it can matter
                 self.mta_sts.start()  # the background refresher, once, in the running loop
-                lookups.sts = await self.mta_sts.policy_for(route.domain)
+                found = await self.mta_sts.policy_or_failure(route.domain)
+                lookups.sts, lookups.sts_failure = found
                 lookups.sts_done = True
             sts = mta_sts.decide(
                 route.domain, lookups.sts, target.host, ca_file=self.mta_sts.ca_file
@@ -367,6 +370,9 @@ class SmtpTransport:
         decided = decide(requirement, dane=dane, sts=sts, host=target.host)
         if isinstance(decided, HostRefused):
             return decided
+        if lookups.sts_failure is not None and sts is None and decided.mode != "dane":
+            # RFC 8460 §4.3.2.2: the session is reported as the policy's failure.
+            decided = dataclasses.replace(decided, sts_failure=lookups.sts_failure)
         # REQUIRETLS (RFC 8689 §4.2.1): authenticated TLS (DANE and MTA-STS count).
         decided = requiretls.require(decided, target.host, params, lmtp=self.lmtp)
         if hop is not None and hop.username:
@@ -485,6 +491,9 @@ class SmtpTransport:
             policy_type, strings = published_policy(
                 mode, tlsa, sts_lines=sts_text.splitlines() if sts_text else None
             )
+            failure = applied.sts_failure if applied is not None else None
+            if failure is not None:  # no MTA-STS policy to apply: that is the result
+                policy_type, strings, (result, reason) = "sts", (), failure
             self.tls_observer.tls_session(
                 TlsSessionResult(
                     target.mx_domain,
