@@ -76,6 +76,8 @@ IPS = {
     "mx-notls.dane.test": "127.0.0.6",
     "mx.plain.test": "127.0.0.7",
     "mx.bad.test": "127.0.0.8",
+    "mx-real.dane.test": "127.0.0.9",  # behind the alias mx-alias (CNAME)
+    "mx-tareal.dane.test": "127.0.0.10",  # behind mx-taalias; certificate for this name only
 }
 
 
@@ -86,6 +88,7 @@ def world(make_dnssec_lab: MakeDnssecLab) -> World:
     ta_inter = ta_root.create_child_ca()
     certs = {host: ee_ca.issue_cert(host) for host in IPS}
     certs["mx-ta.dane.test"] = ta_inter.issue_cert("mx-ta.dane.test")
+    certs["mx-tareal.dane.test"] = ta_inter.issue_cert("mx-tareal.dane.test")
     stranger = ee_ca.issue_cert("mx-bad.dane.test")  # the key mx-bad's TLSA names instead
 
     def ee(host: str) -> str:
@@ -99,6 +102,10 @@ refuse MX 10 mx-bad
 ta MX 10 mx-ta
 unusable MX 10 mx-unusable
 notls MX 10 mx-notls
+alias MX 10 mx-alias
+mx-alias CNAME mx-real
+taalias MX 10 mx-taalias
+mx-taalias CNAME mx-tareal
 {"".join(f"{h.split('.')[0]} A {ip}{chr(10)}" for h, ip in IPS.items() if h.endswith("dane.test"))}
 _25._tcp.mx-bad TLSA 3 1 1 {_spki_sha256(stranger.cert_chain_pems[0].bytes())}
 _25._tcp.mx-good TLSA {good_digest}
@@ -109,6 +116,9 @@ _25._tcp.mx-unusable TLSA 2 1 0 3003020100
 _25._tcp.mx-unusable TLSA 3 1 3 {ee("mx-unusable.dane.test")[6:]}
 _25._tcp.mx-unusable TLSA 4 0 1 {ee("mx-unusable.dane.test")[6:]}
 _25._tcp.mx-notls TLSA {ee("mx-notls.dane.test")}
+_25._tcp.mx-real TLSA {ee("mx-real.dane.test")}
+_25._tcp.mx-alias TLSA 3 1 1 {"22" * 32}
+_25._tcp.mx-tareal TLSA 2 1 1 {_spki_sha256(ta_inter.cert_pem.bytes())}
 """
     zones = [
         Zone("dane.test", dane),
@@ -262,3 +272,31 @@ async def test_insecure_zone_delivers_opportunistically(world: World) -> None:
     assert isinstance(outcome, Delivered), outcome
     assert "policy=opportunistic" in outcome.detail
     assert [m.tls for m in rx["mx.plain.test"].messages] == [True]
+
+
+# -- a CNAME'd MX host (RFC 7672 §2.2.2) ------------------------------------------------------
+
+
+async def test_cname_expanded_name_tlsa_first(world: World) -> None:
+    """alias.dane.test MX mx-alias, a CNAME to mx-real (a signed chain). TLSA at the
+    expanded name match the server; the ones at the alias name match nothing. Matching
+    by the expanded name first delivers; by the MX name it would have refused."""
+    resolver = DnsResolver([world.lab.nameserver], timeout=2.0, attempts=1, trust_ad=True)
+    address = await resolver.addresses("mx-alias.dane.test")
+    assert address.authenticated and address.canonical_name == "mx-real.dane.test"
+    async with receivers(world, "mx-real.dane.test") as rx:
+        [outcome] = await deliver(world, "alias.dane.test")
+    assert isinstance(outcome, Delivered), outcome
+    assert "tls=TLSv1.3/dane-ee policy=dane" in outcome.detail
+    assert outcome.tls is not None and outcome.tls.mx == "mx-alias.dane.test"
+    assert len(rx["mx-real.dane.test"].messages) == 1
+
+
+async def test_cname_expanded_name_is_a_dane_ta_reference_identifier(world: World) -> None:
+    """taalias.dane.test MX mx-taalias → CNAME mx-tareal, whose certificate names only
+    mx-tareal.dane.test: DANE-TA's name check passes with the expanded name (§3.2.2)."""
+    async with receivers(world, "mx-tareal.dane.test") as rx:
+        [outcome] = await deliver(world, "taalias.dane.test")
+    assert isinstance(outcome, Delivered), outcome
+    assert "tls=TLSv1.3/dane-ta policy=dane" in outcome.detail
+    assert len(rx["mx-tareal.dane.test"].messages) == 1
