@@ -37,6 +37,7 @@ lint: deps
 bench: deps system-deps
 	$(BIN)/python bench/accept_bench.py $(BENCH_ARGS)
 	$(BIN)/python bench/cluster_bench.py $(CLUSTER_BENCH_ARGS)
+	$(BIN)/python bench/tls_bench.py $(TLS_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
