@@ -194,6 +194,12 @@ def test_recipient_tls_and_tls_per_destination(tls_world: TlsWorld) -> None:
     assert tls["version"].startswith("TLSv1."), tls
     assert tls["cipher"], tls
 
+    # postillon queue show says the same (the shared queue operations).
+    shown = json.loads(world.a.cli("queue", "show", ids["bad.test"], "--json").stdout)
+    assert shown["recipients"][0]["tls"] == tls
+    text = world.a.cli("queue", "show", ids["bad.test"]).stdout
+    assert "not verified: not-verified (verify)" in text and "wrong.mx.test" in text, text
+
     # Delivered messages left the queue: their history carries the same fields.
     status, history = world.get(f"/api/queue/messages/{ids['sts.test']}/events")
     assert status == 200 and history["in_queue"] is False

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from postillon.admin.tls_view import last_tls_by_recipient, tls_domains
+from postillon.admin.queue_ops import last_tls_by_recipient
+from postillon.admin.tls_view import tls_domains
 from postillon.core.outcome import TlsDetails
 from postillon.core.sts import CachedPolicy, StsPolicy
 from postillon.core.tlsrpt import TlsResultCount, utc_day

@@ -26,7 +26,7 @@ from postillon.admin.queue_ops import (
     iso,
     message_json,
 )
-from postillon.admin.tls_view import DEFAULT_DAYS, MAX_DAYS, last_tls_by_recipient, tls_domains
+from postillon.admin.tls_view import DEFAULT_DAYS, MAX_DAYS, tls_domains
 from postillon.core.queueid import is_queue_id
 from postillon.queue.store import DeliveryState, StoreError
 
@@ -183,7 +183,7 @@ async def show_message(request: web.Request) -> web.Response:
         headers = []  # delivered between the two reads
     body["headers"] = [{"name": n, "value": v} for n, v in headers]
     # The TLS of each recipient's last delivery attempt, from the history.
-    tls = last_tls_by_recipient(await ctx.ops.events(queue_id, 500))
+    tls = await ctx.ops.recipient_tls(queue_id)
     for recipient in body["recipients"]:
         recipient["tls"] = tls.get(recipient["recipient"])
     body["subject"] = next((v for n, v in headers if n.lower() == "subject"), None)

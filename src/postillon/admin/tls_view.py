@@ -8,30 +8,26 @@ last failed refresh). Both live in the store, so every node of a cluster shows t
 same. Without ``[tls_reports] enabled`` nothing is counted (``counting`` is false)
 and only the MTA-STS cache shows.
 
-Per recipient: the TLS of the last delivery attempt, from the message history (the
-``delivered``/``deferred``/``bounced`` events carry the session's ``tls_*`` fields,
-``core.outcome.TlsDetails.log_fields``), so it is there for a message still queued
-and for one that has left the queue.
+Per recipient (``queue_ops.last_tls_by_recipient``, shared with ``postillon queue
+show``): the TLS of the last delivery attempt, from the message history.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from postillon.admin.queue_ops import iso
 from postillon.core.sts import CachedPolicy
 from postillon.core.tlsrpt import SUCCESS, TlsResultCount, utc_day
-from postillon.queue.store import QueueEvent, QueueStore
+from postillon.queue.store import QueueStore
 
-__all__ = ["DEFAULT_DAYS", "MAX_DAYS", "last_tls_by_recipient", "tls_domains"]
+__all__ = ["DEFAULT_DAYS", "MAX_DAYS", "tls_domains"]
 
 DEFAULT_DAYS: Final = 2  # today and yesterday (UTC): a report day and the one in progress
 MAX_DAYS: Final = 14
 MAX_FAILURES: Final = 20  # failure rows shown per domain, most frequent first
 DAY: Final = 86400.0
-_OUTCOME_EVENTS: Final = frozenset({"delivered", "deferred", "bounced", "expired"})
 
 
 @dataclass
@@ -109,23 +105,3 @@ async def tls_domains(
         key=lambda n: (-(counts[n].sessions if n in counts else 0), n),
     )
     return day_names, [_domain_json(n, counts.get(n), policies.get(n), now) for n in names]
-
-
-def last_tls_by_recipient(events: Sequence[QueueEvent]) -> dict[str, dict[str, Any]]:
-    """Recipient → the TLS of its last delivery attempt (events are oldest first)."""
-    found: dict[str, dict[str, Any]] = {}
-    for e in events:
-        fields = e.fields
-        if e.event not in _OUTCOME_EVENTS or "tls_result" not in fields or "to" not in fields:
-            continue
-        found[str(fields["to"])] = {
-            "at": iso(e.at),
-            "event": e.event,
-            "mx": fields.get("mx"),
-            "policy": fields.get("tls_policy"),
-            "result": fields.get("tls_result"),
-            "verified": fields.get("tls_verified") == "yes",
-            "version": fields.get("tls_version"),
-            "cipher": fields.get("tls_cipher"),
-        }
-    return found
