@@ -103,6 +103,12 @@ def parse_args() -> argparse.Namespace:
         help="instead: inbound SPF/DKIM/DMARC checks on vs off with DKIM-signed input "
         "(bench/verify_bench.py; no Postfix instance needed)",
     )
+    ap.add_argument(
+        "--tls-policy",
+        action="store_true",
+        help='instead: the "e2e with TLS policy" row, relay under a cached MTA-STS enforce '
+        "policy over verified TLS against plain relay (bench/tls_bench.py; no Postfix instance)",
+    )
     ap.add_argument("--no-checks", action="store_true", help="skip --netcheck and --durability")
     ap.add_argument(
         "--no-shaping",
@@ -1032,6 +1038,11 @@ def main() -> None:
         from verify_bench import run_verify  # bench/ is on sys.path as the script's dir
 
         run_verify(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep, a.profile)
+        return
+    if a.tls_policy:
+        from tls_bench import run_tls
+
+        run_tls(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep)
         return
     b = Bench(a)
     b.preflight()

@@ -399,6 +399,9 @@ class FakeSts:
         self.asked.append(domain)
         return self.policy
 
+    async def policy_or_failure(self, domain: str) -> tuple[StsPolicy | None, None]:
+        return await self.policy_for(domain), None
+
     def start(self) -> None:
         pass
 

@@ -64,6 +64,95 @@ _SCHEMAS: dict[str, Any] = {
             "last_reply": {**_NULLABLE_STR, "description": "e.g. 451 4.4.1 Connection refused"},
             "last_reply_code": {"type": ["integer", "null"]},
             "lease_owner": _NULLABLE_STR,
+            "tls": {
+                "anyOf": [_ref("RecipientTls"), {"type": "null"}],
+                "description": "message detail only: the TLS of the last delivery attempt "
+                "(null: none yet, or not over SMTP)",
+            },
+        },
+    },
+    "RecipientTls": {
+        "type": "object",
+        "required": ["policy", "result", "verified"],
+        "properties": {
+            "at": {"type": "string", "description": "UTC, ISO 8601"},
+            "event": {"type": "string", "description": "delivered, deferred, bounced or expired"},
+            "mx": {**_NULLABLE_STR, "description": "the last host tried"},
+            "policy": {
+                **_NULLABLE_STR,
+                "description": "dane, mta-sts, mta-sts-testing, verify, fingerprint, "
+                "encrypt, opportunistic or none",
+            },
+            "result": {**_NULLABLE_STR, "description": "e.g. verified, dane-ee, plaintext"},
+            "verified": {"type": "boolean", "description": "the server proved its identity"},
+            "version": {**_NULLABLE_STR, "description": "e.g. TLSv1.3; null without TLS"},
+            "cipher": _NULLABLE_STR,
+        },
+    },
+    "TlsDomain": {
+        "type": "object",
+        "required": ["domain", "sessions", "successful", "failed", "results", "mta_sts"],
+        "properties": {
+            "domain": {"type": "string", "description": "the policy domain (recipient domain)"},
+            "sessions": {"type": "integer", "description": "outbound sessions counted"},
+            "successful": {"type": "integer"},
+            "failed": {"type": "integer"},
+            "policy_types": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "RFC 8460 policy types seen: tlsa, sts, no-policy-found",
+            },
+            "results": {
+                "type": "object",
+                "additionalProperties": {"type": "integer"},
+                "description": "sessions by RFC 8460 result type (success, "
+                "validation-failure, sts-policy-fetch-error, ...)",
+            },
+            "failures": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "result": {"type": "string"},
+                        "mx_host": {"type": "string"},
+                        "receiving_ip": {"type": "string"},
+                        "reason": {"type": "string"},
+                        "count": {"type": "integer"},
+                    },
+                },
+            },
+            "mta_sts": {
+                "description": "the cached MTA-STS policy (null: none cached)",
+                "anyOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "properties": {
+                            "mode": {"type": "string"},
+                            "mx": {"type": "array", "items": {"type": "string"}},
+                            "max_age": {"type": "integer"},
+                            "policy_id": {"type": "string"},
+                            "fetched_at": {"type": "string"},
+                            "expires_at": {"type": "string"},
+                            "checked_at": _NULLABLE_STR,
+                            "fresh": {"type": "boolean"},
+                            "last_error": _NULLABLE_STR,
+                        },
+                    },
+                ],
+            },
+        },
+    },
+    "TlsOverview": {
+        "type": "object",
+        "required": ["counting", "days", "domains"],
+        "properties": {
+            "counting": {
+                "type": "boolean",
+                "description": "sessions are counted ([tls_reports] enabled = true)",
+            },
+            "days": {"type": "array", "items": {"type": "string"}, "description": "UTC days"},
+            "domains": {"type": "array", "items": _ref("TlsDomain")},
         },
     },
     "Message": {
@@ -294,6 +383,13 @@ def _get(
     return {"get": {"summary": summary, "parameters": params or [], "responses": responses}}
 
 
+_DAYS = _query(
+    "days",
+    {"type": "integer", "minimum": 1, "maximum": 14},
+    "UTC days counted, today first (default 2: today and yesterday)",
+)
+
+
 def spec() -> dict[str, Any]:
     not_found = {"404": _ERROR}
     age = {"type": "number", "minimum": 0, "maximum": 1e9}
@@ -497,6 +593,40 @@ def spec() -> dict[str, Any]:
                         "bucket width (default 10)",
                     ),
                 ],
+            ),
+            "/api/tls": _get(
+                "Outbound TLS per destination domain: sessions by result over the last days "
+                "(the TLS report counters) and the cached MTA-STS policy",
+                _json(_ref("TlsOverview"), "Busiest domain first"),
+                params=[_DAYS],
+            ),
+            "/api/tls/{domain}": _get(
+                "Outbound TLS to one destination domain",
+                _json(
+                    {
+                        "allOf": [
+                            _ref("TlsDomain"),
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "counting": {"type": "boolean"},
+                                    "days": {"type": "array", "items": {"type": "string"}},
+                                },
+                            },
+                        ]
+                    },
+                    "The domain",
+                ),
+                params=[
+                    {
+                        "name": "domain",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "maxLength": 253},
+                    },
+                    _DAYS,
+                ],
+                extra=not_found,
             ),
             "/api/reload": {
                 "post": {

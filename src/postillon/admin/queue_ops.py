@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy
@@ -123,6 +123,32 @@ def message_json(info: MessageInfo, now: float) -> dict[str, Any]:
 
 def event_json(e: QueueEvent) -> dict[str, Any]:
     return {"at": iso(e.at), "ts": e.at, "event": e.event, "fields": dict(e.fields)}
+
+
+_OUTCOME_EVENTS = frozenset({"delivered", "deferred", "bounced", "expired"})
+
+
+def last_tls_by_recipient(events: Sequence[QueueEvent]) -> dict[str, dict[str, Any]]:
+    """Recipient → the TLS of its last delivery attempt (events are oldest first): the
+    ``delivered``/``deferred``/``bounced`` events of an SMTP delivery carry the
+    session's fields (``core.outcome.TlsDetails.log_fields``), so this is there for a
+    message still queued and for one that has left the queue."""
+    found: dict[str, dict[str, Any]] = {}
+    for e in events:
+        fields = e.fields
+        if e.event not in _OUTCOME_EVENTS or "tls_result" not in fields or "to" not in fields:
+            continue
+        found[str(fields["to"])] = {
+            "at": iso(e.at),
+            "event": e.event,
+            "mx": fields.get("mx"),
+            "policy": fields.get("tls_policy"),
+            "result": fields.get("tls_result"),
+            "verified": fields.get("tls_verified") == "yes",
+            "version": fields.get("tls_version"),
+            "cipher": fields.get("tls_cipher"),
+        }
+    return found
 
 
 # ---------------------------------------------------------------- filters
@@ -333,6 +359,10 @@ class QueueOps:
     def raw(self, queue_id: str) -> AsyncIterator[bytes]:
         """The stored message in chunks (KeyError at the first chunk if unknown)."""
         return self.store.read_body(queue_id)
+
+    async def recipient_tls(self, queue_id: str) -> dict[str, dict[str, Any]]:
+        """Each recipient's last delivery attempt's TLS (see ``last_tls_by_recipient``)."""
+        return last_tls_by_recipient(await self.events(queue_id))
 
     async def events(self, queue_id: str, limit: int = 500) -> list[QueueEvent]:
         if self.history is not None:

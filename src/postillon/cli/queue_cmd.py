@@ -283,9 +283,12 @@ async def _show(args: argparse.Namespace, ops: QueueOps) -> int:
         print(f"postillon: no message {args.queue_id} in the queue", file=sys.stderr)
         return 1
     headers = await _headers_or_none(ops, info)
+    tls = await ops.recipient_tls(info.queue_id)  # each recipient's last attempt
     if args.json:
         shown = message_json(info, ops.clock.now())
         shown["headers"] = [{"name": n, "value": v} for n, v in headers]
+        for recipient in shown["recipients"]:
+            recipient["tls"] = tls.get(recipient["recipient"])
         _print_json(shown)
         return 0
     console = _console()
@@ -295,7 +298,16 @@ async def _show(args: argparse.Namespace, ops: QueueOps) -> int:
     if subject is not None:
         console.print(f"subject: {subject}", markup=False)
     table = Table()
-    for col in ("Recipient", "State", "Attempts", "Next try (UTC)", "Last reply", "Lease holder"):
+    columns = (
+        "Recipient",
+        "State",
+        "Attempts",
+        "Next try (UTC)",
+        "Last reply",
+        "TLS",
+        "Lease holder",
+    )
+    for col in columns:
         table.add_column(col, overflow="fold")
     for r in info.records:
         table.add_row(
@@ -304,11 +316,20 @@ async def _show(args: argparse.Namespace, ops: QueueOps) -> int:
             str(r.attempts),
             _when(r.next_try) if r.state in (DeliveryState.DEFERRED, DeliveryState.PENDING) else "",
             str(r.last_reply) if r.last_reply else "",
+            _tls_cell(tls.get(r.recipient)),
             r.lease_owner or "",
         )
     console.print(table)
     await _print_events(console, ops, info.queue_id)
     return 0
+
+
+def _tls_cell(tls: dict[str, Any] | None) -> str:
+    """``TLSv1.3 verified (mta-sts) mx.example.net``; "" before an SMTP attempt."""
+    if tls is None:
+        return ""
+    verdict = "verified" if tls["verified"] else f"not verified: {tls['result']}"
+    return f"{tls['version'] or 'no TLS'} {verdict} ({tls['policy']}) {tls['mx'] or ''}".strip()
 
 
 async def _headers_or_none(ops: QueueOps, info: MessageInfo) -> list[tuple[str, str]]:

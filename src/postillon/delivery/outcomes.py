@@ -118,6 +118,8 @@ def plan_outcomes(
             "status": f"{outcome.reply.code} {outcome.reply.status or ''}".strip(),
             "reply": outcome.reply.text,
         }
+        if outcome.tls is not None:  # the session's TLS, for the history's per-recipient view
+            fields.update(outcome.tls.log_fields())
         if isinstance(outcome, Delivered):
             updates.append(
                 OutcomeUpdate(
