@@ -192,7 +192,12 @@ def test_421_from_postfix_suspends_the_destination_until_it_ends(  # type: ignor
     # Only deliveries that met the 421 counted an attempt; the waiting ones did not.
     deferred = events(a, "deferred")
     assert deferred and all("421" in str(e) for e in deferred)
-    assert len(deferred) < len(ids)
+    # Each suspension is started by one 421 (one connection at a time, at most one more
+    # delivery in flight); on a slow machine anvil may still refuse the first retry after
+    # a suspension, which starts the next, longer one. Without suspensions every waiting
+    # message would meet the 421 and count an attempt.
+    episodes = a.stderr().count("suspending deliveries to")
+    assert 1 <= episodes and len(deferred) <= 2 * episodes
     print(f"{len(deferred)} deferral(s) with 421, suspension ended, {len(ids)} delivered")
 
 
