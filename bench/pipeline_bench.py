@@ -280,7 +280,7 @@ def run_pipeline(
             hot: list[str] = []
             if with_profile:
                 for server in servers:
-                    hot += profile(server, message, n, conc, out)
+                    hot += profile(server, message, n, conc, out, sender=SENDER, numbered=False)
                     done[server.name] += 2 * n
             dns_queries = dns.query_count() - queries_before
             for server in servers:

@@ -286,8 +286,11 @@ def _wait_received(server: Server, total: int) -> str:
     return server.log()
 
 
-def profile(server: Server, message: Path, n: int, conc: int, out: Path) -> list[str]:
-    """One extra run under py-spy (not counted): raw stacks, a flame graph, hot spots."""
+def profile(
+    server: Server, message: Path, n: int, conc: int, out: Path, **load_args: Any
+) -> list[str]:
+    """One extra run under py-spy (not counted): raw stacks, a flame graph, hot spots.
+    ``load_args`` go to ``load`` (sender, numbered)."""
     from accept_bench import hot_spots
 
     spy = Path(sys.executable).parent / "py-spy"
@@ -302,7 +305,7 @@ def profile(server: Server, message: Path, n: int, conc: int, out: Path) -> list
             stderr=subprocess.DEVNULL,
         )
         time.sleep(1.0)
-        load(server, message, n, conc)
+        load(server, message, n, conc, **load_args)
         spying.send_signal(signal.SIGINT)
         spying.wait(60)
     return hot_spots(out / f"pyspy-{server.name}.txt", server.name, REPO)
