@@ -190,6 +190,12 @@ class MilterClient:
         self._out.clear()
         return out
 
+    @property
+    def pending_output(self) -> int:
+        """Octets queued and not yet taken by ``data_to_send`` (the driver may let
+        commands that need no reply wait and send them with the next one that does)."""
+        return len(self._out)
+
     def receive_data(self, data: bytes) -> None:
         """The milter's bytes; ``b""`` means it closed the connection."""
         if data:
