@@ -4,7 +4,8 @@ the next answered one, over a real loopback socket (``checks/milter_driver.py``)
 A recording milter on 127.0.0.1 notes every read. With rspamd's negotiation (no reply
 on every step but end of message) nothing after the negotiation reaches it before end of
 message, and then every command arrives, in order; an abort goes out at once; a milter
-that answers every step still gets (and answers) each one as it happens.
+that answers every step still gets (and answers) each one as it happens; and while one
+conversation waits for its milter, others on the same event loop go on.
 """
 
 from __future__ import annotations
@@ -144,3 +145,37 @@ def test_pending_output_counts_queued_octets() -> None:
     assert client.pending_output > 0
     client.data_to_send()
     assert client.pending_output == 0
+
+
+async def test_a_milter_round_trip_does_not_block_the_event_loop() -> None:
+    # One session waits on a milter that never answers end of message; meanwhile another
+    # session's whole message goes through a milter that does, on the same loop.
+    stalled = asyncio.Event()
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(4 + 13)  # the negotiation
+        writer.write(struct.pack(">IcIII", 13, b"O", 6, 0, NR_ALL))
+        await writer.drain()
+        while await reader.read(65536):
+            stalled.set()  # end of message has arrived, and no answer will come
+        writer.close()
+
+    server = await asyncio.start_server(stall, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with recording_milter(no_reply=True) as (_milter, address):
+            slow = MilterConnection("slow", f"inet:127.0.0.1:{port}", timeout=30)
+            fast = MilterConnection("fast", address, timeout=5)
+            assert not (await slow.open()).failed and not (await fast.open()).failed
+            await _envelope(slow)
+            waiting = asyncio.ensure_future(slow.message([("Subject", "a")], [b"x\r\n"], {}, {}))
+            await stalled.wait()
+            await _envelope(fast)
+            outcome = await fast.message([("Subject", "b")], [b"y\r\n"], {}, {})
+            assert outcome.kind == "accept"
+            assert not waiting.done()  # the first is still waiting for its answer
+            waiting.cancel()
+            await fast.close()
+    finally:
+        server.close()
+        await server.wait_closed()
