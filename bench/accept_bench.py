@@ -103,6 +103,13 @@ def parse_args() -> argparse.Namespace:
         help="instead: inbound SPF/DKIM/DMARC checks on vs off with DKIM-signed input "
         "(bench/verify_bench.py; no Postfix instance needed)",
     )
+    ap.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="instead: plain acceptance vs the port-25 pipeline (cached DNSBL, passed "
+        "greylist triplet, an accepting milter) in one run (bench/pipeline_bench.py; "
+        "no Postfix instance needed; make bench runs it anyway)",
+    )
     ap.add_argument("--no-checks", action="store_true", help="skip --netcheck and --durability")
     ap.add_argument("--keep", action="store_true", help="leave postfix, sink, postillon running")
     ap.add_argument(
@@ -1027,6 +1034,11 @@ def main() -> None:
         from verify_bench import run_verify  # bench/ is on sys.path as the script's dir
 
         run_verify(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep, a.profile)
+        return
+    if a.pipeline:
+        from pipeline_bench import run_pipeline
+
+        run_pipeline(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep, a.profile)
         return
     b = Bench(a)
     b.preflight()
