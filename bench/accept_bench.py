@@ -109,6 +109,13 @@ def parse_args() -> argparse.Namespace:
         help='instead: the "e2e with TLS policy" row, relay under a cached MTA-STS enforce '
         "policy over verified TLS against plain relay (bench/tls_bench.py; no Postfix instance)",
     )
+    ap.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="instead: plain acceptance vs the port-25 pipeline (cached DNSBL, passed "
+        "greylist triplet, an accepting milter) in one run (bench/pipeline_bench.py; "
+        "no Postfix instance needed; make bench runs it anyway)",
+    )
     ap.add_argument("--no-checks", action="store_true", help="skip --netcheck and --durability")
     ap.add_argument(
         "--no-shaping",
@@ -1043,6 +1050,11 @@ def main() -> None:
         from tls_bench import run_tls
 
         run_tls(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep)
+        return
+    if a.pipeline:
+        from pipeline_bench import run_pipeline
+
+        run_pipeline(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep, a.profile)
         return
     b = Bench(a)
     b.preflight()

@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,11 +187,26 @@ def _children(pid: int) -> list[int]:
 
 
 class Server:
-    def __init__(self, root: Path, dns: str, verify: bool) -> None:
-        self.name = "verify" if verify else "plain"
+    """One ``postillon serve`` on a free loopback port. ``write_config(root, port)``
+    writes its config (default: this bench's, ``postillon_config``); other benches
+    (``pipeline_bench.py``) bring their own and a ``name``."""
+
+    def __init__(
+        self,
+        root: Path,
+        dns: str,
+        verify: bool,
+        *,
+        name: str = "",
+        write_config: Callable[[Path, int], Path] | None = None,
+    ) -> None:
+        self.name = name or ("verify" if verify else "plain")
         self.root = root / self.name
         self.port = free_port()
-        cfg = postillon_config(self.root, self.port, dns, verify)
+        if write_config is None:
+            cfg = postillon_config(self.root, self.port, dns, verify)
+        else:
+            cfg = write_config(self.root, self.port)
         exe = Path(sys.executable).parent / "postillon"
         self.proc = subprocess.Popen(
             [str(exe), "--config", str(cfg), "serve"],
@@ -227,8 +243,16 @@ class Server:
                 self.proc.kill()
 
 
-def load(server: Server, message: Path, n: int, conc: int) -> tuple[float, float, float]:
-    """(accepted msg/s, server CPU ms/msg, event-loop thread CPU ms/msg) for one run."""
+def load(
+    server: Server,
+    message: Path,
+    n: int,
+    conc: int,
+    sender: str = f"bench@{SENDER_DOMAIN}",
+    numbered: bool = True,
+) -> tuple[float, float, float]:
+    """(accepted msg/s, server CPU ms/msg, event-loop thread CPU ms/msg) for one run.
+    ``numbered``: smtp-source -N (a sequence number before each recipient's local part)."""
     pid = server.proc.pid
     cpu0, loop0 = _cpu_seconds(pid), _cpu_seconds(pid, pid)
     t0 = time.monotonic()
@@ -238,9 +262,9 @@ def load(server: Server, message: Path, n: int, conc: int) -> tuple[float, float
             "-s", str(conc),
             "-m", str(n),
             "-F", str(message),
-            "-f", f"bench@{SENDER_DOMAIN}",
+            "-f", sender,
             "-t", "sink@bench.test",
-            "-N",
+            *(["-N"] if numbered else []),
             f"127.0.0.1:{server.port}",
         ],
         capture_output=True,
@@ -262,8 +286,11 @@ def _wait_received(server: Server, total: int) -> str:
     return server.log()
 
 
-def profile(server: Server, message: Path, n: int, conc: int, out: Path) -> list[str]:
-    """One extra run under py-spy (not counted): raw stacks, a flame graph, hot spots."""
+def profile(
+    server: Server, message: Path, n: int, conc: int, out: Path, **load_args: Any
+) -> list[str]:
+    """One extra run under py-spy (not counted): raw stacks, a flame graph, hot spots.
+    ``load_args`` go to ``load`` (sender, numbered)."""
     from accept_bench import hot_spots
 
     spy = Path(sys.executable).parent / "py-spy"
@@ -278,7 +305,7 @@ def profile(server: Server, message: Path, n: int, conc: int, out: Path) -> list
             stderr=subprocess.DEVNULL,
         )
         time.sleep(1.0)
-        load(server, message, n, conc)
+        load(server, message, n, conc, **load_args)
         spying.send_signal(signal.SIGINT)
         spying.wait(60)
     return hot_spots(out / f"pyspy-{server.name}.txt", server.name, REPO)

@@ -9,7 +9,7 @@ import logging
 from dataclasses import replace
 
 from postillon.checks.context import ClientFacts, RecipientFacts, SessionContext, TransactionContext
-from postillon.checks.greylist import client_network
+from postillon.checks.greylist import GreylistCheck, client_network
 from postillon.checks.parts import PipelineParts
 from postillon.checks.pipeline import Pipeline, build_pipeline
 from postillon.checks.relay import RelayPolicy
@@ -18,6 +18,7 @@ from postillon.config.model import Config
 from postillon.core.clock import FakeClock
 from postillon.observability.maillog import MailLog
 from postillon.queue.memory_store import MemoryStore
+from postillon.queue.store import GreylistPolicy, GreylistResult, GreylistStore
 
 
 def parts(config: Config, clock: FakeClock, store: MemoryStore) -> PipelineParts:
@@ -57,6 +58,42 @@ async def test_greylist_refuses_the_first_attempt_and_passes_the_retry_from_a_ne
     clock.advance(31)
     s2, tx2 = s_tx("192.0.2.200")  # another address of the same /24
     assert (await pipeline.rcpt(s2, tx2, RecipientFacts("bob@example.org"))).reply is None
+
+
+class CountingGreylist:
+    """The memory store's greylist state, counting the questions asked."""
+
+    def __init__(self, inner: GreylistStore) -> None:
+        self.inner = inner
+        self.asked: list[str] = []
+
+    async def check(
+        self, net: str, sender: str, rcpt: str, now: float, policy: GreylistPolicy
+    ) -> GreylistResult:
+        self.asked.append(rcpt)
+        return await self.inner.check(net, sender, rcpt, now, policy)
+
+
+async def test_a_pass_is_remembered_for_a_minute_without_asking_the_store() -> None:
+    clock, store = FakeClock(), MemoryStore()
+    counting = CountingGreylist(store.policy_state.greylist)
+    config = GreylistConfig(enabled=True, delay=60, auto_allow_after=0)
+    pipeline = Pipeline([GreylistCheck(config, counting, clock)], clock)  # type: ignore[arg-type]
+    asked = counting.asked
+    s, tx = s_tx("192.0.2.7")
+    bob = RecipientFacts("bob@example.org")
+    assert (await pipeline.rcpt(s, tx, bob)).reply is not None  # new: greylisted
+    clock.advance(61)
+    assert (await pipeline.rcpt(s, tx, bob)).reply is None  # passed (the store said so)
+    assert len(asked) == 2
+    clock.advance(30)
+    assert (await pipeline.rcpt(s, tx, RecipientFacts("BOB@example.org"))).reply is None
+    assert len(asked) == 2  # remembered: the store was not asked
+    other = await pipeline.rcpt(s, tx, RecipientFacts("carol@example.org"))
+    assert other.reply is not None and len(asked) == 3  # another triplet is not
+    clock.advance(31)  # the memory lapses: the store is asked again, and still passes
+    assert (await pipeline.rcpt(s, tx, bob)).reply is None
+    assert len(asked) == 4
 
 
 async def test_greylist_skips_trusted_authenticated_and_dnswl_clients() -> None:

@@ -29,6 +29,8 @@ class FakeResolver:
             raise found
         return Answer(host, tuple(found), 60, host)  # type: ignore[arg-type]
 
+    ipv4 = addresses  # the DNSBL check's lookup (A only)
+
 
 def test_dnsbl_query_names() -> None:
     assert query_name("192.0.2.1", "zen.example") == "1.2.0.192.zen.example"

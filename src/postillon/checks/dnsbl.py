@@ -10,7 +10,10 @@ A zone with a negative weight is an allow list (DNSWL): it lowers the score and
 leaves the note ``dnswl`` for later checks (greylisting skips such clients).
 
 A zone that fails or is slow counts as "not listed": a broken list must not refuse
-mail. Answers come through postillon's resolver, whose cache keeps them for their TTL.
+mail. Only A records are asked (RFC 5782 §2.1). Answers come through postillon's
+resolver, whose cache keeps them for their TTL, and "not listed" (NXDOMAIN) for the
+zone's negative TTL (RFC 2308): a busy MX's regular clients cost the list one query
+per TTL, not one per connection.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class DnsblCheck(BaseCheck):
 
     async def _listed(self, name: str) -> list[str]:
         try:
-            answer = await self.resolver.addresses(name)
+            answer = await self.resolver.ipv4(name)  # lists answer in A records only
         except DnsError:
             return []
         return [a for a in answer.records if a.startswith("127.") and a != "127.0.0.1"]

@@ -13,6 +13,12 @@ The state (``queue/greylist_state.py``) is in the queue store: a restart keeps i
 every node of a cluster shares it. If the store cannot answer, the recipient gets
 ``451 4.3.0`` (the pipeline's reply for a check that failed): a temporary answer, as
 greylisting's own.
+
+A pass is also remembered in this process for ``PASS_MEMORY`` seconds, so the senders a
+busy MX sees all day cost no store read (a thread hop on SQLite, a round trip on
+PostgreSQL) per recipient. Only passes are remembered, and nothing but expiry (weeks)
+takes a pass back; a remembered pass does not refresh ``last_seen``, which then lags at
+most ``refresh_after`` plus that minute, moving the triplet's expiry as much earlier.
 """
 
 from __future__ import annotations
@@ -31,9 +37,12 @@ from postillon.checks.parts import PipelineParts
 from postillon.config.inbound_filters import GreylistConfig
 from postillon.core.clock import Clock
 from postillon.core.reply import Reply
-from postillon.queue.store import GreylistPolicy, GreylistStore
+from postillon.queue.store import GreylistPolicy, GreylistResult, GreylistStore
 
 __all__ = ["GreylistCheck", "build", "client_network", "greylisted_reply"]
+
+PASS_MEMORY = 60.0  # seconds a pass the store gave is answered from memory
+PASS_MEMORY_SIZE = 10_000  # triplets and client networks remembered at most
 
 
 def client_network(ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
@@ -67,6 +76,8 @@ class GreylistCheck(BaseCheck):
         # explain --simulate: answer as check would, record nothing.
         self.dry_run = dry_run
         self.policy = GreylistPolicy(config.delay, config.expiry, config.auto_allow_after)
+        # triplet key or client network -> (until when, the store's status); oldest first
+        self._passed: dict[str, tuple[float, str]] = {}
 
     async def rcpt(
         self, s: SessionContext, tx: TransactionContext, rcpt: RecipientFacts
@@ -82,15 +93,38 @@ class GreylistCheck(BaseCheck):
             )
             return proceed(f"not greylisted: {why}")
         net = client_network(client.ip, self.config.ipv4_prefix, self.config.ipv6_prefix)
-        ask = self.store.peek if self.dry_run else self.store.check
-        result = await ask(net, tx.sender, rcpt.address, self.clock.now(), self.policy)
         triplet = f"({net}, <{tx.sender}>, <{rcpt.address}>)"
+        now = self.clock.now()
+        key = f"{net}/{tx.sender.lower()}/{rcpt.address.lower()}"
+        remembered = self._remembered(net, now) or self._remembered(key, now)
+        if remembered:
+            return proceed(f"triplet {triplet}: {remembered} (remembered)")
+        ask = self.store.peek if self.dry_run else self.store.check
+        result = await ask(net, tx.sender, rcpt.address, now, self.policy)
         if result.allowed:
+            if not self.dry_run:
+                self._remember(net if result.status == "client-allowed" else key, now, result)
             return proceed(f"triplet {triplet}: {result.status}")
         saw = f"triplet {triplet}: {result.status}, retry in {result.retry_in:.0f}s"
         return reject(
             greylisted_reply(result.retry_in), saw, reason="greylisted", metric="greylist"
         )
+
+    def _remembered(self, key: str, now: float) -> str:
+        """The status of a pass remembered for ``key`` and still fresh, else ""."""
+        entry = self._passed.get(key)
+        if entry is None:
+            return ""
+        if entry[0] <= now:
+            del self._passed[key]
+            return ""
+        return entry[1]
+
+    def _remember(self, key: str, now: float, result: GreylistResult) -> None:
+        self._passed.pop(key, None)
+        self._passed[key] = (now + PASS_MEMORY, result.status)
+        if len(self._passed) > PASS_MEMORY_SIZE:
+            del self._passed[next(iter(self._passed))]
 
 
 def build(kind: ListenerKind, parts: PipelineParts) -> GreylistCheck | None:

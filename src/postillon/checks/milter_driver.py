@@ -39,6 +39,14 @@ _READ_SIZE = 65536
 # SMFIR_PROGRESS restarts the timeout, but a milter that says "still working" forever
 # must not hold a session forever: one step gets at most this many timeouts in all.
 PROGRESS_CEILING = 10
+# Commands the milter answers not (SMFIP_NR_*, as rspamd asks for nearly every step)
+# wait in the client's buffer and go out in one write with the next command that is
+# answered (end of message at the latest), or with an abort or quit: a message then costs one
+# write instead of one per step (connect, HELO, MAIL, RCPT, DATA, each header, end of
+# headers, body). The milter sees the same byte stream; it only sees unanswered steps
+# later, and a connection that broke meanwhile is noticed at the next answered step.
+# More than this many octets waiting are written at once (a large body streams).
+UNANSWERED_BUFFER = 65536
 # A replacement body larger than this is garbage, not a filter's work (the default
 # is [limits] message_size's default; the check passes the configured one).
 DEFAULT_MAX_REPLACEMENT = 52_428_800
@@ -104,15 +112,18 @@ class MilterConnection:
             return self._fail("no negotiation answer")
         return outcome
 
-    async def step(self, send: Callable[[MilterClient], bool]) -> MilterOutcome:
-        """Run one protocol step (``send`` queues it and says whether a reply is due)."""
+    async def step(
+        self, send: Callable[[MilterClient], bool], *, flush: bool = False
+    ) -> MilterOutcome:
+        """Run one protocol step (``send`` queues it and says whether a reply is due).
+        A step without a reply may wait in the buffer, unless ``flush``."""
         if self.failed:
             return MilterOutcome(failed=self.failed)
         try:
             expect = send(self.client)
         except (RuntimeError, ValueError) as exc:
             return self._fail(f"cannot send: {exc}")
-        return await self._exchange(expect_reply=expect)
+        return await self._exchange(expect_reply=expect, flush=flush)
 
     async def message(
         self,
@@ -144,10 +155,13 @@ class MilterConnection:
                 break
         return await self.step(lambda c: c.end_of_message(macros=eom_macros))
 
-    async def _exchange(self, *, expect_reply: bool) -> MilterOutcome:
-        """Write what is queued; when a reply is due, read until the verdict."""
+    async def _exchange(self, *, expect_reply: bool, flush: bool = False) -> MilterOutcome:
+        """Write what is queued; when a reply is due, read until the verdict. With no
+        reply due, small output waits for the next exchange (``UNANSWERED_BUFFER``)."""
         assert self._writer is not None and self._reader is not None
         outcome = MilterOutcome()
+        if not (expect_reply or flush) and self.client.pending_output < UNANSWERED_BUFFER:
+            return outcome
         loop = asyncio.get_running_loop()
         ceiling = loop.time() + self.timeout * PROGRESS_CEILING
         replacement = 0
@@ -208,9 +222,10 @@ class MilterConnection:
             self._reader = None
 
     async def abort(self) -> None:
-        """SMFIC_ABORT: the transaction ended before end of message."""
+        """SMFIC_ABORT: the transaction ended before end of message (sent at once, with
+        whatever waited: the milter may free what it held for the message)."""
         if self.is_open and not self.client.awaiting_reply:
-            await self.step(_abort)
+            await self.step(_abort, flush=True)
 
     async def close(self) -> None:
         """SMFIC_QUIT and close; quiet when the connection is already gone."""

@@ -341,6 +341,9 @@ class DnsResolver:
         name = dns.reversename.from_address(str(addr)).to_text()
         return await self._lookup(name, dns.rdatatype.PTR, _ptr)
 
+    async def ipv4(self, name: str) -> Answer[str]:
+        return await self._lookup(name, dns.rdatatype.A, _address)
+
     async def addresses(self, host: str) -> Answer[str]:
         """A and AAAA together. Records from either family make an answer (a temporary
         failure of the other family is then ignored, as Postfix does); with none, a

@@ -174,6 +174,11 @@ class Resolver(Protocol):
         """IPv4 and IPv6 addresses of ``host`` (A then AAAA), as text."""
         ...
 
+    async def ipv4(self, name: str) -> Answer[str]:
+        """The A records of ``name`` alone (a DNS list answers in A records, RFC 5782
+        §2.1: asking AAAA too would double the queries a list sees)."""
+        ...
+
     async def txt(self, name: str) -> Answer[TxtRecord]: ...
 
     def cached_txt(self, name: str) -> Answer[TxtRecord] | None:

@@ -163,6 +163,10 @@ def parse_reply_code(text: str) -> Verdict:
     return Verdict(kind, code=code, status=status, text=tuple(lines))
 
 
+_SKIP_BITS: dict[bytes, int] = {command: int(flag) for command, flag in SKIP_FLAG.items()}
+_NO_REPLY_BITS: dict[bytes, int] = {command: int(flag) for command, flag in NO_REPLY_FLAG.items()}
+
+
 class MilterClient:
     """One connection to one milter, from the MTA's side."""
 
@@ -189,6 +193,12 @@ class MilterClient:
         out = bytes(self._out)
         self._out.clear()
         return out
+
+    @property
+    def pending_output(self) -> int:
+        """Octets queued and not yet taken by ``data_to_send`` (the driver may let
+        commands that need no reply wait and send them with the next one that does)."""
+        return len(self._out)
 
     def receive_data(self, data: bytes) -> None:
         """The milter's bytes; ``b""`` means it closed the connection."""
@@ -362,15 +372,14 @@ class MilterClient:
             raise RuntimeError("negotiate first (start, then read the answer)")
         if self._pending is not None:
             raise RuntimeError(f"a reply to {self._pending!r} is still due")
-        protocol = self.negotiated.protocol
-        skip = SKIP_FLAG.get(command)
-        if skip is not None and protocol & skip:
+        # Plain ints: IntFlag's & builds a flag object each time (a hot path).
+        protocol = int(self.negotiated.protocol)
+        if protocol & _SKIP_BITS.get(command, 0):
             return False
         if macros is not None:
             self._macros(*macros)
         self._out += packet(command, data)
-        no_reply = NO_REPLY_FLAG.get(command)
-        if command in NEVER_ANSWERED or (no_reply is not None and protocol & no_reply):
+        if command in NEVER_ANSWERED or protocol & _NO_REPLY_BITS.get(command, 0):
             return False
         self._pending = command
         return True
