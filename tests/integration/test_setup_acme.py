@@ -168,6 +168,7 @@ def test_setup_with_acme_serves_pebbles_certificate_takes_mail_and_renews(
         f"port 443, forwarded to {ports['https']} (TLS-ALPN-01) as {HOST}, mta-sts.{DOMAIN}"
         in setup.stdout
     )
+    assert f"The ACME certificate ([tls] acme) names mta-sts.{DOMAIN}" in setup.stdout
 
     site = Installation(root, ports)
     text = site.config.read_text()

@@ -195,6 +195,7 @@ def _print_report(report: Report, layout: Layout, options: SetupOptions) -> None
             smarthost=config.relay.smarthost,
             sts_policy=served_policy(config),
             sts_listen=config.mta_sts.listen,
+            acme=config.tls.acme,
         )
         sys.stdout.write(plan.zone_text())
     where = f"--config {layout.config} " if layout.root is not None else ""
