@@ -37,6 +37,7 @@ lint: deps
 bench: deps system-deps
 	$(BIN)/python bench/accept_bench.py $(BENCH_ARGS)
 	$(BIN)/python bench/cluster_bench.py $(CLUSTER_BENCH_ARGS)
+	$(BIN)/python bench/tls_bench.py $(TLS_BENCH_ARGS)
 
 # The wheel and sdist an operator installs (`pipx install dist/postillon-*.whl`):
 # docs/install.md. The sdist is built first and the wheel from it.

@@ -103,7 +103,18 @@ def parse_args() -> argparse.Namespace:
         help="instead: inbound SPF/DKIM/DMARC checks on vs off with DKIM-signed input "
         "(bench/verify_bench.py; no Postfix instance needed)",
     )
+    ap.add_argument(
+        "--tls-policy",
+        action="store_true",
+        help='instead: the "e2e with TLS policy" row, relay under a cached MTA-STS enforce '
+        "policy over verified TLS against plain relay (bench/tls_bench.py; no Postfix instance)",
+    )
     ap.add_argument("--no-checks", action="store_true", help="skip --netcheck and --durability")
+    ap.add_argument(
+        "--no-shaping",
+        action="store_true",
+        help="skip the traffic shaping rows (bench/shaping_bench.py, after the others)",
+    )
     ap.add_argument("--keep", action="store_true", help="leave postfix, sink, postillon running")
     ap.add_argument(
         "--bench-root",
@@ -1028,6 +1039,11 @@ def main() -> None:
 
         run_verify(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep, a.profile)
         return
+    if a.tls_policy:
+        from tls_bench import run_tls
+
+        run_tls(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep)
+        return
     b = Bench(a)
     b.preflight()
     b.out.mkdir(parents=True, exist_ok=True)
@@ -1054,9 +1070,14 @@ def main() -> None:
     except KeyboardInterrupt:
         say(f"interrupted: stopped what it had started; partial results in {b.out}")
         sys.exit(130)
+    shaping = ""
+    if not a.no_shaping:  # its own postillon, DNS and sinks, after Postfix has stopped
+        from shaping_bench import run_shaping  # bench/ is on sys.path as the script's dir
+
+        shaping = "\n" + run_shaping(max(1, min(a.reps, 3)), a.n, a.size)
     b.info["wall time"] = f"{time.monotonic() - t0:.0f} s"
     b.info["other load after stop"] = f"{100 * idle_check():.0f}% of all CPUs busy"
-    text = b.report(hot)
+    text = b.report(hot) + shaping
     (b.out / "summary.md").write_text(text)
     say("\n" + text)
     say(f"written: {b.out / 'summary.md'}")

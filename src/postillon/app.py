@@ -404,6 +404,8 @@ class App:
                 queue_health=self.store.health,
                 certificate_status=self._certificate_status,
                 flush_trace=self.trace.flush if self.trace is not None else None,
+                tls_counting=self.tls_recorder is not None,
+                flush_tls=self.tls_recorder.flush if self.tls_recorder is not None else None,
             )
         )
         # Further admin routes (e.g. /metrics) are added to admin_app here.

@@ -44,6 +44,7 @@ from postillon.observability.metrics import ListenerMetrics, Metrics
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.egress import EgressSettings
+from postillon.outbound.shaping import Shaper
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
 from postillon.outbound.sts_policies import StsPolicies
 from postillon.outbound.tls_observer import TlsObserver
@@ -322,6 +323,7 @@ class Builder:
             starttls=tls_context is not None and kind != "submissions",
             tls_active=kind == "submissions",
             lmtp=kind == "lmtp",
+            mt_priority=kind != "lmtp",  # RFC 6710; honoured per core/priority.py
             # AUTH only on submission listeners, and only after TLS (RFC 4954 4).
             auth_mechanisms=DEFAULT_MECHANISMS if submission else (),
             require_auth=submission,
@@ -401,6 +403,8 @@ def smtp_transport(
     if out.mta_sts:
         ca_file = str(out.sts_ca_file) if out.sts_ca_file is not None else None
         mta_sts = StsPolicies(resolver, store, ca_file=ca_file)
+    # [[shaping]] and [backoff]; suspensions and rate buckets in the queue store.
+    shaper = Shaper(config.shaping, config.backoff, store.shaping if store else None)
     return SmtpTransport(
         resolver,
         outbound_settings(config),
@@ -408,6 +412,8 @@ def smtp_transport(
         dane=dane,
         mta_sts=mta_sts,
         tls_observer=tls_observer,
+        source_rules=shaper.sources,  # a rule's source = [...] replaces the global pool
+        shaper=shaper,
     )
 
 

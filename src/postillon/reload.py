@@ -189,11 +189,13 @@ class Reloader:
         tls_context = certificate.context() if certificate is not None else None
         policy = self._builder.policy(new, (self.config, self.policy))
         smtp = None
-        if (new.outbound, new.dns, new.hostname, new.tls_policy) != (
+        if (new.outbound, new.dns, new.hostname, new.tls_policy, new.shaping, new.backoff) != (
             self.config.outbound,
             self.config.dns,
             self.config.hostname,
             self.config.tls_policy,
+            self.config.shaping,
+            self.config.backoff,
         ):
             smtp = self._builder.smtp_transports(new)
         sts_policy = format_policy(served_policy(new))

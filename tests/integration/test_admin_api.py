@@ -238,3 +238,39 @@ async def test_admin_over_tls_with_its_own_certificate(make_server, tmp_path) ->
         with pytest.raises(aiohttp.ClientError):  # no plain HTTP on a TLS port
             async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
                 await r.read()
+
+
+async def test_suspend_and_resume_a_destination_over_the_api(admin_setup: AdminSetup) -> None:
+    """POST /api/queue/suspensions, the summary and the list show it (reason, end),
+    DELETE lifts it; bad input is a 400 naming what is wrong."""
+    setup = admin_setup
+    async with aiohttp.ClientSession() as http:
+        body = {"destination": "Example.NET", "seconds": 600, "reason": "their maintenance"}
+        async with http.post(
+            setup.base + "/api/queue/suspensions", headers=setup.auth, json=body
+        ) as r:
+            assert r.status == 200, await r.text()
+            made = await r.json()
+        assert made["destination"] == "example.net" and made["by_operator"] is True
+        assert 590 <= made["remaining_seconds"] <= 600
+        (listed,) = await get(http, setup, "/api/queue/suspensions")
+        assert listed["reason"] == "their maintenance" and listed["until"] == made["until"]
+        summary = await get(http, setup, "/api/queue/summary")
+        assert [s["destination"] for s in summary["suspensions"]] == ["example.net"]
+        for bad in ({"seconds": 10}, {"destination": "a b"}, {"destination": "x", "seconds": 0}):
+            async with http.post(
+                setup.base + "/api/queue/suspensions", headers=setup.auth, json=bad
+            ) as r:
+                assert r.status == 400, bad
+                assert (await r.json())["error"]
+        async with http.delete(
+            setup.base + "/api/queue/suspensions/example.net", headers=setup.auth
+        ) as r:
+            assert r.status == 200 and (await r.json())["resumed"] is True
+        async with http.delete(
+            setup.base + "/api/queue/suspensions/example.net", headers=setup.auth
+        ) as r:
+            assert r.status == 404
+        assert await get(http, setup, "/api/queue/suspensions") == []
+        spec = await get(http, setup, "/api/openapi.json")
+        assert "/api/queue/suspensions/{destination}" in spec["paths"]

@@ -219,3 +219,30 @@ def test_the_message_view_shows_the_decisions_and_refused_sessions_are_found(
     assert "127.0.0.9" in page.inner_text("#sessions")
     shoot(page, "admin-sessions.png")
     context.close()
+
+
+def test_suspend_and_resume_a_destination_on_the_dashboard(
+    admin_setup: AdminSetup, browser: object
+) -> None:
+    """The dashboard's "Suspended destinations" card: suspend with the form, see the
+    row with its reason, resume with its button (docs/shaping.md)."""
+    setup = admin_setup
+    context = browser.new_context(viewport=DESKTOP)  # type: ignore[attr-defined]
+    page = context.new_page()
+    log_in(page, setup)
+    page.wait_for_selector("#suspensions:has-text('No destination is suspended')")
+    page.fill("#suspend-form input[name=destination]", "remote.test")
+    page.fill("#suspend-form input[name=minutes]", "30")
+    page.fill("#suspend-form input[name=reason]", "their maintenance")
+    page.click("#suspend-form button")
+    row = page.wait_for_selector("#suspensions tr[data-destination='remote.test']")
+    assert "their maintenance" in row.inner_text()
+    page.click("#suspensions tr[data-destination='remote.test'] button")
+    page.wait_for_selector("#suspensions:has-text('No destination is suspended')")
+    context.close()
+    phone = browser.new_context(viewport=PHONE, is_mobile=True)  # type: ignore[attr-defined]
+    mobile = phone.new_page()
+    log_in(mobile, setup)
+    mobile.wait_for_selector("#suspend-form")
+    assert mobile.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    phone.close()

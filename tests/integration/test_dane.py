@@ -24,6 +24,7 @@ import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -39,9 +40,11 @@ from postillon.observability.metrics import Metrics
 from postillon.outbound.client_session import ClientTimeouts
 from postillon.outbound.dane_policy import DaneHook
 from postillon.outbound.smtp_transport import OutboundSettings, SmtpTransport
+from postillon.outbound.sts_policies import StsPolicies
 from postillon.queue.store import DeliveryRecord, DeliveryState, MessageInfo
 from postillon.routing.router import Route
 from support.dnssec import DnssecLab, Zone
+from support.https_server import Answer, HttpsServer
 from support.starttls_receiver import StartTlsReceiver
 
 if TYPE_CHECKING:
@@ -76,6 +79,8 @@ IPS = {
     "mx-notls.dane.test": "127.0.0.6",
     "mx.plain.test": "127.0.0.7",
     "mx.bad.test": "127.0.0.8",
+    "mx-real.dane.test": "127.0.0.9",  # behind the alias mx-alias (CNAME)
+    "mx-tareal.dane.test": "127.0.0.10",  # behind mx-taalias; certificate for this name only
 }
 
 
@@ -86,6 +91,7 @@ def world(make_dnssec_lab: MakeDnssecLab) -> World:
     ta_inter = ta_root.create_child_ca()
     certs = {host: ee_ca.issue_cert(host) for host in IPS}
     certs["mx-ta.dane.test"] = ta_inter.issue_cert("mx-ta.dane.test")
+    certs["mx-tareal.dane.test"] = ta_inter.issue_cert("mx-tareal.dane.test")
     stranger = ee_ca.issue_cert("mx-bad.dane.test")  # the key mx-bad's TLSA names instead
 
     def ee(host: str) -> str:
@@ -99,6 +105,13 @@ refuse MX 10 mx-bad
 ta MX 10 mx-ta
 unusable MX 10 mx-unusable
 notls MX 10 mx-notls
+alias MX 10 mx-alias
+mx-alias CNAME mx-real
+taalias MX 10 mx-taalias
+both MX 10 mx-good
+_mta-sts.both TXT "v=STSv1; id=1"
+mta-sts.both A 127.0.0.80
+mx-taalias CNAME mx-tareal
 {"".join(f"{h.split('.')[0]} A {ip}{chr(10)}" for h, ip in IPS.items() if h.endswith("dane.test"))}
 _25._tcp.mx-bad TLSA 3 1 1 {_spki_sha256(stranger.cert_chain_pems[0].bytes())}
 _25._tcp.mx-good TLSA {good_digest}
@@ -109,6 +122,9 @@ _25._tcp.mx-unusable TLSA 2 1 0 3003020100
 _25._tcp.mx-unusable TLSA 3 1 3 {ee("mx-unusable.dane.test")[6:]}
 _25._tcp.mx-unusable TLSA 4 0 1 {ee("mx-unusable.dane.test")[6:]}
 _25._tcp.mx-notls TLSA {ee("mx-notls.dane.test")}
+_25._tcp.mx-real TLSA {ee("mx-real.dane.test")}
+_25._tcp.mx-alias TLSA 3 1 1 {"22" * 32}
+_25._tcp.mx-tareal TLSA 2 1 1 {_spki_sha256(ta_inter.cert_pem.bytes())}
 """
     zones = [
         Zone("dane.test", dane),
@@ -262,3 +278,69 @@ async def test_insecure_zone_delivers_opportunistically(world: World) -> None:
     assert isinstance(outcome, Delivered), outcome
     assert "policy=opportunistic" in outcome.detail
     assert [m.tls for m in rx["mx.plain.test"].messages] == [True]
+
+
+# -- a CNAME'd MX host (RFC 7672 §2.2.2) ------------------------------------------------------
+
+
+async def test_cname_expanded_name_tlsa_first(world: World) -> None:
+    """alias.dane.test MX mx-alias, a CNAME to mx-real (a signed chain). TLSA at the
+    expanded name match the server; the ones at the alias name match nothing. Matching
+    by the expanded name first delivers; by the MX name it would have refused."""
+    resolver = DnsResolver([world.lab.nameserver], timeout=2.0, attempts=1, trust_ad=True)
+    address = await resolver.addresses("mx-alias.dane.test")
+    assert address.authenticated and address.canonical_name == "mx-real.dane.test"
+    async with receivers(world, "mx-real.dane.test") as rx:
+        [outcome] = await deliver(world, "alias.dane.test")
+    assert isinstance(outcome, Delivered), outcome
+    assert "tls=TLSv1.3/dane-ee policy=dane" in outcome.detail
+    assert outcome.tls is not None and outcome.tls.mx == "mx-alias.dane.test"
+    assert len(rx["mx-real.dane.test"].messages) == 1
+
+
+async def test_cname_expanded_name_is_a_dane_ta_reference_identifier(world: World) -> None:
+    """taalias.dane.test MX mx-taalias → CNAME mx-tareal, whose certificate names only
+    mx-tareal.dane.test: DANE-TA's name check passes with the expanded name (§3.2.2)."""
+    async with receivers(world, "mx-tareal.dane.test") as rx:
+        [outcome] = await deliver(world, "taalias.dane.test")
+    assert isinstance(outcome, Delivered), outcome
+    assert "tls=TLSv1.3/dane-ta policy=dane" in outcome.detail
+    assert len(rx["mx-tareal.dane.test"].messages) == 1
+
+
+# -- DANE and MTA-STS on one domain (RFC 8461 §2: DANE wins) ---------------------------------
+
+
+async def test_dane_wins_over_mta_sts_which_is_not_even_fetched(
+    world: World, tmp_path: Path
+) -> None:
+    """both.dane.test publishes DANE (signed MX, TLSA of mx-good) and MTA-STS (a TXT id
+    and a policy host on 127.0.0.80:443 whose enforce policy lists another MX, so it
+    would refuse mx-good). DANE applies; the policy host never sees a request."""
+    sts_policy = b"version: STSv1\r\nmode: enforce\r\nmx: mx.elsewhere.test\r\nmax_age: 86400\r\n"
+    with HttpsServer(tmp_path / "web", "127.0.0.80", ["mta-sts.both.dane.test"]) as web:
+        web.answers["/.well-known/mta-sts.txt"] = Answer(200, sts_policy)
+        resolver = DnsResolver([world.lab.nameserver], timeout=2.0, attempts=1, trust_ad=True)
+        # The policy is there for anyone who asks: MTA-STS alone would refuse mx-good.
+        sts = StsPolicies(resolver, None, ca_file=str(web.ca_file))
+        policy = await sts.policy_for("both.dane.test")
+        assert policy is not None and not policy.covers("mx-good.dane.test")
+        assert len(web.requests) == 1
+        web.requests.clear()
+        await sts.close()
+
+        settings = OutboundSettings(
+            helo_name="client.test", timeouts=ClientTimeouts(connect=5, greeting=5, command=5)
+        )
+        fresh = StsPolicies(resolver, None, ca_file=str(web.ca_file))  # nothing cached
+        t = SmtpTransport(resolver, settings, dane=DaneHook(resolver), mta_sts=fresh)
+        try:
+            async with receivers(world, "mx-good.dane.test") as rx:
+                [outcome] = await t.deliver(job("both.dane.test"))
+        finally:
+            await t.close()
+    assert isinstance(outcome, Delivered), outcome
+    assert "tls=TLSv1.3/dane-ee policy=dane" in outcome.detail
+    assert outcome.tls is not None and outcome.tls.policy == "dane"
+    assert len(rx["mx-good.dane.test"].messages) == 1
+    assert web.requests == []  # MTA-STS was not consulted at all

@@ -102,8 +102,11 @@ class HttpsServer:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                outer.requests.append((self.headers.get("Host", ""), self.path))
-                answer = outer.answers.get(self.path, Answer(404, b"not found\n"))
+                host = self.headers.get("Host", "")
+                outer.requests.append((host, self.path))
+                # "host/path" answers one host name only; "/path" every name.
+                named = outer.answers.get(host.rpartition(":")[0] or host + self.path)
+                answer = named or outer.answers.get(self.path, Answer(404, b"not found\n"))
                 self.send_response(answer.status)
                 for name, value in answer.headers.items():
                     self.send_header(name, value)

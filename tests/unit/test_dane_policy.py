@@ -77,3 +77,81 @@ async def test_port_names_the_tlsa_owner() -> None:
     assert resolver.asked == ["_2525._tcp.MX.d.test"]
     assert isinstance(got, TlsRequirement) and got.match == ("mx.d.test",)
     assert got.authenticated and got.starttls == "required"
+
+
+class ByName:
+    """TLSA answers by owner name (absent: a secure NXDOMAIN)."""
+
+    def __init__(self, answers: dict[str, Answer[TlsaRecord] | Exception]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    async def tlsa(self, name: str) -> Answer[TlsaRecord]:
+        self.asked.append(name)
+        missing = DnsNotFound(name, "TLSA", "no", nxdomain=True, authenticated=True)
+        found = self.answers.get(name, missing)
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+
+REAL = "_25._tcp.real.d.test"
+
+
+async def _alias_lookup(resolver: ByName, **kw: object) -> object:
+    return await DaneHook(resolver).lookup(  # type: ignore[arg-type]
+        "mx.d.test", mx_secure=True, address_secure=True, canonical="Real.D.test.", **kw
+    )
+
+
+async def test_cname_expanded_name_first_with_both_reference_names() -> None:
+    """RFC 7672 §2.2.2: a secure CNAME chain: TLSA at the expanded name first."""
+    resolver = ByName({REAL: answer(GOOD), NAME: answer(PKIX)})
+    got = await _alias_lookup(resolver)
+    assert resolver.asked == [REAL]
+    assert got == TlsRequirement(
+        "dane", match=("real.d.test", "mx.d.test"), tlsa=(GOOD,), source=f"dane {REAL}"
+    )
+
+
+async def test_cname_without_tlsa_at_the_expanded_name_uses_the_original() -> None:
+    resolver = ByName({NAME: answer(GOOD)})
+    got = await _alias_lookup(resolver)
+    assert resolver.asked == [REAL, NAME]
+    assert isinstance(got, TlsRequirement) and got.tlsa == (GOOD,)
+    assert got.match == ("real.d.test", "mx.d.test") and got.source == SOURCE
+    # Insecure at the expanded name: also the original.
+    resolver = ByName({REAL: answer(GOOD, secure=False), NAME: answer(GOOD)})
+    got = await _alias_lookup(resolver)
+    assert resolver.asked == [REAL, NAME] and isinstance(got, TlsRequirement)
+
+
+async def test_cname_with_no_tlsa_anywhere_says_both() -> None:
+    resolver = ByName({})
+    got = await _alias_lookup(resolver)
+    assert isinstance(got, NoPublishedPolicy)
+    assert REAL in got.reason and NAME in got.reason
+
+
+async def test_cname_bogus_at_the_expanded_name_refuses_the_host() -> None:
+    resolver = ByName({REAL: DnsBogus(REAL, "TLSA", "SERVFAIL"), NAME: answer(GOOD)})
+    got = await _alias_lookup(resolver)
+    assert isinstance(got, HostRefused) and got.result == "dnssec-bogus"
+    assert resolver.asked == [REAL]  # a bogus answer is not "no records": no fallback
+
+
+async def test_insecure_address_answer_means_no_expansion_and_no_dane() -> None:
+    resolver = ByName({REAL: answer(GOOD)})
+    got = await DaneHook(resolver).lookup(  # type: ignore[arg-type]
+        "mx.d.test", mx_secure=True, address_secure=False, canonical="real.d.test"
+    )
+    assert isinstance(got, NoPublishedPolicy) and resolver.asked == []
+
+
+async def test_canonical_equal_to_the_host_is_no_alias() -> None:
+    resolver = ByName({NAME: answer(GOOD)})
+    got = await DaneHook(resolver).lookup(  # type: ignore[arg-type]
+        "mx.d.test", mx_secure=True, address_secure=True, canonical="MX.d.test"
+    )
+    assert resolver.asked == [NAME] and isinstance(got, TlsRequirement)
+    assert got.match == ("mx.d.test",)

@@ -61,6 +61,8 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
         "dns.sts_fetch",
         "delivery.transport",
         "routing.router",
+        # shaping keeps suspensions and rate buckets in the store's tables
+        "queue.shaping_state",
     ),
     "local": ("protocol", "delivery.transport", "routing.local"),
     "dsn": ("intake", "queue.store"),

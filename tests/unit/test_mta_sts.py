@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from postillon.core.sts import CachedPolicy, StsPolicy, record_id
 from postillon.dns.resolver import Answer, DnsNotFound, DnsTempError, TxtRecord
-from postillon.dns.sts_fetch import PolicyFetchError
+from postillon.dns.sts_fetch import WEBPKI_INVALID, PolicyFetchError
 from postillon.outbound import mta_sts
 from postillon.outbound.sts_policies import RETRY_AFTER, StsPolicies
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, check_requirement, load_anchors
@@ -345,3 +345,45 @@ async def test_cached_entry_from_another_node_is_used(parts: Any) -> None:
     await store.save_sts_policy(CachedPolicy("example.net", "one", TESTING, T0 - 10))
     policy = await _policies(parts).policy_for("example.net")
     assert policy == TESTING and web.fetches == []
+
+
+async def test_failed_fetch_says_which_rfc8460_result_type(parts: Any) -> None:
+    """RFC 8460 §4.3.2.2: a domain that publishes MTA-STS but whose policy cannot be
+    had is reported as sts-policy-fetch-error, sts-webpki-invalid or sts-policy-invalid."""
+    dns, web, clock, _store = parts
+    sts = _policies(parts)
+    web.bodies["example.net"] = PolicyFetchError("cannot connect (refused)")
+    policy, failure = await sts.policy_or_failure("example.net")
+    assert policy is None and failure == ("sts-policy-fetch-error", "cannot connect (refused)")
+    # Within RETRY_AFTER nothing is fetched, and the failure still stands.
+    assert await sts.policy_or_failure("example.net") == (None, failure)
+    clock.now += RETRY_AFTER
+    web.bodies["example.net"] = PolicyFetchError("the certificate is not valid", WEBPKI_INVALID)
+    assert (await sts.policy_or_failure("example.net"))[1] == (
+        "sts-webpki-invalid",
+        "the certificate is not valid",
+    )
+    clock.now += RETRY_AFTER
+    web.bodies["example.net"] = b"version: STSv1\r\nmode: enforce\r\n"  # no max_age, no mx
+    _, failure = await sts.policy_or_failure("example.net")
+    assert failure is not None and failure[0] == "sts-policy-invalid", failure
+    # The TXT record went away: the domain publishes nothing, nothing failed.
+    dns.txt_answers["example.net"] = None
+    assert await sts.policy_or_failure("example.net") == (None, None)
+    # A fetch that works clears it.
+    dns.txt_answers["example.net"] = "v=STSv1; id=three"
+    clock.now += RETRY_AFTER
+    web.bodies["example.net"] = POLICY
+    policy, failure = await sts.policy_or_failure("example.net")
+    assert policy is not None and failure is None
+
+
+async def test_cached_policy_after_a_failed_refetch_is_no_failure(parts: Any) -> None:
+    dns, web, clock, _store = parts
+    sts = _policies(parts)
+    await sts.policy_for("example.net")
+    dns.txt_answers["example.net"] = "v=STSv1; id=two"
+    web.bodies["example.net"] = PolicyFetchError("cannot connect (refused)")
+    clock.now += 100
+    policy, failure = await sts.policy_or_failure("example.net")
+    assert policy is not None and failure is None  # the cached policy applies (§5.1)

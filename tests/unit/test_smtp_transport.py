@@ -68,6 +68,7 @@ class FakeSession:
         self.tls = ""
         self.tls_verified = False
         self.extensions = {"DSN": ""}
+        self.on_close: Any = None  # as SmtpClientSession (the metrics and shaping hooks)
 
     async def send(self, *args: Any, **kw: Any) -> TransactionResult:
         async for _ in args[3]:
@@ -397,6 +398,9 @@ class FakeSts:
     async def policy_for(self, domain: str) -> StsPolicy | None:
         self.asked.append(domain)
         return self.policy
+
+    async def policy_or_failure(self, domain: str) -> tuple[StsPolicy | None, None]:
+        return await self.policy_for(domain), None
 
     def start(self) -> None:
         pass

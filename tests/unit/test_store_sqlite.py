@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -434,6 +435,36 @@ async def test_version_2_queue_gains_the_heartbeats(tmp_path: Path) -> None:
 def _drop_tls_report_tables(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TABLE tls_results")
     conn.execute("DROP TABLE tls_report_claims")
+    _drop_version_9(conn)
+
+
+def _drop_version_9(conn: sqlite3.Connection) -> None:
+    """Back to version 8: no shaping tables, no record priority."""
+    conn.execute("DROP TABLE suspensions")
+    conn.execute("DROP TABLE shaping_buckets")
+    conn.execute("DROP INDEX records_due_priority")
+    conn.execute("ALTER TABLE records DROP COLUMN priority")
+
+
+async def test_version_8_queue_gains_shaping_and_priority(tmp_path: Path) -> None:
+    """A version-8 queue upgrades to 9, keeps its mail, and claims by priority after."""
+    path = tmp_path / "queue.db"
+    store = SqliteStore(path)
+    await store.commit(message("QOLD"))
+    await store.close()
+    conn = sqlite3.connect(path)
+    _drop_version_9(conn)
+    conn.execute("PRAGMA user_version = 8")
+    conn.commit()
+    conn.close()
+    store = SqliteStore(path)
+    try:
+        assert await store.get_message("QOLD") is not None
+        await store.commit(replace(message("QNEW"), priority=5))
+        claimed = await store.claim_due(T0 + 10, 1, 60, "me")
+        assert [r.queue_id for r in claimed] == ["QNEW"]
+    finally:
+        await store.close()
 
 
 async def test_version_3_queue_gains_the_tls_report_tables(tmp_path: Path) -> None:
@@ -458,13 +489,13 @@ async def test_version_3_queue_gains_the_tls_report_tables(tmp_path: Path) -> No
     finally:
         await store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
     conn.close()
 
 
-async def test_version_6_queue_gains_the_policy_state_tables(tmp_path: Path) -> None:
-    """A queue before greylisting, shared rate counters and DMARC reports (version 6)
-    upgrades to 7 and keeps its mail; greylisting works after it."""
+async def test_version_7_queue_gains_the_policy_state_tables(tmp_path: Path) -> None:
+    """A queue before greylisting, shared rate counters and DMARC reports (version 7)
+    upgrades to the latest and keeps its mail; greylisting works after it."""
     from postillon.queue.store import GreylistPolicy
 
     path = tmp_path / "queue.db"
@@ -475,7 +506,8 @@ async def test_version_6_queue_gains_the_policy_state_tables(tmp_path: Path) -> 
     for table in ("greylist_triplets", "greylist_clients", "rate_counters", "dmarc_results"):
         conn.execute(f"DROP TABLE {table}")
     conn.execute("DROP TABLE dmarc_report_claims")
-    conn.execute("PRAGMA user_version = 6")
+    _drop_version_9(conn)
+    conn.execute("PRAGMA user_version = 7")
     conn.commit()
     conn.close()
     store = SqliteStore(path)

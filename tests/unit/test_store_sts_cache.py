@@ -86,6 +86,13 @@ async def test_version_3_queue_gains_the_policy_cache(tmp_path: Path) -> None:
     conn.execute("DROP TABLE sts_policies")
     conn.execute("DROP TABLE tls_results")  # version 5's (TLS reports)
     conn.execute("DROP TABLE tls_report_claims")
+    for statement in (  # version 6's (shaping, record priority)
+        "DROP TABLE suspensions",
+        "DROP TABLE shaping_buckets",
+        "DROP INDEX records_due_priority",
+        "ALTER TABLE records DROP COLUMN priority",
+    ):
+        conn.execute(statement)
     conn.execute("PRAGMA user_version = 3")
     conn.commit()
     conn.close()

@@ -8,6 +8,7 @@ serialise with the shared ``*_json`` functions.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from postillon import __version__
+from postillon.admin import suspensions
 from postillon.admin.context import CONTEXT, AdminContext, json_error
 from postillon.admin.openapi import spec
 from postillon.admin.queue_ops import (
@@ -25,12 +27,17 @@ from postillon.admin.queue_ops import (
     iso,
     message_json,
 )
+from postillon.admin.tls_view import DEFAULT_DAYS, MAX_DAYS, tls_domains
 from postillon.checks.story import as_json, by_session
 from postillon.core.queueid import is_queue_id
 from postillon.queue.store import DeliveryState, StoreError
 
 MAX_PAGE = 500
 MAX_HOURS = 24 * 14
+# A domain name as the TLS view takes it (LDH labels, or A-labels; RFC 1035 §2.3.1).
+_DOMAIN = re.compile(
+    r"^(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9_]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$"
+)
 
 
 class BadParameter(Exception):
@@ -178,6 +185,10 @@ async def show_message(request: web.Request) -> web.Response:
     except QueueOpError:
         headers = []  # delivered between the two reads
     body["headers"] = [{"name": n, "value": v} for n, v in headers]
+    # The TLS of each recipient's last delivery attempt, from the history.
+    tls = await ctx.ops.recipient_tls(queue_id)
+    for recipient in body["recipients"]:
+        recipient["tls"] = tls.get(recipient["recipient"])
     body["subject"] = next((v for n, v in headers if n.lower() == "subject"), None)
     return web.json_response(body)
 
@@ -300,6 +311,48 @@ async def flush(request: web.Request) -> web.Response:
     return web.json_response({"action": "flush", "recipients": count})
 
 
+async def list_suspensions(request: web.Request) -> web.Response:
+    ops = _ctx(request).ops
+    return web.json_response(await suspensions.list_json(ops.store, ops.clock.now()))
+
+
+async def suspend(request: web.Request) -> web.Response:
+    """Body ``{"destination": ..., "seconds": 3600, "reason": ...}``."""
+    ops = _ctx(request).ops
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadParameter("the body must be JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("destination"), str):
+        raise BadParameter('destination: a string is required ("example.org", "mx:.suffix")')
+    seconds = body.get("seconds", suspensions.DEFAULT_SECONDS)
+    reason = body.get("reason", "")
+    if not isinstance(seconds, int | float) or not isinstance(reason, str):
+        raise BadParameter("seconds must be a number and reason a string")
+    try:
+        result = await suspensions.suspend(
+            ops.store, body["destination"], ops.clock.now(), float(seconds), reason
+        )
+    except ValueError as exc:
+        raise BadParameter(str(exc)) from None
+    return web.json_response(result)
+
+
+async def resume(request: web.Request) -> web.Response:
+    ops = _ctx(request).ops
+    try:
+        result = await suspensions.resume(
+            ops.store, request.match_info["destination"], ops.clock.now()
+        )
+    except ValueError as exc:
+        raise BadParameter(str(exc)) from None
+    if not result["resumed"]:
+        return json_error(404, f"{result['destination']} is not suspended")
+    if ops.wake_runner is not None:
+        ops.wake_runner()
+    return web.json_response(result)
+
+
 async def activity(request: web.Request) -> web.Response:
     hours = _number(request, "hours", 6.0, 0.25, MAX_HOURS)
     bucket = _number(request, "bucket_minutes", 10.0, 1, 1440)
@@ -307,6 +360,31 @@ async def activity(request: web.Request) -> web.Response:
     if hours * 60 / bucket > 2000:
         raise BadParameter("too many buckets: raise bucket_minutes or lower hours")
     return web.json_response(await _ctx(request).ops.activity(hours, bucket))
+
+
+async def _tls_view(request: web.Request, domain: str | None) -> tuple[list[str], list[Any]]:
+    ctx = _ctx(request)
+    days = _int(request, "days", DEFAULT_DAYS, 1, MAX_DAYS)
+    if ctx.flush_tls is not None:
+        await ctx.flush_tls()  # show the sessions of the last seconds too
+    return await tls_domains(ctx.ops.store, ctx.ops.clock.now(), days, domain)
+
+
+async def tls_list(request: web.Request) -> web.Response:
+    days, domains = await _tls_view(request, None)
+    return web.json_response(
+        {"counting": _ctx(request).tls_counting, "days": days, "domains": domains}
+    )
+
+
+async def tls_domain(request: web.Request) -> web.Response:
+    name = request.match_info["domain"]
+    if not _DOMAIN.match(name):
+        raise BadParameter(f"{name[:80]!r} is not a domain name")
+    days, domains = await _tls_view(request, name)
+    if not domains:
+        return json_error(404, f"nothing known about outbound TLS to {name.lower()}")
+    return web.json_response({"counting": _ctx(request).tls_counting, "days": days, **domains[0]})
 
 
 @web.middleware
@@ -334,4 +412,9 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/sessions", list_sessions)
     r.add_post("/api/queue/messages/{queue_id}/{action}", act)
     r.add_post("/api/queue/flush", flush)
+    r.add_get("/api/queue/suspensions", list_suspensions)
+    r.add_post("/api/queue/suspensions", suspend)
+    r.add_delete("/api/queue/suspensions/{destination}", resume)
     r.add_get("/api/activity", activity)
+    r.add_get("/api/tls", tls_list)
+    r.add_get("/api/tls/{domain}", tls_domain)

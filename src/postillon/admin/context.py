@@ -42,6 +42,11 @@ class AdminContext:
     certificate_status: Callable[[], dict[str, object] | None] = lambda: None
     # Writes the checks' buffered decisions (checks/trace.py) before an explain read.
     flush_trace: Callable[[], Awaitable[None]] | None = None
+    # [tls_reports] enabled: outbound TLS sessions are counted in the store (the TLS
+    # view's source); ``flush_tls`` writes the counts still in memory, so the view
+    # shows the session that just ended.
+    tls_counting: bool = False
+    flush_tls: Callable[[], Awaitable[None]] | None = None
 
 
 CONTEXT: Final = web.AppKey("postillon_admin_context", AdminContext)

@@ -64,6 +64,95 @@ _SCHEMAS: dict[str, Any] = {
             "last_reply": {**_NULLABLE_STR, "description": "e.g. 451 4.4.1 Connection refused"},
             "last_reply_code": {"type": ["integer", "null"]},
             "lease_owner": _NULLABLE_STR,
+            "tls": {
+                "anyOf": [_ref("RecipientTls"), {"type": "null"}],
+                "description": "message detail only: the TLS of the last delivery attempt "
+                "(null: none yet, or not over SMTP)",
+            },
+        },
+    },
+    "RecipientTls": {
+        "type": "object",
+        "required": ["policy", "result", "verified"],
+        "properties": {
+            "at": {"type": "string", "description": "UTC, ISO 8601"},
+            "event": {"type": "string", "description": "delivered, deferred, bounced or expired"},
+            "mx": {**_NULLABLE_STR, "description": "the last host tried"},
+            "policy": {
+                **_NULLABLE_STR,
+                "description": "dane, mta-sts, mta-sts-testing, verify, fingerprint, "
+                "encrypt, opportunistic or none",
+            },
+            "result": {**_NULLABLE_STR, "description": "e.g. verified, dane-ee, plaintext"},
+            "verified": {"type": "boolean", "description": "the server proved its identity"},
+            "version": {**_NULLABLE_STR, "description": "e.g. TLSv1.3; null without TLS"},
+            "cipher": _NULLABLE_STR,
+        },
+    },
+    "TlsDomain": {
+        "type": "object",
+        "required": ["domain", "sessions", "successful", "failed", "results", "mta_sts"],
+        "properties": {
+            "domain": {"type": "string", "description": "the policy domain (recipient domain)"},
+            "sessions": {"type": "integer", "description": "outbound sessions counted"},
+            "successful": {"type": "integer"},
+            "failed": {"type": "integer"},
+            "policy_types": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "RFC 8460 policy types seen: tlsa, sts, no-policy-found",
+            },
+            "results": {
+                "type": "object",
+                "additionalProperties": {"type": "integer"},
+                "description": "sessions by RFC 8460 result type (success, "
+                "validation-failure, sts-policy-fetch-error, ...)",
+            },
+            "failures": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "result": {"type": "string"},
+                        "mx_host": {"type": "string"},
+                        "receiving_ip": {"type": "string"},
+                        "reason": {"type": "string"},
+                        "count": {"type": "integer"},
+                    },
+                },
+            },
+            "mta_sts": {
+                "description": "the cached MTA-STS policy (null: none cached)",
+                "anyOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "properties": {
+                            "mode": {"type": "string"},
+                            "mx": {"type": "array", "items": {"type": "string"}},
+                            "max_age": {"type": "integer"},
+                            "policy_id": {"type": "string"},
+                            "fetched_at": {"type": "string"},
+                            "expires_at": {"type": "string"},
+                            "checked_at": _NULLABLE_STR,
+                            "fresh": {"type": "boolean"},
+                            "last_error": _NULLABLE_STR,
+                        },
+                    },
+                ],
+            },
+        },
+    },
+    "TlsOverview": {
+        "type": "object",
+        "required": ["counting", "days", "domains"],
+        "properties": {
+            "counting": {
+                "type": "boolean",
+                "description": "sessions are counted ([tls_reports] enabled = true)",
+            },
+            "days": {"type": "array", "items": {"type": "string"}, "description": "UTC days"},
+            "domains": {"type": "array", "items": _ref("TlsDomain")},
         },
     },
     "Message": {
@@ -244,6 +333,19 @@ _SCHEMAS: dict[str, Any] = {
             "recipients": {"type": "integer", "description": "recipients affected"},
         },
     },
+    "Suspension": {
+        "type": "object",
+        "required": ["destination", "until", "reason"],
+        "properties": {
+            "destination": {"type": "string", "description": "a domain, or mx:.suffix"},
+            "since": {"type": "string"},
+            "until": {"type": "string"},
+            "remaining_seconds": {"type": "integer"},
+            "reason": {"type": "string"},
+            "level": {"type": "integer", "description": "suspensions in a row (0: operator)"},
+            "by_operator": {"type": "boolean"},
+        },
+    },
     "ReloadResult": {
         "type": "object",
         "required": ["applied"],
@@ -279,6 +381,13 @@ def _get(
     responses: dict[str, Any] = {"200": ok, "400": _ERROR, "401": _UNAUTHORIZED}
     responses.update(extra or {})
     return {"get": {"summary": summary, "parameters": params or [], "responses": responses}}
+
+
+_DAYS = _query(
+    "days",
+    {"type": "integer", "minimum": 1, "maximum": 14},
+    "UTC days counted, today first (default 2: today and yesterday)",
+)
 
 
 def spec() -> dict[str, Any]:
@@ -435,6 +544,40 @@ def spec() -> dict[str, Any]:
                     "responses": {"200": _json(_ref("ActionResult"), "Done"), "401": _UNAUTHORIZED},
                 }
             },
+            "/api/queue/suspensions": {
+                **_get(
+                    "Destinations whose deliveries are suspended (docs/shaping.md)",
+                    _json({"type": "array", "items": _ref("Suspension")}, "Running suspensions"),
+                ),
+                "post": {
+                    "summary": "Suspend a destination: JSON body destination, seconds "
+                    "(default 3600), reason",
+                    "responses": {
+                        "200": _json(_ref("Suspension"), "Suspended"),
+                        "400": _ERROR,
+                        "401": _UNAUTHORIZED,
+                    },
+                },
+            },
+            "/api/queue/suspensions/{destination}": {
+                "delete": {
+                    "summary": "Resume a destination; its deferred mail is due now",
+                    "parameters": [
+                        {
+                            "name": "destination",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json(_ref("ActionResult"), "Resumed"),
+                        "400": _ERROR,
+                        "404": _ERROR,
+                        "401": _UNAUTHORIZED,
+                    },
+                }
+            },
             "/api/activity": _get(
                 "Messages received, delivered, deferred, bounced per time bucket (dashboard chart)",
                 _json(_ref("Activity"), "Counts per bucket"),
@@ -450,6 +593,40 @@ def spec() -> dict[str, Any]:
                         "bucket width (default 10)",
                     ),
                 ],
+            ),
+            "/api/tls": _get(
+                "Outbound TLS per destination domain: sessions by result over the last days "
+                "(the TLS report counters) and the cached MTA-STS policy",
+                _json(_ref("TlsOverview"), "Busiest domain first"),
+                params=[_DAYS],
+            ),
+            "/api/tls/{domain}": _get(
+                "Outbound TLS to one destination domain",
+                _json(
+                    {
+                        "allOf": [
+                            _ref("TlsDomain"),
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "counting": {"type": "boolean"},
+                                    "days": {"type": "array", "items": {"type": "string"}},
+                                },
+                            },
+                        ]
+                    },
+                    "The domain",
+                ),
+                params=[
+                    {
+                        "name": "domain",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "maxLength": 253},
+                    },
+                    _DAYS,
+                ],
+                extra=not_found,
             ),
             "/api/reload": {
                 "post": {

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy
 from email.parser import BytesHeaderParser
 from typing import Any, Final
 
+from postillon.admin import suspensions
 from postillon.core.clock import Clock
 from postillon.core.reply import Reply
 from postillon.dsn.bounce import (
@@ -122,6 +123,32 @@ def message_json(info: MessageInfo, now: float) -> dict[str, Any]:
 
 def event_json(e: QueueEvent) -> dict[str, Any]:
     return {"at": iso(e.at), "ts": e.at, "event": e.event, "fields": dict(e.fields)}
+
+
+_OUTCOME_EVENTS = frozenset({"delivered", "deferred", "bounced", "expired"})
+
+
+def last_tls_by_recipient(events: Sequence[QueueEvent]) -> dict[str, dict[str, Any]]:
+    """Recipient → the TLS of its last delivery attempt (events are oldest first): the
+    ``delivered``/``deferred``/``bounced`` events of an SMTP delivery carry the
+    session's fields (``core.outcome.TlsDetails.log_fields``), so this is there for a
+    message still queued and for one that has left the queue."""
+    found: dict[str, dict[str, Any]] = {}
+    for e in events:
+        fields = e.fields
+        if e.event not in _OUTCOME_EVENTS or "tls_result" not in fields or "to" not in fields:
+            continue
+        found[str(fields["to"])] = {
+            "at": iso(e.at),
+            "event": e.event,
+            "mx": fields.get("mx"),
+            "policy": fields.get("tls_policy"),
+            "result": fields.get("tls_result"),
+            "verified": fields.get("tls_verified") == "yes",
+            "version": fields.get("tls_version"),
+            "cipher": fields.get("tls_cipher"),
+        }
+    return found
 
 
 # ---------------------------------------------------------------- filters
@@ -295,13 +322,17 @@ class QueueOps:
         started = time.monotonic()
         cached = self._summary_cache
         if cached is not None and started < cached[0]:
-            return cached[1]
+            return {**cached[1], "suspensions": await self._suspensions()}
         messages = await self.store.list_messages(limit=MAX_SCAN)
         counts = await self.store.count_by_state()
         result = summarize(messages, counts, self.clock.now())
         took = time.monotonic() - started
         self._summary_cache = (time.monotonic() + max(SUMMARY_MIN_REUSE, 10 * took), result)
-        return result
+        return {**result, "suspensions": await self._suspensions()}
+
+    async def _suspensions(self) -> list[dict[str, Any]]:
+        """The running suspensions (never cached: an operator just changed one)."""
+        return await suspensions.list_json(self.store, self.clock.now())
 
     async def find(
         self, where: MessageFilter, offset: int = 0, limit: int = 50
@@ -328,6 +359,10 @@ class QueueOps:
     def raw(self, queue_id: str) -> AsyncIterator[bytes]:
         """The stored message in chunks (KeyError at the first chunk if unknown)."""
         return self.store.read_body(queue_id)
+
+    async def recipient_tls(self, queue_id: str) -> dict[str, dict[str, Any]]:
+        """Each recipient's last delivery attempt's TLS (see ``last_tls_by_recipient``)."""
+        return last_tls_by_recipient(await self.events(queue_id))
 
     async def events(self, queue_id: str, limit: int = 500) -> list[QueueEvent]:
         if self.history is not None:

@@ -21,6 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from postillon.admin import suspensions
 from postillon.admin.queue_ops import (
     ACTIONS,
     MessageFilter,
@@ -138,6 +139,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         p = qsub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         p.add_argument("queue_id", nargs="+")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = qsub.add_parser(
+        "suspend",
+        help="stop new connections to a destination for a while (its mail waits)",
+        description="Suspend deliveries to DEST: a recipient domain, or an [[shaping]] "
+        "rule's mx:.suffix. Messages for it wait without counting an attempt.",
+    )
+    sp.add_argument("destination", metavar="DEST")
+    sp.add_argument(
+        "--for", dest="seconds", type=duration, default=3600.0, help="how long (default 1h)"
+    )
+    sp.add_argument("--reason", default="", help="shown in the queue summary and admin page")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    rs = qsub.add_parser(
+        "resume", help="lift a destination's suspension; its deferred mail goes now"
+    )
+    rs.add_argument("destination", metavar="DEST")
+    rs.add_argument("--json", action="store_true", help="machine-readable output")
     fl = qsub.add_parser("flush", help="try every deferred message now")
     fl.add_argument("--json", action="store_true", help="machine-readable output")
     queue_transfer.add_parsers(qsub)
@@ -201,6 +219,8 @@ async def _dispatch(args: argparse.Namespace, ops: QueueOps) -> int:
         return await _raw(args, ops)
     if cmd in ACTIONS:
         return await _act(args, ops)
+    if cmd in ("suspend", "resume"):
+        return await _suspension(args, ops)
     if cmd == "flush":
         n = await ops.store.flush(ops.clock.now())
         if getattr(args, "json", False):
@@ -263,9 +283,12 @@ async def _show(args: argparse.Namespace, ops: QueueOps) -> int:
         print(f"postillon: no message {args.queue_id} in the queue", file=sys.stderr)
         return 1
     headers = await _headers_or_none(ops, info)
+    tls = await ops.recipient_tls(info.queue_id)  # each recipient's last attempt
     if args.json:
         shown = message_json(info, ops.clock.now())
         shown["headers"] = [{"name": n, "value": v} for n, v in headers]
+        for recipient in shown["recipients"]:
+            recipient["tls"] = tls.get(recipient["recipient"])
         _print_json(shown)
         return 0
     console = _console()
@@ -275,7 +298,16 @@ async def _show(args: argparse.Namespace, ops: QueueOps) -> int:
     if subject is not None:
         console.print(f"subject: {subject}", markup=False)
     table = Table()
-    for col in ("Recipient", "State", "Attempts", "Next try (UTC)", "Last reply", "Lease holder"):
+    columns = (
+        "Recipient",
+        "State",
+        "Attempts",
+        "Next try (UTC)",
+        "Last reply",
+        "TLS",
+        "Lease holder",
+    )
+    for col in columns:
         table.add_column(col, overflow="fold")
     for r in info.records:
         table.add_row(
@@ -284,11 +316,20 @@ async def _show(args: argparse.Namespace, ops: QueueOps) -> int:
             str(r.attempts),
             _when(r.next_try) if r.state in (DeliveryState.DEFERRED, DeliveryState.PENDING) else "",
             str(r.last_reply) if r.last_reply else "",
+            _tls_cell(tls.get(r.recipient)),
             r.lease_owner or "",
         )
     console.print(table)
     await _print_events(console, ops, info.queue_id)
     return 0
+
+
+def _tls_cell(tls: dict[str, Any] | None) -> str:
+    """``TLSv1.3 verified (mta-sts) mx.example.net``; "" before an SMTP attempt."""
+    if tls is None:
+        return ""
+    verdict = "verified" if tls["verified"] else f"not verified: {tls['result']}"
+    return f"{tls['version'] or 'no TLS'} {verdict} ({tls['policy']}) {tls['mx'] or ''}".strip()
 
 
 async def _headers_or_none(ops: QueueOps, info: MessageInfo) -> list[tuple[str, str]]:
@@ -328,6 +369,47 @@ async def _summary(args: argparse.Namespace, ops: QueueOps) -> int:
             ", ".join(f"{k} {v}" for k, v in sorted(row["by_state"].items())),
         )
     console.print(table)
+    _print_suspensions(console, summary["suspensions"])
+    return 0
+
+
+def _print_suspensions(console: Console, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    table = Table(title="Suspended destinations (no new connections; mail waits)")
+    for column in ("Destination", "Until (UTC)", "Left", "Reason"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["destination"],
+            row["until"],
+            _age(row["remaining_seconds"]),
+            ("operator: " if row["by_operator"] else "") + row["reason"],
+        )
+    console.print(table)
+
+
+async def _suspension(args: argparse.Namespace, ops: QueueOps) -> int:
+    now = ops.clock.now()
+    try:
+        if args.queue_command == "suspend":
+            result = await suspensions.suspend(
+                ops.store, args.destination, now, args.seconds, args.reason
+            )
+        else:
+            result = await suspensions.resume(ops.store, args.destination, now)
+    except ValueError as exc:
+        print(f"postillon: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        _print_json(result)
+    elif args.queue_command == "suspend":
+        print(f"{result['destination']}: suspended until {result['until']}")
+    elif result["resumed"]:
+        print(f"{result['destination']}: resumed; {result['recipients']} recipient(s) due now")
+    else:
+        print(f"postillon: {result['destination']} is not suspended", file=sys.stderr)
+        return 1
     return 0
 
 

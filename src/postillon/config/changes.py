@@ -34,6 +34,8 @@ RELOADABLE = frozenset(
         "log",
         "transport",
         "tls_policy",  # new SMTP transports, as for outbound
+        "shaping",  # new SMTP transports with the new rules (suspensions stay in the store)
+        "backoff",  # the same
         "submission",
         "shutdown",
         "dns",  # a new resolver and new SMTP transports; deliveries in flight finish

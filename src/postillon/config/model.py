@@ -32,6 +32,8 @@ from postillon.config.outbound import (
     TlsPolicyRule,
     TransportRule,
 )
+from postillon.config.shaping import BackoffConfig as BackoffConfig  # re-exported
+from postillon.config.shaping import ShapingRule as ShapingRule
 from postillon.config.tls import TlsConfig
 from postillon.config.tls_reports import TlsReportsConfig
 from postillon.core.credentials import check_postgresql_url
@@ -410,6 +412,8 @@ class Config(_Frozen):
     smtp_rate_limits: filters.SmtpRateLimitsConfig = filters.SmtpRateLimitsConfig()
     policy_service: filters.PolicyServices = ()
     dmarc_reports: filters.DmarcReportsConfig = filters.DmarcReportsConfig()
+    shaping: tuple[ShapingRule, ...] = ()  # [[shaping]], config/shaping.py
+    backoff: BackoffConfig = BackoffConfig()
 
     @field_validator("helper_processes")
     @classmethod

@@ -37,6 +37,9 @@ class MailParams:
     # header section; ignored when ``requiretls`` is set, §4.1): it may go out
     # under opportunistic TLS whatever the destination's policy asks.
     tls_required_no: bool = False
+    # RFC 6710 MT-PRIORITY (-9 .. 9) as the client gave it; None: not given. Only
+    # trusted and authenticated senders' values count (core/priority.py).
+    mt_priority: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

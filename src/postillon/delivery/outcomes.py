@@ -118,6 +118,8 @@ def plan_outcomes(
             "status": f"{outcome.reply.code} {outcome.reply.status or ''}".strip(),
             "reply": outcome.reply.text,
         }
+        if outcome.tls is not None:  # the session's TLS, for the history's per-recipient view
+            fields.update(outcome.tls.log_fields())
         if isinstance(outcome, Delivered):
             updates.append(
                 OutcomeUpdate(
@@ -137,7 +139,12 @@ def plan_outcomes(
         if isinstance(outcome, TempFail) and not outcome.attempted:
             # Not tried (destination slots busy): back in a few seconds,
             # no attempt counted, nothing to log at info level.
-            next_try = now + NOT_ATTEMPTED_DELAY * (0.5 + rng.random())
+            if outcome.retry_after > 0:
+                # A suspension's end, or a rate's next free token: back just then
+                # (a little spread, so the waiting messages do not all come at once).
+                next_try = now + outcome.retry_after * (1.0 + 0.2 * rng.random())
+            else:
+                next_try = now + NOT_ATTEMPTED_DELAY * (0.5 + rng.random())
             updates.append(
                 OutcomeUpdate(
                     record.record_id,

@@ -26,8 +26,19 @@ from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
 TIMEOUT = 10.0
 
 
+# RFC 8460 §4.3.2.2: which TLS report result type a failed fetch is.
+FETCH_ERROR = "sts-policy-fetch-error"  # unreachable, timeout, HTTP error, redirect
+WEBPKI_INVALID = "sts-webpki-invalid"  # the policy host's certificate did not verify
+POLICY_INVALID = "sts-policy-invalid"  # fetched, but not a valid policy file
+
+
 class PolicyFetchError(Exception):
-    """The policy file could not be fetched; ``str()`` says why."""
+    """The policy file could not be fetched; ``str()`` says why, ``result_type`` which
+    RFC 8460 result type it is (one of the three above)."""
+
+    def __init__(self, message: str, result_type: str = FETCH_ERROR) -> None:
+        super().__init__(message)
+        self.result_type = result_type
 
 
 def policy_url(domain: str) -> str:
@@ -91,7 +102,7 @@ async def fetch_policy(
     except aiohttp.ClientConnectorCertificateError as exc:
         error = exc.certificate_error
         why = getattr(error, "verify_message", None) or str(error)
-        raise PolicyFetchError(f"the certificate is not valid ({why})") from exc
+        raise PolicyFetchError(f"the certificate is not valid ({why})", WEBPKI_INVALID) from exc
     except aiohttp.ClientConnectorError as exc:
         raise PolicyFetchError(f"cannot connect ({exc.os_error})") from exc
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -108,13 +119,16 @@ async def _policy_text(response: aiohttp.ClientResponse) -> str:
         raise PolicyFetchError(f"HTTP {response.status} {response.reason or ''}".rstrip())
     if response.content_type != "text/plain":
         raise PolicyFetchError(
-            f"Content-Type is {response.content_type!r}, not text/plain (RFC 8461 3.2)"
+            f"Content-Type is {response.content_type!r}, not text/plain (RFC 8461 3.2)",
+            POLICY_INVALID,
         )
     body = await response.content.read(MAX_POLICY_BYTES + 1)
     if len(body) > MAX_POLICY_BYTES:
-        raise PolicyFetchError(f"the file is larger than {MAX_POLICY_BYTES // 1024} KiB")
+        raise PolicyFetchError(
+            f"the file is larger than {MAX_POLICY_BYTES // 1024} KiB", POLICY_INVALID
+        )
     try:
         text: str = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PolicyFetchError("the file is not UTF-8 text") from exc
+        raise PolicyFetchError("the file is not UTF-8 text", POLICY_INVALID) from exc
     return text

@@ -104,6 +104,7 @@ class Session:
             listener=deps.listener,
             tls=describe_tls(ssl_obj) if ssl_obj is not None else "",
             lmtp=deps.settings.lmtp,
+            trusted=deps.trusted(ip) if deps.trusted is not None else False,
         )
         settings = replace(
             deps.settings, tls_active=ssl_obj is not None or deps.settings.tls_active

@@ -16,6 +16,7 @@ class ClientInfo:
     esmtp: bool = True
     tls: str = ""  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"; empty when plaintext
     authenticated: bool = False
+    trusted: bool = False  # from [relay] trusted_networks (MT-PRIORITY is honoured)
     smtputf8: bool = False
     lmtp: bool = False
     listener: str = ""

@@ -17,6 +17,7 @@ from prometheus_client import Counter
 
 from postillon.core.clock import Clock, SystemClock
 from postillon.core.envelope import MailParams
+from postillon.core.priority import message_priority
 from postillon.core.queueid import new_queue_id
 from postillon.core.reply import Reply
 from postillon.helpers.pool import HelperPool
@@ -365,6 +366,12 @@ class IntakeTransaction:
             client=self.client.describe(),
             source=self.source,
             held=bool(hold),
+            priority=message_priority(
+                params.mt_priority,
+                source=self.source,
+                authenticated=self.client.authenticated,
+                trusted=self.client.trusted,
+            ),
         )
         try:
             await self._intake.store.commit(message)

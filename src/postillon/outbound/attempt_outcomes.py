@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from postillon.core.outcome import Outcome, PermFail, TempFail, outcome_from_reply
+from postillon.core.outcome import Outcome, PermFail, TempFail, TlsDetails, outcome_from_reply
 from postillon.core.reply import Reply
+from postillon.outbound import session_tls
 from postillon.outbound.client_session import SessionError, SmtpClientSession
+from postillon.outbound.shaping import all_busy
 from postillon.outbound.tls_policy import HostRefused, TlsRequirement
 
 __all__ = ["describe", "failure", "settled_before_failure"]
@@ -29,7 +31,9 @@ class Where(Protocol):
 NO_ADDRESSES = Reply.of(451, "4.4.4", "No usable address for the destination host")
 
 
-def settled_before_failure(exc: SessionError, detail: str) -> list[Outcome] | None:
+def settled_before_failure(
+    exc: SessionError, detail: str, tls: TlsDetails | None = None
+) -> list[Outcome] | None:
     """Outcomes already final when a connection broke mid-transaction.
 
     A recipient refused with 5xx at RCPT, or (LMTP) given its own 250 after
@@ -40,13 +44,15 @@ def settled_before_failure(exc: SessionError, detail: str) -> list[Outcome] | No
     partial = exc.partial
     if partial is None or all(r.is_transient for r in partial.per_recipient):
         return None
-    return [outcome_from_reply(reply, detail) for reply in partial.per_recipient]
+    return [outcome_from_reply(reply, detail, tls) for reply in partial.per_recipient]
 
 
-def failure(errors: list[SessionError], detail: str) -> Outcome:
+def failure(errors: list[SessionError], detail: str, tls: TlsDetails | None = None) -> Outcome:
     if not errors:
         return TempFail(NO_ADDRESSES, detail)
     last = errors[-1]
+    if (busy := all_busy(errors, detail)) is not None:  # no slot anywhere: not tried
+        return busy
     if last.reply is not None:
         reply = last.reply
     elif last.status:  # a TLS policy or local failure: the reason is the reply
@@ -54,28 +60,15 @@ def failure(errors: list[SessionError], detail: str) -> Outcome:
     else:
         reply = Reply.of(451, "4.4.1", f"Connection failed: {last.detail}"[:400])
     if all(e.permanent for e in errors) and reply.is_permanent:
-        return PermFail(reply, detail)
+        return PermFail(reply, detail, tls)
     if reply.is_permanent:
         # Some host failed temporarily: try again later rather than bounce.
         reply = Reply.of(451, "4.4.1", f"{reply.code} {' / '.join(reply.lines)}"[:400])
-    return TempFail(reply, detail)
+    return TempFail(reply, detail, tls=tls)
 
 
 def describe(
     target: Where, session: SmtpClientSession | None, req: TlsRequirement | HostRefused
 ) -> str:
-    """The host, the TLS result and the policy, for the delivery log line:
-    ``mx.example[192.0.2.1]:25 tls=TLSv1.3/verified policy=verify``,
-    ``... tls=TLSv1.3/dane-ee policy=dane``, ``... policy=verify mta-sts=enforce``,
-    ``... policy=verify+requiretls``."""
-    where = target.host if not target.address else f"{target.host}[{target.address}]:{target.port}"
-    policy = f"policy={req.mode}"
-    if isinstance(req, TlsRequirement):
-        policy += ("+requiretls" if req.requiretls else "") + (
-            f" mta-sts={req.sts}" if req.sts else ""
-        )
-    if session is not None and session.tls:
-        return f"{where} tls={session.tls.split()[0]}/{session.tls_result} {policy}"
-    if session is not None:
-        return f"{where} tls=none {policy}"
-    return f"{where} {policy}"
+    """The delivery log line's relay text (``session_tls.describe``)."""
+    return session_tls.describe(target.host, target.address, target.port, session, req)

@@ -276,7 +276,9 @@ class SmtpClientSession:
         if not result.ok:
             # Nothing more is said on this connection: no AUTH, no MAIL.
             await self.quit()
-            raise SessionError(result.reason, status=TLS_POLICY_STATUS, tls_result=result.result)
+            raise SessionError(
+                result.reason, status=TLS_POLICY_STATUS, tls_result=result.result, tls=self.tls
+            )
 
     # --- the public API ------------------------------------------------------------------
 

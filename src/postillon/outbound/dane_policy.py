@@ -26,10 +26,11 @@ TLSA lookup: timeout, other error            :class:`HostRefused` "dane-lookup-f
                                              a failed lookup is not "no records")
 ===========================================  =================================================
 
-The MX host name and the TLSA base domain are the same name here: TLSA is looked up at
-``_<port>._tcp.<MX host>`` (port 25 for MX delivery) as the MX record names it (RFC 7672
-§2.2.2 also allows the CNAME-expanded name first; not done yet, so a CNAME'd MX host is
-matched by its MX name).
+TLSA is looked up at ``_<port>._tcp.<MX host>`` (port 25 for MX delivery). When the MX
+host name is an alias and its address answer - which carries the whole CNAME chain, so
+its AD bit vouches for every link - is secure, the CNAME-expanded name is tried first
+and the MX name second (RFC 7672 §2.2.2); the first name with secure TLSA records (or
+a bogus or failed lookup) decides, and both names are DANE-TA reference identifiers.
 For a next hop the operator named (a smarthost under a ``dane`` rule) the name comes from
 the configuration, so only its address answer must be secure (the caller passes
 ``mx_secure=True``).
@@ -60,20 +61,44 @@ class DaneHook:
         self._resolver = resolver
 
     async def lookup(
-        self, host: str, port: int = 25, *, mx_secure: bool, address_secure: bool
+        self,
+        host: str,
+        port: int = 25,
+        *,
+        mx_secure: bool,
+        address_secure: bool,
+        canonical: str = "",
     ) -> TlsRequirement | HostRefused | NoPublishedPolicy:
         """Before connecting to ``host`` on ``port`` (an MX host, or the domain for an
         implicit MX; a smarthost on its own port, e.g. 587: its TLSA are at ``_587._tcp``).
 
         ``mx_secure``: the MX answer (or, for an implicit MX, the address answer; for a
         configured host, True) was authenticated; ``address_secure``: so was the host's
-        address answer.
+        address answer (with the CNAME chain that led to it: one reply, one AD bit).
+        ``canonical``: the CNAME-expanded name when ``host`` is an alias ("" if not).
         """
         if not mx_secure:
             return NoPublishedPolicy(f"the MX answer for {host} is not DNSSEC-secure")
         if not address_secure:
             return NoPublishedPolicy(f"the address answer for {host} is not DNSSEC-secure")
-        name = tlsa_name(host, port)
+        original = host.rstrip(".").lower()
+        expanded = canonical.rstrip(".").lower()
+        # RFC 7672 §2.2.2: a secure CNAME chain: the expanded name first, then the
+        # original; either way both names are reference identifiers (§3.2.2).
+        bases = [expanded, host] if expanded and expanded != original else [host]
+        names = (expanded, original) if len(bases) == 2 else (original,)
+        why_not = ""
+        for base in bases:
+            found = await self._tlsa_at(tlsa_name(base, port), names)
+            if not isinstance(found, NoPublishedPolicy):
+                return found
+            why_not = f"{why_not}; {found.reason}" if why_not else found.reason
+        return NoPublishedPolicy(why_not)
+
+    async def _tlsa_at(
+        self, name: str, reference_names: tuple[str, ...]
+    ) -> TlsRequirement | HostRefused | NoPublishedPolicy:
+        """The TLSA records at ``name`` as a requirement (see the module note's table)."""
         try:
             answer: Answer[TlsaRecord] = await self._resolver.tlsa(name)
         except DnsNotFound:
@@ -90,7 +115,7 @@ class DaneHook:
             return NoPublishedPolicy(f"the TLSA answer at {name} is not DNSSEC-secure")
         return TlsRequirement(
             "dane",
-            match=(host.rstrip(".").lower(),),  # DANE-TA reference name, §3.2.2
+            match=reference_names,  # DANE-TA reference names, §3.2.2
             tlsa=usable_records(answer.records),
             source=f"dane {name}",
         )

@@ -73,7 +73,10 @@ def decide(
         )
     if policy.mode == "enforce":
         return HostRefused(
-            f"MTA-STS: {host} does not match the policy of {domain}", STS_MISMATCH, "verify"
+            f"MTA-STS: {host} does not match the policy of {domain}",
+            STS_MISMATCH,
+            "verify",
+            sts_policy=text,
         )
     return TlsRequirement(
         "opportunistic", ca_file=ca_file, source=source, sts="testing", sts_policy=text

@@ -83,6 +83,9 @@ class NextHop:
     addresses: tuple[str, ...]
     preference: int = 0
     authenticated: bool = False  # the address records came with AD (DANE, RFC 7672 §2.2)
+    # The name after CNAMEs when ``host`` is an alias ("" when it is not): DANE looks
+    # up TLSA there first (RFC 7672 §2.2.2).
+    canonical: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +209,8 @@ async def resolve_next_hops(
         if isinstance(res, Answer):
             addrs = _order_addresses(res.records, prefer_ipv6, rng)
             if addrs:
-                hops.append(NextHop(rec.exchange, addrs, rec.preference, res.authenticated))
+                alias = _expanded(rec.exchange, res.canonical_name)
+                hops.append(NextHop(rec.exchange, addrs, rec.preference, res.authenticated, alias))
                 continue
             notes.append(f"{rec.exchange}: no addresses")
         elif isinstance(res, DnsNotFound):
@@ -243,5 +247,13 @@ async def _implicit_mx(
     addrs = _order_addresses(answer.records, prefer_ipv6, rng)
     if not addrs:
         return _perm(domain, NO_ROUTE, f"{qdomain}: no MX and no address records")
-    hop = NextHop(qdomain, addrs, 0, answer.authenticated)
+    hop = NextHop(
+        qdomain, addrs, 0, answer.authenticated, _expanded(qdomain, answer.canonical_name)
+    )
     return MxResult(domain, hops=(hop,), implicit=True, authenticated=answer.authenticated)
+
+
+def _expanded(host: str, canonical: str) -> str:
+    """``canonical`` when CNAMEs led from ``host`` to it, else ""."""
+    canonical = canonical.lower().rstrip(".")
+    return canonical if canonical and canonical != host.lower().rstrip(".") else ""

@@ -33,11 +33,15 @@ class ConnectionPool:
             session.close()
         return None
 
-    async def put(self, key: PoolKey, session: SmtpClientSession) -> None:
+    async def put(
+        self, key: PoolKey, session: SmtpClientSession, *, max_messages: int | None = None
+    ) -> None:
+        """Keep ``session`` for reuse, unless it has sent ``max_messages`` (a
+        [[shaping]] rule's ``messages_per_connection``; default the pool's)."""
         if (
             self.idle_seconds <= 0
             or not session.usable
-            or session.messages_sent >= self.max_messages
+            or session.messages_sent >= (max_messages or self.max_messages)
             or at_mail_max(session)  # RFC 9422 MAILMAX: the server wants a new connection
         ):
             await session.quit()

@@ -56,7 +56,8 @@ class SessionError(Exception):
     the connection broke; recipients still unanswered carry a made-up 451.
     ``status`` is the enhanced status for a reply made up from ``detail``
     (set for TLS policy failures); ``tls_result`` says what TLS came to
-    ("starttls-not-supported", "not-verified", ...; see ``TlsCheck.result``).
+    ("starttls-not-supported", "not-verified", ...; see ``TlsCheck.result``) and
+    ``tls`` the session's TLS ("TLSv1.3 TLS_AES_256_GCM_SHA384") when it came up.
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class SessionError(Exception):
         partial: TransactionResult | None = None,
         status: str = "",
         tls_result: str = "",
+        tls: str = "",
     ) -> None:
         super().__init__(f"{detail}: {reply}" if reply is not None else detail)
         self.detail = detail
@@ -76,3 +78,4 @@ class SessionError(Exception):
         self.partial = partial
         self.status = status
         self.tls_result = tls_result
+        self.tls = tls

@@ -23,6 +23,7 @@ and makes a REQUIRETLS message's TLS failure a bounce.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import functools
 import logging
@@ -32,7 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from postillon.core.envelope import BodyType, MailParams, RcptParams
-from postillon.core.outcome import Delivered, Outcome, TempFail, outcome_from_reply
+from postillon.core.outcome import Delivered, Outcome, TempFail, TlsDetails, outcome_from_reply
 from postillon.core.reply import Reply
 from postillon.core.sts import StsPolicy
 from postillon.delivery.transport import DeliveryJob
@@ -60,12 +61,15 @@ from postillon.outbound.egress import EgressSettings, SourceSelector
 from postillon.outbound.happy_eyeballs import DEFAULT_DELAY
 from postillon.outbound.mx import resolve_next_hops
 from postillon.outbound.pool import ConnectionPool, Limits, PoolKey
+from postillon.outbound.session_tls import tls_details
+from postillon.outbound.shaping import Shaper, chained
 from postillon.outbound.smtputf8 import send_sendable
-from postillon.outbound.sts_policies import StsPolicies
+from postillon.outbound.sts_policies import StsFailure, StsPolicies
 from postillon.outbound.targets import Target as Target
 from postillon.outbound.targets import mx_targets as mx_targets
+from postillon.outbound.targets import shaping_domain
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
-from postillon.outbound.tls_observer import TlsObserver, TlsSessionResult, published_policy
+from postillon.outbound.tls_observer import TlsObserver, observe_session
 from postillon.outbound.tls_policy import (
     HostRefused,
     NoPublishedPolicy,
@@ -126,6 +130,7 @@ class Lookups:
     dane: dict[str, _DaneAnswer] = field(default_factory=dict)  # by MX host
     sts_done: bool = False
     sts: StsPolicy | None = None  # the recipient domain's MTA-STS policy
+    sts_failure: StsFailure | None = None  # why it has none although it publishes one
 
 
 class SmtpTransport:
@@ -141,8 +146,11 @@ class SmtpTransport:
         mta_sts: StsPolicies | None = None,
         tls_observer: TlsObserver | None = None,
         source_rules: SourceRules | None = None,
+        shaper: Shaper | None = None,
     ) -> None:
         self.resolver = resolver
+        # [[shaping]] and [backoff] (outbound/shaping.py); never for LMTP next hops.
+        self.shaper = shaper if not lmtp else None
         self.sources = SourceSelector(settings.egress, settings.helo_name)
         # Source addresses and Happy Eyeballs (connector.py).
         self.connector = Connector(
@@ -211,6 +219,11 @@ class SmtpTransport:
             return [targets] * count
         if not targets:
             return [TempFail(NO_ADDRESSES, job.route.domain)] * count
+        if self.shaper is not None:  # suspended, or over its message rate: not attempted
+            where = shaping_domain(targets[0])
+            admitted = await self.shaper.admit(where, [t.host for t in targets])
+            if isinstance(admitted, TempFail):
+                return [admitted] * count
         slot = self.limits.destination(job.route.key)
         try:
             async with asyncio.timeout(DESTINATION_WAIT):
@@ -228,6 +241,7 @@ class SmtpTransport:
         count = len(job.records)
         errors: list[SessionError] = []
         last_detail = ""
+        last_tls: TlsDetails | None = None  # the last host's TLS, for the outcome
         lookups = Lookups()
         pending = self.connector.reachable(job.route.domain, targets, errors)
         while pending:
@@ -244,6 +258,7 @@ class SmtpTransport:
                     )
                 )
                 last_detail = describe(first, None, requirement)
+                last_tls = tls_details(first.host, first.address, None, requirement)
                 self._count_tls(requirement, requirement.result, first, requirement.reason)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, requirement.reason)
                 continue
@@ -293,6 +308,8 @@ class SmtpTransport:
                 again = functools.partial(self.connect, target, requirement, source=source)
                 result, session = await self._send(job, session, requirement, again)
             except SessionError as error:
+                if self.shaper is not None:  # a 421 or 4xx burst suspends the destination
+                    await self.shaper.observe(shaping_domain(target), target.host, error=error)
                 if session is not None:
                     session.close()
                 elif error.tls_result:  # the connection failed its TLS policy
@@ -301,13 +318,14 @@ class SmtpTransport:
                 exc = requiretls.failure(requirement, error, null_sender=not job.message.sender)
                 errors.append(exc)
                 last_detail = describe(target, session, requirement)
+                last_tls = tls_details(target.host, target.address, session, requirement, error)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, exc.detail)
-                settled = settled_before_failure(exc, last_detail)
+                settled = settled_before_failure(exc, last_detail, last_tls)
                 if settled is not None:
                     return settled
                 continue
             return await self._finish(key, target, session, result, requirement)
-        return [failure(errors, last_detail)] * count
+        return [failure(errors, last_detail, last_tls)] * count
 
     async def _finish(
         self,
@@ -318,15 +336,21 @@ class SmtpTransport:
         requirement: TlsRequirement,
     ) -> list[Outcome]:
         detail = describe(target, session, requirement)
+        tls = tls_details(target.host, target.address, session, requirement)
         # RFC 3461 §6.2.2: a next hop without DSN cannot honour NOTIFY=SUCCESS;
         # the runner then sends a "relayed" notice itself.
         dsn_passed = self.lmtp or "DSN" in session.extensions
-        await self.pool.put(key, session)
+        most = None
+        if self.shaper is not None:
+            where = shaping_domain(target)
+            await self.shaper.observe(where, target.host, result=result)
+            most = self.shaper.messages_per_connection(where, target.host)
+        await self.pool.put(key, session, max_messages=most)
         outcomes: list[Outcome] = []
         for reply in result.per_recipient:
-            outcome = outcome_from_reply(reply, detail)
+            outcome = outcome_from_reply(reply, detail, tls)
             if isinstance(outcome, Delivered) and not dsn_passed:
-                outcome = Delivered(outcome.reply, outcome.detail, relayed_without_dsn=True)
+                outcome = Delivered(outcome.reply, detail, relayed_without_dsn=True, tls=tls)
             outcomes.append(outcome)
         return outcomes
 
@@ -387,6 +411,7 @@ class SmtpTransport:
                     target.port,
                     mx_secure=target.mx_secure,
                     address_secure=target.address_secure,
+                    canonical=target.canonical,
                 )
             dane = lookups.dane[target.host]
         sts = None
@@ -397,7 +422,8 @@ class SmtpTransport:
         ):
             if not lookups.sts_done:  # once per delivery, and only when it can matter
                 self.mta_sts.start()  # the background refresher, once, in the running loop
-                lookups.sts = await self.mta_sts.policy_for(route.domain)
+                found = await self.mta_sts.policy_or_failure(route.domain)
+                lookups.sts, lookups.sts_failure = found
                 lookups.sts_done = True
             sts = mta_sts.decide(
                 route.domain, lookups.sts, target.host, ca_file=self.mta_sts.ca_file
@@ -405,6 +431,9 @@ class SmtpTransport:
         decided = decide(requirement, dane=dane, sts=sts, host=target.host)
         if isinstance(decided, HostRefused):
             return decided
+        if lookups.sts_failure is not None and sts is None and decided.mode != "dane":
+            # RFC 8460 §4.3.2.2: the session is reported as the policy's failure.
+            decided = dataclasses.replace(decided, sts_failure=lookups.sts_failure)
         # REQUIRETLS (RFC 8689 §4.2.1): authenticated TLS (DANE and MTA-STS count).
         decided = requiretls.require(decided, target.host, params, lmtp=self.lmtp)
         if hop is not None and hop.username:
@@ -467,7 +496,7 @@ class SmtpTransport:
         ``sock``: connected already (from ``source``, whose HELO name is said)."""
         hop = target.hop
         implicit = bool(hop and hop.implicit_tls)
-        session = await SmtpClientSession.connect(
+        opening = SmtpClientSession.connect(
             target.address or target.host,
             target.port,
             sock=sock,
@@ -481,6 +510,16 @@ class SmtpTransport:
             unix_path=hop.unix_path if hop is not None else None,
             timeouts=self.settings.timeouts,
         )
+        if self.shaper is None:
+            session = await opening
+        else:  # a connection slot and connect token ([[shaping]])
+            where = shaping_domain(target)
+            try:
+                session = await self.shaper.opened(where, target.host, target.address, opening)
+            except BaseException:
+                if sock is not None:  # raced already (Happy Eyeballs): not used now
+                    sock.close()
+                raise
         if self.metrics is not None:
             self._count_connection(self.metrics, session)
         result = session.tls_result if session.tls else "plaintext"
@@ -524,31 +563,15 @@ class SmtpTransport:
         if self.metrics is not None:
             self.metrics.outbound_tls.labels(mode, result).inc()
         if self.tls_observer is not None and target.mx_domain:
-            applied = requirement if isinstance(requirement, TlsRequirement) else None
-            tlsa = applied.tlsa if applied is not None else None
-            sts_text = applied.sts_policy if applied is not None else ""
-            policy_type, strings = published_policy(
-                mode, tlsa, sts_lines=sts_text.splitlines() if sts_text else None
-            )
-            self.tls_observer.tls_session(
-                TlsSessionResult(
-                    target.mx_domain,
-                    mode,
-                    result,
-                    target.host,
-                    target.address,
-                    policy_type,
-                    strings,
-                    reason,
-                )
-            )
+            where = (target.mx_domain, target.host, target.address)
+            observe_session(self.tls_observer, requirement, result, where, reason)
 
     @staticmethod
     def _count_connection(metrics: Metrics, session: SmtpClientSession) -> None:
         metrics.connections.labels("out", "").inc()
         active = metrics.connections_active.labels("out", "")
         active.inc()
-        session.on_close = active.dec
+        session.on_close = chained(active.dec, session.on_close)  # and the shaping slot
         if session.tls:
             metrics.tls.labels("out", session.tls.split()[0]).inc()
 

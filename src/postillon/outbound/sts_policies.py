@@ -40,9 +40,14 @@ from typing import Protocol
 
 from postillon.core.sts import CachedPolicy, PolicyError, StsPolicy, parse_policy, record_id
 from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
-from postillon.dns.sts_fetch import PolicyFetchError, fetch_policy
+from postillon.dns.sts_fetch import (
+    FETCH_ERROR,
+    POLICY_INVALID,
+    PolicyFetchError,
+    fetch_policy,
+)
 
-__all__ = ["PolicyStore", "StsPolicies"]
+__all__ = ["PolicyStore", "StsFailure", "StsPolicies"]
 
 log = logging.getLogger("postillon.outbound.mta_sts")
 
@@ -52,6 +57,9 @@ REFRESH_INTERVAL = 3600.0  # how often the background refresher looks at the cac
 FETCH_TIMEOUT = 10.0  # the whole HTTPS exchange (§3.3: "a reasonable timeout")
 
 Fetch = Callable[[str], Awaitable[str]]
+# Why a domain that publishes MTA-STS has no policy to apply now: (RFC 8460 result type:
+# sts-policy-fetch-error, sts-webpki-invalid or sts-policy-invalid; the reason logged).
+StsFailure = tuple[str, str]
 
 
 class PolicyStore(Protocol):
@@ -88,6 +96,7 @@ class StsPolicies:
         self._fetch_timeout = fetch_timeout
         self._memory: dict[str, tuple[float, CachedPolicy | None]] = {}  # read at, entry
         self._failed: dict[str, float] = {}  # domain -> when a fetch last failed
+        self._failures: dict[str, StsFailure] = {}  # domain -> why (until a fetch works)
         self._inflight: dict[str, asyncio.Task[CachedPolicy | None]] = {}
         self._refresher: asyncio.Task[None] | None = None
 
@@ -95,6 +104,14 @@ class StsPolicies:
         return await fetch_policy(domain, self._resolver, self._fetch_timeout, ca_file=self.ca_file)
 
     # -- the policy for one delivery ------------------------------------------------
+    async def policy_or_failure(self, domain: str) -> tuple[StsPolicy | None, StsFailure | None]:
+        """:meth:`policy_for`, and when it is None for a domain whose TXT record says it
+        has a policy, why (the failed fetch: RFC 8460 §4.3.2.2, for TLS reports)."""
+        policy = await self.policy_for(domain)
+        if policy is not None:
+            return policy, None
+        return None, self._failures.get(domain.lower().rstrip("."))
+
     async def policy_for(self, domain: str) -> StsPolicy | None:
         """The policy to apply to mail for ``domain`` now (None: no MTA-STS)."""
         domain = domain.lower().rstrip(".")
@@ -103,6 +120,7 @@ class StsPolicies:
         usable = cached if cached is not None and cached.fresh(now) else None
         ident = await self._txt_id(domain)
         if ident is None:
+            self._failures.pop(domain, None)  # no policy published: nothing failed
             return usable.policy if usable is not None else None
         if usable is not None and usable.policy_id == ident:
             return usable.policy
@@ -155,13 +173,16 @@ class StsPolicies:
         started = self._clock()
         try:
             policy = parse_policy(await self._fetch(domain))
-        except (PolicyFetchError, PolicyError) as exc:
-            reason = str(exc)
+        except PolicyFetchError as exc:
+            reason, result_type = str(exc), exc.result_type
+        except PolicyError as exc:
+            reason, result_type = str(exc), POLICY_INVALID
         except Exception as exc:  # unforeseen: still only "no new policy", never a crash
-            reason = f"{type(exc).__name__}: {exc}"
+            reason, result_type = f"{type(exc).__name__}: {exc}", FETCH_ERROR
         else:
             entry = CachedPolicy(domain, ident, policy, started, started)
             self._failed.pop(domain, None)
+            self._failures.pop(domain, None)
             await self._save(entry)
             log.info(
                 "MTA-STS: %s policy id %s: mode %s, mx %s, max_age %d",
@@ -173,6 +194,7 @@ class StsPolicies:
             )
             return entry
         self._failed[domain] = started
+        self._failures[domain] = (result_type, reason)
         fallback = (
             "the cached policy stays"
             if cached is not None and cached.fresh(started)

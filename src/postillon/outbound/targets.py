@@ -24,13 +24,22 @@ class Target:
     # The domain whose MX this host is (RFC 8460's policy domain); "" for a host
     # the operator named (smarthost, route), whose TLS is not reported.
     mx_domain: str = ""
+    canonical: str = ""  # the CNAME-expanded host name, "" when not an alias (RFC 7672 §2.2.2)
 
 
 def mx_targets(result: MxResult, port: int, hop: NextHop | None = None) -> list[Target]:
     """One target per address of each MX host of ``result``, in order (what the
     transport tries, and what ``postillon tls check`` shows)."""
     return [
-        Target(h.host, a, port, hop, result.authenticated, h.authenticated, result.domain)
+        Target(
+            h.host, a, port, hop, result.authenticated, h.authenticated, result.domain, h.canonical
+        )
         for h in result.hops
         for a in h.addresses
     ]
+
+
+def shaping_domain(target: Target) -> str:
+    """The destination domain a shaping rule sees: the domain whose MX this is,
+    else the host the route names."""
+    return target.mx_domain or target.host

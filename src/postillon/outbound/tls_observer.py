@@ -33,8 +33,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from postillon.dns.resolver import TlsaRecord
+from postillon.outbound.tls_policy import HostRefused, TlsRequirement
 
-__all__ = ["TlsObserver", "TlsSessionResult", "published_policy", "tlsa_text"]
+__all__ = [
+    "TlsObserver",
+    "TlsSessionResult",
+    "observe_session",
+    "published_policy",
+    "tlsa_text",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +88,30 @@ def published_policy(
     if sts_lines is not None:
         return "sts", tuple(sts_lines)
     return "no-policy-found", ()
+
+
+def observe_session(
+    observer: TlsObserver,
+    requirement: TlsRequirement | HostRefused | None,
+    result: str,
+    where: tuple[str, str, str],
+    reason: str = "",
+) -> None:
+    """Tell ``observer`` one MX session's result; ``where``: (policy domain, MX host,
+    address). ``requirement``: what applied (a refused host's ``HostRefused``)."""
+    mode = requirement.mode if requirement is not None else "none"
+    applied = requirement if isinstance(requirement, TlsRequirement) else None
+    tlsa = applied.tlsa if applied is not None else None
+    # An MX an enforce policy refused is reported under that policy (sts), not
+    # as no-policy-found (RFC 8460 §4.3); HostRefused carries its text.
+    sts_text = requirement.sts_policy if requirement is not None else ""
+    policy_type, strings = published_policy(
+        mode, tlsa, sts_lines=sts_text.splitlines() if sts_text else None
+    )
+    failure = applied.sts_failure if applied is not None else None
+    if failure is not None:  # no MTA-STS policy to apply: that is the result
+        policy_type, strings, (result, reason) = "sts", (), failure
+    domain, host, address = where
+    observer.tls_session(
+        TlsSessionResult(domain, mode, result, host, address, policy_type, strings, reason)
+    )

@@ -145,6 +145,9 @@ class TlsRequirement:
     # The MTA-STS policy text behind ``sts`` (for TLS reports' policy-strings, RFC 8460
     # §4.4); not part of equality, like ``source``.
     sts_policy: str = field(default="", compare=False)
+    # The recipient domain publishes MTA-STS but its policy could not be had (RFC 8460
+    # §4.3.2.2 result type, and why): reported so; not part of equality.
+    sts_failure: tuple[str, str] | None = field(default=None, compare=False)
 
     @property
     def starttls(self) -> Literal["none", "opportunistic", "required"]:
@@ -176,6 +179,9 @@ class HostRefused:
     reason: str
     result: str
     mode: TlsMode = "dane"
+    # The MTA-STS enforce policy that refused the host (its text), for TLS reports
+    # (policy-type sts, RFC 8460 §4.4) and the operator's view; "" for DANE's refusals.
+    sts_policy: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*\Z")
 # esmtp-value = 1*(%d33-60 / %d62-126), widened to UTF-8 by RFC 6531 §3.3.
 _VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
 _DIGITS = re.compile(r"[0-9]{1,20}\Z")
+_MT_PRIORITY = re.compile(r"[+-]?[0-9]")  # RFC 6710 §3: priority-value, -9 .. 9
 _VERB = re.compile(r"[A-Za-z]{1,16}\Z")
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _ADDR_TYPE = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")  # RFC 3461 §4.2 addr-type
@@ -191,6 +192,7 @@ def parse_mail_params(
     envid: str | None = None
     auth: str | None = None
     requiretls = False
+    mt_priority: int | None = None
     for key, value in seen.items():
         if key == "SIZE":  # RFC 1870
             if value is None or not _DIGITS.match(value):
@@ -229,6 +231,10 @@ def parse_mail_params(
                 # anyway asks for a promise this plaintext session cannot keep.
                 raise ProtocolError(R.REQUIRETLS_NEEDS_TLS)
             requiretls = True
+        elif key == "MT-PRIORITY" and settings.mt_priority and not settings.lmtp:  # RFC 6710
+            if value is None or not _MT_PRIORITY.fullmatch(value):
+                raise ProtocolError(R.BAD_PARAM, "MT-PRIORITY must be -9 to 9")
+            mt_priority = int(value)
         else:
             raise ProtocolError(R.BAD_PARAM, f"unsupported parameter {key[:20]}")
 
@@ -243,6 +249,7 @@ def parse_mail_params(
         envid=envid,
         auth=auth,
         requiretls=requiretls,
+        mt_priority=mt_priority,
     )
 
 

@@ -24,6 +24,8 @@ def ehlo_keywords(settings: ServerSettings, *, tls_active: bool) -> list[str]:
         limits = limits_keyword(settings)
         if limits:
             keywords.append(limits)  # RFC 9422
+    if settings.mt_priority and not settings.lmtp:
+        keywords.append("MT-PRIORITY")  # RFC 6710 (honoured from trusted senders only)
     if settings.requiretls and tls_active and not settings.lmtp:
         # RFC 8689 §2: advertised only after TLS is up (STARTTLS done or implicit TLS).
         keywords.append("REQUIRETLS")

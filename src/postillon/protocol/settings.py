@@ -45,6 +45,9 @@ class ServerSettings:
     # RFC 8689 REQUIRETLS: offered (and accepted) only once TLS is active, on SMTP
     # (not LMTP: final delivery is this machine's business, §4.4).
     requiretls: bool = True
+    # RFC 6710 MT-PRIORITY on MAIL (offered by the server's SMTP listeners; off here
+    # so that a bare ServerSettings keeps the minimal EHLO of the transcripts).
+    mt_priority: bool = False
     # RFC 4954 SASL mechanisms (names from protocol.sasl.MECHANISMS). Offered
     # and accepted only once TLS is active (RFC 4954 §4, RFC 8314), unless
     # auth_plaintext allows it on this listener (never by default).

@@ -39,6 +39,8 @@ def encode_mail_params(p: MailParams) -> str:
         d["requiretls"] = True
     if p.tls_required_no:
         d["tls_required_no"] = True
+    if p.mt_priority is not None:  # RFC 6710: relayed onward with the message
+        d["mt_priority"] = p.mt_priority
     return _dumps(d)
 
 
@@ -54,6 +56,7 @@ def decode_mail_params(text: str) -> MailParams:
         auth=d.get("auth"),
         requiretls=bool(d.get("requiretls", False)),
         tls_required_no=bool(d.get("tls_required_no", False)),
+        mt_priority=d.get("mt_priority"),
     )
 
 
@@ -123,7 +126,7 @@ def message_from_row(row: Sequence[Any], records: Iterable[DeliveryRecord]) -> M
 def record_rows(message: NewMessage, updated_at: float) -> list[tuple[Any, ...]]:
     """One row per recipient of a new message, due at once (held when the message
     is quarantined): (queue_id, recipient, original, rcpt_params, state, next_try,
-    updated_at)."""
+    updated_at, priority)."""
     state = (DeliveryState.HELD if message.held else DeliveryState.PENDING).value
     return [
         (
@@ -134,6 +137,7 @@ def record_rows(message: NewMessage, updated_at: float) -> list[tuple[Any, ...]]
             state,
             message.received_at,  # due at once
             updated_at,
+            message.priority,
         )
         for r in message.recipients
     ]

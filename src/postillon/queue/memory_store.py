@@ -19,6 +19,7 @@ from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.queue.acme_state import MemoryAcmeState
 from postillon.queue.policy_state import MemoryPolicyState
+from postillon.queue.shaping_state import MemoryShapingState
 from postillon.queue.store import (
     HEALTHY,
     DeliveryRecord,
@@ -74,6 +75,8 @@ class MemoryStore:
         self.acme = MemoryAcmeState()  # store.py step 8
         self.traces = MemoryTraces(self._check_open)  # store.py step 9
         self.policy_state = MemoryPolicyState(self._check_open)  # store.py step 10
+        self.shaping = MemoryShapingState(self._check_open)  # store.py step 11
+        self._priority: dict[int, int] = {}  # record id -> claim priority (highest first)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -96,6 +99,7 @@ class MemoryStore:
         for r in message.recipients:
             rid = self._next_record_id
             self._next_record_id += 1
+            self._priority[rid] = message.priority
             self._records[rid] = DeliveryRecord(
                 record_id=rid,
                 queue_id=message.queue_id,
@@ -133,7 +137,7 @@ class MemoryStore:
         )[:limit]
         due = sorted(
             (r for r in self._records.values() if r.state in _CLAIMABLE and r.next_try <= now),
-            key=lambda r: (r.next_try, r.record_id),
+            key=lambda r: (-self._priority.get(r.record_id, 0), r.next_try, r.record_id),
         )[: limit - len(expired)]
         claimed = []
         for rec in [*expired, *due]:
@@ -179,6 +183,8 @@ class MemoryStore:
                 )
                 touched.add(rec.queue_id)
                 continue
+            # A retry goes ahead of a bulk backlog (delivery/priority.py).
+            self._priority[u.record_id] = max(self._priority.get(u.record_id, 0), 1)
             self._records[u.record_id] = replace(
                 rec,
                 state=state,
@@ -405,3 +411,4 @@ class MemoryStore:
         msg = self._messages.pop(queue_id)
         for rid in msg.record_ids:
             del self._records[rid]
+            self._priority.pop(rid, None)

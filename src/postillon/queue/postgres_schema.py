@@ -25,6 +25,7 @@ import asyncpg
 
 from postillon.queue.acme_state import POSTGRES_TABLES as ACME_TABLES
 from postillon.queue.policy_state import POSTGRES_TABLES as POLICY_STATE_TABLES
+from postillon.queue.shaping_state import POSTGRES_TABLES as SHAPING_TABLES
 from postillon.queue.sts_cache import POSTGRES_TABLE
 from postillon.queue.tls_reports import POSTGRES_TABLES as TLS_REPORT_TABLES
 from postillon.queue.traces import POSTGRES_TABLES as TRACE_TABLES
@@ -134,6 +135,16 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         8,
         "greylisting, port-25 rate counters, DMARC report counters, shared by every node",
         POLICY_STATE_TABLES,
+    ),
+    Migration(
+        9,
+        "traffic shaping: suspensions and rate buckets shared by every node; record priority",
+        (
+            *SHAPING_TABLES,
+            "ALTER TABLE records ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEFAULT 0",
+            "CREATE INDEX IF NOT EXISTS records_due_priority ON records (priority DESC, next_try)"
+            " WHERE state IN ('pending', 'deferred')",
+        ),
     ),
 )
 

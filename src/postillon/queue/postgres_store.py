@@ -70,6 +70,7 @@ from postillon.queue.postgres_connection import (
     Database,
 )
 from postillon.queue.postgres_writer import CHUNK_SIZE, WRITERS, BatchWriter, Commit, OpFn
+from postillon.queue.shaping_state import PostgresShapingState
 from postillon.queue.store import (
     HEALTHY,
     DeliveryRecord,
@@ -138,6 +139,8 @@ class PostgresStore:
         self.policy_state = policy_state.PostgresPolicyState(  # step 10, as step 7
             self._read, lambda fn: self._write(fn, durable=False)
         )
+        # store.py step 11: suspensions and rate buckets (shaping_state.py), shared by nodes
+        self.shaping = PostgresShapingState(self._read, lambda fn: self._write(fn, durable=False))
 
     @property
     def available(self) -> bool:
@@ -224,9 +227,10 @@ class PostgresStore:
                 ids += [
                     row[0]
                     for row in await conn.fetch(
-                        "SELECT record_id FROM records"
+                        "SELECT record_id FROM records"  # highest priority first
                         " WHERE state IN ('pending', 'deferred') AND next_try <= $1"
-                        " ORDER BY next_try, record_id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                        " ORDER BY priority DESC, next_try, record_id"
+                        " LIMIT $2 FOR UPDATE SKIP LOCKED",
                         now,
                         limit - len(ids),
                     )

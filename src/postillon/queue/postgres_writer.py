@@ -56,10 +56,10 @@ _INSERT_MESSAGES: Final = (
 )
 _INSERT_RECORDS: Final = (
     "INSERT INTO records (queue_id, recipient, original_recipient, rcpt_params,"
-    " state, attempts, next_try, updated_at)"
-    " SELECT q, r, o, p, s, 0, t, u FROM unnest($1::text[], $2::text[], $3::text[],"
-    " $4::text[], $5::text[], $6::float8[], $7::float8[])"
-    " WITH ORDINALITY AS x(q, r, o, p, s, t, u, n)"
+    " state, attempts, next_try, updated_at, priority)"
+    " SELECT q, r, o, p, s, 0, t, u, y FROM unnest($1::text[], $2::text[], $3::text[],"
+    " $4::text[], $5::text[], $6::float8[], $7::float8[], $8::integer[])"
+    " WITH ORDINALITY AS x(q, r, o, p, s, t, u, y, n)"
     " ORDER BY n"
 )
 _INSERT_BODIES: Final = (
@@ -79,6 +79,8 @@ UPDATE records r SET
     next_try = CASE WHEN NOT u.attempted OR u.state = 'deferred' THEN u.next_try
                     ELSE u.now END,
     last_reply = CASE WHEN u.attempted THEN u.reply ELSE r.last_reply END,
+    -- a retry goes ahead of a bulk backlog (delivery/priority.py)
+    priority = CASE WHEN u.attempted THEN GREATEST(r.priority, 1) ELSE r.priority END,
     lease_token = NULL, lease_owner = NULL, lease_expires = NULL, updated_at = u.now
 FROM u
 WHERE r.record_id = u.record_id AND r.lease_token = u.token
@@ -138,7 +140,7 @@ async def _insert_commits(conn: Conn, commits: Sequence[Commit]) -> None:
     except asyncpg.exceptions.UniqueViolationError as e:
         ids = ", ".join(c.message.queue_id for c in commits[:3])
         raise StoreError(f"duplicate queue id ({ids}{', ...' if len(commits) > 3 else ''})") from e
-    rec_columns: list[list[Any]] = [[] for _ in range(7)]
+    rec_columns: list[list[Any]] = [[] for _ in range(8)]
     body_columns: list[list[Any]] = [[], [], []]
     for c in commits:
         for row in c.record_rows:

@@ -27,6 +27,7 @@ from typing import Final, TypeVar
 
 from postillon.queue.acme_state import SQLITE_TABLES as ACME_TABLES
 from postillon.queue.policy_state import SQLITE_TABLES as POLICY_STATE_TABLES
+from postillon.queue.shaping_state import SQLITE_TABLES as SHAPING_TABLES
 from postillon.queue.store import StoreError
 from postillon.queue.sts_cache import SQLITE_TABLE
 from postillon.queue.tls_reports import SQLITE_TABLES as TLS_REPORT_TABLES
@@ -44,7 +45,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 8  # PRAGMA user_version
+SCHEMA_VERSION: Final = 9  # PRAGMA user_version
 BUSY_TIMEOUT: Final = 10.0  # seconds a connection waits for another writer
 _MAX_IDLE_READERS: Final = 4
 
@@ -117,6 +118,14 @@ _SCHEMA_V6: Final = ACME_TABLES
 _SCHEMA_V7: Final = TRACE_TABLES
 # Version 8: greylisting, shared rate counters, DMARC report counters (policy_state.py).
 _SCHEMA_V8: Final = POLICY_STATE_TABLES
+# Version 9: traffic shaping (suspensions, rate buckets; see shaping_state.py) and
+# the delivery priority of each record (claimed highest first, then by next_try).
+_SCHEMA_V9: Final = (
+    *SHAPING_TABLES,
+    "ALTER TABLE records ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX IF NOT EXISTS records_due_priority ON records(priority DESC, next_try)"
+    " WHERE state IN ('pending', 'deferred')",
+)
 
 RECORD_COLUMNS: Final = (
     "record_id, queue_id, recipient, original_recipient, rcpt_params, state, attempts,"
@@ -189,6 +198,7 @@ def init_database(path: Path) -> None:
                 _SCHEMA_V6,
                 _SCHEMA_V7,
                 _SCHEMA_V8,
+                _SCHEMA_V9,
             )
             if 0 <= version < SCHEMA_VERSION:
                 steps = steps_by_version[version:]

@@ -2,10 +2,9 @@
 
 Design note
 -----------
-**Durability.** The database runs in WAL mode with ``synchronous=FULL``: every
-COMMIT appends to the write-ahead log and fsyncs it, so when ``commit()``
-returns the message survives ``kill -9`` and power loss (DESIGN principle 3,
-"250 means durable").
+**Durability.** The database runs in WAL mode with ``synchronous=FULL``: every COMMIT
+appends to the write-ahead log and fsyncs it, so when ``commit()`` returns the message
+survives ``kill -9`` and power loss (DESIGN principle 3, "250 means durable").
 
 **Three files.** ``sqlite_schema.py``: schema, migrations, connections; ``sqlite_writer.py``:
 the group-commit writer thread; this file: the queries (writer operations or reads).
@@ -39,11 +38,10 @@ guarded by ``PRAGMA user_version``, so two processes opening a new file at once
 agree on one schema. From synchronous code use the same API through
 ``asyncio.run(...)``.
 
-**Claiming** uses two partial indexes instead of one on ``(state, next_try)``:
-``records(next_try) WHERE state IN ('pending','deferred')`` walks the due
-records in ``next_try`` order without sorting (a ``(state, next_try)`` index
-needs a sort to merge its two states, over the whole due backlog), and
-``records(lease_expires) WHERE state = 'leased'`` finds expired leases.
+**Claiming** walks ``records(priority DESC, next_try) WHERE state IN ('pending',
+'deferred')`` in order without sorting (a ``(state, ...)`` index needs a sort to merge
+its two states, over the whole due backlog); ``records(lease_expires) WHERE state =
+'leased'`` finds expired leases. Priority first: see delivery/priority.py.
 
 **Leases and holds.** A claimed record is LEASED with a fresh random token;
 ``record_outcomes`` applies an outcome only when the token still matches
@@ -70,6 +68,7 @@ from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.queue import acme_state, policy_state, sts_cache
 from postillon.queue.codec import encode_reply, message_from_row, record_from_row
+from postillon.queue.shaping_state import SqliteShapingState
 from postillon.queue.sqlite_schema import (
     BUSY_TIMEOUT,
     MESSAGE_COLUMNS,
@@ -126,6 +125,7 @@ class SqliteStore:
         self.acme = acme_state.SqliteAcmeState(self._read, self._write)  # step 8
         self.traces = SqliteTraces(self._read, self._write)  # step 9
         self.policy_state = policy_state.SqlitePolicyState(self._read, self._write)  # step 10
+        self.shaping = SqliteShapingState(self._read, self._write)  # step 11
 
     @property
     def path(self) -> Path:
@@ -136,7 +136,6 @@ class SqliteStore:
         return self._writer.stats()
 
     # ------------------------------------------------------------ plumbing
-
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer.closed:
             raise StoreError("store is closed")
@@ -171,9 +170,9 @@ class SqliteStore:
                 ids += [
                     row[0]
                     for row in conn.execute(
-                        "SELECT record_id FROM records"
+                        "SELECT record_id FROM records INDEXED BY records_due_priority"
                         " WHERE state IN ('pending', 'deferred') AND next_try <= ?"
-                        " ORDER BY next_try LIMIT ?",
+                        " ORDER BY priority DESC, next_try LIMIT ?",  # highest priority first
                         (now, limit - len(ids)),
                     )
                 ]
@@ -222,6 +221,7 @@ class SqliteStore:
                     continue
                 conn.execute(
                     "UPDATE records SET state = ?, attempts = attempts + 1, next_try = ?,"
+                    " priority = MAX(priority, 1),"  # a retry: ahead of bulk (priority.py)
                     " last_reply = ?, lease_token = NULL, lease_owner = NULL,"
                     " lease_expires = NULL, updated_at = ? WHERE record_id = ?",
                     (

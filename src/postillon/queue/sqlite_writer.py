@@ -50,9 +50,9 @@ _INSERT_MESSAGE: Final = f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES "
 _MESSAGE_VALUES: Final = "(?, ?, ?, ?, ?, ?, ?)"
 _INSERT_RECORD: Final = (
     "INSERT INTO records (queue_id, recipient, original_recipient, rcpt_params,"
-    " state, attempts, next_try, updated_at) VALUES "
+    " state, attempts, next_try, updated_at, priority) VALUES "
 )
-_RECORD_VALUES: Final = "(?, ?, ?, ?, ?, 0, ?, ?)"
+_RECORD_VALUES: Final = "(?, ?, ?, ?, ?, 0, ?, ?, ?)"
 _INSERT_BODY: Final = "INSERT INTO bodies (queue_id, seq, data) VALUES "
 _BODY_VALUES: Final = "(?, ?, ?)"
 

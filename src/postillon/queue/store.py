@@ -48,6 +48,10 @@ Contract, as a transaction:
    policy's shared state: greylisting triplets (``greylist.check`` decides and records
    in one transaction), port-25 rate counters (``rates.take``: all or nothing), and the
    DMARC aggregate report counters (``dmarc_reports``, the same contract as step 7).
+11. ``shaping`` (a ``ShapingState``, ``shaping_state.py``) keeps destination
+   suspensions and the token buckets of ``[[shaping]]`` rates, shared by every node.
+12. ``claim_due`` claims the highest ``NewMessage.priority`` first, then by
+   ``next_try``; a record deferred after an attempt rises to priority 1 at least.
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
@@ -74,6 +78,7 @@ from postillon.core.trace import TraceStep
 from postillon.queue.greylist_state import GreylistPolicy as GreylistPolicy  # re-exported
 from postillon.queue.greylist_state import GreylistResult as GreylistResult
 from postillon.queue.rate_counters import RateRequest as RateRequest
+from postillon.queue.shaping_state import ShapingState
 
 
 class DeliveryState(StrEnum):
@@ -133,6 +138,8 @@ class NewMessage:
     # Quarantined by a check: every record starts HELD (``queue release`` lets it go),
     # in the same commit, so no runner can claim it first.
     held: bool = False
+    # Claim order: records of a higher priority are claimed first (delivery/priority.py).
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +371,11 @@ class QueueStore(Protocol):
     @property
     def policy_state(self) -> PolicyStateStore:
         """Greylisting, rate counters, DMARC report counters (contract step 10)."""
+        ...
+
+    @property
+    def shaping(self) -> ShapingState:
+        """Suspensions and rate buckets (contract step 11)."""
         ...
 
     async def commit(self, message: NewMessage) -> None: ...

@@ -145,6 +145,9 @@ function route() {
   } else if (view === "message" && arg) {
     $("view-message").hidden = false;
     every(() => loadMessage(decodeURIComponent(arg)));
+  } else if (view === "tls") {
+    $("view-tls").hidden = false;
+    every(() => loadTls(arg ? decodeURIComponent(arg) : null));
   } else {
     $("view-dashboard").hidden = false;
     state.chartKey = null;
@@ -206,7 +209,30 @@ async function loadDashboard() {
     state.chartKey = chartKey;
   }
   drawDomains(summary);
+  drawSuspensions(summary.suspensions || []);
   drawServer(status);
+}
+
+// A 421 or a burst of 4xx suspends a destination by itself (docs/shaping.md);
+// an operator can suspend and resume one here.
+function drawSuspensions(rows) {
+  if (!rows.length) {
+    $("suspensions").replaceChildren(h("p", { class: "empty" }, "No destination is suspended."));
+    return;
+  }
+  const body = rows.map((s) => h("tr", { "data-destination": s.destination },
+    h("td", { "data-label": "Destination", class: "wrap mono" }, s.destination),
+    h("td", { "data-label": "Until" }, new Date(s.until).toLocaleString()),
+    h("td", { "data-label": "Left", class: "num" }, age(s.remaining_seconds)),
+    h("td", { "data-label": "Reason", class: "wrap" }, (s.by_operator ? "operator: " : "") + s.reason),
+    h("td", {}, h("button", { class: "secondary small", onclick: async () => {
+      const result = await api(`/api/queue/suspensions/${encodeURIComponent(s.destination)}`, { method: "DELETE" });
+      toast(`${result.destination} resumed; ${result.recipients} recipient(s) due now`);
+      route();
+    } }, "Resume"))));
+  $("suspensions").replaceChildren(h("table", { class: "stack" },
+    h("thead", {}, h("tr", {}, h("th", {}, "Destination"), h("th", {}, "Until"), h("th", { class: "num" }, "Left"), h("th", {}, "Reason"), h("th", {}, ""))),
+    h("tbody", {}, body)));
 }
 
 function bucketFor(hours) {
@@ -398,6 +424,7 @@ function eventDetail(e) {
   } else if (["delivered", "deferred", "bounced", "expired"].includes(e.event)) {
     parts.push(h("div", {}, "to ", mono(f.to || ""), f.orig_to ? [" (was ", mono(f.orig_to), ")"] : "", f.relay ? [" · relay ", mono(f.relay)] : ""));
     if (f.status || f.reply) parts.push(h("div", {}, "reply ", mono(`${f.status || ""} ${f.reply || ""}`.trim())));
+    if (f.tls_result) parts.push(h("div", { class: "tls-line" }, tlsSummary({ mx: f.mx, policy: f.tls_policy, result: f.tls_result, verified: f.tls_verified === "yes", version: f.tls_version, cipher: f.tls_cipher })));
     const meta = [f.attempts ? `attempt ${f.attempts}` : "", f.delay ? `after ${age(Number(f.delay))}` : "", f.next_try ? `next try in ${age(parseFloat(f.next_try))}` : ""].filter(Boolean).join(" · ");
     if (meta) parts.push(h("div", { class: "muted" }, meta));
   } else if (e.event === "authentication") {
@@ -450,21 +477,24 @@ async function loadMessage(queueId) {
       actionButtons(message, false)));
     out.push(h("div", { class: "card" }, h("h2", {}, "Recipients"),
       h("table", { class: "stack" },
-        h("thead", {}, h("tr", {}, ["Recipient", "State", "Attempts", "Next try", "Last reply", "Lease holder"].map((t) => h("th", {}, t)))),
+        h("thead", {}, h("tr", {}, ["Recipient", "State", "Attempts", "Next try", "Last reply", "TLS (last attempt)", "Lease holder"].map((t) => h("th", {}, t)))),
         h("tbody", {}, message.recipients.map((r) => h("tr", { "data-recipient": r.recipient },
           h("td", { "data-label": "Recipient", class: "mono wrap" }, r.recipient, r.original_recipient ? h("div", { class: "muted" }, `was ${r.original_recipient}`) : null),
           h("td", { "data-label": "State" }, badge(r.state)),
           h("td", { "data-label": "Attempts", class: "num" }, r.attempts),
           h("td", { "data-label": "Next try" }, r.next_try ? when(r.next_try) : "–"),
           h("td", { "data-label": "Last reply", class: "reply" }, r.last_reply || "–"),
+          h("td", { "data-label": "TLS", "data-tls": r.tls ? r.tls.result : "" }, r.tls ? tlsSummary(r.tls) : "–"),
           // the node (host:pid) delivering it right now; several share a PostgreSQL queue
           h("td", { "data-label": "Lease holder", class: "mono" }, r.lease_owner || "–")))))));
   } else {
     // Gone from the queue: tell its story from the history alone.
     const received = history.events.find((e) => e.event === "received");
     const outcome = new Map();
+    const lastTls = new Map();
     for (const e of history.events) {
       if (["delivered", "bounced", "expired"].includes(e.event) && e.fields.to) outcome.set(e.fields.to, e.event === "delivered" ? "delivered" : "failed");
+      if (e.fields.to && e.fields.tls_result) lastTls.set(e.fields.to, { mx: e.fields.mx, policy: e.fields.tls_policy, result: e.fields.tls_result, verified: e.fields.tls_verified === "yes", version: e.fields.tls_version, cipher: e.fields.tls_cipher });
     }
     const finals = new Set(outcome.values());
     const word = finals.size === 1 ? [...finals][0] : finals.size ? "partly delivered" : "gone";
@@ -475,7 +505,8 @@ async function loadMessage(queueId) {
         h("dt", {}, "From"), h("dd", { class: "mono" }, received.fields.from || "<>"),
         h("dt", {}, "Received"), h("dd", {}, when(received.at)),
         h("dt", {}, "Client"), h("dd", { class: "mono" }, received.fields.client || "–"),
-        h("dt", {}, "Recipients"), h("dd", {}, [...outcome].map(([to, st]) => h("div", {}, h("span", { class: "mono" }, to), " ", badge(st))))) : null));
+        h("dt", {}, "Recipients"), h("dd", {}, [...outcome].map(([to, st]) => h("div", { "data-recipient": to }, h("span", { class: "mono" }, to), " ", badge(st),
+          lastTls.has(to) ? h("div", { "data-tls": lastTls.get(to).result }, tlsSummary(lastTls.get(to))) : null)))) : null));
   }
   out.push(h("div", { class: "card" }, h("h2", {}, "History"),
     history.events.length ? h("ol", { class: "timeline" }, history.events.map((e) =>
@@ -535,6 +566,83 @@ async function loadSessions() {
       decisionsList(s.steps))) : [h("div", { class: "card" }, h("p", { class: "empty" }, "No sessions recorded."))]));
 }
 
+// ---------------------------------------------------------------- TLS
+
+function tlsSummary(t) {
+  // "TLSv1.3 TLS_AES_256_GCM_SHA384 · verified (policy mta-sts) · mx.example.net"
+  const proto = t.version ? [h("span", { class: "mono" }, `${t.version}${t.cipher ? " " + t.cipher : ""}`), " · "] : ["no TLS · "];
+  return h("span", { class: "tls" }, proto,
+    h("span", { class: `badge ${t.verified ? "delivered" : "deferred"}` }, t.verified ? "verified" : "not verified"),
+    ` ${t.result} (policy ${t.policy})`, t.mx ? [" · ", h("span", { class: "mono" }, t.mx)] : "");
+}
+
+async function loadTls(domain) {
+  if (domain) {
+    let d = null;
+    try {
+      d = await api(`/api/tls/${encodeURIComponent(domain)}`);
+    } catch (e) {
+      if (e.status !== 404) throw e;
+    }
+    $("tls").replaceChildren(d ? tlsDomainCard(d, d.days, d.counting) : h("div", { class: "card" }, h("p", { class: "empty" }, `Nothing is known about TLS to ${domain}.`)));
+    return;
+  }
+  const overview = await api("/api/tls");
+  const note = overview.counting ? `Sessions on ${overview.days.join(", ")} (UTC).`
+    : "Sessions are not counted: set [tls_reports] enabled = true. Cached MTA-STS policies are shown.";
+  if (!overview.domains.length) {
+    $("tls").replaceChildren(h("div", { class: "card" }, h("h2", {}, "TLS by destination"), h("p", { class: "muted" }, note), h("p", { class: "empty" }, "No outbound TLS to show yet.")));
+    return;
+  }
+  const rows = overview.domains.map((d) =>
+    h("tr", { class: "clickable", "data-tls-domain": d.domain, onclick: () => { location.hash = `#/tls/${encodeURIComponent(d.domain)}`; } },
+      h("td", { "data-label": "Domain", class: "wrap" }, h("a", { href: `#/tls/${encodeURIComponent(d.domain)}` }, d.domain)),
+      h("td", { "data-label": "Policy" }, policyName(d)),
+      h("td", { "data-label": "Sessions", class: "num" }, d.sessions),
+      h("td", { "data-label": "Failed", class: "num" }, d.failed),
+      h("td", { "data-label": "Results" }, Object.entries(d.results).map(([k, v]) => [h("span", { class: `badge ${k === "success" ? "delivered" : "failed"}` }, k), ` ${v} `]))));
+  $("tls").replaceChildren(h("div", { class: "card" }, h("h2", {}, "TLS by destination"), h("p", { class: "muted" }, note),
+    h("table", { class: "stack" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Domain"), h("th", {}, "Policy"), h("th", { class: "num" }, "Sessions"), h("th", { class: "num" }, "Failed"), h("th", {}, "Results"))),
+      h("tbody", {}, rows))));
+}
+
+function policyName(d) {
+  const types = d.policy_types.filter((t) => t !== "no-policy-found");
+  if (types.includes("tlsa")) return "DANE";
+  if (d.mta_sts) return `MTA-STS ${d.mta_sts.mode}`;
+  if (types.includes("sts")) return "MTA-STS";
+  return "none published";
+}
+
+function tlsDomainCard(d, days, counting) {
+  const facts = [
+    ["Published policy", policyName(d)],
+    ["Sessions", counting ? `${d.sessions} (${d.successful} successful, ${d.failed} failed) on ${days.join(", ")}` : "not counted ([tls_reports] enabled = false)"],
+  ];
+  const sts = d.mta_sts ? h("dl", { class: "facts", "data-mta-sts": d.mta_sts.mode },
+    h("dt", {}, "Mode"), h("dd", {}, d.mta_sts.mode),
+    h("dt", {}, "MX"), h("dd", { class: "mono" }, d.mta_sts.mx.join(", ")),
+    h("dt", {}, "Policy id"), h("dd", { class: "mono" }, d.mta_sts.policy_id),
+    h("dt", {}, "Fetched"), h("dd", {}, when(d.mta_sts.fetched_at)),
+    h("dt", {}, "Expires"), h("dd", {}, `${when(d.mta_sts.expires_at)}${d.mta_sts.fresh ? "" : " (expired)"}`),
+    h("dt", {}, "Last refresh error"), h("dd", {}, d.mta_sts.last_error || "–")) : h("p", { class: "muted" }, "No MTA-STS policy cached.");
+  const failures = d.failures.length ? h("table", { class: "stack" },
+    h("thead", {}, h("tr", {}, ["Result", "MX host", "Address", "Reason", "Count"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, d.failures.map((f) => h("tr", { "data-failure": f.result },
+      h("td", { "data-label": "Result" }, h("span", { class: "badge failed" }, f.result)),
+      h("td", { "data-label": "MX host", class: "mono wrap" }, f.mx_host || "–"),
+      h("td", { "data-label": "Address", class: "mono" }, f.receiving_ip || "–"),
+      h("td", { "data-label": "Reason", class: "reply" }, f.reason || "–"),
+      h("td", { "data-label": "Count", class: "num" }, f.count))))) : h("p", { class: "empty" }, "No failed session.");
+  return h("div", { class: "card", "data-tls-detail": d.domain },
+    h("div", { class: "card-head" }, h("h2", {}, `TLS to ${d.domain}`), h("a", { href: "#/tls", class: "back" }, "‹ All destinations")),
+    h("dl", { class: "facts" }, facts.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
+    h("div", { class: "results" }, Object.entries(d.results).map(([k, v]) => h("span", { "data-result": k }, h("span", { class: `badge ${k === "success" ? "delivered" : "failed"}` }, k), ` ${v} `))),
+    h("h3", {}, "MTA-STS"), sts,
+    h("h3", {}, "Failures"), failures);
+}
+
 async function download(queueId) {
   const token = sessionStorage.getItem(TOKEN_KEY) || "";
   const response = await fetch(`/api/queue/messages/${queueId}/raw`, { headers: { Authorization: `Bearer ${token}` } });
@@ -566,6 +674,23 @@ document.addEventListener("DOMContentLoaded", () => {
   $("session-filters").addEventListener("submit", (e) => { e.preventDefault(); route(); });
   $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); route(); });
   $("next").addEventListener("click", () => { state.offset += state.limit; route(); });
+  $("suspend-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const form = new FormData($("suspend-form"));
+    const body = JSON.stringify({
+      destination: form.get("destination"),
+      seconds: Number(form.get("minutes") || 60) * 60,
+      reason: form.get("reason") || "",
+    });
+    try {
+      const result = await api("/api/queue/suspensions", { method: "POST", body });
+      toast(`${result.destination} suspended until ${new Date(result.until).toLocaleString()}`);
+      $("suspend-form").reset();
+      route();
+    } catch (error) {
+      if (!(error instanceof Unauthorized)) toast(error.message, true);
+    }
+  });
   $("flush").addEventListener("click", async () => {
     const result = await api("/api/queue/flush", { method: "POST" });
     toast(`${result.recipients} deferred recipient(s) will be tried now`);
