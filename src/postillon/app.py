@@ -361,9 +361,9 @@ class App:
     def _check_mta_sts_certificate(config: Config) -> None:
         from postillon.dnsrecords.sts_server import warn_uncovered
 
-        certificate = tls_certificate(config)
-        if certificate is not None:
-            warn_uncovered(certificate.certificate, config.local_domains)
+        cert = tls_certificate(config)
+        if cert is not None:
+            warn_uncovered(cert.certificate, config.local_domains, acme_stand_in=cert.acme_stand_in)
 
     async def _start_admin(
         self,

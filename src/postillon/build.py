@@ -181,7 +181,7 @@ def tls_certificate(config: Config) -> ServerCertificate | None:
             return ServerCertificate(files.certificate, files.private_key, tls.min_version)
     if tls.self_signed or tls.acme:
         cert, key = ensure_self_signed(tls_dir(config.data_dir), config.hostname)
-        return ServerCertificate(cert, key, tls.min_version)
+        return ServerCertificate(cert, key, tls.min_version, acme_stand_in=tls.acme)
     return None
 
 

@@ -165,7 +165,11 @@ class Reloader:
             if self._mta_sts is not None and built.certificate is not None:
                 from postillon.dnsrecords.sts_server import warn_uncovered
 
-                warn_uncovered(built.certificate.certificate, built.config.local_domains)
+                warn_uncovered(
+                    built.certificate.certificate,
+                    built.config.local_domains,
+                    acme_stand_in=built.certificate.acme_stand_in,
+                )
             if built.restart:
                 log.warning(
                     "reload: these settings changed but need a restart to take effect: %s",

@@ -176,6 +176,13 @@ def test_records_name_the_policy_host(listen: str, line: str) -> None:
     assert "a web server with a valid certificate" not in text
 
 
+def test_records_with_acme_say_the_certificate_names_the_policy_host() -> None:
+    # [tls] acme orders mta-sts.DOMAIN with the hostname: nothing for the operator to add.
+    text = plan_for("example.org", HOST, (), sts_listen="0.0.0.0:443", acme=True).zone_text()
+    assert "The ACME certificate ([tls] acme) names mta-sts.example.org" in text
+    assert "must also name" not in text
+
+
 def test_records_without_the_server_ask_for_a_web_server() -> None:
     text = plan_for("example.org", HOST, ()).zone_text()
     assert not any(line.startswith("mta-sts.example.org.") for line in text.splitlines())

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         smarthost=config.relay.smarthost,
         sts_policy=served_policy(config),
         sts_listen=config.mta_sts.listen,
+        acme=config.tls.acme,
     )
     if args.dns_command == "records":
         if args.ttl < 0:

@@ -54,6 +54,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="the ACME CA's directory URL (default: Let's Encrypt)",
     )
     p.add_argument("--acme-email", help="contact address for the ACME account (default: admin)")
+    p.add_argument(
+        "--acme-ca-file",
+        type=Path,
+        metavar="PEM",
+        help="CA bundle to verify the ACME server's HTTPS with (a private ACME CA such as "
+        "step-ca, or Pebble; never needed for Let's Encrypt)",
+    )
     p.add_argument("--user", default="postillon", help="the service user (default postillon)")
     p.add_argument(
         "--listen-host", default="0.0.0.0", help="address the mail ports bind (default 0.0.0.0)"
@@ -95,6 +102,9 @@ def _options(args: argparse.Namespace) -> SetupOptions:
     local, at, admin_domain = admin.strip().rpartition("@")
     if not at or not local or _domain(admin_domain) not in domains:
         raise ValueError(f"--admin-email {admin!r} must be an address in one of the --domain")
+    ca_file = args.acme_ca_file.resolve() if args.acme_ca_file else None
+    if ca_file is not None and not ca_file.is_file():
+        raise ValueError(f"--acme-ca-file {args.acme_ca_file}: no such file")
     try:
         smtp, submissions, submission = (int(p) for p in args.ports.split(","))
     except ValueError:
@@ -109,6 +119,7 @@ def _options(args: argparse.Namespace) -> SetupOptions:
         admin_listen=args.admin_listen,
         acme_directory=args.acme_directory,
         acme_email=args.acme_email,
+        acme_ca_file=ca_file,
         https_port=args.https_port,
         self_signed=args.self_signed,
     )
@@ -156,9 +167,10 @@ def _print_report(report: Report, layout: Layout, options: SetupOptions) -> None
             "the config as comments"
         )
     else:
+        names = ", ".join([options.hostname, *(f"mta-sts.{d}" for d in options.domains)])
+        forward = "" if options.https_port == 443 else f", forwarded to {options.https_port}"
         manual.append(
-            "TLS: the ACME CA must reach this host on port "
-            f"{options.https_port} (TLS-ALPN-01) as {options.hostname} and mta-sts.<domain>"
+            f"TLS: the ACME CA must reach this host on port 443{forward} (TLS-ALPN-01) as {names}"
         )
     if manual:
         print("To do by hand:")
@@ -183,6 +195,7 @@ def _print_report(report: Report, layout: Layout, options: SetupOptions) -> None
             smarthost=config.relay.smarthost,
             sts_policy=served_policy(config),
             sts_listen=config.mta_sts.listen,
+            acme=config.tls.acme,
         )
         sys.stdout.write(plan.zone_text())
     where = f"--config {layout.config} " if layout.root is not None else ""

@@ -29,7 +29,8 @@ class MtaStsConfig(_Frozen):
     """Serving this server's own MTA-STS policy (RFC 8461 §3.2, §3.3) for its local
     domains at ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt``. Off unless
     ``listen`` is set; the certificate is the mail server's ([tls] or the self-signed
-    one), so it must also name ``mta-sts.DOMAIN`` for senders to accept the policy."""
+    one), so it must also name ``mta-sts.DOMAIN`` for senders to accept the policy
+    (with [tls] acme = true it does: the ACME order names every ``mta-sts.DOMAIN``)."""
 
     # "0.0.0.0:443"; None = not served. Port 443 is bound before dropping root.
     listen: str | None = None

@@ -112,10 +112,12 @@ def plan_for(
     smarthost: str | None = None,
     sts_policy: StsPolicy | None = None,
     sts_listen: str | None = None,
+    acme: bool = False,
 ) -> DomainPlan:
     """The records for ``domain`` whose mail host is ``hostname`` (``[hostname]``).
     ``sts_policy``: the MTA-STS policy (default: testing, a week, ``hostname``);
-    ``sts_listen``: where postillon serves it (``[mta_sts] listen``), if it does."""
+    ``sts_listen``: where postillon serves it (``[mta_sts] listen``), if it does;
+    ``acme``: ``[tls] acme = true``, whose certificate names the policy host."""
     domain = domain.strip().lower().rstrip(".")
     hostname = hostname.strip().lower().rstrip(".")
     rua = f"mailto:{report_address or 'postmaster@' + domain}"
@@ -171,7 +173,7 @@ def plan_for(
                 f"v=STSv1; id={mta_sts_id(policy)}",
                 "MTA-STS (RFC 8461): senders must use TLS to the MX hosts in the policy file.",
             ),
-            *_policy_host(domain, hostname, sts_listen),
+            *_policy_host(domain, hostname, sts_listen, acme),
             Record(
                 "TLS-RPT",
                 f"_smtp._tls.{domain}",
@@ -186,16 +188,21 @@ def plan_for(
     )
 
 
-def _policy_host(domain: str, hostname: str, listen: str | None) -> list[Record]:
+def _policy_host(domain: str, hostname: str, listen: str | None, acme: bool) -> list[Record]:
     """Where ``mta-sts.DOMAIN`` points when postillon serves the policy (RFC 8461 §3.3:
     senders fetch it from that name, on port 443, over HTTPS)."""
     if listen is None:
         return []
     name = f"mta-sts.{domain}"
     host, port = split_host_port(listen)
+    certificate = (
+        f"The ACME certificate ([tls] acme) names {name}: senders verify it (RFC 8461 3.3)."
+        if acme
+        else f"The [tls] certificate must also name {name}: senders verify it (RFC 8461 3.3)."
+    )
     note = (
         f"MTA-STS policy host: postillon serves the policy here ([mta_sts] listen = {listen}).\n"
-        f"The [tls] certificate must also name {name}: senders verify it (RFC 8461 3.3)."
+        + certificate
     )
     if port != 443:
         note += f"\nSenders connect to port 443: forward it to port {port}."

@@ -87,12 +87,20 @@ def uncovered_names(certificate: Path, names: Iterable[str]) -> list[str]:
     return [n for n in wanted if not any(mx_matches(p, n) for p in dns_names)]
 
 
-def warn_uncovered(certificate: Path, domains: Iterable[str]) -> None:
+def warn_uncovered(
+    certificate: Path, domains: Iterable[str], *, acme_stand_in: bool = False
+) -> None:
     """Log each ``mta-sts.DOMAIN`` the certificate does not name: senders would refuse
     the policy (RFC 8461 §3.3), so MTA-STS would quietly not apply to that domain."""
     names = sorted(f"mta-sts.{domain}" for domain in domains)
     if not names:
         log.warning("MTA-STS policy server: no [[domain]] is configured, every request gets 404")
+    if acme_stand_in:
+        # A self-signed stand-in while the first ACME order runs; that order names every
+        # mta-sts.DOMAIN: nothing for the operator to fix.
+        if names:
+            log.info("MTA-STS: the policy waits for the ACME certificate for %s", ", ".join(names))
+        return
     for name in uncovered_names(certificate, names):
         log.warning(
             "MTA-STS: the certificate %s is not valid for %s; senders will not accept the "

@@ -86,6 +86,9 @@ class ServerCertificate:
     certificate: Path
     private_key: Path
     min_version: str = "TLSv1.2"
+    # A self-signed stand-in served while the first ACME order runs ([tls] acme): the
+    # certificate that replaces it names every mta-sts.DOMAIN, so no warning about it.
+    acme_stand_in: bool = False
 
     def context(self) -> ssl.SSLContext:
         return server_context(self.certificate, self.private_key, self.min_version)

@@ -28,6 +28,9 @@ class SetupOptions:
     admin_listen: str = "127.0.0.1:8025"
     acme_directory: str = LETS_ENCRYPT
     acme_email: str | None = None
+    # The CA bundle for the ACME server's HTTPS when it is not publicly trusted (a
+    # company's own ACME CA such as step-ca, or Pebble in a lab).
+    acme_ca_file: Path | None = None
     # ACME's TLS-ALPN-01 challenge and the MTA-STS policy share this HTTPS port (RFC 8737).
     https_port: int = 443
     # No ACME: a self-signed certificate, for a host the CA cannot reach (a lab, a relay
@@ -49,6 +52,8 @@ def _tls_section(options: SetupOptions) -> list[str]:
         f"acme_directory = {_q(options.acme_directory)}",
         f"acme_email = {_q(options.acme_email or options.admin_email)}",
     ]
+    if options.acme_ca_file is not None:
+        acme_lines.append(f"acme_ca_file = {_q(str(options.acme_ca_file))}")
     if not options.self_signed:
         return [
             "[tls]",
