@@ -16,13 +16,11 @@ import contextlib
 # the bench machine), and the first IDN domain or public-suffix-list load then failed with
 # "unknown encoding: punycode" (seen as 451s in make bench). Import them while still root.
 import encodings.punycode  # noqa: F401
-import gc
 import logging
 import os
-import signal
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import idna.uts46data  # noqa: F401 (see encodings.punycode above)
 
@@ -39,7 +37,6 @@ from postillon.build import (
 )
 from postillon.checks.state_pruning import StatePruner
 from postillon.checks.trace import TraceRecorder
-from postillon.config.loader import ConfigError
 from postillon.config.model import Config
 from postillon.core.address import Address
 from postillon.core.clock import Clock, SystemClock
@@ -52,7 +49,6 @@ from postillon.helpers.pool import HelperPool
 from postillon.inbound.limits import ConnectionLimiter
 from postillon.inbound.listener import Listener
 from postillon.inbound.privileges import (
-    PrivilegeError,
     drop_privileges,
     prepare_data_dir,
     running_as_root,
@@ -63,16 +59,13 @@ from postillon.intake.pickup import Pickup
 from postillon.local.discard import DiscardTransport, ErrorTransport
 from postillon.observability.maillog import MailLog, configure_logging
 from postillon.observability.metrics import Metrics
-from postillon.osutil.sd_notify import SystemdNotifier
 from postillon.outbound.smtp_transport import SmtpTransport
 from postillon.paths import pid_path
 from postillon.queue.health import wait_unrecoverable
 from postillon.queue.history import HistoryRecorder
-from postillon.queue.postgres_schema import SchemaError
 from postillon.queue.postgres_store import PostgresStore
-from postillon.queue.store import QueueStore, StoreError, StoreHealth
+from postillon.queue.store import QueueStore, StoreHealth
 from postillon.reload import Reloader, ReloadResult, share_keys
-from postillon.routing.aliases import AliasesError
 from postillon.signing.signer import DkimSigner, build_signer
 
 if TYPE_CHECKING:
@@ -536,108 +529,3 @@ class App:
             pid_path(self.config.data_dir).unlink()
         log.info("postillon stopped")
         self._stopped.set()
-
-
-async def _reload_and_notify(app: App, notifier: SystemdNotifier) -> ReloadResult:
-    """SIGHUP under systemd: RELOADING=1, the reload, then READY=1 with the outcome."""
-    notifier.reloading()
-    result = ReloadResult(False, "the reload failed unexpectedly")
-    try:
-        result = await app.reload()
-    finally:
-        # Always back to READY=1: the running configuration serves either way.
-        if result.applied:
-            notifier.reloaded("serving; configuration reloaded")
-        else:
-            notifier.reloaded(f"serving; reload refused: {result.error}")
-    return result
-
-
-def _reopen_log(app: App) -> None:
-    """SIGUSR1: reopen the log file only (logrotate's postrotate), nothing else."""
-    config = app.config
-    try:
-        configure_logging(config.log, app.maillog, config.hostname)
-    except ConfigError as exc:  # e.g. the directory is gone: keep the old handler
-        log.error("log not reopened: %s", exc)
-    else:
-        log.info("log reopened (SIGUSR1)")
-
-
-async def serve(config: Config, config_path: Path | None = None) -> None:
-    # Connected while still root (see osutil/sd_notify.py); a no-op outside systemd.
-    notifier = SystemdNotifier.from_environment()
-    app = App(config, config_path=config_path)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[ReloadResult]] = set()
-
-    def on_hangup() -> None:
-        task = loop.create_task(_reload_and_notify(app, notifier))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    # Before start too: SIGHUP's default action would kill a starting server
-    # (the reload itself is declined until everything is built). SIGUSR1 likewise.
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    loop.add_signal_handler(signal.SIGUSR1, _reopen_log, app)
-    watchdog = asyncio.ensure_future(notifier.watchdog())
-    # `postillon tls renew`: renew the ACME certificate now (ignored without ACME).
-    loop.add_signal_handler(signal.SIGUSR2, lambda: app.acme.renew_now() if app.acme else None)
-    try:
-        await app.start()
-    except (StoreError, SchemaError, PrivilegeError, ConfigError, AliasesError) as exc:
-        # The queue database unreachable or unmigrated; data_dir or the user unusable;
-        # aliases or a catch-all that name nothing.
-        log.error("cannot start: %s", exc)
-        notifier.status(f"cannot start: {exc}")
-        watchdog.cancel()
-        loop.remove_signal_handler(signal.SIGHUP)
-        with contextlib.suppress(Exception):
-            await app.stop()
-        raise SystemExit(f"postillon: {exc}") from None
-    # Listeners bound and the queue open (the runner has loaded its work): ready.
-    notifier.ready("serving: " + ", ".join(listener.config.label for listener in app.listeners))
-    # Everything built at start-up (modules, config, policy tables, TLS contexts) lives as
-    # long as the process: move it out of the collector's sight. Every full collection
-    # otherwise walks it again; measured, that was 0.1-0.25 ms of CPU per message under
-    # load (bench/README.md, "Garbage collection").
-    gc.collect()
-    gc.freeze()
-    failure: StoreHealth | None = None
-    stopping = asyncio.ensure_future(stop.wait())
-    waits: set[asyncio.Future[Any]] = {stopping}
-    if app.store_failure is not None:
-        waits.add(app.store_failure)
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        if app.store_failure is not None and app.store_failure.done():
-            failure = app.store_failure.result()
-            log.critical(
-                "the queue store cannot recover (%s): stopping, for a supervisor to restart"
-                " postillon",
-                failure.reason,
-            )
-    finally:
-        notifier.stopping()
-        stopping.cancel()
-        loop.remove_signal_handler(signal.SIGHUP)
-        loop.remove_signal_handler(signal.SIGUSR1)
-        loop.remove_signal_handler(signal.SIGUSR2)
-        with contextlib.suppress(Exception):
-            await app.stop()
-        watchdog.cancel()
-        notifier.close()
-    if failure is not None:
-        raise SystemExit(f"postillon: the queue store failed: {failure.reason}")
-
-
-def run(config: Config, config_path: Path | None = None) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is optional on exotic platforms
-        asyncio.run(serve(config, config_path))
-    else:
-        uvloop.run(serve(config, config_path))

@@ -197,7 +197,7 @@ def test_421_from_postfix_suspends_the_destination_until_it_ends(  # type: ignor
     # a suspension, which starts the next, longer one. Without suspensions every waiting
     # message would meet the 421 and count an attempt.
     episodes = a.stderr().count("suspending deliveries to")
-    assert 1 <= episodes and len(deferred) <= 2 * episodes
+    assert episodes >= 1 and len(deferred) <= 2 * episodes
     print(f"{len(deferred)} deferral(s) with 421, suspension ended, {len(ids)} delivered")
 
 

@@ -85,6 +85,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     # postfiximport (`postillon import-postfix`): reads Postfix files, writes TOML text.
     "postfiximport": (),
     "app": ANYTHING,
+    "serve": ANYTHING,  # `postillon serve`: runs the App (composition root, split from app.py)
     "reload": ANYTHING,
     "build": ANYTHING,
     "acme_service": ANYTHING,  # composition root: the ACME pieces of a running server

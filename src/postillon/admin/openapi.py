@@ -9,23 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 from postillon import __version__
+from postillon.admin.openapi_tls import NULLABLE_STR, TLS_SCHEMAS, ref
 from postillon.admin.queue_ops import ACTIONS
 from postillon.queue.store import DeliveryState
 
 _STATES = [s.value for s in DeliveryState]
-_NULLABLE_STR: dict[str, Any] = {"type": ["string", "null"]}
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-_ERROR = _json(_ref("Error"), "Error")
-_UNAUTHORIZED = _json(_ref("Error"), "Missing or wrong token")
+_ERROR = _json(ref("Error"), "Error")
+_UNAUTHORIZED = _json(ref("Error"), "Missing or wrong token")
 
 _QUEUE_ID = {
     "name": "queue_id",
@@ -57,104 +53,21 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["recipient", "state", "attempts"],
         "properties": {
             "recipient": {"type": "string"},
-            "original_recipient": _NULLABLE_STR,
+            "original_recipient": NULLABLE_STR,
             "state": {"type": "string", "enum": _STATES},
             "attempts": {"type": "integer", "minimum": 0},
-            "next_try": {**_NULLABLE_STR, "description": "UTC, ISO 8601"},
-            "last_reply": {**_NULLABLE_STR, "description": "e.g. 451 4.4.1 Connection refused"},
+            "next_try": {**NULLABLE_STR, "description": "UTC, ISO 8601"},
+            "last_reply": {**NULLABLE_STR, "description": "e.g. 451 4.4.1 Connection refused"},
             "last_reply_code": {"type": ["integer", "null"]},
-            "lease_owner": _NULLABLE_STR,
+            "lease_owner": NULLABLE_STR,
             "tls": {
-                "anyOf": [_ref("RecipientTls"), {"type": "null"}],
+                "anyOf": [ref("RecipientTls"), {"type": "null"}],
                 "description": "message detail only: the TLS of the last delivery attempt "
                 "(null: none yet, or not over SMTP)",
             },
         },
     },
-    "RecipientTls": {
-        "type": "object",
-        "required": ["policy", "result", "verified"],
-        "properties": {
-            "at": {"type": "string", "description": "UTC, ISO 8601"},
-            "event": {"type": "string", "description": "delivered, deferred, bounced or expired"},
-            "mx": {**_NULLABLE_STR, "description": "the last host tried"},
-            "policy": {
-                **_NULLABLE_STR,
-                "description": "dane, mta-sts, mta-sts-testing, verify, fingerprint, "
-                "encrypt, opportunistic or none",
-            },
-            "result": {**_NULLABLE_STR, "description": "e.g. verified, dane-ee, plaintext"},
-            "verified": {"type": "boolean", "description": "the server proved its identity"},
-            "version": {**_NULLABLE_STR, "description": "e.g. TLSv1.3; null without TLS"},
-            "cipher": _NULLABLE_STR,
-        },
-    },
-    "TlsDomain": {
-        "type": "object",
-        "required": ["domain", "sessions", "successful", "failed", "results", "mta_sts"],
-        "properties": {
-            "domain": {"type": "string", "description": "the policy domain (recipient domain)"},
-            "sessions": {"type": "integer", "description": "outbound sessions counted"},
-            "successful": {"type": "integer"},
-            "failed": {"type": "integer"},
-            "policy_types": {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": "RFC 8460 policy types seen: tlsa, sts, no-policy-found",
-            },
-            "results": {
-                "type": "object",
-                "additionalProperties": {"type": "integer"},
-                "description": "sessions by RFC 8460 result type (success, "
-                "validation-failure, sts-policy-fetch-error, ...)",
-            },
-            "failures": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "result": {"type": "string"},
-                        "mx_host": {"type": "string"},
-                        "receiving_ip": {"type": "string"},
-                        "reason": {"type": "string"},
-                        "count": {"type": "integer"},
-                    },
-                },
-            },
-            "mta_sts": {
-                "description": "the cached MTA-STS policy (null: none cached)",
-                "anyOf": [
-                    {"type": "null"},
-                    {
-                        "type": "object",
-                        "properties": {
-                            "mode": {"type": "string"},
-                            "mx": {"type": "array", "items": {"type": "string"}},
-                            "max_age": {"type": "integer"},
-                            "policy_id": {"type": "string"},
-                            "fetched_at": {"type": "string"},
-                            "expires_at": {"type": "string"},
-                            "checked_at": _NULLABLE_STR,
-                            "fresh": {"type": "boolean"},
-                            "last_error": _NULLABLE_STR,
-                        },
-                    },
-                ],
-            },
-        },
-    },
-    "TlsOverview": {
-        "type": "object",
-        "required": ["counting", "days", "domains"],
-        "properties": {
-            "counting": {
-                "type": "boolean",
-                "description": "sessions are counted ([tls_reports] enabled = true)",
-            },
-            "days": {"type": "array", "items": {"type": "string"}, "description": "UTC days"},
-            "domains": {"type": "array", "items": _ref("TlsDomain")},
-        },
-    },
+    **TLS_SCHEMAS,  # openapi_tls.py
     "Message": {
         "type": "object",
         "required": ["queue_id", "sender", "size", "received_at", "state", "recipients"],
@@ -167,16 +80,16 @@ _SCHEMAS: dict[str, Any] = {
             "client": {"type": "string"},
             "source": {"type": "string"},
             "state": {"type": "string", "enum": _STATES},
-            "recipients": {"type": "array", "items": _ref("Recipient")},
+            "recipients": {"type": "array", "items": ref("Recipient")},
         },
     },
     "MessageDetail": {
         "allOf": [
-            _ref("Message"),
+            ref("Message"),
             {
                 "type": "object",
                 "properties": {
-                    "subject": _NULLABLE_STR,
+                    "subject": NULLABLE_STR,
                     "mail_params": {"type": "object"},
                     "headers": {
                         "type": "array",
@@ -199,7 +112,7 @@ _SCHEMAS: dict[str, Any] = {
             "total": {"type": "integer"},
             "offset": {"type": "integer"},
             "limit": {"type": "integer"},
-            "messages": {"type": "array", "items": _ref("Message")},
+            "messages": {"type": "array", "items": ref("Message")},
         },
     },
     "Event": {
@@ -236,7 +149,7 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["queue_id", "steps"],
         "properties": {
             "queue_id": {"type": "string"},
-            "steps": {"type": "array", "items": _ref("Step")},
+            "steps": {"type": "array", "items": ref("Step")},
         },
     },
     "Sessions": {
@@ -255,7 +168,7 @@ _SCHEMAS: dict[str, Any] = {
                         "rejected": {"type": "boolean"},
                         "outcome": {"type": "string"},
                         "queue_ids": {"type": "array", "items": {"type": "string"}},
-                        "steps": {"type": "array", "items": _ref("Step")},
+                        "steps": {"type": "array", "items": ref("Step")},
                     },
                 },
             }
@@ -267,7 +180,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "queue_id": {"type": "string"},
             "in_queue": {"type": "boolean"},
-            "events": {"type": "array", "items": _ref("Event")},
+            "events": {"type": "array", "items": ref("Event")},
         },
     },
     "Summary": {
@@ -278,7 +191,7 @@ _SCHEMAS: dict[str, Any] = {
             "queued_recipients": {"type": "integer"},
             "by_state": {"type": "object", "additionalProperties": {"type": "integer"}},
             "oldest_age_seconds": {"type": ["number", "null"]},
-            "oldest_queue_id": _NULLABLE_STR,
+            "oldest_queue_id": NULLABLE_STR,
             "age_buckets_minutes": {"type": "array", "items": {"type": "integer"}},
             "by_domain": {
                 "type": "array",
@@ -351,7 +264,7 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["applied"],
         "properties": {
             "applied": {"type": "boolean"},
-            "error": _NULLABLE_STR,
+            "error": NULLABLE_STR,
             "restart_needed": {"type": "array", "items": {"type": "string"}},
         },
     },
@@ -424,15 +337,15 @@ def spec() -> dict[str, Any]:
             },
             "/api/status": _get(
                 "Server status: listeners, connections, version, uptime",
-                _json(_ref("Status"), "Status"),
+                _json(ref("Status"), "Status"),
             ),
             "/api/queue/summary": _get(
                 "Queue shape: counts by state, by destination domain and age (qshape)",
-                _json(_ref("Summary"), "Summary"),
+                _json(ref("Summary"), "Summary"),
             ),
             "/api/queue/messages": _get(
                 "Queued messages, filtered and paged (arrival order)",
-                _json(_ref("Page"), "One page of messages"),
+                _json(ref("Page"), "One page of messages"),
                 params=[
                     _query(
                         "state", {"type": "string", "enum": _STATES}, "a recipient in this state"
@@ -466,13 +379,13 @@ def spec() -> dict[str, Any]:
             ),
             "/api/queue/messages/{queue_id}": _get(
                 "One message: envelope, recipients, headers",
-                _json(_ref("MessageDetail"), "The message"),
+                _json(ref("MessageDetail"), "The message"),
                 params=[_QUEUE_ID],
                 extra=not_found,
             ),
             "/api/queue/messages/{queue_id}/events": _get(
                 "The message's history: received, each attempt with the remote reply, actions",
-                _json(_ref("Events"), "History, oldest first"),
+                _json(ref("Events"), "History, oldest first"),
                 params=[
                     _QUEUE_ID,
                     _query(
@@ -485,13 +398,13 @@ def spec() -> dict[str, Any]:
             ),
             "/api/queue/messages/{queue_id}/explain": _get(
                 "Every check's decision on the message and its SMTP session (postillon explain)",
-                _json(_ref("Explain"), "The decisions, in order"),
+                _json(ref("Explain"), "The decisions, in order"),
                 params=[_QUEUE_ID],
                 extra=not_found,
             ),
             "/api/sessions": _get(
                 "Recent SMTP sessions with their decisions, by client and time (newest first)",
-                _json(_ref("Sessions"), "Sessions"),
+                _json(ref("Sessions"), "Sessions"),
                 params=[
                     _query(
                         "client",
@@ -530,30 +443,30 @@ def spec() -> dict[str, Any]:
                         },
                     ],
                     "responses": {
-                        "200": _json(_ref("ActionResult"), "Done"),
+                        "200": _json(ref("ActionResult"), "Done"),
                         "400": _ERROR,
                         "401": _UNAUTHORIZED,
                         "404": _ERROR,
-                        "409": _json(_ref("Error"), "Nothing to do (e.g. retry of a held message)"),
+                        "409": _json(ref("Error"), "Nothing to do (e.g. retry of a held message)"),
                     },
                 }
             },
             "/api/queue/flush": {
                 "post": {
                     "summary": "Make every deferred recipient due now",
-                    "responses": {"200": _json(_ref("ActionResult"), "Done"), "401": _UNAUTHORIZED},
+                    "responses": {"200": _json(ref("ActionResult"), "Done"), "401": _UNAUTHORIZED},
                 }
             },
             "/api/queue/suspensions": {
                 **_get(
                     "Destinations whose deliveries are suspended (docs/shaping.md)",
-                    _json({"type": "array", "items": _ref("Suspension")}, "Running suspensions"),
+                    _json({"type": "array", "items": ref("Suspension")}, "Running suspensions"),
                 ),
                 "post": {
                     "summary": "Suspend a destination: JSON body destination, seconds "
                     "(default 3600), reason",
                     "responses": {
-                        "200": _json(_ref("Suspension"), "Suspended"),
+                        "200": _json(ref("Suspension"), "Suspended"),
                         "400": _ERROR,
                         "401": _UNAUTHORIZED,
                     },
@@ -571,7 +484,7 @@ def spec() -> dict[str, Any]:
                         }
                     ],
                     "responses": {
-                        "200": _json(_ref("ActionResult"), "Resumed"),
+                        "200": _json(ref("ActionResult"), "Resumed"),
                         "400": _ERROR,
                         "404": _ERROR,
                         "401": _UNAUTHORIZED,
@@ -580,7 +493,7 @@ def spec() -> dict[str, Any]:
             },
             "/api/activity": _get(
                 "Messages received, delivered, deferred, bounced per time bucket (dashboard chart)",
-                _json(_ref("Activity"), "Counts per bucket"),
+                _json(ref("Activity"), "Counts per bucket"),
                 params=[
                     _query(
                         "hours",
@@ -597,7 +510,7 @@ def spec() -> dict[str, Any]:
             "/api/tls": _get(
                 "Outbound TLS per destination domain: sessions by result over the last days "
                 "(the TLS report counters) and the cached MTA-STS policy",
-                _json(_ref("TlsOverview"), "Busiest domain first"),
+                _json(ref("TlsOverview"), "Busiest domain first"),
                 params=[_DAYS],
             ),
             "/api/tls/{domain}": _get(
@@ -605,7 +518,7 @@ def spec() -> dict[str, Any]:
                 _json(
                     {
                         "allOf": [
-                            _ref("TlsDomain"),
+                            ref("TlsDomain"),
                             {
                                 "type": "object",
                                 "properties": {
@@ -633,9 +546,9 @@ def spec() -> dict[str, Any]:
                     "summary": "Re-read the configuration, certificates, aliases and accounts "
                     "(as SIGHUP); an invalid new configuration is refused and the old one kept",
                     "responses": {
-                        "200": _json(_ref("ReloadResult"), "Applied"),
+                        "200": _json(ref("ReloadResult"), "Applied"),
                         "401": _UNAUTHORIZED,
-                        "409": _json(_ref("ReloadResult"), "Refused; the old configuration stays"),
+                        "409": _json(ref("ReloadResult"), "Refused; the old configuration stays"),
                     },
                 }
             },

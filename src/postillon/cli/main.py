@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         config_file = find_config(args.config)
         config = _load(config_file)
         if args.command == "serve":
-            from postillon.app import run
+            from postillon.serve import run
 
             run(config, config_file)
             return 0

@@ -11,10 +11,9 @@ nothing else: any node can deliver any message. The schema is created and change
 by ``postillon db migrate`` (``postgres_schema.py``); a store refuses to open a
 database that is not exactly at the schema version it knows.
 
-**Three files.** ``postgres_connection.py`` holds the pool and its health
-(``available``); ``postgres_writer.py`` the group-commit writers (one transaction per
-batch of concurrent callers, in two lanes so a ``250`` never waits behind the runner's
-bookkeeping); this file the queries. ``postgres_schema.py`` has the migrations.
+**Files.** ``postgres_connection.py``: the pool and its health; ``postgres_writer.py``:
+the group-commit writers (two lanes, so a ``250`` never waits behind the runner's
+bookkeeping); ``postgres_schema.py``: the migrations; this file: the queries.
 
 **Durability of bookkeeping.** A batch that commits a message or runs an operator
 command (hold, release, delete, flush, bounce) waits for its WAL flush: it says ``SET
@@ -25,12 +24,10 @@ off``: it returns without waiting for the flush, which the next message commit (
 WAL writer, within ``wal_writer_delay``) does anyway. If the database server crashes in
 between, the last few outcomes or claims are lost, so a delivery is repeated (a
 duplicate, SMTP's at-least-once) but never lost; this halves the fsyncs per relayed
-message. Fencing does not depend on it: tokens are checked inside the database either
-way.
+message. Fencing does not depend on it: tokens are checked inside the database.
 
-**Large bodies stream.** A message over 1 MiB does not join a batch: it
-is written in its own transaction, chunk by chunk, read from the spool file in a thread,
-so neither its size nor its upload time holds up the small messages' group commit.
+**Large bodies stream.** A message over 1 MiB is written in its own transaction, chunk
+by chunk, so it never holds up the small messages' group commit.
 
 **Work sharing.** ``claim_due`` selects expired leases first, then due records in
 ``next_try`` order, with ``FOR UPDATE SKIP LOCKED``: nodes claiming at the same moment
@@ -132,15 +129,14 @@ class PostgresStore:
         )
         self._writer = BatchWriter(self._db, writers)
         self._closed = False
-        # store.py step 7; statistics, so no durable wait (see tls_reports.py)
-        self.tls_reports = PostgresTlsReports(self._read, lambda fn: self._write(fn, durable=False))
-        self.acme = acme_state.PostgresAcmeState(self._read, self._write)  # store.py step 8
-        self.traces = PostgresTraces(self._read, lambda fn: self._write(fn, durable=False))
-        self.policy_state = policy_state.PostgresPolicyState(  # step 10, as step 7
-            self._read, lambda fn: self._write(fn, durable=False)
-        )
-        # store.py step 11: suspensions and rate buckets (shaping_state.py), shared by nodes
-        self.shaping = PostgresShapingState(self._read, lambda fn: self._write(fn, durable=False))
+        # store.py steps 7-11. Statistics and policy state need no durable wait (a lost
+        # count is harmless); the ACME certificate does.
+        lazy = lambda fn: self._write(fn, durable=False)  # noqa: E731
+        self.tls_reports = PostgresTlsReports(self._read, lazy)
+        self.acme = acme_state.PostgresAcmeState(self._read, self._write)
+        self.traces = PostgresTraces(self._read, lazy)
+        self.policy_state = policy_state.PostgresPolicyState(self._read, lazy)
+        self.shaping = PostgresShapingState(self._read, lazy)
 
     @property
     def available(self) -> bool:
