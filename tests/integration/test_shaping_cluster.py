@@ -41,9 +41,13 @@ def test_two_nodes_share_one_message_rate(
     make_server: Callable[..., ServerProcess], sink: Callable[..., Any], postgres_dsn: str
 ) -> None:
     target = sink()
+    config = node_config(postgres_dsn, target.port)
+    # Two deliveries in flight per node: one node cannot claim the whole queue, so both
+    # deliver (else this would only show one node keeping the rate).
+    config["queue"]["concurrency"] = 2
     nodes = [
         make_server(
-            **node_config(postgres_dsn, target.port),
+            **config,
             shaping=[{"match": "*", "rate": f"{RATE_PER_MINUTE}/min"}],
             log={"format": "json", "file": "mail.log"},
         )
