@@ -41,7 +41,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
             loc = tuple(x for x in err["loc"] if not str(x).startswith("function-"))
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling; see README 'Configuration')"
+                msg = "unknown key (check the spelling; see docs/configuration.md)"
             lines.append(f"{source}: {_key_path(loc, data)}: {msg}")
         # A message may quote a URL with its password (or, for a URL that does
         # not parse, pieces of it): never print either.

@@ -138,7 +138,7 @@ class AliasesConfig(_Frozen):
 
 class QueueConfig(_Frozen):
     # "sqlite": the embedded queue in data_dir; "postgresql": one queue shared by
-    # several nodes, at ``dsn`` (README "Several nodes: the PostgreSQL queue").
+    # several nodes, at ``dsn`` (docs/cluster.md).
     store: Literal["sqlite", "postgresql"] = "sqlite"
     dsn: str | None = None  # postgresql://user:password@host:port/database
     first_retry: float = Field(300.0, gt=0)  # seconds before the first retry

@@ -49,7 +49,7 @@ only for a host the domain's policy lists (fetched over verified HTTPS, RFC 8461
 §4.1; an unlisted host is refused before connecting), so under either the MX
 name is authenticated even over unsigned DNS. Where a domain publishes neither,
 ``verify`` for the MX host name proves the server is that host, not that the
-MX record was genuine: the remaining gap, documented in the README (such mail
+MX record was genuine: the remaining gap, documented in docs/tls.md (such mail
 is still delivered, as the peers' REQUIRETLS tests expect).
 """
 

@@ -27,8 +27,8 @@ The modes, weakest first (Postfix's ``smtp_tls_security_level`` names):
                    unauthenticated (§2.2). ``tlsa is None``: not looked up yet (a
                    ``[[tls_policy]] policy = "dane"`` rule before :func:`decide`).
 
-Precedence (the one place it is written; README "Outbound TLS" repeats it)
----------------------------------------------------------------------------
+Precedence (the one place it is written; docs/tls.md repeats it)
+----------------------------------------------------------------
 For each host the transport tries, strongest claim first:
 
 1. A ``[[tls_policy]]`` rule for the destination with ``verify``,
