@@ -431,3 +431,53 @@ def test_nul_in_a_header_is_dropped() -> None:
     client = negotiated()
     client.header("X-A\0", " a\0b")
     assert client.data_to_send() == pkt(b"L", b"X-A\0ab\0")
+
+
+def _one_message(client: MilterClient, eom_answer: bytes) -> None:
+    client.mail("<a@b>")
+    client.data_to_send()
+    feed(client, pkt(b"c"))
+    client.end_of_message()
+    client.data_to_send()
+    feed(client, pkt(eom_answer))
+
+
+def test_quit_new_connection_only_after_an_end_of_message_answered_continue() -> None:
+    """libmilter takes SMFIC_QUIT_NC only in its end-of-message state; after an accept
+    (or reject, tempfail, discard) it silently ignores QUIT_NC and the next CONNECT."""
+    client = negotiated()
+    assert not client.can_quit_new_connection  # nothing happened yet
+    client.connect("host", "192.0.2.1", 25)
+    client.data_to_send()
+    feed(client, pkt(b"c"))
+    assert not client.can_quit_new_connection  # connect state: QUIT_NC would be ignored
+    _one_message(client, b"c")
+    assert client.can_quit_new_connection
+    client.quit_new_connection()
+    assert client.data_to_send() == pkt(b"K")
+    assert not client.closed and client.negotiated is not None
+    # The next session starts with CONNECT on the same negotiation, no OPTNEG.
+    assert client.connect("host2", "192.0.2.2", 25)
+    assert client.data_to_send() == pkt(
+        b"C", b"host2\x004" + struct.pack(">H", 25) + b"192.0.2.2\x00"
+    )
+    feed(client, pkt(b"c"))
+    _one_message(client, b"a")  # accepted: libmilter is back in its HELO state
+    assert not client.can_quit_new_connection
+    with pytest.raises(RuntimeError, match="only taken after an end of message"):
+        client.quit_new_connection()
+
+
+@pytest.mark.parametrize("after", ["mail", "abort", "version2"])
+def test_quit_new_connection_refused_once_anything_follows_the_message(after: str) -> None:
+    client = negotiated() if after != "version2" else MilterClient()
+    if after == "version2":
+        client.start()
+        client.data_to_send()
+        feed(client, optneg(version=2))
+    _one_message(client, b"c")
+    if after == "mail":
+        client.mail("<x@y>")  # a second transaction began
+    elif after == "abort":
+        client.abort()
+    assert not client.can_quit_new_connection

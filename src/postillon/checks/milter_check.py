@@ -35,6 +35,7 @@ from postillon.checks.decision import Decision, Phase
 from postillon.checks.header_edit import add_header, change_header, split_fields
 from postillon.checks.milter_driver import MilterConnection, MilterOutcome
 from postillon.checks.milter_macros import known_macros, mail_args, stage_macros
+from postillon.checks.milter_pool import MilterPool
 from postillon.checks.parts import PipelineParts
 from postillon.config.model import MilterConfig
 from postillon.core.reply import Reply
@@ -81,6 +82,8 @@ class MilterCheck(BaseCheck):
         self.milters = milters
         self.hostname = hostname
         self.message_size = message_size  # bounds a milter's replacement body (0: default)
+        # Idle connections kept between sessions, by milter name (milter_pool.py).
+        self.pools: dict[str, MilterPool] = {m.name: MilterPool() for m in milters}
 
     def _session(self, s: SessionContext) -> _Session:
         state = s.state.get(self.name)
@@ -93,12 +96,18 @@ class MilterCheck(BaseCheck):
         """Connect, negotiate and send SMFIC_CONNECT the first time a milter is needed."""
         if m.conn is not None:
             return MilterOutcome(failed=m.conn.failed)
-        m.conn = MilterConnection(
-            m.config.name, m.config.address, m.config.timeout, self.message_size
-        )
-        outcome = await m.conn.open()
-        if outcome.failed:
-            return outcome
+        pool = self.pools.get(m.config.name)
+        idle = pool.take() if pool is not None else None
+        if idle is not None:
+            m.conn = idle
+            idle.reuse()  # SMFIC_QUIT_NC goes out with the SMFIC_CONNECT below
+        else:
+            m.conn = MilterConnection(
+                m.config.name, m.config.address, m.config.timeout, self.message_size
+            )
+            outcome = await m.conn.open()
+            if outcome.failed:
+                return outcome
         c = s.client
         family = "unknown" if not c.ip else ("inet6" if ":" in c.ip else "inet")
         known = known_macros(s, self.hostname)
@@ -314,7 +323,7 @@ class MilterCheck(BaseCheck):
         if isinstance(state, _Session):
             for m in state.milters:
                 if m.conn is not None:
-                    await m.conn.close()
+                    await m.conn.release(self.pools.get(m.config.name))
 
 
 def build(kind: ListenerKind, parts: PipelineParts) -> MilterCheck | None:

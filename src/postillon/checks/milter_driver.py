@@ -7,6 +7,11 @@ the answer with a timeout that ``SMFIR_PROGRESS`` restarts. It never raises for 
 milter's sake: a milter that is down, stalls, closes mid-dialogue or sends garbage
 makes the step return ``MilterOutcome(failed=...)`` and marks the connection dead;
 the check (``milter_check.py``) then applies the milter's ``default_action``.
+A connection that ends its session cleanly can serve the next one (``milter_pool.py``,
+SMFIC_QUIT_NC); a reused connection that fails before its first answer in the new
+session (closed by the milter while idle, reset, garbage, silence) is replaced by a
+fresh one and the session's steps so far are sent again, so reuse never costs a
+message its verdict.
 All waiting is on the event loop (asyncio streams, ``asyncio.timeout``): a slow
 milter delays only its own session.
 """
@@ -20,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
+from postillon.checks.milter_pool import MilterPool
 from postillon.config.model import parse_milter_address
 from postillon.protocol.milter import MilterClient, body_chunks
 from postillon.protocol.milter_wire import (
@@ -50,6 +56,12 @@ UNANSWERED_BUFFER = 65536
 # A replacement body larger than this is garbage, not a filter's work (the default
 # is [limits] message_size's default; the check passes the configured one).
 DEFAULT_MAX_REPLACEMENT = 52_428_800
+# A reused connection keeps the session's steps until its first answer, to send them
+# again on a fresh connection if it turns out dead; past this many octets (a large
+# body the milter answers nothing to) it stops keeping them and a failure is final.
+REPLAY_LIMIT = 4 * 1024 * 1024
+
+Sender = Callable[[MilterClient], bool]
 
 
 @dataclass(slots=True)
@@ -86,6 +98,11 @@ class MilterConnection:
         self.failed = ""  # why the connection is dead, "" while it works
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self.reused = False  # taken from the pool for this session
+        # The steps sent on a reused connection that has not answered yet (None when
+        # the connection is fresh or has proven itself).
+        self._replay: list[Sender] | None = None
+        self._replay_octets = 0
 
     @property
     def negotiated(self) -> Negotiated | None:
@@ -112,18 +129,94 @@ class MilterConnection:
             return self._fail("no negotiation answer")
         return outcome
 
-    async def step(
-        self, send: Callable[[MilterClient], bool], *, flush: bool = False
-    ) -> MilterOutcome:
+    async def step(self, send: Sender, *, flush: bool = False) -> MilterOutcome:
         """Run one protocol step (``send`` queues it and says whether a reply is due).
         A step without a reply may wait in the buffer, unless ``flush``."""
         if self.failed:
             return MilterOutcome(failed=self.failed)
+        before = self.client.pending_output
         try:
             expect = send(self.client)
         except (RuntimeError, ValueError) as exc:
             return self._fail(f"cannot send: {exc}")
-        return await self._exchange(expect_reply=expect, flush=flush)
+        if self._replay is not None:
+            self._replay.append(send)
+            self._replay_octets += max(0, self.client.pending_output - before)
+            if self._replay_octets > REPLAY_LIMIT:
+                self._replay = None
+        outcome = await self._exchange(expect_reply=expect, flush=flush)
+        if self._replay is not None:
+            if outcome.failed:
+                return await self._retry_fresh(flush)
+            if outcome.verdict is not None:
+                self._replay = None  # the reused connection answered: it works
+        return outcome
+
+    # -- reuse across SMTP sessions (milter_pool.py) -------------------------------
+    @property
+    def can_be_reused(self) -> bool:
+        return self.is_open and self._replay is None and self.client.can_quit_new_connection
+
+    def still_open_while_idle(self) -> bool:
+        """False when the milter closed (or reset) the connection while it idled."""
+        return (
+            self.is_open
+            and self._reader is not None
+            and not self._reader.at_eof()
+            and self._writer is not None
+            and not self._writer.is_closing()
+        )
+
+    def reuse(self) -> None:
+        """Start a new SMTP session on this idle connection: SMFIC_QUIT_NC is queued
+        and goes out with the session's SMFIC_CONNECT."""
+        self.client.quit_new_connection()
+        self.reused = True
+        self._replay = []
+        self._replay_octets = 0
+
+    def close_idle(self) -> None:
+        """Close an idle connection (SMFIC_QUIT, no waiting): it expired or is dead."""
+        writer = self._writer
+        if writer is None:
+            return
+        if not self.failed and self.client.can_quit_new_connection:
+            with contextlib.suppress(RuntimeError, OSError):
+                self.client.quit()
+                writer.write(self.client.data_to_send())
+        self._writer = None
+        self._reader = None
+        writer.close()
+
+    async def release(self, pool: MilterPool | None) -> None:
+        """The SMTP session is over: keep the connection in ``pool`` when it qualifies
+        (``MilterClient.can_quit_new_connection``), close it (SMFIC_QUIT) otherwise."""
+        if pool is not None and pool.put(self):
+            return
+        await self.close()
+
+    async def _retry_fresh(self, flush: bool) -> MilterOutcome:
+        """The reused connection failed before it answered anything in this session:
+        open a fresh one and send the session's steps again."""
+        sends = self._replay or []
+        log.info(
+            "milter %s: reused connection failed (%s), opening a new one", self.name, self.failed
+        )
+        self._replay = None
+        self.reused = False
+        self.failed = ""
+        self.client = MilterClient(
+            actions=self.client.offered_actions, protocol=self.client.offered_protocol
+        )
+        outcome = await self.open()
+        if outcome.failed:
+            return outcome
+        for index, send in enumerate(sends):
+            last = index == len(sends) - 1
+            outcome = await self.step(send, flush=flush and last)
+            if outcome.kind != "continue" and not last:
+                return outcome
+        return outcome
 
     async def message(
         self,
@@ -211,7 +304,8 @@ class MilterConnection:
 
     def _fail(self, why: str) -> MilterOutcome:
         self.failed = why
-        log.warning("milter %s: %s", self.name, why)
+        if self._replay is None:  # a reused connection is retried first (step)
+            log.warning("milter %s: %s", self.name, why)
         self._drop()
         return MilterOutcome(failed=why)
 
@@ -256,4 +350,4 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-__all__ = ["MilterConnection", "MilterOutcome", "Stage"]
+__all__ = ["MilterConnection", "MilterOutcome", "Sender", "Stage"]

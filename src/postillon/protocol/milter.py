@@ -55,6 +55,7 @@ from postillon.protocol.milter_wire import (
     SMFIC_MAIL,
     SMFIC_OPTNEG,
     SMFIC_QUIT,
+    SMFIC_QUIT_NC,
     SMFIC_RCPT,
     SMFIC_UNKNOWN,
     SMFIR_ACCEPT,
@@ -186,6 +187,9 @@ class MilterClient:
         # The command whose answer is still due (b"O" while negotiating).
         self._pending: bytes | None = None
         self._started = False
+        # True while the last thing on the wire is an end of message the milter
+        # answered "continue": the one point where libmilter takes SMFIC_QUIT_NC.
+        self._ended_with_continue = False
 
     # --- I/O seams --------------------------------------------------------------
 
@@ -300,7 +304,9 @@ class MilterClient:
             return Progress()
         if command in _SIMPLE_VERDICTS:
             self._pending = None
-            return Verdict(_SIMPLE_VERDICTS[command])
+            kind = _SIMPLE_VERDICTS[command]
+            self._ended_with_continue = pending == SMFIC_BODYEOB and kind == "continue"
+            return Verdict(kind)
         if command == SMFIR_REPLYCODE:
             (text,) = split_nul(data, 1, "reply code")
             self._pending = None
@@ -372,6 +378,7 @@ class MilterClient:
             raise RuntimeError("negotiate first (start, then read the answer)")
         if self._pending is not None:
             raise RuntimeError(f"a reply to {self._pending!r} is still due")
+        self._ended_with_continue = False
         # Plain ints: IntFlag's & builds a flag object each time (a hot path).
         protocol = int(self.negotiated.protocol)
         if protocol & _SKIP_BITS.get(command, 0):
@@ -471,6 +478,33 @@ class MilterClient:
     def quit(self) -> None:
         self._send(SMFIC_QUIT)
         self.closed = True
+
+    @property
+    def can_quit_new_connection(self) -> bool:
+        """Whether SMFIC_QUIT_NC may be sent now, so the connection serves a new SMTP
+        session. libmilter (engine.c, ``next_states``) takes QUIT_NC only in its
+        "end of message" and "unknown" states, and an end of message answered
+        accept/reject/tempfail/discard puts it back to "HELO", where QUIT_NC and the
+        following SMFIC_CONNECT are *silently ignored* (the MTA would wait for a reply
+        that never comes). So: protocol version 6, nothing in flight, and the last
+        command an end of message answered "continue"."""
+        return (
+            not self.closed
+            and self.negotiated is not None
+            and self.negotiated.version >= 6
+            and self._pending is None
+            and not self._out
+            and self._ended_with_continue
+        )
+
+    def quit_new_connection(self) -> None:
+        """Queue SMFIC_QUIT_NC: the SMTP session is over, a new one follows on this
+        connection with SMFIC_CONNECT (libmilter keeps the negotiated options; it
+        does not expect a new SMFIC_OPTNEG)."""
+        if not self.can_quit_new_connection:
+            raise RuntimeError("SMFIC_QUIT_NC is only taken after an end of message")
+        self._out += packet(SMFIC_QUIT_NC)
+        self._ended_with_continue = False
 
 
 def _stage(
