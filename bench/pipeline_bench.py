@@ -151,9 +151,10 @@ route = "discard"
 
 
 class Milter:
-    def __init__(self, out: Path, replies: bool) -> None:
+    def __init__(self, out: Path, replies: bool, eom: str = "accept") -> None:
         self.port = free_port()
         args = [sys.executable, str(REPO / "tests/support/accept_milter.py"), str(self.port)]
+        args += ["--eom", eom]
         if not replies:
             args.append("--no-reply")
         self.proc = subprocess.Popen(
@@ -238,6 +239,7 @@ def run_pipeline(
     with_profile: bool,
     milter_replies: bool = False,
     checks: tuple[str, ...] = CHECKS,
+    milter_eom: str = "accept",
 ) -> float:
     if not os.access(SMTP_SOURCE, os.X_OK):
         raise SystemExit(f"{SMTP_SOURCE} missing: run `make system-deps` (Debian package postfix)")
@@ -256,7 +258,7 @@ def run_pipeline(
     rows: dict[str, list[tuple[float, float, float]]] = {"plain": [], "pipeline": []}
     milter_ms: list[float] = []
     with DnsServer({DNSBL_ZONE: dnsbl_zone()}, negative_ttl=NEGATIVE_TTL) as dns:
-        milter = Milter(out, milter_replies)
+        milter = Milter(out, milter_replies, milter_eom)
         servers: list[Server] = []
         try:
             for name, on in (("plain", ()), ("pipeline", checks)):
@@ -321,6 +323,7 @@ def run_pipeline(
 
     ratio = med("pipeline", 0) / med("plain", 0)
     milter_kind = "answers every step" if milter_replies else "SMFIP_NR_* (rspamd-like)"
+    milter_kind += f", end of message answered {milter_eom}"
     lines = [
         f"# Port-25 pipeline bench ({stamp})",
         "",
@@ -381,12 +384,29 @@ def main() -> None:
         action="store_true",
         help="the milter answers every step instead of end of message only",
     )
+    ap.add_argument(
+        "--milter-eom",
+        choices=("accept", "continue"),
+        default="accept",
+        help="the milter's answer to end of message: accept (SMFIR_ACCEPT, as rspamd) or "
+        "continue (SMFIR_CONTINUE, as many libmilter filters; lets postillon reuse the "
+        "milter connection for the next session with SMFIC_QUIT_NC)",
+    )
     a = ap.parse_args()
     checks = tuple(c.strip() for c in a.checks.split(",") if c.strip())
     if not checks or set(checks) - set(CHECKS):
         ap.error(f"--checks: a comma-separated list of {', '.join(CHECKS)}")
     run_pipeline(
-        a.reps, a.n, a.conc, a.size, a.results_dir, a.keep, a.profile, a.milter_replies, checks
+        a.reps,
+        a.n,
+        a.conc,
+        a.size,
+        a.results_dir,
+        a.keep,
+        a.profile,
+        a.milter_replies,
+        checks,
+        a.milter_eom,
     )
 
 

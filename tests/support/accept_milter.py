@@ -16,7 +16,12 @@ NR_ALL = 0x1000 | 0x2000 | 0x4000 | 0x8000 | 0x10000 | 0x20000 | 0x40000 | 0x800
 ANSWERED = set(b"CHMRTLNBU")
 
 
-async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, no_reply: bool) -> None:
+async def serve(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    no_reply: bool,
+    eom: bytes = b"a",
+) -> None:
     try:
         while True:
             (length,) = struct.unpack(">I", await reader.readexactly(4))
@@ -26,7 +31,7 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, no_r
                 protocol = NR_ALL if no_reply else 0
                 writer.write(struct.pack(">IcIII", 13, b"O", 6, 0, protocol))
             elif command == b"E":
-                writer.write(struct.pack(">Ic", 1, b"a"))
+                writer.write(struct.pack(">Ic", 1, eom))
             elif command == b"Q":
                 break
             elif command[0] in ANSWERED and not no_reply:
@@ -42,9 +47,15 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("port", type=int)
     parser.add_argument("--no-reply", action="store_true")
+    # "continue" answers end of message SMFIR_CONTINUE (a libmilter filter whose eom
+    # callback returns SMFIS_CONTINUE): the MTA may then reuse the connection with
+    # SMFIC_QUIT_NC (SMFIC_QUIT_NC is ignored here; the next SMFIC_CONNECT just follows).
+    parser.add_argument("--eom", choices=("accept", "continue"), default="accept")
     args = parser.parse_args()
     server = await asyncio.start_server(
-        lambda r, w: serve(r, w, args.no_reply), "127.0.0.1", args.port
+        lambda r, w: serve(r, w, args.no_reply, b"a" if args.eom == "accept" else b"c"),
+        "127.0.0.1",
+        args.port,
     )
     print(f"accept milter on 127.0.0.1:{args.port}", flush=True)
     async with server:

@@ -322,8 +322,13 @@ class MilterCheck(BaseCheck):
         state = s.state.pop(self.name, None)
         if isinstance(state, _Session):
             for m in state.milters:
-                if m.conn is not None:
-                    await m.conn.release(self.pools.get(m.config.name))
+                if m.conn is None:
+                    continue
+                # Kept for the next session when it qualifies (milter_pool.py),
+                # closed with SMFIC_QUIT otherwise.
+                pool = self.pools.get(m.config.name)
+                if pool is None or not pool.put(m.conn):
+                    await m.conn.close()
 
 
 def build(kind: ListenerKind, parts: PipelineParts) -> MilterCheck | None:

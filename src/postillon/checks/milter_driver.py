@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
-from postillon.checks.milter_pool import MilterPool
 from postillon.config.model import parse_milter_address
 from postillon.protocol.milter import MilterClient, body_chunks
 from postillon.protocol.milter_wire import (
@@ -187,13 +186,6 @@ class MilterConnection:
         self._writer = None
         self._reader = None
         writer.close()
-
-    async def release(self, pool: MilterPool | None) -> None:
-        """The SMTP session is over: keep the connection in ``pool`` when it qualifies
-        (``MilterClient.can_quit_new_connection``), close it (SMFIC_QUIT) otherwise."""
-        if pool is not None and pool.put(self):
-            return
-        await self.close()
 
     async def _retry_fresh(self, flush: bool) -> MilterOutcome:
         """The reused connection failed before it answered anything in this session:
