@@ -7,8 +7,10 @@ EICAR string is rejected). Each runs from a temp dir on loopback (tests/support/
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Iterator
+from typing import Any
 
 import dkim
 import pytest
@@ -16,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from postillon.checks.context import ClientFacts
+from postillon.checks.milter_check import MilterCheck
 from postillon.config.milter import MilterConfig
 from postillon.testing.dns_server import DnsServer
 from support.milter_pipeline import milter_pipeline, run_session
@@ -74,6 +77,39 @@ async def test_rspamd_passes_a_clean_message_with_its_headers(rspamd: Rspamd) ->
     assert b"\r\nX-Spam-Status: " in header
     assert b"X-Rspamd-Queue-Id: QRSPAMD1\r\n" in header  # the `i` macro reached it
     assert header.startswith(CLEAN.split(b"\r\n\r\n")[0])  # the client's fields untouched
+
+
+async def test_rspamd_over_one_reused_connection(
+    rspamd: Rspamd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rspamd answers a clean message SMFIR_ACCEPT and resets its session on
+    SMFIC_QUIT_NC in any state: with ``reuse_connections = "always"`` sessions share
+    one connection, and each still gets rspamd's own verdict and headers."""
+    opened: list[object] = []
+    real = asyncio.open_connection
+
+    async def counting(*args: Any, **kw: Any) -> Any:
+        opened.append(args)
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(asyncio, "open_connection", counting)
+    config = MilterConfig(
+        name="rspamd", address=rspamd.address, timeout=60, reuse_connections="always"
+    )
+    pipeline = milter_pipeline(config)
+    for n, raw in enumerate((CLEAN, GTUBE, CLEAN)):
+        run = await run_session(pipeline, raw, client=CLIENT, queue_id=f"QREUSE{n}")
+        assert run.message is not None, run.trace
+        if raw is GTUBE:
+            assert run.message.reply is not None
+            assert str(run.message.reply) == "554 5.7.1 Gtube pattern"
+        else:
+            assert run.refused == ""
+            assert f"X-Rspamd-Queue-Id: QREUSE{n}\r\n".encode() in run.message.header
+    assert len(opened) == 1
+    (check,) = pipeline.checks
+    assert isinstance(check, MilterCheck)
+    check.pools["rspamd"].close_all()
 
 
 # -- OpenDKIM ----------------------------------------------------------------------------

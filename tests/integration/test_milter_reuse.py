@@ -156,3 +156,47 @@ async def test_a_dropped_idle_connection_is_replaced_transparently(
         check_of(pipeline).pools["dropper"].close_all()
     assert len(connects) == 3
     assert messages == [1, 1, 1]  # each message reached the milter exactly once
+
+
+async def test_reuse_always_on_libmilter_costs_a_timeout_never_a_verdict(
+    reference: ReferenceMilter, connects: list[tuple[str, int]]
+) -> None:
+    """``reuse_connections = "always"`` against libmilter after an accept: libmilter
+    ignores QUIT_NC and the CONNECT (the reason "auto" does not do this); the reused
+    connection times out before its first answer, a fresh one is opened and the
+    session's steps are sent again, so the message still gets the milter's verdict."""
+    before = len(reference.records())
+    config = MilterConfig(
+        name="reference",
+        address=reference.address,
+        timeout=1,
+        reuse_connections="always",
+        default_action="reject",
+    )
+    pipeline = milter_pipeline(config)
+    for n in range(1, 3):
+        run = await run_session(pipeline, MESSAGE % b"accept", client=client(n))
+        assert run.refused == ""
+    records = reference.wait_records(before + 2)
+    assert [r["macros"]["connect"]["{client_addr}"] for r in records[-2:]] == [
+        "192.0.2.1",
+        "192.0.2.2",
+    ]
+    # The second session took the idle connection, which failed over to a fresh one.
+    assert check_of(pipeline).pools["reference"].reused == 1
+    assert len(connects) == 2
+    check_of(pipeline).pools["reference"].close_all()
+
+
+async def test_reuse_never_closes_every_connection(
+    reference: ReferenceMilter, connects: list[tuple[str, int]]
+) -> None:
+    config = MilterConfig(
+        name="reference", address=reference.address, timeout=5, reuse_connections="never"
+    )
+    pipeline = milter_pipeline(config)
+    for n in range(1, 3):
+        run = await run_session(pipeline, MESSAGE % b"none", client=client(n))
+        assert run.refused == ""
+    assert len(connects) == 2
+    assert check_of(pipeline).pools == {}

@@ -83,7 +83,9 @@ class MilterCheck(BaseCheck):
         self.hostname = hostname
         self.message_size = message_size  # bounds a milter's replacement body (0: default)
         # Idle connections kept between sessions, by milter name (milter_pool.py).
-        self.pools: dict[str, MilterPool] = {m.name: MilterPool() for m in milters}
+        self.pools: dict[str, MilterPool] = {
+            m.name: MilterPool() for m in milters if m.reuse_connections != "never"
+        }
 
     def _session(self, s: SessionContext) -> _Session:
         state = s.state.get(self.name)
@@ -103,7 +105,11 @@ class MilterCheck(BaseCheck):
             idle.reuse()  # SMFIC_QUIT_NC goes out with the SMFIC_CONNECT below
         else:
             m.conn = MilterConnection(
-                m.config.name, m.config.address, m.config.timeout, self.message_size
+                m.config.name,
+                m.config.address,
+                m.config.timeout,
+                self.message_size,
+                m.config.reuse_connections,
             )
             outcome = await m.conn.open()
             if outcome.failed:

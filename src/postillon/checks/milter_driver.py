@@ -88,6 +88,7 @@ class MilterConnection:
         address: str,
         timeout: float,
         max_replacement: int = DEFAULT_MAX_REPLACEMENT,
+        reuse_connections: str = "auto",
     ) -> None:
         self.name = name
         self.address = address
@@ -98,6 +99,7 @@ class MilterConnection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self.reused = False  # taken from the pool for this session
+        self.reuse_connections = reuse_connections  # [[milter]] reuse_connections
         # The steps sent on a reused connection that has not answered yet (None when
         # the connection is fresh or has proven itself).
         self._replay: list[Sender] | None = None
@@ -154,7 +156,16 @@ class MilterConnection:
     # -- reuse across SMTP sessions (milter_pool.py) -------------------------------
     @property
     def can_be_reused(self) -> bool:
-        return self.is_open and self._replay is None and self.client.can_quit_new_connection
+        return (
+            self.reuse_connections != "never"
+            and self.is_open
+            and self._replay is None
+            and self.client.may_quit_new_connection(any_state=self._any_state)
+        )
+
+    @property
+    def _any_state(self) -> bool:
+        return self.reuse_connections == "always"
 
     def still_open_while_idle(self) -> bool:
         """False when the milter closed (or reset) the connection while it idled."""
@@ -169,7 +180,7 @@ class MilterConnection:
     def reuse(self) -> None:
         """Start a new SMTP session on this idle connection: SMFIC_QUIT_NC is queued
         and goes out with the session's SMFIC_CONNECT."""
-        self.client.quit_new_connection()
+        self.client.quit_new_connection(any_state=self._any_state)
         self.reused = True
         self._replay = []
         self._replay_octets = 0
@@ -179,7 +190,8 @@ class MilterConnection:
         writer = self._writer
         if writer is None:
             return
-        if not self.failed and self.client.can_quit_new_connection:
+        # libmilter ends the connection at SMFIC_QUIT in any state.
+        if not self.failed and not self.client.closed and not self.client.awaiting_reply:
             with contextlib.suppress(RuntimeError, OSError):
                 self.client.quit()
                 writer.write(self.client.data_to_send())

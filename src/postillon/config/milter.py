@@ -59,6 +59,13 @@ class MilterConfig(BaseModel):
     # garbage: tempfail (451, the sender retries), accept (go on without it), or
     # reject (550). Postfix's milter_default_action is tempfail too.
     default_action: Literal["tempfail", "accept", "reject"] = "tempfail"
+    # Keep the connection for the next SMTP session (SMFIC_QUIT_NC, saving a TCP
+    # connection and the negotiation per session). "auto": only where libmilter takes
+    # QUIT_NC (after an end of message it answered "continue"; after accept/reject it
+    # would ignore QUIT_NC and the next CONNECT). "always": after any session that
+    # ended cleanly, for milters that reset on QUIT_NC in any state (rspamd does;
+    # a libmilter filter would then cost a timeout per reuse). "never": SMFIC_QUIT.
+    reuse_connections: Literal["auto", "always", "never"] = "auto"
 
     @field_validator("address")
     @classmethod

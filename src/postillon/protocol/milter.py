@@ -481,27 +481,31 @@ class MilterClient:
 
     @property
     def can_quit_new_connection(self) -> bool:
+        return self.may_quit_new_connection()
+
+    def may_quit_new_connection(self, *, any_state: bool = False) -> bool:
         """Whether SMFIC_QUIT_NC may be sent now, so the connection serves a new SMTP
         session. libmilter (engine.c, ``next_states``) takes QUIT_NC only in its
         "end of message" and "unknown" states, and an end of message answered
         accept/reject/tempfail/discard puts it back to "HELO", where QUIT_NC and the
         following SMFIC_CONNECT are *silently ignored* (the MTA would wait for a reply
         that never comes). So: protocol version 6, nothing in flight, and the last
-        command an end of message answered "continue"."""
+        command an end of message answered "continue". ``any_state`` drops that last
+        condition, for milters that take QUIT_NC anywhere (rspamd)."""
         return (
             not self.closed
             and self.negotiated is not None
             and self.negotiated.version >= 6
             and self._pending is None
             and not self._out
-            and self._ended_with_continue
+            and (self._ended_with_continue or any_state)
         )
 
-    def quit_new_connection(self) -> None:
+    def quit_new_connection(self, *, any_state: bool = False) -> None:
         """Queue SMFIC_QUIT_NC: the SMTP session is over, a new one follows on this
         connection with SMFIC_CONNECT (libmilter keeps the negotiated options; it
         does not expect a new SMFIC_OPTNEG)."""
-        if not self.can_quit_new_connection:
+        if not self.may_quit_new_connection(any_state=any_state):
             raise RuntimeError("SMFIC_QUIT_NC is only taken after an end of message")
         self._out += packet(SMFIC_QUIT_NC)
         self._ended_with_continue = False
