@@ -452,7 +452,7 @@ class App:
         reporter = reporter_from_config(config, counters, resolver, intake)
         self.dmarc_daily = DailyReports(
             clock, settings.hour, reporter.report_day, prune=counters.prune,
-            keep_days=settings.keep_days,
+            keep_days=settings.keep_days, name="DMARC reports",
         )  # fmt: skip
         self.dmarc_daily.start()
 

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import sys
 
 from postillon.build import dns_resolver, open_queue_store
+from postillon.cli.report_day import report_day
 from postillon.config.model import Config
 from postillon.core.clock import SystemClock
 from postillon.dmarcrpt.reporter import DomainOutcome, reporter_from_config
 from postillon.intake.intake import Intake
-from postillon.paths import queue_path
 from postillon.queue.postgres_schema import SchemaError
 from postillon.queue.store import StoreError
 from postillon.signing.signer import build_signer
@@ -57,18 +56,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    day = args.day
-    if day is None:
-        yesterday = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
-        day = yesterday.strftime("%Y-%m-%d")
-    try:
-        datetime.datetime.strptime(day, "%Y-%m-%d")
-    except ValueError:
-        print(f"postillon: --day {day!r}: expected YYYY-MM-DD", file=sys.stderr)
-        return 2
-    if config.queue.store == "sqlite" and not queue_path(config).exists():
-        print(f"postillon: no queue at {queue_path(config)}", file=sys.stderr)
-        return 1
+    day = report_day(args.day, config)
+    if isinstance(day, int):
+        return day
     if not config.dmarc_reports.enabled:
         print(
             "postillon: note: [dmarc_reports] enabled is false: no evaluations are being recorded",

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import sys
 
 from postillon.build import dns_resolver, open_queue_store, tls_reporter
 from postillon.cli import tls_renew
+from postillon.cli.report_day import report_day
 from postillon.config.model import Config
 from postillon.core.clock import SystemClock
 from postillon.intake.intake import Intake
-from postillon.paths import queue_path
 from postillon.queue.postgres_schema import SchemaError
 from postillon.queue.store import StoreError
 from postillon.signing.signer import build_signer
@@ -92,18 +91,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if not (args.send_now or args.dry_run):
         print("postillon: tls report: give --send-now, or --dry-run to look first", file=sys.stderr)
         return 2
-    day = args.day
-    if day is None:
-        yesterday = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
-        day = yesterday.strftime("%Y-%m-%d")
-    try:
-        datetime.datetime.strptime(day, "%Y-%m-%d")
-    except ValueError:
-        print(f"postillon: --day {day!r}: expected YYYY-MM-DD", file=sys.stderr)
-        return 2
-    if config.queue.store == "sqlite" and not queue_path(config).exists():
-        print(f"postillon: no queue at {queue_path(config)}", file=sys.stderr)
-        return 1
+    day = report_day(args.day, config)
+    if isinstance(day, int):
+        return day
     if not config.tls_reports.enabled:
         print(
             "postillon: note: [tls_reports] enabled is false: no sessions are being recorded",

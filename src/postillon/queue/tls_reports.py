@@ -30,6 +30,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from postillon.core.tlsrpt import TlsResultCount
+from postillon.queue.report_claims import (
+    postgres_claim,
+    postgres_prune,
+    sqlite_claim,
+    sqlite_prune,
+)
 
 __all__ = [
     "POSTGRES_TABLES",
@@ -177,21 +183,14 @@ class SqliteTlsReports:
 
     async def claim(self, day: str, domain: str, owner: str, now: float) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "INSERT INTO tls_report_claims (day, policy_domain, owner, claimed_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (day, domain.lower(), owner, now),
-            )
-            return cur.rowcount == 1
+            return sqlite_claim(conn, "tls_report_claims", day, domain, owner, now)
 
         claimed: bool = await self._write(op)
         return claimed
 
     async def prune(self, before_day: str) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            n = conn.execute("DELETE FROM tls_results WHERE day < ?", (before_day,)).rowcount
-            conn.execute("DELETE FROM tls_report_claims WHERE day < ?", (before_day,))
-            return int(n)
+            return sqlite_prune(conn, "tls_results", "tls_report_claims", before_day)
 
         pruned: int = await self._write(op)
         return pruned
@@ -241,24 +240,14 @@ class PostgresTlsReports:
 
     async def claim(self, day: str, domain: str, owner: str, now: float) -> bool:
         async def op(conn: Conn) -> bool:
-            won = await conn.fetchval(
-                "INSERT INTO tls_report_claims (day, policy_domain, owner, claimed_at)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING day",
-                day,
-                domain.lower(),
-                owner,
-                now,
-            )
-            return won is not None
+            return await postgres_claim(conn, "tls_report_claims", day, domain, owner, now)
 
         claimed: bool = await self._write(op)
         return claimed
 
     async def prune(self, before_day: str) -> int:
         async def op(conn: Conn) -> int:
-            status = await conn.execute("DELETE FROM tls_results WHERE day < $1", before_day)
-            await conn.execute("DELETE FROM tls_report_claims WHERE day < $1", before_day)
-            return int(status.rsplit(" ", 1)[-1])
+            return await postgres_prune(conn, "tls_results", "tls_report_claims", before_day)
 
         pruned: int = await self._write(op)
         return pruned

@@ -46,7 +46,9 @@ class DailyReports:
         prune: Callable[[str], Awaitable[object]] | None = None,
         keep_days: int = 7,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        name: str = "TLS reports",
     ) -> None:
+        self.name = name  # in the log lines of a failed run ("DMARC reports", ...)
         self._clock = clock
         self.hour = hour
         self._run = run
@@ -67,12 +69,12 @@ class DailyReports:
         try:
             await self._run(day)
         except Exception:  # one bad day must not stop the next ones
-            log.exception("TLS reports for %s failed", day)
+            log.exception("%s for %s failed", self.name, day)
         if self._prune is not None:
             try:
                 await self._prune(keep_from)
             except Exception:
-                log.exception("pruning TLS report counters before %s failed", keep_from)
+                log.exception("pruning %s counters before %s failed", self.name, keep_from)
 
     def start(self) -> None:
         if self._task is None:
