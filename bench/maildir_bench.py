@@ -99,6 +99,11 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--no-checks", action="store_true", help="skip the fsync count (strace)")
     ap.add_argument("--keep", action="store_true", help="leave postfix and postillon running")
+    ap.add_argument(
+        "--only-postillon",
+        action="store_true",
+        help="skip the Postfix runs (for A/B iterations on postillon alone; no ratio)",
+    )
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for delivery")
     ap.add_argument(
         "--bench-root",
@@ -127,6 +132,19 @@ def parse_args() -> argparse.Namespace:
     # what accept_bench.Bench reads and this bench does not offer
     a.relay, a.no_dkim, a.no_raw = False, True, True
     return a
+
+
+def process_cpu(pid: int | None) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process, all its threads."""
+    if pid is None:
+        return 0.0, 0.0
+    try:
+        s = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0, 0.0
+    f = s[s.rindex(")") + 2 :].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(f[11]) / tck, int(f[12]) / tck
 
 
 def count_files(directory: Path) -> int:
@@ -314,6 +332,7 @@ catch_all = "{MAILBOX}"        # smtp-source -N sends to <n>{MAILBOX}@bench.test
             target=lambda: result.append(h.run_load(mode, port, n, self.a.conc, self.a.size, tag))
         )
         cpu0, box0, main0 = tree_cpu(root), machine_cpu(), thread_cpu(loop_pid)
+        proc0 = process_cpu(loop_pid)
         lo0 = h.listen_overflows()
         t0 = time.monotonic()
         load.start()
@@ -329,6 +348,7 @@ catch_all = "{MAILBOX}"        # smtp-source -N sends to <n>{MAILBOX}@bench.test
             if now > deadline and t_acc is not None:
                 break
         cpu1, box1, main1 = tree_cpu(root), machine_cpu(), thread_cpu(loop_pid)
+        proc1 = process_cpu(loop_pid)
         lo1 = h.listen_overflows()
         sampler.stop()
         load.join()
@@ -355,6 +375,7 @@ catch_all = "{MAILBOX}"        # smtp-source -N sends to <n>{MAILBOX}@bench.test
         }
         if loop_pid:
             r["loop_ms_per_msg"] = round((sum(main1) - sum(main0)) * 1000 / n, 3)
+            r["sys_ms_per_msg"] = round((proc1[1] - proc0[1]) * 1000 / n, 3)
         with open(self.out / out, "a") as f:
             f.write(json.dumps(r) + "\n")
         if delivered != n or incomplete:
@@ -393,6 +414,8 @@ catch_all = "{MAILBOX}"        # smtp-source -N sends to <n>{MAILBOX}@bench.test
         say("== fsync-family syscalls per message (strace -f -c, 200 messages until in new/)")
         self.dur = []
         for name, port in (("postillon", self.a.port), ("postfix", self.a.postfix_port)):
+            if name == "postfix" and self.a.only_postillon:
+                continue
             r = self.durability(name, port)
             self.dur.append(r)
             say(f"   {name}: {r['sync_calls']} = {r['per_msg']} per message")
@@ -400,14 +423,19 @@ catch_all = "{MAILBOX}"        # smtp-source -N sends to <n>{MAILBOX}@bench.test
     def throughput(self) -> None:
         a = self.a
         targets = [("postfix", a.postfix_port), ("postillon", a.port)]
+        if a.only_postillon:
+            targets = targets[1:]
         say("== warm-up (not counted)")
         for name, port in targets:
             self.one(name, port, a.modes[0], 5 * a.conc, "warmup.jsonl")
-        say(f"== {a.reps} rounds x {len(a.modes)} modes x 2 targets, N={a.n} CONC={a.conc}")
+        say(
+            f"== {a.reps} rounds x {len(a.modes)} modes x {len(targets)} targets, "
+            f"N={a.n} CONC={a.conc}"
+        )
         for rep in range(a.reps):
             for mode in a.modes:
-                for i in range(2):
-                    name, port = targets[(i + rep) % 2]
+                for i in range(len(targets)):
+                    name, port = targets[(i + rep) % len(targets)]
                     r = self.one(name, port, mode, a.n, "runs.jsonl")
                     assert r is not None
                     r["rep"] = rep + 1
@@ -417,6 +445,11 @@ catch_all = "{MAILBOX}"        # smtp-source -N sends to <n>{MAILBOX}@bench.test
                         f"{r['e2e_mps'] or 0:6.0f} delivered msg/s, "
                         f"{r['cpu_ms_per_msg']:.2f} CPU ms/msg, "
                         f"PSS {(r['peak_pss_kb'] or 0) / 1024:.0f} MiB"
+                        + (
+                            f", loop {r['loop_ms_per_msg']:.2f}, sys {r['sys_ms_per_msg']:.2f}"
+                            if "loop_ms_per_msg" in r
+                            else ""
+                        )
                         + (f", {r['load_errors']} LOAD ERRORS" if r["load_errors"] else "")
                     )
 

@@ -57,7 +57,8 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from postillon.core.address import unquote_local_part
@@ -69,6 +70,7 @@ __all__ = [
     "MAILBOX_UNAVAILABLE",
     "MaildirDelivery",
     "MaildirPathError",
+    "Staged",
 ]
 
 DELIVERED = Reply.of(250, "2.0.0", "delivered to maildir")
@@ -85,6 +87,17 @@ _MAX_HEADER_LINE = 64 * 1024  # a longer unterminated header line ends the loop 
 _NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX)
 _UNSAFE_CHARS = frozenset('/\\@%!"')
 _FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """One message staged by :meth:`MaildirDelivery.stage`: its outcome, and, for a
+    message linked into ``new/``, that directory and the file, which count as
+    delivered only once :meth:`MaildirDelivery.commit` has fsync'd the directory."""
+
+    outcome: Outcome
+    new_dir: Path | None = None
+    final: Path | None = None
 
 
 class MaildirPathError(ValueError):
@@ -274,18 +287,35 @@ class MaildirDelivery:
         finds the file already there and reports success instead of delivering
         twice. Without it every call gets a fresh unique name.
         """
+        staged = self.stage(
+            address,
+            body,
+            return_path=return_path,
+            original_recipient=original_recipient,
+            delivery_key=delivery_key,
+        )
+        return self.commit([staged])[0]
+
+    def stage(
+        self,
+        address: str,
+        body: Iterable[bytes],
+        *,
+        return_path: str,
+        original_recipient: str | None = None,
+        delivery_key: str | None = None,
+    ) -> Staged:
+        """Steps 1-5 of :meth:`deliver` but the fsync of ``new/``: the message is
+        complete, fsync'd and linked, and counts as delivered only once
+        :meth:`commit` has made the link durable (several stagings share it)."""
         try:
             mailbox = self.mailbox_path(address)
         except MaildirPathError as exc:
-            return PermFail(MAILBOX_UNAVAILABLE, str(exc))
+            return Staged(PermFail(MAILBOX_UNAVAILABLE, str(exc)))
         tmp: Path | None = None
         fd = -1
         try:
             unique = f"{delivery_key}.{self._host}" if delivery_key else self._unique_name()
-            if delivery_key:
-                delivered = self._recover_stale(mailbox, unique)
-                if delivered is not None:
-                    return Delivered(DELIVERED, str(delivered))
             header = self._trace_header(address, return_path, original_recipient)
             scanner = _DeliveredToScanner(address)
             convert = _CrlfToLf()
@@ -305,7 +335,11 @@ class MaildirDelivery:
                 size += len(data)
                 if fd < 0 and (scanner.done or len(buffer) >= _BUFFER_LIMIT):
                     tmp = mailbox / "tmp" / unique
-                    fd = self._open_tmp(mailbox, tmp)
+                    opened = self._open_tmp(mailbox, tmp, idempotent=delivery_key is not None)
+                    if isinstance(opened, Path):  # a crashed attempt had delivered it
+                        tmp = None
+                        return Staged(Delivered(DELIVERED, str(opened)))
+                    fd = opened
                 if fd >= 0 and len(buffer) >= _WRITE_SIZE:
                     _write_all(fd, buffer)
                     buffer.clear()
@@ -318,31 +352,37 @@ class MaildirDelivery:
             size += len(data)
             if fd < 0:
                 tmp = mailbox / "tmp" / unique
-                fd = self._open_tmp(mailbox, tmp)
+                opened = self._open_tmp(mailbox, tmp, idempotent=delivery_key is not None)
+                if isinstance(opened, Path):
+                    tmp = None
+                    return Staged(Delivered(DELIVERED, str(opened)))
+                fd = opened
             _write_all(fd, buffer)
             os.fsync(fd)
             os.close(fd)
             fd = -1
             assert tmp is not None
+            new_dir = mailbox / "new"
             final = self._link_into_new(
-                tmp, mailbox / "new", f"{unique},S={size}", idempotent=delivery_key is not None
+                tmp, new_dir, f"{unique},S={size}", idempotent=delivery_key is not None
             )
             tmp = None
-            try:
-                _fsync_dir(mailbox / "new")
-            except OSError:
-                _unlink_quietly(final)
-                raise
-            return Delivered(DELIVERED, str(final))
+            return Staged(Delivered(DELIVERED, str(final)), new_dir, final)
         except _LoopFound:
-            return PermFail(
-                Reply.of(554, "5.4.6", f"mail forwarding loop for {_safe_header_value(address)}"),
-                f"the header already has Delivered-To: {address}",
+            return Staged(
+                PermFail(
+                    Reply.of(
+                        554, "5.4.6", f"mail forwarding loop for {_safe_header_value(address)}"
+                    ),
+                    f"the header already has Delivered-To: {address}",
+                )
             )
         except OSError as exc:
-            return TempFail(_reply_for(exc), f"{exc.filename or mailbox}: {exc.strerror or exc}")
+            return Staged(
+                TempFail(_reply_for(exc), f"{exc.filename or mailbox}: {exc.strerror or exc}")
+            )
         except Exception as exc:  # never raise across the transport boundary
-            return TempFail(LOCAL_ERROR, f"{mailbox}: {type(exc).__name__}: {exc}")
+            return Staged(TempFail(LOCAL_ERROR, f"{mailbox}: {type(exc).__name__}: {exc}"))
         finally:
             if fd >= 0:
                 try:
@@ -351,6 +391,33 @@ class MaildirDelivery:
                     pass
             if tmp is not None:
                 _unlink_quietly(tmp)
+
+    @staticmethod
+    def commit(staged: Sequence[Staged]) -> list[Outcome]:
+        """Make the links of ``staged`` durable: one fsync per distinct ``new/``, however
+        many messages were linked into it (group commit). Where that fsync fails, the
+        linked files are unlinked again and the outcome is temporary (a retry may
+        duplicate, never lose). One outcome per staging, in order."""
+        failed: dict[Path, OSError] = {}
+        for new_dir in dict.fromkeys(s.new_dir for s in staged if s.new_dir is not None):
+            try:
+                _fsync_dir(new_dir)
+            except OSError as exc:
+                failed[new_dir] = exc
+        outcomes: list[Outcome] = []
+        for s in staged:
+            error = failed.get(s.new_dir) if s.new_dir is not None else None
+            if error is None:
+                outcomes.append(s.outcome)
+                continue
+            if s.final is not None:
+                _unlink_quietly(s.final)
+            outcomes.append(
+                TempFail(
+                    _reply_for(error), f"{error.filename or s.new_dir}: {error.strerror or error}"
+                )
+            )
+        return outcomes
 
     # -- internals -------------------------------------------------------------------
 
@@ -376,14 +443,15 @@ class MaildirDelivery:
     def _recover_stale(self, mailbox: Path, unique: str) -> Path | None:
         """Clear what a crashed attempt left at ``tmp/<unique>`` (see the module note).
 
-        Returns the delivered file's path when that attempt had already linked it,
-        else None (nothing there, or a partial file that is now removed).
+        Called when creating ``tmp/<unique>`` met an existing file (no lstat on the
+        normal path). Returns the delivered file's path when that attempt had already
+        linked it, else None (a partial file, now removed: create it again).
         """
         tmp = mailbox / "tmp" / unique
         try:
             st = os.lstat(tmp)
         except FileNotFoundError:
-            return None  # the normal case: one lstat per delivery
+            return None
         if stat.S_ISDIR(st.st_mode):
             return None  # not something a crash of ours leaves; O_EXCL reports it
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
@@ -395,7 +463,10 @@ class MaildirDelivery:
         os.unlink(tmp)
         return None
 
-    def _open_tmp(self, mailbox: Path, tmp: Path) -> int:
+    def _open_tmp(self, mailbox: Path, tmp: Path, *, idempotent: bool) -> int | Path:
+        """``tmp/<unique>`` created exclusively (its fd), or, when ``idempotent`` and a
+        crashed attempt had already linked that file into the mailbox, the path it has
+        there (the delivery is done; ``_recover_stale`` made it durable)."""
         self._prepare(mailbox)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         try:
@@ -404,6 +475,13 @@ class MaildirDelivery:
             # The Maildir was removed behind our back: create it again, once.
             self._ready.discard(mailbox)
             self._prepare(mailbox)
+            return os.open(tmp, flags, _FILE_MODE)
+        except FileExistsError:
+            if not idempotent:
+                raise
+            delivered = self._recover_stale(mailbox, tmp.name)
+            if delivered is not None:
+                return delivered
             return os.open(tmp, flags, _FILE_MODE)
 
     def _prepare(self, mailbox: Path) -> None:

@@ -1,4 +1,11 @@
-"""The Maildir transport: the runner's adapter around ``MaildirDelivery``."""
+"""The Maildir transport: the runner's adapter around ``MaildirDelivery``.
+
+A message whose body is in memory (the recent-message cache, or a small one read from
+the store) is written by ``DeliveryBatcher``: its recipients are staged in a worker
+thread with the other deliveries waiting at that moment, and one fsync of each
+``new/`` covers them all (see ``batch.py``). A large body is spooled to a temporary
+file first and delivered on its own.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,8 @@ from typing import IO
 from postillon.core.outcome import Outcome, PermFail
 from postillon.core.reply import Reply
 from postillon.delivery.transport import DeliveryJob
-from postillon.local.maildir import MaildirDelivery
+from postillon.local.batch import DeliveryBatcher
+from postillon.local.maildir import MaildirDelivery, Staged
 from postillon.routing.local import LocalRecipients
 
 # Bodies up to this size are held in memory for the delivery; larger ones are
@@ -23,30 +31,35 @@ class MaildirTransport:
     def __init__(self, maildir: MaildirDelivery, local: LocalRecipients) -> None:
         self.maildir = maildir
         self.local = local
+        self.batcher = DeliveryBatcher(maildir)
 
     async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
         # The body is read on the event loop (the store's read is async), then the
-        # file writes and fsyncs, which block, run in one thread hop per message.
+        # file writes and fsyncs, which block, run in a worker thread: batched with the
+        # deliveries waiting alongside (one fsync of new/ for all), or for a large body
+        # spooled to disk, one thread hop for the whole message.
         if job.cached_body is not None or job.message.size <= _IN_MEMORY:
             chunks = [chunk async for chunk in job.body()]
-            return await asyncio.to_thread(self._deliver_sync, job, lambda: iter(chunks))
+            return await self.batcher.deliver(lambda: self._stage(job, lambda: iter(chunks)))
         with tempfile.TemporaryFile() as spool:
             async for chunk in job.body():
                 await asyncio.to_thread(spool.write, chunk)
             return await asyncio.to_thread(self._deliver_sync, job, lambda: _read_from(spool))
 
     def _deliver_sync(self, job: DeliveryJob, body: Callable[[], Iterator[bytes]]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
+        return self.maildir.commit(self._stage(job, body))
+
+    def _stage(self, job: DeliveryJob, body: Callable[[], Iterator[bytes]]) -> list[Staged]:
+        """Each recipient's file written, fsync'd and linked (in a worker thread); durable
+        once ``MaildirDelivery.commit`` has fsync'd the ``new/`` directories."""
+        staged: list[Staged] = []
         for record in job.records:
             if not self.local.mailbox_exists(record.recipient):
-                outcomes.append(
-                    PermFail(
-                        Reply.of(550, "5.1.1", f"<{record.recipient}>: mailbox does not exist")
-                    )
-                )
+                reply = Reply.of(550, "5.1.1", f"<{record.recipient}>: mailbox does not exist")
+                staged.append(Staged(PermFail(reply)))
                 continue
-            outcomes.append(
-                self.maildir.deliver(
+            staged.append(
+                self.maildir.stage(
                     record.recipient,
                     body(),
                     return_path=job.message.sender,
@@ -54,7 +67,7 @@ class MaildirTransport:
                     delivery_key=f"{int(job.message.received_at)}.{record.queue_id}R{record.record_id}",
                 )
             )
-        return outcomes
+        return staged
 
 
 def _read_from(spool: IO[bytes]) -> Iterator[bytes]:
