@@ -100,6 +100,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-checks", action="store_true", help="skip the fsync count (strace)")
     ap.add_argument("--keep", action="store_true", help="leave postfix and postillon running")
     ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="A/B: also run the postillon whose sources are in this src/ directory (e.g. a "
+        "worktree at main) as 'postillon-base' on --port + 4, interleaved with the others",
+    )
+    ap.add_argument(
         "--only-postillon",
         action="store_true",
         help="skip the Postfix runs (for A/B iterations on postillon alone; no ratio)",
@@ -180,7 +186,16 @@ class MaildirBench(Bench):
     def new_dir(self, name: str) -> Path:
         if name == "postfix":
             return self.root / "postfix" / "mail" / "bench.test" / MAILBOX / "new"
-        return self.pdir / "data" / "mail" / "bench.test" / MAILBOX / "new"
+        return self.root / name / "data" / "mail" / "bench.test" / MAILBOX / "new"
+
+    def targets(self) -> list[tuple[str, int]]:
+        a = self.a
+        found = [("postfix", a.postfix_port), ("postillon", a.port)]
+        if a.only_postillon:
+            found = found[1:]
+        if a.baseline:
+            found.append(("postillon-base", a.port + 4))
+        return found
 
     def postillon_config(self, name: str = "postillon", port: int | None = None) -> Path:
         a = self.a
@@ -259,7 +274,14 @@ catch_all = "{MAILBOX}"        # smtp-source -N sends to <n>{MAILBOX}@bench.test
         self.sh("./start.sh", "postfix")
         self.started.append("postfix")
         self.postillon = self.launch("postillon", a.port, ())
-        for name, port in (("postfix", a.postfix_port), ("postillon", a.port)):
+        if a.baseline:
+            os.environ["PYTHONPATH"] = str(a.baseline.resolve())  # before the venv's src
+            try:
+                base = self.launch("postillon-base", a.port + 4, ())
+            finally:
+                del os.environ["PYTHONPATH"]
+            self.signed["postillon-base"] = (base, a.port + 4)  # stop() stops it
+        for name, port in self.targets():
             try:
                 with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
                     s.sendmail(
@@ -285,9 +307,20 @@ catch_all = "{MAILBOX}"        # smtp-source -N sends to <n>{MAILBOX}@bench.test
         return True
 
     def empty(self, name: str) -> None:
+        """Move new/'s files aside (rename: deleting them would leave thousands of
+        recently freed inodes, which ext4 without a journal scans past on every file
+        creation of the next run); they are deleted when the bench stops."""
         directory = self.new_dir(name)
+        aside = directory.parent.parent.parent / "delivered"
+        aside.mkdir(exist_ok=True)
         for entry in os.listdir(directory):
-            os.unlink(directory / entry)
+            os.rename(directory / entry, aside / f"{name}.{entry}")
+
+    def stop(self) -> None:
+        super().stop()
+        if not self.a.keep:
+            for name, _ in self.targets():
+                shutil.rmtree(self.new_dir(name).parent.parent.parent / "delivered", True)
 
     def settle(self, name: str, quiet: float = 0.5, limit: float = 30.0) -> int:
         """Wait until new/ has not changed for ``quiet`` seconds; its count."""
@@ -323,7 +356,7 @@ catch_all = "{MAILBOX}"        # smtp-source -N sends to <n>{MAILBOX}@bench.test
         directory = self.new_dir(name)
         self.empty(name)
         root = self.roots()[name]
-        loop_pid = root if name == "postillon" else None
+        loop_pid = root if name.startswith("postillon") else None
         sampler = h.RssSampler(root)
         sampler.start()
         result: list[tuple[bool, list[str]]] = []
@@ -413,18 +446,14 @@ catch_all = "{MAILBOX}"        # smtp-source -N sends to <n>{MAILBOX}@bench.test
     def checks(self) -> None:
         say("== fsync-family syscalls per message (strace -f -c, 200 messages until in new/)")
         self.dur = []
-        for name, port in (("postillon", self.a.port), ("postfix", self.a.postfix_port)):
-            if name == "postfix" and self.a.only_postillon:
-                continue
+        for name, port in self.targets():
             r = self.durability(name, port)
             self.dur.append(r)
             say(f"   {name}: {r['sync_calls']} = {r['per_msg']} per message")
 
     def throughput(self) -> None:
         a = self.a
-        targets = [("postfix", a.postfix_port), ("postillon", a.port)]
-        if a.only_postillon:
-            targets = targets[1:]
+        targets = self.targets()
         say("== warm-up (not counted)")
         for name, port in targets:
             self.one(name, port, a.modes[0], 5 * a.conc, "warmup.jsonl")
@@ -454,20 +483,16 @@ catch_all = "{MAILBOX}"        # smtp-source -N sends to <n>{MAILBOX}@bench.test
                     )
 
     # -------------------------------------------------------------- report
-    def report(self, hot: list[str]) -> str:
-        a = self.a
-        L = [f"# Maildir delivery while accepting: postillon vs Postfix ({self.stamp})", ""]
-        L += [f"- {k}: {v}" for k, v in self.info.items()]
-        L += [f"- results: {self.out}", ""]
-        L += [
-            "| mode | accepted msg/s postillon | Postfix | ratio | delivered msg/s postillon "
-            "| Postfix | ratio | CPU ms/msg postillon / Postfix | peak PSS MiB postillon / "
-            "Postfix | target (>= 1.5x) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+    def ratio_table(self, ours: str, theirs: str, label: str, target: float | None) -> list[str]:
+        L = [
+            f"| mode | accepted msg/s {ours} | {label} | ratio | delivered msg/s {ours} "
+            f"| {label} | ratio | CPU ms/msg {ours} / {label} | peak PSS MiB {ours} / "
+            f"{label} |" + (f" target (>= {target}x) |" if target else ""),
+            "|---|---|---|---|---|---|---|---|---|" + ("---|" if target else ""),
         ]
-        for mode in a.modes:
-            p = [r for r in self.runs if r["peer"] == "postillon" and r["mode"] == mode]
-            f = [r for r in self.runs if r["peer"] == "postfix" and r["mode"] == mode]
+        for mode in self.a.modes:
+            p = [r for r in self.runs if r["peer"] == ours and r["mode"] == mode]
+            f = [r for r in self.runs if r["peer"] == theirs and r["mode"] == mode]
             if not p or not f:
                 continue
             pa, fa = (median([r["accept_mps"] for r in x]) or 0 for x in (p, f))
@@ -475,14 +500,46 @@ catch_all = "{MAILBOX}"        # smtp-source -N sends to <n>{MAILBOX}@bench.test
             pc, fc = (median([r["cpu_ms_per_msg"] for r in x]) or 0 for x in (p, f))
             pp, fp = (max(r["peak_pss_kb"] or 0 for r in x) / 1024 for x in (p, f))
             ra, re_ = pa / fa, (pe / fe if fe else 0)
+            met = ("yes |" if min(ra, re_) >= target else "**no** |") if target else ""
             L.append(
                 f"| {MODE_TXT.get(mode, mode)} | {med_range([r['accept_mps'] for r in p])} | "
                 f"{med_range([r['accept_mps'] for r in f])} | **{ra:.2f}** | "
                 f"{med_range([r['e2e_mps'] for r in p])} | "
                 f"{med_range([r['e2e_mps'] for r in f])} | **{re_:.2f}** | "
-                f"{pc:.2f} / {fc:.2f} | {pp:.0f} / {fp:.0f} | "
-                f"{'yes' if min(ra, re_) >= 1.5 else '**no**'} |"
+                f"{pc:.2f} / {fc:.2f} | {pp:.0f} / {fp:.0f} | {met}"
             )
+        return [*L, ""]
+
+    def report(self, hot: list[str]) -> str:
+        a = self.a
+        L = [f"# Maildir delivery while accepting: postillon vs Postfix ({self.stamp})", ""]
+        L += [f"- {k}: {v}" for k, v in self.info.items()]
+        L += [f"- results: {self.out}", ""]
+        L += self.ratio_table("postillon", "postfix", "Postfix", target=1.5)
+        if a.baseline:
+            L += ["A/B against the baseline postillon (`--baseline`):", ""]
+            L += self.ratio_table("postillon", "postillon-base", "baseline", target=None)
+        L += [
+            "| target | mode | accepted msg/s | delivered msg/s | CPU ms/msg | of it system | "
+            "loop thread ms/msg | peak PSS MiB (procs) | load errors |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, _ in self.targets():
+            for mode in a.modes:
+                rs = [r for r in self.runs if r["peer"] == name and r["mode"] == mode]
+                if not rs:
+                    continue
+                pss = max(r["peak_pss_kb"] or 0 for r in rs) / 1024
+                L.append(
+                    f"| {name} | {MODE_TXT.get(mode, mode)} | "
+                    f"{med_range([r['accept_mps'] for r in rs])} | "
+                    f"{med_range([r['e2e_mps'] for r in rs])} | "
+                    f"{med_range([r['cpu_ms_per_msg'] for r in rs], '%.2f')} | "
+                    f"{med_range([r.get('sys_ms_per_msg') for r in rs], '%.2f')} | "
+                    f"{med_range([r.get('loop_ms_per_msg') for r in rs], '%.2f')} | "
+                    f"{pss:.0f} ({max(r['peak_procs'] or 0 for r in rs)}) | "
+                    f"{sum(r['load_errors'] for r in rs)} |"
+                )
         L += [
             "",
             f"Median of {a.reps} interleaved rounds (min{DASH}max). Delivered = N / time until "

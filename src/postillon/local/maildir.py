@@ -64,6 +64,7 @@ from pathlib import Path
 from postillon.core.address import unquote_local_part
 from postillon.core.outcome import Delivered, Outcome, PermFail, TempFail
 from postillon.core.reply import Reply
+from postillon.local.dirsync import DirectorySync, fsync_dir
 
 __all__ = [
     "DELIVERED",
@@ -125,14 +126,6 @@ def _host_for_name(hostname: str) -> str:
     host = hostname or "localhost"
     host = host.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
     return _safe_header_value(host).replace(" ", "_")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
@@ -244,6 +237,7 @@ class MaildirDelivery:
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
         self._ready: set[Path] = set()  # mailboxes whose tmp/new/cur exist
+        self.directory_sync = DirectorySync()  # new/ fsyncs shared by concurrent deliveries
 
     @property
     def root(self) -> Path:
@@ -392,16 +386,16 @@ class MaildirDelivery:
             if tmp is not None:
                 _unlink_quietly(tmp)
 
-    @staticmethod
-    def commit(staged: Sequence[Staged]) -> list[Outcome]:
-        """Make the links of ``staged`` durable: one fsync per distinct ``new/``, however
-        many messages were linked into it (group commit). Where that fsync fails, the
-        linked files are unlinked again and the outcome is temporary (a retry may
-        duplicate, never lose). One outcome per staging, in order."""
+    def commit(self, staged: Sequence[Staged]) -> list[Outcome]:
+        """Make the links of ``staged`` durable: one fsync per distinct ``new/``, shared
+        with the deliveries linking into it at the same time in other threads (group
+        commit, ``dirsync.py``). Where that fsync fails, the linked files are unlinked
+        again and the outcome is temporary (a retry may duplicate, never lose). One
+        outcome per staging, in order."""
         failed: dict[Path, OSError] = {}
         for new_dir in dict.fromkeys(s.new_dir for s in staged if s.new_dir is not None):
             try:
-                _fsync_dir(new_dir)
+                self.directory_sync.sync(new_dir)
             except OSError as exc:
                 failed[new_dir] = exc
         outcomes: list[Outcome] = []
@@ -457,7 +451,7 @@ class MaildirDelivery:
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             # Linked before the crash: the name in new/ carries the size of that
             # very inode. Make the link durable before forgetting the tmp name.
-            _fsync_dir(mailbox / "new")
+            fsync_dir(mailbox / "new")
             os.unlink(tmp)
             return mailbox / "new" / f"{unique},S={st.st_size}"
         os.unlink(tmp)
@@ -538,7 +532,7 @@ def _mkdir(directory: Path) -> None:
         if not directory.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(directory)) from None
         return
-    _fsync_dir(directory.parent)  # the new directory's entry is durable too
+    fsync_dir(directory.parent)  # the new directory's entry is durable too
 
 
 def _unlink_quietly(path: Path) -> None:

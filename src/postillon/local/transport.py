@@ -1,10 +1,8 @@
 """The Maildir transport: the runner's adapter around ``MaildirDelivery``.
 
-A message whose body is in memory (the recent-message cache, or a small one read from
-the store) is written by ``DeliveryBatcher``: its recipients are staged in a worker
-thread with the other deliveries waiting at that moment, and one fsync of each
-``new/`` covers them all (see ``batch.py``). A large body is spooled to a temporary
-file first and delivered on its own.
+One thread hop per message: its recipients' files are written, fsync'd and linked in a
+worker thread, then each ``new/`` is fsync'd once, shared with the deliveries into the
+same mailbox running in the other worker threads (``dirsync.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from typing import IO
 from postillon.core.outcome import Outcome, PermFail
 from postillon.core.reply import Reply
 from postillon.delivery.transport import DeliveryJob
-from postillon.local.batch import DeliveryBatcher
 from postillon.local.maildir import MaildirDelivery, Staged
 from postillon.routing.local import LocalRecipients
 
@@ -31,16 +28,13 @@ class MaildirTransport:
     def __init__(self, maildir: MaildirDelivery, local: LocalRecipients) -> None:
         self.maildir = maildir
         self.local = local
-        self.batcher = DeliveryBatcher(maildir)
 
     async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
         # The body is read on the event loop (the store's read is async), then the
-        # file writes and fsyncs, which block, run in a worker thread: batched with the
-        # deliveries waiting alongside (one fsync of new/ for all), or for a large body
-        # spooled to disk, one thread hop for the whole message.
+        # file writes and fsyncs, which block, run in one thread hop per message.
         if job.cached_body is not None or job.message.size <= _IN_MEMORY:
             chunks = [chunk async for chunk in job.body()]
-            return await self.batcher.deliver(lambda: self._stage(job, lambda: iter(chunks)))
+            return await asyncio.to_thread(self._deliver_sync, job, lambda: iter(chunks))
         with tempfile.TemporaryFile() as spool:
             async for chunk in job.body():
                 await asyncio.to_thread(spool.write, chunk)
