@@ -11,8 +11,10 @@ blocks on the disk and never raises)::
          "Delivered-To: <address>"        found -> PermFail 554 5.4.6, nothing written
       3. create <root>/<domain>/<local>/{tmp,new,cur} (0700) as needed, fsync new parents
       4. write tmp/<unique> (0600): Return-Path, [X-Original-To], Delivered-To, the body
-      5. fsync the file, link it to new/<unique>,S=<size>, unlink tmp, fsync new/
-      6. Delivered 250 2.0.0
+      5. fsync the file, link it to new/<unique>,S=<size>, unlink tmp   (``stage``)
+      6. fsync new/, one fsync shared by the deliveries linking into the
+         same new/ meanwhile (dirsync.py)                                 (``commit``)
+      7. Delivered 250 2.0.0
     any OSError: ENOSPC/EDQUOT -> TempFail 452 4.2.2, others (EIO, EACCES, ...) ->
     TempFail 451 4.3.0; the tmp file is removed and the message stays queued.
 
@@ -24,9 +26,9 @@ the message, never lose it (SMTP's at-least-once).
 
 With a ``delivery_key`` (the queue's deliveries) the ``tmp/`` name is the same on every
 attempt, so the retry after a crash (``kill -9``, power cut) meets the file the dead
-attempt left, before step 4. It is ours, and no other attempt can be writing it (the
-queue's lease), so it is recovered at once instead of failing with ``File exists``
-and waiting a retry interval:
+attempt left when step 4 creates it exclusively (no lookup on the normal path). It is
+ours, and no other attempt can be writing it (the queue's lease), so it is recovered
+at once instead of failing with ``File exists`` and waiting a retry interval:
 
 - more than one link: the crash came after step 5's link (the file is in ``new/``, or
   a mail reader already moved it to ``cur/``, which keeps the inode): the message was
@@ -85,6 +87,7 @@ _FILE_MODE = 0o600
 _WRITE_SIZE = 256 * 1024  # bytes gathered before one write(2)
 _BUFFER_LIMIT = 1024 * 1024  # body bytes held while the header is still being scanned
 _MAX_HEADER_LINE = 64 * 1024  # a longer unterminated header line ends the loop scan
+_PATH_CACHE = 10_000  # mailbox paths remembered
 _NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX)
 _UNSAFE_CHARS = frozenset('/\\@%!"')
 _FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -237,6 +240,7 @@ class MaildirDelivery:
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
         self._ready: set[Path] = set()  # mailboxes whose tmp/new/cur exist
+        self._paths: dict[str, Path] = {}  # address -> mailbox_path(address)
         self.directory_sync = DirectorySync()  # new/ fsyncs shared by concurrent deliveries
 
     @property
@@ -249,8 +253,11 @@ class MaildirDelivery:
         Raises :class:`MaildirPathError` for anything that could leave ``root``, hide
         a directory or be ambiguous: ``/``, ``\\``, ``@``, ``%``, ``!``, quotes,
         control characters, a leading ``.`` (so no ``.``/``..``), an empty or overlong
-        component.
+        component. Valid answers are cached (a mailbox gets mail again and again).
         """
+        cached = self._paths.get(address)
+        if cached is not None:
+            return cached
         local, at, domain = address.rpartition("@")
         if not at:
             raise MaildirPathError(f"{address!r} has no domain")
@@ -262,6 +269,9 @@ class MaildirDelivery:
         # Defence in depth: after the checks above this always holds.
         if Path(os.path.normpath(path)).parent.parent != self._root:
             raise MaildirPathError(f"{address!r} would leave the Maildir root")
+        if len(self._paths) >= _PATH_CACHE:
+            self._paths.clear()  # crude bound; refilled by the mailboxes still in use
+        self._paths[address] = path
         return path
 
     def deliver(
