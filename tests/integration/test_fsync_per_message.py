@@ -62,9 +62,9 @@ def test_a_relayed_message_costs_one_fsync(
     server.wait_outcome(server.send_message("warm@relay.test"), ("delivered",))
 
     out = tmp_path / "strace.txt"
+    command = [strace, "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(out)]
     tracer = subprocess.Popen(
-        [strace, "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(out)]
-        + ["-p", str(server.proc.pid)],
+        [*command, "-p", str(server.proc.pid)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
