@@ -44,6 +44,7 @@ from postillon.intake.headers import ClientInfo
 from postillon.intake.intake import Intake, IntakeError, IntakeTransaction
 from postillon.observability.maillog import MailLog
 from postillon.observability.metrics import ListenerMetrics, reject_reason_for_commit
+from postillon.osutil.streams import write_out
 from postillon.protocol import events as ev
 from postillon.protocol import replies as R
 from postillon.protocol.server import (
@@ -147,10 +148,8 @@ class Session:
 
     # -- I/O ------------------------------------------------------------------
     async def _flush(self) -> None:
-        out = self.conn.data_to_send()
-        if out:
-            self.writer.write(out)
-            await self.writer.drain()
+        if out := self.conn.data_to_send():
+            await write_out(self.writer, out)
 
     async def _read(self) -> bytes:
         limits = self.deps.limits
