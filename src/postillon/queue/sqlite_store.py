@@ -121,11 +121,11 @@ class SqliteStore:
         )
         self._writer = GroupCommitWriter(self._path)
         self._write = self._writer.submit
-        self.tls_reports = SqliteTlsReports(self._read, self._write)  # store.py step 7
-        self.acme = acme_state.SqliteAcmeState(self._read, self._write)  # step 8
-        self.traces = SqliteTraces(self._read, self._write)  # step 9
-        self.policy_state = policy_state.SqlitePolicyState(self._read, self._write)  # step 10
-        self.shaping = SqliteShapingState(self._read, self._write)  # step 11
+        self.tls_reports = SqliteTlsReports(self._read, self._writer.submit_lazy)  # step 7
+        self.acme = acme_state.SqliteAcmeState(self._read, self._write)  # step 8 (durable)
+        self.traces = SqliteTraces(self._read, self._writer.submit_lazy)  # step 9
+        self.policy_state = policy_state.SqlitePolicyState(self._read, self._writer.submit_lazy)
+        self.shaping = SqliteShapingState(self._read, self._writer.submit_lazy)  # step 11
 
     @property
     def path(self) -> Path:

@@ -14,8 +14,10 @@ nothing of the batch is visible. Message commits of a batch (bodies up to
 1 MiB) go in together as three multi-row INSERTs (see ``_bulk_commit``).
 
 Durability of bookkeeping: ``submit(..., durable=False)`` marks an operation
-whose loss in a crash only repeats work (claims, delivery outcomes, released
-leases, heartbeats, history events), as the PostgreSQL store does with
+whose loss in a crash only repeats work or loses a count (claims, delivery
+outcomes, released leases, heartbeats, history events; with ``submit_lazy``
+decision traces, report statistics, policy and shaping state; not the ACME
+state), as the PostgreSQL store does with
 ``synchronous_commit = off``. A batch made only of such operations commits with
 ``PRAGMA synchronous = NORMAL``: in WAL mode that skips the WAL fsync of the
 COMMIT (checkpoints still sync, so the file is never corrupted). Any batch with
@@ -226,6 +228,11 @@ class GroupCommitWriter:
                 self._thread.start()
             self._inbox.put(_Op(fn, future, loop, commit, durable))
         return await future
+
+    async def submit_lazy(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``submit(fn, durable=False)``: bookkeeping such as statistics, decision
+        traces and policy state, whose loss in a power cut is harmless."""
+        return await self.submit(fn, durable=False)
 
     async def close(self) -> bool:
         """Finish every operation already submitted, then stop the thread.
