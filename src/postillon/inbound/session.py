@@ -61,6 +61,10 @@ CLOSE_TIMEOUT = 2.0
 LOCAL_IO_ERROR = Reply.of(421, "4.3.0", "Local error, closing connection; try again later")
 
 
+class ShutdownRequested(Exception):
+    """Set on an idle session's reader by request_shutdown: its wait ends, it says 421."""
+
+
 @dataclass(frozen=True, slots=True)
 class SessionDeps:
     """What every session of one listener shares."""
@@ -135,7 +139,7 @@ class Session:
         self.ptx: TransactionContext | None = None  # the pipeline's view of self.tx
         self.in_data = False
         self._stop_after_transaction = False
-        self._idle_reader: asyncio.Task[bytes] | None = None
+        self._idle = False  # waiting for a command between transactions
         self._auth_slot = False  # holds one slot of the AUTH failure budget
 
     def request_shutdown(self) -> None:
@@ -143,8 +147,8 @@ class Session:
         a transaction may finish it (the listener bounds how long) and then
         gets 421 instead of its next reply."""
         self._stop_after_transaction = True
-        if self.tx is None and self._idle_reader is not None:
-            self._idle_reader.cancel()
+        if self.tx is None and self._idle:  # the waiting read raises it
+            self.reader.set_exception(ShutdownRequested())
 
     # -- I/O ------------------------------------------------------------------
     async def _flush(self) -> None:
@@ -153,17 +157,14 @@ class Session:
 
     async def _read(self) -> bytes:
         limits = self.deps.limits
-        if self.in_data or self.tx is not None:
-            timeout = limits.data_timeout if self.in_data else limits.command_timeout
+        timeout = limits.data_timeout if self.in_data else limits.command_timeout
+        # Between transactions a shutdown may cut the wait short (request_shutdown).
+        self._idle = not self.in_data and self.tx is None
+        try:
             async with asyncio.timeout(timeout):
                 return await self.reader.read(READ_SIZE)
-        # Between transactions a shutdown may cut the wait short (request_shutdown).
-        self._idle_reader = asyncio.ensure_future(self.reader.read(READ_SIZE))
-        try:
-            async with asyncio.timeout(limits.command_timeout):
-                return await self._idle_reader
         finally:
-            self._idle_reader = None
+            self._idle = False
 
     async def run(self, greeting: Reply | None = None) -> None:
         try:
@@ -273,7 +274,7 @@ class Session:
                 await self._flush()
                 try:
                     data = await self._read()
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, ShutdownRequested):
                     if not self._stop_after_transaction:
                         raise
                     conn.shutdown(SHUTTING_DOWN)
