@@ -151,6 +151,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--postfix-port", type=int, default=env_int("POSTFIX_PORT", 2525))
     ap.add_argument("--chasquid-port", type=int, default=env_int("CHASQUID_PORT", 2533))
     ap.add_argument(
+        "--ab-src",
+        type=Path,
+        help="A/B: also run a postillon from this source tree (a src directory, e.g. of a "
+        "git worktree at main) as the peer 'postillon-base', interleaved with the others",
+    )
+    ap.add_argument("--ab-port", type=int, default=env_int("AB_PORT", 2535))
+    ap.add_argument(
         "--no-chasquid",
         action="store_true",
         default=os.environ.get("CHASQUID", "1") == "0",
@@ -291,6 +298,7 @@ class Bench:
         self.pdir: Path = self.root / "postillon"
         self.postillon: subprocess.Popen[bytes] | None = None
         self.signed: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        self.ab: subprocess.Popen[bytes] | None = None  # --ab-src: postillon-base
         self.stderr: IO[bytes] | None = None
         self.started: list[str] = []
         self.runs: list[dict[str, Any]] = []
@@ -335,6 +343,7 @@ class Bench:
             "postillon": self.postillon.pid if self.postillon else None,
             "raw": None,
             **{name: proc.pid for name, (proc, _) in self.signed.items()},
+            "postillon-base": self.ab.pid if self.ab else None,
         }
 
     # -------------------------------------------------------------- set-up
@@ -372,6 +381,7 @@ class Bench:
         for port, what in (
             (a.postfix_port, "postfix"),
             *([] if a.no_chasquid else [(a.chasquid_port, "chasquid")]),
+            *([(a.ab_port, "postillon-base")] if a.ab_src else []),
             (a.port, "postillon"),
             (a.sink_port, "sink"),
         ):
@@ -414,6 +424,7 @@ class Bench:
             f"{int(mem) // 1024 // 1024} GiB, {platform.platform()}",
             "queue filesystem": f"{fs[0]} ({fs[1]}) for {self.root}",
             "postillon": f"git {git}, Python {platform.python_version()}",
+            **({"postillon-base": f"PYTHONPATH={a.ab_src}"} if a.ab_src else {}),
             "postfix": pf,
             **({} if a.no_chasquid else {"chasquid": self.install_chasquid()}),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -526,6 +537,13 @@ route = "{route}"
             self.sh("./start.sh", "chasquid")
 
         self.postillon = self.launch("postillon", a.port, ())
+        if a.ab_src:
+            src = str(a.ab_src.resolve())
+            if not (a.ab_src / "postillon" / "__init__.py").exists():
+                raise SystemExit(f"--ab-src {src}: not a source tree (no postillon/__init__.py)")
+            self.ab = self.launch(
+                "postillon-base", a.ab_port, (), {**os.environ, "PYTHONPATH": src}
+            )
         if not a.no_dkim:
             for offset, (name, algorithms) in enumerate(SIGNED_VARIANTS.items(), start=1):
                 self.signed[name] = (
@@ -562,15 +580,26 @@ route = "{route}"
         """The compared servers (the signing variants aside) and their ports."""
         a = self.a
         chasquid = [] if a.no_chasquid else [("chasquid", a.chasquid_port)]
-        return [("postfix", a.postfix_port), *chasquid, ("postillon", a.port)]
+        base = [("postillon-base", a.ab_port)] if a.ab_src else []
+        return [("postfix", a.postfix_port), *chasquid, *base, ("postillon", a.port)]
 
-    def launch(self, name: str, port: int, algorithms: tuple[str, ...]) -> subprocess.Popen[bytes]:
+    def launch(
+        self,
+        name: str,
+        port: int,
+        algorithms: tuple[str, ...],
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
         """Configure and start one postillon; with ``algorithms``, keys for bench.test first
-        (``postillon dkim keygen``), so it signs every message."""
+        (``postillon dkim keygen``), so it signs every message. ``env``: its environment
+        (--ab-src: PYTHONPATH of the other source tree)."""
         cfg = self.postillon_config(name, port)
         exe = self.venv_bin / "postillon"
         r = subprocess.run(
-            [str(exe), "--config", str(cfg), "check-config"], capture_output=True, text=True
+            [str(exe), "--config", str(cfg), "check-config"],
+            capture_output=True,
+            text=True,
+            env=env,
         )
         if r.returncode:
             raise SystemExit(f"postillon check-config failed:\n{r.stdout}{r.stderr}")
@@ -592,6 +621,7 @@ route = "{route}"
             self.stderr = open(self.out / "postillon.stderr", "wb")  # noqa: SIM115 - closed in stop()
         proc = subprocess.Popen(
             [str(exe), "--config", str(cfg), "serve"],
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=self.stderr,
             stderr=subprocess.STDOUT,
@@ -651,6 +681,8 @@ route = "{route}"
     def one(self, name: str, port: int, mode: str, n: int, out: str) -> dict[str, Any] | None:
         if name == "postillon" and not self.alive():
             raise SystemExit("postillon died:\n" + self.tail(self.out / "postillon.stderr"))
+        if name == "postillon-base" and self.ab is not None and self.ab.poll() is not None:
+            raise SystemExit(f"{name} died:\n" + self.tail(self.out / "postillon.stderr"))
         if name in self.signed and self.signed[name][0].poll() is not None:
             raise SystemExit(f"{name} died:\n" + self.tail(self.out / "postillon.stderr"))
         root = self.roots()[name]
@@ -800,7 +832,10 @@ route = "{route}"
                 self.postillon.wait()
         if self.postillon is not None:
             (self.pdir / "daemon.pid").unlink(missing_ok=True)
-        for name, (proc, _) in self.signed.items():
+        instances = dict(self.signed)
+        if self.ab is not None:
+            instances["postillon-base"] = (self.ab, self.a.ab_port)
+        for name, (proc, _) in instances.items():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -889,7 +924,7 @@ route = "{route}"
             "listen overflows |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for peer in ("raw", "postfix", "chasquid", "postillon", *self.signed):
+        for peer in ("raw", "postfix", "chasquid", "postillon-base", "postillon", *self.signed):
             for mode in a.modes:
                 rs = [r for r in runs if r["peer"] == peer and r["mode"] == mode]
                 if not rs:
