@@ -28,6 +28,12 @@ conflict with Postfix as an installed package). The summary then also gives the
 ratios postillon/Postfix and postillon/chasquid for accepted and end-to-end msg/s
 and CPU ms/msg.
 
+``--ab-src DIR`` (a ``src`` directory, e.g. of ``git worktree add /tmp/main main``)
+adds a second postillon, ``postillon-base``, started with ``PYTHONPATH=DIR`` on
+``--ab-port`` and measured in the same rotation: the "postillon / postillon-base"
+rows are then an interleaved A/B of a change (the box's speed drifts by more than
+most changes are worth between two separate runs).
+
 Everything at run time lives under ``BENCH_ROOT`` (default
 /var/tmp/postillon-bench); results go to ``RESULTS_DIR/<UTC stamp>`` (default
 /tmp/postillon-bench). Nothing is written into the git tree. Needs root
