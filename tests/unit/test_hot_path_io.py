@@ -14,7 +14,7 @@ from postillon.config.model import LogConfig
 from postillon.intake.headers import ClientInfo, received_header
 from postillon.observability.logtext import SafeFormatter
 from postillon.observability.maillog import configure_logging
-from postillon.osutil.streams import write_nowait, write_out
+from postillon.osutil.streams import ReadDeadline, write_nowait, write_out
 
 
 def test_mail_log_events_do_not_walk_the_stack(
@@ -99,3 +99,37 @@ async def test_write_skips_the_drain_only_when_everything_was_sent() -> None:
         server_side[0][1].close()
         server.close()
         await server.wait_closed()
+
+
+async def test_read_deadline_one_timer_per_connection() -> None:
+    reader = asyncio.StreamReader()
+    reads = ReadDeadline(reader, 1024)
+    loop = asyncio.get_running_loop()
+    reader.feed_data(b"EHLO x\r\n")
+    assert await reads.read(0.2) == b"EHLO x\r\n"  # the timer stays armed after it
+    # A read that gets its data within its own deadline is not cut short, even when
+    # an earlier read's timer fires meanwhile (it re-arms at the later deadline).
+    await asyncio.sleep(0.1)
+    loop.call_later(0.15, reader.feed_data, b"MAIL FROM:<a@b>\r\n")
+    assert await reads.read(0.2) == b"MAIL FROM:<a@b>\r\n"
+    # Idle between reads past a deadline: nothing happens to the connection.
+    await asyncio.sleep(0.3)
+    reader.feed_data(b"RCPT TO:<c@d>\r\n")
+    assert await reads.read(0.2) == b"RCPT TO:<c@d>\r\n"
+    # A read past its deadline raises TimeoutError.
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await reads.read(0.1)
+    assert loop.time() - started >= 0.09
+    reads.close()
+
+
+async def test_read_deadline_close_leaves_no_timer() -> None:
+    reader = asyncio.StreamReader()
+    reads = ReadDeadline(reader, 1024)
+    reader.feed_data(b"x")
+    assert await reads.read(0.05) == b"x"
+    reads.close()
+    await asyncio.sleep(0.1)
+    reader.feed_data(b"y")  # no exception was set by a timer left behind
+    assert await reader.read(10) == b"y"

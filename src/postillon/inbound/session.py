@@ -44,7 +44,7 @@ from postillon.intake.headers import ClientInfo
 from postillon.intake.intake import Intake, IntakeError, IntakeTransaction
 from postillon.observability.maillog import MailLog
 from postillon.observability.metrics import ListenerMetrics, reject_reason_for_commit
-from postillon.osutil.streams import write_out
+from postillon.osutil.streams import ReadDeadline, write_out
 from postillon.protocol import events as ev
 from postillon.protocol import replies as R
 from postillon.protocol.server import (
@@ -139,7 +139,7 @@ class Session:
         self.ptx: TransactionContext | None = None  # the pipeline's view of self.tx
         self.in_data = False
         self._stop_after_transaction = False
-        self._idle = False  # waiting for a command between transactions
+        self._reads = ReadDeadline(reader, READ_SIZE)  # one timer, not one per read
         self._auth_slot = False  # holds one slot of the AUTH failure budget
 
     def request_shutdown(self) -> None:
@@ -147,7 +147,8 @@ class Session:
         a transaction may finish it (the listener bounds how long) and then
         gets 421 instead of its next reply."""
         self._stop_after_transaction = True
-        if self.tx is None and self._idle:  # the waiting read raises it
+        idle = self.tx is None and not self.in_data and self._reads.reading
+        if idle:  # waiting for a command between transactions: the read raises it
             self.reader.set_exception(ShutdownRequested())
 
     # -- I/O ------------------------------------------------------------------
@@ -157,14 +158,10 @@ class Session:
 
     async def _read(self) -> bytes:
         limits = self.deps.limits
-        timeout = limits.data_timeout if self.in_data else limits.command_timeout
         # Between transactions a shutdown may cut the wait short (request_shutdown).
-        self._idle = not self.in_data and self.tx is None
-        try:
-            async with asyncio.timeout(timeout):
-                return await self.reader.read(READ_SIZE)
-        finally:
-            self._idle = False
+        return await self._reads.read(
+            limits.data_timeout if self.in_data else limits.command_timeout
+        )
 
     async def run(self, greeting: Reply | None = None) -> None:
         try:
@@ -185,6 +182,7 @@ class Session:
                 self.writer.write(self.conn.data_to_send())
             await self._say_and_close(LOCAL_IO_ERROR)
         finally:
+            self._reads.close()
             await self._abort_tx()
             self._release_auth_slot()
             with contextlib.suppress(Exception):
