@@ -15,10 +15,24 @@
 3. ``run.sh --netcheck`` (postillon stays on loopback) and ``--durability``
    (fsync-family syscalls per message, postillon and Postfix).
 4. ``REPS`` rounds; each round runs every mode (s5, s1) and, in each mode,
-   every target once (raw sink, Postfix, postillon) in an order that rotates
-   per round.
+   every target once (raw sink, Postfix, chasquid, postillon) in an order that
+   rotates per round.
 5. A table: accepted msg/s median (min-max), peak PSS, CPU per message, and
    the ratio postillon/Postfix per mode; written to ``summary.md``.
+
+chasquid (Go; it never fsyncs) runs too unless ``--no-chasquid``: the harness's
+``configure.sh``/``start.sh`` on ``--chasquid-port``, relaying to the same sink;
+its Debian package is fetched once with ``apt-get download`` and unpacked with
+``dpkg -x`` under BENCH_ROOT/pkgs (as the harness's install.sh does: it would
+conflict with Postfix as an installed package). The summary then also gives the
+ratios postillon/Postfix and postillon/chasquid for accepted and end-to-end msg/s
+and CPU ms/msg.
+
+``--ab-src DIR`` (a ``src`` directory, e.g. of ``git worktree add /tmp/main main``)
+adds a second postillon, ``postillon-base``, started with ``PYTHONPATH=DIR`` on
+``--ab-port`` and measured in the same rotation: the "postillon / postillon-base"
+rows are then an interleaved A/B of a change (the box's speed drifts by more than
+most changes are worth between two separate runs).
 
 Everything at run time lives under ``BENCH_ROOT`` (default
 /var/tmp/postillon-bench); results go to ``RESULTS_DIR/<UTC stamp>`` (default
@@ -141,6 +155,20 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--port", type=int, default=env_int("POSTILLON_PORT", 2530))
     ap.add_argument("--postfix-port", type=int, default=env_int("POSTFIX_PORT", 2525))
+    ap.add_argument("--chasquid-port", type=int, default=env_int("CHASQUID_PORT", 2533))
+    ap.add_argument(
+        "--ab-src",
+        type=Path,
+        help="A/B: also run a postillon from this source tree (a src directory, e.g. of a "
+        "git worktree at main) as the peer 'postillon-base', interleaved with the others",
+    )
+    ap.add_argument("--ab-port", type=int, default=env_int("AB_PORT", 2535))
+    ap.add_argument(
+        "--no-chasquid",
+        action="store_true",
+        default=os.environ.get("CHASQUID", "1") == "0",
+        help="leave chasquid out of the comparison (env CHASQUID=0)",
+    )
     ap.add_argument("--sink-port", type=int, default=env_int("SINK_PORT", 2600))
     ap.add_argument(
         "--dns-port",
@@ -276,6 +304,7 @@ class Bench:
         self.pdir: Path = self.root / "postillon"
         self.postillon: subprocess.Popen[bytes] | None = None
         self.signed: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        self.ab: subprocess.Popen[bytes] | None = None  # --ab-src: postillon-base
         self.stderr: IO[bytes] | None = None
         self.started: list[str] = []
         self.runs: list[dict[str, Any]] = []
@@ -284,7 +313,8 @@ class Bench:
         self.env.pop("REPS", None)  # run.py would repeat every call REPS times
         self.env.update(
             BENCH_ROOT=str(self.root),
-            PEERS=f"postfix:{a.postfix_port}",
+            PEERS=f"postfix:{a.postfix_port}"
+            + ("" if a.no_chasquid else f" chasquid:{a.chasquid_port}"),
             SINK_PORT=str(a.sink_port),
             ACCEPT_ONLY="" if a.relay else " ".join(["postillon", *SIGNED_VARIANTS]),
             E2E_TIMEOUT="120",
@@ -315,9 +345,11 @@ class Bench:
     def roots(self) -> dict[str, int | None]:
         return {
             "postfix": read_pid(self.root / "postfix" / "daemon.pid"),
+            "chasquid": read_pid(self.root / "chasquid" / "daemon.pid"),
             "postillon": self.postillon.pid if self.postillon else None,
             "raw": None,
             **{name: proc.pid for name, (proc, _) in self.signed.items()},
+            "postillon-base": self.ab.pid if self.ab else None,
         }
 
     # -------------------------------------------------------------- set-up
@@ -350,8 +382,12 @@ class Bench:
             self.sh("./stop.sh", "postfix", check=False)
         if read_pid(self.root / "sink" / "daemon.pid"):
             self.sh("./sink.sh", "stop", check=False)
+        if read_pid(self.root / "chasquid" / "daemon.pid"):
+            self.sh("./stop.sh", "chasquid", check=False)
         for port, what in (
             (a.postfix_port, "postfix"),
+            *([] if a.no_chasquid else [(a.chasquid_port, "chasquid")]),
+            *([(a.ab_port, "postillon-base")] if a.ab_src else []),
             (a.port, "postillon"),
             (a.sink_port, "sink"),
         ):
@@ -394,7 +430,9 @@ class Bench:
             f"{int(mem) // 1024 // 1024} GiB, {platform.platform()}",
             "queue filesystem": f"{fs[0]} ({fs[1]}) for {self.root}",
             "postillon": f"git {git}, Python {platform.python_version()}",
+            **({"postillon-base": f"PYTHONPATH={a.ab_src}"} if a.ab_src else {}),
             "postfix": pf,
+            **({} if a.no_chasquid else {"chasquid": self.install_chasquid()}),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "settings": f"REPS={a.reps} N={a.n} CONC={a.conc} SIZE={a.size} "
             f"MODES={' '.join(a.modes)} relay={'yes' if a.relay else 'no'}",
@@ -461,6 +499,35 @@ route = "{route}"
         shutil.copy(cfg, self.out / f"{name}.toml")
         return cfg
 
+    def install_chasquid(self) -> str:
+        """The harness's install step for chasquid alone (``apt-get download`` +
+        ``dpkg -x`` into BENCH_ROOT/pkgs, where its env.sh looks); its version."""
+        pkgs = self.root / "pkgs"
+        exe = pkgs / "root-chasquid" / "usr" / "bin" / "chasquid"
+        pkgs.mkdir(parents=True, exist_ok=True)
+        if not any(pkgs.glob("chasquid_*.deb")):
+            say("== fetching chasquid (apt-get download chasquid)")
+            r = subprocess.run(
+                ["apt-get", "download", "chasquid"], cwd=pkgs, capture_output=True, text=True
+            )
+            if r.returncode or not any(pkgs.glob("chasquid_*.deb")):
+                raise SystemExit(
+                    "chasquid could not be fetched (apt-get download chasquid: "
+                    f"{(r.stderr or r.stdout).strip()[-400:]}); run with --no-chasquid"
+                )
+        deb = sorted(pkgs.glob("chasquid_*.deb"))[-1]
+        if not exe.exists():
+            r = subprocess.run(
+                ["dpkg", "-x", str(deb), str(exe.parents[2])], capture_output=True, text=True
+            )
+            if r.returncode or not exe.exists():
+                raise SystemExit(
+                    f"dpkg -x {deb} failed: {r.stderr.strip()}; run with --no-chasquid"
+                )
+        return subprocess.run(
+            ["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True
+        ).stdout.strip()
+
     def start(self) -> None:
         a = self.a
         say(f"== Postfix on 127.0.0.1:{a.postfix_port}, sink on 127.0.0.1:{a.sink_port}")
@@ -469,8 +536,20 @@ route = "{route}"
         self.started.append("postfix")
         self.sh("./sink.sh", "start")
         self.started.append("sink")
+        if not a.no_chasquid:
+            say(f"== chasquid on 127.0.0.1:{a.chasquid_port}, relaying to the sink")
+            self.sh("./configure.sh", "chasquid")
+            self.started.append("chasquid")  # stop.sh also stops its DNS stub
+            self.sh("./start.sh", "chasquid")
 
         self.postillon = self.launch("postillon", a.port, ())
+        if a.ab_src:
+            src = str(a.ab_src.resolve())
+            if not (a.ab_src / "postillon" / "__init__.py").exists():
+                raise SystemExit(f"--ab-src {src}: not a source tree (no postillon/__init__.py)")
+            self.ab = self.launch(
+                "postillon-base", a.ab_port, (), {**os.environ, "PYTHONPATH": src}
+            )
         if not a.no_dkim:
             for offset, (name, algorithms) in enumerate(SIGNED_VARIANTS.items(), start=1):
                 self.signed[name] = (
@@ -479,7 +558,7 @@ route = "{route}"
                 )
 
         # one message to each, so that a misconfiguration fails here and clearly
-        for name, port in (("postfix", a.postfix_port), ("postillon", a.port)):
+        for name, port in self.peer_ports():
             try:
                 with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
                     s.sendmail(
@@ -503,13 +582,30 @@ route = "{route}"
         if a.relay:
             self.check_relay()
 
-    def launch(self, name: str, port: int, algorithms: tuple[str, ...]) -> subprocess.Popen[bytes]:
+    def peer_ports(self) -> list[tuple[str, int]]:
+        """The compared servers (the signing variants aside) and their ports."""
+        a = self.a
+        chasquid = [] if a.no_chasquid else [("chasquid", a.chasquid_port)]
+        base = [("postillon-base", a.ab_port)] if a.ab_src else []
+        return [("postfix", a.postfix_port), *chasquid, *base, ("postillon", a.port)]
+
+    def launch(
+        self,
+        name: str,
+        port: int,
+        algorithms: tuple[str, ...],
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
         """Configure and start one postillon; with ``algorithms``, keys for bench.test first
-        (``postillon dkim keygen``), so it signs every message."""
+        (``postillon dkim keygen``), so it signs every message. ``env``: its environment
+        (--ab-src: PYTHONPATH of the other source tree)."""
         cfg = self.postillon_config(name, port)
         exe = self.venv_bin / "postillon"
         r = subprocess.run(
-            [str(exe), "--config", str(cfg), "check-config"], capture_output=True, text=True
+            [str(exe), "--config", str(cfg), "check-config"],
+            capture_output=True,
+            text=True,
+            env=env,
         )
         if r.returncode:
             raise SystemExit(f"postillon check-config failed:\n{r.stdout}{r.stderr}")
@@ -531,6 +627,7 @@ route = "{route}"
             self.stderr = open(self.out / "postillon.stderr", "wb")  # noqa: SIM115 - closed in stop()
         proc = subprocess.Popen(
             [str(exe), "--config", str(cfg), "serve"],
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=self.stderr,
             stderr=subprocess.STDOUT,
@@ -583,13 +680,15 @@ route = "{route}"
             if r["netcheck"] != "ok":
                 raise SystemExit("postillon sent traffic off loopback: abort")
         say("== durability (run.sh --durability, fsync-family syscalls per message)")
-        for name, port in (("postillon", a.port), ("postfix", a.postfix_port)):
+        for name, port in self.peer_ports():
             for r in self.harness(port, name, "--durability", out="durability.jsonl"):
                 say(f"   {name}: {r['sync_calls']} = {r['sync_calls_per_msg']} per message")
 
     def one(self, name: str, port: int, mode: str, n: int, out: str) -> dict[str, Any] | None:
         if name == "postillon" and not self.alive():
             raise SystemExit("postillon died:\n" + self.tail(self.out / "postillon.stderr"))
+        if name == "postillon-base" and self.ab is not None and self.ab.poll() is not None:
+            raise SystemExit(f"{name} died:\n" + self.tail(self.out / "postillon.stderr"))
         if name in self.signed and self.signed[name][0].poll() is not None:
             raise SystemExit(f"{name} died:\n" + self.tail(self.out / "postillon.stderr"))
         root = self.roots()[name]
@@ -626,7 +725,7 @@ route = "{route}"
     def throughput(self) -> None:
         a = self.a
         targets = [] if a.no_raw else [("raw", a.sink_port)]
-        targets += [("postfix", a.postfix_port), ("postillon", a.port)]
+        targets += self.peer_ports()
         targets += [(name, port) for name, (_, port) in self.signed.items()]
         say("== warm-up (not counted)")
         for name, port in [t for t in targets if t[0] != "raw"]:
@@ -739,7 +838,10 @@ route = "{route}"
                 self.postillon.wait()
         if self.postillon is not None:
             (self.pdir / "daemon.pid").unlink(missing_ok=True)
-        for name, (proc, _) in self.signed.items():
+        instances = dict(self.signed)
+        if self.ab is not None:
+            instances["postillon-base"] = (self.ab, self.a.ab_port)
+        for name, (proc, _) in instances.items():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -750,6 +852,8 @@ route = "{route}"
             (self.root / name / "daemon.pid").unlink(missing_ok=True)
         if "postfix" in self.started:
             self.sh("./stop.sh", "postfix", check=False)
+        if "chasquid" in self.started:
+            self.sh("./stop.sh", "chasquid", check=False)
         if "sink" in self.started:
             self.sh("./sink.sh", "stop", check=False)
         if self.stderr is not None:
@@ -816,6 +920,7 @@ route = "{route}"
             "",
         ]
 
+        L += self.peer_ratios()
         L += self.dkim_report()
         L += [
             f"## All runs (median (min{DASH}max))",
@@ -825,7 +930,7 @@ route = "{route}"
             "listen overflows |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for peer in ("raw", "postfix", "postillon", *self.signed):
+        for peer in ("raw", "postfix", "chasquid", "postillon-base", "postillon", *self.signed):
             for mode in a.modes:
                 rs = [r for r in runs if r["peer"] == peer and r["mode"] == mode]
                 if not rs:
@@ -891,6 +996,42 @@ route = "{route}"
         if self.problems:
             L += ["## Problems", ""] + [f"- {p}" for p in self.problems] + [""]
         return "\n".join(L) + "\n"
+
+    def peer_ratios(self) -> list[str]:
+        """postillon / Postfix and postillon / chasquid per mode: accepted and end-to-end
+        msg/s (higher is better for postillon) and CPU ms/msg (lower is better)."""
+        peers = [name for name, _ in self.peer_ports() if name != "postillon"]
+        L = [
+            "## postillon / each peer (medians)",
+            "",
+            "| mode | peer | accepted msg/s postillon / peer | ratio | "
+            "e2e msg/s postillon / peer | ratio | CPU ms/msg postillon / peer | ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for mode in self.a.modes:
+            mine = [r for r in self.runs if r["peer"] == "postillon" and r["mode"] == mode]
+            for peer in peers:
+                theirs = [r for r in self.runs if r["peer"] == peer and r["mode"] == mode]
+                if not mine or not theirs:
+                    continue
+                cells = []
+                for key, fmt in (
+                    ("accept_mps", "%.0f"),
+                    ("e2e_mps", "%.0f"),
+                    ("cpu_ms_per_msg", "%.2f"),
+                ):
+                    m = median([r.get(key) for r in mine])
+                    t = median([r.get(key) for r in theirs])
+                    pair = f"{fmt % m if m else DASH} / {fmt % t if t else DASH}"
+                    cells += [pair, f"**{m / t:.2f}**" if m and t else DASH]
+                L.append(f"| {MODE_TXT.get(mode, mode)} | {peer} | " + " | ".join(cells) + " |")
+        L += [
+            "",
+            "Targets (issue 19): e2e ratio >= 2 against Postfix and > 1 against chasquid. "
+            "CPU ratio below 1 = postillon spends less CPU per message than the peer.",
+            "",
+        ]
+        return L
 
     def dkim_report(self) -> list[str]:
         """Signed / unsigned postillon, per mode: the issue asks for no more than a third

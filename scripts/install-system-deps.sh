@@ -24,6 +24,8 @@
 #   python3-milter   pymilter on Debian's libmilter: the reference milter library for protocol tests
 #   postgrey         a real Postfix policy server (greylisting) for [[policy_service]],
 #                      run on loopback from a temp dir by tests/support/postgrey.py
+#   strace           counts the server's fsync/fdatasync calls per message (tests/integration/
+#                      test_fsync_per_message.py) and the benchmark's durability check
 # Installs only what is missing; needs root (CI runs as root). Without root it
 # says what is missing and the tests that need it report the missing tool.
 set -eu
@@ -52,6 +54,7 @@ command -v rspamd >/dev/null 2>&1 || need="$need rspamd"
 [ -x /usr/sbin/clamav-milter ] || need="$need clamav-milter"
 /usr/bin/python3 -c 'import Milter' >/dev/null 2>&1 || need="$need python3-milter"
 [ -x /usr/sbin/postgrey ] || need="$need postgrey"
+command -v strace >/dev/null 2>&1 || need="$need strace"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages:$need (run as root or: sudo apt-get install$need)" >&2

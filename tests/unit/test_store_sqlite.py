@@ -24,12 +24,14 @@ from typing import Any
 import pytest
 
 from postillon.core.envelope import MailParams
+from postillon.core.reply import Reply
 from postillon.core.tlsrpt import TlsResultCount
 from postillon.queue.sqlite_store import SCHEMA_VERSION, SqliteStore
 from postillon.queue.store import (
     DeliveryState,
     NewMessage,
     NewRecipient,
+    OutcomeUpdate,
     QueueEvent,
     StoreError,
 )
@@ -111,6 +113,40 @@ async def test_concurrent_commits_share_batches(store: SqliteStore) -> None:
     assert stats["ops"] == 51
     assert stats["batches"] == 2  # the gate's, and one for all 50 commits
     assert len(await store.list_messages()) == 50
+
+
+async def test_bookkeeping_commits_without_the_wal_fsync(store: SqliteStore) -> None:
+    # A message commit is durable (fsync'd before the 250); its claim and its
+    # outcome are bookkeeping (lazy_batches: COMMIT without the WAL fsync). A
+    # batch mixing both is durable, and after a lazy batch the next message
+    # commit is again durable. Without durable=False every batch would fsync.
+    await store.commit(message("QL1"))
+    assert store.stats()["lazy_batches"] == 0
+    [record] = await store.claim_due(T0 + 1, 10, 60, "node")
+    await store.record_outcomes(
+        [
+            OutcomeUpdate(
+                record.record_id,
+                record.lease_token or "",
+                DeliveryState.DELIVERED,
+                Reply(250, "2.0.0", ("ok",)),
+                0,
+                T0 + 1,
+            )
+        ]
+    )
+    assert store.stats()["lazy_batches"] == 2
+    await store.commit(message("QL2"))
+    async with Gate(store):
+        claim = asyncio.ensure_future(store.claim_due(T0 + 1, 10, 60, "node"))
+        commit = asyncio.ensure_future(store.commit(message("QL3")))
+        await settle()
+    await asyncio.gather(claim, commit)
+    stats = store.stats()
+    assert stats["lazy_batches"] == 2
+    assert stats["batches"] == 6  # commit, claim, outcome, commit, gate, claim + commit
+    with sqlite3.connect(store.path) as conn:  # what the claim and outcome wrote is there
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (2,)
 
 
 async def test_a_big_batch_spans_several_multi_row_inserts(store: SqliteStore) -> None:

@@ -11,6 +11,7 @@ name a mailbox or are refused; they never reach ``remote``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 
@@ -32,8 +33,13 @@ class RelayPolicy:
         self._trusted: tuple[_Network, ...] = tuple(
             ipaddress.ip_network(n, strict=False) for n in trusted_networks
         )
+        # Asked for every recipient of a session from the same address: parse it once.
+        self._trusted_cache = functools.lru_cache(maxsize=4096)(self._is_trusted)
 
     def is_trusted(self, ip: str) -> bool:
+        return self._trusted_cache(ip)
+
+    def _is_trusted(self, ip: str) -> bool:
         if not ip or not self._trusted:
             return False
         try:

@@ -9,9 +9,11 @@ keyed by exact address).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 
+@functools.lru_cache(maxsize=4096)  # asked several times per session for the same client
 def client_key(ip: str) -> str:
     """IPv4 as is; IPv6 by its /64 (one host, or one customer of an ISP, usually
     owns a whole /64: RFC 6177); an IPv4-mapped IPv6 address as its IPv4 address

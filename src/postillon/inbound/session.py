@@ -44,6 +44,7 @@ from postillon.intake.headers import ClientInfo
 from postillon.intake.intake import Intake, IntakeError, IntakeTransaction
 from postillon.observability.maillog import MailLog
 from postillon.observability.metrics import ListenerMetrics, reject_reason_for_commit
+from postillon.osutil.streams import ReadDeadline, write_out
 from postillon.protocol import events as ev
 from postillon.protocol import replies as R
 from postillon.protocol.server import (
@@ -58,6 +59,10 @@ READ_SIZE = 256 * 1024
 QUEUE_UNAVAILABLE = Reply.of(421, "4.3.0", "Queue temporarily unavailable, try again later")
 CLOSE_TIMEOUT = 2.0
 LOCAL_IO_ERROR = Reply.of(421, "4.3.0", "Local error, closing connection; try again later")
+
+
+class ShutdownRequested(Exception):
+    """Set on an idle session's reader by request_shutdown: its wait ends, it says 421."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +139,7 @@ class Session:
         self.ptx: TransactionContext | None = None  # the pipeline's view of self.tx
         self.in_data = False
         self._stop_after_transaction = False
-        self._idle_reader: asyncio.Task[bytes] | None = None
+        self._reads = ReadDeadline(reader, READ_SIZE)  # one timer, not one per read
         self._auth_slot = False  # holds one slot of the AUTH failure budget
 
     def request_shutdown(self) -> None:
@@ -142,29 +147,21 @@ class Session:
         a transaction may finish it (the listener bounds how long) and then
         gets 421 instead of its next reply."""
         self._stop_after_transaction = True
-        if self.tx is None and self._idle_reader is not None:
-            self._idle_reader.cancel()
+        idle = self.tx is None and not self.in_data and self._reads.reading
+        if idle:  # waiting for a command between transactions: the read raises it
+            self.reader.set_exception(ShutdownRequested())
 
     # -- I/O ------------------------------------------------------------------
     async def _flush(self) -> None:
-        out = self.conn.data_to_send()
-        if out:
-            self.writer.write(out)
-            await self.writer.drain()
+        if out := self.conn.data_to_send():
+            await write_out(self.writer, out)
 
     async def _read(self) -> bytes:
         limits = self.deps.limits
-        if self.in_data or self.tx is not None:
-            timeout = limits.data_timeout if self.in_data else limits.command_timeout
-            async with asyncio.timeout(timeout):
-                return await self.reader.read(READ_SIZE)
         # Between transactions a shutdown may cut the wait short (request_shutdown).
-        self._idle_reader = asyncio.ensure_future(self.reader.read(READ_SIZE))
-        try:
-            async with asyncio.timeout(limits.command_timeout):
-                return await self._idle_reader
-        finally:
-            self._idle_reader = None
+        return await self._reads.read(
+            limits.data_timeout if self.in_data else limits.command_timeout
+        )
 
     async def run(self, greeting: Reply | None = None) -> None:
         try:
@@ -185,6 +182,7 @@ class Session:
                 self.writer.write(self.conn.data_to_send())
             await self._say_and_close(LOCAL_IO_ERROR)
         finally:
+            self._reads.close()
             await self._abort_tx()
             self._release_auth_slot()
             with contextlib.suppress(Exception):
@@ -274,7 +272,7 @@ class Session:
                 await self._flush()
                 try:
                     data = await self._read()
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, ShutdownRequested):
                     if not self._stop_after_transaction:
                         raise
                     conn.shutdown(SHUTTING_DOWN)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from email.utils import formatdate
 
@@ -40,6 +41,12 @@ class ClientInfo:
         return f"{self.helo or 'unknown'} ({inner})"
 
 
+@functools.lru_cache(maxsize=4)  # one formatting per second, not per message
+def _rfc5322_date(second: int) -> str:
+    """RFC 5322 date-time in GMT, whole seconds (what formatdate writes anyway)."""
+    return formatdate(second, localtime=False, usegmt=True)
+
+
 def received_header(
     client: ClientInfo, hostname: str, queue_id: str, recipient: str | None, when: float
 ) -> bytes:
@@ -50,7 +57,7 @@ def received_header(
     by = f"\tby {hostname} (postillon) with {client.protocol} id {queue_id}"
     if recipient:
         lines.append(by)
-        lines.append(f"\tfor <{recipient}>; {formatdate(when, localtime=False, usegmt=True)}")
+        lines.append(f"\tfor <{recipient}>; {_rfc5322_date(int(when))}")
     else:
-        lines.append(f"{by}; {formatdate(when, localtime=False, usegmt=True)}")
+        lines.append(f"{by}; {_rfc5322_date(int(when))}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")

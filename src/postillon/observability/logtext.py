@@ -56,6 +56,20 @@ class SafeFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         return escape_controls(redact(super().formatMessage(record)))
 
+    _stamp: tuple[int, str | None, str] = (-1, None, "")  # second, datefmt, its text
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """As logging's, formatted once per second when ``datefmt`` has no
+        sub-second part (every line of a busy second shares the text)."""
+        if datefmt is None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached_second, cached_fmt, text = self._stamp
+        if second != cached_second or datefmt != cached_fmt:
+            text = super().formatTime(record, datefmt)
+            self._stamp = (second, datefmt, text)
+        return text
+
     def formatException(self, ei: logging._SysExcInfoType) -> str:
         return _indented(super().formatException(ei))
 

@@ -42,6 +42,7 @@ from typing import Literal
 
 from postillon.core.envelope import MailParams, RcptParams
 from postillon.core.reply import Reply
+from postillon.osutil.streams import write_nowait
 from postillon.outbound.body_pieces import coalesce
 from postillon.outbound.session_types import (
     TLS_POLICY_STATUS,
@@ -560,13 +561,12 @@ class SmtpClientSession:
         self._poll_read()
 
     async def _flush(self, timeout: float) -> None:
-        data = self._conn.data_to_send()
-        if not data or self._closed:
+        if not (data := self._conn.data_to_send()) or self._closed:
             return
         try:
-            self._writer.write(data)
-            async with asyncio.timeout(timeout):
-                await self._writer.drain()
+            if not write_nowait(self._writer, data):  # else all sent: no timer to arm
+                async with asyncio.timeout(timeout):
+                    await self._writer.drain()
         except TimeoutError:
             self._give_up(f"timeout ({timeout:g}s) sending to {self.peer}")
         except OSError as exc:

@@ -26,6 +26,7 @@ An empty pool means "let the kernel choose", as before.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import itertools
@@ -38,6 +39,7 @@ __all__ = ["EgressSettings", "Selection", "SourceSelector", "family_of"]
 Selection = Literal["round-robin", "hash"]
 
 
+@functools.lru_cache(maxsize=1024)  # once per connection: parsing the address again is waste
 def family_of(address: str) -> int:
     """4 or 6 (a unix socket path or a name counts as 4: no source applies)."""
     try:

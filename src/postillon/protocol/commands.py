@@ -20,6 +20,7 @@ from postillon.core.envelope import (
     is_printable_ascii,
     xtext_decode,
 )
+from postillon.core.reply import Reply
 from postillon.protocol import replies as R
 from postillon.protocol.errors import ProtocolError
 from postillon.protocol.settings import ServerSettings
@@ -93,10 +94,27 @@ def parse_bdat(args: str) -> BdatCommand:
     return BdatCommand(int(words[0]), len(words) == 2)
 
 
-def _split_path(rest: str, bad: ProtocolError) -> tuple[str, list[str]]:
-    """Split ``<path> params...`` honouring quoted local parts (which may hold ``>``)."""
+def _split_path(rest: str, bad: Reply) -> tuple[str, list[str]]:
+    """Split ``<path> params...`` honouring quoted local parts (which may hold ``>``).
+    ``bad``: the reply if it is malformed (the error is built only then)."""
     if not rest.startswith("<"):
-        raise bad
+        raise ProtocolError(bad)
+    if '"' not in rest:  # the usual case, nothing quoted: the first ">" ends the path
+        i = rest.find(">")
+        if i < 0:
+            raise ProtocolError(bad)
+    else:
+        i = _quoted_path_end(rest)
+        if i < 0:
+            raise ProtocolError(bad)
+    tail = rest[i + 1 :]
+    if tail and not tail.startswith(" "):
+        raise ProtocolError(bad)
+    return rest[: i + 1], [p for p in tail.split(" ") if p]
+
+
+def _quoted_path_end(rest: str) -> int:
+    """The index of the ``>`` that ends ``<path>`` outside quotes, or -1."""
     quoted = False
     i = 1
     n = len(rest)
@@ -111,14 +129,9 @@ def _split_path(rest: str, bad: ProtocolError) -> tuple[str, list[str]]:
         elif c == '"':
             quoted = True
         elif c == ">":
-            break
+            return i
         i += 1
-    else:
-        raise bad
-    tail = rest[i + 1 :]
-    if tail and not tail.startswith(" "):
-        raise bad
-    return rest[: i + 1], [p for p in tail.split(" ") if p]
+    return -1
 
 
 def _split_param(param: str) -> tuple[str, str | None]:
@@ -169,7 +182,7 @@ def parse_mail(
 
     ``tls_active``: the session is TLS now (REQUIRETLS is accepted only then)."""
     rest = _strip_prefix(args, "FROM:")
-    path, raw_params = _split_path(rest, ProtocolError(R.BAD_SENDER))
+    path, raw_params = _split_path(rest, R.BAD_SENDER)
     params = parse_mail_params(raw_params, settings, tls_active=tls_active)
     sender = _address(path, smtputf8=params.smtputf8, rcpt=False)
     return sender, params
@@ -258,7 +271,7 @@ def parse_rcpt(
 ) -> tuple[Address, RcptParams]:
     """``RCPT TO:<forward-path> [SP params]``. ``smtputf8``: the transaction's MAIL said so."""
     rest = _strip_prefix(args, "TO:")
-    path, raw_params = _split_path(rest, ProtocolError(R.BAD_RECIPIENT))
+    path, raw_params = _split_path(rest, R.BAD_RECIPIENT)
     params = parse_rcpt_params(raw_params, settings)
     recipient = _address(path, smtputf8=smtputf8, rcpt=True)
     assert recipient is not None  # allow_null is False for RCPT

@@ -121,11 +121,11 @@ class SqliteStore:
         )
         self._writer = GroupCommitWriter(self._path)
         self._write = self._writer.submit
-        self.tls_reports = SqliteTlsReports(self._read, self._write)  # store.py step 7
-        self.acme = acme_state.SqliteAcmeState(self._read, self._write)  # step 8
-        self.traces = SqliteTraces(self._read, self._write)  # step 9
-        self.policy_state = policy_state.SqlitePolicyState(self._read, self._write)  # step 10
-        self.shaping = SqliteShapingState(self._read, self._write)  # step 11
+        self.tls_reports = SqliteTlsReports(self._read, self._writer.submit_lazy)  # step 7
+        self.acme = acme_state.SqliteAcmeState(self._read, self._write)  # step 8 (durable)
+        self.traces = SqliteTraces(self._read, self._writer.submit_lazy)  # step 9
+        self.policy_state = policy_state.SqlitePolicyState(self._read, self._writer.submit_lazy)
+        self.shaping = SqliteShapingState(self._read, self._writer.submit_lazy)  # step 11
 
     @property
     def path(self) -> Path:
@@ -185,7 +185,7 @@ class SqliteStore:
             )
             return _records_by_id(conn, ids)
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     async def record_outcomes(self, updates: Sequence[OutcomeUpdate]) -> list[str]:
         for u in updates:
@@ -245,7 +245,7 @@ class SqliteStore:
                     completed.append(queue_id)
             return completed
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     async def release_leases(self, owner: str) -> int:
         now = self._now()
@@ -253,7 +253,7 @@ class SqliteStore:
         def op(conn: sqlite3.Connection) -> int:
             return _release(conn, owner, now)
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     async def heartbeat(self, owner: str, now: float) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -263,7 +263,7 @@ class SqliteStore:
                 (owner, now),
             )
 
-        await self._write(op)
+        await self._write(op, durable=False)
 
     async def release_dead_owners(self, now: float, timeout: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
@@ -275,7 +275,7 @@ class SqliteStore:
             ]
             return sum(_release(conn, owner, now) for owner in dead)
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     async def hold(self, queue_id: str, now: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
@@ -379,13 +379,13 @@ class SqliteStore:
                 "INSERT INTO events (queue_id, at, event, fields) VALUES (?, ?, ?, ?)", rows
             )
 
-        await self._write(op)
+        await self._write(op, durable=False)
 
     async def prune_events(self, before: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
             return int(conn.execute("DELETE FROM events WHERE at < ?", (before,)).rowcount)
 
-        return await self._write(op)
+        return await self._write(op, durable=False)
 
     # ------------------------------------------------------------ reads
 

@@ -13,6 +13,21 @@ If the COMMIT itself fails, every caller of the batch gets a ``StoreError`` and
 nothing of the batch is visible. Message commits of a batch (bodies up to
 1 MiB) go in together as three multi-row INSERTs (see ``_bulk_commit``).
 
+Durability of bookkeeping: ``submit(..., durable=False)`` marks an operation
+whose loss in a crash only repeats work or loses a count (claims, delivery
+outcomes, released leases, heartbeats, history events; with ``submit_lazy``
+decision traces, report statistics, policy and shaping state; not the ACME
+state), as the PostgreSQL store does with
+``synchronous_commit = off``. A batch made only of such operations commits with
+``PRAGMA synchronous = NORMAL``: in WAL mode that skips the WAL fsync of the
+COMMIT (checkpoints still sync, so the file is never corrupted). Any batch with
+one durable operation (every message commit, so every 250) commits with
+``synchronous = FULL``, and its fsync of the WAL also makes every earlier frame
+durable, the lazy ones included: frames are appended in order. A kill -9 loses
+nothing either way (the frames are in the OS's page cache); a power loss may lose
+the last outcomes, so a delivery is repeated (SMTP's at-least-once), never lost.
+This halves the fsyncs per relayed message.
+
 If the thread itself dies (a bug, a connection that cannot be opened), the
 writer closes: every waiting and later caller gets a ``StoreError``, and
 ``failure`` says why, so the store's health check can report it and the server
@@ -119,7 +134,7 @@ def _insert_rows(
 
 
 class _Op:
-    __slots__ = ("commit", "fn", "future", "loop")
+    __slots__ = ("commit", "durable", "fn", "future", "loop")
 
     def __init__(
         self,
@@ -127,7 +142,9 @@ class _Op:
         future: asyncio.Future[Any],
         loop: asyncio.AbstractEventLoop,
         commit: Commit | None,
+        durable: bool,
     ) -> None:
+        self.durable = durable  # False: bookkeeping, committed without the WAL fsync
         self.fn = fn
         self.future = future
         self.loop = loop
@@ -165,7 +182,14 @@ class GroupCommitWriter:
         self.factory: type[sqlite3.Connection] = sqlite3.Connection
         # Why the thread died, if it did (None while it runs or after a clean close).
         self.failure: BaseException | None = None
-        self._stats = {"batches": 0, "ops": 0, "failed_ops": 0, "failed_batches": 0}
+        self._stats = {
+            "batches": 0,
+            "lazy_batches": 0,  # committed with synchronous = NORMAL: no WAL fsync
+            "ops": 0,
+            "failed_ops": 0,
+            "failed_batches": 0,
+        }
+        self._synchronous_full = True  # what the connection's PRAGMA says now
 
     def problem(self) -> str | None:
         """Why the writer cannot write, or None while it can."""
@@ -179,12 +203,19 @@ class GroupCommitWriter:
         return None
 
     def stats(self) -> dict[str, int]:
-        """Group-commit counters: batches (= COMMITs = WAL fsyncs), ops, failures."""
+        """Group-commit counters: batches (= COMMITs), lazy_batches (those without a WAL
+        fsync: batches - lazy_batches = fsyncs), ops, failures."""
         return dict(self._stats)
 
     async def submit(
-        self, fn: Callable[[sqlite3.Connection], T], commit: Commit | None = None
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        commit: Commit | None = None,
+        *,
+        durable: bool = True,
     ) -> T:
+        """Run ``fn`` in the writer's next batch. ``durable=False``: bookkeeping whose
+        loss in a power cut only repeats work (see the module docstring)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
@@ -195,8 +226,13 @@ class GroupCommitWriter:
                     target=self._main, name="postillon-store-writer", daemon=True
                 )
                 self._thread.start()
-            self._inbox.put(_Op(fn, future, loop, commit))
+            self._inbox.put(_Op(fn, future, loop, commit, durable))
         return await future
+
+    async def submit_lazy(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``submit(fn, durable=False)``: bookkeeping such as statistics, decision
+        traces and policy state, whose loss in a power cut is harmless."""
+        return await self.submit(fn, durable=False)
 
     async def close(self) -> bool:
         """Finish every operation already submitted, then stop the thread.
@@ -251,11 +287,12 @@ class GroupCommitWriter:
                 conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
-        """One transaction, one fsync, for every op of the batch."""
+        """One transaction, one fsync (none if every op is bookkeeping), for the batch."""
         self._stats["batches"] += 1
         self._stats["ops"] += len(ops)
         results: list[tuple[_Op, Any, BaseException | None]] = []
         try:
+            self._set_synchronous(conn, full=any(op.durable for op in ops))
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
             self._stats["failed_batches"] += 1
@@ -306,6 +343,15 @@ class GroupCommitWriter:
             return
         self._stats["failed_ops"] += sum(1 for _, _, error in results if error is not None)
         self._deliver(results)
+
+    def _set_synchronous(self, conn: sqlite3.Connection, *, full: bool) -> None:
+        """FULL for a batch with a durable op, NORMAL (no WAL fsync at COMMIT) for
+        bookkeeping only. Set between transactions, only when it changes."""
+        if not full:
+            self._stats["lazy_batches"] += 1
+        if full != self._synchronous_full:
+            conn.execute(f"PRAGMA synchronous = {'FULL' if full else 'NORMAL'}")
+            self._synchronous_full = full
 
     @staticmethod
     def _bulk_commit(
