@@ -63,7 +63,6 @@ from postillon.outbound.smtp_transport import SmtpTransport
 from postillon.paths import pid_path
 from postillon.queue.health import wait_unrecoverable
 from postillon.queue.history import HistoryRecorder
-from postillon.queue.postgres_store import PostgresStore
 from postillon.queue.store import QueueStore, StoreHealth
 from postillon.reload import Reloader, ReloadResult, share_keys
 from postillon.signing.signer import DkimSigner, build_signer
@@ -165,6 +164,9 @@ class App:
             await self._bind_mta_sts(config, certificate)
         # Keys are read before dropping root, as OpenDKIM does: they may be readable by root only.
         signer: DkimSigner | None = build_signer(config)
+        if config.queue.store == "postgresql":
+            # Only this store needs asyncpg (~3 MiB): imported as root (see below), opened later.
+            from postillon.queue.postgres_store import PostgresStore
         if drop_to is not None:
             # Everything imported from here on must be readable by the server's user; the
             # interpreter's own library may not be (a Python under /root). Import now what
@@ -191,7 +193,8 @@ class App:
 
         self.store = open_queue_store(config)
         self._builder.store = self.store
-        if isinstance(self.store, PostgresStore):
+        if config.queue.store == "postgresql":
+            assert isinstance(self.store, PostgresStore)  # imported before the drop, above
             # Connect and check the schema version now: a node with an unreachable or
             # unmigrated database refuses to start instead of refusing every message.
             await self.store.open()
