@@ -177,6 +177,8 @@ class App:
                 from postillon.admin.server import static_dir
 
                 static_dir()
+            if config.tls_reports.enabled:
+                import aiohttp  # noqa: F401 (tlsrpt/https_post.py posts the reports with it)
             await self._start_helpers(config, signer, drop_to)
             drop_privileges(drop_to)
             log.info("dropped privileges to user %s", drop_to)
