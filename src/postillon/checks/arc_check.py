@@ -43,6 +43,8 @@ def _dkim() -> ModuleType:
     install()  # idempotent
     module: ModuleType = dkim
     return module
+
+
 _ARC_FIELD = re.compile(rb"(?im)^arc-(?:seal|message-signature|authentication-results)[ \t]*:")
 _ARC_NAMES = frozenset((b"arc-seal", b"arc-message-signature", b"arc-authentication-results"))
 _HEADER_FROM = re.compile(r"header\.from=([^\s;()]+)", re.IGNORECASE)

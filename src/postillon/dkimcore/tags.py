@@ -34,7 +34,6 @@ _TAG_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9_]*")
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
 
 
-
 class TagListError(ValueError):
     """A tag-list that RFC 6376 §3.2 makes invalid as a whole."""
 
