@@ -22,7 +22,9 @@ import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import idna.uts46data  # noqa: F401 (see encodings.punycode above)
+# idna's own modules too (they import unicodedata); its UTS 46 table (idna.uts46data, 0.6 MiB,
+# nothing from the standard library) loads from site-packages with the first IDN domain.
+import idna  # noqa: F401 (see encodings.punycode above)
 
 from postillon.build import (
     Builder,
