@@ -7,10 +7,13 @@ MiB more in the next benchmark. No timing is asserted."""
 
 from __future__ import annotations
 
+import smtplib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import MakeServer
+from sink_fixtures import Sink
 from support.ports import free_port
 
 # What a server with the default SQLite store, no admin page, no MTA-STS server, no TLS
@@ -85,3 +88,33 @@ def test_the_admin_page_imports_its_web_stack(make_server: MakeServer, tmp_path:
     server.start()
     modules = server_modules(dump)
     assert "aiohttp" in modules and "postillon.admin.server" in modules
+
+
+def test_relaying_without_tls_loads_no_cryptography(
+    make_server: MakeServer, sink: Callable[..., Sink], tmp_path: Path
+) -> None:
+    """``[outbound] tls = "none"``: no handshake, so no certificate to judge; the system CAs
+    (parsed with cryptography, ~10 MiB with its shared object) are not loaded to record
+    one (outbound/smtp_transport.py ``tls_checker``). Also the inbound path of a relayed
+    message without signatures needs none of it."""
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    relay = sink()
+    server = make_server(
+        authentication={"enabled": True},
+        relay={"trusted_networks": ["127.0.0.0/8"]},
+        outbound={"tls": "none"},
+        transport=[{"domain": "relay.test", "route": f"smtp:[127.0.0.1]:{relay.port}"}],
+        # As in the bench; the first start with a self-signed certificate makes it with
+        # cryptography (later starts only read it).
+        tls={"self_signed": False},
+    )
+    server.env["POSTILLON_MEMORY_DUMP"] = str(dump)
+    server.start()
+    port = int(server.config["listen"][0]["address"].rpartition(":")[2])
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.sendmail("a@relay.test", ["b@relay.test"], b"Subject: x\r\n\r\nbody\r\n")
+    assert len(relay.dumps(1, timeout=20)) == 1
+    (dump / "modules.txt").unlink(missing_ok=True)  # the next dump: after the delivery
+    modules = server_modules(dump)
+    assert [m for m in modules if m.startswith(("cryptography", "nacl", "dkim"))] == []
