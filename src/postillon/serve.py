@@ -22,6 +22,7 @@ from postillon.config.model import Config
 from postillon.inbound.privileges import PrivilegeError
 from postillon.observability.maillog import configure_logging
 from postillon.observability.memory_dump import start_memory_dumps
+from postillon.osutil.malloc import limit_malloc_arenas
 from postillon.osutil.sd_notify import SystemdNotifier
 from postillon.queue.postgres_schema import SchemaError
 from postillon.queue.store import StoreError, StoreHealth
@@ -135,6 +136,7 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
 
 
 def run(config: Config, config_path: Path | None = None) -> None:
+    limit_malloc_arenas()  # before any thread starts (osutil/malloc.py)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is optional on exotic platforms

@@ -44,6 +44,20 @@ def server_modules(dump: Path, timeout: float = 20.0) -> list[str]:
     return path.read_text().split()
 
 
+def thread_arenas(pid: int) -> int:
+    """glibc malloc arenas besides the main one: 64 MiB reservations, 64 MiB aligned."""
+    starts = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if len(fields) == 5 and fields[1] == "rw-p" and start % ARENA == 0:
+            starts.append((start, end))
+    return len(starts)
+
+
+ARENA = 64 * 1024 * 1024
+
+
 def pss_anon_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith("Pss_Anon:"):
@@ -118,3 +132,7 @@ def test_relaying_without_tls_loads_no_cryptography(
     (dump / "modules.txt").unlink(missing_ok=True)  # the next dump: after the delivery
     modules = server_modules(dump)
     assert [m for m in modules if m.startswith(("cryptography", "nacl", "dkim"))] == []
+    # The queue store's threads and libuv's workers have all allocated by now: with
+    # M_ARENA_MAX = 2 (osutil/malloc.py) they share one arena instead of one each.
+    assert server.proc is not None
+    assert thread_arenas(server.proc.pid) <= 1
