@@ -22,7 +22,9 @@ import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import idna.uts46data  # noqa: F401 (see encodings.punycode above)
+# idna's own modules too (they import unicodedata); its UTS 46 table (idna.uts46data, 0.6 MiB,
+# nothing from the standard library) loads from site-packages with the first IDN domain.
+import idna  # noqa: F401 (see encodings.punycode above)
 
 from postillon.build import (
     Builder,
@@ -63,7 +65,6 @@ from postillon.outbound.smtp_transport import SmtpTransport
 from postillon.paths import pid_path
 from postillon.queue.health import wait_unrecoverable
 from postillon.queue.history import HistoryRecorder
-from postillon.queue.postgres_store import PostgresStore
 from postillon.queue.store import QueueStore, StoreHealth
 from postillon.reload import Reloader, ReloadResult, share_keys
 from postillon.signing.signer import DkimSigner, build_signer
@@ -165,6 +166,9 @@ class App:
             await self._bind_mta_sts(config, certificate)
         # Keys are read before dropping root, as OpenDKIM does: they may be readable by root only.
         signer: DkimSigner | None = build_signer(config)
+        if config.queue.store == "postgresql":
+            # Only this store needs asyncpg (~3 MiB): imported as root (see below), opened later.
+            from postillon.queue.postgres_store import PostgresStore
         if drop_to is not None:
             # Everything imported from here on must be readable by the server's user; the
             # interpreter's own library may not be (a Python under /root). Import now what
@@ -175,6 +179,8 @@ class App:
                 from postillon.admin.server import static_dir
 
                 static_dir()
+            if config.tls_reports.enabled:
+                import aiohttp  # noqa: F401 (tlsrpt/https_post.py posts the reports with it)
             await self._start_helpers(config, signer, drop_to)
             drop_privileges(drop_to)
             log.info("dropped privileges to user %s", drop_to)
@@ -191,7 +197,8 @@ class App:
 
         self.store = open_queue_store(config)
         self._builder.store = self.store
-        if isinstance(self.store, PostgresStore):
+        if config.queue.store == "postgresql":
+            assert isinstance(self.store, PostgresStore)  # imported before the drop, above
             # Connect and check the schema version now: a node with an unreachable or
             # unmigrated database refuses to start instead of refusing every message.
             await self.store.open()

@@ -51,7 +51,6 @@ from postillon.outbound.tls_observer import TlsObserver
 from postillon.outbound.tls_policy import DefaultMode, PolicyRule, TlsMode, TlsPolicyTable
 from postillon.paths import acme_dir, queue_path, tls_dir
 from postillon.protocol.server import ServerSettings
-from postillon.queue.postgres_store import PostgresStore
 from postillon.queue.sqlite_store import SqliteStore
 from postillon.queue.store import QueueStore
 from postillon.routing.aliases import load_aliases
@@ -67,6 +66,10 @@ def open_queue_store(config: Config) -> QueueStore:
     """The queue store the config names: the embedded SQLite file, or PostgreSQL at ``dsn``."""
     if config.queue.store == "postgresql":
         assert config.queue.dsn is not None  # the config model requires it
+        # Imported here: asyncpg and the PostgreSQL store cost ~3 MiB that the default
+        # (SQLite) store never needs. Called before privileges are dropped.
+        from postillon.queue.postgres_store import PostgresStore
+
         return PostgresStore(config.queue.dsn)
     queue_path(config).parent.mkdir(parents=True, exist_ok=True)
     return SqliteStore(queue_path(config))

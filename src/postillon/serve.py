@@ -21,6 +21,8 @@ from postillon.config.loader import ConfigError
 from postillon.config.model import Config
 from postillon.inbound.privileges import PrivilegeError
 from postillon.observability.maillog import configure_logging
+from postillon.observability.memory_dump import start_memory_dumps
+from postillon.osutil.malloc import limit_malloc_arenas
 from postillon.osutil.sd_notify import SystemdNotifier
 from postillon.queue.postgres_schema import SchemaError
 from postillon.queue.store import StoreError, StoreHealth
@@ -78,6 +80,7 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     loop.add_signal_handler(signal.SIGUSR1, _reopen_log, app)
     watchdog = asyncio.ensure_future(notifier.watchdog())
+    memory_dumps = start_memory_dumps()  # POSTILLON_MEMORY_DUMP=DIR only (bench/README.md)
     # `postillon tls renew`: renew the ACME certificate now (ignored without ACME).
     loop.add_signal_handler(signal.SIGUSR2, lambda: app.acme.renew_now() if app.acme else None)
     try:
@@ -88,6 +91,8 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
         log.error("cannot start: %s", exc)
         notifier.status(f"cannot start: {exc}")
         watchdog.cancel()
+        if memory_dumps is not None:
+            memory_dumps.cancel()
         loop.remove_signal_handler(signal.SIGHUP)
         with contextlib.suppress(Exception):
             await app.stop()
@@ -123,12 +128,15 @@ async def serve(config: Config, config_path: Path | None = None) -> None:
         with contextlib.suppress(Exception):
             await app.stop()
         watchdog.cancel()
+        if memory_dumps is not None:
+            memory_dumps.cancel()
         notifier.close()
     if failure is not None:
         raise SystemExit(f"postillon: the queue store failed: {failure.reason}")
 
 
 def run(config: Config, config_path: Path | None = None) -> None:
+    limit_malloc_arenas()  # before any thread starts (osutil/malloc.py)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is optional on exotic platforms

@@ -18,12 +18,10 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import dkim
+from types import ModuleType
 
 from postillon.checks.authresults import MethodResult
 from postillon.checks.blocking_dns import BlockingDns
-from postillon.checks.dkim_speedups import install as install_speedups
 from postillon.dkimcore.tags import MIN_RSA_BITS
 from postillon.dns.resolver import DnsTempError
 
@@ -31,7 +29,22 @@ from postillon.dns.resolver import DnsTempError
 KEY_LOOKUP_TIMEOUT = 5
 
 _quiet = logging.getLogger("postillon.checks.arc")
-install_speedups()
+
+
+def _dkim() -> ModuleType:
+    """dkimpy, with postillon's speed-ups installed: imported for the first message with
+    ARC fields, or the first seal, not at start (it brings dnspython's resolver, PyNaCl and
+    cryptography: bench/README.md, "Memory"). The standard library modules it needs are
+    imported by then (tests/integration/test_memory_footprint.py)."""
+    import dkim
+
+    from postillon.checks.dkim_speedups import install
+
+    install()  # idempotent
+    module: ModuleType = dkim
+    return module
+
+
 _ARC_FIELD = re.compile(rb"(?im)^arc-(?:seal|message-signature|authentication-results)[ \t]*:")
 _ARC_NAMES = frozenset((b"arc-seal", b"arc-message-signature", b"arc-authentication-results"))
 _HEADER_FROM = re.compile(r"header\.from=([^\s;()]+)", re.IGNORECASE)
@@ -55,7 +68,7 @@ def dkim_dnsfunc(bridge: BlockingDns) -> object:
         try:
             records = bridge.txt(text)
         except DnsTempError as exc:
-            raise dkim.DnsTimeoutError(str(exc)) from None
+            raise _dkim().DnsTimeoutError(str(exc)) from None
         # RFC 6376 §3.6.2.2: the strings of one record are concatenated; with several
         # records the result is undefined: take the first.
         return b"".join(records[0]) if records else None
@@ -83,7 +96,7 @@ def verify_arc(bridge: BlockingDns, message: bytes) -> ArcOutcome:
     if not has_arc_headers(message.split(b"\r\n\r\n", 1)[0]):
         return ArcOutcome(MethodResult("arc", "none"))
     try:
-        cv, results, reason = dkim.arc_verify(
+        cv, results, reason = _dkim().arc_verify(
             message, logger=_quiet, dnsfunc=dkim_dnsfunc(bridge), minkey=MIN_RSA_BITS
         )
     except Exception as exc:  # malformed chains must not take the session down
@@ -115,7 +128,7 @@ def arc_seal(
 
     Raises ``dkim.DKIMException`` for an unusable key or message.
     """
-    fields = dkim.arc_sign(
+    fields = _dkim().arc_sign(
         message,
         selector.encode("ascii"),
         domain.encode("ascii"),

@@ -7,27 +7,15 @@ import sys
 from pathlib import Path
 
 from postillon import __version__
-from postillon.cli import (
-    admin_cmd,
-    db_cmd,
-    dkim_cmd,
-    dmarc_cmd,
-    dns_cmd,
-    docs_cmd,
-    explain_cmd,
-    import_postfix_cmd,
-    queue_cmd,
-    reload_cmd,
-    setup_cmd,
-    tls_cmd,
-    user_cmd,
-)
 from postillon.cli.config_path import DEFAULT_CONFIG, find_config
 from postillon.config.loader import ConfigError, load_config
 from postillon.config.model import Config
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(serve_only: bool = False) -> argparse.ArgumentParser:
+    """The command line; ``serve_only``: the global options and ``serve`` alone, so the
+    server does not hold the other commands' modules (rich, asyncpg, the Postfix importer:
+    ~6 MiB PSS, bench/README.md "Memory")."""
     parser = argparse.ArgumentParser(
         prog="postillon",
         description="postillon, a mail transfer agent. Every command reads its config from "
@@ -49,6 +37,28 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate a configuration; errors name the file and key.",
     )
     check.add_argument("file", nargs="?", help="the file to check (default: as for --config)")
+    if not serve_only:
+        _add_tool_parsers(sub)
+    return parser
+
+
+def _add_tool_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from postillon.cli import (
+        admin_cmd,
+        db_cmd,
+        dkim_cmd,
+        dmarc_cmd,
+        dns_cmd,
+        docs_cmd,
+        explain_cmd,
+        import_postfix_cmd,
+        queue_cmd,
+        reload_cmd,
+        setup_cmd,
+        tls_cmd,
+        user_cmd,
+    )
+
     queue_cmd.add_parser(sub)
     user_cmd.add_parser(sub)
     db_cmd.add_parser(sub)
@@ -68,7 +78,6 @@ def _parser() -> argparse.ArgumentParser:
         ("newaliases", "no-op: aliases are read at start and reload (= sendmail -bi)"),
     ):
         sub.add_parser(name, help=text, add_help=False)
-    return parser
 
 
 def _unreadable_ca_files(config: Config) -> list[str]:
@@ -89,6 +98,17 @@ def _unreadable_ca_files(config: Config) -> list[str]:
     return problems
 
 
+def _command(argv: list[str]) -> str | None:
+    """The command that ``argv`` names (its first word after the global options)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("-c", "--config"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def _load(path: Path | None) -> Config:
     if path is None:
         return Config()
@@ -99,11 +119,40 @@ def main(argv: list[str] | None = None) -> int:
     from postillon.cli.sendmail import postillon_command
 
     # `postillon sendmail|mailq|newaliases ...` take sendmail's own options.
-    routed = postillon_command(sys.argv[1:] if argv is None else argv)
+    words = sys.argv[1:] if argv is None else argv
+    routed = postillon_command(words)
     if routed is not None:
         return routed
-    parser = _parser()
+    parser = _parser(serve_only=_command(words) == "serve")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        from postillon.serve import run
+
+        try:
+            config_file = find_config(args.config)
+            run(_load(config_file), config_file)
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+        return 0
+    from postillon.cli import (
+        admin_cmd,
+        db_cmd,
+        dkim_cmd,
+        dmarc_cmd,
+        dns_cmd,
+        docs_cmd,
+        explain_cmd,
+        import_postfix_cmd,
+        queue_cmd,
+        reload_cmd,
+        setup_cmd,
+        tls_cmd,
+        user_cmd,
+    )
+
     if args.command == "setup":  # needs no config: it writes one
         return setup_cmd.run(args)
     if args.command == "import-postfix":  # reads Postfix's config, not postillon's
@@ -149,11 +198,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config_file = find_config(args.config)
         config = _load(config_file)
-        if args.command == "serve":
-            from postillon.serve import run
-
-            run(config, config_file)
-            return 0
         if args.command == "reload":
             return reload_cmd.run(config, config_file, api=args.api)
         if args.command == "queue":

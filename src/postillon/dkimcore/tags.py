@@ -15,23 +15,23 @@ import binascii
 import functools
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import nacl.exceptions
-import nacl.signing
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from cryptography.hazmat.primitives.serialization import load_der_public_key
+# cryptography and PyNaCl are imported where a key is parsed or a signature checked: a
+# server whose helper process verifies holds neither (bench/README.md, "Memory"). The
+# standard library modules they need are imported by then (tests/unit/test_helper_memory.py).
+if TYPE_CHECKING:
+    import nacl.signing
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    PublicKey = rsa.RSAPublicKey | nacl.signing.VerifyKey
 
 # RFC 8301 §3.2: verifiers MUST NOT consider keys shorter than 1024 bits valid.
 MIN_RSA_BITS = 1024
 
 _TAG_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9_]*")
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
-
-PublicKey = rsa.RSAPublicKey | nacl.signing.VerifyKey
-_PREHASHED = {"sha256": Prehashed(hashes.SHA256()), "sha1": Prehashed(hashes.SHA1())}
 
 
 class TagListError(ValueError):
@@ -75,15 +75,29 @@ class KeyRecord:
     def verifies(self, signature: bytes, digest: bytes, hash_name: str) -> bool:
         """Whether ``signature`` is this key's over ``digest`` (the header hash): PKCS#1
         v1.5 for RSA, PureEdDSA over the hash for Ed25519 (RFC 8463 §3)."""
+        import nacl.exceptions
+        import nacl.signing
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric import padding
+
         key = self.public_key
         try:
             if isinstance(key, nacl.signing.VerifyKey):
                 key.verify(digest, signature)
             else:
-                key.verify(signature, digest, padding.PKCS1v15(), _PREHASHED[hash_name])
+                key.verify(signature, digest, padding.PKCS1v15(), _prehashed(hash_name))
         except (InvalidSignature, nacl.exceptions.BadSignatureError, ValueError):
             return False
         return True
+
+
+@functools.lru_cache(maxsize=2)
+def _prehashed(hash_name: str) -> Prehashed:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+    algorithm = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}[hash_name]
+    return Prehashed(algorithm())
 
 
 class KeyRecordError(ValueError):
@@ -122,6 +136,11 @@ def _parse_key_record(record: bytes) -> KeyRecord | KeyRecordError:
         return KeyRecordError("key record: p= is not base64")
     if not raw:
         return KeyRecordError("key revoked (empty p=)", revoked=True)
+    import nacl.exceptions
+    import nacl.signing
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
     public_key: PublicKey
     try:
         if key_type == "rsa":

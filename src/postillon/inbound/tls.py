@@ -13,11 +13,6 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from postillon.osutil.safeio import write_file
 
 
@@ -30,6 +25,13 @@ def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     key_path = directory / "selfsigned-key.pem"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
+    # Only to make the pair (once): a server reading an existing one does not hold
+    # cryptography for it (bench/README.md, "Memory").
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])

@@ -464,15 +464,16 @@ class SmtpTransport:
                 ) from exc
             # MTA-STS testing must never stop a delivery (RFC 8461 §5): say it, go on.
             log.error("MTA-STS: cannot read [outbound] sts_ca_file: %s", exc)
-        if requirement.mode in ("none", "opportunistic", "encrypt") and not anchors:
-            anchors = _recording_anchors()
+        # Recording only (RFC 7435): the system CAs are parsed (with cryptography) after a
+        # handshake, not for every connection: never without TLS (bench/README.md "Memory").
+        recording = requirement.mode in ("none", "opportunistic", "encrypt") and not anchors
 
         def check(chain: list[bytes]) -> TlsCheck:
             result = check_requirement(
                 requirement,
                 chain,
                 host=target.host,
-                anchors=anchors,
+                anchors=_recording_anchors() if recording else anchors,
                 now=datetime.datetime.now(datetime.UTC),
             )
             if testing and result.reason:  # reported, not enforced (RFC 8461 §5)

@@ -19,9 +19,7 @@ Never edit a migration that has shipped; add the next one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
-
-import asyncpg
+from typing import TYPE_CHECKING, Final
 
 from postillon.queue.acme_state import POSTGRES_TABLES as ACME_TABLES
 from postillon.queue.policy_state import POSTGRES_TABLES as POLICY_STATE_TABLES
@@ -29,6 +27,9 @@ from postillon.queue.shaping_state import POSTGRES_TABLES as SHAPING_TABLES
 from postillon.queue.sts_cache import POSTGRES_TABLE
 from postillon.queue.tls_reports import POSTGRES_TABLES as TLS_REPORT_TABLES
 from postillon.queue.traces import POSTGRES_TABLES as TRACE_TABLES
+
+if TYPE_CHECKING:  # asyncpg only with the PostgreSQL store; SchemaError is imported by serve
+    import asyncpg
 
 __all__ = [
     "MIGRATIONS",

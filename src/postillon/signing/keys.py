@@ -28,11 +28,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-import nacl.signing
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from typing import TYPE_CHECKING, Literal
 
 from postillon.config.model import DkimConfig
 from postillon.core.address import AddressError, domain_to_ascii
@@ -41,8 +37,15 @@ from postillon.signing.remote_keys import rsa_sign
 
 log = logging.getLogger("postillon.dkim")
 
+# cryptography and PyNaCl are imported where a key is read, made or used: a server without
+# DKIM keys does not hold them (bench/README.md, "Memory").
+if TYPE_CHECKING:
+    import nacl.signing
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
 Algorithm = Literal["rsa", "ed25519"]
-PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 KEY_SUFFIX = ".key"
 # RFC 8301 §3.2: signers MUST use RSA keys of at least 1024 bits and SHOULD use 2048.
@@ -74,6 +77,10 @@ class DkimKey:
     fingerprint: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        import nacl.signing
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
         ed = isinstance(self.private_key, ed25519.Ed25519PrivateKey)
         object.__setattr__(self, "algorithm", "ed25519" if ed else "rsa")
         seed = (
@@ -94,8 +101,7 @@ class DkimKey:
         PureEdDSA over the hash (RFC 8463 §3)."""
         if self._ed25519 is not None:
             return self._ed25519.sign(digest).signature
-        assert isinstance(self.private_key, rsa.RSAPrivateKey)
-        return rsa_sign(self.private_key, digest)
+        return rsa_sign(self.private_key, digest)  # type: ignore[arg-type] # RSA: not Ed25519
 
     @property
     def signature_algorithm(self) -> bytes:
@@ -109,6 +115,9 @@ class DkimKey:
 
     def public_key_base64(self) -> str:
         """``p=``: RSA as DER SubjectPublicKeyInfo, Ed25519 as the raw 32 bytes (RFC 8463 §4)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
         public = self.private_key.public_key()
         if isinstance(public, ed25519.Ed25519PublicKey):
             raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -133,6 +142,9 @@ class DkimKey:
     def dkimpy_private_key(self) -> bytes:
         """The key in the form ``dkimpy`` takes (for ARC sealing with ``dkim.arc_sign``):
         RSA as a PKCS#1 PEM, Ed25519 as the base64 of the 32-byte seed."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
         if isinstance(self.private_key, ed25519.Ed25519PrivateKey):
             seed = self.private_key.private_bytes(
                 serialization.Encoding.Raw,
@@ -219,6 +231,9 @@ def default_keys_dir(data_dir: Path, keys_dir: Path | None = None) -> Path:
 
 def load_private_key(path: Path) -> PrivateKey:
     """Read a PEM private key (PKCS#8 or PKCS#1); RSA of >= 1024 bits, or Ed25519."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -301,6 +316,8 @@ def _warn_if_readable_by_others(path: Path) -> None:
 
 
 def generate_private_key(algorithm: Algorithm) -> PrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
     if algorithm == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()
     return rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
@@ -350,6 +367,8 @@ def write_new_key(
         if owner is not None:
             set_dir_owner(keys_dir, owner, fd=keys_fd)
             set_dir_owner(directory, owner, fd=dir_fd)
+        from cryptography.hazmat.primitives import serialization
+
         key = generate_private_key(algorithm)
         pem = key.private_bytes(
             serialization.Encoding.PEM,

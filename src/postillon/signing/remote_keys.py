@@ -17,11 +17,11 @@ same user and held nothing less: the server read the same keys from disk.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+# cryptography is imported where a key is used: a server without RSA keys does not hold it.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 SignRequest = tuple[str, bytes]
 
@@ -40,11 +40,21 @@ class ServerKey(Protocol):
 
 def rsa_sign(private_key: rsa.RSAPrivateKey, digest: bytes) -> bytes:
     """RSASSA-PKCS1-v1_5 over a SHA-256 ``digest`` (RFC 6376 §3.3.1)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
     return private_key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
 
 
 def shared_keys(keys: Iterable[ServerKey]) -> dict[str, bytes]:
     """The ``keys`` state for the helpers: the RSA keys among ``keys``."""
+    keys = list(keys)
+    if not keys:
+        return {}
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     return {
         key.fingerprint: key.private_key.private_bytes(
             serialization.Encoding.DER,
@@ -63,6 +73,9 @@ class RemoteKeys:
         self._keys: dict[str, rsa.RSAPrivateKey] = {}
 
     def replace(self, keys: dict[str, bytes]) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         loaded: dict[str, rsa.RSAPrivateKey] = {}
         for fingerprint, der in keys.items():
             key = serialization.load_der_private_key(der, password=None)
