@@ -301,7 +301,7 @@ async def test_a_wide_message_is_one_delivery_per_domain_all_at_once(env) -> Non
     transport call per domain (intake stores each domain's recipients together; the
     runner counts deliveries, not recipients, against ``concurrency``), delivered in
     parallel, not one call per recipient one after another."""
-    clock, store, intake, _ = env
+    _, store, intake, _ = env
     remote = Parallel()
     runner, _ = make_runner(env, remote, concurrency=50)  # type: ignore[arg-type]
     rcpts = [f"r{i}@d{i % 50}.remote.test" for i in range(1000)]
