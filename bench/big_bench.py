@@ -147,9 +147,10 @@ class BigBench(Bench):
 
     def start(self) -> None:
         a = self.a
-        if listening(a.wide_port):
-            raise SystemExit(f"port {a.wide_port} is busy: pick --wide-port")
-        self.start_wide_sinks()
+        if not a.no_wide:
+            if listening(a.wide_port):
+                raise SystemExit(f"port {a.wide_port} is busy: pick --wide-port")
+            self.start_wide_sinks()
         super().start()
         # The same size limit and routes for Postfix, then a reload.
         etc = str(self.root / "postfix" / "etc")
@@ -288,6 +289,9 @@ class BigBench(Bench):
     def stop(self) -> None:
         super().stop()
         if self.a.keep:
+            if self.wide_sinks:
+                pids = " ".join(str(p.pid) for p in self.wide_sinks)
+                say(f"--keep: per-domain smtp-sinks left running: kill {pids}")
             return
         for proc in self.wide_sinks:
             proc.kill()
