@@ -13,6 +13,11 @@ them, or when none answers, small messages are verified inline (a few hundred
 microseconds, less than a hand-off to a worker thread costs); above
 :data:`INLINE_VERIFY_BYTES` the hashing runs in a worker thread (``hashlib`` releases the
 GIL), so a large message never stalls other sessions.
+
+Above ``[authentication] max_arc_size`` the message is never read whole:
+:func:`verify_dkim_streamed` parses the header section, hashes the body from the spool
+chunk by chunk in a worker thread (``dkimcore/body_stream.py``), then checks each
+signature against those hashes.
 """
 
 from __future__ import annotations
