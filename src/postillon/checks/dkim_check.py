@@ -193,7 +193,10 @@ async def verify_dkim_streamed(
             hashes.update(chunk)
         return hashes.digests()
 
-    digests = await asyncio.to_thread(hash_body) if keys else {}
+    try:
+        digests = await asyncio.to_thread(hash_body) if keys else {}
+    except OSError as exc:  # the spool could not be read back (intake logs spool faults)
+        return [MethodResult("dkim", "temperror", f"message not readable: {exc}"[:120])]
     outcomes = verify_with_digests(fields, signatures, digests, prefetched_keys(bridge))
     return [_method_result(o) for o in outcomes]
 
