@@ -34,12 +34,16 @@ lint: deps
 	$(BIN)/ruff format --check --quiet src tests bench
 	$(BIN)/mypy
 
+# Large and wide messages (bench/big_bench.py): about two minutes with these.
+BIG_BENCH_ARGS ?= --reps 3 --big-n 50 --wide-rcpts 1000
+
 bench: deps system-deps
 	$(BIN)/python bench/accept_bench.py $(BENCH_ARGS)
 	$(BIN)/python bench/cluster_bench.py $(CLUSTER_BENCH_ARGS)
 	$(BIN)/python bench/tls_bench.py $(TLS_BENCH_ARGS)
 	$(BIN)/python bench/pipeline_bench.py $(PIPELINE_BENCH_ARGS)
 	$(BIN)/python bench/maildir_bench.py $(MAILDIR_BENCH_ARGS)
+	$(BIN)/python bench/big_bench.py $(BIG_BENCH_ARGS)
 
 # The wheel and sdist an operator installs (`pipx install dist/postillon-*.whl`):
 # docs/install.md. The sdist is built first and the wheel from it.

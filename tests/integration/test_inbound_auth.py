@@ -378,6 +378,32 @@ def test_opendkim_signed_mail_altered_in_transit_is_refused(
     assert "dkim=fail" in server.maillog()
 
 
+def test_large_messages_are_dkim_verified_streaming(
+    tmp_path: Path, dns: DnsServer, dkim_key: tuple[Path, str]
+) -> None:
+    """Above max_arc_size the body hashes come from the spool chunk by chunk
+    (dkimcore/body_stream.py), never the whole message: same verdicts, pass and fail."""
+    server = start_server(tmp_path / "srv", dns, max_arc_size=0, helper_processes=0)
+    try:
+        # Lines with blanks relaxed canonicalisation changes, empty lines at the end, and
+        # more than a spool chunk (64 KiB) of body.
+        lines = "".join(f"line {i}\t with  blanks \r\n" for i in range(8000)) + "\r\n\r\n"
+        subject = f"big{next(_counter)}"
+        body = message("Alice <a@signed.test>", subject).replace(b"hello\r\n", lines.encode())
+        signed = opendkim_sign(dkim_key[0], body)
+        assert len(signed) > 200_000
+        code, reply = send(server, "a@signed.test", signed)
+        assert code == OK, reply
+        results = our_results(delivered(server, subject))
+        assert "dkim=pass" in results and "dmarc=pass" in results, results
+        altered = signed.replace(b"line 7000\t", b"line 7001\t")
+        code, reply = send(server, "a@signed.test", altered)
+        assert (code, reply.split()[0]) == DMARC_REJECTED, reply
+        assert "body hash did not verify" in server.maillog() or "dkim=fail" in server.maillog()
+    finally:
+        server.stop()
+
+
 # -- forged verdicts ------------------------------------------------------------------------
 
 

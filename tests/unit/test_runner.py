@@ -5,6 +5,7 @@ asked."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -274,3 +275,48 @@ async def test_beat_takes_over_the_leases_of_a_silent_runner(env) -> None:  # ty
     assert await runner.beat() == 1
     assert await runner.run_once() == 1
     assert await store.get_message(qid) is None
+
+
+class Parallel:
+    """A transport that delivers everything, counting calls and the most at once."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+        self.running = 0
+        self.most = 0
+
+    async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
+        self.calls.append(tuple(r.recipient for r in job.records))
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(0.01)
+        finally:
+            self.running -= 1
+        return [Delivered(OK, "parallel") for _ in job.records]
+
+
+async def test_a_wide_message_is_one_delivery_per_domain_all_at_once(env) -> None:  # type: ignore[no-untyped-def]
+    """1,000 recipients in 50 domains, given in RCPT order that mixes the domains: one
+    transport call per domain (intake stores each domain's recipients together; the
+    runner counts deliveries, not recipients, against ``concurrency``), delivered in
+    parallel, not one call per recipient one after another."""
+    _, store, intake, _ = env
+    remote = Parallel()
+    runner, _ = make_runner(env, remote, concurrency=50)  # type: ignore[arg-type]
+    rcpts = [f"r{i}@d{i % 50}.remote.test" for i in range(1000)]
+    qid = await submit(intake, rcpts)
+    runner.start()
+    try:
+        for _ in range(500):
+            if await store.get_message(qid) is None:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await runner.stop()
+    assert await store.get_message(qid) is None  # all delivered
+    assert sorted(r for call in remote.calls for r in call) == sorted(rcpts)
+    # A domain may be split across two claims (a claim takes as many recipients as
+    # there are free delivery slots); one call per recipient would be 1,000.
+    assert len(remote.calls) < 2 * 50
+    assert remote.most > 1

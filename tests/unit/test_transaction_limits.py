@@ -9,7 +9,12 @@ import pytest
 
 from postillon.core.reply import Reply
 from postillon.outbound.session_types import SessionError, TransactionResult
-from postillon.outbound.transaction_limits import NOT_SENT, batches, send_within_limits
+from postillon.outbound.transaction_limits import (
+    DEFAULT_RCPT_MAX,
+    NOT_SENT,
+    batches,
+    send_within_limits,
+)
 from postillon.protocol.client_events import Extensions
 
 OK = Reply.of(250, "2.0.0", "Ok")
@@ -112,3 +117,23 @@ async def test_only_non_ascii_local_parts_are_refused_without_smtputf8() -> None
         await send_sendable(Extensions({}), rcpts, broken)
     assert caught.value.partial is not None
     assert caught.value.partial.per_recipient == (NON_ASCII_LOCAL_PART, OK, NOT_SENT)
+
+
+async def test_without_rcptmax_at_most_100_recipients_per_transaction() -> None:
+    """RFC 5321 4.5.3.1.8 promises 100 recipients per message, no more: 250 recipients
+    to a server without LIMITS go as 100 + 100 + 50 on the same connection, instead of
+    one transaction whose last 150 recipients may get 452 and wait for a retry."""
+    session = Session("", "only")
+    seen: list[int] = []
+
+    async def send(session: Session, part: range) -> TransactionResult:
+        seen.append(len(part))
+        session.messages_sent += 1
+        return TransactionResult((OK,) * len(part), OK)
+
+    async def reconnect() -> Session:
+        raise AssertionError("no MAILMAX: no reconnect")
+
+    result, last = await send_within_limits(session, 250, send, reconnect)
+    assert DEFAULT_RCPT_MAX == 100
+    assert seen == [100, 100, 50] and len(result.per_recipient) == 250 and last is session

@@ -26,9 +26,12 @@ this server through an alias, an ARC set sealed with the forwarding
 domain's key (RFC 8617 §5.1). Policy itself is ``auth_policy.decide``.
 
 At most ``max_verify_concurrency`` messages are verified at once
-(``verify_slot``): each holds its whole message in memory, up to
-``max_verify_size``, so without a bound the memory a client could make the
-server hold grew with the number of its sessions. A message that gets no slot
+(``verify_slot``): each may hold its whole message in memory, up to
+``max_arc_size`` (ARC's dkimpy wants it whole), so without a bound the memory a
+client could make the server hold grew with the number of its sessions. Larger
+messages, up to ``max_verify_size``, have their DKIM body hashes computed from
+the spool chunk by chunk (``verify_dkim_streamed``) and get no ARC verification
+or seal: a 10 MiB message is verified holding one chunk at a time. A message that gets no slot
 within ``verify_wait`` seconds is answered ``VERIFY_BUSY``.
 """
 
@@ -38,14 +41,18 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from postillon.checks.arc_check import ArcOutcome, arc_seal, has_arc_headers, verify_arc
 from postillon.checks.auth_policy import Decision, decide
 from postillon.checks.authresults import MethodResult, header_values, render, strip_own_results
 from postillon.checks.blocking_dns import BlockingDns
-from postillon.checks.dkim_check import dkim_key_names, verify_dkim_message
+from postillon.checks.dkim_check import (
+    dkim_key_names,
+    verify_dkim_message,
+    verify_dkim_streamed,
+)
 from postillon.checks.dmarc_check import (
     AuthIdentity,
     PolicyLookup,
@@ -92,9 +99,18 @@ class MessageFacts:
     helo: str
     mail_from: str  # "" for the null reverse-path
     header: bytes  # the client's header section (CRLF lines, no final empty line)
-    message: bytes | None  # the whole message as received; None when too large to verify
+    # The whole message as received, in memory: only up to max_arc_size (ARC needs it so,
+    # dkimpy has no streaming interface). None above it, or when too large to verify.
+    message: bytes | None
     # (delivery address, address the client gave) for each recipient
     recipients: Sequence[tuple[str, str]] = ()
+    # The body (after the header section's empty line) read from the spool in chunks,
+    # when ``message`` is None but DKIM is still verified: hashed streaming.
+    body: Callable[[], Iterable[bytes]] | None = None
+
+    @property
+    def dkim_verified(self) -> bool:
+        return self.message is not None or self.body is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +213,7 @@ class InboundAuthentication:
     async def evaluate(self, facts: MessageFacts) -> Verdict:
         loop = asyncio.get_running_loop()
         bridge = BlockingDns(self.resolver, loop)
-        key_names = dkim_key_names(facts.header) if facts.message is not None else []
+        key_names = dkim_key_names(facts.header) if facts.dkim_verified else []
         from_domain, from_problem = from_domain_of(header_values(facts.header, "From"))
         # The DMARC record: from the resolver's cache, or looked up alongside the rest.
         dmarc_lookup: asyncio.Future[PolicyLookup] | None = None
@@ -210,18 +226,25 @@ class InboundAuthentication:
                 dmarc_lookup = asyncio.ensure_future(discover_policy(self.resolver, from_domain))
         await bridge.prefetch_txt(self._names_to_prefetch(facts, key_names))
         try:
-            if facts.message is None:
-                too_big = MethodResult("dkim", "policy", "message too large to verify")
-                dkim_results = [too_big]
-            else:
+            if facts.message is not None:
                 dkim_results = await verify_dkim_message(
                     facts.message, key_names, bridge, self.helpers
                 )
+            elif facts.body is not None:
+                dkim_results = await verify_dkim_streamed(
+                    facts.header, facts.body, key_names, bridge
+                )
+            else:
+                too_big = MethodResult("dkim", "policy", "message too large to verify")
+                dkim_results = [too_big]
             cached = cached_spf(self.spf_cache, facts.client_ip, facts.mail_from, facts.helo)
             wants_arc = facts.message is not None and has_arc_headers(facts.header)
             arc: ArcOutcome | None = None
             if facts.message is not None:
                 arc = ArcOutcome(MethodResult("arc", "none"))
+            elif facts.body is not None and has_arc_headers(facts.header):
+                # Not verified: dkimpy needs the whole message in memory (max_arc_size).
+                arc = ArcOutcome(MethodResult("arc", "none", "message too large for ARC"))
             if cached is not None and not wants_arc:
                 spf = cached
             else:
@@ -252,7 +275,7 @@ class InboundAuthentication:
             ]
             spf_id = AuthIdentity(spf.domain, spf.result) if spf.domain else None
             dmarc, policy = evaluate(from_domain, lookup, spf_id, dkim_ids)
-            if facts.message is None and dmarc.result == "fail":
+            if not facts.dkim_verified and dmarc.result == "fail":
                 # We did not verify DKIM: never act on a verdict we could not reach.
                 dmarc = MethodResult("dmarc", "none", "DKIM not verified", dmarc.properties)
                 policy = "none"

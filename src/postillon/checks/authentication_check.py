@@ -6,7 +6,8 @@ but their messages lose any ``Authentication-Results:`` claiming to be ours. A
 checked message gets the new ``Authentication-Results:`` (and an ARC set when an alias
 forwards it off-server) on top; a DMARC/SPF policy may refuse it
 (``auth_policy.py``). The whole message is read into memory only inside a
-verification slot (bounded; ``VERIFY_BUSY`` after ``verify_wait``).
+verification slot (bounded; ``VERIFY_BUSY`` after ``verify_wait``), and only up to
+``max_arc_size``; a larger one is DKIM-verified streaming from the spool.
 """
 
 from __future__ import annotations
@@ -56,16 +57,19 @@ class AuthenticationCheck(BaseCheck):
             saw = f"not checked: {why}; removed {removed} forged Authentication-Results"
             return proceed(saw, SetHeaderSection(header))
         too_big = message.size > checks.config.max_verify_size
+        whole = not too_big and message.size <= checks.config.max_arc_size
         try:
-            # The message is read into memory only once it has a slot.
+            # The message is read into memory only once it has a slot, and only up to
+            # max_arc_size; above it DKIM hashes the body from the spool in chunks.
             async with checks.verify_slot():
                 facts = MessageFacts(
                     client_ip=client.ip,
                     helo=client.helo,
                     mail_from=tx.sender,
                     header=message.header,
-                    message=None if too_big else message.message_bytes(),
+                    message=message.message_bytes() if whole else None,
                     recipients=[(t, r.address) for r in tx.recipients for t in r.targets],
+                    body=None if whole or too_big else message.body_chunks,
                 )
                 verdict = await checks.evaluate(facts)
         except VerifyBusy:

@@ -13,24 +13,32 @@ them, or when none answers, small messages are verified inline (a few hundred
 microseconds, less than a hand-off to a worker thread costs); above
 :data:`INLINE_VERIFY_BYTES` the hashing runs in a worker thread (``hashlib`` releases the
 GIL), so a large message never stalls other sessions.
+
+Above ``[authentication] max_arc_size`` the message is never read whole:
+:func:`verify_dkim_streamed` parses the header section, hashes the body from the spool
+chunk by chunk in a worker thread (``dkimcore/body_stream.py``), then checks each
+signature against those hashes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from postillon.checks.authresults import MethodResult
 from postillon.checks.blocking_dns import BlockingDns
+from postillon.dkimcore.body_stream import BodyHashes, DigestKey
 from postillon.dkimcore.canonical import Field, HeaderFormatError, header_fields, split_message
 from postillon.dkimcore.remote import KeyAnswer, ResultRow
 from postillon.dkimcore.verify import (
     KeyUnavailable,
     Result,
     Signature,
+    body_hash_keys,
     key_names,
     parse_signatures,
     verify_signatures,
+    verify_with_digests,
 )
 from postillon.dns.resolver import DnsTempError, Resolver
 from postillon.helpers.pool import HelperPool
@@ -155,6 +163,42 @@ async def verify_dkim_message(
     if unfetched:  # keys the quick scan did not find: fetch them now, not temperror
         await bridge.prefetch_txt(unfetched)
     return await verify_dkim(parsed, bridge)
+
+
+async def verify_dkim_streamed(
+    header: bytes,
+    body: Callable[[], Iterable[bytes]],
+    names: list[str],
+    bridge: BlockingDns,
+) -> list[MethodResult]:
+    """Every signature's result for a message too large to hold in memory: the body
+    hashes come from one pass over ``body()`` (the spool, chunk by chunk, in a worker
+    thread: ``hashlib`` releases the GIL), then each signature is checked against them.
+    ``header``: the header section; ``names``: :func:`dkim_key_names`, prefetched."""
+    try:
+        fields = header_fields(header)
+    except HeaderFormatError as exc:
+        return [MethodResult("dkim", "permerror", f"unparseable header: {exc}"[:120])]
+    signatures = parse_signatures(fields)
+    if not signatures:
+        return [MethodResult("dkim", "none", "message not signed")]
+    unfetched = [s.key_name for s in signatures if s.key_name and s.key_name not in names]
+    if unfetched:
+        await bridge.prefetch_txt(unfetched)
+    keys = body_hash_keys(signatures)
+
+    def hash_body() -> dict[DigestKey, bytes]:
+        hashes = BodyHashes(keys)
+        for chunk in body():
+            hashes.update(chunk)
+        return hashes.digests()
+
+    try:
+        digests = await asyncio.to_thread(hash_body) if keys else {}
+    except OSError as exc:  # the spool could not be read back (intake logs spool faults)
+        return [MethodResult("dkim", "temperror", f"message not readable: {exc}"[:120])]
+    outcomes = verify_with_digests(fields, signatures, digests, prefetched_keys(bridge))
+    return [_method_result(o) for o in outcomes]
 
 
 async def check_dkim(resolver: Resolver, message: bytes) -> list[MethodResult]:

@@ -49,11 +49,16 @@ class AuthenticationConfig(BaseModel):
     # override a local DMARC failure when their seal says dmarc=pass.
     arc_trusted_sealers: tuple[str, ...] = ()
     quarantine_header: str = "X-Postillon-Quarantine"  # added by "quarantine"
-    # Messages larger than this get SPF only (DKIM/ARC need the whole message
-    # in memory); DMARC then relies on SPF.
-    max_verify_size: int = Field(10 * 1024 * 1024, ge=0)
-    # Messages verified at once (each may hold max_verify_size in memory: 16 x
-    # 10 MiB by default). A message that finds every slot taken waits up to
+    # Messages larger than this get SPF only (DKIM is not verified: its body hash
+    # is computed streaming, so this bounds CPU, not memory); DMARC then relies on
+    # SPF and never acts on a failure.
+    max_verify_size: int = Field(52_428_800, ge=0)
+    # Messages up to this size are read into memory whole for verification, as ARC
+    # (dkimpy) needs; larger ones are DKIM-verified streaming from the spool and get
+    # no ARC verification (arc=none, "message too large for ARC") nor ARC seal.
+    max_arc_size: int = Field(1024 * 1024, ge=0)
+    # Messages verified at once (each may hold max_arc_size in memory: 16 x
+    # 1 MiB by default). A message that finds every slot taken waits up to
     # verify_wait seconds (well within the 10 minutes a client waits for the
     # reply to its final dot, RFC 5321 4.5.3.2.6), then gets 451 4.3.2 and
     # nothing is queued; the client retries later.

@@ -7,7 +7,12 @@ The runner keeps a bounded active set (``concurrency`` deliveries in flight).
 It claims due records with a lease, so a crashed process's work returns to
 the queue when the lease expires; on shutdown it hands its leases back.
 Records of one message with the same route travel together (one transport
-call, one body read; the contract is ``delivery/transport.py``). What the
+call, one body read; the contract is ``delivery/transport.py``), and the
+routes of one message are delivered at once, not one after another. A
+delivery (one route of one message) is what ``concurrency`` counts, not a
+recipient: a message to 1,000 recipients in 50 domains is 50 deliveries,
+and claiming goes on while fewer are in flight (intake stores a message's
+recipients grouped by domain, so one claim brings whole groups). What the
 outcomes change is decided by the pure ``outcomes.plan_outcomes`` (delivered →
 done; temporary → deferred with the next try from ``RetryPolicy``, until the
 message's lifetime runs out; permanent or expired → failed, with a delivery
@@ -138,7 +143,8 @@ class Runner:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self._wake = asyncio.Event()
         self._active: set[asyncio.Task[None]] = set()
-        self._in_flight = 0
+        self._in_flight = 0  # recipients being delivered
+        self._deliveries = 0  # (message, route) groups being delivered: what concurrency bounds
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -267,7 +273,7 @@ class Runner:
                 await asyncio.sleep(5)
             if self._stop.is_set():
                 break
-            if started and self._in_flight < self.concurrency:
+            if started and self._deliveries < self.concurrency:
                 continue
             self._wake.clear()
             timeout = self.poll_interval
@@ -276,7 +282,7 @@ class Runner:
                     await self._wake.wait()
 
     async def _claim_and_dispatch(self) -> int:
-        free = self.concurrency - self._in_flight
+        free = self.concurrency - self._deliveries
         if free <= 0:
             return 0
         records = await self.store.claim_due(self.clock.now(), free, self.lease_seconds, self.owner)
@@ -286,8 +292,10 @@ class Runner:
         for record in records:
             by_message[record.queue_id].append(record)
         for queue_id, recs in by_message.items():
+            groups = group_by_route(recs, self.router.route)
             self._in_flight += len(recs)
-            task = asyncio.create_task(self._deliver_message(queue_id, recs))
+            self._deliveries += len(groups)
+            task = asyncio.create_task(self._deliver_message(queue_id, recs, groups))
             self._active.add(task)
             task.add_done_callback(self._done)
         return len(records)
@@ -298,20 +306,39 @@ class Runner:
             log.error("delivery task failed", exc_info=task.exception())
         self._wake.set()
 
-    async def _deliver_message(self, queue_id: str, records: list[DeliveryRecord]) -> None:
+    async def _deliver_message(
+        self,
+        queue_id: str,
+        records: list[DeliveryRecord],
+        groups: list[tuple[Route, list[DeliveryRecord]]],
+    ) -> None:
+        pending = len(groups)
         try:
             recent = self.recent.get(queue_id) if self.recent is not None else None
             message = recent.info if recent else await self.store.get_message(queue_id)
             if message is None:
                 return
             cached_body = recent.body if recent else None
-            results: list[tuple[DeliveryRecord, Outcome, Route]] = []
-            for route, recs in group_by_route(records, self.router.route):
-                outcomes = await self._run_transport(message, route, recs, cached_body)
-                results.extend((r, o, route) for r, o in zip(recs, outcomes, strict=True))
-            await self._record(message, results)
+
+            async def deliver(
+                route: Route, recs: list[DeliveryRecord]
+            ) -> list[tuple[DeliveryRecord, Outcome, Route]]:
+                nonlocal pending
+                try:
+                    outcomes = await self._run_transport(message, route, recs, cached_body)
+                finally:
+                    pending -= 1
+                    self._deliveries -= 1  # a slot for the next claim at once
+                    self._wake.set()
+                return [(r, o, route) for r, o in zip(recs, outcomes, strict=True)]
+
+            # Every route at once: 50 domains of one message are 50 parallel deliveries
+            # (each transport keeps its own per-destination limits), not 50 in a row.
+            parts = await asyncio.gather(*(deliver(route, recs) for route, recs in groups))
+            await self._record(message, [item for part in parts for item in part])
         finally:
             self._in_flight -= len(records)
+            self._deliveries -= pending
 
     async def _run_transport(
         self,

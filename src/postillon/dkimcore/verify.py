@@ -5,6 +5,10 @@ Two steps, so the key lookups can be asynchronous and run all at once::
     signatures = parse_signatures(header_fields)      # which keys are needed: .key_name
     results = verify_signatures(message, signatures, lookup)   # lookup(name) -> record
 
+or, for a large message whose body should not be in memory, the body hashes first, from
+the body's chunks (``BodyHashes(body_hash_keys(signatures))``), then
+``verify_with_digests``.
+
 ``lookup`` returns the key record (the TXT strings joined), None when there is none, and
 raises :class:`KeyUnavailable` when DNS could not say. Each signature gets one result
 (RFC 8601 §2.7.1): ``pass``; ``fail`` (body hash or signature does not match);
@@ -26,9 +30,10 @@ import binascii
 import hashlib
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from postillon.dkimcore.body_stream import DigestKey
 from postillon.dkimcore.canonical import (
     Field,
     header_fields,
@@ -222,6 +227,25 @@ def verify_signatures(
     return [_verify(message, s, lookup) for s in signatures]
 
 
+def body_hash_keys(signatures: Sequence[Signature]) -> list[DigestKey]:
+    """The body hashes the usable signatures need (for :class:`BodyHashes`)."""
+    keys = {(s.body_canon, s.hash_name, s.body_length) for s in signatures if not s.problem}
+    return sorted(keys)
+
+
+def verify_with_digests(
+    fields: Sequence[Field],
+    signatures: Sequence[Signature],
+    digests: Mapping[DigestKey, bytes],
+    lookup: KeyLookup,
+) -> list[Result]:
+    """As :func:`verify_signatures`, with the body hashes computed beforehand from the
+    streamed body (``BodyHashes`` over ``body_hash_keys(signatures)``): a large message
+    is verified without its body in memory."""
+    message = _Message(fields, b"", digests)
+    return [_verify(message, s, lookup) for s in signatures]
+
+
 def verify_message(message: bytes, lookup: KeyLookup, now: float | None = None) -> list[Result]:
     """Both steps for a whole message (CRLF line ends), with a synchronous ``lookup``."""
     header, body = split_message(message)
@@ -233,11 +257,16 @@ class _Message:
     """What every signature of one message shares, each part computed once: the body
     hashes, and the header fields indexed by name for each canonicalisation."""
 
-    def __init__(self, fields: Sequence[Field], body: bytes) -> None:
+    def __init__(
+        self,
+        fields: Sequence[Field],
+        body: bytes,
+        digests: Mapping[DigestKey, bytes] | None = None,
+    ) -> None:
         self.fields = fields
         self._body = body
         self._canonical: dict[str, bytes] = {}
-        self._digests: dict[tuple[str, str, int], bytes] = {}
+        self._digests: dict[DigestKey, bytes] = dict(digests or {})
         self._relaxed_fields: list[Field] | None = None
 
     def body_digest(self, canonicalization: str, hash_name: str, length: int) -> bytes:

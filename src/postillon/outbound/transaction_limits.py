@@ -1,5 +1,6 @@
 """RFC 9422 LIMITS as a client: a delivery with more recipients than the
-server's ``RCPTMAX`` is sent as several transactions of at most that many
+server's ``RCPTMAX`` (``DEFAULT_RCPT_MAX``, 100, when it names none) is sent as
+several transactions of at most that many
 (instead of collecting 452 4.5.3 for the rest and retrying them later), and a
 connection that has carried ``MAILMAX`` transactions is replaced by a new one
 to the same address before the next (instead of taking the server's refusal).
@@ -21,7 +22,13 @@ from postillon.core.reply import Reply
 from postillon.outbound.session_types import SessionError, TransactionResult
 from postillon.protocol.client_events import Extensions
 
-__all__ = ["NOT_SENT", "at_mail_max", "batches", "send_within_limits"]
+__all__ = ["DEFAULT_RCPT_MAX", "NOT_SENT", "at_mail_max", "batches", "send_within_limits"]
+
+# Without RCPTMAX, at most this many recipients per transaction (more go in the next
+# one, on the same connection). RFC 5321 4.5.3.1.8: a server must take at least 100
+# recipients per message, and many take no more: the rest would get 452 4.5.3 and wait
+# for a retry (one message to 300 recipients at one provider: 200 delayed).
+DEFAULT_RCPT_MAX = 100
 
 # For recipients whose part of a split delivery was never sent.
 NOT_SENT = Reply.of(451, "4.5.3", "Not sent: the connection ended before this part of the delivery")
@@ -81,8 +88,8 @@ async def send_within_limits(
                 session = await reconnect()
             except SessionError as exc:
                 raise _partial(exc, replies + [NOT_SENT] * (count - start), mail_reply) from exc
-        rcpt_max = _limits(session).get("RCPTMAX")
-        part = range(start, min(count, start + rcpt_max) if rcpt_max else count)
+        rcpt_max = _limits(session).get("RCPTMAX") or DEFAULT_RCPT_MAX
+        part = range(start, min(count, start + rcpt_max))
         try:
             result = await send(session, part)
         except SessionError as exc:
