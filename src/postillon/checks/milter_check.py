@@ -19,7 +19,7 @@ failure is remembered, so the client first learns of it at MAIL, as with Postfix
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 from postillon.checks import decision as d
@@ -34,7 +34,7 @@ from postillon.checks.context import (
 from postillon.checks.decision import Decision, Phase
 from postillon.checks.header_edit import add_header, change_header, split_fields
 from postillon.checks.milter_driver import MilterConnection, MilterOutcome
-from postillon.checks.milter_macros import known_macros, mail_args, stage_macros
+from postillon.checks.milter_macros import SessionMacros, mail_args, stage_macros
 from postillon.checks.milter_pool import MilterPool
 from postillon.checks.parts import PipelineParts
 from postillon.config.model import MilterConfig
@@ -69,7 +69,8 @@ class _Milter:
 
 @dataclass(slots=True)
 class _Session:
-    milters: list[_Milter] = field(default_factory=list)
+    milters: list[_Milter]
+    macros: SessionMacros
 
 
 class MilterCheck(BaseCheck):
@@ -90,7 +91,9 @@ class MilterCheck(BaseCheck):
     def _session(self, s: SessionContext) -> _Session:
         state = s.state.get(self.name)
         if state is None:
-            state = s.state[self.name] = _Session([_Milter(m) for m in self.milters])
+            state = s.state[self.name] = _Session(
+                [_Milter(m) for m in self.milters], SessionMacros(self.hostname)
+            )
         assert isinstance(state, _Session)
         return state
 
@@ -116,7 +119,7 @@ class MilterCheck(BaseCheck):
                 return outcome
         c = s.client
         family = "unknown" if not c.ip else ("inet6" if ":" in c.ip else "inet")
-        known = known_macros(s, self.hostname)
+        known = self._session(s).macros.known(s)
         return await m.conn.step(
             lambda cl: cl.connect(
                 c.rdns or "unknown",
@@ -142,7 +145,7 @@ class MilterCheck(BaseCheck):
             outcome = await self._opened(s, m)
             if phase == "helo" and not outcome.failed and outcome.kind == "continue":
                 assert m.conn is not None
-                macros = stage_macros(Stage.HELO, known_macros(s, self.hostname))
+                macros = stage_macros(Stage.HELO, self._session(s).macros.known(s))
                 helo = s.client.helo
                 outcome = await m.conn.step(partial(MilterClient.helo, name=helo, macros=macros))
             decision = self._session_outcome(m, outcome, phase, saw)
@@ -186,7 +189,8 @@ class MilterCheck(BaseCheck):
             if not outcome.failed and outcome.kind == "continue":
                 assert m.conn is not None
                 m.in_message = True
-                macros = stage_macros(Stage.ENVFROM, known_macros(s, self.hostname, tx))
+                known = self._session(s).macros.known(s, tx)
+                macros = stage_macros(Stage.ENVFROM, known)
                 sender = f"<{tx.sender}>"
                 args = mail_args(tx.params)
                 outcome = await m.conn.step(
@@ -202,13 +206,13 @@ class MilterCheck(BaseCheck):
     async def rcpt(
         self, s: SessionContext, tx: TransactionContext, rcpt: RecipientFacts
     ) -> Decision:
-        known = known_macros(s, self.hostname, tx, rcpt)
+        known = self._session(s).macros.known(s, tx, rcpt)
         macros = stage_macros(Stage.ENVRCPT, known)
         path = f"<{rcpt.address}>"
         return await self._message_phase(s, tx, lambda cl: cl.rcpt(path, macros=macros))
 
     async def data(self, s: SessionContext, tx: TransactionContext) -> Decision:
-        macros = stage_macros(Stage.DATA, known_macros(s, self.hostname, tx))
+        macros = stage_macros(Stage.DATA, self._session(s).macros.known(s, tx))
         return await self._message_phase(s, tx, lambda cl: cl.data(macros=macros))
 
     async def _message_phase(
@@ -277,7 +281,7 @@ class MilterCheck(BaseCheck):
             if m.conn is None or m.failed or not m.in_message:
                 outcome = MilterOutcome(failed=m.failed or "not in the conversation")
             else:
-                known = known_macros(s, self.hostname, tx)
+                known = self._session(s).macros.known(s, tx)
                 fields = _fields(prepend + header)
                 chunks = [body] if body is not None else message.body_chunks()
                 outcome = await m.conn.message(
