@@ -141,7 +141,10 @@ class MilterConnection:
             expect = send(self.client)
         except (RuntimeError, ValueError) as exc:
             return self._fail(f"cannot send: {exc}")
-        if self._replay is not None:
+        if self._replay is None:
+            if not (expect or flush) and self.client.pending_output < UNANSWERED_BUFFER:
+                return MilterOutcome()  # queued, to go out with the next answered step
+        else:
             self._replay.append(send)
             self._replay_octets += max(0, self.client.pending_output - before)
             if self._replay_octets > REPLAY_LIMIT:
