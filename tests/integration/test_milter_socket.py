@@ -10,15 +10,20 @@ away while idle or resets mid-answer gives a failure at once, never a hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 
 import pytest
 
+from postillon.checks.context import ClientFacts, SessionContext
+from postillon.checks.milter_check import MilterCheck
 from postillon.checks.milter_driver import MilterConnection
 from postillon.checks.milter_socket import MilterSocket
+from postillon.config.milter import MilterConfig
 from postillon.protocol.milter import MilterClient
 from postillon.protocol.milter_wire import Negotiated
+from support.milter_pipeline import milter_pipeline, run_session
 
 from .test_milter_batching import NR_ALL, recording_milter
 
@@ -184,3 +189,55 @@ async def test_a_reset_during_the_answer_is_reported_as_such() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_quiet_connect_milter_is_opened_while_the_greeting_goes_out() -> None:
+    """After one negotiation with NR_CONN, the next session's connect phase does not
+    wait for the milter's connection and OPTNEG answer; HELO does, and the message
+    still gets the milter's verdict. A milter that is gone by then gets its
+    default_action at MAIL, as a failure at connect does."""
+    release = asyncio.Event()
+    negotiations = 0
+
+    async def milter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal negotiations
+        await reader.readexactly(4 + 13)
+        negotiations += 1
+        if negotiations > 1:
+            await release.wait()  # the second session's OPTNEG answer is held back
+        writer.write(OPTNEG_ANSWER)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                (length,) = struct.unpack(">I", await reader.readexactly(4))
+                command = (await reader.readexactly(length))[:1]
+                if command == b"E":
+                    writer.write(struct.pack(">Ic", 1, b"a"))
+                elif command == b"Q":
+                    break
+        writer.close()
+
+    server = await asyncio.start_server(milter, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = MilterConfig(name="quiet", address=f"inet:127.0.0.1:{port}", timeout=5)
+    pipeline = milter_pipeline(config)
+    (check,) = pipeline.checks
+    assert isinstance(check, MilterCheck)
+    raw = b"From: a@example.net\r\nSubject: hi\r\n\r\nbody\r\n"
+    try:
+        first = await run_session(pipeline, raw)
+        assert first.refused == "" and "quiet" in check.quiet_connect
+        # Second session: connect returns while the milter still holds its answer back.
+        s = SessionContext("S2", ClientFacts(ip="192.0.2.7", port=1, listener="smtp:x"))
+        async with asyncio.timeout(2):
+            verdict = await pipeline.connect(s)
+        assert verdict.reply is None and negotiations <= 2
+        release.set()
+        await pipeline.close(s)
+        second = await run_session(pipeline, raw)
+        assert second.refused == "" and second.message is not None
+    finally:
+        server.close()
+        await server.wait_closed()
+    # The milter is gone: the background open fails, and MAIL gets default_action.
+    third = await run_session(pipeline, raw)
+    assert third.refused.startswith("451 4.7.1"), third.refused
