@@ -154,8 +154,8 @@ route = "discard"
 
 
 class Milter:
-    def __init__(self, out: Path, replies: bool, eom: str = "accept") -> None:
-        self.port = free_port()
+    def __init__(self, out: Path, replies: bool, eom: str = "accept", port: int = 0) -> None:
+        self.port = port or free_port()
         args = [sys.executable, str(REPO / "tests/support/accept_milter.py"), str(self.port)]
         args += ["--eom", eom]
         if not replies:
@@ -243,7 +243,12 @@ def run_pipeline(
     milter_replies: bool = False,
     checks: tuple[str, ...] = CHECKS,
     milter_eom: str = "accept",
+    port_base: int = 0,
+    bench_root: Path | None = None,
 ) -> float:
+    """``port_base``: plain, pipeline, milter and DNS on that port and the next three
+    (0: free ports); ``bench_root``: the servers' and the milter's runtime directories
+    (default: next to the results)."""
     if not os.access(SMTP_SOURCE, os.X_OK):
         raise SystemExit(f"{SMTP_SOURCE} missing: run `make system-deps` (Debian package postfix)")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -258,22 +263,27 @@ def run_pipeline(
         * max(1, size // len(line))
     )
     print(f"results -> {out}", flush=True)
+    runtime = out if bench_root is None else (bench_root / f"{stamp}-pipeline").resolve()
+    runtime.mkdir(parents=True, exist_ok=True)
+    ports = [port_base + i if port_base else 0 for i in range(4)]
     rows: dict[str, list[tuple[float, float, float]]] = {"plain": [], "pipeline": []}
     milter_ms: list[float] = []
-    with DnsServer({DNSBL_ZONE: dnsbl_zone()}, negative_ttl=NEGATIVE_TTL) as dns:
-        milter = Milter(out, milter_replies, milter_eom)
+    zones = {DNSBL_ZONE: dnsbl_zone()}
+    with DnsServer(zones, negative_ttl=NEGATIVE_TTL, port=ports[3]) as dns:
+        milter = Milter(out, milter_replies, milter_eom, ports[2])
         servers: list[Server] = []
         try:
-            for name, on in (("plain", ()), ("pipeline", checks)):
+            for index, (name, on) in enumerate((("plain", ()), ("pipeline", checks))):
                 servers.append(
                     Server(
-                        out,
+                        runtime,
                         dns.nameserver,
                         False,
                         name=name,
                         write_config=lambda root, port, on=on: write_config(
                             root, port, dns.nameserver, milter.port, on
                         ),
+                        port=ports[index],
                     )
                 )
             story = prove_pipeline(servers[1], servers[1].root / "postillon.toml", checks)
@@ -374,6 +384,19 @@ def main() -> None:
         type=Path,
         default=Path(os.environ.get("RESULTS_DIR", "/tmp/postillon-bench")),
     )
+    ap.add_argument(
+        "--bench-root",
+        type=Path,
+        default=Path(os.environ["BENCH_ROOT"]) if os.environ.get("BENCH_ROOT") else None,
+        help="the servers' runtime directories (queue, config, log; default: in the results)",
+    )
+    ap.add_argument(
+        "--port-base",
+        type=int,
+        default=int(os.environ.get("PORT_BASE", 0)),
+        help="plain, pipeline, milter and DNS server on this port and the next three "
+        "(default: free ports the kernel hands out)",
+    )
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--profile", action="store_true", help="one extra run per server under py-spy")
     ap.add_argument(
@@ -419,6 +442,8 @@ def main() -> None:
         a.milter_replies,
         checks,
         a.milter_eom,
+        a.port_base,
+        a.bench_root,
     )
 
 

@@ -199,10 +199,11 @@ class Server:
         *,
         name: str = "",
         write_config: Callable[[Path, int], Path] | None = None,
+        port: int = 0,
     ) -> None:
         self.name = name or ("verify" if verify else "plain")
         self.root = root / self.name
-        self.port = free_port()
+        self.port = port or free_port()
         if write_config is None:
             cfg = postillon_config(self.root, self.port, dns, verify)
         else:

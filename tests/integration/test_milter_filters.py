@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Iterator
-from typing import Any
 
 import dkim
 import pytest
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from postillon.checks.context import ClientFacts
 from postillon.checks.milter_check import MilterCheck
+from postillon.checks.milter_socket import MilterSocket
 from postillon.config.milter import MilterConfig
 from postillon.testing.dns_server import DnsServer
 from support.milter_pipeline import milter_pipeline, run_session
@@ -86,13 +86,13 @@ async def test_rspamd_over_one_reused_connection(
     SMFIC_QUIT_NC in any state: with ``reuse_connections = "always"`` sessions share
     one connection, and each still gets rspamd's own verdict and headers."""
     opened: list[object] = []
-    real = asyncio.open_connection
+    real = MilterSocket.connection_made
 
-    async def counting(*args: Any, **kw: Any) -> Any:
-        opened.append(args)
-        return await real(*args, **kw)
+    def counting(self: MilterSocket, transport: asyncio.BaseTransport) -> None:
+        opened.append(transport)
+        real(self, transport)
 
-    monkeypatch.setattr(asyncio, "open_connection", counting)
+    monkeypatch.setattr(MilterSocket, "connection_made", counting)
     config = MilterConfig(
         name="rspamd", address=rspamd.address, timeout=60, reuse_connections="always"
     )

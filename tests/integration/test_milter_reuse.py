@@ -19,6 +19,7 @@ import pytest
 
 from postillon.checks.context import ClientFacts
 from postillon.checks.milter_check import MilterCheck
+from postillon.checks.milter_socket import MilterSocket
 from postillon.config.milter import MilterConfig
 from support.milter_pipeline import milter_pipeline, run_session
 from support.milters import ReferenceMilter
@@ -38,13 +39,13 @@ def reference() -> Iterator[ReferenceMilter]:
 def connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     """Every TCP connection the driver opens (host, port)."""
     opened: list[tuple[str, int]] = []
-    real = asyncio.open_connection
+    real = MilterSocket.connection_made
 
-    async def counting(host: str, port: int, **kw: Any) -> Any:
-        opened.append((host, port))
-        return await real(host, port, **kw)
+    def counting(self: MilterSocket, transport: asyncio.BaseTransport) -> None:
+        opened.append(transport.get_extra_info("peername")[:2])
+        real(self, transport)
 
-    monkeypatch.setattr(asyncio, "open_connection", counting)
+    monkeypatch.setattr(MilterSocket, "connection_made", counting)
     return opened
 
 

@@ -6,7 +6,12 @@ import tomllib
 
 import pytest
 
-from postillon.checks.context import ClientFacts, SessionContext, TransactionContext
+from postillon.checks.context import (
+    ClientFacts,
+    RecipientFacts,
+    SessionContext,
+    TransactionContext,
+)
 from postillon.checks.milter_check import build
 from postillon.checks.milter_macros import known_macros, stage_macros
 from postillon.config.loader import parse_config
@@ -99,3 +104,25 @@ def test_macros_from_the_session() -> None:
         "{mail_host}": "example.net",
     }
     assert "{tls_version}" not in known  # plaintext: not sent at all
+
+
+def test_session_macros_follow_the_client_facts() -> None:
+    """The client's macros are built once per ClientFacts and again when it is replaced
+    (HELO, STARTTLS, AUTH); transaction values never leak into the session's part."""
+    import dataclasses
+
+    from postillon.checks.milter_macros import SessionMacros
+
+    s = SessionContext("S", ClientFacts(ip="192.0.2.1", port=25000, listener="smtp:x"))
+    macros = SessionMacros("mx.example.org")
+    first = macros.known(s)
+    assert macros.known(s) is first  # not rebuilt while the facts are the same
+    assert first == known_macros(s, "mx.example.org")
+    tx = TransactionContext(sender="a@example.net", queue_id="Q1")
+    rcpt = RecipientFacts("b@example.org")
+    assert macros.known(s, tx, rcpt) == known_macros(s, "mx.example.org", tx, rcpt)
+    assert "{mail_addr}" not in macros.known(s)
+    s.client = dataclasses.replace(s.client, helo="client.example", tls_version="TLSv1.3")
+    again = macros.known(s)
+    assert again is not first and again["s"] == "client.example"
+    assert again["{tls_version}"] == "TLSv1.3"

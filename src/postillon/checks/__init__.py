@@ -47,7 +47,8 @@ submission), ``authentication_check.py`` (SPF/DKIM/DMARC/ARC below), port-25
 protection: ``pregreet.py``, ``dnsbl.py``, ``reverse_dns.py``, ``helo_check.py``.
 ``milter_check.py``: every ``[[milter]]`` in order (rspamd, OpenDKIM, clamav-milter), over
 ``milter_driver.py`` (the asyncio adapter of ``protocol/milter.py``, timeouts and
-failures) with ``milter_macros.py`` (what a milter is told); docs/milter.md.
+failures; its socket an asyncio Protocol in ``milter_socket.py``) with
+``milter_macros.py`` (what a milter is told); docs/milter.md.
 protection: ``pregreet.py``, ``dnsbl.py``, ``reverse_dns.py``, ``helo_check.py``,
 ``smtp_rate_limit.py`` (messages and recipients per client network and sender domain per
 window) and ``greylist.py``, both with their state in the queue store (shared by every

@@ -18,8 +18,9 @@ failure is remembered, so the client first learns of it at MAIL, as with Postfix
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 from postillon.checks import decision as d
@@ -34,7 +35,7 @@ from postillon.checks.context import (
 from postillon.checks.decision import Decision, Phase
 from postillon.checks.header_edit import add_header, change_header, split_fields
 from postillon.checks.milter_driver import MilterConnection, MilterOutcome
-from postillon.checks.milter_macros import known_macros, mail_args, stage_macros
+from postillon.checks.milter_macros import SessionMacros, mail_args, stage_macros
 from postillon.checks.milter_pool import MilterPool
 from postillon.checks.parts import PipelineParts
 from postillon.config.model import MilterConfig
@@ -61,6 +62,8 @@ class _Milter:
     discard_session: bool = False  # discarded at connect/HELO: every message goes
     done_message: bool = False  # accepted (or discarded) for the current message
     in_message: bool = False  # MAIL was sent and end of message not yet
+    # Connecting and negotiating while the client reads the greeting (see connect()).
+    opening: asyncio.Task[MilterOutcome] | None = None
 
     @property
     def failed(self) -> str:
@@ -69,7 +72,8 @@ class _Milter:
 
 @dataclass(slots=True)
 class _Session:
-    milters: list[_Milter] = field(default_factory=list)
+    milters: list[_Milter]
+    macros: SessionMacros
 
 
 class MilterCheck(BaseCheck):
@@ -86,11 +90,16 @@ class MilterCheck(BaseCheck):
         self.pools: dict[str, MilterPool] = {
             m.name: MilterPool() for m in milters if m.reuse_connections != "never"
         }
+        # Milters whose last negotiation asked for no answer to SMFIC_CONNECT (NR_CONN or
+        # NOCONNECT): a new session opens their connection in the background.
+        self.quiet_connect: set[str] = set()
 
     def _session(self, s: SessionContext) -> _Session:
         state = s.state.get(self.name)
         if state is None:
-            state = s.state[self.name] = _Session([_Milter(m) for m in self.milters])
+            state = s.state[self.name] = _Session(
+                [_Milter(m) for m in self.milters], SessionMacros(self.hostname)
+            )
         assert isinstance(state, _Session)
         return state
 
@@ -114,9 +123,15 @@ class MilterCheck(BaseCheck):
             outcome = await m.conn.open()
             if outcome.failed:
                 return outcome
+            negotiated = m.conn.negotiated
+            assert negotiated is not None
+            if negotiated.protocol & _QUIET_CONNECT:
+                self.quiet_connect.add(m.config.name)
+            else:
+                self.quiet_connect.discard(m.config.name)
         c = s.client
         family = "unknown" if not c.ip else ("inet6" if ":" in c.ip else "inet")
-        known = known_macros(s, self.hostname)
+        known = self._session(s).macros.known(s)
         return await m.conn.step(
             lambda cl: cl.connect(
                 c.rdns or "unknown",
@@ -129,20 +144,47 @@ class MilterCheck(BaseCheck):
 
     # -- the phases ----------------------------------------------------------------
     async def connect(self, s: SessionContext) -> Decision:
+        """A milter that last negotiated no answer to SMFIC_CONNECT and has no idle
+        connection is connected and negotiated in the background: the greeting does
+        not wait for that round trip, the next phase does (``_settle``). Otherwise
+        (first session, a milter that answers at connect) as at any phase."""
+        for m in self._session(s).milters:
+            name = m.config.name
+            pool = self.pools.get(name)
+            if name in self.quiet_connect and (pool is None or not len(pool)):
+                m.opening = asyncio.ensure_future(self._opened(s, m))
         return await self._session_phase(s, "connect")
 
     async def helo(self, s: SessionContext) -> Decision:
         return await self._session_phase(s, "helo")
 
+    async def _settle(self, s: SessionContext, phase: Phase, saw: list[str]) -> Decision | None:
+        """The outcome of connections opened in the background at connect, at the first
+        phase after it: a failure gets the default action as at connect; a milter that
+        now answers SMFIC_CONNECT after all (reconfigured) is heard here."""
+        for m in self._session(s).milters:
+            if m.opening is None:
+                continue
+            opening, m.opening = m.opening, None
+            outcome = await opening
+            decision = self._session_outcome(m, outcome, phase, saw)
+            if decision is not None:
+                return decision
+        return None
+
     async def _session_phase(self, s: SessionContext, phase: Phase) -> Decision:
         saw: list[str] = []
+        if phase != "connect":
+            decision = await self._settle(s, phase, saw)
+            if decision is not None:
+                return decision
         for m in self._session(s).milters:
-            if m.done_session or m.failed:
+            if m.done_session or m.failed or m.opening is not None:
                 continue
             outcome = await self._opened(s, m)
             if phase == "helo" and not outcome.failed and outcome.kind == "continue":
                 assert m.conn is not None
-                macros = stage_macros(Stage.HELO, known_macros(s, self.hostname))
+                macros = stage_macros(Stage.HELO, self._session(s).macros.known(s))
                 helo = s.client.helo
                 outcome = await m.conn.step(partial(MilterClient.helo, name=helo, macros=macros))
             decision = self._session_outcome(m, outcome, phase, saw)
@@ -175,6 +217,9 @@ class MilterCheck(BaseCheck):
 
     async def mail(self, s: SessionContext, tx: TransactionContext) -> Decision:
         saw: list[str] = []
+        decision = await self._settle(s, "mail", saw)
+        if decision is not None:
+            return decision
         for m in self._session(s).milters:
             if m.done_session:
                 continue
@@ -186,7 +231,8 @@ class MilterCheck(BaseCheck):
             if not outcome.failed and outcome.kind == "continue":
                 assert m.conn is not None
                 m.in_message = True
-                macros = stage_macros(Stage.ENVFROM, known_macros(s, self.hostname, tx))
+                known = self._session(s).macros.known(s, tx)
+                macros = stage_macros(Stage.ENVFROM, known)
                 sender = f"<{tx.sender}>"
                 args = mail_args(tx.params)
                 outcome = await m.conn.step(
@@ -202,13 +248,13 @@ class MilterCheck(BaseCheck):
     async def rcpt(
         self, s: SessionContext, tx: TransactionContext, rcpt: RecipientFacts
     ) -> Decision:
-        known = known_macros(s, self.hostname, tx, rcpt)
+        known = self._session(s).macros.known(s, tx, rcpt)
         macros = stage_macros(Stage.ENVRCPT, known)
         path = f"<{rcpt.address}>"
         return await self._message_phase(s, tx, lambda cl: cl.rcpt(path, macros=macros))
 
     async def data(self, s: SessionContext, tx: TransactionContext) -> Decision:
-        macros = stage_macros(Stage.DATA, known_macros(s, self.hostname, tx))
+        macros = stage_macros(Stage.DATA, self._session(s).macros.known(s, tx))
         return await self._message_phase(s, tx, lambda cl: cl.data(macros=macros))
 
     async def _message_phase(
@@ -277,7 +323,7 @@ class MilterCheck(BaseCheck):
             if m.conn is None or m.failed or not m.in_message:
                 outcome = MilterOutcome(failed=m.failed or "not in the conversation")
             else:
-                known = known_macros(s, self.hostname, tx)
+                known = self._session(s).macros.known(s, tx)
                 fields = _fields(prepend + header)
                 chunks = [body] if body is not None else message.body_chunks()
                 outcome = await m.conn.message(
@@ -328,6 +374,9 @@ class MilterCheck(BaseCheck):
         state = s.state.pop(self.name, None)
         if isinstance(state, _Session):
             for m in state.milters:
+                if m.opening is not None:  # the client left before the next phase
+                    await m.opening
+                    m.opening = None
                 if m.conn is None:
                     continue
                 # Kept for the next session when it qualifies (milter_pool.py),
@@ -346,6 +395,7 @@ def build(kind: ListenerKind, parts: PipelineParts) -> MilterCheck | None:
 
 
 # -- translating the milter's answers ------------------------------------------------
+_QUIET_CONNECT = int(w.ProtocolFlag.NR_CONN | w.ProtocolFlag.NOCONNECT)
 _PLAIN = (": continue", ": continue (no reply due)")
 
 

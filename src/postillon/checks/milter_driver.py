@@ -12,8 +12,9 @@ SMFIC_QUIT_NC); a reused connection that fails before its first answer in the ne
 session (closed by the milter while idle, reset, garbage, silence) is replaced by a
 fresh one and the session's steps so far are sent again, so reuse never costs a
 message its verdict.
-All waiting is on the event loop (asyncio streams, ``asyncio.timeout``): a slow
-milter delays only its own session.
+All waiting is on the event loop (``milter_socket.py``: an asyncio Protocol feeding
+the sans-IO client, one future and one timer per awaited answer): a slow milter
+delays only its own session.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
+from postillon.checks.milter_socket import MilterSocket
 from postillon.config.model import parse_milter_address
 from postillon.protocol.milter import MilterClient, body_chunks
 from postillon.protocol.milter_wire import (
-    Event,
     MilterProtocolError,
     Modification,
     Negotiated,
@@ -40,7 +41,6 @@ from postillon.protocol.milter_wire import (
 
 log = logging.getLogger("postillon.checks.milter")
 
-_READ_SIZE = 65536
 # SMFIR_PROGRESS restarts the timeout, but a milter that says "still working" forever
 # must not hold a session forever: one step gets at most this many timeouts in all.
 PROGRESS_CEILING = 10
@@ -96,8 +96,7 @@ class MilterConnection:
         self.max_replacement = max_replacement or DEFAULT_MAX_REPLACEMENT
         self.client = MilterClient()
         self.failed = ""  # why the connection is dead, "" while it works
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._socket: MilterSocket | None = None
         self.reused = False  # taken from the pool for this session
         self.reuse_connections = reuse_connections  # [[milter]] reuse_connections
         # The steps sent on a reused connection that has not answered yet (None when
@@ -111,17 +110,19 @@ class MilterConnection:
 
     @property
     def is_open(self) -> bool:
-        return self._writer is not None and not self.failed
+        return self._socket is not None and not self.failed
 
     async def open(self) -> MilterOutcome:
         """Connect and negotiate (SMFIC_OPTNEG)."""
         kind, host, port = parse_milter_address(self.address)
+        loop = asyncio.get_running_loop()
+        sock = self._socket = MilterSocket(self.client)
         try:
             async with asyncio.timeout(self.timeout):
                 if kind == "unix":
-                    self._reader, self._writer = await asyncio.open_unix_connection(host)
+                    await loop.create_unix_connection(lambda: sock, host)
                 else:
-                    self._reader, self._writer = await asyncio.open_connection(host, port)
+                    await loop.create_connection(lambda: sock, host, port)
         except (OSError, TimeoutError) as exc:
             return self._fail(f"cannot connect to {self.address}: {_describe(exc)}")
         self.client.start()
@@ -140,7 +141,10 @@ class MilterConnection:
             expect = send(self.client)
         except (RuntimeError, ValueError) as exc:
             return self._fail(f"cannot send: {exc}")
-        if self._replay is not None:
+        if self._replay is None:
+            if not (expect or flush) and self.client.pending_output < UNANSWERED_BUFFER:
+                return MilterOutcome()  # queued, to go out with the next answered step
+        else:
             self._replay.append(send)
             self._replay_octets += max(0, self.client.pending_output - before)
             if self._replay_octets > REPLAY_LIMIT:
@@ -169,13 +173,7 @@ class MilterConnection:
 
     def still_open_while_idle(self) -> bool:
         """False when the milter closed (or reset) the connection while it idled."""
-        return (
-            self.is_open
-            and self._reader is not None
-            and not self._reader.at_eof()
-            and self._writer is not None
-            and not self._writer.is_closing()
-        )
+        return self._socket is not None and not self.failed and self._socket.is_open
 
     def reuse(self) -> None:
         """Start a new SMTP session on this idle connection: SMFIC_QUIT_NC is queued
@@ -187,17 +185,8 @@ class MilterConnection:
 
     def close_idle(self) -> None:
         """Close an idle connection (SMFIC_QUIT, no waiting): it expired or is dead."""
-        writer = self._writer
-        if writer is None:
-            return
         # libmilter ends the connection at SMFIC_QUIT in any state.
-        if not self.failed and not self.client.closed and not self.client.awaiting_reply:
-            with contextlib.suppress(RuntimeError, OSError):
-                self.client.quit()
-                writer.write(self.client.data_to_send())
-        self._writer = None
-        self._reader = None
-        writer.close()
+        self._quit_and_close()
 
     async def _retry_fresh(self, flush: bool) -> MilterOutcome:
         """The reused connection failed before it answered anything in this session:
@@ -209,6 +198,7 @@ class MilterConnection:
         self._replay = None
         self.reused = False
         self.failed = ""
+        self._drop()
         self.client = MilterClient(
             actions=self.client.offered_actions, protocol=self.client.offered_protocol
         )
@@ -255,56 +245,55 @@ class MilterConnection:
     async def _exchange(self, *, expect_reply: bool, flush: bool = False) -> MilterOutcome:
         """Write what is queued; when a reply is due, read until the verdict. With no
         reply due, small output waits for the next exchange (``UNANSWERED_BUFFER``)."""
-        assert self._writer is not None and self._reader is not None
+        sock = self._socket
+        assert sock is not None
         outcome = MilterOutcome()
         if not (expect_reply or flush) and self.client.pending_output < UNANSWERED_BUFFER:
             return outcome
         loop = asyncio.get_running_loop()
-        ceiling = loop.time() + self.timeout * PROGRESS_CEILING
+        now = loop.time()
+        ceiling = now + self.timeout * PROGRESS_CEILING
         replacement = 0
+        client = self.client
         try:
-            self._writer.write(self.client.data_to_send())
-            async with asyncio.timeout(self.timeout) as deadline:
-                await self._writer.drain()
-                while expect_reply:
-                    event = await self._next_event()
-                    if isinstance(event, Progress):
-                        # The milter is alive and working: give it the whole timeout
-                        # again, up to the ceiling.
-                        deadline.reschedule(min(loop.time() + self.timeout, ceiling))
-                    elif isinstance(event, Negotiated):
-                        break
-                    elif isinstance(event, Verdict):
-                        outcome.verdict = event
-                        break
-                    else:
-                        if isinstance(event, ReplaceBody):
-                            replacement += len(event.chunk)
-                            if replacement > self.max_replacement:
-                                raise MilterProtocolError("replacement body too large")
-                        outcome.modifications.append(event)
+            sock.write(client.data_to_send())
+            if expect_reply or sock.write_paused:
+                sock.arm(now + self.timeout)  # one timer per answer, not per step
+            await sock.drain()
+            while expect_reply:
+                event = client.next_event()
+                if event is None:
+                    if sock.at_eof:
+                        raise MilterProtocolError("the milter closed the connection")
+                    await sock.wait()
+                elif isinstance(event, Verdict):
+                    outcome.verdict = event
+                    break
+                elif isinstance(event, Negotiated):
+                    break
+                elif isinstance(event, Progress):
+                    # The milter is alive and working: give it the whole timeout
+                    # again, up to the ceiling.
+                    sock.arm(min(loop.time() + self.timeout, ceiling))
+                else:
+                    if isinstance(event, ReplaceBody):
+                        replacement += len(event.chunk)
+                        if replacement > self.max_replacement:
+                            raise MilterProtocolError("replacement body too large")
+                    outcome.modifications.append(event)
         except TimeoutError:
             return self._fail(f"no answer within {self.timeout:g} s")
         except MilterProtocolError as exc:
+            if sock.error is not None:  # a reset, not garbage: say so
+                return self._fail(_describe(sock.error))
             return self._fail(f"protocol error: {exc}")
         except OSError as exc:
             return self._fail(_describe(exc))
+        finally:
+            sock.disarm()
         if outcome.verdict is not None and outcome.verdict.kind == "shutdown":
             return self._fail("the milter shut the connection down")
         return outcome
-
-    async def _next_event(self) -> Event:
-        assert self._reader is not None
-        closed = False
-        while True:
-            event = self.client.next_event()
-            if event is not None:
-                return event
-            if closed:
-                raise MilterProtocolError("the milter closed the connection")
-            data = await self._reader.read(_READ_SIZE)
-            self.client.receive_data(data)
-            closed = not data
 
     def _fail(self, why: str) -> MilterOutcome:
         self.failed = why
@@ -314,10 +303,22 @@ class MilterConnection:
         return MilterOutcome(failed=why)
 
     def _drop(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            self._reader = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    def _quit_and_close(self) -> None:
+        """SMFIC_QUIT (when the conversation allows it) and close, without waiting:
+        the transport writes what it holds before it closes."""
+        sock = self._socket
+        if sock is None:
+            return
+        if not self.failed and not self.client.closed and not self.client.awaiting_reply:
+            with contextlib.suppress(RuntimeError, OSError):
+                self.client.quit()
+                sock.write(self.client.data_to_send())
+        self._socket = None
+        sock.close()
 
     async def abort(self) -> None:
         """SMFIC_ABORT: the transaction ended before end of message (sent at once, with
@@ -327,20 +328,7 @@ class MilterConnection:
 
     async def close(self) -> None:
         """SMFIC_QUIT and close; quiet when the connection is already gone."""
-        writer = self._writer
-        if writer is None:
-            return
-        if not self.failed and not self.client.closed and not self.client.awaiting_reply:
-            with contextlib.suppress(RuntimeError):
-                self.client.quit()
-            with contextlib.suppress(OSError):
-                writer.write(self.client.data_to_send())
-        self._writer = None
-        self._reader = None
-        writer.close()
-        with contextlib.suppress(OSError, TimeoutError):
-            async with asyncio.timeout(1):
-                await writer.wait_closed()
+        self._quit_and_close()
 
 
 def _abort(client: MilterClient) -> bool:

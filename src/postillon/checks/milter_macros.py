@@ -8,7 +8,12 @@ each stage sends Postfix's defaults (``milter_*_macros`` in its postconf(5)).
 
 from __future__ import annotations
 
-from postillon.checks.context import RecipientFacts, SessionContext, TransactionContext
+from postillon.checks.context import (
+    ClientFacts,
+    RecipientFacts,
+    SessionContext,
+    TransactionContext,
+)
 from postillon.core.envelope import MailParams
 from postillon.protocol.milter_wire import Stage
 
@@ -42,7 +47,40 @@ def known_macros(
     rcpt: RecipientFacts | None = None,
 ) -> dict[str, str]:
     """Every macro value known at this point of the session."""
-    c = s.client
+    values = _client_macros(s.client, hostname)
+    _add_transaction(values, tx, rcpt)
+    return values
+
+
+class SessionMacros:
+    """``known_macros`` for one session, its client part built once per ``ClientFacts``
+    (frozen, replaced as it grows: HELO, STARTTLS, AUTH) instead of at every phase."""
+
+    __slots__ = ("_base", "_client", "hostname")
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+        self._client: ClientFacts | None = None
+        self._base: dict[str, str] = {}
+
+    def known(
+        self,
+        s: SessionContext,
+        tx: TransactionContext | None = None,
+        rcpt: RecipientFacts | None = None,
+    ) -> dict[str, str]:
+        """As ``known_macros``; the caller must not change the dict it gets."""
+        if s.client is not self._client:
+            self._base = _client_macros(s.client, self.hostname)
+            self._client = s.client
+        if tx is None and rcpt is None:
+            return self._base
+        values = dict(self._base)
+        _add_transaction(values, tx, rcpt)
+        return values
+
+
+def _client_macros(c: ClientFacts, hostname: str) -> dict[str, str]:
     name = c.rdns or "unknown"
     values: dict[str, str] = {
         "j": hostname,
@@ -63,6 +101,12 @@ def known_macros(
     if c.authenticated:
         values["{auth_authen}"] = c.username
         values["{auth_type}"] = "LOGIN"  # the mechanism is not kept; the identity is
+    return values
+
+
+def _add_transaction(
+    values: dict[str, str], tx: TransactionContext | None, rcpt: RecipientFacts | None
+) -> None:
     if tx is not None:
         if tx.queue_id:
             values["i"] = tx.queue_id
@@ -72,7 +116,6 @@ def known_macros(
         values["{rcpt_addr}"] = rcpt.address
         values["{rcpt_host}"] = rcpt.address.rpartition("@")[2]
         values["{rcpt_mailer}"] = "smtp"
-    return values
 
 
 def stage_macros(stage: Stage, known: dict[str, str]) -> dict[str, str]:
