@@ -167,6 +167,7 @@ async def test_hold_release_bounce_and_delete(admin_setup: AdminSetup) -> None:
     setup = admin_setup
     bounced = setup.send(["bob@remote.test"])
     deleted = setup.send(["carol@remote.test"])
+    setup.wait_log(f"{bounced}: deferred:")
     setup.wait_log(f"{deleted}: deferred:")
     async with aiohttp.ClientSession() as http:
         base = "/api/queue/messages/"
@@ -176,6 +177,12 @@ async def test_hold_release_bounce_and_delete(admin_setup: AdminSetup) -> None:
         assert (await wait_state(http, setup, bounced, "held"))["recipients"][0]["state"] == "held"
         assert (await post(http, setup, base + bounced + "/release"))["recipients"] == 1
         await post(http, setup, base + bounced + "/release", 409)
+        # Release makes it due now: wait for that retry's deferral, or the bounce
+        # below may find the recipient leased mid-delivery (409, nothing to bounce).
+        deadline = time.monotonic() + 20
+        while setup.a.maillog().count(f"{bounced}: deferred:") < 2:
+            assert time.monotonic() < deadline, setup.a.maillog()[-3000:]
+            await asyncio.sleep(0.1)
 
         result = await post(http, setup, base + bounced + "/bounce")
         assert result == {"queue_id": bounced, "action": "bounce", "recipients": 1}
