@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
@@ -58,6 +57,7 @@ import asyncpg
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.queue import acme_state, policy_state, sts_cache
+from postillon.queue.claims import postgres_claim_due
 from postillon.queue.codec import encode_reply, message_from_row, record_from_row
 from postillon.queue.postgres_connection import (
     ACQUIRE_TIMEOUT,
@@ -210,44 +210,7 @@ class PostgresStore:
         expires = now + lease_seconds
 
         async def op(conn: Conn) -> list[DeliveryRecord]:
-            ids: list[int] = [
-                row[0]
-                for row in await conn.fetch(
-                    "SELECT record_id FROM records WHERE state = 'leased' AND lease_expires <= $1"
-                    " ORDER BY lease_expires, record_id LIMIT $2 FOR UPDATE SKIP LOCKED",
-                    now,
-                    limit,
-                )
-            ]
-            if len(ids) < limit:
-                ids += [
-                    row[0]
-                    for row in await conn.fetch(
-                        "SELECT record_id FROM records"  # highest priority first
-                        " WHERE state IN ('pending', 'deferred') AND next_try <= $1"
-                        " ORDER BY priority DESC, next_try, record_id"
-                        " LIMIT $2 FOR UPDATE SKIP LOCKED",
-                        now,
-                        limit - len(ids),
-                    )
-                ]
-            if not ids:
-                return []
-            tokens = [secrets.token_hex(8) for _ in ids]
-            rows = await conn.fetch(
-                f"UPDATE records r SET state = 'leased', lease_token = t.token,"
-                f" lease_owner = $3, lease_expires = $4, updated_at = $5"
-                f" FROM unnest($1::bigint[], $2::text[]) AS t(id, token)"
-                f" WHERE r.record_id = t.id"
-                f" RETURNING {', '.join('r.' + c for c in _RECORD_COLUMNS.split(', '))}",
-                ids,
-                tokens,
-                owner,
-                expires,
-                now,
-            )
-            by_id = {row[0]: record_from_row(row) for row in rows}
-            return [by_id[i] for i in ids]
+            return await postgres_claim_due(conn, now, limit, expires, owner)
 
         result: list[DeliveryRecord] = await self._write(op, durable=False)
         return result
