@@ -19,6 +19,7 @@ from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.queue.acme_state import MemoryAcmeState
 from postillon.queue.policy_state import MemoryPolicyState
+from postillon.queue.queue_shape import QueueShape, shape_of
 from postillon.queue.shaping_state import MemoryShapingState
 from postillon.queue.store import (
     HEALTHY,
@@ -374,6 +375,18 @@ class MemoryStore:
         for rec in self._records.values():
             counts[rec.state.value] += 1
         return counts
+
+    async def shape(self, now: float, buckets_minutes: Sequence[float]) -> QueueShape:
+        self._check_open()
+        messages = (
+            (
+                qid,
+                m.info.received_at,
+                [self._records[i] for i in m.record_ids if i in self._records],
+            )
+            for qid, m in sorted(self._messages.items())
+        )
+        return shape_of(messages, now, buckets_minutes)
 
     async def sts_policy(self, domain: str) -> CachedPolicy | None:
         self._check_open()

@@ -67,6 +67,7 @@ from postillon.queue.postgres_connection import (
     Database,
 )
 from postillon.queue.postgres_writer import CHUNK_SIZE, WRITERS, BatchWriter, Commit, OpFn
+from postillon.queue.queue_shape import QueueShape, postgres_shape
 from postillon.queue.shaping_state import PostgresShapingState
 from postillon.queue.store import (
     HEALTHY,
@@ -524,6 +525,12 @@ class PostgresStore:
             ):
                 counts[state] = count
             return counts
+
+        return await self._read(fn)
+
+    async def shape(self, now: float, buckets_minutes: Sequence[float]) -> QueueShape:
+        async def fn(conn: Conn) -> QueueShape:
+            return await postgres_shape(conn, now, buckets_minutes)
 
         return await self._read(fn)
 

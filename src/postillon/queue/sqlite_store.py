@@ -68,6 +68,7 @@ from postillon.core.sts import CachedPolicy
 from postillon.queue import acme_state, policy_state, sts_cache
 from postillon.queue.claims import records_by_id, sqlite_claim_due
 from postillon.queue.codec import encode_reply, message_from_row, record_from_row
+from postillon.queue.queue_shape import QueueShape, sqlite_shape
 from postillon.queue.shaping_state import SqliteShapingState
 from postillon.queue.sqlite_schema import (
     BUSY_TIMEOUT,
@@ -507,6 +508,9 @@ class SqliteStore:
             return {s.value: 0 for s in DeliveryState} | dict(rows.fetchall())
 
         return await self._read(fn)
+
+    async def shape(self, now: float, buckets_minutes: Sequence[float]) -> QueueShape:
+        return await self._read(lambda conn: sqlite_shape(conn, now, buckets_minutes))
 
     async def sts_policy(self, domain: str) -> CachedPolicy | None:  # store.py step 6
         return await self._read(lambda conn: sts_cache.sqlite_get(conn, domain))

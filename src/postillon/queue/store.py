@@ -52,6 +52,11 @@ Contract, as a transaction:
    suspensions and the token buckets of ``[[shaping]]`` rates, shared by every node.
 12. ``claim_due`` claims the highest ``NewMessage.priority`` first, then by
    ``next_try``; a record deferred after an attempt rises to priority 1 at least.
+   Its cost does not grow with the records that are not due (``claims.py``).
+13. ``shape(now, buckets)`` counts the queued recipients by domain, state and age
+   bucket in the store (``queue_shape.py``): the queue summary reads a few rows.
+14. ``postpone_domain`` moves the due records of one recipient domain to later in one
+   write, attempts unchanged (a suspended destination's retry wave, ``postpone.py``).
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
@@ -66,7 +71,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from postillon.core.dmarc import DmarcResultCount
 from postillon.core.envelope import MailParams, RcptParams
@@ -79,6 +84,9 @@ from postillon.queue.greylist_state import GreylistPolicy as GreylistPolicy  # r
 from postillon.queue.greylist_state import GreylistResult as GreylistResult
 from postillon.queue.rate_counters import RateRequest as RateRequest
 from postillon.queue.shaping_state import ShapingState
+
+if TYPE_CHECKING:  # queue_shape.py imports this module
+    from postillon.queue.queue_shape import QueueShape
 
 
 class DeliveryState(StrEnum):
@@ -460,6 +468,10 @@ class QueueStore(Protocol):
 
     async def count_by_state(self) -> dict[str, int]:
         """Number of delivery records per state (every ``DeliveryState`` value is a key)."""
+        ...
+
+    async def shape(self, now: float, buckets_minutes: Sequence[float]) -> QueueShape:
+        """Queued recipients by domain, state and age bucket (contract step 13)."""
         ...
 
     async def sts_policy(self, domain: str) -> CachedPolicy | None:
