@@ -4,12 +4,14 @@ mixed queue, on every store (PostgreSQL against a real server)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from test_store_contract import T0, message, outcome, store  # noqa: F401  (the fixture)
 
 from postillon.admin.queue_ops import AGE_BUCKETS_MINUTES, summarize
+from postillon.core.reply import Reply
 from postillon.queue.queue_shape import QUEUED_STATES, age_bucket
 from postillon.queue.store import DeliveryState, MessageInfo, QueueStore
 
@@ -117,3 +119,46 @@ async def test_empty_queue_shape(store: QueueStore) -> None:  # noqa: F811
     shape = await store.shape(NOW, AGE_BUCKETS_MINUTES)
     assert shape.messages == 0 and not shape.rows and shape.oldest_queue_id is None
     assert summarize(shape, counts, NOW) == reference_summary([], counts, NOW)
+
+
+async def test_postpone_domain_moves_only_due_records_of_that_domain(
+    store: QueueStore,  # noqa: F811
+) -> None:
+    """Store contract step 14 (queue/postpone.py)."""
+    suspended = Reply.of(451, "4.4.5", "Deliveries to dead.example suspended")
+    refused = Reply.of(451, "4.4.1", "Connection refused")
+    for i in range(5):  # deferred after an attempt, due now
+        await store.commit(message(f"D{i}", rcpts=[f"u{i}@Dead.Example"], received_at=NOW - 60))
+    await store.commit(message("FRESH", rcpts=["v@dead.example", "w@live.example"]))
+    await store.commit(message("OLD", rcpts=["x@dead.example"], received_at=NOW - 6 * 86400))
+    await store.commit(message("LIKE", rcpts=["y@notdead.example", "z@dead_example"]))
+    claimed = await store.claim_due(NOW, 100, 60.0, "node")
+    deferred = [r for r in claimed if r.queue_id.startswith("D")]
+    for rec in deferred:
+        update = outcome(rec, DeliveryState.DEFERRED, reply=refused, next_try=NOW - 1, now=NOW - 2)
+        await store.record_outcomes([update])
+    for rec in claimed:  # the others back to pending, due
+        if not rec.queue_id.startswith("D"):
+            await store.record_outcomes(
+                [
+                    dataclasses.replace(
+                        outcome(rec, DeliveryState.DEFERRED, next_try=NOW - 1), attempted=False
+                    )
+                ]
+            )
+    again = await store.claim_due(NOW, 1, 60.0, "other")  # one in flight: left alone
+    assert again and again[0].queue_id.startswith("D")
+    kwargs = {"spread": 10.0, "expire_before": NOW - 5 * 86400, "reply": suspended}
+    first = await store.postpone_domain("dead.example", NOW, NOW + 100, limit=3, **kwargs)
+    rest = await store.postpone_domain("dead.example", NOW, NOW + 100, limit=3, **kwargs)
+    assert (first, rest) == (3, 2)  # 4 deferred + FRESH's v@; not leased, OLD, LIKE, live
+    assert await store.postpone_domain("dead.example", NOW, NOW + 100, limit=3, **kwargs) == 0
+    records = {r.recipient: r for m in await store.list_messages() for r in m.records}
+    for name, rec in records.items():
+        moved = name.lower().endswith("@dead.example") and rec.state is not DeliveryState.LEASED
+        moved = moved and not name.startswith("x@")
+        assert (NOW + 100 <= rec.next_try <= NOW + 110) == moved, name
+        if moved:
+            assert rec.attempts == (1 if name.startswith("u") else 0), name
+            assert rec.last_reply == (refused if name.startswith("u") else suspended), name
+    assert records["x@dead.example"].next_try <= NOW  # expired: left due, to be bounced

@@ -11,8 +11,9 @@ The rules, per record:
 - ``Delivered`` → DELIVERED; a success notice when the route is local (Maildir,
   LMTP: the final delivery) or the next hop did not take DSN (``relayed``),
   and the recipient asked for it (``NOTIFY=SUCCESS``).
-- ``TempFail`` that was not attempted (destination slots busy) → DEFERRED a
-  few seconds later, no attempt counted, nothing logged.
+- ``TempFail`` that was not attempted (destination slots busy, suspended) → DEFERRED
+  a few seconds later, no attempt counted, nothing logged; unless the message's
+  lifetime ran out (a destination suspended for days must not keep mail forever).
 - ``TempFail`` before the message's lifetime ran out → DEFERRED at the retry
   policy's next try; a delay warning on the one attempt that crosses
   ``delay_warning`` (``NOTIFY=DELAY``, or by default).
@@ -136,7 +137,7 @@ def plan_outcomes(
                     (record.record_id, _dsn_recipient(record, outcome.reply, remote, action))
                 )
             continue
-        if isinstance(outcome, TempFail) and not outcome.attempted:
+        if isinstance(outcome, TempFail) and not outcome.attempted and not expired:
             # Not tried (destination slots busy): back in a few seconds,
             # no attempt counted, nothing to log at info level.
             if outcome.retry_after > 0:

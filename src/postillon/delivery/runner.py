@@ -46,6 +46,7 @@ from postillon.core.clock import Clock, SystemClock
 from postillon.core.outcome import Outcome, TempFail
 from postillon.core.reply import Reply
 from postillon.delivery.outcomes import MetricTick, keep_unnotified, plan_outcomes
+from postillon.delivery.postpone import Postponer
 from postillon.delivery.retry import RetryPolicy
 from postillon.delivery.transport import DeliveryJob, Transport, checked_outcomes, group_by_route
 from postillon.dsn.bounce import DsnRecipient
@@ -141,6 +142,7 @@ class Runner:
         self._in_flight = 0
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._postponer = Postponer(store)  # a suspended destination's due work
 
     def wake(self) -> None:
         self._wake.set()
@@ -248,6 +250,7 @@ class Runner:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        await self._postponer.stop()
         await self.store.release_leases(self.owner)
 
     async def run_once(self) -> int:
@@ -347,6 +350,7 @@ class Runner:
         plan = plan_outcomes(
             message, results, now, self.retry, delay_warning=self.delay_warning, rng=self._rng
         )
+        self._postponer.note([(r, o) for r, o, _ in results], now, self.retry.max_lifetime)
         for event in plan.events:
             self.maillog.event(event.event, message.queue_id, **event.fields)
         if self.metrics is not None:

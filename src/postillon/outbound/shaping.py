@@ -27,6 +27,9 @@ and the network and applies, per delivery:
   the greeting, EHLO or MAIL within ``window`` seconds, suspend the destination
   for ``initial`` seconds, doubling with each suspension in a row up to
   ``maximum`` (a row ends ``forget_after`` seconds after the last one).
+  So does a delivery that reached no address at all (``unreachable``: Postfix's
+  dead destination); the runner then postpones the destination's other due
+  records in bulk (delivery/postpone.py) instead of trying each.
   Replies to RCPT (greylisting, a full mailbox) say nothing about the sender.
 
 Suspensions live in the store (``suspensions`` table), so the CLI and the admin
@@ -219,7 +222,11 @@ class Shaper:
                 ],
             )
             return TempFail(
-                reply, destination, attempted=False, retry_after=suspended.until - self.clock()
+                reply,
+                destination,
+                attempted=False,
+                retry_after=suspended.until - self.clock(),
+                suspended=True,
             )
         rate = rule.messages_per_second if rule is not None else None
         if rate is not None and self.state is not None:
@@ -313,6 +320,19 @@ class Shaper:
         return rule.messages_per_connection if rule is not None else None
 
     # -- feedback --------------------------------------------------------------
+    async def unreachable(self, domain: str, host: str, reason: str) -> None:
+        """No address of the destination accepted a connection (refused, unreachable,
+        timed out): suspend it, as Postfix marks a dead destination ("delivery
+        temporarily suspended"), so that its other queued mail is not tried one
+        connection at a time while other destinations wait (``[backoff] unreachable``)."""
+        if not (self.backoff.enabled and self.backoff.unreachable):
+            return
+        destination, _ = self.rule_for(domain, host)
+        current = self._suspended.get(destination)
+        if current is not None and current.until > self.clock():
+            return  # the deliveries that raced the first failure
+        await self.suspend(destination, reason)
+
     async def observe(
         self,
         domain: str,

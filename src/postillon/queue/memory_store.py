@@ -10,6 +10,7 @@ loop, as a transaction would be.
 
 from __future__ import annotations
 
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -40,6 +41,7 @@ __all__ = ["MemoryStore"]
 
 _CHUNK_SIZE = 256 * 1024
 _CLAIMABLE = (DeliveryState.PENDING, DeliveryState.DEFERRED)
+_RANDOM = random.Random()  # postpone_domain's spread
 _OUTCOME_STATES = frozenset({DeliveryState.DELIVERED, DeliveryState.DEFERRED, DeliveryState.FAILED})
 
 
@@ -305,6 +307,33 @@ class MemoryStore:
             return False
         self._remove(queue_id)
         return True
+
+    async def postpone_domain(
+        self,
+        domain: str,
+        now: float,
+        until: float,
+        *,
+        spread: float,
+        expire_before: float,
+        reply: Reply,
+        limit: int,
+    ) -> int:
+        self._check_open()
+        count = 0
+        suffix = "@" + domain.lower()
+        for rid, rec in list(self._records.items()):
+            if count >= limit or rec.state not in _CLAIMABLE or rec.next_try > now:
+                continue
+            if not rec.recipient.lower().endswith(suffix):
+                continue
+            if self._messages[rec.queue_id].info.received_at <= expire_before:
+                continue
+            later = until + spread * _RANDOM.random()
+            last = rec.last_reply or reply
+            self._records[rid] = replace(rec, next_try=later, last_reply=last, updated_at=now)
+            count += 1
+        return count
 
     async def flush(self, now: float, queue_id: str | None = None) -> int:
         self._check_open()

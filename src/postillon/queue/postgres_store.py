@@ -67,6 +67,7 @@ from postillon.queue.postgres_connection import (
     Database,
 )
 from postillon.queue.postgres_writer import CHUNK_SIZE, WRITERS, BatchWriter, Commit, OpFn
+from postillon.queue.postpone import postgres_postpone
 from postillon.queue.queue_shape import QueueShape, postgres_shape
 from postillon.queue.shaping_state import PostgresShapingState
 from postillon.queue.store import (
@@ -303,6 +304,25 @@ class PostgresStore:
             return _rowcount(status) > 0
 
         result: bool = await self._write(op)
+        return result
+
+    async def postpone_domain(
+        self,
+        domain: str,
+        now: float,
+        until: float,
+        *,
+        spread: float,
+        expire_before: float,
+        reply: Reply,
+        limit: int,
+    ) -> int:
+        args = (domain, now, until, spread, expire_before, encode_reply(reply), limit)
+
+        async def op(conn: Conn) -> int:
+            return await postgres_postpone(conn, *args)
+
+        result: int = await self._write(op, durable=False)  # lost: the records are tried
         return result
 
     async def flush(self, now: float, queue_id: str | None = None) -> int:

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
-from postillon.queue.store import DeliveryRecord, DeliveryState
+from postillon.queue.store import DeliveryRecord, DeliveryState, QueueShape, ShapeRow
 
 __all__ = [
     "QUEUED_STATES",
@@ -39,25 +38,6 @@ QUEUED_STATES: Final = (
     DeliveryState.HELD,
 )
 _IN_QUEUE: Final = "('pending', 'leased', 'deferred', 'held')"
-
-
-@dataclass(frozen=True, slots=True)
-class ShapeRow:
-    """Queued recipients of one (domain, state, age bucket)."""
-
-    domain: str  # after the recipient's last "@", as stored ("" without one)
-    state: str
-    bucket: int  # index into the age buckets
-    count: int
-    oldest_received_at: float  # the oldest of their messages
-
-
-@dataclass(frozen=True, slots=True)
-class QueueShape:
-    messages: int  # messages in the queue
-    rows: tuple[ShapeRow, ...]
-    oldest_queue_id: str | None  # the oldest message with a queued recipient
-    oldest_received_at: float | None
 
 
 def age_bucket(age_seconds: float, buckets_minutes: Sequence[float]) -> int:

@@ -68,6 +68,7 @@ from postillon.core.sts import CachedPolicy
 from postillon.queue import acme_state, policy_state, sts_cache
 from postillon.queue.claims import records_by_id, sqlite_claim_due
 from postillon.queue.codec import encode_reply, message_from_row, record_from_row
+from postillon.queue.postpone import sqlite_postpone
 from postillon.queue.queue_shape import QueueShape, sqlite_shape
 from postillon.queue.shaping_state import SqliteShapingState
 from postillon.queue.sqlite_schema import (
@@ -290,6 +291,20 @@ class SqliteStore:
             return _delete_message(conn, queue_id)
 
         return await self._write(op)
+
+    async def postpone_domain(
+        self,
+        domain: str,
+        now: float,
+        until: float,
+        *,
+        spread: float,
+        expire_before: float,
+        reply: Reply,
+        limit: int,
+    ) -> int:
+        args = (domain, now, until, spread, expire_before, encode_reply(reply), limit)
+        return await self._write(lambda conn: sqlite_postpone(conn, *args))
 
     async def flush(self, now: float, queue_id: str | None = None) -> int:
         def op(conn: sqlite3.Connection) -> int:

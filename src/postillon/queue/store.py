@@ -71,7 +71,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, Any, Protocol
 
 from postillon.core.dmarc import DmarcResultCount
 from postillon.core.envelope import MailParams, RcptParams
@@ -84,9 +84,6 @@ from postillon.queue.greylist_state import GreylistPolicy as GreylistPolicy  # r
 from postillon.queue.greylist_state import GreylistResult as GreylistResult
 from postillon.queue.rate_counters import RateRequest as RateRequest
 from postillon.queue.shaping_state import ShapingState
-
-if TYPE_CHECKING:  # queue_shape.py imports this module
-    from postillon.queue.queue_shape import QueueShape
 
 
 class DeliveryState(StrEnum):
@@ -231,6 +228,27 @@ class EventCount:
     bucket_start: float
     event: str
     count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeRow:
+    """Queued recipients of one (domain, state, age bucket)."""
+
+    domain: str  # after the recipient's last "@", as stored ("" without one)
+    state: str
+    bucket: int  # index into the age buckets
+    count: int
+    oldest_received_at: float  # the oldest of their messages
+
+
+@dataclass(frozen=True, slots=True)
+class QueueShape:
+    """The queue's shape as ``QueueStore.shape`` aggregates it (queue_shape.py)."""
+
+    messages: int  # messages in the queue
+    rows: tuple[ShapeRow, ...]
+    oldest_queue_id: str | None  # the oldest message with a queued recipient
+    oldest_received_at: float | None
 
 
 class TlsReportStore(Protocol):
@@ -434,6 +452,23 @@ class QueueStore(Protocol):
     async def release(self, queue_id: str, now: float) -> int: ...
 
     async def delete(self, queue_id: str) -> bool: ...
+
+    async def postpone_domain(
+        self,
+        domain: str,
+        now: float,
+        until: float,
+        *,
+        spread: float,
+        expire_before: float,
+        reply: Reply,
+        limit: int,
+    ) -> int:
+        """Move up to ``limit`` due (PENDING or DEFERRED, ``next_try <= now``) records of
+        recipients in ``domain`` to ``until`` + up to ``spread`` s, attempts unchanged,
+        ``reply`` as the last reply of those that have none; records of messages
+        received before ``expire_before`` stay due. How many moved (step 14)."""
+        ...
 
     async def flush(self, now: float, queue_id: str | None = None) -> int:
         """Make every deferred record (of ``queue_id`` only, if given) due now; return how many."""
