@@ -12,8 +12,9 @@ The rules, per record:
   LMTP: the final delivery) or the next hop did not take DSN (``relayed``),
   and the recipient asked for it (``NOTIFY=SUCCESS``).
 - ``TempFail`` that was not attempted (destination slots busy, suspended) → DEFERRED
-  a few seconds later, no attempt counted, nothing logged; unless the message's
-  lifetime ran out (a destination suspended for days must not keep mail forever).
+  a few seconds later, no attempt counted, nothing logged; but a message whose
+  lifetime ran out while its destination is suspended (a dead destination) expires
+  as if attempted: a suspension can outlast the lifetime, slots that are busy cannot.
 - ``TempFail`` before the message's lifetime ran out → DEFERRED at the retry
   policy's next try; a delay warning on the one attempt that crosses
   ``delay_warning`` (``NOTIFY=DELAY``, or by default).
@@ -137,7 +138,11 @@ def plan_outcomes(
                     (record.record_id, _dsn_recipient(record, outcome.reply, remote, action))
                 )
             continue
-        if isinstance(outcome, TempFail) and not outcome.attempted and not expired:
+        if (
+            isinstance(outcome, TempFail)
+            and not outcome.attempted
+            and not (expired and outcome.suspended)
+        ):
             # Not tried (destination slots busy): back in a few seconds,
             # no attempt counted, nothing to log at info level.
             if outcome.retry_after > 0:
