@@ -159,6 +159,7 @@ async def test_postpone_domain_moves_only_due_records_of_that_domain(
         moved = moved and not name.startswith("x@")
         assert (NOW + 100 <= rec.next_try <= NOW + 110) == moved, name
         if moved:
+            assert rec.state is DeliveryState.DEFERRED
             assert rec.attempts == (1 if name.startswith("u") else 0), name
             assert rec.last_reply == (refused if name.startswith("u") else suspended), name
     assert records["x@dead.example"].next_try <= NOW  # expired: left due, to be bounced

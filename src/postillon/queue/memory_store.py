@@ -331,7 +331,9 @@ class MemoryStore:
                 continue
             later = until + spread * _RANDOM.random()
             last = rec.last_reply or reply
-            self._records[rid] = replace(rec, next_try=later, last_reply=last, updated_at=now)
+            self._records[rid] = replace(
+                rec, state=DeliveryState.DEFERRED, next_try=later, last_reply=last, updated_at=now
+            )
             count += 1
         return count
 

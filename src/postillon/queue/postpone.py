@@ -11,10 +11,11 @@ and the runner, told by the first record that came back "suspended", moves every
 other due record of that recipient domain past the suspension with this statement,
 ``limit`` records at a time so that commits of fresh mail interleave.
 
-What a postponed record keeps: its state (PENDING or DEFERRED), its attempts (it was
-not attempted) and its last reply, or the suspension's reply when it has none; its
-``next_try`` becomes ``until`` plus up to ``spread`` seconds (so the next wave is
-spread). Records of a message whose lifetime has run out (received before
+A postponed record becomes DEFERRED, as a record that came back "not attempted" does
+(so ``queue flush`` and ``queue resume`` make it due again); it keeps its attempts
+(it was not attempted) and its last reply, or gets the suspension's reply when it has
+none; its ``next_try`` becomes ``until`` plus up to ``spread`` seconds (so the next
+wave is spread). Records of a message whose lifetime has run out (received before
 ``expire_before``) are left due: the runner bounces them (delivery/outcomes.py).
 
 The domain is matched as ``'%@' || domain`` (the part after the last "@", ASCII case
@@ -51,7 +52,8 @@ def sqlite_postpone(
     """Postpone up to ``limit`` due records of ``domain``; how many."""
     return int(
         conn.execute(
-            "UPDATE records SET next_try = :until + :spread * ((random() & 1048575) / 1048576.0),"
+            "UPDATE records SET state = 'deferred',"
+            " next_try = :until + :spread * ((random() & 1048575) / 1048576.0),"
             " last_reply = COALESCE(last_reply, :reply), updated_at = :now"
             " WHERE record_id IN (SELECT record_id FROM records INDEXED BY records_due"
             f" WHERE {_DUE} AND next_try <= :now AND recipient LIKE :pattern ESCAPE '\\'"
@@ -82,7 +84,7 @@ async def postgres_postpone(
 ) -> int:
     """The same on PostgreSQL; records locked by a claim in flight are skipped."""
     status: str = await conn.execute(
-        "UPDATE records SET next_try = $1 + $2 * random(),"
+        "UPDATE records SET state = 'deferred', next_try = $1 + $2 * random(),"
         " last_reply = COALESCE(last_reply, $3), updated_at = $4"
         " WHERE record_id IN (SELECT r.record_id FROM records r"
         f" JOIN messages m ON m.queue_id = r.queue_id WHERE r.{_DUE} AND r.next_try <= $4"

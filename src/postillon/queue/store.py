@@ -465,7 +465,8 @@ class QueueStore(Protocol):
         limit: int,
     ) -> int:
         """Move up to ``limit`` due (PENDING or DEFERRED, ``next_try <= now``) records of
-        recipients in ``domain`` to ``until`` + up to ``spread`` s, attempts unchanged,
+        recipients in ``domain`` to DEFERRED at ``until`` + up to ``spread`` s, attempts
+        unchanged,
         ``reply`` as the last reply of those that have none; records of messages
         received before ``expire_before`` stay due. How many moved (step 14)."""
         ...
