@@ -207,12 +207,18 @@ class Shaper:
         return suspension
 
     # -- admission -------------------------------------------------------------
-    async def admit(self, domain: str, hosts: Sequence[str]) -> Admission | TempFail:
-        """May a message to ``domain`` (over ``hosts``) go now? Waits up to TOKEN_WAIT
-        for a rate token; else the deferral (not attempted) and when to come back."""
+    async def admit(
+        self, domain: str, hosts: Sequence[str], next_hop: str = ""
+    ) -> Admission | TempFail:
+        """May a message to ``domain`` (over ``hosts``, to ``next_hop``: see
+        ``unreachable``) go now? Waits up to TOKEN_WAIT for a rate token; else the
+        deferral (not attempted) and when to come back."""
         destination, rule = match_rule(self.rules, domain, hosts)
         suspended = await self.suspension(destination)
+        if suspended is None and next_hop and next_hop != destination:
+            suspended = await self.suspension(next_hop)
         if suspended is not None:
+            destination = suspended.destination
             until = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(suspended.until))
             reply = Reply.of(
                 451,
@@ -320,14 +326,16 @@ class Shaper:
         return rule.messages_per_connection if rule is not None else None
 
     # -- feedback --------------------------------------------------------------
-    async def unreachable(self, domain: str, host: str, reason: str) -> None:
-        """No address of the destination accepted a connection (refused, unreachable,
+    async def unreachable(self, next_hop: str, reason: str) -> None:
+        """No address of ``next_hop`` accepted a connection (refused, unreachable,
         timed out): suspend it, as Postfix marks a dead destination ("delivery
         temporarily suspended"), so that its other queued mail is not tried one
-        connection at a time while other destinations wait (``[backoff] unreachable``)."""
+        connection at a time while other destinations wait (``[backoff] unreachable``).
+        ``next_hop`` is ``targets.next_hop``: the MX domain, or a route's host:port (two
+        routes to one host on different ports are two next hops)."""
         if not (self.backoff.enabled and self.backoff.unreachable):
             return
-        destination, _ = self.rule_for(domain, host)
+        destination = next_hop
         current = self._suspended.get(destination)
         if current is not None and current.until > self.clock():
             return  # the deliveries that raced the first failure

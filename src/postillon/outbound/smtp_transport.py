@@ -66,7 +66,7 @@ from postillon.outbound.shaping import Shaper, chained
 from postillon.outbound.smtputf8 import send_sendable
 from postillon.outbound.sts_policies import StsFailure, StsPolicies
 from postillon.outbound.targets import Target as Target
-from postillon.outbound.targets import host_targets, is_ip, shaping_domain
+from postillon.outbound.targets import host_targets, is_ip, next_hop, shaping_domain
 from postillon.outbound.targets import mx_targets as mx_targets
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
 from postillon.outbound.tls_observer import TlsObserver, observe_session
@@ -207,7 +207,8 @@ class SmtpTransport:
             return [TempFail(NO_ADDRESSES, job.route.domain)] * count
         if self.shaper is not None:  # suspended, or over its message rate: not attempted
             where = shaping_domain(targets[0])
-            admitted = await self.shaper.admit(where, [t.host for t in targets])
+            hop = next_hop(targets[0])
+            admitted = await self.shaper.admit(where, [t.host for t in targets], hop)
             if isinstance(admitted, TempFail):
                 return [admitted] * count
         slot = self.limits.destination(job.route.key)
@@ -316,7 +317,7 @@ class SmtpTransport:
         outcome = failure(errors, last_detail, last_tls)
         if self.shaper is not None and errors and unconnected == len(errors):
             reason = f"{last_detail}: {errors[-1].detail}"  # no address took a connection
-            await self.shaper.unreachable(shaping_domain(targets[0]), targets[0].host, reason)
+            await self.shaper.unreachable(next_hop(targets[0]), reason)
         return [outcome] * count
 
     async def _finish(

@@ -12,7 +12,7 @@ from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
 from postillon.outbound.mx import MxResult
 from postillon.routing.router import NextHop
 
-__all__ = ["Target", "host_targets", "is_ip", "mx_targets"]
+__all__ = ["Target", "host_targets", "is_ip", "mx_targets", "next_hop", "shaping_domain"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +47,12 @@ def shaping_domain(target: Target) -> str:
     """The destination domain a shaping rule sees: the domain whose MX this is,
     else the host the route names."""
     return target.mx_domain or target.host
+
+
+def next_hop(target: Target) -> str:
+    """The next hop a dead-destination suspension names: the domain whose MX this
+    is, else the host and port the route names."""
+    return target.mx_domain or f"{target.host}:{target.port}"
 
 
 async def host_targets(
