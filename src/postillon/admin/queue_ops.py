@@ -397,10 +397,17 @@ class QueueOps:
         affected = await handler(queue_id)
         return {"queue_id": queue_id, "action": action, "recipients": affected}
 
+    async def flush(self) -> int:
+        """Every deferred record due now, and dead destinations revived."""
+        now = self.clock.now()
+        await suspensions.lift_unreachable(self.store, now)
+        return await self.store.flush(now)
+
     async def retry(self, queue_id: str) -> int:
         info = await self.get(queue_id)
         now = self.clock.now()
         states = {r.state for r in info.records}
+        await suspensions.lift_unreachable(self.store, now)
         count = await self.store.flush(now, queue_id=queue_id)
         if count == 0:
             if DeliveryState.PENDING in states or DeliveryState.LEASED in states:

@@ -12,7 +12,8 @@ The rules, per record:
   LMTP: the final delivery) or the next hop did not take DSN (``relayed``),
   and the recipient asked for it (``NOTIFY=SUCCESS``).
 - ``TempFail`` that was not attempted (destination slots busy, suspended) → DEFERRED
-  a few seconds later, no attempt counted, nothing logged; but a message whose
+  a few seconds later, no attempt counted, nothing logged (a suspended destination's
+  deferral is logged, with the suspension as the reason); but a message whose
   lifetime ran out while its destination is suspended (a dead destination) expires
   as if attempted: a suspension can outlast the lifetime, slots that are busy cannot.
 - ``TempFail`` before the message's lifetime ran out → DEFERRED at the retry
@@ -162,6 +163,11 @@ def plan_outcomes(
                     attempted=False,
                 )
             )
+            if outcome.suspended:  # Postfix's "delivery temporarily suspended": say why
+                fields["attempts"] = record.attempts
+                events.append(
+                    LogEvent("deferred", {**fields, "next_try": f"{next_try - now:.0f}s"})
+                )
             continue
         if isinstance(outcome, TempFail) and not expired:
             next_try = retry.next_try(record.attempts + 1, now, rng)

@@ -62,6 +62,9 @@ TOKEN_WAIT = 1.0
 # How often each process re-reads the suspensions (set by the CLI or another node).
 REFRESH = 2.0
 SHAPING_STATUS = "4.4.5"
+# The reason of a dead-destination suspension starts so: ``queue flush`` (and an
+# operator's retry of a message) lifts those, as Postfix's flush revives dead sites.
+UNREACHABLE = "unreachable: "
 
 
 class ShapingBusy(SessionError):
@@ -170,10 +173,17 @@ class Shaper:
             return
         self._suspended = {s.destination: s for s in current}
 
-    async def suspension(self, destination: str) -> Suspension | None:
+    async def suspension(self, destination: str, known_since: float = 0.0) -> Suspension | None:
+        """``destination``'s running suspension. ``known_since``: re-read the store
+        first if this process last read it before then (a record claimed after an
+        operator's flush lifted a suspension must see it lifted)."""
         now = self.clock()
         await self._refresh(now)
         found = self._suspended.get(destination)
+        if found is not None and found.until > now and self._refreshed < known_since:
+            self._refreshed = -REFRESH
+            await self._refresh(now)
+            found = self._suspended.get(destination)
         return found if found is not None and found.until > now else None
 
     async def suspend(self, destination: str, reason: str) -> Suspension:
@@ -208,15 +218,15 @@ class Shaper:
 
     # -- admission -------------------------------------------------------------
     async def admit(
-        self, domain: str, hosts: Sequence[str], next_hop: str = ""
+        self, domain: str, hosts: Sequence[str], next_hop: str = "", known_since: float = 0.0
     ) -> Admission | TempFail:
         """May a message to ``domain`` (over ``hosts``, to ``next_hop``: see
-        ``unreachable``) go now? Waits up to TOKEN_WAIT for a rate token; else the
-        deferral (not attempted) and when to come back."""
+        ``unreachable``), claimed at ``known_since``, go now? Waits up to TOKEN_WAIT
+        for a rate token; else the deferral (not attempted) and when to come back."""
         destination, rule = match_rule(self.rules, domain, hosts)
-        suspended = await self.suspension(destination)
+        suspended = await self.suspension(destination, known_since)
         if suspended is None and next_hop and next_hop != destination:
-            suspended = await self.suspension(next_hop)
+            suspended = await self.suspension(next_hop, known_since)
         if suspended is not None:
             destination = suspended.destination
             until = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(suspended.until))
@@ -339,7 +349,7 @@ class Shaper:
         current = self._suspended.get(destination)
         if current is not None and current.until > self.clock():
             return  # the deliveries that raced the first failure
-        await self.suspend(destination, reason)
+        await self.suspend(destination, UNREACHABLE + reason)
 
     async def observe(
         self,

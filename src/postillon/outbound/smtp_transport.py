@@ -208,7 +208,8 @@ class SmtpTransport:
         if self.shaper is not None:  # suspended, or over its message rate: not attempted
             where = shaping_domain(targets[0])
             hop = next_hop(targets[0])
-            admitted = await self.shaper.admit(where, [t.host for t in targets], hop)
+            claimed = min(r.updated_at for r in job.records)
+            admitted = await self.shaper.admit(where, [t.host for t in targets], hop, claimed)
             if isinstance(admitted, TempFail):
                 return [admitted] * count
         slot = self.limits.destination(job.route.key)
