@@ -19,7 +19,8 @@ The runner wakes when intake commits in this process (the composition root
 connects intake's commit hook to ``wake``), and polls the store every
 ``poll_interval`` seconds so that work made due from elsewhere (the
 ``postillon queue flush`` command, another node) is seen. Messages just
-committed here come from the injected recent-message cache, not the store.
+committed here come from the injected recent-message cache, not the store; each is
+dropped from it after its first attempt, so the cache holds the active set only.
 
 Every few seconds the runner writes a heartbeat to the store and hands back the
 leases of runners whose heartbeat is older than ``node_timeout``: on a shared
@@ -315,6 +316,11 @@ class Runner:
             await self._record(message, results)
         finally:
             self._in_flight -= len(records)
+            if self.recent is not None:
+                # Attempted: a message still queued is deferred for minutes at least,
+                # and is read from the store then. Kept, the cache would hold every
+                # deferred message of a backlog (up to its 32 MiB cap), not the active set.
+                self.recent.drop(queue_id)
 
     async def _run_transport(
         self,
@@ -367,10 +373,7 @@ class Runner:
                 # next attempt meets the same failure and queues the notice then.
                 updates = keep_unnotified(updates, notice.record_ids, now)
         if updates:
-            completed = await self._record_outcomes(list(updates))
-            if self.recent is not None:
-                for queue_id in completed:
-                    self.recent.drop(queue_id)
+            await self._record_outcomes(list(updates))
 
     def _count(self, ticks: Sequence[MetricTick]) -> None:
         metrics = self.metrics
