@@ -39,6 +39,7 @@ bench: deps system-deps
 	$(BIN)/python bench/cluster_bench.py $(CLUSTER_BENCH_ARGS)
 	$(BIN)/python bench/tls_bench.py $(TLS_BENCH_ARGS)
 	$(BIN)/python bench/pipeline_bench.py $(PIPELINE_BENCH_ARGS)
+	$(BIN)/python bench/backlog_bench.py $(BACKLOG_BENCH_ARGS)
 
 # The wheel and sdist an operator installs (`pipx install dist/postillon-*.whl`):
 # docs/install.md. The sdist is built first and the wheel from it.

@@ -13,11 +13,13 @@ phases:
   the fresh load starts: its retry wave runs while fresh mail arrives.
 
 ``dead.test`` is routed to a loopback port where nothing listens (connection refused).
-The backlog is written straight into the queue store with the rows a real deferral
-leaves (message, body, one record: DEFERRED, 1 attempt, priority 1, the refusal as the
-last reply, next try in an hour): seeding 100,000 through SMTP would take minutes and
-attempt each one. The node is restarted after seeding, as it would be after a day of
-queueing.
+``--seed sql`` (the default) writes the backlog straight into the queue store with the
+rows a real deferral leaves (message, body, one record: DEFERRED, 1 attempt, priority
+1, the refusal as the last reply, next try in about an hour) and restarts the node, as
+after a day of queueing: seconds for 100,000. ``--seed smtp`` sends it through the
+running node instead (smtp-source to ``dead.test``, each message then attempted or
+postponed by the node itself) and keeps that node: minutes, but the memory it measures
+includes whatever accepting and deferring the backlog left behind.
 
 Per phase: **end-to-end msg/s** of the fresh mail (N / time from the first send until
 every fresh record left the queue), the **peak PSS** of the node's process tree
@@ -161,11 +163,18 @@ route = "smtp:[127.0.0.1]:{self.dead_port}"
 
     # -- the backlog ----------------------------------------------------------
     def seed(self, dsn: str | None) -> float:
-        """Write BACKLOG deferred messages for dead.test into the stopped node's queue."""
+        """BACKLOG deferred messages for dead.test in the node's queue (``--seed``)."""
         started = time.monotonic()
         now = time.time()
         count = self.a.backlog
-        if dsn is None:
+        if self.a.seed == "smtp":
+            self.source(count, "u@dead.test", size=1024)
+            deadline = time.monotonic() + 1800
+            while self.query(dsn, "SELECT count(*) FROM records WHERE state <> 'deferred'"):
+                if time.monotonic() > deadline:
+                    raise SystemExit("the backlog was not deferred in 1800 s")
+                time.sleep(1.0)
+        elif dsn is None:
             self._seed_sqlite(now, count)
         else:
             asyncio.run(self._seed_postgres(dsn, now, count))
@@ -229,24 +238,38 @@ route = "smtp:[127.0.0.1]:{self.dead_port}"
             await conn.close()
 
     # -- measuring ------------------------------------------------------------
-    def fresh_left(self, dsn: str | None) -> int:
-        """Fresh records still queued (their queue ids sort after the backlog's)."""
-        sql = "SELECT count(*) FROM records WHERE queue_id > '1'"
+    def query(self, dsn: str | None, sql: str) -> Any:
+        """The one value ``sql`` selects from the node's queue."""
         if dsn is None:
             db = sqlite3.connect(self.root / "node0" / "data" / "queue" / "queue.db", timeout=30)
             try:
-                return int(db.execute(sql).fetchone()[0])
+                return db.execute(sql).fetchone()[0]
             finally:
                 db.close()
 
-        async def count() -> int:
+        async def value() -> Any:
             conn = await asyncpg.connect(dsn)
             try:
-                return int(await conn.fetchval(sql))
+                return await conn.fetchval(sql)
             finally:
                 await conn.close()
 
-        return asyncio.run(count())
+        return asyncio.run(value())
+
+    def fresh_left(self, dsn: str | None, after: str) -> int:
+        """Fresh records still queued (queue ids sort by time: after the backlog's)."""
+        return int(self.query(dsn, f"SELECT count(*) FROM records WHERE queue_id > '{after}'"))
+
+    def source(self, count: int, rcpt: str, size: int) -> None:
+        subprocess.run(
+            [
+                *(SMTP_SOURCE, "-s", str(self.a.conc), "-m", str(count), "-l", str(size)),
+                *("-f", "load@bench.local", "-t", rcpt, f"127.0.0.1:{self.node_port}"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
 
     def cli(self, *args: str) -> float:
         cfg = self.root / "node0" / "postillon.toml"
@@ -259,20 +282,12 @@ route = "smtp:[127.0.0.1]:{self.dead_port}"
     def relay_fresh(self, dsn: str | None) -> tuple[float, int]:
         """(end-to-end msg/s of N fresh messages, peak PSS MiB)."""
         a = self.a
+        after = self.query(dsn, "SELECT COALESCE(MAX(queue_id), '') FROM messages")
         with PeakPss(self.nodes[0].pid) as pss:
             start = time.monotonic()
-            subprocess.run(
-                [
-                    *(SMTP_SOURCE, "-s", str(a.conc), "-m", str(a.n), "-l", str(a.size)),
-                    *("-f", "load@bench.local", "-t", "user@bench.test"),
-                    f"127.0.0.1:{self.node_port}",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                check=False,
-            )
+            self.source(a.n, "user@bench.test", a.size)
             deadline = time.monotonic() + 600
-            while self.fresh_left(dsn) > 0:
+            while self.fresh_left(dsn, after) > 0:
                 if time.monotonic() > deadline:
                     raise SystemExit("the fresh mail did not drain in 600 s")
                 time.sleep(0.05)
@@ -285,12 +300,15 @@ route = "smtp:[127.0.0.1]:{self.dead_port}"
         self.start_node(dsn, fresh=True)
         try:
             for phase in PHASES:
-                if phase == "waiting":
+                if phase == "waiting" and self.a.seed == "sql":
                     self.stop_nodes()
                     seeded = self.seed(dsn)
-                    say(f"   {store}: seeded {self.a.backlog} deferred messages in {seeded:.1f} s")
                     self.start_node(dsn, fresh=False)
                     time.sleep(1.0)  # let start-up work (lease recovery) finish
+                elif phase == "waiting":
+                    seeded = self.seed(dsn)
+                if phase == "waiting":
+                    say(f"   {store}: seeded {self.a.backlog} deferred messages in {seeded:.1f} s")
                 if phase == "wave":
                     self.cli("queue", "flush")
                 e2e, peak = self.relay_fresh(dsn)
@@ -342,7 +360,8 @@ route = "smtp:[127.0.0.1]:{self.dead_port}"
     def report(self) -> str:
         lines = [
             f"backlog bench: N={self.a.n} fresh, BACKLOG={self.a.backlog} deferred, "
-            f"CONC={self.a.conc}, SIZE={self.a.size} (medians of {self.a.reps} rep(s))",
+            f"(seeded by {self.a.seed}), CONC={self.a.conc}, SIZE={self.a.size} "
+            f"(medians of {self.a.reps} rep(s))",
             "",
             "| store | phase | e2e msg/s | vs empty | peak PSS MiB | queue summary s |",
             "|---|---|---|---|---|---|",
@@ -372,6 +391,7 @@ def main() -> None:
     p.add_argument("--backlog", type=int, default=100_000, help="deferred messages queued")
     p.add_argument("--conc", type=int, default=20, help="parallel smtp-source sessions")
     p.add_argument("--size", type=int, default=4096, help="fresh message size in bytes")
+    p.add_argument("--seed", choices=("sql", "smtp"), default="sql", help="see above")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--port", type=int, default=0, help="the node's SMTP port (0: free)")
     p.add_argument("--sink-port", type=int, default=0, help="smtp-sink's port (0: free)")

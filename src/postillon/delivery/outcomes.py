@@ -164,10 +164,9 @@ def plan_outcomes(
                 )
             )
             if outcome.suspended:  # Postfix's "delivery temporarily suspended": say why
-                fields["attempts"] = record.attempts
-                events.append(
-                    LogEvent("deferred", {**fields, "next_try": f"{next_try - now:.0f}s"})
-                )
+                wait = f"{next_try - now:.0f}s"
+                fields.update(attempts=record.attempts, next_try=wait, suspended=True)
+                events.append(LogEvent("deferred", fields))
             continue
         if isinstance(outcome, TempFail) and not expired:
             next_try = retry.next_try(record.attempts + 1, now, rng)
