@@ -407,7 +407,8 @@ class QueueOps:
         info = await self.get(queue_id)
         now = self.clock.now()
         states = {r.state for r in info.records}
-        await suspensions.lift_unreachable(self.store, now)
+        if DeliveryState.DEFERRED in states:  # revived first: the runner may claim at once
+            await suspensions.lift_unreachable(self.store, now)
         count = await self.store.flush(now, queue_id=queue_id)
         if count == 0:
             if DeliveryState.PENDING in states or DeliveryState.LEASED in states:
