@@ -283,6 +283,7 @@ class Runner:
         free = self.concurrency - self._in_flight
         if free <= 0:
             return 0
+        await self._postponer.settled()  # a dead destination's wave leaves the due range
         records = await self.store.claim_due(self.clock.now(), free, self.lease_seconds, self.owner)
         if not records:
             return 0

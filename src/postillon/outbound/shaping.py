@@ -147,6 +147,7 @@ class Shaper:
         self.state = state
         self.clock = clock
         self._suspended: dict[str, Suspension] = {}
+        self._suspending: set[str] = set()  # dead destinations being suspended now
         self._refreshed = -REFRESH
         self._strikes: dict[str, deque[float]] = defaultdict(deque)
         self._slots: dict[str, asyncio.Semaphore] = {}  # connection slots by address
@@ -347,9 +348,15 @@ class Shaper:
             return
         destination = next_hop
         current = self._suspended.get(destination)
-        if current is not None and current.until > self.clock():
+        if destination in self._suspending or (
+            current is not None and current.until > self.clock()
+        ):
             return  # the deliveries that raced the first failure
-        await self.suspend(destination, UNREACHABLE + reason)
+        self._suspending.add(destination)
+        try:
+            await self.suspend(destination, UNREACHABLE + reason)
+        finally:
+            self._suspending.discard(destination)
 
     async def observe(
         self,
