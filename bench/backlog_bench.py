@@ -9,8 +9,10 @@ phases:
 
 * ``empty``: an empty queue (the reference);
 * ``waiting``: BACKLOG messages already deferred for ``dead.test``, due in an hour;
-* ``wave``: the same backlog made due at once (``postillon queue flush``) just before
-  the fresh load starts: its retry wave runs while fresh mail arrives.
+* ``wave``: the same backlog comes due all at once WAVE_DELAY (1 s) after the fresh
+  load starts (its ``next_try`` set so just before, by the bench, in the store: as
+  if they had all been deferred together an hour earlier): its retry wave runs while
+  fresh mail arrives.
 
 ``dead.test`` is routed to a loopback port where nothing listens (connection refused).
 ``--seed sql`` (the default) writes the backlog straight into the queue store with the
@@ -62,6 +64,7 @@ from support.ports import free_port
 from support.postgres import PostgresServer
 
 PHASES = ("empty", "waiting", "wave")
+WAVE_DELAY = 1.0  # seconds into the fresh load when the backlog comes due
 REFUSED = encode_reply(Reply.of(451, "4.4.1", "Connection failed: Connection refused"))
 BACKLOG_BODY = b"From: bulk@bench.local\r\nSubject: backlog\r\n\r\n" + b"x" * 1000 + b"\r\n"
 
@@ -256,6 +259,30 @@ route = "smtp:[127.0.0.1]:{self.dead_port}"
 
         return asyncio.run(value())
 
+    def make_due(self, dsn: str | None, at: float) -> None:
+        """The whole backlog due at ``at`` (written in the store, the node running)."""
+        sql = (
+            f"UPDATE records SET next_try = {at!r} WHERE state = 'deferred'"
+            " AND recipient LIKE '%@dead.test'"
+        )
+        if dsn is None:
+            db = sqlite3.connect(self.root / "node0" / "data" / "queue" / "queue.db", timeout=60)
+            try:
+                db.execute(sql)
+                db.commit()
+            finally:
+                db.close()
+            return
+
+        async def update() -> None:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.execute(sql)
+            finally:
+                await conn.close()
+
+        asyncio.run(update())
+
     def fresh_left(self, dsn: str | None, after: str) -> int:
         """Fresh records still queued (queue ids sort by time: after the backlog's)."""
         return int(self.query(dsn, f"SELECT count(*) FROM records WHERE queue_id > '{after}'"))
@@ -310,7 +337,7 @@ route = "smtp:[127.0.0.1]:{self.dead_port}"
                 if phase == "waiting":
                     say(f"   {store}: seeded {self.a.backlog} deferred messages in {seeded:.1f} s")
                 if phase == "wave":
-                    self.cli("queue", "flush")
+                    self.make_due(dsn, time.time() + WAVE_DELAY)
                 e2e, peak = self.relay_fresh(dsn)
                 summary_s = self.cli("queue", "summary")
                 run = {

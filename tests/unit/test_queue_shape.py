@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from test_store_contract import T0, message, outcome, store  # noqa: F401  (the fixture)
+from test_store_contract import T0, TRY_LATER, message, outcome, store  # noqa: F401  (the fixture)
 
 from postillon.admin.queue_ops import AGE_BUCKETS_MINUTES, summarize
 from postillon.core.reply import Reply
@@ -132,31 +132,30 @@ async def test_postpone_domain_moves_only_due_records_of_that_domain(
     await store.commit(message("FRESH", rcpts=["v@dead.example", "w@live.example"]))
     await store.commit(message("OLD", rcpts=["x@dead.example"], received_at=NOW - 6 * 86400))
     await store.commit(message("LIKE", rcpts=["y@notdead.example", "z@dead_example"]))
+    await store.commit(message("SOON", rcpts=["s@dead.example"]))  # due during the suspension
+    await store.commit(message("LATER", rcpts=["l@dead.example"]))  # due after it
     claimed = await store.claim_due(NOW, 100, 60.0, "node")
     deferred = [r for r in claimed if r.queue_id.startswith("D")]
     for rec in deferred:
         update = outcome(rec, DeliveryState.DEFERRED, reply=refused, next_try=NOW - 1, now=NOW - 2)
         await store.record_outcomes([update])
-    for rec in claimed:  # the others back to pending, due
+    due = {"SOON": NOW + 50, "LATER": NOW + 500}
+    for rec in claimed:  # the others back, not attempted: due now (or soon, or later)
         if not rec.queue_id.startswith("D"):
-            await store.record_outcomes(
-                [
-                    dataclasses.replace(
-                        outcome(rec, DeliveryState.DEFERRED, next_try=NOW - 1), attempted=False
-                    )
-                ]
-            )
+            update = outcome(rec, DeliveryState.DEFERRED, next_try=due.get(rec.queue_id, NOW - 1))
+            await store.record_outcomes([dataclasses.replace(update, attempted=False)])
     again = await store.claim_due(NOW, 1, 60.0, "other")  # one in flight: left alone
     assert again and again[0].queue_id.startswith("D")
     kwargs = {"spread": 10.0, "expire_before": NOW - 5 * 86400, "reply": suspended}
     first = await store.postpone_domain("dead.example", NOW, NOW + 100, limit=3, **kwargs)
     rest = await store.postpone_domain("dead.example", NOW, NOW + 100, limit=3, **kwargs)
-    assert (first, rest) == (3, 2)  # 4 deferred + FRESH's v@; not leased, OLD, LIKE, live
-    assert await store.postpone_domain("dead.example", NOW, NOW + 100, limit=3, **kwargs) == 0
+    last = await store.postpone_domain("dead.example", NOW, NOW + 100, limit=3, **kwargs)
+    # 4 deferred + FRESH's v@ + SOON; not the leased one, OLD, LIKE, live, LATER
+    assert (first, rest, last) == (3, 3, 0)
     records = {r.recipient: r for m in await store.list_messages() for r in m.records}
     for name, rec in records.items():
         moved = name.lower().endswith("@dead.example") and rec.state is not DeliveryState.LEASED
-        moved = moved and not name.startswith("x@")
+        moved = moved and not name.startswith(("x@", "l@"))
         assert (NOW + 100 <= rec.next_try <= NOW + 110) == moved, name
         if moved:
             assert rec.state is DeliveryState.DEFERRED

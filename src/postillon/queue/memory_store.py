@@ -323,7 +323,7 @@ class MemoryStore:
         count = 0
         suffix = "@" + domain.lower()
         for rid, rec in list(self._records.items()):
-            if count >= limit or rec.state not in _CLAIMABLE or rec.next_try > now:
+            if count >= limit or rec.state not in _CLAIMABLE or rec.next_try > until:
                 continue
             if not rec.recipient.lower().endswith(suffix):
                 continue

@@ -8,7 +8,8 @@ and outcome writes, ahead of fresh mail (retries have the higher priority). Post
 tries a few, marks the destination dead and defers the rest ("delivery temporarily
 suspended"). Here a failed connection suspends the destination (outbound/shaping.py)
 and the runner, told by the first record that came back "suspended", moves every
-other due record of that recipient domain past the suspension with this statement,
+other record of that recipient domain due before the suspension ends (due now, or
+coming due meanwhile: a wave spread over minutes) past it with this statement,
 ``limit`` records at a time so that commits of fresh mail interleave.
 
 A postponed record becomes DEFERRED, as a record that came back "not attempted" does
@@ -56,7 +57,7 @@ def sqlite_postpone(
             " next_try = :until + :spread * ((random() & 1048575) / 1048576.0),"
             " last_reply = COALESCE(last_reply, :reply), updated_at = :now"
             " WHERE record_id IN (SELECT record_id FROM records INDEXED BY records_due"
-            f" WHERE {_DUE} AND next_try <= :now AND recipient LIKE :pattern ESCAPE '\\'"
+            f" WHERE {_DUE} AND next_try <= :until AND recipient LIKE :pattern ESCAPE '\\'"
             " AND (SELECT received_at FROM messages m WHERE m.queue_id = records.queue_id)"
             " > :expire_before LIMIT :limit)",
             {
@@ -87,7 +88,7 @@ async def postgres_postpone(
         "UPDATE records SET state = 'deferred', next_try = $1 + $2 * random(),"
         " last_reply = COALESCE(last_reply, $3), updated_at = $4"
         " WHERE record_id IN (SELECT r.record_id FROM records r"
-        f" JOIN messages m ON m.queue_id = r.queue_id WHERE r.{_DUE} AND r.next_try <= $4"
+        f" JOIN messages m ON m.queue_id = r.queue_id WHERE r.{_DUE} AND r.next_try <= $1"
         " AND r.recipient ILIKE $5 AND m.received_at > $6"
         " LIMIT $7 FOR UPDATE OF r SKIP LOCKED)",
         until,

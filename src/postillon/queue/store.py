@@ -55,8 +55,8 @@ Contract, as a transaction:
    Its cost does not grow with the records that are not due (``claims.py``).
 13. ``shape(now, buckets)`` counts the queued recipients by domain, state and age
    bucket in the store (``queue_shape.py``): the queue summary reads a few rows.
-14. ``postpone_domain`` moves the due records of one recipient domain to later in one
-   write, attempts unchanged (a suspended destination's retry wave, ``postpone.py``).
+14. ``postpone_domain`` moves the records of one recipient domain due before a time
+   past it in one write, attempts unchanged (a suspended destination's retry wave, ``postpone.py``).
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
@@ -464,9 +464,9 @@ class QueueStore(Protocol):
         reply: Reply,
         limit: int,
     ) -> int:
-        """Move up to ``limit`` due (PENDING or DEFERRED, ``next_try <= now``) records of
-        recipients in ``domain`` to DEFERRED at ``until`` + up to ``spread`` s, attempts
-        unchanged,
+        """Move up to ``limit`` records (PENDING or DEFERRED) of recipients in ``domain``
+        due before ``until`` (``next_try <= until``) to DEFERRED at ``until`` + up to
+        ``spread`` s, attempts unchanged,
         ``reply`` as the last reply of those that have none; records of messages
         received before ``expire_before`` stay due. How many moved (step 14)."""
         ...
