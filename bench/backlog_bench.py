@@ -9,10 +9,12 @@ phases:
 
 * ``empty``: an empty queue (the reference);
 * ``waiting``: BACKLOG messages already deferred for ``dead.test``, due in an hour;
-* ``wave``: the same backlog comes due all at once WAVE_DELAY (1 s) after the fresh
-  load starts (its ``next_try`` set so just before, by the bench, in the store: as
-  if they had all been deferred together an hour earlier): its retry wave runs while
-  fresh mail arrives.
+* ``wave``: the same backlog's retry wave starts WAVE_DELAY (1 s) after the fresh load
+  starts (its ``next_try`` set just before, by the bench, in the store) and runs while
+  fresh mail arrives. ``--wave spread`` (the default): the records come due at
+  ``--wave-rate`` per second (800), as a backlog that was deferred while arriving at
+  that rate comes back for its first retry (the issue's measurement);
+  ``--wave instant``: all at once, the worst case.
 
 ``dead.test`` is routed to a loopback port where nothing listens (connection refused).
 ``--seed sql`` (the default) writes the backlog straight into the queue store with the
@@ -259,11 +261,14 @@ route = "smtp:[127.0.0.1]:{self.dead_port}"
 
         return asyncio.run(value())
 
-    def make_due(self, dsn: str | None, at: float) -> None:
-        """The whole backlog due at ``at`` (written in the store, the node running)."""
+    def make_due(self, dsn: str | None, at: float, spread: float) -> None:
+        """The backlog due from ``at`` over ``spread`` seconds, in record order
+        (written in the store, the node running)."""
+        dead = "state = 'deferred' AND recipient LIKE '%@dead.test'"
+        first = self.query(dsn, f"SELECT MIN(record_id) FROM records WHERE {dead}") or 0
+        step = spread / max(self.a.backlog, 1)
         sql = (
-            f"UPDATE records SET next_try = {at!r} WHERE state = 'deferred'"
-            " AND recipient LIKE '%@dead.test'"
+            f"UPDATE records SET next_try = {at!r} + (record_id - {first}) * {step!r} WHERE {dead}"
         )
         if dsn is None:
             db = sqlite3.connect(self.root / "node0" / "data" / "queue" / "queue.db", timeout=60)
@@ -337,7 +342,8 @@ route = "smtp:[127.0.0.1]:{self.dead_port}"
                 if phase == "waiting":
                     say(f"   {store}: seeded {self.a.backlog} deferred messages in {seeded:.1f} s")
                 if phase == "wave":
-                    self.make_due(dsn, time.time() + WAVE_DELAY)
+                    spread = self.a.backlog / self.a.wave_rate if self.a.wave == "spread" else 0
+                    self.make_due(dsn, time.time() + WAVE_DELAY, spread)
                 e2e, peak = self.relay_fresh(dsn)
                 summary_s = self.cli("queue", "summary")
                 run = {
@@ -387,7 +393,8 @@ route = "smtp:[127.0.0.1]:{self.dead_port}"
     def report(self) -> str:
         lines = [
             f"backlog bench: N={self.a.n} fresh, BACKLOG={self.a.backlog} deferred, "
-            f"(seeded by {self.a.seed}), CONC={self.a.conc}, SIZE={self.a.size} "
+            f"(seeded by {self.a.seed}, wave {self.a.wave}), CONC={self.a.conc}, "
+            f"SIZE={self.a.size} "
             f"(medians of {self.a.reps} rep(s))",
             "",
             "| store | phase | e2e msg/s | vs empty | peak PSS MiB | queue summary s |",
@@ -419,6 +426,8 @@ def main() -> None:
     p.add_argument("--conc", type=int, default=20, help="parallel smtp-source sessions")
     p.add_argument("--size", type=int, default=4096, help="fresh message size in bytes")
     p.add_argument("--seed", choices=("sql", "smtp"), default="sql", help="see above")
+    p.add_argument("--wave", choices=("spread", "instant"), default="spread", help="see above")
+    p.add_argument("--wave-rate", type=float, default=800.0, help="records due per second")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--port", type=int, default=0, help="the node's SMTP port (0: free)")
     p.add_argument("--sink-port", type=int, default=0, help="smtp-sink's port (0: free)")
