@@ -162,6 +162,10 @@ async def test_an_unreachable_next_hop_is_suspended_by_itself() -> None:
     assert isinstance(await shaper.admit("127.0.0.1", ["127.0.0.1"], "127.0.0.1:2525"), Admission)
     clock.now += 61
     assert isinstance(await shaper.admit("127.0.0.1", ["127.0.0.1"], "127.0.0.1:3111"), Admission)
+    short = Shaper((), BackoffConfig(), MemoryShapingState(), clock=clock, dead_for=5.0)
+    await short.unreachable("dead.test", "refused")  # never longer than [queue] first_retry
+    dead = await short.admit("dead.test", ["mx.dead.test"], "dead.test")
+    assert isinstance(dead, TempFail) and dead.retry_after == 5.0
     off = Shaper((), BackoffConfig(unreachable=False), MemoryShapingState(), clock=clock)
     await off.unreachable("dead.test", "refused")
     assert isinstance(await off.admit("dead.test", ["mx.dead.test"], "dead.test"), Admission)

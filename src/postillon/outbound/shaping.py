@@ -141,8 +141,12 @@ class Shaper:
         state: ShapingState | None,
         *,
         clock: Callable[[], float] = time.time,
+        dead_for: float | None = None,
     ) -> None:
         self.rules = tuple(rules)
+        # A dead destination's suspension is no longer than this ([queue] first_retry:
+        # its mail would be tried again then anyway, as Postfix's minimal_backoff_time).
+        self.dead_for = dead_for
         self.backoff = backoff
         self.state = state
         self.clock = clock
@@ -187,8 +191,10 @@ class Shaper:
             found = self._suspended.get(destination)
         return found if found is not None and found.until > now else None
 
-    async def suspend(self, destination: str, reason: str) -> Suspension:
-        """Suspend ``destination`` for the next interval of its row."""
+    async def suspend(
+        self, destination: str, reason: str, longest: float | None = None
+    ) -> Suspension:
+        """Suspend ``destination`` for the next interval of its row (``longest`` at most)."""
         now = self.clock()
         backoff = self.backoff
         last = None
@@ -201,6 +207,8 @@ class Shaper:
         if last is not None and last.until > now - backoff.forget_after:
             level = last.level + 1
         seconds = min(backoff.initial * 2 ** min(level - 1, 30), backoff.maximum)
+        if longest is not None:
+            seconds = min(seconds, longest)
         suspension = Suspension(destination, now, now + seconds, reason[:300], level, False)
         self._suspended[destination] = suspension
         if self.state is not None:
@@ -354,7 +362,7 @@ class Shaper:
             return  # the deliveries that raced the first failure
         self._suspending.add(destination)
         try:
-            await self.suspend(destination, UNREACHABLE + reason)
+            await self.suspend(destination, UNREACHABLE + reason, self.dead_for)
         finally:
             self._suspending.discard(destination)
 
