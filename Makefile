@@ -44,6 +44,7 @@ bench: deps system-deps
 	$(BIN)/python bench/pipeline_bench.py $(PIPELINE_BENCH_ARGS)
 	$(BIN)/python bench/maildir_bench.py $(MAILDIR_BENCH_ARGS)
 	$(BIN)/python bench/big_bench.py $(BIG_BENCH_ARGS)
+	$(BIN)/python bench/backlog_bench.py $(BACKLOG_BENCH_ARGS)
 
 # The wheel and sdist an operator installs (`pipx install dist/postillon-*.whl`):
 # docs/install.md. The sdist is built first and the wheel from it.

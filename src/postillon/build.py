@@ -407,7 +407,12 @@ def smtp_transport(
         ca_file = str(out.sts_ca_file) if out.sts_ca_file is not None else None
         mta_sts = StsPolicies(resolver, store, ca_file=ca_file)
     # [[shaping]] and [backoff]; suspensions and rate buckets in the queue store.
-    shaper = Shaper(config.shaping, config.backoff, store.shaping if store else None)
+    shaper = Shaper(
+        config.shaping,
+        config.backoff,
+        store.shaping if store else None,
+        dead_for=config.queue.first_retry,  # Postfix: a dead site for minimal_backoff_time
+    )
     return SmtpTransport(
         resolver,
         outbound_settings(config),

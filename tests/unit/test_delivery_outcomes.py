@@ -130,6 +130,16 @@ CASES = [
         attempted=False,
         age=90000,
     ),
+    Case(
+        "suspended destination after the lifetime: expires though not attempted",
+        TempFail(BUSY, attempted=False, suspended=True),
+        F,
+        ("expired", "bounced"),
+        "bounced/expired",
+        "failed",
+        age=86400,
+        reply=Reply(551, "5.3.0", ("try later", EXPIRED)),
+    ),
     Case("permanent failure: bounce", PermFail(GONE), F, ("bounced",), "bounced/5.1", "failed"),
     Case(
         "permanent failure, NOTIFY=NEVER: no notice",

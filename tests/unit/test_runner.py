@@ -122,6 +122,22 @@ async def test_temp_failures_retry_then_deliver(env) -> None:  # type: ignore[no
     assert len(remote.calls) == 3
 
 
+async def test_deferred_messages_leave_the_recent_cache(env) -> None:  # type: ignore[no-untyped-def]
+    """Memory bounded by the active set: a deferred message's body is not kept in
+    memory until its retry (before, every deferred message stayed cached, up to the
+    cache's 32 MiB: a backlog accepted through the server grew the process by that)."""
+    _, store, intake, _ = env
+    count = 50
+    remote = Scripted({f"u{i}@remote.test": [TempFail(BUSY)] for i in range(count)})
+    runner, _ = make_runner(env, remote)
+    for i in range(count):
+        await submit(intake, [f"u{i}@remote.test"])
+    assert len(intake.recent) == count  # committed, not yet attempted: the active set
+    assert await runner.run_once() == count
+    assert len(intake.recent) == 0
+    assert len(await store.list_messages(state=DeliveryState.DEFERRED)) == count
+
+
 async def test_permanent_failure_bounces_to_sender(env) -> None:  # type: ignore[no-untyped-def]
     _, store, intake, _ = env
     remote = Scripted({"bob@remote.test": [PermFail(GONE, "mx.remote.test[192.0.2.1]:25")]})

@@ -150,6 +150,27 @@ async def test_a_burst_of_4xx_on_mail_suspends_one_does_not() -> None:
     assert isinstance(await shaper.admit("example.org", ["mx.example.org"]), TempFail)
 
 
+async def test_an_unreachable_next_hop_is_suspended_by_itself() -> None:
+    """A route's host:port that took no connection is suspended (a dead destination);
+    another port of the same host is not."""
+    clock = Clock()
+    shaper = Shaper((), BackoffConfig(), MemoryShapingState(), clock=clock)
+    await shaper.unreachable("127.0.0.1:3111", "connect to 127.0.0.1:3111: Connection refused")
+    dead = await shaper.admit("127.0.0.1", ["127.0.0.1"], "127.0.0.1:3111")
+    assert isinstance(dead, TempFail) and dead.suspended and not dead.attempted
+    assert dead.retry_after == 60.0 and "127.0.0.1:3111" in dead.reply.text
+    assert isinstance(await shaper.admit("127.0.0.1", ["127.0.0.1"], "127.0.0.1:2525"), Admission)
+    clock.now += 61
+    assert isinstance(await shaper.admit("127.0.0.1", ["127.0.0.1"], "127.0.0.1:3111"), Admission)
+    short = Shaper((), BackoffConfig(), MemoryShapingState(), clock=clock, dead_for=5.0)
+    await short.unreachable("dead.test", "refused")  # never longer than [queue] first_retry
+    dead = await short.admit("dead.test", ["mx.dead.test"], "dead.test")
+    assert isinstance(dead, TempFail) and dead.retry_after == 5.0
+    off = Shaper((), BackoffConfig(unreachable=False), MemoryShapingState(), clock=clock)
+    await off.unreachable("dead.test", "refused")
+    assert isinstance(await off.admit("dead.test", ["mx.dead.test"], "dead.test"), Admission)
+
+
 async def test_rate_defers_what_is_too_far_away() -> None:
     clock = Clock()
     rule = ShapingRule(match="*", rate="60/min")  # one a second

@@ -305,7 +305,7 @@ async def act(request: web.Request) -> web.Response:
 
 async def flush(request: web.Request) -> web.Response:
     ctx = _ctx(request)
-    count = await ctx.ops.store.flush(ctx.ops.clock.now())
+    count = await ctx.ops.flush()
     if ctx.ops.wake_runner is not None:
         ctx.ops.wake_runner()
     return web.json_response({"action": "flush", "recipients": count})

@@ -4,10 +4,10 @@ Both front ends call these functions and print or serve the same JSON
 (``*_json`` functions), so the web page, the API and the command line cannot
 disagree about what the queue holds or what an action does.
 
-Listing and the summary read the whole queue through ``list_messages`` and
-filter in Python: the store protocol stays small (every store implements it),
-and a queue is meant to be short. ``MAX_SCAN`` bounds the work for a queue
-that is not.
+Listing reads the whole queue through ``list_messages`` and filters in Python:
+the store protocol stays small (every store implements it), and a queue is meant
+to be short. ``MAX_SCAN`` bounds the work for a queue that is not. The summary
+is aggregated by the store (``QueueStore.shape``): it stays fast over any queue.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from postillon.dsn.notify import queue_notice
 from postillon.intake.intake import Intake
 from postillon.observability.maillog import MailLog
 from postillon.queue.history import HistoryRecorder
+from postillon.queue.queue_shape import QueueShape
 from postillon.queue.store import (
     DeliveryRecord,
     DeliveryState,
@@ -199,15 +200,6 @@ def domain_of(address: str) -> str:
 # ---------------------------------------------------------------- summary
 
 
-def _age_bucket(age_seconds: float) -> int:
-    minutes = age_seconds / 60
-    index = 0
-    for i, lower in enumerate(AGE_BUCKETS_MINUTES):
-        if minutes >= lower:
-            index = i
-    return index
-
-
 @dataclass
 class _DomainShape:
     total: int = 0
@@ -216,43 +208,39 @@ class _DomainShape:
     oldest: float | None = None
 
 
-def summarize(messages: list[MessageInfo], counts: dict[str, int], now: float) -> dict[str, Any]:
-    """Postfix's qshape in JSON: queued recipients by domain and age, plus totals."""
+def summarize(shape: QueueShape, counts: dict[str, int], now: float) -> dict[str, Any]:
+    """Postfix's qshape in JSON: queued recipients by domain and age, plus totals,
+    from the store's aggregate (``QueueStore.shape``)."""
     domains: dict[str, _DomainShape] = {}
-    oldest: MessageInfo | None = None
     queued_recipients = 0
-    for info in messages:
-        queued = [r for r in info.records if r.state in _QUEUED]
-        if not queued:
-            continue
-        if oldest is None or info.received_at < oldest.received_at:
-            oldest = info
-        bucket = _age_bucket(now - info.received_at)
-        for r in queued:
-            queued_recipients += 1
-            shape = domains.setdefault(domain_of(r.recipient) or "(local)", _DomainShape())
-            shape.total += 1
-            shape.by_state[r.state.value] = shape.by_state.get(r.state.value, 0) + 1
-            shape.by_age[bucket] += 1
-            if shape.oldest is None or info.received_at < shape.oldest:
-                shape.oldest = info.received_at
+    order = {state.value: i for i, state in enumerate(DeliveryState)}
+    for row in sorted(shape.rows, key=lambda r: order.get(r.state, len(order))):
+        queued_recipients += row.count
+        name = row.domain.lower() or "(local)"  # domain_of's case folding
+        entry = domains.setdefault(name, _DomainShape())
+        entry.total += row.count
+        entry.by_state[row.state] = entry.by_state.get(row.state, 0) + row.count
+        entry.by_age[row.bucket] += row.count
+        if entry.oldest is None or row.oldest_received_at < entry.oldest:
+            entry.oldest = row.oldest_received_at
     rows = sorted(domains.items(), key=lambda item: (-item[1].total, item[0]))
+    oldest_at = shape.oldest_received_at
     return {
-        "messages": len(messages),
+        "messages": shape.messages,
         "queued_recipients": queued_recipients,
         "by_state": counts,
-        "oldest_age_seconds": round(now - oldest.received_at, 3) if oldest else None,
-        "oldest_queue_id": oldest.queue_id if oldest else None,
+        "oldest_age_seconds": round(now - oldest_at, 3) if oldest_at is not None else None,
+        "oldest_queue_id": shape.oldest_queue_id,
         "age_buckets_minutes": list(AGE_BUCKETS_MINUTES),
         "by_domain": [
             {
                 "domain": name,
-                "total": shape.total,
-                "by_state": shape.by_state,
-                "by_age": shape.by_age,
-                "oldest_age_seconds": round(now - shape.oldest, 3) if shape.oldest else None,
+                "total": entry.total,
+                "by_state": entry.by_state,
+                "by_age": entry.by_age,
+                "oldest_age_seconds": round(now - entry.oldest, 3) if entry.oldest else None,
             }
-            for name, shape in rows
+            for name, entry in rows
         ],
     }
 
@@ -323,9 +311,10 @@ class QueueOps:
         cached = self._summary_cache
         if cached is not None and started < cached[0]:
             return {**cached[1], "suspensions": await self._suspensions()}
-        messages = await self.store.list_messages(limit=MAX_SCAN)
+        now = self.clock.now()
+        shape = await self.store.shape(now, AGE_BUCKETS_MINUTES)
         counts = await self.store.count_by_state()
-        result = summarize(messages, counts, self.clock.now())
+        result = summarize(shape, counts, now)
         took = time.monotonic() - started
         self._summary_cache = (time.monotonic() + max(SUMMARY_MIN_REUSE, 10 * took), result)
         return {**result, "suspensions": await self._suspensions()}
@@ -408,10 +397,18 @@ class QueueOps:
         affected = await handler(queue_id)
         return {"queue_id": queue_id, "action": action, "recipients": affected}
 
+    async def flush(self) -> int:
+        """Every deferred record due now, and dead destinations revived."""
+        now = self.clock.now()
+        await suspensions.lift_unreachable(self.store, now)
+        return await self.store.flush(now)
+
     async def retry(self, queue_id: str) -> int:
         info = await self.get(queue_id)
         now = self.clock.now()
         states = {r.state for r in info.records}
+        if DeliveryState.DEFERRED in states:  # revived first: the runner may claim at once
+            await suspensions.lift_unreachable(self.store, now)
         count = await self.store.flush(now, queue_id=queue_id)
         if count == 0:
             if DeliveryState.PENDING in states or DeliveryState.LEASED in states:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from postillon.outbound.shaping import UNREACHABLE
 from postillon.queue.shaping_state import Suspension
 from postillon.queue.store import QueueStore
 
@@ -68,3 +69,13 @@ async def resume(store: QueueStore, destination: str, now: float) -> dict[str, A
     lifted = await store.shaping.resume(_destination(destination))
     due = await store.flush(now) if lifted else 0
     return {"destination": destination.strip().lower(), "resumed": lifted, "recipients": due}
+
+
+async def lift_unreachable(store: QueueStore, now: float) -> int:
+    """Lift the dead-destination suspensions (``queue flush``, an operator's retry:
+    try now, as Postfix's flush revives dead sites); how many."""
+    lifted = 0
+    for s in await store.shaping.suspensions(now):
+        if not s.operator and s.reason.startswith(UNREACHABLE):
+            lifted += await store.shaping.resume(s.destination)
+    return lifted

@@ -222,7 +222,7 @@ async def _dispatch(args: argparse.Namespace, ops: QueueOps) -> int:
     if cmd in ("suspend", "resume"):
         return await _suspension(args, ops)
     if cmd == "flush":
-        n = await ops.store.flush(ops.clock.now())
+        n = await ops.flush()
         if getattr(args, "json", False):
             _print_json({"action": "flush", "recipients": n})
         else:

@@ -96,5 +96,8 @@ class BackoffConfig(_Frozen):
     maximum: float = Field(3600.0, gt=0)  # longest suspension, in seconds
     burst: int = Field(5, ge=1)  # this many 4xx replies (connect, EHLO, MAIL) suspend
     window: float = Field(60.0, gt=0)  # seconds in which `burst` replies count
+    # A delivery none of whose addresses accepted a connection (refused, unreachable,
+    # timed out) suspends the destination too, as Postfix's dead destinations.
+    unreachable: bool = True
     # A suspension that ended more than this long ago no longer lengthens the next.
     forget_after: float = Field(3600.0, gt=0)

@@ -69,6 +69,9 @@ class TempFail:
     # destination, a message rate whose next token is further away); 0 = soon.
     retry_after: float = 0.0
     tls: TlsDetails | None = None
+    # Not attempted because the destination is suspended (shaping): every due record
+    # of the same recipient domain can wait as long, postponed in one write.
+    suspended: bool = False
 
 
 @dataclass(frozen=True, slots=True)

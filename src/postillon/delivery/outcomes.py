@@ -11,8 +11,11 @@ The rules, per record:
 - ``Delivered`` → DELIVERED; a success notice when the route is local (Maildir,
   LMTP: the final delivery) or the next hop did not take DSN (``relayed``),
   and the recipient asked for it (``NOTIFY=SUCCESS``).
-- ``TempFail`` that was not attempted (destination slots busy) → DEFERRED a
-  few seconds later, no attempt counted, nothing logged.
+- ``TempFail`` that was not attempted (destination slots busy, suspended) → DEFERRED
+  a few seconds later, no attempt counted, nothing logged (a suspended destination's
+  deferral is logged, with the suspension as the reason); but a message whose
+  lifetime ran out while its destination is suspended (a dead destination) expires
+  as if attempted: a suspension can outlast the lifetime, slots that are busy cannot.
 - ``TempFail`` before the message's lifetime ran out → DEFERRED at the retry
   policy's next try; a delay warning on the one attempt that crosses
   ``delay_warning`` (``NOTIFY=DELAY``, or by default).
@@ -136,7 +139,11 @@ def plan_outcomes(
                     (record.record_id, _dsn_recipient(record, outcome.reply, remote, action))
                 )
             continue
-        if isinstance(outcome, TempFail) and not outcome.attempted:
+        if (
+            isinstance(outcome, TempFail)
+            and not outcome.attempted
+            and not (expired and outcome.suspended)
+        ):
             # Not tried (destination slots busy): back in a few seconds,
             # no attempt counted, nothing to log at info level.
             if outcome.retry_after > 0:
@@ -156,6 +163,10 @@ def plan_outcomes(
                     attempted=False,
                 )
             )
+            if outcome.suspended:  # Postfix's "delivery temporarily suspended": say why
+                wait = f"{next_try - now:.0f}s"
+                fields.update(attempts=record.attempts, next_try=wait, suspended=True)
+                events.append(LogEvent("deferred", fields))
             continue
         if isinstance(outcome, TempFail) and not expired:
             next_try = retry.next_try(record.attempts + 1, now, rng)

@@ -24,7 +24,8 @@ The runner wakes when intake commits in this process (the composition root
 connects intake's commit hook to ``wake``), and polls the store every
 ``poll_interval`` seconds so that work made due from elsewhere (the
 ``postillon queue flush`` command, another node) is seen. Messages just
-committed here come from the injected recent-message cache, not the store.
+committed here come from the injected recent-message cache, not the store; each is
+dropped from it after its first attempt, so the cache holds the active set only.
 
 Every few seconds the runner writes a heartbeat to the store and hands back the
 leases of runners whose heartbeat is older than ``node_timeout``: on a shared
@@ -51,6 +52,7 @@ from postillon.core.clock import Clock, SystemClock
 from postillon.core.outcome import Outcome, TempFail
 from postillon.core.reply import Reply
 from postillon.delivery.outcomes import MetricTick, keep_unnotified, plan_outcomes
+from postillon.delivery.postpone import Postponer
 from postillon.delivery.retry import RetryPolicy
 from postillon.delivery.transport import DeliveryJob, Transport, checked_outcomes, group_by_route
 from postillon.dsn.bounce import DsnRecipient
@@ -147,6 +149,7 @@ class Runner:
         self._deliveries = 0  # (message, route) groups being delivered: what concurrency bounds
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._postponer = Postponer(store)  # a suspended destination's due work
 
     def wake(self) -> None:
         self._wake.set()
@@ -254,6 +257,7 @@ class Runner:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        await self._postponer.stop()
         await self.store.release_leases(self.owner)
 
     async def run_once(self) -> int:
@@ -285,6 +289,7 @@ class Runner:
         free = self.concurrency - self._deliveries
         if free <= 0:
             return 0
+        await self._postponer.settled()  # a dead destination's wave leaves the due range
         records = await self.store.claim_due(self.clock.now(), free, self.lease_seconds, self.owner)
         if not records:
             return 0
@@ -339,6 +344,11 @@ class Runner:
         finally:
             self._in_flight -= len(records)
             self._deliveries -= pending
+            if self.recent is not None:
+                # Attempted: a message still queued is deferred for minutes at least,
+                # and is read from the store then. Kept, the cache would hold every
+                # deferred message of a backlog (up to its 32 MiB cap), not the active set.
+                self.recent.drop(queue_id)
 
     async def _run_transport(
         self,
@@ -374,6 +384,7 @@ class Runner:
         plan = plan_outcomes(
             message, results, now, self.retry, delay_warning=self.delay_warning, rng=self._rng
         )
+        self._postponer.note([(r, o) for r, o, _ in results], now, self.retry.max_lifetime)
         for event in plan.events:
             self.maillog.event(event.event, message.queue_id, **event.fields)
         if self.metrics is not None:
@@ -390,10 +401,7 @@ class Runner:
                 # next attempt meets the same failure and queues the notice then.
                 updates = keep_unnotified(updates, notice.record_ids, now)
         if updates:
-            completed = await self._record_outcomes(list(updates))
-            if self.recent is not None:
-                for queue_id in completed:
-                    self.recent.drop(queue_id)
+            await self._record_outcomes(list(updates))
 
     def _count(self, ticks: Sequence[MetricTick]) -> None:
         metrics = self.metrics

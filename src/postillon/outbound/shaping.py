@@ -27,6 +27,9 @@ and the network and applies, per delivery:
   the greeting, EHLO or MAIL within ``window`` seconds, suspend the destination
   for ``initial`` seconds, doubling with each suspension in a row up to
   ``maximum`` (a row ends ``forget_after`` seconds after the last one).
+  So does a delivery that reached no address at all (``unreachable``: Postfix's
+  dead destination); the runner then postpones the destination's other due
+  records in bulk (delivery/postpone.py) instead of trying each.
   Replies to RCPT (greylisting, a full mailbox) say nothing about the sender.
 
 Suspensions live in the store (``suspensions`` table), so the CLI and the admin
@@ -59,6 +62,9 @@ TOKEN_WAIT = 1.0
 # How often each process re-reads the suspensions (set by the CLI or another node).
 REFRESH = 2.0
 SHAPING_STATUS = "4.4.5"
+# The reason of a dead-destination suspension starts so: ``queue flush`` (and an
+# operator's retry of a message) lifts those, as Postfix's flush revives dead sites.
+UNREACHABLE = "unreachable: "
 
 
 class ShapingBusy(SessionError):
@@ -135,12 +141,17 @@ class Shaper:
         state: ShapingState | None,
         *,
         clock: Callable[[], float] = time.time,
+        dead_for: float | None = None,
     ) -> None:
         self.rules = tuple(rules)
+        # A dead destination's suspension is no longer than this ([queue] first_retry:
+        # its mail would be tried again then anyway, as Postfix's minimal_backoff_time).
+        self.dead_for = dead_for
         self.backoff = backoff
         self.state = state
         self.clock = clock
         self._suspended: dict[str, Suspension] = {}
+        self._suspending: set[str] = set()  # dead destinations being suspended now
         self._refreshed = -REFRESH
         self._strikes: dict[str, deque[float]] = defaultdict(deque)
         self._slots: dict[str, asyncio.Semaphore] = {}  # connection slots by address
@@ -167,14 +178,23 @@ class Shaper:
             return
         self._suspended = {s.destination: s for s in current}
 
-    async def suspension(self, destination: str) -> Suspension | None:
+    async def suspension(self, destination: str, known_since: float = 0.0) -> Suspension | None:
+        """``destination``'s running suspension. ``known_since``: re-read the store
+        first if this process last read it before then (a record claimed after an
+        operator's flush lifted a suspension must see it lifted)."""
         now = self.clock()
         await self._refresh(now)
         found = self._suspended.get(destination)
+        if found is not None and found.until > now and self._refreshed < known_since:
+            self._refreshed = -REFRESH
+            await self._refresh(now)
+            found = self._suspended.get(destination)
         return found if found is not None and found.until > now else None
 
-    async def suspend(self, destination: str, reason: str) -> Suspension:
-        """Suspend ``destination`` for the next interval of its row."""
+    async def suspend(
+        self, destination: str, reason: str, longest: float | None = None
+    ) -> Suspension:
+        """Suspend ``destination`` for the next interval of its row (``longest`` at most)."""
         now = self.clock()
         backoff = self.backoff
         last = None
@@ -187,6 +207,8 @@ class Shaper:
         if last is not None and last.until > now - backoff.forget_after:
             level = last.level + 1
         seconds = min(backoff.initial * 2 ** min(level - 1, 30), backoff.maximum)
+        if longest is not None:
+            seconds = min(seconds, longest)
         suspension = Suspension(destination, now, now + seconds, reason[:300], level, False)
         self._suspended[destination] = suspension
         if self.state is not None:
@@ -204,12 +226,18 @@ class Shaper:
         return suspension
 
     # -- admission -------------------------------------------------------------
-    async def admit(self, domain: str, hosts: Sequence[str]) -> Admission | TempFail:
-        """May a message to ``domain`` (over ``hosts``) go now? Waits up to TOKEN_WAIT
+    async def admit(
+        self, domain: str, hosts: Sequence[str], next_hop: str = "", known_since: float = 0.0
+    ) -> Admission | TempFail:
+        """May a message to ``domain`` (over ``hosts``, to ``next_hop``: see
+        ``unreachable``), claimed at ``known_since``, go now? Waits up to TOKEN_WAIT
         for a rate token; else the deferral (not attempted) and when to come back."""
         destination, rule = match_rule(self.rules, domain, hosts)
-        suspended = await self.suspension(destination)
+        suspended = await self.suspension(destination, known_since)
+        if suspended is None and next_hop and next_hop != destination:
+            suspended = await self.suspension(next_hop, known_since)
         if suspended is not None:
+            destination = suspended.destination
             until = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(suspended.until))
             reply = Reply.of(
                 451,
@@ -219,7 +247,11 @@ class Shaper:
                 ],
             )
             return TempFail(
-                reply, destination, attempted=False, retry_after=suspended.until - self.clock()
+                reply,
+                destination,
+                attempted=False,
+                retry_after=suspended.until - self.clock(),
+                suspended=True,
             )
         rate = rule.messages_per_second if rule is not None else None
         if rate is not None and self.state is not None:
@@ -313,6 +345,27 @@ class Shaper:
         return rule.messages_per_connection if rule is not None else None
 
     # -- feedback --------------------------------------------------------------
+    async def unreachable(self, next_hop: str, reason: str) -> None:
+        """No address of ``next_hop`` accepted a connection (refused, unreachable,
+        timed out): suspend it, as Postfix marks a dead destination ("delivery
+        temporarily suspended"), so that its other queued mail is not tried one
+        connection at a time while other destinations wait (``[backoff] unreachable``).
+        ``next_hop`` is ``targets.next_hop``: the MX domain, or a route's host:port (two
+        routes to one host on different ports are two next hops)."""
+        if not (self.backoff.enabled and self.backoff.unreachable):
+            return
+        destination = next_hop
+        current = self._suspended.get(destination)
+        if destination in self._suspending or (
+            current is not None and current.until > self.clock()
+        ):
+            return  # the deliveries that raced the first failure
+        self._suspending.add(destination)
+        try:
+            await self.suspend(destination, UNREACHABLE + reason, self.dead_for)
+        finally:
+            self._suspending.discard(destination)
+
     async def observe(
         self,
         domain: str,

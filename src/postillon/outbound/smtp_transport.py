@@ -37,7 +37,7 @@ from postillon.core.outcome import Delivered, Outcome, TempFail, TlsDetails, out
 from postillon.core.reply import Reply
 from postillon.core.sts import StsPolicy
 from postillon.delivery.transport import DeliveryJob
-from postillon.dns.resolver import DnsNotFound, DnsTempError, Resolver
+from postillon.dns.resolver import Resolver
 from postillon.observability.metrics import Metrics
 from postillon.outbound import mta_sts, requiretls
 from postillon.outbound.attempt_outcomes import (
@@ -66,8 +66,8 @@ from postillon.outbound.shaping import Shaper, chained
 from postillon.outbound.smtputf8 import send_sendable
 from postillon.outbound.sts_policies import StsFailure, StsPolicies
 from postillon.outbound.targets import Target as Target
+from postillon.outbound.targets import host_targets, is_ip, next_hop, shaping_domain
 from postillon.outbound.targets import mx_targets as mx_targets
-from postillon.outbound.targets import shaping_domain
 from postillon.outbound.tls import AUTHENTICATED_RESULTS, TlsCheck, check_requirement, load_anchors
 from postillon.outbound.tls_observer import TlsObserver, observe_session
 from postillon.outbound.tls_policy import (
@@ -82,7 +82,7 @@ from postillon.outbound.tls_policy import (
     resolve,
 )
 from postillon.outbound.transaction_limits import send_within_limits
-from postillon.routing.router import NextHop, Route
+from postillon.routing.router import Route
 
 log = logging.getLogger("postillon.outbound")
 
@@ -187,7 +187,7 @@ class SmtpTransport:
         if hop is not None and hop.unix_path:
             return [Target(hop.unix_path, "", 0, hop)]
         if hop is not None and not hop.mx_lookup:
-            return await self._host_targets(hop.host, port, hop)
+            return await host_targets(self.resolver, hop.host, port, hop, MAX_ADDRESSES)
         domain = hop.host if hop is not None else route.domain
         result = await resolve_next_hops(
             domain, self.resolver, prefer_ipv6=self.settings.prefer_ipv6, rng=self.rng
@@ -196,20 +196,6 @@ class SmtpTransport:
             return result.failure
         targets = mx_targets(result, port, hop)
         return targets[:MAX_ADDRESSES] or TempFail(NO_ADDRESSES, domain)
-
-    async def _host_targets(self, host: str, port: int, hop: NextHop) -> list[Target] | Outcome:
-        if _is_ip(host):
-            return [Target(host, host, port, hop)]
-        try:
-            answer = await self.resolver.addresses(host)
-        except DnsTempError as exc:
-            return TempFail(Reply.of(451, "4.4.3", f"DNS lookup of {host} failed: {exc.reason}"))
-        except DnsNotFound:
-            return TempFail(Reply.of(451, "4.4.4", f"Host {host} has no address (check the route)"))
-        # A configured host name needs no secure MX (RFC 7672 §2.2.2: its name came
-        # from us, not from DNS); its addresses still do.
-        secure = answer.authenticated
-        return [Target(host, a, port, hop, True, secure) for a in answer.records][:MAX_ADDRESSES]
 
     # -- delivery ------------------------------------------------------------
     async def deliver(self, job: DeliveryJob) -> Sequence[Outcome]:
@@ -221,7 +207,9 @@ class SmtpTransport:
             return [TempFail(NO_ADDRESSES, job.route.domain)] * count
         if self.shaper is not None:  # suspended, or over its message rate: not attempted
             where = shaping_domain(targets[0])
-            admitted = await self.shaper.admit(where, [t.host for t in targets])
+            hop = next_hop(targets[0])
+            claimed = min(r.updated_at for r in job.records)
+            admitted = await self.shaper.admit(where, [t.host for t in targets], hop, claimed)
             if isinstance(admitted, TempFail):
                 return [admitted] * count
         slot = self.limits.destination(job.route.key)
@@ -243,6 +231,7 @@ class SmtpTransport:
         last_detail = ""
         last_tls: TlsDetails | None = None  # the last host's TLS, for the outcome
         lookups = Lookups()
+        unconnected = 0  # addresses that accepted no connection
         pending = self.connector.reachable(job.route.domain, targets, errors)
         while pending:
             first = pending[0]
@@ -287,6 +276,7 @@ class SmtpTransport:
                     return await self._finish(key, target, session, result, requirement)
             raced = await self.connector.race(group, sources, job.route.key)
             errors.extend(error for _, error in raced.failed)
+            unconnected += len(raced.failed)
             for failed, why in raced.failed:
                 last_detail = describe(failed, None, requirement)
                 log.info("%s: %s: %s", job.message.queue_id, last_detail, why.detail)
@@ -325,7 +315,11 @@ class SmtpTransport:
                     return settled
                 continue
             return await self._finish(key, target, session, result, requirement)
-        return [failure(errors, last_detail, last_tls)] * count
+        outcome = failure(errors, last_detail, last_tls)
+        if self.shaper is not None and errors and unconnected == len(errors):
+            reason = f"{last_detail}: {errors[-1].detail}"  # no address took a connection
+            await self.shaper.unreachable(next_hop(targets[0]), reason)
+        return [outcome] * count
 
     async def _finish(
         self,
@@ -403,7 +397,7 @@ class SmtpTransport:
         if (
             self.dane is not None
             and consults_dane(requirement, mx_delivery=mx_delivery)
-            and not _is_ip(target.host)  # no name, no TLSA
+            and not is_ip(target.host)  # no name, no TLSA
         ):
             if target.host not in lookups.dane:  # once per host and delivery
                 lookups.dane[target.host] = await self.dane.lookup(
@@ -418,7 +412,7 @@ class SmtpTransport:
         if (
             self.mta_sts is not None
             and consults_sts(requirement, dane, recipient_mx=hop is None)
-            and not _is_ip(target.host)
+            and not is_ip(target.host)
         ):
             if not lookups.sts_done:  # once per delivery, and only when it can matter
                 self.mta_sts.start()  # the background refresher, once, in the running loop
@@ -507,7 +501,7 @@ class SmtpTransport:
             starttls=requirement.starttls,
             tls_check=tls_check or self.tls_checker(target, requirement),
             implicit_tls=implicit,
-            server_hostname=target.host if not _is_ip(target.host) else None,
+            server_hostname=target.host if not is_ip(target.host) else None,
             unix_path=hop.unix_path if hop is not None else None,
             timeouts=self.settings.timeouts,
         )
@@ -584,13 +578,3 @@ def _recording_anchors() -> tuple[object, ...]:
         return load_anchors(None)
     except (OSError, ValueError):
         return ()
-
-
-def _is_ip(text: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True

@@ -10,6 +10,7 @@ loop, as a transaction would be.
 
 from __future__ import annotations
 
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -19,6 +20,7 @@ from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.queue.acme_state import MemoryAcmeState
 from postillon.queue.policy_state import MemoryPolicyState
+from postillon.queue.queue_shape import QueueShape, shape_of
 from postillon.queue.shaping_state import MemoryShapingState
 from postillon.queue.store import (
     HEALTHY,
@@ -39,6 +41,7 @@ __all__ = ["MemoryStore"]
 
 _CHUNK_SIZE = 256 * 1024
 _CLAIMABLE = (DeliveryState.PENDING, DeliveryState.DEFERRED)
+_RANDOM = random.Random()  # postpone_domain's spread
 _OUTCOME_STATES = frozenset({DeliveryState.DELIVERED, DeliveryState.DEFERRED, DeliveryState.FAILED})
 
 
@@ -305,6 +308,35 @@ class MemoryStore:
         self._remove(queue_id)
         return True
 
+    async def postpone_domain(
+        self,
+        domain: str,
+        now: float,
+        until: float,
+        *,
+        spread: float,
+        expire_before: float,
+        reply: Reply,
+        limit: int,
+    ) -> int:
+        self._check_open()
+        count = 0
+        suffix = "@" + domain.lower()
+        for rid, rec in list(self._records.items()):
+            if count >= limit or rec.state not in _CLAIMABLE or rec.next_try > until:
+                continue
+            if not rec.recipient.lower().endswith(suffix):
+                continue
+            if self._messages[rec.queue_id].info.received_at <= expire_before:
+                continue
+            later = until + spread * _RANDOM.random()
+            last = rec.last_reply or reply
+            self._records[rid] = replace(
+                rec, state=DeliveryState.DEFERRED, next_try=later, last_reply=last, updated_at=now
+            )
+            count += 1
+        return count
+
     async def flush(self, now: float, queue_id: str | None = None) -> int:
         self._check_open()
         count = 0
@@ -374,6 +406,18 @@ class MemoryStore:
         for rec in self._records.values():
             counts[rec.state.value] += 1
         return counts
+
+    async def shape(self, now: float, buckets_minutes: Sequence[float]) -> QueueShape:
+        self._check_open()
+        messages = (
+            (
+                qid,
+                m.info.received_at,
+                [self._records[i] for i in m.record_ids if i in self._records],
+            )
+            for qid, m in sorted(self._messages.items())
+        )
+        return shape_of(messages, now, buckets_minutes)
 
     async def sts_policy(self, domain: str) -> CachedPolicy | None:
         self._check_open()

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
@@ -58,6 +57,7 @@ import asyncpg
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.queue import acme_state, policy_state, sts_cache
+from postillon.queue.claims import postgres_claim_due
 from postillon.queue.codec import encode_reply, message_from_row, record_from_row
 from postillon.queue.postgres_connection import (
     ACQUIRE_TIMEOUT,
@@ -67,6 +67,8 @@ from postillon.queue.postgres_connection import (
     Database,
 )
 from postillon.queue.postgres_writer import CHUNK_SIZE, WRITERS, BatchWriter, Commit, OpFn
+from postillon.queue.postpone import postgres_postpone
+from postillon.queue.queue_shape import QueueShape, postgres_shape
 from postillon.queue.shaping_state import PostgresShapingState
 from postillon.queue.store import (
     HEALTHY,
@@ -210,44 +212,7 @@ class PostgresStore:
         expires = now + lease_seconds
 
         async def op(conn: Conn) -> list[DeliveryRecord]:
-            ids: list[int] = [
-                row[0]
-                for row in await conn.fetch(
-                    "SELECT record_id FROM records WHERE state = 'leased' AND lease_expires <= $1"
-                    " ORDER BY lease_expires, record_id LIMIT $2 FOR UPDATE SKIP LOCKED",
-                    now,
-                    limit,
-                )
-            ]
-            if len(ids) < limit:
-                ids += [
-                    row[0]
-                    for row in await conn.fetch(
-                        "SELECT record_id FROM records"  # highest priority first
-                        " WHERE state IN ('pending', 'deferred') AND next_try <= $1"
-                        " ORDER BY priority DESC, next_try, record_id"
-                        " LIMIT $2 FOR UPDATE SKIP LOCKED",
-                        now,
-                        limit - len(ids),
-                    )
-                ]
-            if not ids:
-                return []
-            tokens = [secrets.token_hex(8) for _ in ids]
-            rows = await conn.fetch(
-                f"UPDATE records r SET state = 'leased', lease_token = t.token,"
-                f" lease_owner = $3, lease_expires = $4, updated_at = $5"
-                f" FROM unnest($1::bigint[], $2::text[]) AS t(id, token)"
-                f" WHERE r.record_id = t.id"
-                f" RETURNING {', '.join('r.' + c for c in _RECORD_COLUMNS.split(', '))}",
-                ids,
-                tokens,
-                owner,
-                expires,
-                now,
-            )
-            by_id = {row[0]: record_from_row(row) for row in rows}
-            return [by_id[i] for i in ids]
+            return await postgres_claim_due(conn, now, limit, expires, owner)
 
         result: list[DeliveryRecord] = await self._write(op, durable=False)
         return result
@@ -339,6 +304,25 @@ class PostgresStore:
             return _rowcount(status) > 0
 
         result: bool = await self._write(op)
+        return result
+
+    async def postpone_domain(
+        self,
+        domain: str,
+        now: float,
+        until: float,
+        *,
+        spread: float,
+        expire_before: float,
+        reply: Reply,
+        limit: int,
+    ) -> int:
+        args = (domain, now, until, spread, expire_before, encode_reply(reply), limit)
+
+        async def op(conn: Conn) -> int:
+            return await postgres_postpone(conn, *args)
+
+        result: int = await self._write(op, durable=False)  # lost: the records are tried
         return result
 
     async def flush(self, now: float, queue_id: str | None = None) -> int:
@@ -561,6 +545,12 @@ class PostgresStore:
             ):
                 counts[state] = count
             return counts
+
+        return await self._read(fn)
+
+    async def shape(self, now: float, buckets_minutes: Sequence[float]) -> QueueShape:
+        async def fn(conn: Conn) -> QueueShape:
+            return await postgres_shape(conn, now, buckets_minutes)
 
         return await self._read(fn)
 

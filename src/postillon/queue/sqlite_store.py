@@ -38,10 +38,10 @@ guarded by ``PRAGMA user_version``, so two processes opening a new file at once
 agree on one schema. From synchronous code use the same API through
 ``asyncio.run(...)``.
 
-**Claiming** walks ``records(priority DESC, next_try) WHERE state IN ('pending',
-'deferred')`` in order without sorting (a ``(state, ...)`` index needs a sort to merge
-its two states, over the whole due backlog); ``records(lease_expires) WHERE state =
-'leased'`` finds expired leases. Priority first: see delivery/priority.py.
+**Claiming** (``claims.py``) seeks ``records(priority DESC, next_try) WHERE state IN
+('pending', 'deferred')`` once per distinct priority, never walking the records that
+are not due yet; ``records(lease_expires) WHERE state = 'leased'`` finds expired
+leases. Priority first: see core/priority.py.
 
 **Leases and holds.** A claimed record is LEASED with a fresh random token;
 ``record_outcomes`` applies an outcome only when the token still matches
@@ -57,7 +57,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -67,7 +66,10 @@ from typing import Final, TypeVar
 from postillon.core.reply import Reply
 from postillon.core.sts import CachedPolicy
 from postillon.queue import acme_state, policy_state, sts_cache
+from postillon.queue.claims import records_by_id, sqlite_claim_due
 from postillon.queue.codec import encode_reply, message_from_row, record_from_row
+from postillon.queue.postpone import sqlite_postpone
+from postillon.queue.queue_shape import QueueShape, sqlite_shape
 from postillon.queue.shaping_state import SqliteShapingState
 from postillon.queue.sqlite_schema import (
     BUSY_TIMEOUT,
@@ -158,32 +160,7 @@ class SqliteStore:
         expires = now + lease_seconds
 
         def op(conn: sqlite3.Connection) -> list[DeliveryRecord]:
-            ids = [
-                row[0]
-                for row in conn.execute(
-                    "SELECT record_id FROM records WHERE state = 'leased' AND lease_expires <= ?"
-                    " ORDER BY lease_expires LIMIT ?",
-                    (now, limit),
-                )
-            ]
-            if len(ids) < limit:
-                ids += [
-                    row[0]
-                    for row in conn.execute(
-                        "SELECT record_id FROM records INDEXED BY records_due_priority"
-                        " WHERE state IN ('pending', 'deferred') AND next_try <= ?"
-                        " ORDER BY priority DESC, next_try LIMIT ?",  # highest priority first
-                        (now, limit - len(ids)),
-                    )
-                ]
-            if not ids:
-                return []
-            conn.executemany(
-                "UPDATE records SET state = 'leased', lease_token = ?, lease_owner = ?,"
-                " lease_expires = ?, updated_at = ? WHERE record_id = ?",
-                [(secrets.token_hex(8), owner, expires, now, rid) for rid in ids],
-            )
-            return _records_by_id(conn, ids)
+            return sqlite_claim_due(conn, now, limit, expires, owner)
 
         return await self._write(op, durable=False)
 
@@ -315,6 +292,20 @@ class SqliteStore:
 
         return await self._write(op)
 
+    async def postpone_domain(
+        self,
+        domain: str,
+        now: float,
+        until: float,
+        *,
+        spread: float,
+        expire_before: float,
+        reply: Reply,
+        limit: int,
+    ) -> int:
+        args = (domain, now, until, spread, expire_before, encode_reply(reply), limit)
+        return await self._write(lambda conn: sqlite_postpone(conn, *args))
+
     async def flush(self, now: float, queue_id: str | None = None) -> int:
         def op(conn: sqlite3.Connection) -> int:
             if queue_id is not None:
@@ -353,7 +344,7 @@ class SqliteStore:
                 " WHERE record_id = ?",
                 [(encode_reply(reply), now, now, rid) for rid in ids],
             )
-            failed = _records_by_id(conn, ids)
+            failed = records_by_id(conn, ids)
             unfinished = conn.execute(
                 "SELECT 1 FROM records WHERE queue_id = ?"
                 " AND state NOT IN ('delivered', 'failed') LIMIT 1",
@@ -533,6 +524,9 @@ class SqliteStore:
 
         return await self._read(fn)
 
+    async def shape(self, now: float, buckets_minutes: Sequence[float]) -> QueueShape:
+        return await self._read(lambda conn: sqlite_shape(conn, now, buckets_minutes))
+
     async def sts_policy(self, domain: str) -> CachedPolicy | None:  # store.py step 6
         return await self._read(lambda conn: sts_cache.sqlite_get(conn, domain))
 
@@ -559,19 +553,6 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._read_executor.shutdown, True)
         self._reads.close()
-
-
-def _records_by_id(conn: sqlite3.Connection, ids: Sequence[int]) -> list[DeliveryRecord]:
-    """The records ``ids`` in that order."""
-    by_id: dict[int, DeliveryRecord] = {}
-    for start in range(0, len(ids), 500):
-        part = ids[start : start + 500]
-        marks = ", ".join("?" * len(part))
-        for row in conn.execute(
-            f"SELECT {RECORD_COLUMNS} FROM records WHERE record_id IN ({marks})", part
-        ):
-            by_id[row[0]] = record_from_row(row)
-    return [by_id[i] for i in ids]
 
 
 def _delete_message(conn: sqlite3.Connection, queue_id: str) -> bool:

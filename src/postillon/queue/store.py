@@ -52,6 +52,11 @@ Contract, as a transaction:
    suspensions and the token buckets of ``[[shaping]]`` rates, shared by every node.
 12. ``claim_due`` claims the highest ``NewMessage.priority`` first, then by
    ``next_try``; a record deferred after an attempt rises to priority 1 at least.
+   Its cost does not grow with the records that are not due (``claims.py``).
+13. ``shape(now, buckets)`` counts the queued recipients by domain, state and age
+   bucket in the store (``queue_shape.py``): the queue summary reads a few rows.
+14. ``postpone_domain`` moves the records of one recipient domain due before a time
+   past it in one write, attempts unchanged (a suspended destination's retry wave, ``postpone.py``).
 
 Operator commands (hold, release, delete, flush) are store operations too, so
 they work from another process while the server runs.
@@ -223,6 +228,27 @@ class EventCount:
     bucket_start: float
     event: str
     count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeRow:
+    """Queued recipients of one (domain, state, age bucket)."""
+
+    domain: str  # after the recipient's last "@", as stored ("" without one)
+    state: str
+    bucket: int  # index into the age buckets
+    count: int
+    oldest_received_at: float  # the oldest of their messages
+
+
+@dataclass(frozen=True, slots=True)
+class QueueShape:
+    """The queue's shape as ``QueueStore.shape`` aggregates it (queue_shape.py)."""
+
+    messages: int  # messages in the queue
+    rows: tuple[ShapeRow, ...]
+    oldest_queue_id: str | None  # the oldest message with a queued recipient
+    oldest_received_at: float | None
 
 
 class TlsReportStore(Protocol):
@@ -427,6 +453,24 @@ class QueueStore(Protocol):
 
     async def delete(self, queue_id: str) -> bool: ...
 
+    async def postpone_domain(
+        self,
+        domain: str,
+        now: float,
+        until: float,
+        *,
+        spread: float,
+        expire_before: float,
+        reply: Reply,
+        limit: int,
+    ) -> int:
+        """Move up to ``limit`` records (PENDING or DEFERRED) of recipients in ``domain``
+        due before ``until`` (``next_try <= until``) to DEFERRED at ``until`` + up to
+        ``spread`` s, attempts unchanged,
+        ``reply`` as the last reply of those that have none; records of messages
+        received before ``expire_before`` stay due. How many moved (step 14)."""
+        ...
+
     async def flush(self, now: float, queue_id: str | None = None) -> int:
         """Make every deferred record (of ``queue_id`` only, if given) due now; return how many."""
         ...
@@ -460,6 +504,10 @@ class QueueStore(Protocol):
 
     async def count_by_state(self) -> dict[str, int]:
         """Number of delivery records per state (every ``DeliveryState`` value is a key)."""
+        ...
+
+    async def shape(self, now: float, buckets_minutes: Sequence[float]) -> QueueShape:
+        """Queued recipients by domain, state and age bucket (contract step 13)."""
         ...
 
     async def sts_policy(self, domain: str) -> CachedPolicy | None:
