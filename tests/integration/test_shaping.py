@@ -180,7 +180,8 @@ def test_421_from_postfix_suspends_the_destination_until_it_ends(  # type: ignor
     summary = json.loads(a.cli("queue", "summary", "--json").stdout)
     (suspension,) = summary["suspensions"]
     assert suspension["destination"] == "mx:.pf.test"
-    assert "421" in suspension["reason"] and suspension["level"] == 1
+    # Level 1, or 2 when anvil still refused the first retry before this read (see below).
+    assert "421" in suspension["reason"] and suspension["level"] >= 1
     assert suspension["remaining_seconds"] > 0
     suspended_at = time.time()
     # After the suspension ends (6 s, then 12 s if anvil still refuses), all arrive.
