@@ -117,6 +117,7 @@ def parse_args() -> argparse.Namespace:
     # What accept_bench.Bench reads: relay to the sink, no DKIM variants, no py-spy,
     # the harness's loopback and durability checks left to accept_bench.
     a.relay, a.no_dkim, a.profile, a.no_checks, a.no_raw = True, True, False, True, True
+    a.no_chasquid, a.ab_src = True, None  # accept_bench's peers: only Postfix here
     a.n, a.conc, a.size, a.modes = a.big_n, a.big_conc, a.big_size, ["s1"]
     return a
 

@@ -137,6 +137,7 @@ def parse_args() -> argparse.Namespace:
         ap.error("N must be a multiple of 5*CONC for mode s5")
     # what accept_bench.Bench reads and this bench does not offer
     a.relay, a.no_dkim, a.no_raw = False, True, True
+    a.no_chasquid, a.ab_src = True, None  # accept_bench's peers: only Postfix here
     return a
 
 
