@@ -58,8 +58,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PEERS_DIR = REPO.parent / "shared" / "bench" / "peers"
@@ -74,8 +75,45 @@ SIGNED_VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
+T = TypeVar("T")
+
+
 def env_int(name: str, default: int) -> int:
     return int(os.environ.get(name) or default)
+
+
+def add_harness_args(
+    ap: argparse.ArgumentParser,
+    *,
+    bench_root: str,
+    results_dir: str,
+    port: int,
+    results_help: str = "results go to RESULTS_DIR/<UTC stamp>/",
+) -> None:
+    """The options every bench on the peer harness takes: where it runs and writes,
+    where the harness is, postillon's and Postfix's ports (env as in the README)."""
+    ap.add_argument(
+        "--bench-root", type=Path, default=Path(os.environ.get("BENCH_ROOT") or bench_root)
+    )
+    ap.add_argument(
+        "--results-dir",
+        type=Path,
+        default=Path(os.environ.get("RESULTS_DIR") or results_dir),
+        help=results_help,
+    )
+    ap.add_argument(
+        "--peers-dir",
+        type=Path,
+        default=Path(os.environ.get("BENCH_PEERS_DIR") or DEFAULT_PEERS_DIR),
+    )
+    ap.add_argument("--port", type=int, default=env_int("POSTILLON_PORT", port))
+    ap.add_argument("--postfix-port", type=int, default=env_int("POSTFIX_PORT", 2525))
+
+
+def only_postfix_peer(a: argparse.Namespace) -> None:
+    """For benches built on :class:`Bench` that compare with Postfix alone: no chasquid,
+    no A/B tree (what Bench reads from accept_bench's own options)."""
+    a.no_chasquid, a.ab_src = True, None
 
 
 def parse_args() -> argparse.Namespace:
@@ -137,24 +175,9 @@ def parse_args() -> argparse.Namespace:
         help="skip the traffic shaping rows (bench/shaping_bench.py, after the others)",
     )
     ap.add_argument("--keep", action="store_true", help="leave postfix, sink, postillon running")
-    ap.add_argument(
-        "--bench-root",
-        type=Path,
-        default=Path(os.environ.get("BENCH_ROOT") or "/var/tmp/postillon-bench"),
+    add_harness_args(
+        ap, bench_root="/var/tmp/postillon-bench", results_dir="/tmp/postillon-bench", port=2530
     )
-    ap.add_argument(
-        "--results-dir",
-        type=Path,
-        default=Path(os.environ.get("RESULTS_DIR") or "/tmp/postillon-bench"),
-        help="results go to RESULTS_DIR/<UTC stamp>/",
-    )
-    ap.add_argument(
-        "--peers-dir",
-        type=Path,
-        default=Path(os.environ.get("BENCH_PEERS_DIR") or DEFAULT_PEERS_DIR),
-    )
-    ap.add_argument("--port", type=int, default=env_int("POSTILLON_PORT", 2530))
-    ap.add_argument("--postfix-port", type=int, default=env_int("POSTFIX_PORT", 2525))
     ap.add_argument("--chasquid-port", type=int, default=env_int("CHASQUID_PORT", 2533))
     ap.add_argument(
         "--ab-src",
@@ -1180,6 +1203,54 @@ def hot_spots(raw: Path, mode: str, repo: Path, top: int = 15) -> list[str]:
     return [*out, ""]
 
 
+def prepare(b: Bench) -> float:
+    """Check the machine, make the result and runtime directories, record the
+    environment; the start time for the summary's wall time."""
+    b.preflight()
+    b.out.mkdir(parents=True, exist_ok=True)
+    b.root.mkdir(parents=True, exist_ok=True)
+    say(f"results -> {b.out}\nruntime -> {b.root}\nharness -> {b.peers}")
+    b.write_env()
+    return time.monotonic()
+
+
+def run_started(b: Bench, measure: Callable[[], T]) -> T:
+    """``measure()`` between ``b.start()`` and ``b.stop()``; whatever happens (an error,
+    Ctrl-C, SIGTERM) what was started is stopped, and an interrupt exits 130."""
+
+    def on_term(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        try:
+            b.start()
+            return measure()
+        finally:
+            b.stop()
+    except KeyboardInterrupt:
+        say(f"interrupted: stopped what it had started; partial results in {b.out}")
+        sys.exit(130)
+
+
+def measure_rounds(b: Bench) -> list[str]:
+    """The harness checks, the interleaved rounds and, with --profile, the hot spots."""
+    if not b.a.no_checks:
+        b.checks()
+    b.throughput()
+    return b.profile() if b.a.profile else []
+
+
+def finish(b: Bench, t0: float, report: Callable[[], str]) -> None:
+    """Write ``report()`` (made after the wall time is known) to summary.md and say it."""
+    b.info["wall time"] = f"{time.monotonic() - t0:.0f} s"
+    b.info["other load after stop"] = f"{100 * idle_check():.0f}% of all CPUs busy"
+    text = report()
+    (b.out / "summary.md").write_text(text)
+    say("\n" + text)
+    say(f"written: {b.out / 'summary.md'}")
+
+
 def main() -> None:
     a = parse_args()
     if a.verify:
@@ -1198,42 +1269,14 @@ def main() -> None:
         run_pipeline(a.reps, a.n, a.conc, a.size, a.results_dir, a.keep, a.profile)
         return
     b = Bench(a)
-    b.preflight()
-    b.out.mkdir(parents=True, exist_ok=True)
-    b.root.mkdir(parents=True, exist_ok=True)
-    say(f"results -> {b.out}\nruntime -> {b.root}\nharness -> {b.peers}")
-    b.write_env()
-    t0 = time.monotonic()
-
-    def on_term(_sig: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    hot: list[str] = []
-    try:
-        try:
-            b.start()
-            if not a.no_checks:
-                b.checks()
-            b.throughput()
-            if a.profile:
-                hot = b.profile()
-        finally:
-            b.stop()
-    except KeyboardInterrupt:
-        say(f"interrupted: stopped what it had started; partial results in {b.out}")
-        sys.exit(130)
+    t0 = prepare(b)
+    hot = run_started(b, lambda: measure_rounds(b))
     shaping = ""
     if not a.no_shaping:  # its own postillon, DNS and sinks, after Postfix has stopped
         from shaping_bench import run_shaping  # bench/ is on sys.path as the script's dir
 
         shaping = "\n" + run_shaping(max(1, min(a.reps, 3)), a.n, a.size)
-    b.info["wall time"] = f"{time.monotonic() - t0:.0f} s"
-    b.info["other load after stop"] = f"{100 * idle_check():.0f}% of all CPUs busy"
-    text = b.report(hot) + shaping
-    (b.out / "summary.md").write_text(text)
-    say("\n" + text)
-    say(f"written: {b.out / 'summary.md'}")
+    finish(b, t0, lambda: b.report(hot) + shaping)
 
 
 if __name__ == "__main__":

@@ -35,23 +35,24 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import smtplib
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from accept_bench import (  # bench/ is on sys.path as the script's dir
-    DEFAULT_PEERS_DIR,
     Bench,
+    add_harness_args,
     env_int,
-    idle_check,
+    finish,
     listening,
     med_range,
     median,
+    only_postfix_peer,
+    prepare,
+    run_started,
     say,
     tree_cpu,
 )
@@ -79,24 +80,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-big", action="store_true", help="skip the large-message rows")
     ap.add_argument("--no-wide", action="store_true", help="skip the wide-message rows")
     ap.add_argument("--keep", action="store_true", help="leave postfix, sinks, postillon running")
-    ap.add_argument(
-        "--bench-root",
-        type=Path,
-        default=Path(os.environ.get("BENCH_ROOT") or "/var/tmp/postillon-big-bench"),
+    add_harness_args(
+        ap,
+        bench_root="/var/tmp/postillon-big-bench",
+        results_dir="/tmp/postillon-big-bench",
+        port=2540,
     )
-    ap.add_argument(
-        "--results-dir",
-        type=Path,
-        default=Path(os.environ.get("RESULTS_DIR") or "/tmp/postillon-big-bench"),
-        help="results go to RESULTS_DIR/<UTC stamp>/",
-    )
-    ap.add_argument(
-        "--peers-dir",
-        type=Path,
-        default=Path(os.environ.get("BENCH_PEERS_DIR") or DEFAULT_PEERS_DIR),
-    )
-    ap.add_argument("--port", type=int, default=env_int("POSTILLON_PORT", 2540))
-    ap.add_argument("--postfix-port", type=int, default=env_int("POSTFIX_PORT", 2525))
     ap.add_argument("--sink-port", type=int, default=env_int("SINK_PORT", 2600))
     ap.add_argument(
         "--wide-port",
@@ -117,7 +106,7 @@ def parse_args() -> argparse.Namespace:
     # What accept_bench.Bench reads: relay to the sink, no DKIM variants, no py-spy,
     # the harness's loopback and durability checks left to accept_bench.
     a.relay, a.no_dkim, a.profile, a.no_checks, a.no_raw = True, True, False, True, True
-    a.no_chasquid, a.ab_src = True, None  # accept_bench's peers: only Postfix here
+    only_postfix_peer(a)
     a.n, a.conc, a.size, a.modes = a.big_n, a.big_conc, a.big_size, ["s1"]
     return a
 
@@ -367,36 +356,13 @@ class BigBench(Bench):
 def main() -> None:
     a = parse_args()
     b = BigBench(a)
-    b.preflight()
-    b.out.mkdir(parents=True, exist_ok=True)
-    b.root.mkdir(parents=True, exist_ok=True)
-    say(f"results -> {b.out}\nruntime -> {b.root}\nharness -> {b.peers}")
-    b.write_env()
+    t0 = prepare(b)
     b.info["settings"] = (
         f"REPS={a.reps} BIG_N={a.big_n} BIG_SIZE={a.big_size} BIG_CONC={a.big_conc} "
         f"WIDE_RCPTS={a.wide_rcpts} WIDE_DOMAINS={a.wide_domains} WIDE_SIZE={a.wide_size}"
     )
-    t0 = time.monotonic()
-
-    def on_term(_sig: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        try:
-            b.start()
-            b.rounds()
-        finally:
-            b.stop()
-    except KeyboardInterrupt:
-        say(f"interrupted: stopped what it had started; partial results in {b.out}")
-        sys.exit(130)
-    b.info["wall time"] = f"{time.monotonic() - t0:.0f} s"
-    b.info["other load after stop"] = f"{100 * idle_check():.0f}% of all CPUs busy"
-    text = b.summary()
-    (b.out / "summary.md").write_text(text)
-    say("\n" + text)
-    say(f"written: {b.out / 'summary.md'}")
+    run_started(b, b.rounds)
+    finish(b, t0, b.summary)
 
 
 if __name__ == "__main__":

@@ -68,14 +68,18 @@ from typing import Any
 
 from accept_bench import (  # bench/ is on sys.path as the script's dir
     DASH,
-    DEFAULT_PEERS_DIR,
     MODE_TXT,
     Bench,
+    add_harness_args,
     env_int,
-    idle_check,
+    finish,
     machine_cpu,
+    measure_rounds,
     med_range,
     median,
+    only_postfix_peer,
+    prepare,
+    run_started,
     say,
     thread_cpu,
     tree_cpu,
@@ -111,24 +115,13 @@ def parse_args() -> argparse.Namespace:
         help="skip the Postfix runs (for A/B iterations on postillon alone; no ratio)",
     )
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for delivery")
-    ap.add_argument(
-        "--bench-root",
-        type=Path,
-        default=Path(os.environ.get("BENCH_ROOT") or "/var/tmp/postillon-maildir-bench"),
+    add_harness_args(
+        ap,
+        bench_root="/var/tmp/postillon-maildir-bench",
+        results_dir="/tmp/postillon-bench",
+        port=2530,
+        results_help="results go to RESULTS_DIR/<UTC stamp>-maildir/",
     )
-    ap.add_argument(
-        "--results-dir",
-        type=Path,
-        default=Path(os.environ.get("RESULTS_DIR") or "/tmp/postillon-bench"),
-        help="results go to RESULTS_DIR/<UTC stamp>-maildir/",
-    )
-    ap.add_argument(
-        "--peers-dir",
-        type=Path,
-        default=Path(os.environ.get("BENCH_PEERS_DIR") or DEFAULT_PEERS_DIR),
-    )
-    ap.add_argument("--port", type=int, default=env_int("POSTILLON_PORT", 2530))
-    ap.add_argument("--postfix-port", type=int, default=env_int("POSTFIX_PORT", 2525))
     ap.add_argument("--sink-port", type=int, default=env_int("SINK_PORT", 2600), help="unused")
     ap.add_argument("--dns-port", type=int, default=2653, help="postillon's unused DNS port")
     a = ap.parse_args()
@@ -137,7 +130,7 @@ def parse_args() -> argparse.Namespace:
         ap.error("N must be a multiple of 5*CONC for mode s5")
     # what accept_bench.Bench reads and this bench does not offer
     a.relay, a.no_dkim, a.no_raw = False, True, True
-    a.no_chasquid, a.ab_src = True, None  # accept_bench's peers: only Postfix here
+    only_postfix_peer(a)
     return a
 
 
@@ -565,37 +558,9 @@ catch_all = "{MAILBOX}"        # smtp-source -N sends to <n>{MAILBOX}@bench.test
 def main() -> None:
     a = parse_args()
     b = MaildirBench(a)
-    b.preflight()
-    b.out.mkdir(parents=True, exist_ok=True)
-    b.root.mkdir(parents=True, exist_ok=True)
-    say(f"results -> {b.out}\nruntime -> {b.root}")
-    b.write_env()
-    t0 = time.monotonic()
-
-    def on_term(_sig: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    hot: list[str] = []
-    try:
-        try:
-            b.start()
-            if not a.no_checks:
-                b.checks()
-            b.throughput()
-            if a.profile:
-                hot = b.profile()
-        finally:
-            b.stop()
-    except KeyboardInterrupt:
-        say(f"interrupted: stopped what it had started; partial results in {b.out}")
-        sys.exit(130)
-    b.info["wall time"] = f"{time.monotonic() - t0:.0f} s"
-    b.info["other load after stop"] = f"{100 * idle_check():.0f}% of all CPUs busy"
-    text = b.report(hot)
-    (b.out / "summary.md").write_text(text)
-    say("\n" + text)
-    say(f"written: {b.out / 'summary.md'}")
+    t0 = prepare(b)
+    hot = run_started(b, lambda: measure_rounds(b))
+    finish(b, t0, lambda: b.report(hot))
 
 
 if __name__ == "__main__":
