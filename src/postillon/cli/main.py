@@ -43,35 +43,21 @@ def _parser(serve_only: bool = False) -> argparse.ArgumentParser:
 
 
 def _add_tool_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from postillon.cli import (
-        admin_cmd,
-        db_cmd,
-        dkim_cmd,
-        dmarc_cmd,
-        dns_cmd,
-        docs_cmd,
-        explain_cmd,
-        import_postfix_cmd,
-        queue_cmd,
-        reload_cmd,
-        setup_cmd,
-        tls_cmd,
-        user_cmd,
-    )
+    from postillon.cli import tools
 
-    queue_cmd.add_parser(sub)
-    user_cmd.add_parser(sub)
-    db_cmd.add_parser(sub)
-    dkim_cmd.add_parser(sub)
-    dns_cmd.add_parser(sub)
-    reload_cmd.add_parser(sub)
-    admin_cmd.add_parser(sub)
-    tls_cmd.add_parser(sub)
-    setup_cmd.add_parser(sub)
-    import_postfix_cmd.add_parser(sub)
-    docs_cmd.add_parser(sub)
-    explain_cmd.add_parser(sub)
-    dmarc_cmd.add_parser(sub)
+    tools.queue_cmd.add_parser(sub)
+    tools.user_cmd.add_parser(sub)
+    tools.db_cmd.add_parser(sub)
+    tools.dkim_cmd.add_parser(sub)
+    tools.dns_cmd.add_parser(sub)
+    tools.reload_cmd.add_parser(sub)
+    tools.admin_cmd.add_parser(sub)
+    tools.tls_cmd.add_parser(sub)
+    tools.setup_cmd.add_parser(sub)
+    tools.import_postfix_cmd.add_parser(sub)
+    tools.docs_cmd.add_parser(sub)
+    tools.explain_cmd.add_parser(sub)
+    tools.dmarc_cmd.add_parser(sub)
     for name, text in (
         ("sendmail", "the sendmail-compatible command (takes sendmail's own options)"),
         ("mailq", "list the queue (= sendmail -bp)"),
@@ -137,28 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
         return 0
-    from postillon.cli import (
-        admin_cmd,
-        db_cmd,
-        dkim_cmd,
-        dmarc_cmd,
-        dns_cmd,
-        docs_cmd,
-        explain_cmd,
-        import_postfix_cmd,
-        queue_cmd,
-        reload_cmd,
-        setup_cmd,
-        tls_cmd,
-        user_cmd,
-    )
+    from postillon.cli import tools
 
     if args.command == "setup":  # needs no config: it writes one
-        return setup_cmd.run(args)
+        return tools.setup_cmd.run(args)
     if args.command == "import-postfix":  # reads Postfix's config, not postillon's
-        return import_postfix_cmd.run(args)
+        return tools.import_postfix_cmd.run(args)
     if args.command == "docs":
-        return docs_cmd.run(args, parser)
+        return tools.docs_cmd.run(args, parser)
     try:
         if args.command == "check-config":
             path = Path(args.file) if args.file else find_config(args.config)
@@ -199,25 +171,25 @@ def main(argv: list[str] | None = None) -> int:
         config_file = find_config(args.config)
         config = _load(config_file)
         if args.command == "reload":
-            return reload_cmd.run(config, config_file, api=args.api)
+            return tools.reload_cmd.run(config, config_file, api=args.api)
         if args.command == "queue":
-            return queue_cmd.run(args, config)
+            return tools.queue_cmd.run(args, config)
         if args.command == "user":
-            return user_cmd.run(args, config)
+            return tools.user_cmd.run(args, config)
         if args.command == "db":
-            return db_cmd.run(args, config)
+            return tools.db_cmd.run(args, config)
         if args.command == "dkim":
-            return dkim_cmd.run(args, config)
+            return tools.dkim_cmd.run(args, config)
         if args.command == "dns":
-            return dns_cmd.run(args, config)
+            return tools.dns_cmd.run(args, config)
         if args.command == "admin":
-            return admin_cmd.run(args, config)
+            return tools.admin_cmd.run(args, config)
         if args.command == "tls":
-            return tls_cmd.run(args, config)
+            return tools.tls_cmd.run(args, config)
         if args.command == "explain":
-            return explain_cmd.run(args, config)
+            return tools.explain_cmd.run(args, config)
         if args.command == "dmarc":
-            return dmarc_cmd.run(args, config)
+            return tools.dmarc_cmd.run(args, config)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
