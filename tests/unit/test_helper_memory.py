@@ -15,32 +15,26 @@ from test_dkimcore import RECORDS, sign
 from test_helpers import MESSAGE, signed_twice
 
 from postillon.helpers.pool import HelperPool
+from support.stdlib_guard import REFUSE_LATER_STDLIB
 
 # Shared objects that only the handlers load (cryptography's Rust module, libsodium).
 HANDLER_LIBRARIES = ("_rust.abi3.so", "_sodium")
 
 # Runs in a fresh interpreter: the helper's own start, then every import from the
 # standard library refused, as after a drop to a user who cannot read it; then requests.
-UNREADABLE_STDLIB = """
-import importlib.machinery, marshal, sys, sysconfig
+UNREADABLE_STDLIB = (
+    """
+import marshal, sys
 from postillon.helpers import process
 process.import_prerequisites()
-paths = sysconfig.get_paths()
-stdlib = (paths["stdlib"], paths["platstdlib"])
-
-class Unreadable:
-    def find_spec(self, name, path=None, target=None):
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        origin = spec.origin if spec is not None else None
-        if origin and origin.startswith(stdlib) and "site-packages" not in origin:
-            raise ImportError(f"{name}: standard library imported after the drop")
-        return None
-
-sys.meta_path.insert(0, Unreadable())
+"""
+    + REFUSE_LATER_STDLIB
+    + """
 table = process.LazyHandlers()
 answers = [table.get(kind)(payload) for kind, payload in marshal.loads(sys.stdin.buffer.read())]
 sys.stdout.buffer.write(marshal.dumps(answers))
 """
+)
 
 
 def rsa_key_der() -> bytes:

@@ -12,8 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-SERVE_THEN_WORK = r"""
-import importlib.machinery, sys, sysconfig
+from support.stdlib_guard import REFUSE_LATER_STDLIB
+
+SERVE_THEN_WORK = (
+    r"""
+import sys
 from pathlib import Path
 
 # What `postillon serve` imports before it drops privileges (cli/main.py, serve.py).
@@ -21,22 +24,11 @@ import postillon.cli.main, postillon.serve
 import postillon.signing.keys, postillon.checks.arc_check, postillon.dkimcore.verify
 import postillon.inbound.tls
 
-paths = sysconfig.get_paths()
-stdlib = (paths["stdlib"], paths["platstdlib"])
 heavy = ("cryptography", "nacl", "dkim", "idna.uts46data")
 assert not [m for m in sys.modules if m.startswith(heavy)], "imported at start"
-
-
-class Unreadable:
-    def find_spec(self, name, path=None, target=None):
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        origin = spec.origin if spec is not None else None
-        if origin and origin.startswith(stdlib) and "site-packages" not in origin:
-            raise ImportError(f"{name}: standard library imported after the drop")
-        return None
-
-
-sys.meta_path.insert(0, Unreadable())
+"""
+    + REFUSE_LATER_STDLIB
+    + r"""
 work = Path(sys.argv[1])
 
 from postillon.inbound.tls import ensure_self_signed
@@ -74,6 +66,7 @@ from postillon.core.address import domain_to_ascii  # idna's UTS 46 table, on fi
 assert domain_to_ascii("Bücher.example") == "xn--bcher-kva.example"
 print("ok")
 """
+)
 
 
 def signed_message(keys_dir: Path) -> bytes:
